@@ -1,0 +1,105 @@
+"""Load, override, validate and save typed configs.
+
+A config file is YAML checked against an OmegaConf structured schema (dataclasses). A file may
+start from other files with `_base_: [other.yaml, ../model/tiny.yaml@model]`: paths are relative
+to the file, `@section` mounts a file under that key, and later entries override earlier ones.
+Command-line `key=value` overrides come last. Unknown keys and wrong types fail with one
+`ConfigError` that names the key and the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from pathlib import Path
+from typing import Any, Sequence, Type
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+BASE_KEY = "_base_"
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and the source."""
+
+
+def choice(default: str, *options: str):
+    """A schema field restricted to a few strings; `load_config` rejects any other value."""
+    return dataclasses.field(default=default, metadata={"choices": (default,) + tuple(options)})
+
+
+def _check_choices(schema: Type, cfg: DictConfig, prefix: str = "") -> None:
+    types = typing.get_type_hints(schema)  # resolves string annotations too
+    for f in dataclasses.fields(schema):
+        value = cfg[f.name]
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"config error: key '{prefix}{f.name}': '{value}' is not one of {list(choices)}")
+        if dataclasses.is_dataclass(types[f.name]) and isinstance(value, DictConfig):
+            _check_choices(types[f.name], value, f"{prefix}{f.name}.")
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{BASE_KEY} cycle through {path}")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as exc:  # yaml syntax errors come in several types
+        raise ConfigError(f"cannot parse {path}: {exc}") from exc
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    bases = node.pop(BASE_KEY, [])
+    merged = OmegaConf.create({})
+    for entry in bases:
+        file_part, _, section = str(entry).partition("@")
+        base = _read_yaml(path.parent / file_part, seen + (path.resolve(),))
+        if section:
+            base = OmegaConf.create({section: base})
+        merged = OmegaConf.merge(merged, base)
+    return OmegaConf.merge(merged, node)
+
+
+def _merge_checked(schema: DictConfig, layer: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(schema, layer)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        reason = str(exc).splitlines()[0]
+        raise ConfigError(f"config error in {source}: key '{key}': {reason}") from None
+
+
+def load_config(schema: Type, path: str | os.PathLike | None = None,
+                overrides: Sequence[str] = ()) -> DictConfig:
+    """Schema defaults <- YAML file (with its bases) <- `key=value` overrides; read-only result."""
+    cfg = OmegaConf.structured(schema)
+    if path is not None:
+        cfg = _merge_checked(cfg, _read_yaml(Path(path)), str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value")
+        cfg = _merge_checked(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise ConfigError(f"config error: key '{key}': {str(exc).splitlines()[0]}") from None
+    _check_choices(schema, cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    os.replace(tmp, path)
+
+
+def to_object(cfg: DictConfig) -> Any:
+    """The dataclass instance behind a structured config (typed attribute access)."""
+    return OmegaConf.to_object(cfg)

@@ -1,0 +1,64 @@
+"""Typed schema of the `model` config section (OmegaConf structured dataclasses).
+
+The defaults are the official M2Restore network; `configs/model/*.yaml` override them.
+Every improvement over the official code is a switch here whose default is the official behaviour.
+"""
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from m2r.config import choice
+
+OFFICIAL_PROMPTS = ["hazy", "noisy", "raindrop", "rainy", "shadowed", "snowy"]
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 6             # experts per DDER adapter
+    top_k: int = 2                   # experts each pixel token is sent to
+    ep_size: int = 1                 # expert-parallel group size; must divide num_experts
+    expert_hidden_factor: float = 2.66  # expert MLP hidden width = int(factor * C)
+    noisy_gating: bool = True        # Shazeer noise on router logits, training only
+    clip_bias_init: float = 0.5      # initial beta of the CLIP router bias
+    combine: str = choice("log", "linear")  # "log" (official log-sum-exp quirk) | "linear"
+    capacity_factor: float = 0.0     # 0 = no token dropped (official); >0 caps tokens per expert
+    balance_loss_weight: float = 0.01  # weight of cv^2(importance) + cv^2(load), summed over levels
+
+
+@dataclass
+class MambaConfig:
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    scan: str = choice("raster", "bidirectional", "four_way")  # "raster" (official) | "bidirectional" | "four_way"
+
+
+@dataclass
+class ClipConfig:
+    kind: str = choice("daclip", "openclip", "tiny")  # "daclip" | "openclip" | "tiny"
+    arch: str = "ViT-B-32"           # open_clip architecture name (or tiny config name)
+    weights: Optional[str] = None    # local checkpoint file; required for daclip/openclip
+    prompts: List[str] = field(default_factory=lambda: list(OFFICIAL_PROMPTS))
+    normalize: bool = False          # apply CLIP mean/std (official: no)
+    cache_text_features: bool = False  # encode prompts once (official: every forward)
+    image_size: int = 224            # CLIP input resolution
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 48
+    num_blocks: List[int] = field(default_factory=lambda: [4, 6, 6, 8])
+    num_refinement_blocks: int = 4
+    heads: List[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    ffn_expansion_factor: float = 2.66
+    bias: bool = False
+    prompt_dim: int = 256            # task-prompt dictionary width
+    prompt_atoms: int = 32           # task-prompt dictionary size
+    cond_channels: int = 64          # task-prompt CondNet width
+    aflb_heads: int = 4
+    aflb_mask: str = choice("official", "fixed")  # "official" (degenerate h//128 box) | "fixed"
+    input_range: str = choice("minus_one_one", "zero_one")  # "minus_one_one" (official) | "zero_one" (true residual)
+    scan_backend: str = choice("auto", "torch", "mamba_ssm")  # "auto" | "torch" | "mamba_ssm"
+    seed: int = 0                    # init seed; experts also use their global id
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    mamba: MambaConfig = field(default_factory=MambaConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)

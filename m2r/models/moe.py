@@ -1,0 +1,398 @@
+"""DDER: the per-pixel sparse mixture-of-experts adapter of M2Restore (official code class `MCDB`).
+
+Every pixel of a (B, C, H, W) feature map is one token. A router that sees the pixel's features and the
+image's task prompt, biased by the frozen CLIP degradation probabilities, sends each token to its top-k
+experts (token-wise MLPs); the experts' outputs are mixed by the gates and added back to the input.
+
+The experts are DeepSpeed MoE experts, so DeepSpeed's engine treats this layer as a native MoE layer:
+ZeRO param groups, gradient all-reduce over the expert-data-parallel group, and `save_checkpoint`
+writing one `layer_<L>_expert_<G>_...` file per global expert id. Routing and dispatch are our own:
+DeepSpeed's gate has no CLIP bias, no Shazeer load estimator and builds capacity-padded buffers,
+while here tokens move by index (memory linear in tokens * k) and, with ep_size > 1, through a
+variable-split all-to-all over DeepSpeed's expert-parallel group.
+
+State-dict layout of one DDER (global expert id = ep_rank * num_local_experts + local id):
+    prompt_proj.{weight,bias}                                  task prompt -> C
+    router.{w_g, w_n, gate_boost, degra_proj.weight, degra_proj.bias}
+    deepspeed_moe.experts.deepspeed_experts.<local id>.{fc1,fc2}.{weight,bias}
+DeepSpeed files every key containing "expert" under a MoE layer as an expert key: no other name here
+(nor the path to a DDER inside the network) may contain "expert".
+"""
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.distributed as torch_dist
+import torch.nn.functional as F
+from deepspeed.moe.experts import Experts
+from deepspeed.moe.layer import MoE
+from deepspeed.utils import groups
+from torch import nn
+
+NOISE_FLOOR = 1e-2          # added to softplus(noise logits): Shazeer's minimum noise std (official value)
+CV2_EPS = 1e-10             # keeps cv^2 finite when an expert vector sums to zero (official value)
+LOG_COMBINE_EPS = torch.finfo(torch.float64).eps  # official: numpy float eps replaces exact zeros before log
+COMBINE_MODES = ("log", "linear")
+
+
+class ExpertMLP(nn.Module):
+    """One expert: a token-wise MLP C -> hidden -> C (official `Mlp`, dropout 0 so omitted)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(tokens)))
+
+
+def expert_generator(seed: int, layer_id: int, global_expert_id: int) -> torch.Generator:
+    """A CPU generator seeded from the three ints, so an expert's init does not depend on ep_size."""
+    digest = hashlib.sha256(f"m2r-expert/{seed}/{layer_id}/{global_expert_id}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+@torch.no_grad()
+def init_expert_(expert: nn.Module, seed: int, layer_id: int, global_expert_id: int) -> None:
+    """Re-draw every Linear of `expert` as torch's default Linear init, from the expert's own generator.
+
+    torch's default (kaiming_uniform with a=sqrt(5), and its bias rule) is U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    for weight and bias alike. Values are drawn on the CPU and copied, so the device does not matter.
+    """
+    generator = expert_generator(seed, layer_id, global_expert_id)
+    for linear in (m for m in expert.modules() if isinstance(m, nn.Linear)):
+        bound = 1.0 / math.sqrt(linear.in_features)
+        for param in (linear.weight, linear.bias):
+            if param is not None:
+                drawn = torch.empty(param.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+                param.copy_(drawn)
+
+
+def cv_squared(values: torch.Tensor) -> torch.Tensor:
+    """Squared coefficient of variation, var (unbiased, as official) / (mean^2 + eps); 0 for one expert."""
+    values = _at_least_fp32(values)
+    if values.numel() == 1:
+        return values.new_zeros(())
+    return values.var() / (values.mean() ** 2 + CV2_EPS)
+
+
+def _standard_normal_cdf(z: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
+
+
+def smooth_load(clean_logits, noisy_logits, noise_std, top_logits, k: int) -> torch.Tensor:
+    """Shazeer's differentiable load: per expert, the summed probability that it stays in the top k.
+
+    An expert currently in the top k stays in if its noisy logit beats the (k+1)-th largest; one outside
+    gets in if it beats the k-th. Official quirk kept: `clean_logits` lack the CLIP bias that the
+    actual routing used.
+    """
+    threshold_if_in = top_logits[:, k:k + 1]
+    threshold_if_out = top_logits[:, k - 1:k]
+    is_in = noisy_logits > threshold_if_in
+    prob_if_in = _standard_normal_cdf((clean_logits - threshold_if_in) / noise_std)
+    prob_if_out = _standard_normal_cdf((clean_logits - threshold_if_out) / noise_std)
+    return torch.where(is_in, prob_if_in, prob_if_out).sum(0)
+
+
+def _at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def _per_token(per_image: torch.Tensor, tokens_per_image: int) -> torch.Tensor:
+    return per_image.repeat_interleave(tokens_per_image, dim=0)
+
+
+@dataclass
+class Routing:
+    expert_ids: torch.Tensor    # (S, k) int64, best first
+    gates: torch.Tensor         # (S, k) fp32 (or fp64), softmax over the k chosen logits
+    balance_loss: torch.Tensor  # scalar, cv^2(importance) + cv^2(load)
+
+
+class Router(nn.Module):
+    """Noisy top-k router on [x, prompt] with the CLIP bias `gate_boost * degra_proj(clip_probs)`.
+
+    Names mirror the official `model` class (w_g, w_n, degra_proj, gate_boost). The prompt half of the
+    router input is the same for every pixel of an image, so its product with the weights is computed
+    once per image instead of materialising the (S, 2C) concatenation.
+    """
+
+    def __init__(self, dim: int, num_prompts: int, num_experts: int, top_k: int, noisy_gating: bool,
+                 clip_bias_init: float):
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.noisy_gating = noisy_gating
+        self.w_g = nn.Parameter(torch.randn(2 * dim, num_experts))   # unscaled normal, as official
+        self.w_n = nn.Parameter(torch.zeros(2 * dim, num_experts))
+        self.degra_proj = nn.Linear(num_prompts, num_experts)
+        # Shape (1,), not the official 0-dim: DeepSpeed 0.19's engine cannot broadcast 0-dim parameters.
+        self.gate_boost = nn.Parameter(torch.full((1,), float(clip_bias_init)))
+
+    def _project(self, weight, tokens, prompt, tokens_per_image):
+        """[tokens, prompt broadcast over the image] @ weight, without building the concatenation."""
+        dim = tokens.shape[1]
+        weight = weight.to(tokens.dtype)
+        return tokens @ weight[:dim] + _per_token(prompt @ weight[dim:], tokens_per_image)
+
+    def _clip_bias(self, clip_probs, tokens_per_image):
+        dtype = clip_probs.dtype
+        per_image = F.linear(clip_probs, self.degra_proj.weight.to(dtype), self.degra_proj.bias.to(dtype))
+        return self.gate_boost.to(dtype) * _per_token(per_image, tokens_per_image)
+
+    def forward(self, tokens, prompt, clip_probs, tokens_per_image: int) -> Routing:
+        # Routing decisions are discrete: keep them at fp32 or better, whatever the autocast or param dtype.
+        with torch.autocast(device_type=tokens.device.type, enabled=False):
+            tokens, prompt, clip_probs = (_at_least_fp32(t) for t in (tokens, prompt, clip_probs))
+            clean = self._project(self.w_g, tokens, prompt, tokens_per_image)
+            logits = clean + self._clip_bias(clip_probs, tokens_per_image)
+            noise_std = None
+            if self.noisy_gating and self.training:
+                noise_std = F.softplus(self._project(self.w_n, tokens, prompt, tokens_per_image)) + NOISE_FLOOR
+                logits = logits + torch.randn_like(logits) * noise_std
+            top_logits, top_ids = logits.topk(min(self.top_k + 1, self.num_experts), dim=1)
+            expert_ids = top_ids[:, :self.top_k]
+            gates = torch.softmax(top_logits[:, :self.top_k], dim=1)
+            if noise_std is not None and self.top_k < self.num_experts:
+                load = smooth_load(clean, logits, noise_std, top_logits, self.top_k)
+            else:
+                load = torch.bincount(expert_ids[gates > 0], minlength=self.num_experts).to(gates.dtype)
+            return Routing(expert_ids, gates, self._balance_loss(expert_ids, gates, load))
+
+    def _balance_loss(self, expert_ids, gates, load):
+        """cv^2(importance) + cv^2(load); importance = summed gates per expert over this rank's tokens."""
+        importance = gates.new_zeros(self.num_experts).index_add(0, expert_ids.flatten(), gates.flatten())
+        return cv_squared(importance) + cv_squared(load)
+
+
+class _VariableAllToAll(torch.autograd.Function):
+    """all_to_all_single with per-rank row counts; the backward sends gradients back the same way."""
+
+    @staticmethod
+    def forward(ctx, rows, send_counts: List[int], recv_counts: List[int], group):
+        ctx.counts, ctx.group = (send_counts, recv_counts), group
+        return _all_to_all_rows(rows, send_counts, recv_counts, group)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        send_counts, recv_counts = ctx.counts
+        return _all_to_all_rows(grad_rows, recv_counts, send_counts, ctx.group), None, None, None
+
+
+def _all_to_all_rows(rows, send_counts, recv_counts, group):
+    received = rows.new_empty((sum(recv_counts),) + tuple(rows.shape[1:]))
+    torch_dist.all_to_all_single(received, rows.contiguous(), recv_counts, send_counts, group=group)
+    return received
+
+
+class ExpertDispatch(nn.Module):
+    """Runs rows sorted by global expert id through their experts, across the expert-parallel group.
+
+    Held as `DDER.deepspeed_moe`, with DeepSpeed's `Experts` container as `.experts`: that is the key
+    layout DeepSpeed's checkpointing expects. `ep_group` is set by `DDER.set_deepspeed_parallelism`.
+    """
+
+    def __init__(self, experts: Experts, ep_size: int):
+        super().__init__()
+        self.experts = experts
+        self.ep_size = ep_size
+        self.ep_group = None
+
+    def _run_local_experts(self, rows, counts_per_local_expert: List[int]):
+        # Every expert runs, even on zero rows, so each expert parameter always receives a gradient.
+        chunks = rows.split(counts_per_local_expert)
+        return torch.cat([expert(chunk) for expert, chunk in zip(self.experts.deepspeed_experts, chunks)])
+
+    def forward(self, rows: torch.Tensor, counts_per_expert: torch.Tensor) -> torch.Tensor:
+        """rows (N, C) grouped by global expert id, counts_per_expert (num_experts,) -> outputs (N, C)."""
+        if self.ep_size == 1:
+            return self._run_local_experts(rows, counts_per_expert.tolist())
+        if self.ep_group is None:
+            raise RuntimeError("DDER with ep_size > 1 has no expert-parallel group: deepspeed.initialize creates "
+                               "it, or call m2r.models.moe.setup_expert_parallel(model) after "
+                               "deepspeed.init_distributed()")
+        return self._exchange_and_run(rows, counts_per_expert)
+
+    def _exchange_and_run(self, rows, counts_per_expert):
+        num_local = self.experts.num_local_experts
+        # Every rank calls both all-to-alls, whatever its counts (zero counts included).
+        send_matrix = counts_per_expert.view(self.ep_size, num_local)
+        recv_matrix = torch.empty_like(send_matrix)
+        torch_dist.all_to_all_single(recv_matrix, send_matrix.contiguous(), group=self.ep_group)
+        send_counts = send_matrix.sum(1).tolist()
+        recv_counts = recv_matrix.sum(1).tolist()
+        received = _VariableAllToAll.apply(rows, send_counts, recv_counts, self.ep_group)
+
+        # Received rows come ordered (source rank, local expert); regroup them by local expert.
+        local_ids = torch.arange(num_local, device=rows.device).repeat(self.ep_size)
+        row_expert = local_ids.repeat_interleave(recv_matrix.flatten())
+        by_expert = torch.argsort(row_expert, stable=True)
+        outputs = self._run_local_experts(received[by_expert], recv_matrix.sum(0).tolist())
+        outputs = torch.empty_like(outputs).index_copy(0, by_expert, outputs)
+        return _VariableAllToAll.apply(outputs, recv_counts, send_counts, self.ep_group)
+
+
+@dataclass
+class Assignments:
+    token_ids: torch.Tensor          # (N,) token of each kept (token, expert) assignment, grouped by expert
+    gates: torch.Tensor              # (N,) its gate
+    counts_per_expert: torch.Tensor  # (num_experts,) kept assignments per expert
+
+
+def sort_assignments(routing: Routing, num_experts: int, capacity: Optional[int]) -> Assignments:
+    """Flatten the top-k choices, drop zero gates (as official), group by expert, apply the capacity.
+
+    With a capacity, each expert keeps its first `capacity` assignments in token order; later ones are
+    dropped and contribute nothing to their token's output (the residual still carries the token).
+    """
+    num_tokens, k = routing.expert_ids.shape
+    expert_ids = routing.expert_ids.flatten()
+    gates = routing.gates.flatten()
+    token_ids = torch.arange(num_tokens, device=expert_ids.device).repeat_interleave(k)
+    nonzero = gates > 0
+    expert_ids, gates, token_ids = expert_ids[nonzero], gates[nonzero], token_ids[nonzero]
+
+    order = torch.argsort(expert_ids, stable=True)
+    expert_ids, gates, token_ids = expert_ids[order], gates[order], token_ids[order]
+    counts = torch.bincount(expert_ids, minlength=num_experts)
+    if capacity is not None:
+        first_of_expert = torch.cumsum(counts, 0) - counts
+        position = torch.arange(expert_ids.numel(), device=expert_ids.device) - first_of_expert[expert_ids]
+        kept = position < capacity
+        expert_ids, gates, token_ids = expert_ids[kept], gates[kept], token_ids[kept]
+        counts = torch.bincount(expert_ids, minlength=num_experts)
+    return Assignments(token_ids, gates, counts)
+
+
+def combine_expert_outputs(outputs, gates, token_ids, num_tokens: int, mode: str) -> torch.Tensor:
+    """Mix each token's expert outputs by its gates, in fp32 or better -> (num_tokens, C).
+
+    "log" (official): log(sum_i g_i * exp(E_i(x))), with exact zeros replaced by eps before the log.
+    "linear": sum_i g_i * E_i(x). Tokens with no kept assignment get log(eps) or 0 respectively.
+    """
+    outputs = _at_least_fp32(outputs)
+    terms = outputs.exp() if mode == "log" else outputs
+    weighted = gates.unsqueeze(1) * terms
+    total = weighted.new_zeros(num_tokens, outputs.shape[1]).index_add(0, token_ids, weighted)
+    if mode == "linear":
+        return total
+    return torch.where(total == 0, torch.full_like(total, LOG_COMBINE_EPS), total).log()
+
+
+def capacity_per_expert(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> Optional[int]:
+    """ceil(factor * S * k / E) assignments per expert; None (no cap) when the factor is 0."""
+    if capacity_factor == 0:
+        return None
+    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+
+
+def _validate(cfg) -> None:
+    if cfg.ep_size < 1 or cfg.num_experts % cfg.ep_size != 0:
+        raise ValueError(f"model.moe.ep_size={cfg.ep_size} must divide model.moe.num_experts={cfg.num_experts}")
+    if not 1 <= cfg.top_k <= cfg.num_experts:
+        raise ValueError(f"model.moe.top_k={cfg.top_k} must be in [1, model.moe.num_experts={cfg.num_experts}]")
+    if cfg.combine not in COMBINE_MODES:
+        raise ValueError(f"model.moe.combine={cfg.combine!r} must be one of {COMBINE_MODES}")
+    if cfg.capacity_factor < 0:
+        raise ValueError(f"model.moe.capacity_factor={cfg.capacity_factor} must be >= 0 (0 = no token dropped)")
+
+
+def _expert_parallel_rank(ep_size: int) -> int:
+    """This rank's index in its expert-parallel group under DeepSpeed's default layout (consecutive ranks)."""
+    if ep_size == 1:
+        return 0
+    if not torch_dist.is_initialized():
+        raise RuntimeError(f"model.moe.ep_size={ep_size} needs torch.distributed initialised before the model is "
+                           "built (deepspeed.init_distributed())")
+    world_size = torch_dist.get_world_size()
+    if world_size % ep_size != 0:
+        raise ValueError(f"model.moe.ep_size={ep_size} must divide the world size {world_size}")
+    return torch_dist.get_rank() % ep_size
+
+
+class DDER(MoE):
+    """One DDER adapter, per pixel token: x + the gated mix of its top-k experts' outputs on x.
+
+    Subclasses DeepSpeed's `MoE` only so that DeepSpeed's engine recognises it (param groups, expert
+    gradient reduction, per-expert checkpoint files); `MoE.__init__` is deliberately not called because it
+    builds DeepSpeed's own gate and dispatcher, which this layer replaces. The attributes the engine reads
+    (`num_experts`, `ep_size`, `num_local_experts`, `expert_group_name`, `set_deepspeed_parallelism`) are
+    provided here.
+
+    Experts are initialised from (seed, layer_id, global expert id), so expert g has the same weights
+    whatever ep_size is; the prompt projection and router draw from the ambient torch RNG.
+    """
+
+    def __init__(self, dim: int, prompt_dim: int, num_prompts: int, cfg, layer_id: int, seed: int):
+        nn.Module.__init__(self)
+        _validate(cfg)
+        self.num_experts = cfg.num_experts
+        self.ep_size = cfg.ep_size
+        self.num_local_experts = cfg.num_experts // cfg.ep_size
+        self.expert_group_name = f"ep_size_{cfg.ep_size}"   # DeepSpeed's naming of expert groups
+        self.ep_rank = _expert_parallel_rank(cfg.ep_size)
+        self.top_k = cfg.top_k
+        self.combine = cfg.combine
+        self.capacity_factor = cfg.capacity_factor
+
+        self.prompt_proj = nn.Linear(prompt_dim, dim)
+        self.router = Router(dim, num_prompts, cfg.num_experts, cfg.top_k, cfg.noisy_gating, cfg.clip_bias_init)
+        prototype = ExpertMLP(dim, int(cfg.expert_hidden_factor * dim))
+        experts = Experts(prototype, self.num_local_experts, self.expert_group_name)
+        for local_id, expert in enumerate(experts.deepspeed_experts):
+            init_expert_(expert, seed, layer_id, self.first_global_expert_id + local_id)
+        self.deepspeed_moe = ExpertDispatch(experts, cfg.ep_size)
+
+    @property
+    def first_global_expert_id(self) -> int:
+        return self.ep_rank * self.num_local_experts
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """Create (once) DeepSpeed's expert and expert-data groups and attach the expert-parallel one.
+
+        deepspeed.initialize calls this on every module that has it.
+        """
+        if self.expert_group_name not in groups._get_expert_parallel_group_dict():
+            groups._create_expert_and_data_parallel(
+                self.ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel_)
+        group_rank = groups._get_expert_parallel_rank(self.expert_group_name)
+        if group_rank != self.ep_rank:
+            raise RuntimeError(f"expert-parallel rank {group_rank} differs from the rank {self.ep_rank} the experts "
+                               "were initialised for: only DeepSpeed's default layout (consecutive ranks share "
+                               "experts, use_data_before_expert_parallel=False) is supported")
+        self.deepspeed_moe.ep_group = groups._get_expert_parallel_group(self.expert_group_name)
+
+    def forward(self, x, task_prompt, clip_probs):
+        """x (B,C,H,W), task_prompt (B,prompt_dim), clip_probs (B,num_prompts)
+        -> (x + MoE(x), balance loss scalar, expert_load (num_experts,) detached assignment fractions)."""
+        batch, dim, height, width = x.shape
+        tokens = x.permute(0, 2, 3, 1).reshape(-1, dim)
+        routing = self.router(tokens, self.prompt_proj(task_prompt), clip_probs, height * width)
+
+        capacity = capacity_per_expert(self.capacity_factor, tokens.shape[0], self.top_k, self.num_experts)
+        assignments = sort_assignments(routing, self.num_experts, capacity)
+        outputs = self.deepspeed_moe(tokens[assignments.token_ids], assignments.counts_per_expert)
+        mixed = combine_expert_outputs(outputs, assignments.gates, assignments.token_ids, tokens.shape[0],
+                                       self.combine)
+        mixed = mixed.to(x.dtype).view(batch, height, width, dim).permute(0, 3, 1, 2)
+        return x + mixed, routing.balance_loss, self._expert_load(routing)
+
+    def _expert_load(self, routing: Routing) -> torch.Tensor:
+        """Fraction of this rank's top-k assignments that chose each expert (before any capacity drop)."""
+        ids = routing.expert_ids.detach().flatten()
+        return torch.bincount(ids, minlength=self.num_experts).float() / ids.numel()
+
+
+def setup_expert_parallel(model: nn.Module) -> None:
+    """Attach DeepSpeed's expert-parallel groups to every DDER, for use without a DeepSpeed engine.
+
+    Needs deepspeed.init_distributed() first; deepspeed.initialize does the same by itself.
+    """
+    for module in model.modules():
+        if isinstance(module, DDER):
+            module.set_deepspeed_parallelism()

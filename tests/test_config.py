@@ -1,0 +1,90 @@
+"""Typed configs: schema defaults, YAML bases, CLI overrides, clear errors, save and reload."""
+from dataclasses import dataclass, field
+
+import pytest
+
+from m2r.config import ConfigError, load_config, save_config
+from m2r.models.config import ModelConfig
+
+
+@dataclass
+class Inner:
+    lr: float = 1e-3
+    steps: int = 10
+
+
+@dataclass
+class Outer:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: Inner = field(default_factory=Inner)
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_the_official_network():
+    cfg = load_config(ModelConfig)
+    assert cfg.dim == 48 and list(cfg.num_blocks) == [4, 6, 6, 8]
+    assert cfg.moe.num_experts == 6 and cfg.moe.top_k == 2 and cfg.moe.combine == "log"
+    assert cfg.mamba.scan == "raster" and cfg.input_range == "minus_one_one"
+    assert list(cfg.clip.prompts) == ["hazy", "noisy", "raindrop", "rainy", "shadowed", "snowy"]
+
+
+def test_yaml_then_overrides_take_precedence(tmp_path):
+    path = write(tmp_path / "a.yaml", "train:\n  lr: 0.5\n  steps: 3\n")
+    cfg = load_config(Outer, path, ["train.steps=7", "model.moe.ep_size=2"])
+    assert cfg.train.lr == 0.5 and cfg.train.steps == 7 and cfg.model.moe.ep_size == 2
+
+
+def test_bases_mount_under_a_section_and_are_overridden(tmp_path):
+    write(tmp_path / "model.yaml", "dim: 8\nmoe:\n  num_experts: 4\n")
+    path = write(tmp_path / "run.yaml", "_base_: [model.yaml@model]\nmodel:\n  dim: 16\n")
+    cfg = load_config(Outer, path)
+    assert cfg.model.dim == 16 and cfg.model.moe.num_experts == 4
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.lrr=1", "train.lrr"),
+    ("train.steps=abc", "train.steps"),
+    ("model.moe.top_k=1.5", "model.moe.top_k"),
+])
+def test_bad_override_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(Outer, None, [override])
+
+
+def test_unknown_key_in_file_names_key_and_file(tmp_path):
+    path = write(tmp_path / "bad.yaml", "train:\n  stepz: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(Outer, path)
+    assert "train.stepz" in str(err.value) and "bad.yaml" in str(err.value)
+
+
+def test_missing_file_and_malformed_override_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(Outer, tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(Outer, None, ["train.steps"])
+
+
+def test_save_and_reload_round_trip(tmp_path):
+    cfg = load_config(Outer, None, ["train.lr=0.25", "model.clip.prompts=[a,b]"])
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    again = load_config(Outer, tmp_path / "run" / "config.yaml")
+    assert again == cfg
+    assert not list(tmp_path.glob("run/*.tmp"))
+
+
+def test_result_is_read_only():
+    cfg = load_config(Outer)
+    with pytest.raises(Exception):
+        cfg.train.lr = 1.0
+
+
+def test_choice_fields_reject_other_values():
+    with pytest.raises(ConfigError, match=r"moe\.combine.*'sum'.*\['log', 'linear'\]"):
+        load_config(Outer, None, ["model.moe.combine=sum"])
+    assert load_config(Outer, None, ["model.moe.combine=linear"]).model.moe.combine == "linear"

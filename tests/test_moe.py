@@ -1,0 +1,295 @@
+"""Specification of the DDER mixture-of-experts adapter (m2r/models/moe.py)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from m2r.models.config import MoEConfig
+from m2r.models.moe import (DDER, ExpertMLP, Routing, combine_expert_outputs, cv_squared, init_expert_,
+                            sort_assignments)
+
+DIM, PROMPT_DIM, NUM_PROMPTS = 8, 12, 6
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_dder(dtype=torch.float32, layer_id=0, seed=3, **moe_overrides):
+    torch.manual_seed(0)
+    return DDER(DIM, PROMPT_DIM, NUM_PROMPTS, replace(MoEConfig(), **moe_overrides), layer_id, seed).to(dtype)
+
+
+def make_inputs(batch=2, height=4, width=4, dtype=torch.float32, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, DIM, height, width, generator=generator, dtype=dtype)
+    prompt = torch.randn(batch, PROMPT_DIM, generator=generator, dtype=dtype)
+    probs = torch.softmax(torch.randn(batch, NUM_PROMPTS, generator=generator, dtype=dtype), dim=1)
+    return x, prompt, probs
+
+
+def test_output_shapes_and_expert_load_fractions():
+    dder = make_dder()
+    y, balance_loss, expert_load = dder(*make_inputs(batch=2, height=4, width=6))
+    assert y.shape == (2, DIM, 4, 6)
+    assert balance_loss.shape == () and balance_loss.requires_grad
+    assert expert_load.shape == (6,) and not expert_load.requires_grad
+    assert expert_load.sum().item() == pytest.approx(1.0)
+
+
+def test_noise_only_in_training():
+    dder = make_dder()
+    inputs = make_inputs()
+    dder.eval()
+    torch.manual_seed(10)
+    eval_a = dder(*inputs)[0]
+    torch.manual_seed(11)
+    eval_b = dder(*inputs)[0]
+    assert torch.equal(eval_a, eval_b)
+
+    dder.train()
+    train_a, train_b = dder(*inputs)[0], dder(*inputs)[0]
+    assert not torch.allclose(train_a, train_b)
+
+    dder.router.noisy_gating = False
+    assert torch.equal(dder(*inputs)[0], eval_a)
+
+
+def test_gates_sum_to_one_over_exactly_k_distinct_experts():
+    dder = make_dder(top_k=2).train()
+    x, prompt, probs = make_inputs()
+    tokens = x.permute(0, 2, 3, 1).reshape(-1, DIM)
+    routing = dder.router(tokens, dder.prompt_proj(prompt), probs, tokens_per_image=16)
+    assert routing.gates.dtype == torch.float32
+    torch.testing.assert_close(routing.gates.sum(1), torch.ones(tokens.shape[0]))
+    dense = torch.zeros(tokens.shape[0], 6).scatter(1, routing.expert_ids, routing.gates)
+    assert ((dense > 0).sum(1) == 2).all()
+
+
+def official_reference(dder, x, task_prompt, clip_probs, noise):
+    """The official algorithm restated densely (every expert on every token), independently of moe.py."""
+    batch, dim, height, width = x.shape
+    router, experts = dder.router, dder.deepspeed_moe.experts.deepspeed_experts
+    k = dder.top_k
+    tokens = x.permute(0, 2, 3, 1).reshape(-1, dim)
+    x_p = torch.cat([tokens, dder.prompt_proj(task_prompt).repeat_interleave(height * width, 0)], dim=1)
+    clean = x_p @ router.w_g
+    logits = clean + router.gate_boost * router.degra_proj(clip_probs).repeat_interleave(height * width, 0)
+    noise_std = F.softplus(x_p @ router.w_n) + 0.01
+    if noise is not None:
+        logits = logits + noise * noise_std
+    top_values, top_ids = logits.topk(k + 1, dim=1)
+    gates = torch.zeros_like(logits).scatter(1, top_ids[:, :k], torch.softmax(top_values[:, :k], dim=1))
+
+    if noise is not None:
+        normal = torch.distributions.Normal(0.0, 1.0)
+        threshold_in, threshold_out = top_values[:, k:k + 1], top_values[:, k - 1:k]
+        load = torch.where(logits > threshold_in, normal.cdf((clean - threshold_in) / noise_std),
+                           normal.cdf((clean - threshold_out) / noise_std)).sum(0)
+    else:
+        load = (gates > 0).sum(0).to(logits.dtype)
+    importance = gates.sum(0)
+    balance = sum(v.var() / (v.mean() ** 2 + 1e-10) for v in (importance, load))
+
+    expert_outputs = torch.stack([expert(tokens) for expert in experts], dim=1)  # (S, E, C)
+    mixed = (gates.unsqueeze(2) * expert_outputs.exp()).sum(1)
+    mixed = torch.where(mixed == 0, torch.full_like(mixed, 2.220446049250313e-16), mixed).log()
+    return x + mixed.view(batch, height, width, dim).permute(0, 3, 1, 2), balance
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_matches_dense_restatement_of_official_algorithm(training):
+    dder = make_dder(dtype=torch.float64).train(training)
+    with torch.no_grad():
+        dder.router.w_n.normal_(0, 0.3)   # official init is zero: make the noise scale token dependent
+    x, prompt, probs = (t.requires_grad_(True) for t in make_inputs(dtype=torch.float64))
+    noise = None
+    if training:
+        torch.manual_seed(5)
+        noise = torch.randn(2 * 16, 6, dtype=torch.float64)
+    torch.manual_seed(5)
+    y, balance_loss, _ = dder(x, prompt, probs)
+    ((y * y.detach().cos()).sum() + balance_loss).backward()
+    ours = collect_grads([x, *dder.parameters()])
+
+    ref_y, ref_balance = official_reference(dder, x, prompt, probs, noise)
+    ((ref_y * ref_y.detach().cos()).sum() + ref_balance).backward()
+    torch.testing.assert_close(y, ref_y, rtol=0, atol=1e-12)
+    torch.testing.assert_close(balance_loss, ref_balance, rtol=1e-12, atol=1e-12)
+    for our_grad, ref_grad in zip(ours, collect_grads([x, *dder.parameters()])):
+        assert (our_grad is None) == (ref_grad is None)     # w_n gets no gradient without noise
+        if ref_grad is not None:
+            torch.testing.assert_close(our_grad, ref_grad, rtol=1e-10, atol=1e-12)
+
+
+def collect_grads(tensors):
+    """Take (and clear) the .grad of each tensor."""
+    grads = [t.grad for t in tensors]
+    for tensor in tensors:
+        tensor.grad = None
+    return grads
+
+
+def test_cv_squared_hand_values():
+    assert cv_squared(torch.tensor([1.0, 2.0, 3.0])).item() == pytest.approx(1.0 / 4.0)  # unbiased var 1, mean 2
+    assert cv_squared(torch.tensor([4, 4, 4, 4])).item() == 0.0
+    assert cv_squared(torch.tensor([7.0])).item() == 0.0
+
+
+def test_balance_loss_is_zero_for_perfectly_balanced_routing():
+    dder = make_dder(num_experts=2, top_k=1).eval()
+    with torch.no_grad():
+        for param in dder.router.parameters():
+            param.zero_()
+        dder.router.w_g[0] = torch.tensor([1.0, -1.0])   # channel 0 > 0 -> expert 0, < 0 -> expert 1
+    x = torch.zeros(1, DIM, 2, 2)
+    x[0, 0] = torch.tensor([[1.0, -1.0], [-2.0, 2.0]])
+    _, balance_loss, expert_load = dder(x, torch.zeros(1, PROMPT_DIM), torch.full((1, NUM_PROMPTS), 1 / 6))
+    assert balance_loss.item() == 0.0
+    assert expert_load.tolist() == [0.5, 0.5]
+
+
+def test_log_and_linear_combine_on_a_hand_example():
+    outputs = torch.tensor([[0.0], [1.0], [2.0]])       # expert outputs of three assignments
+    gates = torch.tensor([0.25, 0.75, 1.0])
+    token_ids = torch.tensor([0, 0, 1])                  # token 0 uses two experts, token 1 one, token 2 none
+    log_mixed = combine_expert_outputs(outputs, gates, token_ids, num_tokens=3, mode="log")
+    expected_log = [torch.log(torch.tensor(0.25 + 0.75 * torch.e)).item(), 2.0, torch.log(torch.tensor(2.0 ** -52)).item()]
+    torch.testing.assert_close(log_mixed[:, 0], torch.tensor(expected_log))
+    linear_mixed = combine_expert_outputs(outputs, gates, token_ids, num_tokens=3, mode="linear")
+    torch.testing.assert_close(linear_mixed[:, 0], torch.tensor([0.75, 2.0, 0.0]))
+
+
+def expert_weights(expert):
+    return torch.cat([p.detach().flatten() for p in expert.parameters()])
+
+
+def test_experts_are_distinct_and_independent_of_ep_size():
+    dder = make_dder(layer_id=2, seed=3)
+    experts = dder.deepspeed_moe.experts.deepspeed_experts
+    weights = [expert_weights(e) for e in experts]
+    assert all(not torch.equal(weights[i], weights[j]) for i in range(6) for j in range(i))
+
+    # At ep_size=2, rank 1 holds global experts 3..5 as its local experts 0..2 and seeds them by global id.
+    for local_id in range(3):
+        rank1_expert = ExpertMLP(DIM, int(2.66 * DIM))
+        init_expert_(rank1_expert, seed=3, layer_id=2, global_expert_id=3 + local_id)
+        assert torch.equal(expert_weights(rank1_expert), weights[3 + local_id])
+
+    other_layer = make_dder(layer_id=3, seed=3)
+    assert not torch.equal(expert_weights(other_layer.deepspeed_moe.experts.deepspeed_experts[0]), weights[0])
+    assert torch.equal(other_layer.router.w_g, dder.router.w_g)   # the router comes from the ambient RNG
+
+
+def test_capacity_drops_assignments_beyond_it_in_token_order():
+    expert_ids = torch.tensor([[0, 1], [0, 2], [0, 1], [1, 0]])
+    routing = Routing(expert_ids, torch.full((4, 2), 0.5), torch.zeros(()))
+    kept = sort_assignments(routing, num_experts=3, capacity=2)
+    assert kept.counts_per_expert.tolist() == [2, 2, 1]
+    assert kept.token_ids.tolist() == [0, 1, 0, 2, 1]      # expert 0 keeps tokens 0, 1; drops 2, 3
+
+    uncapped = make_dder(combine="linear").eval()
+    capped = make_dder(combine="linear", capacity_factor=0.4).eval()   # 5 of each expert's assignments kept
+    x, prompt, probs = make_inputs()
+    tokens = x.permute(0, 2, 3, 1).reshape(-1, DIM)
+    routing = capped.router(tokens, capped.prompt_proj(prompt), probs, tokens_per_image=16)
+    kept_per_token = torch.bincount(sort_assignments(routing, 6, capacity=5).token_ids, minlength=32)
+    assert set(kept_per_token.tolist()) == {0, 1, 2}
+
+    token_rows = lambda y: y.permute(0, 2, 3, 1).reshape(-1, DIM)
+    y_uncapped, y_capped = token_rows(uncapped(x, prompt, probs)[0]), token_rows(capped(x, prompt, probs)[0])
+    fully_kept, partly_kept, dropped = (kept_per_token == n for n in (2, 1, 0))
+    torch.testing.assert_close(y_capped[fully_kept], y_uncapped[fully_kept])
+    assert ((y_capped[partly_kept] - y_uncapped[partly_kept]).abs().amax(dim=1) > 1e-3).all()
+    assert torch.equal(y_capped[dropped], tokens[dropped])      # only the residual is left
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(ep_size=4), r"model\.moe\.ep_size=4 must divide model\.moe\.num_experts=6"),
+    (dict(top_k=7), r"model\.moe\.top_k=7"),
+    (dict(combine="mean"), r"model\.moe\.combine='mean'"),
+    (dict(capacity_factor=-1.0), r"model\.moe\.capacity_factor=-1\.0"),
+])
+def test_invalid_config_raises_naming_the_key(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_dder(**overrides)
+
+
+def test_expert_parallel_without_distributed_raises():
+    with pytest.raises(RuntimeError, match=r"model\.moe\.ep_size=2 needs torch\.distributed"):
+        make_dder(ep_size=2)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op produces while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.max_bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(tensor, torch.Tensor):
+                self.max_bytes = max(self.max_bytes, tensor.numel() * tensor.element_size())
+        return out
+
+
+def test_dispatch_memory_is_linear_in_tokens():
+    dder = make_dder().train()
+    x, prompt, probs = make_inputs(batch=2, height=320, width=320)   # 204,800 tokens
+    x.requires_grad_(True)
+    with LargestTensor() as largest:
+        y, balance_loss, _ = dder(x, prompt, probs)
+        (y.sum() + balance_loss).backward()
+    num_assignments, hidden = 204_800 * 2, int(2.66 * DIM)
+    # Linear bound: all assignments' hidden activations at once. A dense [S, E, capacity] tensor is ~10^4x more.
+    assert largest.max_bytes <= num_assignments * hidden * 4
+
+
+def test_deepspeed_sees_a_moe_layer_with_expert_params():
+    from deepspeed.moe.layer import MoE
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    dder = make_dder()
+    assert isinstance(dder, MoE) and dder.num_local_experts == 6 and dder.expert_group_name == "ep_size_1"
+    groups = split_params_into_different_moe_groups_for_optimizer({"params": list(dder.parameters()), "name": "all"})
+    expert_params = {id(p) for group in groups if group.get("moe") for p in group["params"]}
+    names_by_id = {id(p): name for name, p in dder.named_parameters()}
+    assert {names_by_id[i] for i in expert_params} == {n for n in names_by_id.values() if "deepspeed_moe" in n}
+    assert not any("expert" in name for name in names_by_id.values() if "deepspeed_moe" not in name)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_rank_expert_parallel_matches_single_rank_and_checkpoints_by_global_id(tmp_path):
+    result_path = tmp_path / "result.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+               str(REPO_ROOT / "tests" / "dist_moe_parity.py"), str(result_path), str(tmp_path / "checkpoints")]
+    run = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert result_path.exists(), run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads(result_path.read_text())
+
+    for case, diffs in result["parity"].items():
+        assert len(diffs) == 6 + 7 + 2 * 4 * 6, case     # outputs, router grads, expert grads and weights
+        worst = max(diffs, key=diffs.get)
+        assert diffs[worst] < 1e-12, f"{case}: {worst} differs by {diffs[worst]}"
+
+    checkpoint = result["checkpoint"]
+    assert {f"layer_0_expert_{g}_mp_rank_00_model_states.pt" for g in range(6)} <= set(checkpoint["files"])
+    assert "adapter.router.w_g" in checkpoint["main_module_keys"]
+    assert not any("deepspeed_moe" in key for key in checkpoint["main_module_keys"])
+    assert checkpoint["expert4_keys"] == [f"adapter.deepspeed_moe.experts.deepspeed_experts.4.{name}"
+                                          for name in ("fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight")]
+    assert checkpoint["before_load_max_diff"] > 1e-4 and checkpoint["reload_max_diff"] == 0.0
