@@ -1,0 +1,87 @@
+"""Degradation presets (the task mixtures of the benchmarks) and the per-sample type sampler.
+
+A preset is an ordered list of degradation types; a type's id is its index in that list, so ids
+are stable per preset. Each type is one or more steps of `degradations.DEGRADATIONS`, applied in
+physical order whatever order they are listed in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Tuple
+
+import numpy as np
+
+from m2r.data.degradations import Step, apply_steps, in_physical_order, to_float, to_uint8
+
+
+@dataclass(frozen=True)
+class DegradationType:
+    name: str
+    steps: Tuple[Step, ...]
+
+
+def _type(name: str, *steps) -> DegradationType:
+    normalised = [(s, {}) if isinstance(s, str) else s for s in steps]
+    return DegradationType(name, in_physical_order(normalised))
+
+
+PRESETS: Dict[str, Tuple[DegradationType, ...]] = {
+    # CDD-11 (OneRestore): low light, haze, rain, snow and their physically plausible composites.
+    "cdd11": (
+        _type("low", "low_light"), _type("haze", "haze"), _type("rain", "rain"), _type("snow", "snow"),
+        _type("low_haze", "low_light", "haze"), _type("low_rain", "low_light", "rain"),
+        _type("low_snow", "low_light", "snow"), _type("haze_rain", "haze", "rain"),
+        _type("haze_snow", "haze", "snow"), _type("low_haze_rain", "low_light", "haze", "rain"),
+        _type("low_haze_snow", "low_light", "haze", "snow"),
+    ),
+    # AllWeather: Outdoor-Rain (rain + fog), Snow100K, RainDrop.
+    "allweather": (_type("rain_fog", "rain_fog"), _type("snow", "snow"), _type("raindrop", "raindrop")),
+    # Five-task all-in-one (AdaIR): denoising at three levels, deraining, dehazing, deblurring, low light.
+    "five-task": (
+        _type("noise_15", ("noise", {"sigma": 15})), _type("noise_25", ("noise", {"sigma": 25})),
+        _type("noise_50", ("noise", {"sigma": 50})), _type("rain", "rain"), _type("haze", "haze"),
+        _type("blur", "motion_blur"), _type("low", "low_light"),
+    ),
+}
+
+
+def preset_types(preset: str) -> Tuple[DegradationType, ...]:
+    if preset not in PRESETS:
+        raise ValueError(f"data.preset '{preset}' is unknown; choose one of {sorted(PRESETS)}")
+    return PRESETS[preset]
+
+
+def type_names(preset: str) -> List[str]:
+    return [t.name for t in preset_types(preset)]
+
+
+def mixture_probabilities(preset: str, weights: Mapping[str, float]) -> np.ndarray:
+    """Sampling probability per type id; empty `weights` = uniform, listed types default to 0."""
+    names = type_names(preset)
+    if not weights:
+        return np.full(len(names), 1.0 / len(names))
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        raise ValueError(f"data.weights: types {unknown} are not in preset '{preset}' ({names})")
+    raw = np.array([float(weights.get(n, 0.0)) for n in names])
+    if (raw < 0).any() or raw.sum() <= 0:
+        raise ValueError(f"data.weights must be >= 0 with a positive sum, got {dict(weights)}")
+    return raw / raw.sum()
+
+
+class Degrader:
+    """Draws a type from the preset's mixture and degrades a clean uint8 (H, W, 3) image with it."""
+
+    def __init__(self, preset: str, weights: Mapping[str, float] = ()):
+        self.types = preset_types(preset)
+        self.probabilities = mixture_probabilities(preset, dict(weights))
+
+    def __call__(self, clean: np.ndarray, rng: np.random.Generator):
+        type_id = int(rng.choice(len(self.types), p=self.probabilities))
+        return self.degrade(clean, type_id, rng)
+
+    def degrade(self, clean: np.ndarray, type_id: int, rng: np.random.Generator):
+        """-> (lq uint8 (H, W, 3), type_id, params list)."""
+        degraded, params = apply_steps(to_float(clean), rng, self.types[type_id].steps)
+        return to_uint8(degraded), type_id, params
+

@@ -1,0 +1,57 @@
+"""Turn `data.shards` (a shard directory or a brace pattern) into a sorted list of tar paths."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import List
+
+MANIFEST_NAME = "manifest.json"
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> List[str]:
+    """`a-{000..002}.tar` -> a-000.tar a-001.tar a-002.tar (zero padding kept); `{x,y}` lists."""
+    match = _BRACE.search(pattern)
+    if match is None:
+        return [pattern]
+    body = match.group(1)
+    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numeric:
+        first, last = numeric.groups()
+        width = len(first) if first.startswith("0") else 0
+        options = [str(i).zfill(width) for i in range(int(first), int(last) + 1)]
+    else:
+        options = body.split(",")
+    head, tail = pattern[:match.start()], pattern[match.end():]
+    return [expanded for option in options for expanded in expand_braces(head + option + tail)]
+
+
+def read_manifest(directory: str | Path) -> dict:
+    path = Path(directory) / MANIFEST_NAME
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {MANIFEST_NAME} in shard directory {directory}") from None
+    except ValueError as exc:
+        raise ValueError(f"{path}: not valid json: {exc}") from None
+
+
+def resolve_shards(spec: str) -> List[str]:
+    """Shard paths named by a directory (its manifest, else every *.tar in it) or a brace pattern."""
+    if not spec:
+        raise ValueError("data.shards is empty: give a shard directory or a pattern like dir/shard-{000000..000009}.tar")
+    directory = Path(spec)
+    if directory.is_dir():
+        if (directory / MANIFEST_NAME).is_file():
+            paths = [str(directory / s["name"]) for s in read_manifest(directory)["shards"]]
+        else:
+            paths = sorted(str(p) for p in directory.glob("*.tar"))
+    else:
+        paths = expand_braces(spec)
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"data.shards={spec}: {len(missing)} shard(s) missing, first {missing[0]}")
+    if not paths:
+        raise FileNotFoundError(f"data.shards={spec}: no shards found")
+    return paths

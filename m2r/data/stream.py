@@ -1,0 +1,309 @@
+"""Deterministic, resumable training stream and the fixed validation set.
+
+Each rank runs `max(1, data.workers)` logical workers. A logical worker owns a disjoint slice of
+the shards (slot rank * workers + worker) and reads it in rounds: round r draws shards with
+replacement from a generator seeded by the ints (seed, rank, worker, r), keeps their undecoded
+bytes until `shuffle_buffer` samples are held, shuffles them and serves every one. Sample j of
+round r is cropped, augmented and degraded with a generator seeded by (seed, rank, worker, r, j).
+So the whole stream is a pure function of integers, and a worker's position is just (round,
+offset): the checkpointed state is those cursors plus counters, and resuming replays nothing but
+the current round's shard reads.
+
+Batches are made inside the workers and served in worker round-robin order by the DataLoader;
+after resuming at batch n, DataLoader worker i plays logical worker (i + n) % workers so the order
+continues exactly. The stream is endless, so every rank can take the same number of steps.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from m2r.data.augment import random_crop, random_dihedral
+from m2r.data.builtin import TRAIN_PHOTOS, VAL_PHOTOS, load_photo
+from m2r.data.presets import Degrader, type_names
+from m2r.data.shard_format import CorruptSample, decode_record, read_shard
+from m2r.data.shard_list import read_manifest, resolve_shards
+
+STREAM_TAG = 1          # first seed word after the run seed: training stream
+ROUND_TAG = 2           # shard/photo choice of a round
+VAL_TAG = 3             # validation crops and degradations
+BUILTIN_ROUND = 256     # samples per round of the builtin source
+MAX_EMPTY_READS = 64    # consecutive shard reads without one sample before giving up
+SOURCES = ("builtin", "shards")
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamPlan:
+    """Everything a worker needs to produce its batches (picklable, no open files)."""
+    source: str
+    shards: Tuple[str, ...]
+    preset: str
+    weights: Tuple[Tuple[str, float], ...]
+    seed: int
+    rank: int
+    world_size: int
+    workers: int            # logical workers per rank (>= 1)
+    micro_batch: int
+    crop: int
+    shuffle_buffer: int
+    scale_range: Tuple[float, float]
+
+    def slot_shards(self, worker: int) -> Tuple[str, ...]:
+        slots = self.world_size * self.workers
+        return self.shards[self.rank * self.workers + worker::slots]
+
+
+# ----------------------------------------------------------------------------- sample sources
+
+class _BuiltinSource:
+    """Round = BUILTIN_ROUND indices into the training photos."""
+
+    def __init__(self, plan: StreamPlan, worker: int):
+        self.seed_words = (plan.seed, ROUND_TAG, plan.rank, worker)
+
+    def round_records(self, round_index: int):
+        rng = np.random.default_rng((*self.seed_words, round_index))
+        return rng.integers(len(TRAIN_PHOTOS), size=BUILTIN_ROUND).tolist(), 0
+
+    @staticmethod
+    def decode(record):
+        return load_photo(TRAIN_PHOTOS[record]), None, {}
+
+
+class _ShardSource:
+    """Round = whole shards drawn with replacement until `shuffle_buffer` samples, shuffled."""
+
+    def __init__(self, plan: StreamPlan, worker: int):
+        self.shards = plan.slot_shards(worker)
+        self.buffer = plan.shuffle_buffer
+        self.seed_words = (plan.seed, ROUND_TAG, plan.rank, worker)
+
+    def round_records(self, round_index: int):
+        rng = np.random.default_rng((*self.seed_words, round_index))
+        records: List[dict] = []
+        corrupt = empty_reads = 0
+        while len(records) < self.buffer:
+            before = len(records)
+            try:
+                records.extend(read_shard(self.shards[int(rng.integers(len(self.shards)))]))
+            except CorruptSample:
+                corrupt += 1
+            empty_reads = empty_reads + 1 if len(records) == before else 0
+            if empty_reads >= MAX_EMPTY_READS:
+                raise RuntimeError(f"{MAX_EMPTY_READS} shard reads in a row gave no sample: "
+                                   f"are these shards damaged? {self.shards[:3]}...")
+        order = rng.permutation(len(records))
+        return [records[i] for i in order], corrupt
+
+    @staticmethod
+    def decode(record):
+        return decode_record(record)
+
+
+def _make_source(plan: StreamPlan, worker: int):
+    return _BuiltinSource(plan, worker) if plan.source == "builtin" else _ShardSource(plan, worker)
+
+
+# ----------------------------------------------------------------------------- pairs and batches
+
+def make_pair(clean: np.ndarray, lq: Optional[np.ndarray], meta: dict, rng: np.random.Generator,
+              degrader: Degrader, crop: int, scale_range=(1.0, 1.0)):
+    """-> (lq, gt, type_id). Clean-only samples are augmented (all 8 square symmetries) and then
+    degraded; pre-degraded pairs are only flipped left-right, as rain, snow and haze have an up."""
+    if lq is None:
+        (gt,) = random_crop([clean], crop, rng, scale_range)
+        (gt,) = random_dihedral([gt], rng)
+        lq_img, type_id, _ = degrader(gt, rng)
+        return lq_img, gt, type_id
+    names = [t.name for t in degrader.types]
+    if meta.get("type") not in names:
+        raise CorruptSample(f"pre-degraded sample of type {meta.get('type')!r}, not in the preset {names}")
+    gt, lq_img = random_crop([clean, lq], crop, rng, scale_range)
+    gt, lq_img = random_dihedral([gt, lq_img], rng, rotate=False)
+    return lq_img, gt, names.index(meta["type"])
+
+
+def collate(lq: Sequence[np.ndarray], gt: Sequence[np.ndarray], type_ids: Sequence[int]) -> Dict[str, torch.Tensor]:
+    def to_tensor(images):
+        return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return dict(lq=to_tensor(lq), gt=to_tensor(gt), type_id=torch.tensor(type_ids, dtype=torch.int64))
+
+
+def worker_batches(plan: StreamPlan, worker: int, cursor: Tuple[int, int]) -> Iterator[dict]:
+    """Endless batches of one logical worker from `cursor` = (round, offset), each tagged with the
+    cursor after it and the corrupt samples skipped since the previous batch."""
+    source = _make_source(plan, worker)
+    degrader = Degrader(plan.preset, dict(plan.weights))
+    round_index, start = cursor
+    lq, gt, type_ids, corrupt = [], [], [], 0
+    while True:
+        records, round_corrupt = source.round_records(round_index)
+        corrupt += round_corrupt
+        for offset in range(start, len(records)):
+            rng = np.random.default_rng((plan.seed, STREAM_TAG, plan.rank, worker, round_index, offset))
+            try:
+                clean, lq_in, meta = source.decode(records[offset])
+                pair = make_pair(clean, lq_in, meta, rng, degrader, plan.crop, plan.scale_range)
+            except CorruptSample:
+                corrupt += 1
+                continue
+            lq.append(pair[0]), gt.append(pair[1]), type_ids.append(pair[2])
+            if len(lq) == plan.micro_batch:
+                batch = collate(lq, gt, type_ids)
+                batch.update(worker=worker, cursor_round=round_index, cursor_offset=offset + 1, corrupt=corrupt)
+                yield batch
+                lq, gt, type_ids, corrupt = [], [], [], 0
+        round_index, start = round_index + 1, 0
+
+
+class _WorkerStream(IterableDataset):
+    def __init__(self, plan: StreamPlan, batches_served: int, cursors: Tuple[Tuple[int, int], ...]):
+        self.plan, self.batches_served, self.cursors = plan, batches_served, cursors
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = ((info.id if info else 0) + self.batches_served) % self.plan.workers
+        return worker_batches(self.plan, worker, self.cursors[worker])
+
+
+class TrainStream:
+    """Iterable of dict(lq, gt uint8 (B,3,H,W), type_id int64 (B,)), endless, resumable."""
+
+    def __init__(self, plan: StreamPlan, num_workers: int):
+        self.plan = plan
+        self.num_workers = num_workers
+        self.names = type_names(plan.preset)
+        self._batches = 0
+        self._cursors: List[Tuple[int, int]] = [(0, 0)] * plan.workers
+        self._type_counts = [0] * len(self.names)
+        self._corrupt = 0
+
+    def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
+        dataset = _WorkerStream(self.plan, self._batches, tuple(self._cursors))
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                            prefetch_factor=4 if self.num_workers else None)
+        for batch in loader:
+            worker = int(batch.pop("worker"))
+            self._cursors[worker] = (int(batch.pop("cursor_round")), int(batch.pop("cursor_offset")))
+            self._corrupt += int(batch.pop("corrupt"))
+            for type_id, count in enumerate(torch.bincount(batch["type_id"], minlength=len(self.names)).tolist()):
+                self._type_counts[type_id] += count
+            self._batches += 1
+            yield batch
+
+    def stats(self) -> Dict[str, object]:
+        """Samples served per degradation type and corrupt samples skipped, on this rank so far."""
+        return dict(samples_by_type=dict(zip(self.names, self._type_counts)), corrupt_samples=self._corrupt)
+
+    def _fingerprint(self) -> dict:
+        plan = dataclasses.asdict(self.plan)
+        plan["shards"] = len(self.plan.shards)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in plan.items()}
+
+    def state_dict(self) -> dict:
+        return dict(version=1, plan=self._fingerprint(), batches=self._batches,
+                    cursors=[list(c) for c in self._cursors], type_counts=list(self._type_counts),
+                    corrupt=self._corrupt)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where `state` was taken; the plan (seed, rank, topology, shapes, data)
+        must match, since positions are only meaningful in the stream they came from."""
+        saved, current = state["plan"], self._fingerprint()
+        differing = {k: (saved.get(k), current[k]) for k in current if _jsonish(saved.get(k)) != _jsonish(current[k])}
+        if differing:
+            raise ValueError(f"data stream state does not match this run (saved, current): {differing}")
+        self._batches = int(state["batches"])
+        self._cursors = [tuple(int(v) for v in c) for c in state["cursors"]]
+        self._type_counts = [int(v) for v in state["type_counts"]]
+        self._corrupt = int(state["corrupt"])
+
+
+def _jsonish(value):
+    """Compare lists/tuples and nested pairs alike (a state may have gone through json or torch.save)."""
+    if isinstance(value, (list, tuple)):
+        return [_jsonish(v) for v in value]
+    return value
+
+
+# ----------------------------------------------------------------------------- builders
+
+def _check_source(cfg) -> None:
+    if cfg.source not in SOURCES:
+        raise ValueError(f"data.source '{cfg.source}' is unknown; choose one of {SOURCES}")
+
+
+def _manifest_preset_check(cfg, spec: str) -> None:
+    """Pre-degraded shards were made with one preset; streaming them under another is a config error."""
+    try:
+        manifest = read_manifest(spec)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    if manifest.get("mode") == "pairs" and manifest.get("preset") != cfg.preset:
+        raise ValueError(f"data.preset '{cfg.preset}' but the pre-degraded shards in {spec} "
+                         f"were built with preset '{manifest.get('preset')}'")
+
+
+def build_train_stream(cfg, *, seed: int, rank: int, world_size: int, micro_batch: int, crop: int) -> TrainStream:
+    """The training stream of this rank (see the module docstring)."""
+    _check_source(cfg)
+    workers = max(1, int(cfg.workers))
+    shards: Tuple[str, ...] = ()
+    if cfg.source == "shards":
+        if not cfg.shards:
+            raise ValueError("data.shards must name a shard directory or pattern when data.source=shards")
+        shards = tuple(resolve_shards(cfg.shards))
+        _manifest_preset_check(cfg, cfg.shards)
+        if len(shards) < world_size * workers:
+            raise ValueError(f"data.shards={cfg.shards}: {len(shards)} shards cannot feed {world_size} ranks x "
+                             f"{workers} workers ({world_size * workers} slots, one shard at least each); "
+                             f"build smaller shards or lower data.workers")
+    scale = tuple(float(v) for v in cfg.scale_range)
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"data.scale_range must be [low, high] with 0 < low <= high <= 1, got {list(cfg.scale_range)}")
+    plan = StreamPlan(source=cfg.source, shards=shards, preset=cfg.preset,
+                      weights=tuple(sorted((str(k), float(v)) for k, v in dict(cfg.weights).items())),
+                      seed=int(seed) + int(cfg.seed_offset), rank=rank, world_size=world_size, workers=workers,
+                      micro_batch=micro_batch, crop=crop, shuffle_buffer=int(cfg.shuffle_buffer), scale_range=scale)
+    Degrader(plan.preset, dict(plan.weights))  # validate preset and weights before workers start
+    if rank == 0:
+        where = f"{len(shards)} shards from {cfg.shards}" if shards else "builtin sample photos"
+        print(f"data: {where}, preset {cfg.preset}, {world_size} ranks x {workers} workers, "
+              f"micro batch {micro_batch}, crop {crop}")
+    return TrainStream(plan, num_workers=int(cfg.workers))
+
+
+def _val_images(cfg, count: int) -> List[Tuple[np.ndarray, Optional[np.ndarray], dict]]:
+    if not cfg.val_shards:
+        return [(load_photo(VAL_PHOTOS[i % len(VAL_PHOTOS)]), None, {}) for i in range(count)]
+    images = []
+    for path in resolve_shards(cfg.val_shards):
+        for record in read_shard(path):
+            images.append(decode_record(record))
+            if len(images) == count:
+                return images
+    if not images:
+        raise ValueError(f"data.val_shards={cfg.val_shards} holds no samples")
+    return [images[i % len(images)] for i in range(count)]
+
+
+def build_val_set(cfg, crop: int) -> List[Dict[str, torch.Tensor]]:
+    """Fixed held-out batches, identical on every rank: `val_samples_per_type` crops per type of
+    the preset, each degraded with its type by a generator seeded from (VAL_TAG, index)."""
+    _check_source(cfg)
+    degrader = Degrader(cfg.preset, dict(cfg.weights))
+    count = int(cfg.val_samples_per_type) * len(degrader.types)
+    lq, gt, type_ids = [], [], []
+    for index, (clean, lq_in, meta) in enumerate(_val_images(cfg, count)):
+        rng = np.random.default_rng((VAL_TAG, index))
+        if lq_in is None:
+            (target,) = random_crop([clean], crop, rng)
+            degraded, type_id, _ = degrader.degrade(target, index % len(degrader.types), rng)
+        else:
+            degraded, target, type_id = make_pair(clean, lq_in, meta, rng, degrader, crop)
+        lq.append(degraded), gt.append(target), type_ids.append(type_id)
+    size = int(cfg.val_batch_size)
+    return [collate(lq[i:i + size], gt[i:i + size], type_ids[i:i + size]) for i in range(0, count, size)]

@@ -1,0 +1,174 @@
+"""Build WebDataset shards from folders of images (format: shards/README.md).
+
+Files are listed in a fixed order (source folder, then relative path) and cut into shards of
+`samples_per_shard` consecutive files, so shard i always holds the same files and a rerun can skip
+every shard already finished. A shard is written to `<name>.tmp`, renamed, and then recorded in a
+`<name>.json` sidecar: a shard counts as finished only when both exist. The manifest is merged from
+the sidecars at the end. Pre-degraded samples use a generator seeded by (seed, BUILD_TAG, index).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from m2r.data.presets import Degrader
+from m2r.data.shard_format import add_member, encode_image
+from m2r.data.shard_list import MANIFEST_NAME
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+FORMAT = "m2r-shards/1"
+BUILD_TAG = 4
+
+
+@dataclass
+class BuildOptions:
+    src: List[str]
+    out: str
+    preset: Optional[str] = None        # None = clean-only shards, degraded on the fly
+    workers: int = 1
+    samples_per_shard: int = 256
+    encoding: str = "zstd"              # "zstd" (raw uint8 + zstd) | "png"
+    max_side: int = 0                   # downscale larger images to this long side; 0 = keep
+    seed: int = 0
+
+
+def list_images(sources: Sequence[str]) -> List[str]:
+    files = []
+    for src in sources:
+        root = Path(src)
+        if not root.is_dir():
+            raise FileNotFoundError(f"--src {src} is not a directory")
+        found = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files.extend(str(p) for p in found)
+    return files
+
+
+def load_image(path: str, max_side: int) -> np.ndarray:
+    """RGB uint8; grayscale, palette, 16-bit and alpha images are converted by PIL."""
+    with Image.open(path) as im:
+        im.load()
+        rgb = im.convert("RGB")
+    if max_side and max(rgb.size) > max_side:
+        scale = max_side / max(rgb.size)
+        rgb = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))), Image.LANCZOS)
+    return np.asarray(rgb)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def _sample_members(index: int, path: str, opts: BuildOptions, degrader: Optional[Degrader]):
+    clean = load_image(path, opts.max_side)
+    key = f"{index:09d}"
+    meta = dict(src=path, size=list(clean.shape[:2]))
+    ext, data = encode_image(clean, opts.encoding)
+    members = [(f"{key}.clean.{ext}", data)]
+    if degrader is not None:
+        rng = np.random.default_rng((opts.seed, BUILD_TAG, index))
+        lq, type_id, params = degrader(clean, rng)
+        meta.update(type=degrader.types[type_id].name, type_id=type_id, params=params)
+        ext, data = encode_image(lq, opts.encoding)
+        members.append((f"{key}.lq.{ext}", data))
+    members.append((f"{key}.json", json.dumps(meta).encode()))
+    return members, meta.get("type", "clean")
+
+
+def build_shard(job: Tuple[int, int, List[str], BuildOptions]) -> dict:
+    """Write one shard; returns its sidecar record."""
+    shard_index, first_sample, files, opts = job
+    out = Path(opts.out)
+    name = shard_name(shard_index)
+    degrader = Degrader(opts.preset) if opts.preset else None
+    tmp = out / (name + ".tmp")
+    type_counts, skipped, samples = {}, [], 0
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for offset, path in enumerate(files):
+            try:
+                members, type_name = _sample_members(first_sample + offset, path, opts, degrader)
+            except Exception as exc:  # undecodable images raise many types (PIL, OSError, ValueError)
+                skipped.append(dict(path=path, error=f"{type(exc).__name__}: {exc}"))
+                continue
+            for member_name, data in members:
+                add_member(tar, member_name, data)
+            type_counts[type_name] = type_counts.get(type_name, 0) + 1
+            samples += 1
+    os.replace(tmp, out / name)
+    record = dict(name=name, samples=samples, bytes=(out / name).stat().st_size, sha256=sha256_file(out / name),
+                  type_counts=type_counts, skipped=skipped)
+    _write_json_atomic(out / (name[:-4] + ".json"), record)
+    return record
+
+
+def _finished(out: Path, name: str) -> Optional[dict]:
+    sidecar = out / (name[:-4] + ".json")
+    if (out / name).is_file() and sidecar.is_file():
+        return json.loads(sidecar.read_text())
+    return None
+
+
+def build(opts: BuildOptions, progress: bool = True) -> dict:
+    """Build (or finish) the shards of `opts` and write the manifest; returns the manifest."""
+    if opts.preset:
+        Degrader(opts.preset)  # unknown presets fail before any work
+    files = list_images(opts.src)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {opts.src}")
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    size = opts.samples_per_shard
+    jobs = [(i, i * size, files[i * size:(i + 1) * size], opts) for i in range((len(files) + size - 1) // size)]
+    records = {job[0]: _finished(out, shard_name(job[0])) for job in jobs}
+    todo = [job for job in jobs if records[job[0]] is None]
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="shard", disable=not progress,
+               desc=f"shards -> {out}")
+    if opts.workers > 1 and len(todo) > 1:
+        with multiprocessing.get_context("spawn").Pool(min(opts.workers, len(todo))) as pool:
+            for record in pool.imap_unordered(build_shard, todo):
+                records[int(record["name"][6:12])] = record
+                bar.update()
+    else:
+        for job in todo:
+            records[job[0]] = build_shard(job)
+            bar.update()
+    bar.close()
+    manifest = _manifest(opts, [records[i] for i in sorted(records)], len(files))
+    _write_json_atomic(out / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def _manifest(opts: BuildOptions, shards: List[dict], files: int) -> dict:
+    type_counts: dict = {}
+    for shard in shards:
+        for name, count in shard["type_counts"].items():
+            type_counts[name] = type_counts.get(name, 0) + count
+    skipped = [entry for shard in shards for entry in shard["skipped"]]
+    return dict(format=FORMAT, mode="pairs" if opts.preset else "clean", preset=opts.preset,
+                encoding=opts.encoding, seed=opts.seed, max_side=opts.max_side, sources=list(opts.src),
+                files=files, samples=sum(s["samples"] for s in shards), skipped=skipped,
+                type_counts=type_counts,
+                shards=[{k: s[k] for k in ("name", "samples", "bytes", "sha256", "type_counts")} for s in shards])

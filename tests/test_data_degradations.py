@@ -1,0 +1,177 @@
+"""Physical properties of the synthetic degradations, composition order and determinism."""
+import math
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from m2r.data import degradations as D
+from m2r.data.builtin import load_photo
+from m2r.data.presets import PRESETS, Degrader, mixture_probabilities
+
+
+def rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return D.to_float(load_photo("astronaut")[100:356, 150:406])
+
+
+def test_haze_lowers_contrast_and_lifts_dark_pixels_toward_airlight(photo):
+    hazy, p = D.haze(photo, rng(), beta=2.0, airlight=0.9)
+    assert hazy.std() < 0.7 * photo.std()
+    dark = photo.mean(axis=2) < 0.1
+    assert dark.sum() > 100 and hazy[dark].mean() > photo[dark].mean() + 0.2
+    airlight = np.asarray(p["airlight"])
+    assert np.all(np.abs(hazy - airlight) <= np.abs(photo - airlight) + 1e-6)
+
+
+def test_haze_follows_a_given_depth_map(photo):
+    depth = np.zeros(photo.shape[:2], np.float32)
+    depth[:, 128:] = 1.0   # right half far
+    hazy, p = D.haze(photo, rng(), beta=1.5, airlight=1.0, depth=depth)
+    assert p["depth"] == "given"
+    assert np.allclose(hazy[:, :128], photo[:, :128], atol=1e-6)       # t = 1 at depth 0
+    assert np.allclose(hazy[:, 128:], photo[:, 128:] * math.exp(-1.5) + np.asarray(p["airlight"]) * (1 - math.exp(-1.5)), atol=1e-5)
+
+
+def test_pseudo_depth_is_smooth_in_unit_range_and_far_at_the_top():
+    depth = D.pseudo_depth(128, 160, rng(3))
+    assert depth.min() == 0.0 and depth.max() == pytest.approx(1.0)
+    assert np.abs(np.diff(depth, axis=0)).max() < 0.05 and np.abs(np.diff(depth, axis=1)).max() < 0.05
+    assert depth[:16].mean() > depth[-16:].mean()
+
+
+def test_low_light_darkens_and_its_noise_grows_with_signal():
+    flat = np.concatenate([np.full((64, 64, 3), 0.2, np.float32), np.full((64, 64, 3), 0.9, np.float32)], axis=1)
+    dark, _ = D.low_light(flat, rng(), exposure=0.4, gamma=1.0, shot=0.01, read=0.003)
+    assert dark.mean() < 0.5 * flat.mean()
+    dim_var, bright_var = dark[:, :64].var(), dark[:, 64:].var()
+    assert bright_var > 2.0 * dim_var
+    # Poisson-Gaussian: var = shot * signal + read^2 (cast gains stay within 10%)
+    assert bright_var == pytest.approx(0.01 * 0.36 + 0.003 ** 2, rel=0.25)
+
+
+def _streak_angle(residual: np.ndarray, lag: float = 8.0) -> float:
+    """Direction (deg from vertical) along which the residual best correlates with itself `lag`
+    pixels away: streaks are long along their own direction only."""
+    centred = residual - residual.mean()
+
+    def correlation(angle):
+        theta = math.radians(angle)
+        moved = ndimage.shift(centred, (lag * math.cos(theta), lag * math.sin(theta)), order=1)
+        return (centred * moved).mean()
+
+    return max(np.arange(-45.0, 45.5, 1.0), key=correlation)
+
+
+@pytest.mark.parametrize("angle", [-20.0, 0.0, 25.0])
+def test_rain_adds_oriented_energy_at_the_configured_angle(angle):
+    background = np.full((256, 256, 3), 0.3, np.float32)
+    rainy, p = D.rain(background, rng(1), angle=angle, density=0.004, length=30, width=1)
+    assert p["angle"] == angle
+    residual = (rainy - background).mean(axis=2)
+    assert residual.min() >= 0 and residual.mean() > 0.005
+    assert _streak_angle(residual) == pytest.approx(angle, abs=3.0)
+
+
+@pytest.mark.parametrize("coverage", [0.05, 0.12])
+def test_snow_coverage_matches_the_configured_value(coverage):
+    black = np.zeros((256, 256, 3), np.float32)
+    snowy, _ = D.snow(black, rng(2), coverage=coverage, brightness=1.0)
+    measured = (snowy.mean(axis=2) > 0.5).mean()
+    assert measured == pytest.approx(coverage, rel=0.25)
+
+
+def test_sampled_snow_and_raindrop_coverage_stay_in_their_ranges(photo):
+    black = np.zeros((256, 256, 3), np.float32)
+    for seed in range(4):
+        snowy, p = D.snow(black, rng(seed), brightness=1.0)
+        assert 0.03 <= p["coverage"] <= 0.15
+        assert 0.03 * 0.75 <= (snowy.mean(axis=2) > 0.5).mean() <= 0.15 * 1.25
+        dropped, p = D.raindrop(photo, rng(seed))
+        assert 0.05 <= p["coverage"] <= 0.25
+        assert 0.05 * 0.7 <= (np.abs(dropped - photo).max(axis=2) > 1e-6).mean() <= 0.25 * 1.25
+
+
+@pytest.mark.parametrize("coverage", [0.08, 0.2])
+def test_raindrops_cover_the_configured_fraction_with_bright_rims(coverage):
+    texture = rng(5).uniform(0.2, 0.6, (256, 256, 3)).astype(np.float32)
+    dropped, p = D.raindrop(texture, rng(6), coverage=coverage, rim=0.3)
+    inside = np.abs(dropped - texture).max(axis=2) > 1e-6
+    assert inside.mean() == pytest.approx(coverage, rel=0.25)
+    assert dropped[inside].max() > texture.max() + 0.1     # rims brighter than anything in the scene
+
+
+@pytest.mark.parametrize("sigma", [15, 25, 50])
+def test_noise_residual_std_is_sigma(sigma):
+    gray = np.full((256, 256, 3), 0.5, np.float32)
+    noisy, _ = D.noise(gray, rng(sigma), sigma=sigma)
+    assert (noisy - gray).std() * 255 == pytest.approx(sigma, rel=0.03)
+
+
+def _blockiness(img: np.ndarray) -> float:
+    """Mean horizontal step across 8x8 block borders over the mean step inside blocks."""
+    steps = np.abs(np.diff(img.mean(axis=2), axis=1))
+    border = np.zeros(steps.shape[1], bool)
+    border[7::8] = True
+    return steps[:, border].mean() / steps[:, ~border].mean()
+
+
+def test_jpeg_adds_8x8_blockiness(photo):
+    compressed, p = D.jpeg(photo, rng(), quality=10)
+    assert p["quality"] == 10
+    assert _blockiness(photo) < 1.1
+    assert _blockiness(compressed) > 1.3
+
+
+def test_blurs_remove_high_frequencies(photo):
+    def detail(img):
+        return np.abs(np.diff(img, axis=1)).mean()
+    assert detail(D.gaussian_blur(photo, rng(), sigma=2.0)[0]) < 0.6 * detail(photo)
+    assert detail(D.motion_blur(photo, rng(), length=15, angle=0.0)[0]) < 0.6 * detail(photo)
+
+
+def test_composites_apply_in_physical_order_whatever_the_listing(photo):
+    listed = [("jpeg", {"quality": 30}), ("low_light", {}), ("haze", {})]
+    assert [name for name, _ in D.in_physical_order(listed)] == ["haze", "low_light", "jpeg"]
+    out, params = D.apply_steps(photo, rng(7), listed)
+    assert [p["name"] for p in params] == ["haze", "low_light", "jpeg"]
+    # the same chain by hand: each step gets a child generator drawn from the parent in order
+    parent = rng(7)
+    manual = photo
+    for fn, fixed in ((D.haze, {}), (D.low_light, {}), (D.jpeg, {"quality": 30})):
+        manual, _ = fn(manual, np.random.default_rng(int(parent.integers(2 ** 63))), **fixed)
+    assert np.array_equal(out, np.clip(manual, 0, 1))
+
+
+def test_cdd11_composite_types_are_built_from_their_parts():
+    steps = {t.name: [name for name, _ in t.steps] for t in PRESETS["cdd11"]}
+    assert steps["low_haze_rain"] == ["haze", "rain", "low_light"]
+    assert steps["low_haze_snow"] == ["haze", "snow", "low_light"]
+    assert len(PRESETS["cdd11"]) == 11 and len(PRESETS["allweather"]) == 3 and len(PRESETS["five-task"]) == 7
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_same_seed_gives_the_same_bytes(preset):
+    clean = load_photo("coffee")[:64, :96]
+    degrader = Degrader(preset)
+    for type_id in range(len(degrader.types)):
+        first = degrader.degrade(clean, type_id, rng(11))[0]
+        again = degrader.degrade(clean, type_id, rng(11))[0]
+        other = degrader.degrade(clean, type_id, rng(12))[0]
+        assert first.dtype == np.uint8 and first.shape == clean.shape
+        assert first.tobytes() == again.tobytes()
+        assert first.tobytes() != other.tobytes()
+
+
+def test_mixture_weights_select_types_and_reject_unknown_names():
+    probs = mixture_probabilities("allweather", {"snow": 3.0, "raindrop": 1.0})
+    assert probs.tolist() == [0.0, 0.75, 0.25]
+    degrader = Degrader("allweather", {"snow": 1.0})
+    clean = np.zeros((16, 16, 3), np.uint8)
+    assert {degrader(clean, rng(s))[1] for s in range(10)} == {1}
+    with pytest.raises(ValueError, match="fog"):
+        mixture_probabilities("allweather", {"fog": 1.0})

@@ -1,0 +1,139 @@
+"""Shard builder and inspector on a folder of 210 real photos (crops of scikit-image samples)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from m2r.data.builtin import TRAIN_PHOTOS, load_photo
+from m2r.data.shard_format import CorruptSample, decode_image, decode_record, encode_image, read_shard
+from m2r.data.shard_list import expand_braces, resolve_shards
+from m2r.shards.build import BuildOptions, build
+from m2r.shards.inspect import inspect_shards
+
+PHOTOS = 210
+FORMATS = ("png", "jpg", "webp", "bmp", "tiff")
+
+
+@pytest.fixture(scope="module")
+def photo_tree(tmp_path_factory):
+    """210 random crops of the sample photos in five formats over nested folders, plus one file
+    that is not an image."""
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for i in range(PHOTOS):
+        img = load_photo(TRAIN_PHOTOS[i % len(TRAIN_PHOTOS)])
+        size = int(rng.integers(40, 72))
+        y, x = (int(rng.integers(0, n - size)) for n in img.shape[:2])
+        folder = root / f"part{i % 3}" / ("deep" if i % 2 else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img[y:y + size, x:x + size]).save(folder / f"photo{i:03d}.{FORMATS[i % 5]}")
+    (root / "part0" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated, not a jpeg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def clean_shards(photo_tree, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean")
+    manifest = build(BuildOptions(src=[str(photo_tree)], out=str(out), samples_per_shard=50), progress=False)
+    return out, manifest
+
+
+def test_build_writes_every_photo_and_reports_the_corrupt_file(clean_shards):
+    out, manifest = clean_shards
+    assert manifest["mode"] == "clean" and manifest["files"] == PHOTOS + 1
+    assert manifest["samples"] == PHOTOS == sum(s["samples"] for s in manifest["shards"])
+    assert [entry["path"].endswith("corrupt.jpg") for entry in manifest["skipped"]] == [True]
+    assert len(manifest["shards"]) == 5 and manifest["type_counts"] == {"clean": PHOTOS}
+    assert sorted(os.listdir(out)) == sorted(["manifest.json"] + [f"shard-{i:06d}.{e}" for i in range(5) for e in ("tar", "json")])
+
+
+def test_samples_are_lossless_with_their_metadata(clean_shards):
+    """Targets hold exactly the decoded source pixels (shard 0 also met the corrupt file)."""
+    out, manifest = clean_shards
+    records = list(read_shard(str(out / "shard-000000.tar")))
+    assert len(records) == manifest["shards"][0]["samples"] == 49
+    for record in records:
+        clean, lq, meta = decode_record(record)
+        assert lq is None and meta["size"] == list(clean.shape[:2])
+        assert np.array_equal(clean, np.asarray(Image.open(meta["src"]).convert("RGB")))
+
+
+def test_inspect_verifies_checksums_and_detects_tampering(clean_shards, tmp_path):
+    out, _ = clean_shards
+    report = inspect_shards(str(out))
+    assert report["ok"] and report["type_counts"] == {"clean": PHOTOS}
+    result = subprocess.run([sys.executable, "-m", "m2r.shards", "inspect", str(out)], capture_output=True,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0 and "checksums verified" in result.stdout and "corrupt.jpg" in result.stdout
+    tampered = tmp_path / "tampered"
+    tampered.mkdir()
+    for name in os.listdir(out):
+        (tampered / name).write_bytes((out / name).read_bytes())
+    data = bytearray((tampered / "shard-000002.tar").read_bytes())
+    data[5000] ^= 0xFF
+    (tampered / "shard-000002.tar").write_bytes(bytes(data))
+    report = inspect_shards(str(tampered))
+    assert not report["ok"]
+    assert [row["problem"] for row in report["shards"] if not row["ok"]] == ["sha256 mismatch"]
+
+
+def test_rerun_skips_finished_shards_and_redoes_unfinished_ones(clean_shards, photo_tree):
+    out, manifest = clean_shards
+    stamps = {name: os.stat(out / name).st_mtime_ns for name in os.listdir(out) if name.endswith(".tar")}
+    (out / "shard-000003.json").unlink()          # as if the build died before finishing shard 3
+    again = build(BuildOptions(src=[str(photo_tree)], out=str(out), samples_per_shard=50), progress=False)
+    assert again["shards"] == manifest["shards"]   # same bytes, same checksums
+    changed = [n for n, t in stamps.items() if os.stat(out / n).st_mtime_ns != t]
+    assert changed == ["shard-000003.tar"]
+
+
+def test_pre_degraded_pairs_carry_type_and_parameters(photo_tree, tmp_path):
+    manifest = build(BuildOptions(src=[str(photo_tree / "part1")], out=str(tmp_path), preset="allweather",
+                                  samples_per_shard=40, encoding="png"), progress=False)
+    assert manifest["mode"] == "pairs" and manifest["preset"] == "allweather"
+    assert set(manifest["type_counts"]) <= {"rain_fog", "snow", "raindrop"}
+    assert sum(manifest["type_counts"].values()) == manifest["samples"] == PHOTOS // 3
+    record = next(read_shard(str(tmp_path / "shard-000000.tar")))
+    assert set(record) == {"__key__", "clean.png", "lq.png", "json"}
+    clean, lq, meta = decode_record(record)
+    assert lq.shape == clean.shape and not np.array_equal(lq, clean)
+    assert meta["params"][0]["name"] in {"rain_fog", "snow", "raindrop"}
+    assert inspect_shards(str(tmp_path))["ok"]
+
+
+def test_codec_round_trips_and_rejects_damage():
+    img = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
+    for encoding in ("zstd", "png"):
+        ext, data = encode_image(img, encoding)
+        assert np.array_equal(decode_image(ext, data), img)
+        with pytest.raises(CorruptSample):
+            decode_image(ext, data[: len(data) // 2])
+    with pytest.raises(CorruptSample, match="unsupported"):
+        decode_image("pickle", b"\x80\x04")
+
+
+def test_unknown_fields_are_never_read(tmp_path):
+    import tarfile
+    from m2r.data.shard_format import add_member
+
+    ext, data = encode_image(np.zeros((4, 4, 3), np.uint8))
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        add_member(tar, f"000000001.clean.{ext}", data)
+        add_member(tar, "000000001.pyd", b"\x80\x04 pickled payload")
+        add_member(tar, "000000001.json", json.dumps({"size": [4, 4]}).encode())
+    assert list(read_shard(str(tmp_path / "s.tar"))) == [
+        {"__key__": "000000001", f"clean.{ext}": data, "json": b'{"size": [4, 4]}'}]
+
+
+def test_brace_patterns_and_missing_shards(clean_shards):
+    out, _ = clean_shards
+    assert expand_braces("a-{08..10}-{x,y}.tar") == ["a-08-x.tar", "a-08-y.tar", "a-09-x.tar", "a-09-y.tar",
+                                                     "a-10-x.tar", "a-10-y.tar"]
+    assert len(resolve_shards(str(out))) == 5
+    assert len(resolve_shards(f"{out}/shard-{{000001..000004}}.tar")) == 4
+    with pytest.raises(FileNotFoundError, match="missing"):
+        resolve_shards(f"{out}/shard-{{000000..000009}}.tar")

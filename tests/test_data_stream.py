@@ -1,0 +1,133 @@
+"""The training stream: 2 ranks x 2 workers, equal steps, exact resume, corrupt samples, val set."""
+import itertools
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from m2r.data import DataConfig, build_train_stream, build_val_set
+from m2r.data.builtin import TRAIN_PHOTOS, load_photo
+from m2r.data.presets import type_names
+from m2r.data.shard_format import add_member
+from m2r.shards.build import BuildOptions, build
+
+CROP, BATCH = 32, 3
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory):
+    """8 clean shards of 5 photo crops each."""
+    photos = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(1)
+    for i in range(40):
+        img = load_photo(TRAIN_PHOTOS[i % len(TRAIN_PHOTOS)])
+        y, x = (int(rng.integers(0, n - 48)) for n in img.shape[:2])
+        Image.fromarray(img[y:y + 48, x:x + 48]).save(photos / f"{i:02d}.png")
+    out = tmp_path_factory.mktemp("shards")
+    build(BuildOptions(src=[str(photos)], out=str(out), samples_per_shard=5), progress=False)
+    return out
+
+
+def shard_config(shard_dir, **kw):
+    return DataConfig(source="shards", shards=str(shard_dir), preset="five-task", workers=2, shuffle_buffer=8, **kw)
+
+
+def take(stream, n):
+    return list(itertools.islice(iter(stream), n))
+
+
+def same_batches(a, b):
+    return len(a) == len(b) and all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in ("lq", "gt", "type_id"))
+
+
+def test_two_ranks_two_workers_get_equal_steps_of_distinct_data(shard_dir):
+    streams = [build_train_stream(shard_config(shard_dir), seed=5, rank=r, world_size=2, micro_batch=BATCH, crop=CROP)
+               for r in range(2)]
+    batches = [take(s, 7) for s in streams]
+    assert [len(b) for b in batches] == [7, 7]
+    for batch in batches[0]:
+        assert set(batch) == {"lq", "gt", "type_id"}
+        assert batch["lq"].dtype == batch["gt"].dtype == torch.uint8
+        assert batch["lq"].shape == batch["gt"].shape == (BATCH, 3, CROP, CROP)
+        assert batch["type_id"].dtype == torch.int64 and batch["type_id"].shape == (BATCH,)
+    assert not torch.equal(batches[0][0]["gt"], batches[1][0]["gt"])
+    stats = streams[0].stats()
+    assert sum(stats["samples_by_type"].values()) == 7 * BATCH and stats["corrupt_samples"] == 0
+    assert set(stats["samples_by_type"]) == set(type_names("five-task"))
+
+
+@pytest.mark.parametrize("stop", [4, 5])   # resume on either worker's turn
+def test_resume_continues_exactly_like_an_uninterrupted_stream(shard_dir, stop):
+    def make():
+        return build_train_stream(shard_config(shard_dir), seed=5, rank=1, world_size=2, micro_batch=BATCH, crop=CROP)
+    uninterrupted = make()
+    reference = take(uninterrupted, stop + 6)       # crosses round boundaries (8 samples per round)
+    first = make()
+    head = take(first, stop)
+    state = first.state_dict()
+    resumed = make()
+    resumed.load_state_dict(state)
+    tail = take(resumed, 6)
+    assert same_batches(head + tail, reference)
+    assert resumed.stats() == uninterrupted.stats()     # per-type counts resume too
+
+
+def test_builtin_source_needs_no_files_and_resumes_in_process():
+    cfg = DataConfig(source="builtin", preset="cdd11", workers=0, scale_range=[0.5, 1.0])
+    def make():
+        return build_train_stream(cfg, seed=1, rank=0, world_size=1, micro_batch=2, crop=CROP)
+    reference = take(make(), 5)
+    first = make()
+    take(first, 2)
+    resumed = make()
+    resumed.load_state_dict(first.state_dict())
+    assert same_batches(reference[2:], take(resumed, 3))
+
+
+def test_state_from_another_topology_is_refused(shard_dir):
+    stream = build_train_stream(shard_config(shard_dir), seed=5, rank=0, world_size=2, micro_batch=BATCH, crop=CROP)
+    other = build_train_stream(shard_config(shard_dir), seed=5, rank=0, world_size=1, micro_batch=BATCH, crop=CROP)
+    with pytest.raises(ValueError, match="world_size"):
+        other.load_state_dict(stream.state_dict())
+
+
+def test_fewer_shards_than_ranks_times_workers_is_a_clear_error(shard_dir):
+    cfg = DataConfig(source="shards", shards=str(shard_dir), workers=3)
+    with pytest.raises(ValueError, match=r"8 shards cannot feed 3 ranks x 3 workers"):
+        build_train_stream(cfg, seed=0, rank=0, world_size=3, micro_batch=1, crop=CROP)
+
+
+def test_corrupt_samples_are_counted_and_skipped(shard_dir, tmp_path):
+    """Two shards whose first sample's image is truncated: those samples are skipped, not fatal."""
+    good = sorted(shard_dir.glob("*.tar"))[0]
+    for copy in ("bad-0.tar", "bad-1.tar"):
+        with tarfile.open(good) as src, tarfile.open(tmp_path / copy, "w") as dst:
+            members = src.getmembers()
+            for member in members:
+                data = src.extractfile(member).read()
+                if member.name.startswith(members[0].name.split(".")[0]) and member.name.endswith(".zst"):
+                    data = data[:20]
+                add_member(dst, member.name, data)
+    cfg = DataConfig(source="shards", shards=f"{tmp_path}/bad-{{0..1}}.tar", preset="five-task",
+                     workers=0, shuffle_buffer=10)
+    stream = build_train_stream(cfg, seed=0, rank=0, world_size=1, micro_batch=2, crop=CROP)
+    assert len(take(stream, 6)) == 6
+    assert stream.stats()["corrupt_samples"] >= 2
+
+
+def test_val_set_is_fixed_and_covers_every_type():
+    cfg = DataConfig(preset="allweather", val_samples_per_type=2, val_batch_size=4)
+    first, again = build_val_set(cfg, 48), build_val_set(cfg, 48)
+    assert [len(b["type_id"]) for b in first] == [4, 2]
+    assert same_batches(first, again)
+    assert sorted(torch.cat([b["type_id"] for b in first]).tolist()) == [0, 0, 1, 1, 2, 2]
+
+
+def test_val_set_from_held_out_shards(shard_dir):
+    cfg = DataConfig(source="shards", shards=str(shard_dir), val_shards=f"{shard_dir}/shard-{{000000..000001}}.tar",
+                     preset="five-task", val_samples_per_type=1)
+    batches = build_val_set(cfg, CROP)
+    assert sum(len(b["type_id"]) for b in batches) == len(type_names("five-task"))
+    assert batches[0]["gt"].shape[1:] == (3, CROP, CROP)
