@@ -1,0 +1,169 @@
+"""AFLB, the adaptive frequency learning block of AdaIR (its code calls it FreModule).
+
+The block splits features of the input image into low and high frequencies with a box mask in the
+centred 2-D spectrum, lets each band attend to the decoder features, fuses them and adds the result
+to the decoder features through a learnable per-channel weight that starts at zero (identity).
+
+Mask rules (`aflb_mask`):
+- "official": half-sizes int((h // 128) * t_h), int((w // 128) * t_w), with t = sigmoid(rate_conv(
+  pooled features)). The integer division makes the box empty below 256 px and the truncation
+  stops every gradient to `rate_conv`, so "low" is usually zero and "high" = |conv1(x)|.
+- "fixed": a soft box whose half-size is r = t * n / 4 bins along an axis of n bins (so the box
+  grows from the DC bin up to half the spectrum). The weight of a bin at distance d from DC is
+  clamp(r + 1 - d, 0, 1): bins within r are 1, the bin on the fractional edge gets the fraction,
+  DC is always kept. The fractional edge carries a gradient to `rate_conv`, so the split is learnt.
+
+Unused layers kept for strict loading of official checkpoints: `conv` and `score_gen` are never
+called; `rate_conv` gets no gradient under the official mask.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from m2r.models.restormer import transposed_attention
+
+OFFICIAL_MASK_STEP = 128  # the official code divides the feature size by this before scaling
+AFLB_MASK_RULES = ("official", "fixed")
+
+
+class ChannelCrossAttention(nn.Module):
+    """Transposed attention whose queries come from `x` and keys/values from `y` (same shape)."""
+
+    def __init__(self, dim: int, num_heads: int, bias: bool):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"AFLB width {dim} is not divisible by its {num_heads} heads")
+        self.num_head = num_heads
+        self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
+        self.q = nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
+        self.q_dwconv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, bias=bias)
+        self.kv = nn.Conv2d(dim, dim * 2, kernel_size=1, bias=bias)
+        self.kv_dwconv = nn.Conv2d(dim * 2, dim * 2, kernel_size=3, padding=1, groups=dim * 2,
+                                   bias=bias)
+        self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
+
+    def forward(self, x, y):
+        q = self.q_dwconv(self.q(x))
+        k, v = self.kv_dwconv(self.kv(y)).chunk(2, dim=1)
+        return self.project_out(transposed_attention(q, k, v, self.num_head, self.temperature))
+
+
+class SpatialGate(nn.Module):
+    """CBAM spatial gate: sigmoid(7x7 conv([channel max, channel mean]))."""
+
+    def __init__(self):
+        super().__init__()
+        self.spatial = nn.Conv2d(2, 1, kernel_size=7, padding=3, bias=False)
+
+    def forward(self, x):
+        pooled = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)
+        return torch.sigmoid(self.spatial(pooled))
+
+
+class ChannelGate(nn.Module):
+    """CBAM channel gate: sigmoid(MLP(avg pool) + MLP(max pool)), MLP squeezing by 16."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Conv2d(dim, dim // 16, 1, bias=False),
+            nn.ReLU(),
+            nn.Conv2d(dim // 16, dim, 1, bias=False))
+
+    def forward(self, x):
+        avg = self.mlp(x.mean((2, 3), keepdim=True))
+        peak = self.mlp(x.amax((2, 3), keepdim=True))
+        return torch.sigmoid(avg + peak)
+
+
+class FrequencyRefine(nn.Module):
+    """Cross-gating of the bands: high * channel gate(low) + low * spatial gate(high), then 1x1."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.SpatialGate = SpatialGate()
+        self.ChannelGate = ChannelGate(dim)
+        self.proj = nn.Conv2d(dim, dim, kernel_size=1)
+
+    def forward(self, low, high):
+        mixed = high * self.ChannelGate(low) + low * self.SpatialGate(high)
+        return self.proj(mixed)
+
+
+def official_box_mask(rates, h: int, w: int):
+    """The official hard box: (B, 1, h, w) with ones in [h//2 - a, h//2 + a) x [w//2 - b, w//2 + b).
+
+    a = int((h // 128) * rate_h), b likewise; `.int()` truncates and cuts the graph, as official.
+    """
+    half_h = ((h // OFFICIAL_MASK_STEP) * rates[:, 0]).int().view(-1, 1, 1, 1)
+    half_w = ((w // OFFICIAL_MASK_STEP) * rates[:, 1]).int().view(-1, 1, 1, 1)
+    rows = torch.arange(h, device=rates.device).view(1, 1, h, 1)
+    cols = torch.arange(w, device=rates.device).view(1, 1, 1, w)
+    inside_rows = (rows >= h // 2 - half_h) & (rows < h // 2 + half_h)
+    inside_cols = (cols >= w // 2 - half_w) & (cols < w // 2 + half_w)
+    return (inside_rows & inside_cols).to(rates.dtype)
+
+
+def soft_box_mask(rates, h: int, w: int):
+    """The "fixed" rule (module docstring): (B, 1, h, w) soft box around the centred DC bin."""
+    def axis_weights(rate, n):
+        radius = rate.view(-1, 1) * (n / 4)
+        distance = (torch.arange(n, device=rate.device, dtype=rate.dtype) - n // 2).abs()
+        return (radius + 1 - distance).clamp(0, 1)
+
+    return (axis_weights(rates[:, 0], h)[:, None, :, None]
+            * axis_weights(rates[:, 1], w)[:, None, None, :])
+
+
+class AFLB(nn.Module):
+    """Adaptive frequency learning block.
+
+    forward(image, features): image (B, 3, H0, W0) is the network input, resized bilinearly to the
+    (h, w) of features (B, dim, h, w); returns features of the same shape.
+    """
+
+    def __init__(self, dim: int, num_heads: int, bias: bool, mask: str = "official",
+                 in_channels: int = 3):
+        super().__init__()
+        if mask not in AFLB_MASK_RULES:
+            raise ValueError(f"model.aflb_mask must be one of {AFLB_MASK_RULES}, got {mask!r}")
+        self.mask_rule = mask
+        self.conv = nn.Conv2d(in_channels, dim, kernel_size=3, padding=1, bias=False)  # unused
+        self.conv1 = nn.Conv2d(in_channels, dim, kernel_size=3, padding=1, bias=False)
+        self.score_gen = nn.Conv2d(2, 2, 7, padding=3)  # unused
+        self.para1 = nn.Parameter(torch.zeros(dim, 1, 1))
+        self.para2 = nn.Parameter(torch.ones(dim, 1, 1))
+        # The official names are swapped: channel_cross_l attends from the HIGH band, _h from LOW.
+        self.channel_cross_l = ChannelCrossAttention(dim, num_heads, bias)
+        self.channel_cross_h = ChannelCrossAttention(dim, num_heads, bias)
+        self.channel_cross_agg = ChannelCrossAttention(dim, num_heads, bias)
+        self.frequency_refine = FrequencyRefine(dim)
+        self.rate_conv = nn.Sequential(
+            nn.Conv2d(dim, dim // 8, 1, bias=False),
+            nn.GELU(),
+            nn.Conv2d(dim // 8, 2, 1, bias=False))
+
+    def forward(self, image, features):
+        image = F.interpolate(image, size=features.shape[-2:], mode="bilinear", align_corners=False)
+        high, low = self.split_frequencies(image)
+        high = self.channel_cross_l(high, features)
+        low = self.channel_cross_h(low, features)
+        fused = self.channel_cross_agg(features, self.frequency_refine(low, high))
+        return fused * self.para1 + features * self.para2
+
+    def split_frequencies(self, image):
+        """(|IFFT(spectrum outside the box)|, |IFFT(spectrum inside the box)|) of conv1(image)."""
+        x = self.conv1(image)
+        h, w = x.shape[-2:]
+        rates = torch.sigmoid(self.rate_conv(x.mean((2, 3), keepdim=True))).flatten(1)
+        mask_fn = official_box_mask if self.mask_rule == "official" else soft_box_mask
+        mask = mask_fn(rates.float(), h, w)
+        # cuFFT has no bf16 kernels: the spectrum is always computed in fp32.
+        spectrum = torch.fft.fft2(x.float(), norm="forward")
+        centred = torch.roll(spectrum, shifts=(h // 2, w // 2), dims=(2, 3))
+
+        def back_to_image(centred_part):
+            part = torch.roll(centred_part, shifts=(-(h // 2), -(w // 2)), dims=(2, 3))
+            return torch.fft.ifft2(part, norm="forward").abs().to(x.dtype)
+
+        return back_to_image(centred * (1 - mask)), back_to_image(centred * mask)

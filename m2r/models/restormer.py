@@ -1,0 +1,153 @@
+"""Restormer building blocks (Zamir et al., CVPR 2022) as the M2Restore backbone uses them.
+
+Submodule names follow the official M2Restore/AdaIR code (`body`, `attn`, `ffn`, `qkv_dwconv`, ...)
+so that official checkpoints convert with a short prefix table (see `m2r.models.convert`).
+Every block works on (B, C, H, W) feature maps.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LAYER_NORM_EPS = 1e-5
+
+
+class BiasFreeLayerNorm(nn.Module):
+    """Channel LayerNorm without mean subtraction or bias, over the last dim of (..., C)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        variance = x.var(-1, keepdim=True, unbiased=False)
+        return x / torch.sqrt(variance + LAYER_NORM_EPS) * self.weight
+
+
+class WithBiasLayerNorm(nn.Module):
+    """Standard LayerNorm over the last dim of (..., C), written out as Restormer does."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        mean = x.mean(-1, keepdim=True)
+        variance = x.var(-1, keepdim=True, unbiased=False)
+        return (x - mean) / torch.sqrt(variance + LAYER_NORM_EPS) * self.weight + self.bias
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channels of a (B, C, H, W) map, each pixel normalised on its own."""
+
+    def __init__(self, dim: int, kind: str = "WithBias"):
+        super().__init__()
+        if kind not in ("WithBias", "BiasFree"):
+            raise ValueError(f"LayerNorm kind must be 'WithBias' or 'BiasFree', got {kind!r}")
+        self.body = WithBiasLayerNorm(dim) if kind == "WithBias" else BiasFreeLayerNorm(dim)
+
+    def forward(self, x):
+        return self.body(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class GatedDconvFeedForward(nn.Module):
+    """GDFN: 1x1 expand to two halves, 3x3 depthwise conv, GELU(first) * second, 1x1 back."""
+
+    def __init__(self, dim: int, expansion_factor: float, bias: bool):
+        super().__init__()
+        hidden = int(dim * expansion_factor)
+        self.project_in = nn.Conv2d(dim, hidden * 2, kernel_size=1, bias=bias)
+        self.dwconv = nn.Conv2d(hidden * 2, hidden * 2, kernel_size=3, padding=1,
+                                groups=hidden * 2, bias=bias)
+        self.project_out = nn.Conv2d(hidden, dim, kernel_size=1, bias=bias)
+
+    def forward(self, x):
+        gate, value = self.dwconv(self.project_in(x)).chunk(2, dim=1)
+        return self.project_out(F.gelu(gate) * value)
+
+
+def transposed_attention(q, k, v, num_heads: int, temperature):
+    """Channel-wise ("transposed") attention of Restormer: each head attends over its channels.
+
+    q, k, v: (B, C, H, W); temperature: (num_heads, 1, 1). Queries and keys are L2-normalised along
+    the pixels, so the (C/heads x C/heads) attention map has entries in [-1, 1] before scaling.
+    """
+    b, c, h, w = q.shape
+    q, k, v = (t.reshape(b, num_heads, c // num_heads, h * w) for t in (q, k, v))
+    q = F.normalize(q, dim=-1)
+    k = F.normalize(k, dim=-1)
+    attn = (q @ k.transpose(-2, -1)) * temperature
+    out = attn.softmax(dim=-1) @ v
+    return out.reshape(b, c, h, w)
+
+
+class MultiDconvHeadAttention(nn.Module):
+    """MDTA: 1x1 qkv, 3x3 depthwise conv, transposed attention, 1x1 output projection."""
+
+    def __init__(self, dim: int, num_heads: int, bias: bool):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"attention width {dim} is not divisible by its {num_heads} heads")
+        self.num_heads = num_heads
+        self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
+        self.qkv = nn.Conv2d(dim, dim * 3, kernel_size=1, bias=bias)
+        self.qkv_dwconv = nn.Conv2d(dim * 3, dim * 3, kernel_size=3, padding=1, groups=dim * 3,
+                                    bias=bias)
+        self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
+
+    def forward(self, x):
+        q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
+        return self.project_out(transposed_attention(q, k, v, self.num_heads, self.temperature))
+
+
+class TransformerBlock(nn.Module):
+    """Restormer block: x + MDTA(LN(x)), then x + GDFN(LN(x))."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_expansion_factor: float, bias: bool,
+                 layer_norm: str = "WithBias"):
+        super().__init__()
+        self.norm1 = ChannelLayerNorm(dim, layer_norm)
+        self.attn = MultiDconvHeadAttention(dim, num_heads, bias)
+        self.norm2 = ChannelLayerNorm(dim, layer_norm)
+        self.ffn = GatedDconvFeedForward(dim, ffn_expansion_factor, bias)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.ffn(self.norm2(x))
+
+
+class OverlapPatchEmbed(nn.Module):
+    """3x3 convolution from image channels to the embedding width (no bias, as official)."""
+
+    def __init__(self, in_channels: int = 3, embed_dim: int = 48, bias: bool = False):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, embed_dim, kernel_size=3, padding=1, bias=bias)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+class Downsample(nn.Module):
+    """Halve the resolution, double the channels: 3x3 conv C -> C/2, then PixelUnshuffle(2)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels // 2, kernel_size=3, padding=1, bias=False),
+            nn.PixelUnshuffle(2))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class Upsample(nn.Module):
+    """Double the resolution, halve the channels: 3x3 conv C -> 2C, then PixelShuffle(2)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels * 2, kernel_size=3, padding=1, bias=False),
+            nn.PixelShuffle(2))
+
+    def forward(self, x):
+        return self.body(x)

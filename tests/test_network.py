@@ -1,0 +1,262 @@
+"""The M2Restore network: faithful size, shapes, determinism, gradients, switches, AFLB arithmetic."""
+import math
+
+import pytest
+import torch
+
+from m2r.config import load_config
+from m2r.models.aflb import AFLB, official_box_mask, soft_box_mask
+from m2r.models.bottleneck import MB, from_scan_order, to_scan_order
+from m2r.models import summary
+from m2r.models.config import ModelConfig
+from m2r.models.m2restore import build_model
+from m2r.models.restormer import ChannelLayerNorm
+
+OFFICIAL_TRAINABLE_PARAMS = 46_830_041
+OFFICIAL_UNUSED_AFLB_PARAMS = 43_098
+PLUS_EXTRA_PARAMS = 3 * 6   # the 7th prompt adds one input to each DDER's 6-expert CLIP bias
+
+
+def model_config(name, *overrides):
+    return load_config(ModelConfig, f"configs/model/{name}.yaml", list(overrides))
+
+
+def parameter_count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def meta_model(name, *overrides):
+    with torch.device("meta"):
+        return build_model(model_config(name, *overrides), with_clip_prior=False)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_model(model_config("tiny"))
+
+
+def images(*shape, seed=0):
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_faithful_config_has_the_official_parameter_count():
+    model = meta_model("m2restore")
+    assert parameter_count(model) == OFFICIAL_TRAINABLE_PARAMS
+    unused = set(model.unused_parameter_names())
+    assert sum(p.numel() for n, p in model.named_parameters() if n in unused) == OFFICIAL_UNUSED_AFLB_PARAMS
+    assert len(model.bottleneck) == 8 and all(isinstance(block, MB) for block in model.bottleneck)
+
+
+def test_summary_tool_prints_module_counts_and_ends_with_the_trainable_total(capsys):
+    summary.main(["--config", "configs/model/m2restore.yaml"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == f"trainable_params: {OFFICIAL_TRAINABLE_PARAMS}"
+    assert any(line.split()[:2] == ["bottleneck", "30,713,432"] for line in lines)
+    assert any("246,213,634" in line for line in lines)  # frozen DA-CLIP ViT-B/32, counted apart
+
+
+def test_plus_config_differs_only_by_the_seventh_prompt():
+    model = meta_model("m2restore-plus")
+    assert parameter_count(model) == OFFICIAL_TRAINABLE_PARAMS + PLUS_EXTRA_PARAMS
+    assert model.input_range == "zero_one" and model.aflb1.mask_rule == "fixed"
+    assert model.bottleneck[0].ssm.scan_orders == ("row", "row_reversed")
+
+
+def test_tiny_config_is_small_but_has_every_part(tiny):
+    assert parameter_count(tiny) < 1_000_000
+    names = dict(tiny.named_children())
+    assert {"dder1", "dder2", "dder3", "aflb1", "aflb2", "aflb3", "bottleneck"} <= set(names)
+    assert all(isinstance(block, MB) for block in tiny.bottleneck)
+
+
+def test_clip_prior_is_frozen_and_outside_parameters_and_state_dict(tiny):
+    clip_params = {id(p) for p in tiny.clip_prior.parameters()}
+    assert clip_params and not clip_params & {id(p) for p in tiny.parameters()}
+    assert not any("clip" in key for key in tiny.state_dict())
+    assert not any(p.requires_grad for p in tiny.clip_prior.parameters())
+
+
+def test_dtype_and_device_moves_reach_the_clip_prior():
+    model = build_model(model_config("tiny")).to(torch.float64)
+    assert all(p.dtype == torch.float64 for p in model.clip_prior.parameters())
+    assert not any(p.requires_grad for p in model.clip_prior.parameters())
+    model.train()
+    assert not model.clip_prior.training
+
+
+@pytest.mark.parametrize("height, width", [(16, 16), (24, 40), (48, 32)])
+def test_forward_shapes(tiny, height, width):
+    tiny.eval()
+    with torch.no_grad():
+        out = tiny(images(2, 3, height, width))
+    assert out.restored.shape == (2, 3, height, width)
+    assert out.balance_loss.dim() == 0 and torch.isfinite(out.balance_loss)
+    assert len(out.expert_load) == 3
+    for load in out.expert_load:
+        assert load.shape == (4,) and not load.requires_grad
+        assert load.sum().item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("height, width", [(20, 32), (32, 36), (8, 8)])
+def test_unsupported_sizes_are_refused_with_the_size(tiny, height, width):
+    with pytest.raises(ValueError, match=f"{height}x{width}"):
+        tiny(images(1, 3, height, width))
+
+
+def test_eval_forward_is_deterministic(tiny):
+    tiny.eval()
+    lq = images(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(tiny(lq).restored, tiny(lq).restored)
+
+
+def test_same_seed_same_weights_other_seed_other_weights():
+    first = build_model(model_config("tiny")).state_dict()
+    again = build_model(model_config("tiny")).state_dict()
+    other = build_model(model_config("tiny", "seed=1")).state_dict()
+    assert all(torch.equal(first[key], again[key]) for key in first)
+    assert not torch.equal(first["bottleneck.0.ssm.gate_net.0.weight"],
+                           other["bottleneck.0.ssm.gate_net.0.weight"])
+
+
+def training_step_grads(model, lq, seed=0):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # the noisy router draws from the global generator
+    out = model(lq)
+    (out.restored.abs().mean() + 0.01 * out.balance_loss).backward()
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+def test_backward_reaches_every_parameter_except_the_unused_aflb_layers(tiny):
+    grads = training_step_grads(tiny, images(2, 3, 16, 24))
+    unused = set(tiny.unused_parameter_names())
+    assert unused == {n for n in grads if n.startswith("aflb")
+                      and n.split(".")[1] in ("conv", "score_gen", "rate_conv")}
+    assert all(grads[name] is None for name in unused)
+    assert all(grads[name] is not None and torch.isfinite(grads[name]).all()
+               for name in grads if name not in unused)
+
+
+def test_activation_checkpointing_recomputes_and_gives_the_same_grads():
+    model = build_model(model_config("tiny")).double()
+    lq = images(1, 3, 16, 24).double()
+    reference = training_step_grads(model, lq)
+
+    calls = []
+    model.bottleneck[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    model.dder1.register_forward_pre_hook(lambda *_: calls.append(2))
+    model.set_activation_checkpointing("all")
+    checkpointed = training_step_grads(model, lq)
+    assert calls.count(1) == 2 and calls.count(2) == 2  # forward, then recomputed in backward
+    for name, grad in reference.items():
+        if grad is None:
+            assert checkpointed[name] is None, name
+        else:
+            torch.testing.assert_close(checkpointed[name], grad, rtol=1e-9, atol=1e-12, msg=name)
+    with pytest.raises(ValueError, match="everything"):
+        model.set_activation_checkpointing("everything")
+
+
+@pytest.mark.parametrize("input_range, network_input", [
+    ("minus_one_one", lambda lq: 2 * lq - 1),
+    ("zero_one", lambda lq: lq),
+])
+def test_input_range_sets_what_the_network_sees_and_adds_back(input_range, network_input):
+    model = build_model(model_config("tiny", f"input_range={input_range}")).eval()
+    torch.nn.init.zeros_(model.output.weight)  # the head then contributes nothing
+    lq = images(1, 3, 16, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(model(lq).restored, network_input(lq))
+
+
+@pytest.mark.parametrize("scan", ["bidirectional", "four_way"])
+def test_multi_direction_scans_share_the_raster_weights(tiny, scan):
+    model = build_model(model_config("tiny", f"mamba.scan={scan}"))
+    assert model.state_dict().keys() == tiny.state_dict().keys()
+    out = model(images(1, 3, 16, 24))
+    out.restored.mean().backward()
+    assert torch.isfinite(model.bottleneck[0].ssm.mamba.in_proj.weight.grad).all()
+
+
+@pytest.mark.parametrize("order", ["row", "row_reversed", "column", "column_reversed"])
+def test_scan_orders_are_inverted_exactly(order):
+    grid = torch.arange(2 * 3 * 5 * 4).reshape(2, 3, 5, 4)
+    sequence = to_scan_order(grid, order)
+    assert torch.equal(from_scan_order(sequence, order, 3, 5), grid)
+    first_token = {"row": (0, 0), "row_reversed": (2, 4), "column": (0, 0), "column_reversed": (2, 4)}
+    second_token = {"row": (0, 1), "row_reversed": (2, 3), "column": (1, 0), "column_reversed": (1, 4)}
+    assert torch.equal(sequence[:, 0], grid[:, first_token[order][0], first_token[order][1]])
+    assert torch.equal(sequence[:, 1], grid[:, second_token[order][0], second_token[order][1]])
+
+
+def test_plus_switches_run_and_the_fixed_mask_trains_rate_conv():
+    cfg = model_config("tiny", "aflb_mask=fixed", "input_range=zero_one", "moe.combine=linear",
+                       "mamba.scan=bidirectional", "clip.normalize=true", "clip.cache_text_features=true",
+                       "clip.prompts=[hazy,noisy,raindrop,rainy,shadowed,snowy,low-light]")
+    model = build_model(cfg)
+    grads = training_step_grads(model, images(2, 3, 32, 32))
+    assert all(name.split(".")[1] in ("conv", "score_gen") for name in model.unused_parameter_names())
+    # para1 starts at 0, so rate_conv's first gradient is zero, but it exists (the mask is soft).
+    assert grads["aflb1.rate_conv.0.weight"] is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_autocast_training_step_on_cuda():
+    # cuFFT has no bf16 kernels: the AFLB must keep its FFT in fp32 under autocast.
+    model = build_model(model_config("tiny")).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(images(2, 3, 64, 64).cuda())
+    (out.restored.float().abs().mean() + out.balance_loss).backward()
+    assert torch.isfinite(out.restored).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# ---------------------------------------------------------------- reference checks on small pieces
+
+def test_channel_layer_norm_is_layer_norm_over_channels():
+    norm = ChannelLayerNorm(6)
+    torch.nn.init.normal_(norm.body.weight)
+    torch.nn.init.normal_(norm.body.bias)
+    x = images(2, 6, 3, 5)
+    expected = torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), (6,), norm.body.weight,
+                                              norm.body.bias, eps=1e-5).permute(0, 3, 1, 2)
+    torch.testing.assert_close(norm(x), expected)
+
+
+def test_official_mask_is_the_truncated_h_over_128_box():
+    rates = torch.tensor([[0.9, 0.3], [0.2, 0.99]])
+    mask = official_box_mask(rates, 512, 384)
+    # sample 0: half-sizes int(4 * 0.9) = 3 rows, int(3 * 0.3) = 0 cols -> empty
+    assert mask[0].sum() == 0
+    # sample 1: int(4 * 0.2) = 0 rows -> empty; the box needs h, w >= 256 and large rates
+    assert mask[1].sum() == 0
+    box = official_box_mask(torch.tensor([[0.5, 0.99]]), 512, 384)[0, 0]
+    rows, cols = box.nonzero(as_tuple=True)
+    assert rows.unique().tolist() == [254, 255, 256, 257]       # 256 -/+ int(4 * 0.5) = 2
+    assert cols.unique().tolist() == [190, 191, 192, 193]       # 192 -/+ int(3 * 0.99) = 2
+    assert box.sum() == 16
+
+
+def test_below_256_pixels_the_official_split_is_all_high_frequency():
+    aflb = AFLB(16, num_heads=2, bias=False, mask="official")
+    image = images(2, 3, 24, 40)
+    high, low = aflb.split_frequencies(image)
+    assert torch.equal(low, torch.zeros_like(low))
+    torch.testing.assert_close(high, aflb.conv1(image).abs(), atol=1e-6, rtol=1e-5)
+
+
+def test_fixed_mask_keeps_dc_and_grows_with_the_rate():
+    mask = soft_box_mask(torch.tensor([[0.0, 0.0], [1.0, 0.5]]), 16, 8)
+    dc_only = torch.zeros(16, 8)
+    dc_only[8, 4] = 1
+    assert torch.equal(mask[0, 0], dc_only)
+    # rate 1 on 16 rows: radius 4 -> rows 4..12 fully in; rate 0.5 on 8 cols: radius 1 -> cols 3..5
+    expected = torch.zeros(16, 8)
+    expected[4:13, 3:6] = 1
+    assert torch.equal(mask[1, 0], expected)
+    # rate 0.125 on 16 rows: radius 0.5 -> DC row 1, its neighbours 0.5 (the learnable edge)
+    partial = soft_box_mask(torch.tensor([[0.125, 0.0]]), 16, 8)[0, 0, :, 4]
+    assert partial[8].item() == 1 and partial[7].item() == partial[9].item() == pytest.approx(0.5)
+    assert math.isclose(partial.sum().item(), 2.0)
