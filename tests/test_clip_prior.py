@@ -223,6 +223,7 @@ def test_building_a_prior_leaves_the_callers_random_state_alone():
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_prior_moves_to_cuda_with_its_prompts_and_runs_in_half_precision():
     prior = build_clip_prior(tiny_cfg(cache_text_features=True), "minus_one_one")

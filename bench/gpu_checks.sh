@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Everything this project checks on a GPU, in one run (the GPU machine is lent for minutes):
+# install the carried wheels, run every GPU-marked test, then the scan and training benchmarks.
+#   bash bench/gpu_checks.sh            # results under $OUT (default /tmp/m2r-gpu)
+# Wheels: copy ../shared/wheels/gpu/*.whl and the pure-Python wheels this machine lacks into
+# .gpu_wheels/ (git-ignored) before sending the checkout to the GPU machine.
+set -u
+OUT=${OUT:-/tmp/m2r-gpu}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu_wheels/*.whl > "$OUT/install.txt" 2>&1
+export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)"; } > "$OUT/machine.txt" 2>&1
+
+# The scan files run whole: their mamba_ssm cross-checks need the kernels' package, present only here.
+{ timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_scan.py tests/test_mamba.py
+  echo "scan tests exit $?"
+  timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -m gpu -p no:cacheprovider \
+      tests/test_clip_prior.py tests/test_network.py tests/test_eval_cli.py tests/test_engine_gpu.py
+  echo "gpu tests exit $?"; } > "$OUT/gpu_tests.txt" 2>&1
+timeout 60 python3 bench/scan_speed.py --device cuda --json "$OUT/scan_speed.json" > "$OUT/scan_speed.txt" 2>&1
+timeout "${BENCH_TIMEOUT:-330}" python3 bench/train_speed.py --json "$OUT/train_speed.json" > "$OUT/train_speed.txt" 2>&1
+echo "train_speed exit $?" >> "$OUT/train_speed.txt"
+tail -n 3 "$OUT"/*.txt

@@ -1,0 +1,330 @@
+"""Training speed of M2Restore on one GPU: throughput, memory, MFU, evaluation latency.
+
+    python bench/train_speed.py --json runs/bench/train_speed.json       # GPU: the full table (~5 min on an H100)
+    python bench/train_speed.py --smoke                                  # CPU: tiny model, a few seconds
+
+Each variant trains with random weights on random images, batch 4 at 224x224 (the paper recipe), one
+optimizer step per batch, L1 + weighted balance loss, and reports ms/step, img/s, peak allocated
+memory and MFU. FLOPs are counted once per config with `torch.utils.flop_counter.FlopCounterMode` over
+one forward+backward in fp32 (convolutions and matrix products, which is where the work is; the
+elementwise ops it leaves out make the MFU a slight underestimate); MFU is that count times steps/s over
+the GPU's dense bf16 peak. The official recipe's figures (8.54 img/s, 42.1 GB, H100, fp32 eager) were
+measured by running the official code; ratios below are against them.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from m2r.config import load_config  # noqa: E402
+from m2r.models.config import ModelConfig  # noqa: E402
+from m2r.models.m2restore import build_model  # noqa: E402
+from m2r.models.restormer import TransformerBlock  # noqa: E402
+from m2r.models.scan import selective_scan  # noqa: E402
+
+OFFICIAL_IMG_PER_S = 8.54
+OFFICIAL_PEAK_GB = 42.1
+H100_BF16_DENSE_TFLOPS = 989.4
+
+
+@dataclass
+class Variant:
+    name: str
+    config: str                 # model yaml under configs/model
+    bf16: bool = False          # bf16 autocast (FFT and Mamba stay fp32 inside the model)
+    tf32: bool = False
+    channels_last: bool = False
+    fused_adamw: bool = False
+    compile_blocks: bool = False  # torch.compile each Restormer block (MoE and Mamba stay eager)
+    checkpointing: str = "none"
+
+
+GPU_VARIANTS = [
+    Variant("faithful fp32 eager (official recipe)", "m2restore"),
+    Variant("faithful bf16 + channels_last + fused AdamW", "m2restore", bf16=True, channels_last=True,
+            fused_adamw=True),
+    Variant("plus bf16 + compile", "m2restore-plus", bf16=True, channels_last=True, fused_adamw=True,
+            compile_blocks=True),
+    Variant("plus bf16 + compile + AC(all)", "m2restore-plus", bf16=True, channels_last=True,
+            fused_adamw=True, compile_blocks=True, checkpointing="all"),
+]
+# Largest-crop search: eager, so that each new crop size does not trigger a recompilation.
+CROP_VARIANT = Variant("plus bf16 + AC(all), eager", "m2restore-plus", bf16=True, channels_last=True,
+                       fused_adamw=True, checkpointing="all")
+SMOKE_VARIANTS = [Variant("tiny fp32", "tiny"), Variant("tiny fp32 + AC(all)", "tiny", checkpointing="all")]
+EVAL_SIZE, SMOKE_EVAL_SIZE = (480, 720), (64, 96)
+SCAN_SHAPE, SMOKE_SCAN_SHAPE = (4, 768, 16, 784), (1, 32, 4, 64)  # batch, d_inner, d_state, L
+
+
+def model_config(name: str, clip_weights: str | None, overrides=()) -> ModelConfig:
+    extra = [f"clip.weights={clip_weights}"] if clip_weights else []
+    return load_config(ModelConfig, REPO / "configs" / "model" / f"{name}.yaml", [*extra, *overrides])
+
+
+def autocast(device: torch.device, enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """Compile each Restormer block (most of the time is spent in them, at full resolution).
+    The MoE dispatch has data-dependent shapes and the Mamba kernels are opaque: both stay eager."""
+    for module in model.modules():
+        if isinstance(module, TransformerBlock):
+            module.compile()
+
+
+class Trainer:
+    """One variant: model, optimizer and a timed training step on fixed random data."""
+
+    def __init__(self, variant: Variant, cfg: ModelConfig, device: torch.device, batch: int, crop: int):
+        torch.backends.cuda.matmul.allow_tf32 = variant.tf32
+        torch.backends.cudnn.allow_tf32 = variant.tf32
+        self.variant, self.device = variant, device
+        self.model = build_model(cfg).to(device).train()
+        self.model.set_activation_checkpointing(variant.checkpointing)
+        memory_format = torch.channels_last if variant.channels_last else torch.contiguous_format
+        self.model.to(memory_format=memory_format)
+        if variant.compile_blocks:
+            compile_blocks(self.model)
+        fused = {"fused": True} if variant.fused_adamw else {}
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=2e-4, **fused)
+        self.balance_weight = cfg.moe.balance_loss_weight
+        generator = torch.Generator().manual_seed(0)
+        shape = (batch, 3, crop, crop)
+        self.lq = torch.rand(shape, generator=generator).to(device, memory_format=memory_format)
+        self.gt = torch.rand(shape, generator=generator).to(device, memory_format=memory_format)
+
+    def step(self) -> float:
+        with autocast(self.device, self.variant.bf16):
+            out = self.model(self.lq)
+        loss = F.l1_loss(out.restored.float(), self.gt) + self.balance_weight * out.balance_loss.float()
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def time_steps(self, warmup: int, steps: int) -> float:
+        for _ in range(warmup):
+            self.step()
+        sync(self.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        sync(self.device)
+        return (time.perf_counter() - start) / steps
+
+
+def count_train_flops(cfg: ModelConfig, device: torch.device, batch: int, crop: int) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    trainer = Trainer(Variant("flops", ""), cfg, device, batch, crop)
+    with FlopCounterMode(display=False) as counter:
+        out = trainer.model(trainer.lq)
+        (F.l1_loss(out.restored, trainer.gt) + out.balance_loss).backward()
+    return float(counter.get_total_flops())
+
+
+def peak_gb(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def run_variant(variant: Variant, args, device, flops_per_step: dict, clip_weights) -> dict:
+    cfg = model_config(variant.config, clip_weights)
+    if variant.config not in flops_per_step:
+        flops_per_step[variant.config] = count_train_flops(cfg, device, args.batch, args.crop)
+    reset_peak(device)
+    trainer = Trainer(variant, cfg, device, args.batch, args.crop)
+    seconds = trainer.time_steps(args.warmup + (3 if variant.compile_blocks else 0), args.steps)
+    img_per_s = args.batch / seconds
+    tflops = flops_per_step[variant.config] / seconds / 1e12
+    row = {"variant": variant.name, "ms_per_step": 1e3 * seconds, "img_per_s": img_per_s,
+           "x_official": img_per_s / OFFICIAL_IMG_PER_S, "peak_gb": peak_gb(device),
+           "tflops": tflops, "mfu_pct": 100 * tflops / args.peak_tflops, **asdict(variant)}
+    print(f"  {variant.name}: {row['ms_per_step']:.1f} ms/step, {img_per_s:.2f} img/s, "
+          f"peak {row['peak_gb']:.2f} GB, MFU {row['mfu_pct']:.2f}%", flush=True)
+    del trainer
+    return row
+
+
+def largest_crop(variant: Variant, args, device, clip_weights) -> dict:
+    """Fit peak memory as a + b * pixels from two crops, predict the largest crop, then verify it."""
+    cfg = model_config(variant.config, clip_weights)
+    budget = torch.cuda.get_device_properties(device).total_memory * 0.95 / 1e9
+    peaks = {}
+    for crop in (224, 320):
+        reset_peak(device)
+        Trainer(variant, cfg, device, args.batch, crop).time_steps(1, 1)
+        peaks[crop] = peak_gb(device)
+    slope = (peaks[320] - peaks[224]) / (320 ** 2 - 224 ** 2)
+    crop = int(math.sqrt(max(224 ** 2, (budget - peaks[224]) / slope + 224 ** 2)) // 8 * 8)
+    for _ in range(4):
+        try:
+            reset_peak(device)
+            Trainer(variant, cfg, device, args.batch, crop).time_steps(1, 1)
+            return {"variant": variant.name, "largest_crop": crop, "peak_gb": peak_gb(device),
+                    "budget_gb": budget}
+        except torch.OutOfMemoryError:
+            crop = int(crop * 0.95) // 8 * 8
+    return {"variant": variant.name, "largest_crop": None, "note": "no crop fit after 4 tries"}
+
+
+def eval_latency(args, device, clip_weights, bf16: bool) -> dict:
+    """Milliseconds to restore one 480x720 image with the faithful network (tiny, small in smoke mode)."""
+    cfg = model_config("tiny" if args.smoke else "m2restore", clip_weights)
+    model = build_model(cfg).to(device).eval()
+    image = torch.rand(1, 3, *(SMOKE_EVAL_SIZE if args.smoke else EVAL_SIZE), device=device)
+    with torch.no_grad(), autocast(device, bf16):
+        for _ in range(2):
+            model(image)
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            model(image)
+        sync(device)
+    return {"eval_ms": 1e3 * (time.perf_counter() - start) / args.steps, "size": list(image.shape[-2:]),
+            "bf16": bf16}
+
+
+def scan_timing(device: torch.device, backend: str, repeats: int, shape=SCAN_SHAPE) -> float:
+    """Forward+backward of one bottleneck selective scan (batch 4, d_inner 768, d_state 16, L 784)."""
+    b, d, n, length = shape
+    gen = torch.Generator().manual_seed(0)
+    u, delta, z = (torch.randn(b, d, length, generator=gen).to(device).requires_grad_() for _ in range(3))
+    A = (-torch.rand(d, n, generator=gen)).to(device).requires_grad_()
+    B, C = (torch.randn(b, n, length, generator=gen).to(device).requires_grad_() for _ in range(2))
+    D = torch.randn(d, generator=gen).to(device).requires_grad_()
+
+    def once():
+        y = selective_scan(u, delta, A, B, C, D, z, delta_softplus=True, backend=backend)
+        y.sum().backward()
+
+    once()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        once()
+    sync(device)
+    return 1e3 * (time.perf_counter() - start) / repeats
+
+
+def clip_share(args, device, clip_weights, step_ms: float, config: str) -> dict:
+    model = build_model(model_config(config, clip_weights)).to(device)
+    image = torch.rand(args.batch, 3, args.crop, args.crop, device=device)
+    with torch.no_grad():
+        model.clip_prior(image)
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            model.clip_prior(image)
+        sync(device)
+    ms = 1e3 * (time.perf_counter() - start) / args.steps
+    return {"config": config, "clip_ms": ms, "share_of_step_pct": 100 * ms / step_ms}
+
+
+def write_random_clip(path: Path) -> str:
+    """The benchmark needs DA-CLIP-sized weights; random ones cost the same time as released ones."""
+    from m2r.models.clip_prior import build_daclip, clip_architecture
+    from m2r.models.config import ClipConfig
+
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(build_daclip(clip_architecture(ClipConfig())).state_dict(), path)
+    return str(path)
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| variant | ms/step | img/s | x official | peak GB | TFLOP/s | MFU % |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['ms_per_step']:.1f} | {r['img_per_s']:.2f} | {r['x_official']:.2f} "
+                     f"| {r['peak_gb']:.2f} | {r['tflops']:.1f} | {r['mfu_pct']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny model on CPU, seconds")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--crop", type=int, default=224)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS)
+    parser.add_argument("--only", default="", help="comma-separated parts: train,crop,eval,scan,clip")
+    parser.add_argument("--json", type=Path, help="write all results here")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if args.smoke:
+        args.crop, args.batch, args.steps, args.warmup = 64, 2, 2, 1
+    parts = set(args.only.split(",")) if args.only else {"train", "crop", "eval", "scan", "clip"}
+    if device.type == "cpu":
+        parts -= {"crop"}
+    clip_weights = None if args.smoke else write_random_clip(Path("/tmp/m2r-bench/daclip_random.pt"))
+    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "batch": args.batch, "crop": args.crop}
+    print(f"train_speed on {results['device']}, torch {results['torch']}", flush=True)
+
+    variants = SMOKE_VARIANTS if args.smoke else GPU_VARIANTS
+    flops: dict = {}
+
+    def record(key, measure):
+        """Run one measurement; keep going on failure, and save after each so a timeout loses little."""
+        try:
+            results[key] = measure()
+        except Exception as exc:  # a failed variant is reported, not fatal to the others
+            if args.smoke:
+                raise
+            results[key] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        print(f"{key}: {results[key]}", flush=True)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=2))
+
+    if "train" in parts:
+        for v in variants:
+            record(f"train/{v.name}", lambda v=v: run_variant(v, args, device, flops, clip_weights))
+        results["flops_per_step"] = flops
+        print(markdown([r for k, r in results.items() if k.startswith("train/") and "error" not in r]))
+    if "scan" in parts:
+        for backend in ["torch"] + (["mamba_ssm"] if device.type == "cuda" else []):
+            shape = SMOKE_SCAN_SHAPE if args.smoke else SCAN_SHAPE
+            record(f"scan_ms/{backend}", lambda b=backend: scan_timing(device, b, 3 if b == "torch" else 20, shape))
+    if "eval" in parts:
+        for bf16 in (False,) if args.smoke else (False, True):
+            record(f"eval/{'bf16' if bf16 else 'fp32'}", lambda b=bf16: eval_latency(args, device, clip_weights, b))
+    trained = [r for k, r in results.items() if k.startswith("train/") and "error" not in r]
+    if "clip" in parts and trained:
+        fastest = min(trained, key=lambda r: r["ms_per_step"])
+        record("clip", lambda: clip_share(args, device, clip_weights, fastest["ms_per_step"], fastest["config"]))
+    if "crop" in parts:
+        record("largest_crop", lambda: largest_crop(CROP_VARIANT, args, device, clip_weights))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Process-group setup in one place: who am I, how many are we, and helpers that keep ranks in step.
+
+Three launch styles are recognised, in this order:
+- `deepspeed` and `torchrun` export RANK / WORLD_SIZE / LOCAL_RANK;
+- `srun` with one task per GPU exports SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, which we copy
+  into the torch variables (MASTER_ADDR = first host of the allocation, MASTER_PORT from the job);
+- a bare `python script.py` is a world of one on 127.0.0.1 (instead of DeepSpeed's MPI discovery).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Any, List, MutableMapping
+
+import torch
+import torch.distributed as torch_dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str  # "torchrun/deepspeed" | "srun" | "single"
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM node list: 'gpu[07-09,12],cpu1' -> 'gpu07' (what `scontrol show hostnames | head -1` says)."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise ValueError(f"cannot parse SLURM_JOB_NODELIST '{nodelist}'")
+    prefix, ranges = match.groups()
+    if not ranges:
+        return prefix
+    return prefix + re.split(r"[-,]", ranges)[0]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def discover_dist_env(environ: MutableMapping[str, str] = os.environ) -> DistEnv:
+    """Find rank/world/local rank and export the variables torch.distributed's env:// init needs."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        env = DistEnv(int(environ["RANK"]), int(environ["WORLD_SIZE"]),
+                      int(environ.get("LOCAL_RANK", 0)), "torchrun/deepspeed")
+    elif int(environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in environ:
+        env = DistEnv(int(environ["SLURM_PROCID"]), int(environ["SLURM_NTASKS"]),
+                      int(environ.get("SLURM_LOCALID", 0)), "srun")
+        environ.setdefault("MASTER_ADDR", first_slurm_host(environ["SLURM_JOB_NODELIST"]))
+        # Every task must compute the same port without talking to the others.
+        environ.setdefault("MASTER_PORT", str(20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000))
+    else:
+        env = DistEnv(0, 1, 0, "single")
+        environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        environ.setdefault("MASTER_PORT", str(free_port()))
+    environ["RANK"], environ["WORLD_SIZE"] = str(env.rank), str(env.world_size)
+    environ["LOCAL_RANK"] = str(env.local_rank)
+    return env
+
+
+def device_for(env: DistEnv) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+        return torch.device("cuda", env.local_rank)
+    return torch.device("cpu")
+
+
+def _skip_deepspeed_shm_build() -> None:
+    # DeepSpeed's CPU comm backend JIT-compiles a shared-memory op (40-90 s) that training never uses.
+    # Patch the module object in sys.modules: `import deepspeed.comm.torch as m` binds torch itself.
+    importlib.import_module("deepspeed.comm.torch")
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def init_distributed(env: DistEnv) -> torch.device:
+    """Start DeepSpeed's process group (nccl on GPUs, gloo on CPU) and return this rank's device."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _skip_deepspeed_shm_build()
+    import deepspeed
+
+    device = device_for(env)
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                               auto_mpi_discovery=False)
+    return device
+
+
+def is_initialized() -> bool:
+    return torch_dist.is_available() and torch_dist.is_initialized()
+
+
+def rank() -> int:
+    return torch_dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return torch_dist.get_world_size() if is_initialized() else 1
+
+
+def is_rank0() -> bool:
+    return rank() == 0
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    if is_rank0():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier() -> None:
+    if is_initialized():
+        torch_dist.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on at least one (all_reduce MAX): call it on all ranks."""
+    if not is_initialized():
+        return flag
+    # gloo reduces CPU tensors; nccl needs them on the GPU.
+    device = torch.device("cuda", torch.cuda.current_device()) if torch_dist.get_backend() == "nccl" \
+        else torch.device("cpu")
+    value = torch.tensor([int(flag)], device=device)
+    torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def all_gather_object(obj: Any) -> List[Any]:
+    if not is_initialized():
+        return [obj]
+    gathered: List[Any] = [None] * world_size()
+    torch_dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src` decides, everybody gets its value (e.g. a resume path seen on a shared filesystem)."""
+    if not is_initialized():
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -1,0 +1,89 @@
+"""Typed schema of a pretraining config: `model`, `data`, `train` and `run` sections.
+
+`configs/pretrain/*.yaml` override these defaults (and may mount a model file with
+`_base_: [../model/tiny.yaml@model]`); `key=value` arguments override the file.
+"""
+from dataclasses import dataclass, field
+from typing import List
+
+from m2r.config import ConfigError
+from m2r.data.config import DataConfig
+from m2r.models.config import ModelConfig
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+LOSSES = ("l1", "charbonnier")
+CHECKPOINTING_MODES = ("none", "bottleneck", "all")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000                # optimizer steps in the whole run
+    micro_batch: int = 4             # images per GPU per forward pass
+    grad_accum: int = 1              # forward passes per optimizer step
+    crop: int = 224                  # training crop side (multiple of 8)
+    lr: float = 2e-4                 # peak learning rate
+    min_lr: float = 0.0              # cosine floor
+    warmup_steps: int = 0            # linear warmup from 0, then cosine to min_lr; stepped per iteration
+    weight_decay: float = 0.01       # AdamW, torch default as in the official code
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 0.0           # max global grad norm; 0 disables clipping
+    precision: str = "fp32"          # fp32 | bf16 | fp16 (dynamic loss scaling, GPU only)
+    zero_stage: int = 1              # 0, 1 or 2; native DeepSpeed MoE cannot use stage 3
+    loss: str = "l1"                 # l1 (official) | charbonnier
+    charbonnier_eps: float = 1e-3
+    activation_checkpointing: str = "none"  # none | bottleneck | all
+    ema_decay: float = 0.0           # EMA of the weights every step; 0 disables it
+    seed: int = 42                   # data, noise and RNG seed (model init uses model.seed)
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"        # checkpoints, TensorBoard, config.yaml, metrics.jsonl
+    resume: str = "latest"           # latest | none | <checkpoint dir or tag dir>
+    save_every: int = 1000           # steps between checkpoints (also at the end and on SIGTERM/SIGUSR1)
+    keep_last: int = 2               # checkpoints kept (>= 2: the newest may be half-written when killed)
+    log_every: int = 10              # steps between console lines and TensorBoard scalars
+    image_every: int = 500           # steps between degraded | restored | clean image grids; 0 disables
+    val_every: int = 1000            # steps between validations (also before the first and after the last)
+    stop_after: int = 0              # leave after this many steps in this process (checkpoint first); 0 = never
+    progress_bar: bool = True        # tqdm bar when stdout is a terminal
+    demo_summary: bool = False       # print "demo: val PSNR before <a> dB, after <b> dB" at the end
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def _require(ok: bool, key: str, value, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"config error: key '{key}': value {value!r} {rule}")
+
+
+def validate_pretrain_config(cfg, world_size: int) -> None:
+    """Checks that need several keys or the world size; single-key types are checked by the schema."""
+    train, run, moe = cfg.train, cfg.run, cfg.model.moe
+    _require(train.precision in PRECISIONS, "train.precision", train.precision, f"must be one of {PRECISIONS}")
+    _require(train.loss in LOSSES, "train.loss", train.loss, f"must be one of {LOSSES}")
+    _require(train.activation_checkpointing in CHECKPOINTING_MODES, "train.activation_checkpointing",
+             train.activation_checkpointing, f"must be one of {CHECKPOINTING_MODES}")
+    _require(train.zero_stage in (0, 1, 2), "train.zero_stage", train.zero_stage,
+             "is not supported: use 0, 1 or 2 (DeepSpeed's native MoE refuses ZeRO stage 3)")
+    _require(train.crop % 8 == 0, "train.crop", train.crop, "must be a multiple of 8")
+    _require(train.steps > 0 and train.micro_batch > 0 and train.grad_accum > 0,
+             "train.steps/micro_batch/grad_accum", (train.steps, train.micro_batch, train.grad_accum),
+             "must all be positive")
+    _require(0.0 <= train.ema_decay < 1.0, "train.ema_decay", train.ema_decay, "must be in [0, 1)")
+    _require(run.keep_last >= 2, "run.keep_last", run.keep_last,
+             "must be >= 2 (the newest checkpoint may be incomplete if the job is killed while saving)")
+    _require(run.save_every > 0 and run.log_every > 0 and run.val_every > 0,
+             "run.save_every/log_every/val_every", (run.save_every, run.log_every, run.val_every),
+             "must all be positive")
+    _require(world_size % moe.ep_size == 0, "model.moe.ep_size", moe.ep_size,
+             f"must divide the world size {world_size}")
+    _require(moe.num_experts % moe.ep_size == 0, "model.moe.ep_size", moe.ep_size,
+             f"must divide model.moe.num_experts={moe.num_experts}")

@@ -1,0 +1,42 @@
+"""Name parameters by global expert id, so that state saved at one expert-parallel size loads at another.
+
+DeepSpeed's native MoE keeps `num_experts / ep_size` local experts per rank under
+`...deepspeed_moe.experts.deepspeed_experts.<local id>.`; the global id is
+`ep_rank * num_local_experts + local id` (the same rule DeepSpeed's checkpoint files use).
+"""
+import re
+from typing import Dict
+
+from torch import nn
+
+EXPERT_INFIX = ".deepspeed_moe.experts.deepspeed_experts."
+_LOCAL_ID = re.compile(re.escape(EXPERT_INFIX) + r"(\d+)\.")
+
+
+def _expert_parallel_rank(moe_layer) -> int:
+    from deepspeed.utils import groups
+
+    if moe_layer.ep_size == 1:
+        return 0
+    return groups._get_expert_parallel_rank(moe_layer.expert_group_name)
+
+
+def global_expert_names(module: nn.Module) -> Dict[str, str]:
+    """Map every state_dict key of `module` to its topology-independent name (identity for dense keys)."""
+    from deepspeed.moe.layer import MoE
+
+    names = {key: key for key in module.state_dict()}
+    for prefix, layer in module.named_modules():
+        if not isinstance(layer, MoE):
+            continue
+        first_global_id = _expert_parallel_rank(layer) * layer.num_local_experts
+        layer_prefix = f"{prefix}." if prefix else ""
+        for key in names:
+            if not key.startswith(layer_prefix):
+                continue
+            match = _LOCAL_ID.search("." + key[len(layer_prefix):])
+            if match:
+                global_id = first_global_id + int(match.group(1))
+                names[key] = key.replace(f"{EXPERT_INFIX[1:]}{match.group(1)}.",
+                                         f"{EXPERT_INFIX[1:]}{global_id}.", 1)
+    return names

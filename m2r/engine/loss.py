@@ -1,0 +1,27 @@
+"""Training objective: pixel loss + weight x MoE balance loss (the official recipe is L1 + 0.01 x cv^2 terms)."""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LossTerms:
+    total: torch.Tensor
+    pixel: torch.Tensor
+    balance: torch.Tensor
+
+
+def pixel_loss(restored: torch.Tensor, target: torch.Tensor, kind: str, charbonnier_eps: float) -> torch.Tensor:
+    diff = restored.float() - target.float()
+    if kind == "l1":
+        return diff.abs().mean()
+    if kind == "charbonnier":
+        return torch.sqrt(diff * diff + charbonnier_eps ** 2).mean()
+    raise ValueError(f"train.loss={kind!r}: expected 'l1' or 'charbonnier'")
+
+
+def restoration_loss(output, target: torch.Tensor, train, balance_weight: float) -> LossTerms:
+    """`output` is the network's RestorationOutput; `target` the clean image in [0, 1]."""
+    pixel = pixel_loss(output.restored, target, train.loss, train.charbonnier_eps)
+    balance = output.balance_loss.float()
+    return LossTerms(total=pixel + balance_weight * balance, pixel=pixel, balance=balance)

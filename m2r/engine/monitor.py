@@ -1,0 +1,150 @@
+"""What the run reports, from rank 0 only: console lines, a progress bar, TensorBoard and metrics.jsonl.
+
+Other ranks get a `NullMonitor` with the same methods, so the training loop has no rank checks.
+TensorBoard tags: train/{loss,loss_avg,pixel_loss,balance_loss,lr,grad_norm,img_per_s,
+img_per_s_per_gpu,data_wait_share,gpu_mem_gib}, moe/level<L>/expert<E> (load fractions),
+val/{psnr,ssim,psnr_type<id>}, images/val (degraded | restored | clean).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+
+class StepTimer:
+    """Wall time per step, split into waiting for data and the rest."""
+
+    def __init__(self):
+        self.data_seconds = 0.0
+        self.total_seconds = 0.0
+        self.images = 0
+        self._start = time.perf_counter()
+
+    def add_data_wait(self, seconds: float) -> None:
+        self.data_seconds += seconds
+
+    def end_step(self, images: int) -> None:
+        now = time.perf_counter()
+        self.total_seconds += now - self._start
+        self.images += images
+        self._start = now
+
+    def restart(self) -> None:
+        """Forget time spent outside training steps (validation, checkpoints)."""
+        self._start = time.perf_counter()
+
+    def take(self) -> Dict[str, float]:
+        """Throughput since the last call, then reset."""
+        total = max(self.total_seconds, 1e-9)
+        report = {"img_per_s": self.images / total, "data_wait_share": self.data_seconds / total}
+        self.data_seconds = self.total_seconds = 0.0
+        self.images = 0
+        return report
+
+
+def gpu_memory_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+
+
+class NullMonitor:
+    def log_train(self, step: int, scalars: Dict[str, float]) -> None: ...
+    def log_expert_load(self, step: int, loads: List[torch.Tensor]) -> None: ...
+    def log_val(self, step: int, metrics: Dict[str, float]) -> None: ...
+    def log_images(self, step: int, grid: torch.Tensor) -> None: ...
+    def advance(self, step: int) -> None: ...
+    def print(self, text: str) -> None: ...
+    def close(self) -> None: ...
+
+
+class Monitor(NullMonitor):
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, world_size: int, progress_bar: bool):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.total_steps = total_steps
+        self.world_size = world_size
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self.metrics_file = open(run_dir / "metrics.jsonl", "a")
+        self.recent_losses: deque = deque(maxlen=100)
+        self.bar = self._progress_bar(start_step) if progress_bar and sys.stdout.isatty() else None
+        self._eta_clock = (time.perf_counter(), start_step)
+
+    def _progress_bar(self, start_step: int):
+        from tqdm import tqdm
+
+        return tqdm(total=self.total_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False)
+
+    def _write(self, record: Dict) -> None:
+        self.metrics_file.write(json.dumps(record) + "\n")
+        self.metrics_file.flush()
+
+    def advance(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+
+    def print(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def _eta(self, step: int) -> str:
+        start_time, start_step = self._eta_clock
+        done = step - start_step
+        if done <= 0:
+            return "?"
+        seconds = (time.perf_counter() - start_time) / done * (self.total_steps - step)
+        return str(datetime.timedelta(seconds=int(seconds)))
+
+    def log_train(self, step: int, scalars: Dict[str, float]) -> None:
+        """Every step: the loss joins the running average and metrics.jsonl; console/TensorBoard on log steps."""
+        self.recent_losses.append(scalars["loss"])
+        scalars = dict(scalars, loss_avg=sum(self.recent_losses) / len(self.recent_losses))
+        self._write({"step": step, **scalars})
+        if "img_per_s" not in scalars:  # not a log step
+            return
+        scalars["img_per_s_per_gpu"] = scalars["img_per_s"] / self.world_size
+        scalars["gpu_mem_gib"] = gpu_memory_gib()
+        for name, value in scalars.items():
+            self.writer.add_scalar(f"train/{name}", value, step)
+        self.print(
+            f"step {step}/{self.total_steps} | loss {scalars['loss']:.4f} (avg {scalars['loss_avg']:.4f}) "
+            f"| balance {scalars['balance_loss']:.4f} | lr {scalars['lr']:.2e} | grad {scalars['grad_norm']:.3f} "
+            f"| {scalars['img_per_s']:.1f} img/s ({scalars['img_per_s_per_gpu']:.1f}/GPU) "
+            f"| data {100 * scalars['data_wait_share']:.0f}% | mem {scalars['gpu_mem_gib']:.2f} GiB "
+            f"| eta {self._eta(step)}")
+
+    def log_expert_load(self, step: int, loads: List[torch.Tensor]) -> None:
+        for level, load in enumerate(loads, start=1):
+            for expert, fraction in enumerate(load.tolist()):
+                self.writer.add_scalar(f"moe/level{level}/expert{expert}", fraction, step)
+
+    def log_val(self, step: int, metrics: Dict[str, float]) -> None:
+        for name, value in metrics.items():
+            self.writer.add_scalar(f"val/{name}", value, step)
+        self.writer.flush()
+        self._write({"step": step, **{f"val_{name}": value for name, value in metrics.items()}})
+        self.print(f"val step {step}: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}")
+
+    def log_images(self, step: int, grid: torch.Tensor) -> None:
+        self.writer.add_image("images/val", grid.clamp(0, 1), step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.writer.close()
+        self.metrics_file.close()
+
+
+def build_monitor(is_rank0: bool, run_dir: Path, total_steps: int, start_step: int, world_size: int,
+                  progress_bar: bool) -> NullMonitor:
+    if not is_rank0:
+        return NullMonitor()
+    return Monitor(run_dir, total_steps, start_step, world_size, progress_bar)

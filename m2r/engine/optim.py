@@ -1,0 +1,64 @@
+"""AdamW with DeepSpeed MoE parameter groups, the per-iteration learning-rate schedule, and EMA weights."""
+from __future__ import annotations
+
+import math
+from typing import Dict, Mapping
+
+import torch
+from torch import nn
+
+from m2r.engine.experts import global_expert_names
+
+
+def build_optimizer(model: nn.Module, train) -> torch.optim.Optimizer:
+    """Torch AdamW; expert parameters get their own groups, as DeepSpeed's MoE gradient reduction needs."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = split_params_into_different_moe_groups_for_optimizer(
+        {"params": trainable, "name": "parameters", "lr": train.lr, "weight_decay": train.weight_decay})
+    return torch.optim.AdamW(groups, lr=train.lr, betas=tuple(train.betas), eps=train.eps,
+                             weight_decay=train.weight_decay)
+
+
+def learning_rate(step: int, train) -> float:
+    """LR of optimizer step `step` (0-based): linear warmup from 0, then cosine from lr to min_lr."""
+    if step < train.warmup_steps:
+        return train.lr * (step + 1) / train.warmup_steps
+    decay_steps = max(1, train.steps - train.warmup_steps)
+    progress = min(1.0, (step - train.warmup_steps) / decay_steps)
+    return train.min_lr + 0.5 * (train.lr - train.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class EMA:
+    """fp32 exponential moving average of this rank's trainable weights (dense + local experts).
+
+    Keys are topology independent (experts by global id), so EMA state saved by every rank
+    can be merged for export and reloaded at another world size or ep_size.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        names = global_expert_names(model)
+        self._params = {names[name]: param for name, param in model.named_parameters() if param.requires_grad}
+        self.shadow = {name: param.detach().float().clone() for name, param in self._params.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for name, param in self._params.items():
+            self.shadow[name].lerp_(param.detach().float(), 1.0 - self.decay)
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {name: tensor.clone() for name, tensor in self.shadow.items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        missing = sorted(set(self.shadow) - set(state))
+        if missing:
+            raise KeyError(f"EMA state lacks {len(missing)} weights, e.g. {missing[:3]}")
+        for name in self.shadow:
+            self.shadow[name].copy_(state[name])

@@ -1,0 +1,314 @@
+"""The pretraining loop on DeepSpeed: build, resume, train, validate, checkpoint, report.
+
+Order of construction (each step needs the previous one): process group -> model (experts need
+the expert-parallel rank) -> activation checkpointing -> AdamW with MoE groups -> DeepSpeed engine
+-> data stream -> EMA -> resume. Every rank runs every collective: the stop decision, checkpoint
+saves, validation and image forwards.
+"""
+from __future__ import annotations
+
+import signal
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as torch_dist
+from omegaconf import OmegaConf
+
+from m2r import dist
+from m2r.config import save_config
+from m2r.engine.checkpoint import (CheckpointManager, CheckpointRef, Topology, capture_rng_state,
+                                   load_ema_states, resolve_resume, restore_rng_state)
+from m2r.engine.config import validate_pretrain_config
+from m2r.engine.deepspeed_config import build_deepspeed_config
+from m2r.engine.loss import restoration_loss
+from m2r.engine.monitor import StepTimer, build_monitor
+from m2r.engine.optim import EMA, build_optimizer, learning_rate, set_learning_rate
+from m2r.engine.validate import evaluate, image_grid, to_unit_float
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 only raise a flag; the loop acts on it at a step boundary, on all ranks at once."""
+
+    def __init__(self):
+        self.signal_name: Optional[str] = None
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        return dist.any_rank(self.signal_name is not None)
+
+
+class Trainer:
+    cfg: Any                       # PretrainConfig (OmegaConf, read-only)
+    device: torch.device
+    topology: Topology
+    engine: Any                    # deepspeed.DeepSpeedEngine around M2Restore
+    stream: Any                    # iterable of uint8 batches with state_dict()/load_state_dict()
+    val_batches: List[Dict[str, torch.Tensor]]
+    ema: Optional[EMA]
+    checkpoints: CheckpointManager
+    step: int                      # optimizer steps completed
+    first_val_psnr: Optional[float]  # validation PSNR before any training (kept across resumes)
+    last_val: Dict[str, float]
+
+    def __init__(self, cfg, env: dist.DistEnv):
+        import deepspeed
+
+        from m2r.data import build_train_stream, build_val_set
+        from m2r.models.m2restore import build_model
+
+        self.cfg, train = cfg, cfg.train
+        # ZeRO calls a collective that torch deprecates, every step: noise for our users.
+        warnings.filterwarnings("ignore", message=".*all_gather_into_tensor", category=FutureWarning)
+        self.device = dist.init_distributed(env)
+        validate_pretrain_config(cfg, env.world_size)
+        self.topology = Topology(env.world_size, cfg.model.moe.ep_size)
+        self.run_dir = Path(cfg.run.dir)
+        self.stop_request = StopRequest()
+
+        model = build_model(cfg.model)
+        model.set_activation_checkpointing(train.activation_checkpointing)
+        optimizer = build_optimizer(model, train)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=build_deepspeed_config(train, env.world_size),
+            dist_init_required=False)
+        self.input_dtype = PRECISION_DTYPES[train.precision]
+
+        self.stream = build_train_stream(cfg.data, seed=train.seed, rank=env.rank, world_size=env.world_size,
+                                         micro_batch=train.micro_batch, crop=train.crop)
+        self.val_batches = build_val_set(cfg.data, train.crop)
+        self.ema = EMA(self.engine.module, train.ema_decay) if train.ema_decay > 0 else None
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.run.keep_last)
+        self.step, self.first_val_psnr, self.last_val = 0, None, {}
+        saved_rng = self._resume()
+        self._stream_iter = iter(self.stream)
+        # Last, because starting the stream may draw from the global RNG (a DataLoader's base seed).
+        self._set_rng(saved_rng, env.rank)
+
+        if dist.is_rank0():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        self.monitor = build_monitor(dist.is_rank0(), self.run_dir, train.steps, self.step, env.world_size,
+                                     cfg.run.progress_bar)
+        dist.print0(self.startup_summary())
+
+    # ----------------------------------------------------------------------------- setup helpers
+    def _set_rng(self, saved_rng: Optional[Dict[str, Any]], rank: int) -> None:
+        """The saved state on an exact resume; else a seed from (seed, rank, step): gate noise differs per rank."""
+        if saved_rng is not None:
+            restore_rng_state(saved_rng)
+        else:
+            torch.manual_seed(self.cfg.train.seed * 1000 + rank + 7919 * self.step)
+
+    def startup_summary(self) -> str:
+        cfg, train, moe = self.cfg, self.cfg.train, self.cfg.model.moe
+        world, ep = self.topology.world_size, moe.ep_size
+        params = sum(p.numel() for p in self.engine.module.parameters())
+        global_batch = train.micro_batch * train.grad_accum * world
+        return "\n".join([
+            f"pretrain: {cfg.run.dir} | world size {world} | ep_size {ep} | expert data parallel {world // ep}",
+            f"  batch: micro {train.micro_batch} x accum {train.grad_accum} x {world} ranks = global {global_batch}"
+            f" | crop {train.crop} | steps {self.step}->{train.steps}",
+            f"  experts: {moe.num_experts} per adapter, {moe.num_experts // ep} per rank, top-{moe.top_k}"
+            f" | all-to-all per step ~{self.all_to_all_bytes_per_step() / 2**20:.1f} MiB per rank",
+            f"  precision {train.precision} | ZeRO {train.zero_stage} | activation checkpointing "
+            f"{train.activation_checkpointing} | EMA {train.ema_decay or 'off'} | rank params {params:,}",
+        ])
+
+    def all_to_all_bytes_per_step(self) -> int:
+        """Bytes this rank sends through expert all-to-all per optimizer step (forward + backward, 3 levels).
+
+        Each pixel token goes to top_k experts; a share (ep-1)/ep of them lives on other ranks, and
+        the rows travel out and back in the forward and again in the backward. Level l has
+        dim * 2**(l-1) channels at crop / 2**(l-1) resolution.
+        """
+        train, model, moe = self.cfg.train, self.cfg.model, self.cfg.model.moe
+        if moe.ep_size == 1:
+            return 0
+        element_bytes = torch.finfo(self.input_dtype).bits // 8
+        total = 0
+        for level in range(3):
+            tokens = train.micro_batch * (train.crop // 2 ** level) ** 2
+            channels = model.dim * 2 ** level
+            total += tokens * moe.top_k * channels * element_bytes
+        remote_share = (moe.ep_size - 1) / moe.ep_size
+        return int(total * remote_share * 4 * train.grad_accum)
+
+    # ----------------------------------------------------------------------------- resume
+    def _resume(self) -> Optional[Dict[str, Any]]:
+        """Load the checkpoint named by run.resume, if any; returns this rank's saved RNG state on an
+        exact resume (same world size and ep_size), None otherwise."""
+        ref = resolve_resume(self.cfg.run.resume, self.checkpoints.root) if dist.is_rank0() else None
+        ref: Optional[CheckpointRef] = dist.broadcast_object(ref)
+        if ref is None:
+            return None
+        saved, rng_state = ref.topology(), None
+        if saved == self.topology:
+            _, client = self.engine.load_checkpoint(str(ref.root), tag=ref.tag)
+            rng_state = client["rng_states"][dist.rank()]
+            self.stream.load_state_dict(client["stream_states"][dist.rank()])
+        else:
+            _, client = self.engine.load_checkpoint(str(ref.root), tag=ref.tag, load_module_only=True,
+                                                    load_optimizer_states=False, load_lr_scheduler_states=False)
+            self._warn_topology_change(ref, saved)
+        if self.ema is not None:
+            self._restore_ema(ref)
+        self.step = client["step"]
+        self.first_val_psnr = client.get("first_val_psnr")
+        dist.print0(f"resumed from {ref.path} at step {self.step}")
+        return rng_state
+
+    def _restore_ema(self, ref: CheckpointRef) -> None:
+        if ref.meta().get("ema"):
+            self.ema.load_state_dict(load_ema_states(ref))
+        else:
+            dist.print0(f"WARNING: {ref.path} holds no EMA weights; EMA restarts from the loaded weights")
+
+    def _warn_topology_change(self, ref: CheckpointRef, saved: Topology) -> None:
+        lost = ["AdamW moments and step counts (the optimizer restarts)",
+                "the data stream position (a fresh stream is drawn)",
+                "the per-rank RNG states (reseeded from seed, rank and step)"]
+        if self.cfg.train.precision != "fp32":
+            lost.append("the fp32 master weights (rebuilt from the saved low-precision weights)")
+        bar = "!" * 100
+        dist.print0("\n".join([
+            bar,
+            f"WARNING: TOPOLOGY CHANGE: {ref.path} was saved with {saved.describe()}; this run has "
+            f"{self.topology.describe()}.",
+            "  Loaded: model weights, experts mapped by global id. LOST: " + "; ".join(lost) + ".",
+            bar]))
+
+    # ----------------------------------------------------------------------------- training
+    def _next_batch(self, timer: StepTimer) -> Dict[str, torch.Tensor]:
+        start = time.perf_counter()
+        # The stream has its own seeds; shielding the global RNG from it (a DataLoader draws its base
+        # seed there when it starts, lazily) keeps the gate noise the same across resumes.
+        with torch.random.fork_rng(devices=[]):
+            batch = next(self._stream_iter)
+        timer.add_data_wait(time.perf_counter() - start)
+        return batch
+
+    def train_step(self, timer: StepTimer) -> Dict[str, Any]:
+        """One optimizer step over grad_accum micro-batches; returns this rank's loss terms and expert loads."""
+        train = self.cfg.train
+        lr = learning_rate(self.step, train)
+        set_learning_rate(self.optimizer, lr)
+        totals = torch.zeros(3, dtype=torch.float64)
+        loads = None
+        for _ in range(train.grad_accum):
+            batch = self._next_batch(timer)
+            output = self.engine(to_unit_float(batch["lq"], self.device, self.input_dtype))
+            terms = restoration_loss(output, to_unit_float(batch["gt"], self.device, torch.float32), train,
+                                     self.cfg.model.moe.balance_loss_weight)
+            self.engine.backward(terms.total)
+            self.engine.step()
+            totals += torch.tensor([terms.total.item(), terms.pixel.item(), terms.balance.item()],
+                                   dtype=torch.float64)
+            step_loads = torch.stack([load.float().cpu() for load in output.expert_load])
+            loads = step_loads if loads is None else loads + step_loads
+        if self.ema is not None:
+            self.ema.update()
+        self.step += 1
+        return {"terms": totals / train.grad_accum, "loads": loads / train.grad_accum, "lr": lr}
+
+    def _mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        if not dist.is_initialized():
+            return values
+        buffer = values.to(self.device) if self.device.type == "cuda" else values.clone()
+        torch_dist.all_reduce(buffer)
+        return buffer.cpu() / dist.world_size()
+
+    def _report_step(self, result: Dict[str, Any], timer: StepTimer) -> None:
+        terms, loads = result["terms"], result["loads"]
+        packed = self._mean_over_ranks(torch.cat([terms, loads.flatten().double()]))
+        scalars = {"loss": float(packed[0]), "pixel_loss": float(packed[1]), "balance_loss": float(packed[2]),
+                   "lr": result["lr"]}
+        if self.step % self.cfg.run.log_every == 0 or self.step == self.cfg.train.steps:
+            grad_norm = self.engine.get_global_grad_norm()
+            scalars["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+            scalars.update(timer.take())
+            self.monitor.log_expert_load(self.step, list(packed[3:].view_as(loads).float()))
+        self.monitor.log_train(self.step, scalars)
+        self.monitor.advance(self.step)
+
+    def validate(self) -> None:
+        self.last_val = evaluate(self.engine, self.val_batches, self.device, self.input_dtype)
+        if self.first_val_psnr is None:
+            self.first_val_psnr = self.last_val["psnr"]
+        self.monitor.log_val(self.step, self.last_val)
+
+    @torch.no_grad()
+    def log_images(self) -> None:
+        """degraded | restored | clean for the first validation batch; every rank runs the forward."""
+        batch = self.val_batches[0]
+        self.engine.eval()
+        restored = self.engine(to_unit_float(batch["lq"], self.device, self.input_dtype)).restored.float()
+        self.engine.train()
+        if dist.is_rank0():
+            lq = to_unit_float(batch["lq"], self.device, torch.float32)
+            gt = to_unit_float(batch["gt"], self.device, torch.float32)
+            self.monitor.log_images(self.step, image_grid(lq, restored, gt))
+
+    def save_checkpoint(self) -> CheckpointRef:
+        states = dist.all_gather_object({"rng": capture_rng_state(), "stream": self.stream.state_dict()})
+        client = {"step": self.step, "rng_states": [s["rng"] for s in states],
+                  "stream_states": [s["stream"] for s in states], "first_val_psnr": self.first_val_psnr,
+                  "config": OmegaConf.to_container(self.cfg, resolve=True)}
+        ema_state = self.ema.state_dict() if self.ema is not None else None
+        ref = self.checkpoints.save(self.engine, self.step, self.topology, client, ema_state)
+        self.monitor.print(f"saved checkpoint {ref.path}")
+        return ref
+
+    def _stop_reason(self, steps_this_run: int) -> Optional[str]:
+        """Decided identically on every rank (the signal flag is agreed through all_reduce)."""
+        if self.stop_request.agreed():
+            return f"received {self.stop_request.signal_name or 'a stop signal on another rank'}"
+        if self.step >= self.cfg.train.steps:
+            return "finished"
+        if self.cfg.run.stop_after and steps_this_run >= self.cfg.run.stop_after:
+            return f"run.stop_after={self.cfg.run.stop_after} steps done in this process"
+        return None
+
+    def fit(self) -> int:
+        """Train until done, stopped or signalled; always leaves a checkpoint. Returns the exit code (0)."""
+        run = self.cfg.run
+        self.engine.train()
+        if self.step == 0:
+            self.validate()
+            if run.image_every:
+                self.log_images()
+        timer, steps_this_run, last_saved = StepTimer(), 0, self.step
+        while (reason := self._stop_reason(steps_this_run)) is None:
+            result = self.train_step(timer)
+            steps_this_run += 1
+            timer.end_step(self.cfg.train.micro_batch * self.cfg.train.grad_accum * dist.world_size())
+            self._report_step(result, timer)
+            if self.step % run.val_every == 0 or self.step == self.cfg.train.steps:
+                self.validate()
+            if run.image_every and self.step % run.image_every == 0:
+                self.log_images()
+            if self.step % run.save_every == 0:
+                self.save_checkpoint()
+                last_saved = self.step
+            timer.restart()
+        if last_saved != self.step:
+            self.save_checkpoint()
+        self.monitor.print(f"stopping at step {self.step}: {reason}")
+        self._print_demo_summary()
+        self.monitor.close()
+        return 0
+
+    def _print_demo_summary(self) -> None:
+        if self.cfg.run.demo_summary and self.step >= self.cfg.train.steps:
+            if not self.last_val:  # resumed an already finished run
+                self.validate()
+            dist.print0(f"demo: val PSNR before {self.first_val_psnr:.2f} dB, after {self.last_val['psnr']:.2f} dB")

@@ -1,0 +1,220 @@
+"""Paired image sets in the public layouts of AllWeather and CDD-11, and plain input/gt folders.
+
+AllWeather (TransWeather / WeatherDiff / M2Restore lineage), under one root:
+    train:  train/input/<name> + train/gt/<name>  (or TransWeather's train/allweather/{input,gt});
+            optional list file (first found: filenames.txt, allweather.txt, train/allweather.txt, or
+            the one given); list lines may be bare names or paths ("./input/x.png"): the basename counts.
+    tests:  outdoor_rain  Outdoor-Rain Test1   test_rain/ | test1/ | test/test1/ | outdoor-rain/test1/
+            snow100k_s    Snow100K-S           Snow100K-S/ | test/Snow100K-S/ | snow100k/test/Snow100K-S/
+            snow100k_l    Snow100K-L           test_snow/ | Snow100K-L/ | test/Snow100K-L/ | snow100k/test/Snow100K-L/
+            raindrop_a    RainDrop test_a      test_raindrop/ | test_a/ | raindrop/test_a/
+    each holding degraded images in input/ (Snow100K: synthetic/, RainDrop: data/) and targets in gt/.
+    A target has the input's name, or for RainDrop `<id>_clean.<ext>` for `<id>_rain.<ext>`.
+CDD-11 (OneRestore): <root>/<train|test>/<type>/<name> with targets <root>/<split>/clear/<name>, for the
+    11 types below. Types are found by folder name, never by string replacement in the path (the
+    official code turns train/rain into tclear).
+folder: <root>/input/ (or lq/) and <root>/gt/ (or target/), matched by name.
+
+Every problem (missing folder, image without target, empty set) raises DatasetLayoutError naming the path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from m2r.data.augment import random_crop, random_dihedral
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+CDD11_TYPES = ("low", "haze", "rain", "snow", "low_haze", "low_rain", "low_snow", "haze_rain", "haze_snow",
+               "low_haze_rain", "low_haze_snow")
+CDD11_CLEAR = "clear"
+ALLWEATHER_TEST_DIRS: Dict[str, Sequence[str]] = {
+    "outdoor_rain": ("test_rain", "test1", "test/test1", "outdoor-rain/test1"),
+    "snow100k_s": ("Snow100K-S", "test/Snow100K-S", "snow100k/test/Snow100K-S"),
+    "snow100k_l": ("test_snow", "Snow100K-L", "test/Snow100K-L", "snow100k/test/Snow100K-L"),
+    "raindrop_a": ("test_raindrop", "test_a", "raindrop/test_a"),
+}
+ALLWEATHER_PAPER_SETS = ("outdoor_rain", "snow100k_l", "raindrop_a")
+ALLWEATHER_TRAIN_DIRS = ("train", "train/allweather")
+ALLWEATHER_LIST_FILES = ("filenames.txt", "allweather.txt", "train/allweather.txt")
+INPUT_DIRS = ("input", "synthetic", "data", "lq")
+TARGET_DIRS = ("gt", "target")
+DATASETS = ("allweather", "cdd11", "folder")
+
+
+class DatasetLayoutError(FileNotFoundError):
+    """A dataset folder is missing or malformed; the message names the path."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    lq: Path
+    gt: Path
+    group: str   # test set or degradation type
+
+
+def list_images(folder: Path) -> List[Path]:
+    if not folder.is_dir():
+        raise DatasetLayoutError(f"missing folder {folder}")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _first_dir(parent: Path, names: Sequence[str]) -> Path:
+    for name in names:
+        if (parent / name).is_dir():
+            return parent / name
+    raise DatasetLayoutError(f"{parent} has none of the folders {list(names)}")
+
+
+def _target_for(lq: Path, gt_dir: Path) -> Path:
+    """Same name in gt_dir; for RainDrop's <id>_rain, <id>_clean; else the same stem with another suffix."""
+    stems = [lq.stem] + ([lq.stem[: -len("_rain")] + "_clean"] if lq.stem.endswith("_rain") else [])
+    candidates = [gt_dir / lq.name] + [gt_dir / (stem + suffix) for stem in stems for suffix in sorted(IMAGE_SUFFIXES)]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise DatasetLayoutError(f"no target for {lq} in {gt_dir} (looked for {' or '.join(stems)} with an image suffix)")
+
+
+def paired_folder(folder: Path, group: str, names: Optional[Sequence[str]] = None) -> List[Pair]:
+    """Pairs from <folder>/<input dir> and <folder>/<target dir>; `names` restricts to those basenames."""
+    if not folder.is_dir():
+        raise DatasetLayoutError(f"missing folder {folder}")
+    lq_dir, gt_dir = _first_dir(folder, INPUT_DIRS), _first_dir(folder, TARGET_DIRS)
+    images = list_images(lq_dir)
+    if names is not None:
+        by_name = {p.name: p for p in images}
+        absent = [name for name in names if name not in by_name]
+        if absent:
+            raise DatasetLayoutError(f"{len(absent)} listed images are not in {lq_dir}, e.g. {absent[:3]}")
+        images = [by_name[name] for name in names]
+    if not images:
+        raise DatasetLayoutError(f"no images in {lq_dir}")
+    return [Pair(lq, _target_for(lq, gt_dir), group) for lq in images]
+
+
+def read_list_file(path: Path) -> List[str]:
+    """Basenames from a TransWeather/WeatherDiff list ('./input/x.png') or M2Restore filenames.txt ('x.png')."""
+    lines = [line.strip().split()[0] for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise DatasetLayoutError(f"list file {path} is empty")
+    return [Path(line).name for line in lines]
+
+
+def allweather_train_pairs(root: Path, list_file: Optional[str] = None) -> List[Pair]:
+    root = Path(root)
+    folder = _first_dir(root, ALLWEATHER_TRAIN_DIRS)
+    if list_file is not None and not Path(list_file).is_file():
+        raise DatasetLayoutError(f"list file {list_file} not found")
+    found = [root / name for name in ALLWEATHER_LIST_FILES if (root / name).is_file()]
+    chosen = Path(list_file) if list_file is not None else (found[0] if found else None)
+    names = read_list_file(chosen) if chosen is not None else None
+    return paired_folder(folder, "allweather", names)
+
+
+def allweather_test_sets(root: Path, names: Optional[Sequence[str]] = None) -> Dict[str, List[Pair]]:
+    """The requested test sets (default: every one present); a requested but absent set is an error."""
+    root = Path(root)
+    unknown = [name for name in names or () if name not in ALLWEATHER_TEST_DIRS]
+    if unknown:
+        raise DatasetLayoutError(f"unknown AllWeather test sets {unknown}; known: {list(ALLWEATHER_TEST_DIRS)}")
+    sets = {}
+    for name in names or ALLWEATHER_TEST_DIRS:
+        folder = next((root / d for d in ALLWEATHER_TEST_DIRS[name] if (root / d).is_dir()), None)
+        if folder is None:
+            if names:
+                raise DatasetLayoutError(f"AllWeather test set {name}: none of {list(ALLWEATHER_TEST_DIRS[name])} "
+                                         f"under {root}")
+            continue
+        sets[name] = paired_folder(folder, name)
+    if not sets:
+        raise DatasetLayoutError(f"no AllWeather test set under {root}; expected one of "
+                                 + ", ".join(f"{k}: {list(v)}" for k, v in ALLWEATHER_TEST_DIRS.items()))
+    return sets
+
+
+def cdd11_pairs(root: Path, split: str, types: Sequence[str] = CDD11_TYPES) -> Dict[str, List[Pair]]:
+    """{type: pairs} for a CDD-11 split; every type folder and the clear folder must exist."""
+    split_dir = Path(root) / split
+    clear_dir = split_dir / CDD11_CLEAR
+    if not clear_dir.is_dir():
+        raise DatasetLayoutError(f"missing CDD-11 folder {clear_dir} (targets of every type)")
+    sets = {}
+    for kind in types:
+        images = list_images(split_dir / kind)
+        if not images:
+            raise DatasetLayoutError(f"no images in {split_dir / kind}")
+        sets[kind] = [Pair(lq, _target_for(lq, clear_dir), kind) for lq in images]
+    return sets
+
+
+def folder_pairs(root: Path) -> Dict[str, List[Pair]]:
+    return {"folder": paired_folder(Path(root), "folder")}
+
+
+def evaluation_sets(dataset: str, root: str, names: Optional[Sequence[str]] = None) -> Dict[str, List[Pair]]:
+    """The evaluation sets of a dataset: AllWeather test sets, CDD-11 test types, or one folder."""
+    if dataset == "allweather":
+        return allweather_test_sets(Path(root), names)
+    if dataset == "cdd11":
+        return cdd11_pairs(Path(root), "test", names or CDD11_TYPES)
+    if dataset == "folder":
+        return folder_pairs(Path(root))
+    raise ValueError(f"dataset {dataset!r} is not one of {DATASETS}")
+
+
+def train_pairs(dataset: str, root: str, list_file: Optional[str] = None) -> List[Pair]:
+    if dataset == "allweather":
+        return allweather_train_pairs(Path(root), list_file)
+    if dataset == "cdd11":
+        return [pair for pairs in cdd11_pairs(Path(root), "train").values() for pair in pairs]
+    if dataset == "folder":
+        return folder_pairs(Path(root))["folder"]
+    raise ValueError(f"dataset {dataset!r} is not one of {DATASETS}")
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """uint8 (H, W, 3); grey is replicated, alpha dropped."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def to_chw_uint8(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+class PairedImages(Dataset):
+    """uint8 `lq`, `gt` (3, H, W) and `type_id` per pair. With `crop`, the same random window of both
+    (images smaller than the crop are upscaled, see m2r.data.augment) and, with `augment`, the same
+    flip/rot90, all drawn from (seed, epoch, index)."""
+
+    def __init__(self, pairs: Sequence[Pair], groups: Sequence[str], crop: Optional[int] = None, seed: int = 0,
+                 augment: bool = False):
+        self.pairs, self.groups = list(pairs), list(groups)
+        self.crop, self.seed, self.augment, self.epoch = crop, seed, augment, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
+        pair = self.pairs[index]
+        lq, gt = read_rgb(pair.lq), read_rgb(pair.gt)
+        if lq.shape != gt.shape:
+            raise DatasetLayoutError(f"{pair.lq} is {lq.shape[1]}x{lq.shape[0]} but its target {pair.gt} is "
+                                     f"{gt.shape[1]}x{gt.shape[0]}")
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        if self.crop:
+            lq, gt = random_crop([lq, gt], self.crop, rng)
+        if self.augment:
+            lq, gt = random_dihedral([lq, gt], rng)
+        return {"lq": to_chw_uint8(lq), "gt": to_chw_uint8(gt),
+                "type_id": torch.tensor(self.groups.index(pair.group), dtype=torch.int64)}

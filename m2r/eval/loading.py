@@ -1,0 +1,76 @@
+"""Load M2Restore for single-process inference (all experts local, ep_size 1) from any weights format.
+
+    <dir>                a DeepSpeed checkpoint of any topology (its `latest` tag, or one tag directory):
+                         merged in memory as `python -m m2r.export` would; the config is the run's
+    <file>.safetensors   an exported file; its config is `<file>.yaml` beside it (`m2r.export`)
+    <file>.ckpt/.pth/.pt an official M2Restore checkpoint (Lightning or bare state dict), via the
+                         converter; needs --model-config (e.g. configs/model/m2restore.yaml)
+`--model-config` replaces the stored model config and `overrides` (key=value, e.g.
+clip.weights=/data/daclip_ViT-B-32.pt) adjust it, since a file's CLIP path is the training machine's.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from m2r.config import ConfigError, load_config
+
+OFFICIAL_SUFFIXES = (".ckpt", ".pth", ".pt")
+
+
+def _stored_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[dict]]:
+    """(state dict with experts by global id, stored model config or None)."""
+    from m2r.engine.checkpoint import resolve_resume
+    from m2r.export import config_path_for, export_state_dict
+    from m2r.models.convert import official_to_m2r, read_checkpoint
+
+    if path.is_dir():
+        ref = resolve_resume(str(path), path)
+        if ref is None:
+            raise FileNotFoundError(f"--weights {path}: a directory without a `latest` checkpoint")
+        state, config = export_state_dict(ref)
+        return state, config["model"]
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        if not path.is_file():
+            raise FileNotFoundError(f"--weights {path}: file not found")
+        config_file = config_path_for(path)
+        config = OmegaConf.to_container(OmegaConf.load(config_file))["model"] if config_file.is_file() else None
+        return load_file(str(path)), config
+    if path.suffix in OFFICIAL_SUFFIXES:
+        return official_to_m2r(read_checkpoint(path)), None
+    raise ValueError(f"--weights {path}: expected a checkpoint directory, a .safetensors file or an official "
+                     f"checkpoint ({', '.join(OFFICIAL_SUFFIXES)})")
+
+
+def inference_model_config(stored: Optional[dict], model_config: Optional[str],
+                           overrides: Sequence[str], source: str) -> DictConfig:
+    from m2r.models.config import ModelConfig
+
+    if model_config is not None:
+        cfg = load_config(ModelConfig, model_config, overrides)
+    elif stored is not None:
+        cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), stored)
+        for item in overrides:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+    else:
+        raise ConfigError(f"{source} carries no model config: pass --model-config configs/model/<name>.yaml")
+    return OmegaConf.merge(cfg, {"moe": {"ep_size": 1}})
+
+
+def load_inference_model(weights: str, device: torch.device, model_config: Optional[str] = None,
+                         overrides: Sequence[str] = ()):
+    """M2Restore in eval mode on `device` with every expert local; strict load, mismatches named."""
+    from m2r.models.convert import check_fits
+    from m2r.models.m2restore import build_model
+
+    path = Path(weights)
+    state, stored = _stored_weights(path)
+    model = build_model(inference_model_config(stored, model_config, overrides, str(path)))
+    check_fits(model, state, source=str(path))
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval()

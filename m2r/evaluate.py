@@ -1,0 +1,152 @@
+"""Evaluate restored images under the rgb, y and official PSNR/SSIM protocols (see m2r.eval.metrics).
+
+    python -m m2r.evaluate --weights model.safetensors --dataset allweather --root /data/allweather \
+        --metrics rgb,y,official --out results/allweather [--sets outdoor_rain,snow100k_l,raindrop_a]
+    python -m m2r.evaluate --weights runs/ft/checkpoints --dataset cdd11 --root /data/CDD-11 --out results/cdd11
+    torchrun --nproc_per_node 8 -m m2r.evaluate ...      # images split over processes, results gathered
+
+Every process holds the whole model (all experts, no all-to-all); images are split round-robin and
+the per-image metrics gathered on rank 0, which writes `results.json` (per set, per image, and the
+average over sets) and `results.md` (the paper's table shape: sets as columns). Images of any size:
+reflect-padded to a multiple of 8 and cropped back, or tiled with `--tile` (overlap blending).
+Layouts of the datasets: m2r/eval/datasets.py. Weight formats: m2r/eval/loading.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Sequence
+
+import torch
+
+from m2r import dist
+from m2r.eval.datasets import DATASETS, Pair, evaluation_sets, read_rgb, to_chw_uint8
+from m2r.eval.metrics import image_metrics, parse_protocols
+from m2r.eval.tiling import restore_image
+
+SET_TITLES = {"outdoor_rain": "Outdoor-Rain", "snow100k_s": "Snow100K-S", "snow100k_l": "Snow100K-L",
+              "raindrop_a": "RainDrop", "low": "L", "haze": "H", "rain": "R", "snow": "S", "low_haze": "L+H",
+              "low_rain": "L+R", "low_snow": "L+S", "haze_rain": "H+R", "haze_snow": "H+S",
+              "low_haze_rain": "L+H+R", "low_haze_snow": "L+H+S"}
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", required=True, help="checkpoint dir, .safetensors export or official .ckpt")
+    parser.add_argument("--dataset", required=True, choices=DATASETS)
+    parser.add_argument("--root", required=True, help="dataset root (layouts: m2r/eval/datasets.py)")
+    parser.add_argument("--metrics", default="rgb,y,official", help="comma-separated: rgb, y, official")
+    parser.add_argument("--out", required=True, help="directory for results.json, results.md and images/")
+    parser.add_argument("--sets", default="", help="AllWeather test sets or CDD-11 types (default: all found)")
+    parser.add_argument("--limit", type=int, default=0, help="first N images per set (0 = all)")
+    parser.add_argument("--save-images", action="store_true", help="write restored PNGs to <out>/images/<set>/")
+    parser.add_argument("--tile", type=int, default=0, help="tile side for large images (multiple of 8; 0 = whole)")
+    parser.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels")
+    parser.add_argument("--precision", default="fp32", choices=tuple(AUTOCAST), help="autocast dtype on GPU")
+    parser.add_argument("--model-config", default=None, help="model YAML (required for official checkpoints)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="model config override, e.g. clip.weights=/data/daclip_ViT-B-32.pt")
+    return parser.parse_args(argv)
+
+
+def init_processes() -> torch.device:
+    """One process per GPU under torchrun; a plain `python -m` run is a world of one."""
+    env = dist.discover_dist_env()
+    if env.world_size > 1:
+        device = dist.device_for(env)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def to_unit(image_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return image_uint8.to(device).float().div(255.0).unsqueeze(0)
+
+
+def save_png(image: torch.Tensor, path: Path) -> None:
+    """(3, H, W) float image -> 8-bit PNG at `path` (clamped, rounded)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = (image.clamp(0, 1) * 255.0).round().byte().permute(1, 2, 0).cpu().numpy()
+    Image.fromarray(array).save(path)
+
+
+@torch.no_grad()
+def evaluate_pairs(model, jobs: Sequence[Pair], args, device: torch.device) -> List[dict]:
+    """Metrics of this process's share of the images: one dict per image."""
+    protocols = parse_protocols(args.metrics)
+    dtype = AUTOCAST[args.precision] if device.type == "cuda" else None
+    records = []
+    for pair in jobs:
+        lq, gt = to_unit(to_chw_uint8(read_rgb(pair.lq)), device), to_unit(to_chw_uint8(read_rgb(pair.gt)), device)
+        if lq.shape != gt.shape:
+            raise ValueError(f"{pair.lq} and its target {pair.gt} differ in size")
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            restored = restore_image(model, lq, tile=args.tile or None, overlap=args.overlap)[0].float()
+        records.append({"set": pair.group, "image": pair.lq.name,
+                        **image_metrics(restored.cpu(), gt[0].cpu(), protocols)})
+        if args.save_images:
+            save_png(restored, Path(args.out) / "images" / pair.group / f"{pair.lq.stem}.png")
+    return records
+
+
+def summarize(records: Sequence[dict], set_names: Sequence[str], metric_names: Sequence[str]) -> dict:
+    per_set = {}
+    for name in set_names:
+        rows = [r for r in records if r["set"] == name]
+        per_set[name] = {"count": len(rows), **{m: sum(r[m] for r in rows) / len(rows) for m in metric_names}}
+    average = {m: sum(s[m] for s in per_set.values()) / len(per_set) for m in metric_names}
+    images = {name: {r["image"]: {m: r[m] for m in metric_names} for r in records if r["set"] == name}
+              for name in set_names}
+    return {"sets": per_set, "average": average, "images": images}
+
+
+def markdown_table(summary: dict, protocols: Sequence[str]) -> str:
+    """Sets as columns (as the paper's tables), one row per protocol, cells 'PSNR / SSIM'."""
+    names = list(summary["sets"])
+    header = ["Protocol"] + [SET_TITLES.get(n, n) for n in names] + ["Average"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for protocol in protocols:
+        cells = [summary["sets"][n] for n in names] + [summary["average"]]
+        lines.append(f"| {protocol} | " + " | ".join(
+            f"{c[f'psnr_{protocol}']:.2f} / {c[f'ssim_{protocol}']:.3f}" for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    protocols = parse_protocols(args.metrics)
+    from m2r.eval.loading import load_inference_model
+
+    device = init_processes()
+    sets = evaluation_sets(args.dataset, args.root, [s for s in args.sets.split(",") if s] or None)
+    if args.limit:
+        sets = {name: pairs[: args.limit] for name, pairs in sets.items()}
+    jobs = [pair for pairs in sets.values() for pair in pairs]
+    dist.print0(f"evaluate: {len(jobs)} images in {len(sets)} sets ({', '.join(sets)}) on "
+                f"{dist.world_size()} process(es), metrics {','.join(protocols)}")
+    model = load_inference_model(args.weights, device, args.model_config, args.overrides)
+    records = evaluate_pairs(model, jobs[dist.rank()::dist.world_size()], args, device)
+    gathered = [r for part in dist.all_gather_object(records) for r in part]
+    if dist.is_rank0():
+        metric_names = [f"{kind}_{p}" for p in protocols for kind in ("psnr", "ssim")]
+        summary = summarize(gathered, list(sets), metric_names)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        report = {"weights": args.weights, "dataset": args.dataset, "root": args.root, "metrics": list(protocols),
+                  **summary}
+        (out / "results.json").write_text(json.dumps(report, indent=1))
+        table = markdown_table(summary, protocols)
+        (out / "results.md").write_text(table)
+        print(table, end="", flush=True)
+    if dist.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

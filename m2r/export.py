@@ -1,0 +1,142 @@
+"""Merge a sharded DeepSpeed MoE checkpoint into one safetensors file for single-process inference.
+
+    python -m m2r.export runs/demo/checkpoints runs/demo/model.safetensors        # `latest` tag
+    python -m m2r.export runs/demo/checkpoints/step00000400 model.safetensors --ema
+
+DeepSpeed's `zero_to_fp32.py` cannot read MoE checkpoints, so the merge is ours:
+- dense weights come from `mp_rank_00_model_states.pt`, each expert from its
+  `layer_<L>_expert_<E>_...` file (already keyed by global expert id);
+- in bf16/fp16 runs those files hold rounded copies; the fp32 master weights live only in the ZeRO
+  optimizer shards, whose per-rank fragments are stitched back together (rank order within each
+  parameter's data-parallel group) and replace them;
+- `--ema` writes the EMA weights instead (merged from every rank's `ema_rank<R>.pt`).
+The resolved config is written beside the weights (`<out>.yaml`, e.g. model.yaml), and
+`load_exported_model(path)` rebuilds the network from both with ep_size 1.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import torch
+from omegaconf import OmegaConf
+
+from m2r.engine.checkpoint import DENSE_FILE, CheckpointRef, load_ema_states, resolve_resume
+from m2r.engine.experts import EXPERT_INFIX
+
+EXPERT_FILE = re.compile(r"^layer_\d+_expert_\d+_mp_rank_00_model_states\.pt$")
+ZERO_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+_LOCAL_EXPERT = re.compile(re.escape(EXPERT_INFIX) + r"(\d+)\.")
+
+
+def _load(path: Path):
+    # DeepSpeed pickles its config objects beside the tensors: weights_only=True cannot read them.
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def merged_module_state(ref: CheckpointRef) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """Dense + every expert file, as saved (the module's dtype); also returns the run's client config."""
+    dense = _load(ref.path / DENSE_FILE)
+    state = dict(dense["module"])
+    for path in sorted(ref.path.iterdir()):
+        if EXPERT_FILE.match(path.name):
+            state.update(_load(path))
+    return state, dense["config"]
+
+
+def _global_name(local_name: str, ep_rank: int, num_local_experts: int) -> str:
+    match = _LOCAL_EXPERT.search(local_name)
+    if not match:
+        return local_name
+    global_id = ep_rank * num_local_experts + int(match.group(1))
+    return local_name.replace(match.group(0), f"{EXPERT_INFIX}{global_id}.", 1)
+
+
+def fp32_master_weights(ref: CheckpointRef, ep_size: int, num_experts: int) -> Dict[str, torch.Tensor]:
+    """Flat fp32 parameters stitched from the ZeRO 1/2 shards, keyed by global name (shape not restored)."""
+    shard_files = sorted((int(m.group(1)), p) for p in ref.path.iterdir() if (m := ZERO_FILE.match(p.name)))
+    if not shard_files:
+        return {}
+    fragments: Dict[str, List[Tuple[int, torch.Tensor]]] = defaultdict(list)
+    for rank, path in shard_files:
+        shard = _load(path)["optimizer_state_dict"]
+        if "param_slice_mappings" not in shard:
+            raise ValueError(f"{path}: no param_slice_mappings (not a ZeRO 1/2 shard this exporter can read)")
+        # DeepSpeed's default layout: consecutive ranks form an expert-parallel group.
+        ep_rank = rank % ep_size
+        for flat, mapping in zip(shard["single_partition_of_fp32_groups"], shard["param_slice_mappings"]):
+            for name, address in mapping.items():
+                piece = flat.narrow(0, address.start, address.numel)
+                fragments[_global_name(name, ep_rank, num_experts // ep_size)].append((rank, piece))
+    return {name: torch.cat([piece for _, piece in sorted(pieces, key=lambda p: p[0])])
+            for name, pieces in fragments.items()}
+
+
+def export_state_dict(ref: CheckpointRef, use_ema: bool = False) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """The full fp32 state dict (experts by global id) and the run's resolved config."""
+    state, config = merged_module_state(ref)
+    moe = config["model"]["moe"]
+    if use_ema:
+        replacements = load_ema_states(ref)
+        if not replacements:
+            raise FileNotFoundError(f"--ema: {ref.path} holds no ema_rank*.pt files (train.ema_decay was 0)")
+    else:
+        replacements = fp32_master_weights(ref, moe["ep_size"], moe["num_experts"])
+    exported = {}
+    for name, tensor in state.items():
+        if name in replacements:
+            master = replacements[name]
+            if master.numel() != tensor.numel():
+                raise ValueError(f"{ref.path}: {name} has {master.numel()} fp32 values, expected {tensor.numel()}")
+            tensor = master.view(tensor.shape)
+        exported[name] = tensor.float().contiguous().clone() if tensor.is_floating_point() else tensor.clone()
+    return exported, config
+
+
+def config_path_for(weights_path: Path) -> Path:
+    return Path(weights_path).with_suffix(".yaml")
+
+
+def export(checkpoint: str, out: str, use_ema: bool = False) -> Path:
+    from safetensors.torch import save_file
+
+    ref = resolve_resume(checkpoint, Path(checkpoint))
+    if ref is None:
+        raise FileNotFoundError(f"no checkpoint found at {checkpoint}")
+    state, config = export_state_dict(ref, use_ema)
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out_path), metadata={"source": str(ref.path), "weights": "ema" if use_ema else "fp32"})
+    OmegaConf.save(OmegaConf.create(config), config_path_for(out_path))
+    return out_path
+
+
+def load_exported_model(weights_path: str, device: str = "cpu"):
+    """M2Restore with the exported weights, for one process (all experts local: ep_size 1), in eval mode."""
+    from safetensors.torch import load_file
+
+    from m2r.models.config import ModelConfig
+    from m2r.models.m2restore import build_model
+
+    config = OmegaConf.load(config_path_for(Path(weights_path)))
+    model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), config.model, {"moe": {"ep_size": 1}})
+    model = build_model(model_cfg)
+    model.load_state_dict(load_file(weights_path), strict=True)
+    return model.to(device).eval()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="checkpoint directory (its `latest` tag) or one tag directory")
+    parser.add_argument("out", help="output .safetensors file; the config goes beside it as <out>.yaml")
+    parser.add_argument("--ema", action="store_true", help="export the EMA weights instead of the trained ones")
+    args = parser.parse_args(argv)
+    out = export(args.checkpoint, args.out, args.ema)
+    print(f"wrote {out} and {config_path_for(out)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Pretrain M2Restore on DeepSpeed (expert parallel MoE, ZeRO 1/2, bf16/fp16, sharded checkpoints).
+
+    deepspeed --num_gpus 2 pretrain.py --config configs/pretrain/demo.yaml          # the CPU demo
+    deepspeed [--num_gpus N] pretrain.py --config configs/pretrain/<x>.yaml [key=value ...]
+    torchrun --nproc_per_node N pretrain.py --config configs/pretrain/<x>.yaml [key=value ...]
+    srun --ntasks-per-node=8 python pretrain.py --config ...                         # one task per GPU
+    python pretrain.py --config configs/pretrain/tiny-test.yaml                      # one process
+
+`key=value` overrides any config key, e.g. `train.steps=100 model.moe.ep_size=2 run.resume=none`.
+A run resumes from its newest checkpoint by default; SIGTERM or SIGUSR1 saves a checkpoint and
+exits 0. See m2r/engine/trainer.py for the loop and m2r/engine/config.py for every key.
+"""
+import argparse
+import sys
+
+from m2r import dist
+from m2r.config import load_config
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="configs/pretrain/<name>.yaml")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help="set by the deepspeed launcher; the LOCAL_RANK variable is what we read")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    env = dist.discover_dist_env()
+
+    from m2r.engine.config import PretrainConfig
+    from m2r.engine.trainer import Trainer
+
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    return Trainer(cfg, env).fit()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

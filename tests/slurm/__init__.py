@@ -1,0 +1,1 @@
+"""A throwaway SLURM cluster for tests/test_slurm.py (see cluster.py)."""

@@ -1,0 +1,191 @@
+"""The engine's pieces in one process: launch discovery, DeepSpeed config, schedule, checkpoint
+bookkeeping, metrics, loss, EMA and activation checkpointing. Multi-rank behaviour: test_engine_dist.py."""
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from m2r import dist
+from m2r.config import ConfigError, load_config
+from m2r.engine.checkpoint import CheckpointManager, Topology, resolve_resume, tag_for
+from m2r.engine.config import PretrainConfig, validate_pretrain_config
+from m2r.engine.deepspeed_config import build_deepspeed_config
+from m2r.engine.loss import pixel_loss
+from m2r.engine.optim import EMA, learning_rate
+from m2r.engine.validate import psnr, ssim
+from m2r.export import _global_name
+
+TINY = "configs/pretrain/tiny-test.yaml"
+
+
+def tiny_config(repo_root, *overrides):
+    return load_config(PretrainConfig, Path(repo_root) / TINY, list(overrides))
+
+
+# ----------------------------------------------------------------------------------- launchers
+def test_torchrun_and_deepspeed_launchers_are_read_from_rank_variables():
+    env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "1234"}
+    assert dist.discover_dist_env(env) == dist.DistEnv(3, 8, 1, "torchrun/deepspeed")
+
+
+def test_srun_one_task_per_gpu_exports_torch_variables():
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5",
+           "SLURM_JOB_NODELIST": "gpu[07-08,12]", "SLURM_JOB_ID": "4242"}
+    assert dist.discover_dist_env(env) == dist.DistEnv(5, 16, 5, "srun")
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("5", "16", "5")
+    assert env["MASTER_ADDR"] == "gpu07" and env["MASTER_PORT"] == str(20000 + 4242)
+
+
+def test_a_bare_python_process_is_a_world_of_one():
+    env = {}
+    assert dist.discover_dist_env(env) == dist.DistEnv(0, 1, 0, "single")
+    assert env["MASTER_ADDR"] == "127.0.0.1" and int(env["MASTER_PORT"]) > 0
+
+
+@pytest.mark.parametrize("nodelist, first", [("node1", "node1"), ("a[3-5]", "a3"), ("x[9,2],y1", "x9"),
+                                             ("h1,h2", "h1")])
+def test_first_slurm_host(nodelist, first):
+    assert dist.first_slurm_host(nodelist) == first
+
+
+# ----------------------------------------------------------------------------------- configs
+def test_deepspeed_config_follows_the_train_section(repo_root):
+    train = tiny_config(repo_root, "train.micro_batch=3", "train.grad_accum=2", "train.precision=bf16",
+                        "train.zero_stage=2", "train.grad_clip=0.5").train
+    ds = build_deepspeed_config(train, world_size=4)
+    assert ds["train_batch_size"] == 24 and ds["train_micro_batch_size_per_gpu"] == 3
+    assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"] == {"stage": 2} and ds["bf16"] == {"enabled": True}
+    assert "optimizer" not in ds and "scheduler" not in ds
+
+
+def test_fp16_uses_dynamic_loss_scaling(repo_root):
+    ds = build_deepspeed_config(tiny_config(repo_root, "train.precision=fp16").train, world_size=1)
+    assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0
+
+
+def test_zero_stage_3_is_refused_with_the_reason(repo_root):
+    train = tiny_config(repo_root, "train.zero_stage=3").train
+    with pytest.raises(ConfigError, match="train.zero_stage.*MoE"):
+        build_deepspeed_config(train, world_size=2)
+    with pytest.raises(ConfigError, match="train.zero_stage"):
+        validate_pretrain_config(tiny_config(repo_root, "train.zero_stage=3"), world_size=2)
+
+
+@pytest.mark.parametrize("override, world, key", [("run.keep_last=1", 2, "run.keep_last"),
+                                                  ("model.moe.ep_size=2", 3, "model.moe.ep_size"),
+                                                  ("train.precision=fp8", 1, "train.precision"),
+                                                  ("train.crop=30", 1, "train.crop")])
+def test_invalid_combinations_name_their_key(repo_root, override, world, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate_pretrain_config(tiny_config(repo_root, override), world_size=world)
+
+
+# ----------------------------------------------------------------------------------- schedule
+def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_the_floor():
+    train = SimpleNamespace(lr=1e-3, min_lr=1e-5, warmup_steps=4, steps=104)
+    assert [learning_rate(s, train) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert learning_rate(54, train) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert learning_rate(103, train) == pytest.approx(1e-5, abs=1e-6)
+    lrs = [learning_rate(s, train) for s in range(4, 104)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_ema_moves_a_decay_share_toward_the_weights():
+    model = torch.nn.Linear(2, 1)
+    ema = EMA(model, decay=0.75)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(4.0)
+    ema.update()
+    assert torch.allclose(ema.shadow["weight"], start + 1.0)
+    restored = EMA(model, decay=0.75)
+    restored.load_state_dict(ema.state_dict())
+    assert torch.equal(restored.shadow["weight"], ema.shadow["weight"])
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+class FakeEngine:
+    """Writes one file per tag, as DeepSpeed's collective save would (world of one)."""
+
+    def save_checkpoint(self, root, tag, client_state, save_latest):
+        assert save_latest is False  # `latest` is ours, written atomically after every rank finished
+        (Path(root) / tag).mkdir(parents=True)
+        torch.save(client_state, Path(root) / tag / "mp_rank_00_model_states.pt")
+
+
+def test_checkpoints_keep_the_last_k_and_point_latest_at_the_newest(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    for step in (10, 20, 30):
+        manager.save(FakeEngine(), step, Topology(2, 2), {"step": step})
+    assert manager.tags() == [tag_for(20), tag_for(30)]
+    assert (tmp_path / "latest").read_text() == "step00000030"
+    meta = json.loads((tmp_path / "step00000030" / "meta.json").read_text())
+    assert meta == {"step": 30, "world_size": 2, "ep_size": 2, "ema": False}
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_keeping_a_single_checkpoint_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="keep_last"):
+        CheckpointManager(tmp_path, keep_last=1)
+
+
+def test_resume_targets(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    assert resolve_resume("latest", tmp_path) is None  # a fresh run
+    manager.save(FakeEngine(), 7, Topology(1, 1), {})
+    assert resolve_resume("latest", tmp_path).path == tmp_path / "step00000007"
+    assert resolve_resume("none", tmp_path) is None
+    assert resolve_resume(str(tmp_path / "step00000007"), Path("elsewhere")).tag == "step00000007"
+    assert resolve_resume(str(tmp_path), Path("elsewhere")).topology() == Topology(1, 1)
+    with pytest.raises(FileNotFoundError, match="run.resume"):
+        resolve_resume(str(tmp_path / "missing"), tmp_path)
+
+
+def test_export_renames_local_experts_to_global_ids():
+    name = "dder2.deepspeed_moe.experts.deepspeed_experts.1.fc1.weight"
+    assert _global_name(name, ep_rank=2, num_local_experts=3) == name.replace(".1.", ".7.")
+    assert _global_name("dder2.router.w_g", ep_rank=2, num_local_experts=3) == "dder2.router.w_g"
+
+
+# ----------------------------------------------------------------------------------- metrics, loss
+def test_psnr_and_ssim_on_known_images():
+    clean = torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    shifted = (clean + 0.1).clamp(0, 1)
+    assert psnr(clean, clean).min() > 90
+    mse = (shifted - clean).pow(2).flatten(1).mean(1)
+    assert torch.allclose(psnr(shifted, clean), -10 * torch.log10(mse), atol=1e-4)
+    assert torch.allclose(ssim(clean, clean), torch.ones(2), atol=1e-6)
+    assert (ssim(shifted, clean) < 0.99).all()
+
+
+def test_charbonnier_approaches_l1_for_large_errors():
+    restored, target = torch.full((1, 3, 4, 4), 0.9), torch.zeros(1, 3, 4, 4)
+    assert pixel_loss(restored, target, "l1", 1e-3) == pytest.approx(0.9)
+    assert pixel_loss(restored, target, "charbonnier", 1e-3) == pytest.approx(math.sqrt(0.81 + 1e-6))
+    assert pixel_loss(target, target, "charbonnier", 1e-3) == pytest.approx(1e-3)
+
+
+# ----------------------------------------------------------------------------------- activation checkpointing
+def test_activation_checkpointing_gives_the_same_gradients(repo_root):
+    from m2r.engine.loss import restoration_loss
+    from m2r.models.m2restore import build_model
+
+    cfg = tiny_config(repo_root)
+    lq = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    gt = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+
+    def gradients(mode):
+        model = build_model(cfg.model)
+        model.set_activation_checkpointing(mode)
+        torch.manual_seed(3)  # the same gate noise in both runs
+        restoration_loss(model(lq), gt, cfg.train, cfg.model.moe.balance_loss_weight).total.backward()
+        return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = gradients("none"), gradients("all")
+    assert plain.keys() == checkpointed.keys() and len(plain) > 100
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)

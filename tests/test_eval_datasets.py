@@ -1,0 +1,87 @@
+"""Public dataset layouts: pairs found exactly, problems reported with their path."""
+import numpy as np
+import pytest
+import torch
+
+from finetune_layouts import build_allweather, build_cdd11
+from m2r.eval.datasets import (ALLWEATHER_PAPER_SETS, CDD11_TYPES, DatasetLayoutError, PairedImages,
+                               allweather_test_sets, allweather_train_pairs, cdd11_pairs, evaluation_sets)
+from m2r.eval.tiling import pad_to_multiple, restore_image, tile_starts
+
+
+def test_allweather_train_follows_the_list_file(tmp_path):
+    root = build_allweather(tmp_path / "aw", train=4)
+    (root / "filenames.txt").write_text("./input/im_0001.png\nim_0003.png\n")
+    pairs = allweather_train_pairs(root)
+    assert [p.lq.name for p in pairs] == ["im_0001.png", "im_0003.png"]
+    assert all(p.gt == root / "train/gt" / p.lq.name for p in pairs)
+
+
+def test_allweather_test_sets_in_their_public_layouts(tmp_path):
+    root = build_allweather(tmp_path / "aw")
+    sets = allweather_test_sets(root)
+    assert list(sets) == ["outdoor_rain", "snow100k_s", "snow100k_l", "raindrop_a"]
+    assert set(ALLWEATHER_PAPER_SETS) <= set(sets)
+    raindrop = sets["raindrop_a"][0]
+    assert (raindrop.lq.parent.name, raindrop.lq.name, raindrop.gt.name) == ("data", "0_rain.png", "0_clean.png")
+    assert sets["snow100k_l"][0].lq.parent == root / "test/Snow100K-L/synthetic"
+
+
+def test_cdd11_pairs_every_type_with_clear_including_rain_in_train(tmp_path):
+    root = build_cdd11(tmp_path / "cdd")
+    train = cdd11_pairs(root, "train")
+    assert list(train) == list(CDD11_TYPES)
+    rain = train["rain"][0]
+    assert rain.gt == root / "train/clear/000.png"  # not .../tclear/...
+    assert len(evaluation_sets("cdd11", str(root))) == 11
+
+
+def test_missing_or_malformed_folders_name_the_path(tmp_path):
+    root = build_cdd11(tmp_path / "cdd")
+    (root / "test/clear/000.png").unlink()
+    with pytest.raises(DatasetLayoutError, match=r"no target for .*test/low/000.png"):
+        cdd11_pairs(root, "test")
+    with pytest.raises(DatasetLayoutError, match=r"missing CDD-11 folder .*nowhere/train/clear"):
+        cdd11_pairs(tmp_path / "nowhere", "train")
+    with pytest.raises(DatasetLayoutError, match="no AllWeather test set under"):
+        allweather_test_sets(tmp_path / "empty")
+    aw = build_allweather(tmp_path / "aw")
+    with pytest.raises(DatasetLayoutError, match="snow100k_s"):
+        allweather_test_sets(tmp_path / "empty", ["snow100k_s"])
+    (aw / "filenames.txt").write_text("im_9999.png\n")
+    with pytest.raises(DatasetLayoutError, match="im_9999.png"):
+        allweather_train_pairs(aw)
+
+
+def test_training_crops_are_aligned_and_reproducible(tmp_path):
+    root = build_allweather(tmp_path / "aw", size=(37, 53))
+    pairs = allweather_train_pairs(root)
+    data = PairedImages(pairs, ["allweather"], crop=16, seed=3)
+    first, again = data[1], data[1]
+    assert first["lq"].shape == (3, 16, 16) and first["lq"].dtype == torch.uint8
+    assert torch.equal(first["gt"], again["gt"])
+    data.set_epoch(1)
+    assert not torch.equal(first["gt"], data[1]["gt"])
+    # lq is gt + bounded noise, so an aligned crop stays within the noise amplitude
+    assert (first["lq"].int() - first["gt"].int()).abs().max() <= 20
+
+
+class Identity(torch.nn.Module):
+    """Stands in for M2Restore: checks the size rule and returns its input."""
+
+    def forward(self, x):
+        assert x.shape[-1] % 8 == 0 and x.shape[-2] % 8 == 0 and min(x.shape[-2:]) >= 16
+        return type("Out", (), {"restored": x})()
+
+
+@pytest.mark.parametrize("size", [(5, 7), (21, 35), (64, 64)])
+def test_padding_is_cropped_back_exactly(size):
+    image = torch.rand(1, 3, *size)
+    assert torch.equal(restore_image(Identity(), image), image)
+    assert pad_to_multiple(image).shape[-2] % 8 == 0
+
+
+def test_tiles_cover_the_image_and_blend_back_to_it():
+    assert tile_starts(100, 32, 8) == [0, 24, 48, 68]
+    image = torch.rand(1, 3, 61, 90)
+    np.testing.assert_allclose(restore_image(Identity(), image, tile=32, overlap=8), image, atol=1e-6)

@@ -1,0 +1,124 @@
+"""Metric protocols: rgb and y against scikit-image on real photos, official against a by-hand derivation."""
+import math
+
+import numpy as np
+import pytest
+import skimage.color
+import skimage.data
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+import torch
+
+from m2r.eval.metrics import image_metrics, official_luma, parse_protocols, psnr_ssim_official
+
+PHOTOS = ("astronaut", "coffee", "chelsea")
+
+
+def photo_pair(name: str, seed: int):
+    """A 96x128 crop of a sample photo in [0, 1] (H, W, 3) and a noisy, slightly out-of-range copy."""
+    clean = getattr(skimage.data, name)()[:96, :128, :3].astype(np.float64) / 255.0
+    rng = np.random.default_rng(seed)
+    noisy = clean + rng.normal(0.0, 0.05, clean.shape) + 0.02
+    return clean, noisy
+
+
+def chw(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+@pytest.mark.parametrize("name", PHOTOS)
+def test_rgb_protocol_matches_scikit_image_on_clamped_output(name):
+    clean, noisy = photo_pair(name, seed=1)
+    clamped = noisy.clip(0, 1)
+    ours = image_metrics(chw(noisy), chw(clean), ["rgb"])
+    assert ours["psnr_rgb"] == pytest.approx(peak_signal_noise_ratio(clean, clamped, data_range=1), abs=1e-6)
+    reference = structural_similarity(clean, clamped, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                      data_range=1, channel_axis=-1)
+    assert ours["ssim_rgb"] == pytest.approx(reference, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", PHOTOS)
+def test_y_protocol_is_bt601_luma_of_rgb_images(name):
+    clean, noisy = photo_pair(name, seed=2)
+    clamped = noisy.clip(0, 1)
+    y_clean = skimage.color.rgb2ycbcr(clean)[..., 0] / 255.0     # RGB input, Y in [16, 235]
+    y_noisy = skimage.color.rgb2ycbcr(clamped)[..., 0] / 255.0
+    ours = image_metrics(chw(noisy), chw(clean), ["y"])
+    assert ours["psnr_y"] == pytest.approx(peak_signal_noise_ratio(y_clean, y_noisy, data_range=1), abs=1e-6)
+    reference = structural_similarity(y_clean, y_noisy, gaussian_weights=True, sigma=1.5,
+                                      use_sample_covariance=False, data_range=1)
+    assert ours["ssim_y"] == pytest.approx(reference, abs=1e-6)
+
+
+def test_y_protocol_reads_channels_as_rgb_not_bgr():
+    red = torch.zeros(3, 16, 16)
+    red[0] = 1.0
+    blue = red.flip(0)
+    assert image_metrics(red, blue, ["y"])["psnr_y"] == pytest.approx(
+        10 * math.log10(1 / ((65.481 - 24.966) / 255) ** 2), abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- the official metric
+
+def scrambled_luma_by_hand(image: np.ndarray) -> np.ndarray:
+    """Element (i, j, k) of `chw.view(H, W, 3)` is flat element (i * W + j) * 3 + k of the C-order (3, H, W)."""
+    _, h, w = image.shape
+    flat = [image[c, y, x] for c in range(3) for y in range(h) for x in range(w)]
+    luma = np.zeros((h, w))
+    for i in range(h):
+        for j in range(w):
+            b, g, r = (flat[(i * w + j) * 3 + k] for k in range(3))  # OpenCV reads the triplet as B, G, R
+            luma[i, j] = 0.114 * b + 0.587 * g + 0.299 * r
+    return luma
+
+
+def column_ssim_by_hand(x: np.ndarray, y: np.ndarray, window: int = 7) -> float:
+    """Mean over columns of the mean over every full 7-sample window of SSIM with sample (n-1) variances."""
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    per_column = []
+    for j in range(x.shape[1]):
+        values = []
+        for top in range(x.shape[0] - window + 1):
+            a, b = x[top:top + window, j], y[top:top + window, j]
+            va, vb = a.var(ddof=1), b.var(ddof=1)
+            cov = ((a - a.mean()) * (b - b.mean())).sum() / (window - 1)
+            values.append(((2 * a.mean() * b.mean() + c1) * (2 * cov + c2))
+                          / ((a.mean() ** 2 + b.mean() ** 2 + c1) * (va + vb + c2)))
+        per_column.append(np.mean(values))
+    return float(np.mean(per_column))
+
+
+def test_official_luma_is_the_reshaped_not_permuted_image():
+    image = torch.rand(3, 9, 5, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(official_luma(image).numpy(), scrambled_luma_by_hand(image.numpy()), atol=1e-6)
+
+
+def test_official_psnr_and_ssim_match_a_derivation_by_hand():
+    gen = torch.Generator().manual_seed(3)
+    target = torch.rand(3, 10, 6, generator=gen)
+    restored = target + 0.1 * torch.randn(3, 10, 6, generator=gen)  # outside [0, 1]: not clamped
+    y_restored = scrambled_luma_by_hand(restored.numpy().astype(np.float64))
+    y_target = scrambled_luma_by_hand(target.numpy().astype(np.float64))
+    psnr, ssim = psnr_ssim_official(restored, target)
+    assert psnr == pytest.approx(10 * math.log10(1 / np.mean((y_restored - y_target) ** 2)), abs=1e-4)
+    assert ssim == pytest.approx(column_ssim_by_hand(y_restored, y_target), abs=1e-5)
+
+
+def test_official_ssim_is_scikit_images_channel_axis_call_on_the_luma():
+    clean, noisy = photo_pair("astronaut", seed=4)
+    restored, target = chw(noisy).float(), chw(clean).float()
+    luma_r, luma_t = official_luma(restored).numpy(), official_luma(target).numpy()
+    _, ssim = psnr_ssim_official(restored, target)
+    assert ssim == pytest.approx(structural_similarity(luma_t, luma_r, data_range=1, channel_axis=-1), abs=1e-5)
+
+
+def test_official_protocol_differs_from_the_standard_ones_on_a_real_photo():
+    clean, noisy = photo_pair("coffee", seed=5)
+    metrics = image_metrics(chw(noisy), chw(clean))
+    assert set(metrics) == {f"{m}_{p}" for m in ("psnr", "ssim") for p in ("rgb", "y", "official")}
+    assert abs(metrics["psnr_official"] - metrics["psnr_y"]) > 0.05
+
+
+def test_unknown_protocol_names_are_refused():
+    assert parse_protocols("rgb, official") == ("rgb", "official")
+    with pytest.raises(ValueError, match="rgb,y,official"):
+        parse_protocols("rgb,lpips")

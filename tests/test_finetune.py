@@ -1,0 +1,89 @@
+"""finetune.py: the paper recipe in the configs, config checks, and a 2-rank run from a 1-rank
+pretraining checkpoint whose best weights `m2r.evaluate` then scores on AllWeather and CDD-11."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from finetune_layouts import build_allweather, build_cdd11
+from m2r.config import ConfigError, load_config
+from m2r.eval.datasets import CDD11_TYPES
+
+PROTOCOL_KEYS = {f"{m}_{p}" for m in ("psnr", "ssim") for p in ("rgb", "y", "official")}
+
+
+def import_finetune(repo_root):
+    spec = importlib.util.spec_from_file_location("finetune", Path(repo_root) / "finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["finetune"] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name, dataset", [("allweather", "allweather"), ("cdd11", "cdd11")])
+def test_configs_hold_the_paper_recipe(repo_root, name, dataset):
+    finetune = import_finetune(repo_root)
+    cfg = load_config(finetune.FinetuneConfig, Path(repo_root) / f"configs/finetune/{name}.yaml")
+    train = cfg.train
+    assert (cfg.data.dataset, train.lr, train.weight_decay, train.epochs, train.warmup_epochs) == \
+        (dataset, 2e-4, 0.01, 200, 15)
+    assert (train.schedule_epochs, train.crop, train.micro_batch, train.grad_accum, train.precision) == \
+        (180, 224, 4, 4, "fp32")
+    assert cfg.data.augment is False and cfg.model.moe.combine == "log" and cfg.model.dim == 48
+    plus = load_config(finetune.FinetuneConfig, Path(repo_root) / f"configs/finetune/{name}-plus.yaml")
+    assert plus.data.augment and plus.model.moe.combine == "linear" and plus.data.dataset == dataset
+
+
+@pytest.mark.parametrize("overrides, key", [([], "data.root"), (["train.ema_decay=0.9"], "train.ema_decay"),
+                                            (["run.best_metrics=[lpips]"], "run.best_metrics"),
+                                            (["model.moe.ep_size=4"], "model.moe.ep_size")])
+def test_invalid_settings_name_their_key(repo_root, overrides, key):
+    finetune = import_finetune(repo_root)
+    root = ["data.root=/data"] if overrides else []  # the tiny config leaves data.root empty
+    cfg = load_config(finetune.FinetuneConfig, Path(repo_root) / "configs/finetune/tiny-test.yaml",
+                      root + overrides)
+    with pytest.raises(ConfigError, match=key):
+        finetune.validate_finetune_config(cfg, world_size=2)
+
+
+def run(command, cwd, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_two_rank_finetune_from_a_one_rank_pretraining_checkpoint_then_evaluation(repo_root, tmp_path):
+    python = sys.executable
+    pretrain_dir, finetune_dir = tmp_path / "pretrain", tmp_path / "finetune"
+    run([python, "pretrain.py", "--config", "configs/pretrain/tiny-test.yaml", "train.steps=1", "run.image_every=0",
+         f"run.dir={pretrain_dir}"], repo_root)
+    allweather = build_allweather(tmp_path / "allweather", size=(40, 48), train=8)
+    log = run([python, "-m", "torch.distributed.run", "--nproc_per_node", "2", "finetune.py", "--config",
+               "configs/finetune/tiny-test.yaml", f"data.root={allweather}",
+               f"init.weights={pretrain_dir}/checkpoints", f"run.dir={finetune_dir}"], repo_root)
+    assert "saved with world size 1, ep_size 1" in log
+    assert "2 steps/epoch x 2 epochs = 4 steps" in log
+    meta = json.loads((finetune_dir / "checkpoints/step00000004/meta.json").read_text())
+    assert (meta["world_size"], meta["ep_size"]) == (2, 2)
+    best = json.loads((finetune_dir / "best_psnr.json").read_text())
+    assert best["epoch"] in (1, 2)
+    val_lines = [json.loads(line) for line in (finetune_dir / "metrics.jsonl").read_text().splitlines()
+                 if "val_psnr" in line]
+    assert len(val_lines) == 2 and "val_psnr_raindrop_a" in val_lines[0]
+
+    weights = finetune_dir / "best_psnr.safetensors"
+    cdd11 = build_cdd11(tmp_path / "cdd11", size=(24, 32))
+    for dataset, root, names in (("allweather", allweather, ["outdoor_rain", "snow100k_s", "snow100k_l",
+                                                             "raindrop_a"]),
+                                 ("cdd11", cdd11, list(CDD11_TYPES))):
+        out = tmp_path / f"eval-{dataset}"
+        run([python, "-m", "m2r.evaluate", "--weights", str(weights), "--dataset", dataset, "--root", str(root),
+             "--out", str(out)], repo_root)
+        results = json.loads((out / "results.json").read_text())
+        assert list(results["sets"]) == names
+        assert all(PROTOCOL_KEYS <= set(summary) for summary in results["sets"].values())
