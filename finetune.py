@@ -18,7 +18,6 @@ mid-epoch; resuming at the same topology continues the epoch exactly.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import sys
@@ -33,7 +32,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from m2r import dist
 from m2r.config import ConfigError, choice, load_config, save_config
-from m2r.engine.config import TrainConfig
+from m2r.engine.config import TrainConfig, require
 from m2r.models.config import ModelConfig
 
 
@@ -85,30 +84,25 @@ class FinetuneConfig:
     run: FinetuneRunConfig = field(default_factory=FinetuneRunConfig)
 
 
-def _require(ok: bool, key: str, value, rule: str) -> None:
-    if not ok:
-        raise ConfigError(f"config error: key '{key}': value {value!r} {rule}")
-
-
 def validate_finetune_config(cfg, world_size: int) -> None:
     train, data, run = cfg.train, cfg.data, cfg.run
-    _require(bool(data.root), "data.root", data.root, "must name the dataset root")
-    _require(train.epochs > 0 and train.micro_batch > 0 and train.grad_accum > 0,
+    require(bool(data.root), "data.root", data.root, "must name the dataset root")
+    require(train.epochs > 0 and train.micro_batch > 0 and train.grad_accum > 0,
              "train.epochs/micro_batch/grad_accum", (train.epochs, train.micro_batch, train.grad_accum),
              "must all be positive")
-    _require(0 <= train.warmup_epochs < max(train.epochs, train.schedule_epochs), "train.warmup_epochs",
+    require(0 <= train.warmup_epochs < max(train.epochs, train.schedule_epochs), "train.warmup_epochs",
              train.warmup_epochs, "must be >= 0 and below the schedule length")
-    _require(train.crop % 8 == 0 and data.val_crop % 8 == 0, "train.crop/data.val_crop",
+    require(train.crop % 8 == 0 and data.val_crop % 8 == 0, "train.crop/data.val_crop",
              (train.crop, data.val_crop), "must be multiples of 8")
-    _require(train.activation_checkpointing in ("auto", "none", "bottleneck", "all"),
+    require(train.activation_checkpointing in ("auto", "none", "bottleneck", "all"),
              "train.activation_checkpointing", train.activation_checkpointing,
              "must be auto, none, bottleneck or all")
-    _require(train.ema_decay == 0, "train.ema_decay", train.ema_decay,
+    require(train.ema_decay == 0, "train.ema_decay", train.ema_decay,
              "is not supported by finetune.py yet (pretrain.py has EMA); set it to 0")
-    _require(run.keep_last >= 2, "run.keep_last", run.keep_last, "must be >= 2")
-    _require(set(run.best_metrics) <= {"psnr", "ssim"}, "run.best_metrics", list(run.best_metrics),
+    require(run.keep_last >= 2, "run.keep_last", run.keep_last, "must be >= 2")
+    require(set(run.best_metrics) <= {"psnr", "ssim"}, "run.best_metrics", list(run.best_metrics),
              "may only hold psnr and ssim")
-    _require(world_size % cfg.model.moe.ep_size == 0, "model.moe.ep_size", cfg.model.moe.ep_size,
+    require(world_size % cfg.model.moe.ep_size == 0, "model.moe.ep_size", cfg.model.moe.ep_size,
              f"must divide the world size {world_size}")
 
 
@@ -412,17 +406,8 @@ class Finetuner:
         return 0
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="configs/finetune/<name>.yaml")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                        help="set by the deepspeed launcher; the LOCAL_RANK variable is what we read")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    return parser.parse_args(argv)
-
-
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = dist.parse_entry_args(sys.argv[1:] if argv is None else argv, __doc__, "configs/finetune/<name>.yaml")
     env = dist.discover_dist_env()
     cfg = load_config(FinetuneConfig, args.config, args.overrides)
     return Finetuner(cfg, env).fit()

@@ -10,24 +10,14 @@
 A run resumes from its newest checkpoint by default; SIGTERM or SIGUSR1 saves a checkpoint and
 exits 0. See m2r/engine/trainer.py for the loop and m2r/engine/config.py for every key.
 """
-import argparse
 import sys
 
 from m2r import dist
 from m2r.config import load_config
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="configs/pretrain/<name>.yaml")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                        help="set by the deepspeed launcher; the LOCAL_RANK variable is what we read")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    return parser.parse_args(argv)
-
-
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = dist.parse_entry_args(sys.argv[1:] if argv is None else argv, __doc__, "configs/pretrain/<name>.yaml")
     env = dist.discover_dist_env()
 
     from m2r.engine.config import PretrainConfig

@@ -2,9 +2,10 @@
 
     OMP_NUM_THREADS=1 python bench/data_speed.py [--crop 256] [--pairs 200]
 
-Per type: degrading an augmented crop (float conversion, steps, uint8). Whole stream: shards of
-512x512 photos (raw uint8 + zstd) read through `build_train_stream` in the main process: tar read,
-shuffle, decode, crop, flips/rot90, degradation, batching. Prints Markdown tables.
+Per type: degrading a planar uint8 crop as the stream does (float conversion, steps, uint8).
+Whole stream: shards of 512x512 photos (raw uint8 + zstd) read through `build_train_stream` in the
+main process: tar read, shuffle, decode, crop, flips/rot90, degradation, batching. Prints Markdown
+tables.
 """
 from __future__ import annotations
 
@@ -22,11 +23,12 @@ from PIL import Image
 from m2r.data import DataConfig, build_train_stream
 from m2r.data.builtin import TRAIN_PHOTOS, load_photo
 from m2r.data.presets import PRESETS, Degrader
+from m2r.data.stream import planar
 from m2r.shards.build import BuildOptions, build
 
 
 def per_type_speed(crop: int, pairs: int):
-    clean = [load_photo(name)[:crop, :crop] for name in TRAIN_PHOTOS if min(load_photo(name).shape[:2]) >= crop]
+    clean = [planar(load_photo(name)[:crop, :crop]) for name in TRAIN_PHOTOS if min(load_photo(name).shape[:2]) >= crop]
     rows = {}
     for preset in PRESETS:
         degrader = Degrader(preset)
@@ -35,7 +37,7 @@ def per_type_speed(crop: int, pairs: int):
                 continue
             start = time.perf_counter()
             for i in range(pairs):
-                degrader.degrade(clean[i % len(clean)], type_id, np.random.default_rng(i))
+                degrader.degrade_planes(clean[i % len(clean)], type_id, np.random.default_rng(i))
             rows[t.name] = pairs / (time.perf_counter() - start)
     return rows
 

@@ -56,7 +56,7 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
 
     fwd, fwd_bwd = median_ms(forward, args.repeats), median_ms(forward_backward, args.repeats)
-    print(f"| machine | config | params | batch x size | threads | forward ms | forward+backward ms | img/s (train) |")
+    print("| machine | config | params | batch x size | threads | forward ms | forward+backward ms | img/s (train) |")
     print("|---|---|---|---|---|---|---|---|")
     print(f"| {platform.machine()} CPU, torch {torch.__version__} | {args.config} | {params:,} | "
           f"{args.batch} x {args.size}^2 | {args.threads} | {fwd:.1f} | {fwd_bwd:.1f} | "

@@ -6,9 +6,9 @@
 Each variant trains with random weights on random images, batch 4 at 224x224 (the paper recipe), one
 optimizer step per batch, L1 + weighted balance loss, and reports ms/step, img/s, peak allocated
 memory and MFU. FLOPs are counted once per config with `torch.utils.flop_counter.FlopCounterMode` over
-one forward+backward in fp32 (convolutions and matrix products, which is where the work is; the
-elementwise ops it leaves out make the MFU a slight underestimate); MFU is that count times steps/s over
-the GPU's dense bf16 peak. The official recipe's figures (8.54 img/s, 42.1 GB, H100, fp32 eager) were
+the forward pass (convolutions and matrix products, which is where the work is; the elementwise ops it
+leaves out make the MFU a slight underestimate), as 3x the trainable network's forward plus the frozen
+CLIP's forward; MFU is that count times steps/s over the GPU's dense bf16 peak. The official recipe's figures (8.54 img/s, 42.1 GB, H100, fp32 eager) were
 measured by running the official code; ratios below are against them.
 """
 from __future__ import annotations
@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -39,6 +38,7 @@ from m2r.models.scan import selective_scan  # noqa: E402
 OFFICIAL_IMG_PER_S = 8.54
 OFFICIAL_PEAK_GB = 42.1
 H100_BF16_DENSE_TFLOPS = 989.4
+MAX_CROP = 1024
 
 
 @dataclass
@@ -136,13 +136,19 @@ class Trainer:
 
 
 def count_train_flops(cfg: ModelConfig, device: torch.device, batch: int, crop: int) -> float:
+    """FLOPs of one training step: 3x the trainable network's forward (backward ~ 2x forward) plus
+    the frozen CLIP prior's forward. Only forwards are counted: FlopCounterMode's rule for
+    convolution_backward ignores `groups` and overcounts the depthwise convolutions about 20x."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    trainer = Trainer(Variant("flops", ""), cfg, device, batch, crop)
-    with FlopCounterMode(display=False) as counter:
-        out = trainer.model(trainer.lq)
-        (F.l1_loss(out.restored, trainer.gt) + out.balance_loss).backward()
-    return float(counter.get_total_flops())
+    model = build_model(cfg).to(device)
+    lq = torch.rand(batch, 3, crop, crop, device=device)
+    with torch.no_grad(), FlopCounterMode(display=False) as whole:
+        model(lq)
+    with torch.no_grad(), FlopCounterMode(display=False) as clip:
+        model.clip_prior(2 * lq - 1)
+    network = whole.get_total_flops() - clip.get_total_flops()
+    return float(3 * network + clip.get_total_flops())
 
 
 def peak_gb(device: torch.device) -> float:
@@ -183,13 +189,16 @@ def largest_crop(variant: Variant, args, device, clip_weights) -> dict:
         Trainer(variant, cfg, device, args.batch, crop).time_steps(1, 1)
         peaks[crop] = peak_gb(device)
     slope = (peaks[320] - peaks[224]) / (320 ** 2 - 224 ** 2)
-    crop = int(math.sqrt(max(224 ** 2, (budget - peaks[224]) / slope + 224 ** 2)) // 8 * 8)
+    predicted = int(math.sqrt(max(224 ** 2, (budget - peaks[224]) / slope + 224 ** 2)) // 8 * 8)
+    # The first H100 search failed inside cuBLAS (CUBLAS_STATUS_EXECUTION_FAILED) at its predicted
+    # crop, roughly 900 px or more, before memory ran out; start no higher than MAX_CROP.
+    crop = min(predicted, MAX_CROP)
     for _ in range(4):
         try:
             reset_peak(device)
             Trainer(variant, cfg, device, args.batch, crop).time_steps(1, 1)
-            return {"variant": variant.name, "largest_crop": crop, "peak_gb": peak_gb(device),
-                    "budget_gb": budget}
+            return {"variant": variant.name, "largest_crop": crop, "predicted_by_memory": predicted,
+                    "peak_gb": peak_gb(device), "budget_gb": budget}
         except torch.OutOfMemoryError:
             crop = int(crop * 0.95) // 8 * 8
     return {"variant": variant.name, "largest_crop": None, "note": "no crop fit after 4 tries"}
@@ -275,7 +284,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS)
-    parser.add_argument("--only", default="", help="comma-separated parts: train,crop,eval,scan,clip")
+    parser.add_argument("--only", default="", help="comma-separated parts: train,crop,eval,scan,clip,flops")
     parser.add_argument("--json", type=Path, help="write all results here")
     args = parser.parse_args()
 
@@ -306,6 +315,10 @@ def main() -> None:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(results, indent=2))
 
+    if "flops" in parts:  # the analytic count alone (runs anywhere, e.g. to check MFU arithmetic on CPU)
+        for config in sorted({v.config for v in variants}):
+            record(f"flops_per_step/{config}",
+                   lambda c=config: count_train_flops(model_config(c, clip_weights), device, args.batch, args.crop))
     if "train" in parts:
         for v in variants:
             record(f"train/{v.name}", lambda v=v: run_variant(v, args, device, flops, clip_weights))

@@ -8,6 +8,7 @@ Three launch styles are recognised, in this order:
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import re
@@ -26,6 +27,16 @@ class DistEnv:
     world_size: int
     local_rank: int
     launcher: str  # "torchrun/deepspeed" | "srun" | "single"
+
+
+def parse_entry_args(argv, description: str, config_help: str) -> argparse.Namespace:
+    """`--config FILE [key=value ...]` for the training entry points; also accepts the `--local_rank`
+    argument the deepspeed launcher adds (the LOCAL_RANK variable is what `discover_dist_env` reads)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help=config_help)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return parser.parse_args(argv)
 
 
 def first_slurm_host(nodelist: str) -> str:

@@ -23,6 +23,7 @@ import torch
 
 from m2r import dist
 from m2r.eval.datasets import DATASETS, Pair, evaluation_sets, read_rgb, to_chw_uint8
+from m2r.eval.loading import AUTOCAST, add_inference_arguments, load_inference_model
 from m2r.eval.metrics import image_metrics, parse_protocols
 from m2r.eval.tiling import restore_image
 
@@ -30,12 +31,11 @@ SET_TITLES = {"outdoor_rain": "Outdoor-Rain", "snow100k_s": "Snow100K-S", "snow1
               "raindrop_a": "RainDrop", "low": "L", "haze": "H", "rain": "R", "snow": "S", "low_haze": "L+H",
               "low_rain": "L+R", "low_snow": "L+S", "haze_rain": "H+R", "haze_snow": "H+S",
               "low_haze_rain": "L+H+R", "low_haze_snow": "L+H+S"}
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", required=True, help="checkpoint dir, .safetensors export or official .ckpt")
+    add_inference_arguments(parser)
     parser.add_argument("--dataset", required=True, choices=DATASETS)
     parser.add_argument("--root", required=True, help="dataset root (layouts: m2r/eval/datasets.py)")
     parser.add_argument("--metrics", default="rgb,y,official", help="comma-separated: rgb, y, official")
@@ -43,12 +43,6 @@ def parse_args(argv):
     parser.add_argument("--sets", default="", help="AllWeather test sets or CDD-11 types (default: all found)")
     parser.add_argument("--limit", type=int, default=0, help="first N images per set (0 = all)")
     parser.add_argument("--save-images", action="store_true", help="write restored PNGs to <out>/images/<set>/")
-    parser.add_argument("--tile", type=int, default=0, help="tile side for large images (multiple of 8; 0 = whole)")
-    parser.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels")
-    parser.add_argument("--precision", default="fp32", choices=tuple(AUTOCAST), help="autocast dtype on GPU")
-    parser.add_argument("--model-config", default=None, help="model YAML (required for official checkpoints)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="model config override, e.g. clip.weights=/data/daclip_ViT-B-32.pt")
     return parser.parse_args(argv)
 
 
@@ -120,7 +114,6 @@ def markdown_table(summary: dict, protocols: Sequence[str]) -> str:
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     protocols = parse_protocols(args.metrics)
-    from m2r.eval.loading import load_inference_model
 
     device = init_processes()
     sets = evaluation_sets(args.dataset, args.root, [s for s in args.sets.split(",") if s] or None)

@@ -16,22 +16,17 @@ from typing import List, Tuple
 import torch
 
 from m2r.eval.datasets import IMAGE_SUFFIXES, read_rgb, to_chw_uint8
+from m2r.eval.loading import AUTOCAST, add_inference_arguments, load_inference_model
 from m2r.eval.tiling import restore_image
-from m2r.evaluate import AUTOCAST, save_png
+from m2r.evaluate import save_png
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
-    parser.add_argument("--weights", required=True, help="checkpoint dir, .safetensors export or official .ckpt")
+    add_inference_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--tile", type=int, default=0, help="tile side for large images (multiple of 8; 0 = whole)")
-    parser.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels")
-    parser.add_argument("--precision", default="fp32", choices=tuple(AUTOCAST), help="autocast dtype on GPU")
-    parser.add_argument("--model-config", default=None, help="model YAML (required for official checkpoints)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="model config override, e.g. clip.weights=/data/daclip_ViT-B-32.pt")
     return parser.parse_args(argv)
 
 
@@ -53,8 +48,6 @@ def collect_inputs(inputs: List[str]) -> List[Tuple[Path, Path]]:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from m2r.eval.loading import load_inference_model
-
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     jobs = collect_inputs(args.inputs)
     model = load_inference_model(args.weights, device, args.model_config, args.overrides)

@@ -112,6 +112,15 @@ def test_noise_residual_std_is_sigma(sigma):
     assert (noisy - gray).std() * 255 == pytest.approx(sigma, rel=0.03)
 
 
+def test_standard_normal_is_gaussian_and_reproducible():
+    z = D.standard_normal(rng(4), (1000, 1000))
+    assert z.dtype == np.float32 and z.shape == (1000, 1000)
+    assert abs(z.mean()) < 0.005 and z.std() == pytest.approx(1.0, abs=0.005)
+    assert (np.abs(z) > 2).mean() == pytest.approx(0.0455, rel=0.05)     # two-sided 2-sigma tail
+    assert np.mean(z.astype(np.float64) ** 4) == pytest.approx(3.0, rel=0.02)   # Gaussian kurtosis
+    assert np.array_equal(z, D.standard_normal(rng(4), (1000, 1000)))
+
+
 def _blockiness(img: np.ndarray) -> float:
     """Mean horizontal step across 8x8 block borders over the mean step inside blocks."""
     steps = np.abs(np.diff(img.mean(axis=2), axis=1))

@@ -131,3 +131,12 @@ def test_val_set_from_held_out_shards(shard_dir):
     batches = build_val_set(cfg, CROP)
     assert sum(len(b["type_id"]) for b in batches) == len(type_names("five-task"))
     assert batches[0]["gt"].shape[1:] == (3, CROP, CROP)
+
+
+def test_the_stream_never_draws_from_the_global_torch_rng():
+    """The DataLoader's worker base seed comes from the stream's own integer-seeded generator."""
+    cfg = DataConfig(source="builtin", preset="five-task", workers=0)
+    stream = build_train_stream(cfg, seed=3, rank=0, world_size=1, micro_batch=2, crop=CROP)
+    before = torch.get_rng_state()
+    take(stream, 2)
+    assert torch.equal(torch.get_rng_state(), before)

@@ -88,6 +88,9 @@ def test_tensorboard_holds_the_scalars_and_an_image(parity_runs):
     expected |= {"val/psnr", "val/ssim", "moe/level1/expert0", "moe/level3/expert3"}
     assert expected <= scalars, expected - scalars
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5]
+    seen = {tag: events.Scalars(tag)[-1] for tag in scalars if tag.startswith("data/samples_")}
+    assert len(seen) == 11 and {e.step for e in seen.values()} == {5}  # the cdd11 preset's types
+    assert sum(e.value for e in seen.values()) == 5 * 2 * 2  # steps x micro batch x ranks, summed over ranks
     assert len(events.Images("images/val")) >= 1
     assert (parity_runs[2, 2] / "config.yaml").is_file()
 

@@ -1,8 +1,9 @@
-"""launch/*.sbatch on a real SLURM cluster: 2 emulated nodes x 1 rank, CPU, gloo, the tiny config.
+"""launch/*.sbatch on a real SLURM cluster: 2 emulated nodes x 1 rank, CPU, gloo, the tiny configs.
 
 The cluster (munge, slurmctld, one slurmd per node) is started by tests/slurm/cluster.py for this
 module and torn down after it; without root or SLURM packages that apt-get can install, every test
-here skips with the reason. The jobs run pretrain.py from this checkout with this interpreter.
+here skips with the reason. The jobs run pretrain.py / finetune.py from this checkout with this
+interpreter.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from typing import Dict
 
 import pytest
 
+from finetune_layouts import build_allweather
+from m2r.export import load_exported_model
 from slurm.cluster import SlurmCluster, SlurmUnavailable
 
 pytestmark = pytest.mark.dist
@@ -24,6 +27,8 @@ pytestmark = pytest.mark.dist
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = "configs/pretrain/tiny-test.yaml"
 STEPS = 30
+PRETRAIN_OVERRIDES = f"train.steps={STEPS} run.image_every=0"
+TINY_FINETUNE_CONFIG = "configs/finetune/tiny-test.yaml"  # 2 epochs, micro-batch 2 per rank
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 # Two emulated nodes, one CPU rank each; --gpus-per-node=0 overrides the script's GPU request.
 TWO_CPU_NODES = ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1")
@@ -53,6 +58,9 @@ class Job:
 
     def job_log(self) -> str:
         return "".join(path.read_text() for path in self.work.glob("*.out"))
+
+    def trainer_logs_tail(self, chars: int = 3000) -> str:
+        return "".join(f"--- {path.name}:\n{path.read_text()[-chars:]}" for path in sorted(self.work.glob("logs/*.log")))
 
     def restart_log(self, restart: int) -> str:
         (path,) = (self.work / "logs").glob(f"*-{self.job_id}.restart{restart}.log")
@@ -88,10 +96,12 @@ class Job:
             raise AssertionError(f"{error}\n--- job log:\n{self.job_log()}") from None
 
 
-def submit(cluster: SlurmCluster, work: Path, script: str = "launch/pretrain.sbatch", **knobs: str) -> Job:
+def submit(cluster: SlurmCluster, work: Path, script: str = "launch/pretrain.sbatch", config: str = TINY_CONFIG,
+           overrides: str = PRETRAIN_OVERRIDES, **knobs: str) -> Job:
+    """Submit `script` with `config`; the run writes to `work`/run, its logs to `work`/logs."""
     work.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHON=sys.executable, CONFIG=TINY_CONFIG, LOG_DIR=str(work / "logs"),
-               OVERRIDES=f"run.dir={work / 'run'} train.steps={STEPS} run.image_every=0",
+    env = dict(os.environ, PYTHON=sys.executable, CONFIG=config, LOG_DIR=str(work / "logs"),
+               OVERRIDES=f"run.dir={work / 'run'} {overrides}",
                OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", **knobs)
     job_id = cluster.submit(script, *TWO_CPU_NODES, f"--output={work}/%x-%j.out", env=env, cwd=str(REPO_ROOT))
     return Job(cluster, job_id, work)
@@ -99,7 +109,7 @@ def submit(cluster: SlurmCluster, work: Path, script: str = "launch/pretrain.sba
 
 def assert_completed(job: Job, fields: Dict[str, str]) -> None:
     assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), \
-        f"job {job.job_id}: {fields['JobState']} {fields['ExitCode']}\n{job.job_log()}"
+        f"job {job.job_id}: {fields['JobState']} {fields['ExitCode']}\n{job.job_log()}\n{job.trainer_logs_tail()}"
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +154,23 @@ def test_deepspeed_launcher_alternative_matches_srun(cluster, uninterrupted, tmp
         "node1 slots=1\nnode2 slots=1\n"
     assert job.losses() == uninterrupted.losses()
 
+
+
+def test_finetune_sbatch_continues_the_pretraining_job_and_exports_the_best_weights(cluster, uninterrupted, tmp_path):
+    # 8 training pairs over 2 ranks x micro-batch 2: 2 steps per epoch, 4 steps in the config's 2 epochs.
+    dataset = build_allweather(tmp_path / "allweather", train=8)
+    pretrained = uninterrupted.run_dir / "checkpoints"
+    job = submit(cluster, tmp_path / "job", "launch/finetune.sbatch", config=TINY_FINETUNE_CONFIG,
+                 overrides=f"data.root={dataset} init.weights={pretrained}")
+    assert_completed(job, job.wait_until_final(timeout=120))
+
+    log = job.restart_log(0)
+    assert "world size 2 | ep_size 2" in log and "saved with world size 2, ep_size 1" in log
+    assert "2 steps/epoch x 2 epochs = 4 steps" in log
+    assert sorted(job.losses()) == [1, 2, 3, 4]
+    meta = json.loads((job.run_dir / "checkpoints/step00000004/meta.json").read_text())
+    assert (meta["world_size"], meta["ep_size"]) == (2, 2)
+    for metric in ("psnr", "ssim"):
+        assert json.loads((job.run_dir / f"best_{metric}.json").read_text())["epoch"] in (1, 2)
+        # Both ranks' experts merged into one file that a single process loads strictly.
+        load_exported_model(str(job.run_dir / f"best_{metric}.safetensors"))

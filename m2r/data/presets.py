@@ -11,7 +11,7 @@ from typing import Dict, List, Mapping, Tuple
 
 import numpy as np
 
-from m2r.data.degradations import Step, apply_steps, in_physical_order, to_float, to_uint8
+from m2r.data.degradations import Step, apply_planar_steps, from_planes, in_physical_order, to_float, to_uint8
 
 
 @dataclass(frozen=True)
@@ -70,18 +70,25 @@ def mixture_probabilities(preset: str, weights: Mapping[str, float]) -> np.ndarr
 
 
 class Degrader:
-    """Draws a type from the preset's mixture and degrades a clean uint8 (H, W, 3) image with it."""
+    """Draws a type from the preset's mixture and degrades a clean uint8 image with it."""
 
     def __init__(self, preset: str, weights: Mapping[str, float] = ()):
         self.types = preset_types(preset)
         self.probabilities = mixture_probabilities(preset, dict(weights))
 
     def __call__(self, clean: np.ndarray, rng: np.random.Generator):
-        type_id = int(rng.choice(len(self.types), p=self.probabilities))
-        return self.degrade(clean, type_id, rng)
+        """(H, W, 3) `clean` -> (lq uint8 (H, W, 3), type_id, params list)."""
+        return self.degrade(clean, self.sample_type(rng), rng)
+
+    def sample_type(self, rng: np.random.Generator) -> int:
+        return int(rng.choice(len(self.types), p=self.probabilities))
 
     def degrade(self, clean: np.ndarray, type_id: int, rng: np.random.Generator):
-        """-> (lq uint8 (H, W, 3), type_id, params list)."""
-        degraded, params = apply_steps(to_float(clean), rng, self.types[type_id].steps)
-        return to_uint8(degraded), type_id, params
+        """(H, W, 3) `clean` -> (lq uint8 (H, W, 3), type_id, params list)."""
+        lq, params = self.degrade_planes(clean.transpose(2, 0, 1), type_id, rng)
+        return from_planes(lq), type_id, params
 
+    def degrade_planes(self, clean: np.ndarray, type_id: int, rng: np.random.Generator):
+        """uint8 (3, H, W) `clean`, any strides -> (lq uint8 (3, H, W), params list)."""
+        degraded, params = apply_planar_steps(to_float(clean), rng, self.types[type_id].steps)
+        return to_uint8(degraded), params

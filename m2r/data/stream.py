@@ -31,6 +31,7 @@ from m2r.data.shard_list import read_manifest, resolve_shards
 STREAM_TAG = 1          # first seed word after the run seed: training stream
 ROUND_TAG = 2           # shard/photo choice of a round
 VAL_TAG = 3             # validation crops and degradations
+LOADER_TAG = 5          # the DataLoader's base seed for its worker processes
 BUILTIN_ROUND = 256     # samples per round of the builtin source
 MAX_EMPTY_READS = 64    # consecutive shard reads without one sample before giving up
 SOURCES = ("builtin", "shards")
@@ -110,27 +111,35 @@ def _make_source(plan: StreamPlan, worker: int):
 
 # ----------------------------------------------------------------------------- pairs and batches
 
+def planar(img: np.ndarray) -> np.ndarray:
+    """(H, W, 3) view, any strides -> C-contiguous (3, H, W), the layout of batches and degradations."""
+    return np.ascontiguousarray(img.transpose(2, 0, 1))
+
+
 def make_pair(clean: np.ndarray, lq: Optional[np.ndarray], meta: dict, rng: np.random.Generator,
               degrader: Degrader, crop: int, scale_range=(1.0, 1.0)):
-    """-> (lq, gt, type_id). Clean-only samples are augmented (all 8 square symmetries) and then
-    degraded; pre-degraded pairs are only flipped left-right, as rain, snow and haze have an up."""
+    """(H, W, 3) images -> (lq, gt uint8 (3, crop, crop), type_id). Clean-only samples are augmented
+    (all 8 square symmetries) and then degraded; pre-degraded pairs are only flipped left-right, as
+    rain, snow and haze have an up."""
     if lq is None:
         (gt,) = random_crop([clean], crop, rng, scale_range)
         (gt,) = random_dihedral([gt], rng)
-        lq_img, type_id, _ = degrader(gt, rng)
+        gt = planar(gt)
+        type_id = degrader.sample_type(rng)
+        lq_img, _ = degrader.degrade_planes(gt, type_id, rng)
         return lq_img, gt, type_id
     names = [t.name for t in degrader.types]
     if meta.get("type") not in names:
         raise CorruptSample(f"pre-degraded sample of type {meta.get('type')!r}, not in the preset {names}")
     gt, lq_img = random_crop([clean, lq], crop, rng, scale_range)
     gt, lq_img = random_dihedral([gt, lq_img], rng, rotate=False)
-    return lq_img, gt, names.index(meta["type"])
+    return planar(lq_img), planar(gt), names.index(meta["type"])
 
 
 def collate(lq: Sequence[np.ndarray], gt: Sequence[np.ndarray], type_ids: Sequence[int]) -> Dict[str, torch.Tensor]:
-    def to_tensor(images):
-        return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    return dict(lq=to_tensor(lq), gt=to_tensor(gt), type_id=torch.tensor(type_ids, dtype=torch.int64))
+    """uint8 (3, H, W) images -> dict(lq, gt uint8 (B, 3, H, W), type_id int64 (B,))."""
+    return dict(lq=torch.from_numpy(np.stack(lq)), gt=torch.from_numpy(np.stack(gt)),
+                type_id=torch.tensor(type_ids, dtype=torch.int64))
 
 
 def worker_batches(plan: StreamPlan, worker: int, cursor: Tuple[int, int]) -> Iterator[dict]:
@@ -185,7 +194,7 @@ class TrainStream:
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
         dataset = _WorkerStream(self.plan, self._batches, tuple(self._cursors))
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                            prefetch_factor=4 if self.num_workers else None)
+                            prefetch_factor=4 if self.num_workers else None, generator=self._loader_generator())
         for batch in loader:
             worker = int(batch.pop("worker"))
             self._cursors[worker] = (int(batch.pop("cursor_round")), int(batch.pop("cursor_offset")))
@@ -194,6 +203,12 @@ class TrainStream:
                 self._type_counts[type_id] += count
             self._batches += 1
             yield batch
+
+    def _loader_generator(self) -> torch.Generator:
+        """Seeded from integers, so the DataLoader never draws its workers' base seed from the
+        global torch RNG (the batches themselves come from integer-seeded numpy generators)."""
+        words = (self.plan.seed, LOADER_TAG, self.plan.rank, self._batches)
+        return torch.Generator().manual_seed(int(np.random.default_rng(words).integers(2 ** 63)))
 
     def stats(self) -> Dict[str, object]:
         """Samples served per degradation type and corrupt samples skipped, on this rank so far."""
@@ -301,7 +316,8 @@ def build_val_set(cfg, crop: int) -> List[Dict[str, torch.Tensor]]:
         rng = np.random.default_rng((VAL_TAG, index))
         if lq_in is None:
             (target,) = random_crop([clean], crop, rng)
-            degraded, type_id, _ = degrader.degrade(target, index % len(degrader.types), rng)
+            target, type_id = planar(target), index % len(degrader.types)
+            degraded, _ = degrader.degrade_planes(target, type_id, rng)
         else:
             degraded, target, type_id = make_pair(clean, lq_in, meta, rng, degrader, crop)
         lq.append(degraded), gt.append(target), type_ids.append(type_id)

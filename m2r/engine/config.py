@@ -59,7 +59,8 @@ class PretrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-def _require(ok: bool, key: str, value, rule: str) -> None:
+def require(ok: bool, key: str, value, rule: str) -> None:
+    """Raise the ConfigError that names `key` unless `ok`."""
     if not ok:
         raise ConfigError(f"config error: key '{key}': value {value!r} {rule}")
 
@@ -67,23 +68,23 @@ def _require(ok: bool, key: str, value, rule: str) -> None:
 def validate_pretrain_config(cfg, world_size: int) -> None:
     """Checks that need several keys or the world size; single-key types are checked by the schema."""
     train, run, moe = cfg.train, cfg.run, cfg.model.moe
-    _require(train.precision in PRECISIONS, "train.precision", train.precision, f"must be one of {PRECISIONS}")
-    _require(train.loss in LOSSES, "train.loss", train.loss, f"must be one of {LOSSES}")
-    _require(train.activation_checkpointing in CHECKPOINTING_MODES, "train.activation_checkpointing",
+    require(train.precision in PRECISIONS, "train.precision", train.precision, f"must be one of {PRECISIONS}")
+    require(train.loss in LOSSES, "train.loss", train.loss, f"must be one of {LOSSES}")
+    require(train.activation_checkpointing in CHECKPOINTING_MODES, "train.activation_checkpointing",
              train.activation_checkpointing, f"must be one of {CHECKPOINTING_MODES}")
-    _require(train.zero_stage in (0, 1, 2), "train.zero_stage", train.zero_stage,
+    require(train.zero_stage in (0, 1, 2), "train.zero_stage", train.zero_stage,
              "is not supported: use 0, 1 or 2 (DeepSpeed's native MoE refuses ZeRO stage 3)")
-    _require(train.crop % 8 == 0, "train.crop", train.crop, "must be a multiple of 8")
-    _require(train.steps > 0 and train.micro_batch > 0 and train.grad_accum > 0,
+    require(train.crop % 8 == 0, "train.crop", train.crop, "must be a multiple of 8")
+    require(train.steps > 0 and train.micro_batch > 0 and train.grad_accum > 0,
              "train.steps/micro_batch/grad_accum", (train.steps, train.micro_batch, train.grad_accum),
              "must all be positive")
-    _require(0.0 <= train.ema_decay < 1.0, "train.ema_decay", train.ema_decay, "must be in [0, 1)")
-    _require(run.keep_last >= 2, "run.keep_last", run.keep_last,
+    require(0.0 <= train.ema_decay < 1.0, "train.ema_decay", train.ema_decay, "must be in [0, 1)")
+    require(run.keep_last >= 2, "run.keep_last", run.keep_last,
              "must be >= 2 (the newest checkpoint may be incomplete if the job is killed while saving)")
-    _require(run.save_every > 0 and run.log_every > 0 and run.val_every > 0,
+    require(run.save_every > 0 and run.log_every > 0 and run.val_every > 0,
              "run.save_every/log_every/val_every", (run.save_every, run.log_every, run.val_every),
              "must all be positive")
-    _require(world_size % moe.ep_size == 0, "model.moe.ep_size", moe.ep_size,
+    require(world_size % moe.ep_size == 0, "model.moe.ep_size", moe.ep_size,
              f"must divide the world size {world_size}")
-    _require(moe.num_experts % moe.ep_size == 0, "model.moe.ep_size", moe.ep_size,
+    require(moe.num_experts % moe.ep_size == 0, "model.moe.ep_size", moe.ep_size,
              f"must divide model.moe.num_experts={moe.num_experts}")

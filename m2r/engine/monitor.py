@@ -56,6 +56,7 @@ def gpu_memory_gib() -> float:
 class NullMonitor:
     def log_train(self, step: int, scalars: Dict[str, float]) -> None: ...
     def log_expert_load(self, step: int, loads: List[torch.Tensor]) -> None: ...
+    def log_samples_by_type(self, step: int, counts: Dict[str, int]) -> None: ...
     def log_val(self, step: int, metrics: Dict[str, float]) -> None: ...
     def log_images(self, step: int, grid: torch.Tensor) -> None: ...
     def advance(self, step: int) -> None: ...
@@ -124,6 +125,12 @@ class Monitor(NullMonitor):
         for level, load in enumerate(loads, start=1):
             for expert, fraction in enumerate(load.tolist()):
                 self.writer.add_scalar(f"moe/level{level}/expert{expert}", fraction, step)
+
+    def log_samples_by_type(self, step: int, counts: Dict[str, int]) -> None:
+        """Training samples seen so far per degradation type, summed over ranks."""
+        for name, count in counts.items():
+            self.writer.add_scalar(f"data/samples_{name}", count, step)
+        self._write({"step": step, "samples_by_type": counts})
 
     def log_val(self, step: int, metrics: Dict[str, float]) -> None:
         for name, value in metrics.items():

@@ -26,7 +26,7 @@ from m2r.engine.deepspeed_config import build_deepspeed_config
 from m2r.engine.loss import restoration_loss
 from m2r.engine.monitor import StepTimer, build_monitor
 from m2r.engine.optim import EMA, build_optimizer, learning_rate, set_learning_rate
-from m2r.engine.validate import evaluate, image_grid, to_unit_float
+from m2r.engine.validate import evaluate, image_grid, psnr, to_unit_float
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -91,7 +91,6 @@ class Trainer:
         self.step, self.first_val_psnr, self.last_val = 0, None, {}
         saved_rng = self._resume()
         self._stream_iter = iter(self.stream)
-        # Last, because starting the stream may draw from the global RNG (a DataLoader's base seed).
         self._set_rng(saved_rng, env.rank)
 
         if dist.is_rank0():
@@ -190,10 +189,7 @@ class Trainer:
     # ----------------------------------------------------------------------------- training
     def _next_batch(self, timer: StepTimer) -> Dict[str, torch.Tensor]:
         start = time.perf_counter()
-        # The stream has its own seeds; shielding the global RNG from it (a DataLoader draws its base
-        # seed there when it starts, lazily) keeps the gate noise the same across resumes.
-        with torch.random.fork_rng(devices=[]):
-            batch = next(self._stream_iter)
+        batch = next(self._stream_iter)  # the stream never touches the global RNG (it seeds its own)
         timer.add_data_wait(time.perf_counter() - start)
         return batch
 
@@ -220,16 +216,22 @@ class Trainer:
         self.step += 1
         return {"terms": totals / train.grad_accum, "loads": loads / train.grad_accum, "lr": lr}
 
-    def _mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+    def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
         if not dist.is_initialized():
             return values
         buffer = values.to(self.device) if self.device.type == "cuda" else values.clone()
         torch_dist.all_reduce(buffer)
-        return buffer.cpu() / dist.world_size()
+        return buffer.cpu()
+
+    def _log_samples_by_type(self) -> None:
+        """Per-type counts of the data stream, summed over ranks (a collective: every rank calls it)."""
+        seen = self.stream.stats()["samples_by_type"]
+        totals = self._sum_over_ranks(torch.tensor(list(seen.values()), dtype=torch.float64))
+        self.monitor.log_samples_by_type(self.step, dict(zip(seen, (int(c) for c in totals.tolist()))))
 
     def _report_step(self, result: Dict[str, Any], timer: StepTimer) -> None:
         terms, loads = result["terms"], result["loads"]
-        packed = self._mean_over_ranks(torch.cat([terms, loads.flatten().double()]))
+        packed = self._sum_over_ranks(torch.cat([terms, loads.flatten().double()])) / dist.world_size()
         scalars = {"loss": float(packed[0]), "pixel_loss": float(packed[1]), "balance_loss": float(packed[2]),
                    "lr": result["lr"]}
         if self.step % self.cfg.run.log_every == 0 or self.step == self.cfg.train.steps:
@@ -237,6 +239,7 @@ class Trainer:
             scalars["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
             scalars.update(timer.take())
             self.monitor.log_expert_load(self.step, list(packed[3:].view_as(loads).float()))
+            self._log_samples_by_type()
         self.monitor.log_train(self.step, scalars)
         self.monitor.advance(self.step)
 
@@ -312,3 +315,10 @@ class Trainer:
             if not self.last_val:  # resumed an already finished run
                 self.validate()
             dist.print0(f"demo: val PSNR before {self.first_val_psnr:.2f} dB, after {self.last_val['psnr']:.2f} dB")
+            dist.print0(f"demo: (the degraded inputs themselves score {self._input_psnr():.2f} dB)")
+
+    def _input_psnr(self) -> float:
+        """Mean PSNR of the validation inputs against their targets: what an identity network would score."""
+        scores = [psnr(to_unit_float(b["lq"], torch.device("cpu"), torch.float32),
+                       to_unit_float(b["gt"], torch.device("cpu"), torch.float32)) for b in self.val_batches]
+        return torch.cat(scores).mean().item()

@@ -10,6 +10,7 @@ clip.weights=/data/daclip_ViT-B-32.pt) adjust it, since a file's CLIP path is th
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -19,6 +20,18 @@ from omegaconf import DictConfig, OmegaConf
 from m2r.config import ConfigError, load_config
 
 OFFICIAL_SUFFIXES = (".ckpt", ".pth", ".pt")
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by `m2r.evaluate` and `m2r.restore`: weights, tiling, precision, model config."""
+    parser.add_argument("--weights", required=True, help="checkpoint dir, .safetensors export or official .ckpt")
+    parser.add_argument("--tile", type=int, default=0, help="tile side for large images (multiple of 8; 0 = whole)")
+    parser.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels")
+    parser.add_argument("--precision", default="fp32", choices=tuple(AUTOCAST), help="autocast dtype on GPU")
+    parser.add_argument("--model-config", default=None, help="model YAML (required for official checkpoints)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="model config override, e.g. clip.weights=/data/daclip_ViT-B-32.pt")
 
 
 def _stored_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[dict]]:

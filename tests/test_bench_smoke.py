@@ -1,0 +1,17 @@
+"""The GPU benchmark runs end to end on CPU in --smoke mode (tiny model), so it cannot rot between GPU runs."""
+import json
+import os
+import subprocess
+import sys
+
+
+def test_train_speed_smoke_writes_every_measurement(tmp_path, repo_root):
+    out = tmp_path / "smoke.json"
+    subprocess.run([sys.executable, "bench/train_speed.py", "--smoke", "--json", str(out)], cwd=repo_root,
+                   check=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    results = json.loads(out.read_text())
+    trained = [v for k, v in results.items() if k.startswith("train/")]
+    assert len(trained) == 2 and all(r["img_per_s"] > 0 and r["mfu_pct"] > 0 for r in trained)
+    assert results["flops_per_step"]["tiny"] > 0
+    assert results["scan_ms/torch"] > 0 and results["eval/fp32"]["eval_ms"] > 0
+    assert 0 < results["clip"]["share_of_step_pct"] < 100
