@@ -56,7 +56,7 @@ class FinetuneTrainConfig(TrainConfig):
     epochs: int = 200
     warmup_epochs: int = 15
     schedule_epochs: int = 0         # the cosine reaches min_lr here; 0 = epochs
-    activation_checkpointing: str = "auto"  # auto (bottleneck on GPU, none on CPU) | none | bottleneck | all
+    activation_checkpointing: str = choice("auto", "none", "bottleneck", "all")  # auto (bottleneck on GPU, none on CPU) | none | bottleneck | all
 
 
 @dataclass
@@ -94,9 +94,6 @@ def validate_finetune_config(cfg, world_size: int) -> None:
              train.warmup_epochs, "must be >= 0 and below the schedule length")
     require(train.crop % 8 == 0 and data.val_crop % 8 == 0, "train.crop/data.val_crop",
              (train.crop, data.val_crop), "must be multiples of 8")
-    require(train.activation_checkpointing in ("auto", "none", "bottleneck", "all"),
-             "train.activation_checkpointing", train.activation_checkpointing,
-             "must be auto, none, bottleneck or all")
     require(train.ema_decay == 0, "train.ema_decay", train.ema_decay,
              "is not supported by finetune.py yet (pretrain.py has EMA); set it to 0")
     require(run.keep_last >= 2, "run.keep_last", run.keep_last, "must be >= 2")

@@ -3,13 +3,20 @@
     python -m m2r.evaluate --weights model.safetensors --dataset allweather --root /data/allweather \
         --metrics rgb,y,official --out results/allweather [--sets outdoor_rain,snow100k_l,raindrop_a]
     python -m m2r.evaluate --weights runs/ft/checkpoints --dataset cdd11 --root /data/CDD-11 --out results/cdd11
-    torchrun --nproc_per_node 8 -m m2r.evaluate ...      # images split over processes, results gathered
+    accelerate launch --num_processes 8 --mixed_precision bf16 -m m2r.evaluate --weights model.safetensors \
+        --dataset cdd11 --root /data/CDD-11 --out results/cdd11            # 8 GPUs, one process each
+    accelerate launch --multi_gpu --num_processes 2 -m m2r.evaluate ...     # 2 CPU processes on a machine
+                                                                            # without CUDA (gloo)
 
-Every process holds the whole model (all experts, no all-to-all); images are split round-robin and
-the per-image metrics gathered on rank 0, which writes `results.json` (per set, per image, and the
-average over sets) and `results.md` (the paper's table shape: sets as columns). Images of any size:
-reflect-padded to a multiple of 8 and cropped back, or tiled with `--tile` (overlap blending).
-Layouts of the datasets: m2r/eval/datasets.py. Weight formats: m2r/eval/loading.py.
+Runs under Accelerate (m2r.eval.loading.make_accelerator): every process holds the whole model (all
+experts, no all-to-all) on `accelerator.device`, takes a contiguous share of the images
+(`split_between_processes`) and restores them under `accelerator.autocast()` (`--precision`, or
+`accelerate launch --mixed_precision`); the per-image metrics are gathered in image order
+(`gather_for_metrics`) and the main process writes `results.json` (per set, per image, and the average
+over sets) and `results.md` (the paper's table shape: sets as columns). `accelerate launch --cpu` starts
+more than one process only through MPI, hence `--multi_gpu` (torchrun's launcher) for CPU worlds.
+Images of any size: reflect-padded to a multiple of 8 and cropped back, or tiled with `--tile`
+(overlap blending). Layouts of the datasets: m2r/eval/datasets.py. Weight formats: m2r/eval/loading.py.
 """
 from __future__ import annotations
 
@@ -21,9 +28,10 @@ from typing import List, Sequence
 
 import torch
 
-from m2r import dist
+from accelerate import Accelerator
+
 from m2r.eval.datasets import DATASETS, Pair, evaluation_sets, read_rgb, to_chw_uint8
-from m2r.eval.loading import AUTOCAST, add_inference_arguments, load_inference_model
+from m2r.eval.loading import add_inference_arguments, load_inference_model, make_accelerator
 from m2r.eval.metrics import image_metrics, parse_protocols
 from m2r.eval.tiling import restore_image
 
@@ -46,16 +54,6 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def init_processes() -> torch.device:
-    """One process per GPU under torchrun; a plain `python -m` run is a world of one."""
-    env = dist.discover_dist_env()
-    if env.world_size > 1:
-        device = dist.device_for(env)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def to_unit(image_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
     return image_uint8.to(device).float().div(255.0).unsqueeze(0)
 
@@ -70,16 +68,16 @@ def save_png(image: torch.Tensor, path: Path) -> None:
 
 
 @torch.no_grad()
-def evaluate_pairs(model, jobs: Sequence[Pair], args, device: torch.device) -> List[dict]:
+def evaluate_pairs(model, jobs: Sequence[Pair], args, accelerator: Accelerator) -> List[dict]:
     """Metrics of this process's share of the images: one dict per image."""
     protocols = parse_protocols(args.metrics)
-    dtype = AUTOCAST[args.precision] if device.type == "cuda" else None
+    device = accelerator.device
     records = []
     for pair in jobs:
         lq, gt = to_unit(to_chw_uint8(read_rgb(pair.lq)), device), to_unit(to_chw_uint8(read_rgb(pair.gt)), device)
         if lq.shape != gt.shape:
             raise ValueError(f"{pair.lq} and its target {pair.gt} differ in size")
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with accelerator.autocast():
             restored = restore_image(model, lq, tile=args.tile or None, overlap=args.overlap)[0].float()
         records.append({"set": pair.group, "image": pair.lq.name,
                         **image_metrics(restored.cpu(), gt[0].cpu(), protocols)})
@@ -111,33 +109,37 @@ def markdown_table(summary: dict, protocols: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_results(records: Sequence[dict], sets: Sequence[str], protocols: Sequence[str], args) -> None:
+    metric_names = [f"{kind}_{p}" for p in protocols for kind in ("psnr", "ssim")]
+    summary = summarize(records, sets, metric_names)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"weights": args.weights, "dataset": args.dataset, "root": args.root, "metrics": list(protocols),
+              **summary}
+    (out / "results.json").write_text(json.dumps(report, indent=1))
+    table = markdown_table(summary, protocols)
+    (out / "results.md").write_text(table)
+    print(table, end="", flush=True)
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     protocols = parse_protocols(args.metrics)
-
-    device = init_processes()
+    accelerator = make_accelerator(args.precision)
     sets = evaluation_sets(args.dataset, args.root, [s for s in args.sets.split(",") if s] or None)
     if args.limit:
         sets = {name: pairs[: args.limit] for name, pairs in sets.items()}
     jobs = [pair for pairs in sets.values() for pair in pairs]
-    dist.print0(f"evaluate: {len(jobs)} images in {len(sets)} sets ({', '.join(sets)}) on "
-                f"{dist.world_size()} process(es), metrics {','.join(protocols)}")
-    model = load_inference_model(args.weights, device, args.model_config, args.overrides)
-    records = evaluate_pairs(model, jobs[dist.rank()::dist.world_size()], args, device)
-    gathered = [r for part in dist.all_gather_object(records) for r in part]
-    if dist.is_rank0():
-        metric_names = [f"{kind}_{p}" for p in protocols for kind in ("psnr", "ssim")]
-        summary = summarize(gathered, list(sets), metric_names)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        report = {"weights": args.weights, "dataset": args.dataset, "root": args.root, "metrics": list(protocols),
-                  **summary}
-        (out / "results.json").write_text(json.dumps(report, indent=1))
-        table = markdown_table(summary, protocols)
-        (out / "results.md").write_text(table)
-        print(table, end="", flush=True)
-    if dist.is_initialized():
-        torch.distributed.destroy_process_group()
+    accelerator.print(f"evaluate: {len(jobs)} images in {len(sets)} sets ({', '.join(sets)}) on "
+                      f"{accelerator.num_processes} process(es), metrics {','.join(protocols)}, "
+                      f"precision {accelerator.mixed_precision}", flush=True)
+    model = load_inference_model(args.weights, accelerator.device, args.model_config, args.overrides)
+    with accelerator.split_between_processes(jobs) as share:
+        records = evaluate_pairs(model, share, args, accelerator)
+    records = accelerator.gather_for_metrics(records, use_gather_object=True)
+    if accelerator.is_main_process:
+        write_results(records, list(sets), protocols, args)
+    accelerator.state.destroy_process_group()
     return 0
 
 

@@ -1,9 +1,14 @@
 """Restore image files or folders of any size on CPU or GPU.
 
     python -m m2r.restore --weights model.safetensors photo.jpg more/ --out restored/ [--tile 512]
+    accelerate launch --num_processes 8 --mixed_precision bf16 -m m2r.restore --weights model.safetensors \
+        /data/photos --out restored/                                         # 8 GPUs, images split
+    accelerate launch --multi_gpu --num_processes 2 -m m2r.restore ...       # 2 CPU processes, no CUDA
 
 Outputs are PNGs named after the inputs (folders keep their relative layout), of the input sizes:
 images are reflect-padded to a multiple of 8 and cropped back, or tiled with overlap blending.
+Under Accelerate (see m2r.evaluate) every process holds the whole model on `accelerator.device`,
+restores a contiguous share of the images under `accelerator.autocast()` and writes its own outputs.
 Weight formats: m2r/eval/loading.py.
 """
 from __future__ import annotations
@@ -11,14 +16,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
+from accelerate import Accelerator
 
 from m2r.eval.datasets import IMAGE_SUFFIXES, read_rgb, to_chw_uint8
-from m2r.eval.loading import AUTOCAST, add_inference_arguments, load_inference_model
+from m2r.eval.loading import add_inference_arguments, load_inference_model, make_accelerator
 from m2r.eval.tiling import restore_image
-from m2r.evaluate import save_png
+from m2r.evaluate import save_png, to_unit
 
 
 def parse_args(argv):
@@ -26,7 +32,8 @@ def parse_args(argv):
     parser.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
     add_inference_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto: this process's GPU when there is one (pick GPUs with CUDA_VISIBLE_DEVICES)")
     return parser.parse_args(argv)
 
 
@@ -46,19 +53,32 @@ def collect_inputs(inputs: List[str]) -> List[Tuple[Path, Path]]:
     return jobs
 
 
+def accelerator_for(args) -> Accelerator:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA GPU is visible")
+    return make_accelerator(args.precision, cpu=args.device == "cpu")
+
+
+@torch.no_grad()
+def restore_files(model, jobs: Sequence[Tuple[Path, Path]], args, accelerator: Accelerator) -> None:
+    for source, relative in jobs:
+        lq = to_unit(to_chw_uint8(read_rgb(source)), accelerator.device)
+        with accelerator.autocast():
+            restored = restore_image(model, lq, tile=args.tile or None, overlap=args.overlap)[0]
+        save_png(restored.float(), Path(args.out) / relative)
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    accelerator = accelerator_for(args)
     jobs = collect_inputs(args.inputs)
-    model = load_inference_model(args.weights, device, args.model_config, args.overrides)
-    dtype = AUTOCAST[args.precision] if device.type == "cuda" else None
-    out = Path(args.out)
-    for source, relative in jobs:
-        lq = to_chw_uint8(read_rgb(source)).to(device).float().div(255.0).unsqueeze(0)
-        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            restored = restore_image(model, lq, tile=args.tile or None, overlap=args.overlap)[0]
-        save_png(restored.float(), out / relative)
-    print(f"restored {len(jobs)} images into {out}", flush=True)
+    model = load_inference_model(args.weights, accelerator.device, args.model_config, args.overrides)
+    with accelerator.split_between_processes(jobs) as share:
+        restore_files(model, share, args, accelerator)
+    accelerator.wait_for_everyone()
+    accelerator.print(f"restored {len(jobs)} images into {args.out} on {accelerator.num_processes} process(es)",
+                      flush=True)
+    accelerator.state.destroy_process_group()
     return 0
 
 

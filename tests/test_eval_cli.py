@@ -1,5 +1,9 @@
-"""`python -m m2r.evaluate` and `python -m m2r.restore` end to end on a tiny model and tiny public layouts."""
+"""`python -m m2r.evaluate` and `python -m m2r.restore` end to end on a tiny model and tiny public layouts,
+in one process and under `accelerate launch`."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -46,6 +50,33 @@ def test_cdd11_results_per_type_and_averaged(tmp_path, tiny_weights):
     assert "psnr_y" not in results["average"]
 
 
+def run_cli(args, cwd, env_extra=(), timeout=120):
+    """A CLI in fresh processes: Accelerate's state (device, precision) is fixed once per process."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **dict(env_extra))
+    result = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def test_two_processes_under_accelerate_launch_give_the_single_process_results(tmp_path, tiny_weights):
+    # 11 CDD-11 images split 6 / 5; CPU on every machine so the numbers must agree exactly.
+    root = build_cdd11(tmp_path / "cdd", size=(24, 32))
+    evaluate_args = ["-m", "m2r.evaluate", "--weights", str(tiny_weights), "--dataset", "cdd11", "--root", str(root),
+                     "--metrics", "rgb,y,official"]
+    launch = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    cpu_only = {"CUDA_VISIBLE_DEVICES": ""}
+    single = run_cli(evaluate_args + ["--out", str(tmp_path / "single")], REPO_ROOT, cpu_only)
+    launched = run_cli(launch + evaluate_args + ["--out", str(tmp_path / "two")], REPO_ROOT, cpu_only)
+    assert "on 1 process(es)" in single and "on 2 process(es)" in launched
+    assert launched.count("| official |") == 1, "only the main process writes and prints results"
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("single", "two"))
+    assert list(two["images"]) == list(CDD11_TYPES)
+    assert two["images"] == one["images"] and two["sets"] == one["sets"] and two["average"] == one["average"]
+    assert (tmp_path / "two/results.md").read_text() == (tmp_path / "single/results.md").read_text()
+
+
 def test_restore_keeps_the_input_sizes_and_folder_layout(tmp_path, tiny_weights):
     sizes = {"a.png": (17, 23), "sub/b.jpg": (30, 9), "c.png": (40, 40)}
     for name, size in sizes.items():
@@ -75,8 +106,9 @@ def test_official_checkpoints_load_through_the_converter(tmp_path, tiny_weights)
 def test_gpu_bf16_tiled_restore_matches_fp32_closely(tmp_path, tiny_weights):
     write_image(tmp_path / "in/big.png", (72, 100), seed=7)
     for precision in ("fp32", "bf16"):
-        restore.main(["--weights", str(tiny_weights), str(tmp_path / "in"), "--out", str(tmp_path / precision),
-                      "--device", "cuda", "--precision", precision, "--tile", "48", "--overlap", "16"])
+        run_cli(["-m", "m2r.restore", "--weights", str(tiny_weights), str(tmp_path / "in"), "--out",
+                 str(tmp_path / precision), "--device", "cuda", "--precision", precision, "--tile", "48",
+                 "--overlap", "16"], REPO_ROOT)
     fp32 = torch.tensor(list(Image.open(tmp_path / "fp32/big.png").getdata()), dtype=torch.float32)
     bf16 = torch.tensor(list(Image.open(tmp_path / "bf16/big.png").getdata()), dtype=torch.float32)
     assert fp32.shape == bf16.shape and (fp32 - bf16).abs().mean() < 3.0

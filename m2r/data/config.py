@@ -2,13 +2,15 @@
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from m2r.config import choice
+
 
 @dataclass
 class DataConfig:
-    source: str = "builtin"          # "builtin" (scikit-image sample photos, no files) | "shards"
+    source: str = choice("builtin", "shards")  # "builtin" (scikit-image sample photos, no files) | "shards"
     shards: Optional[str] = None     # shard directory (with manifest.json) or brace pattern of .tar files
     val_shards: Optional[str] = None  # held-out shards; None = the builtin held-out photos
-    preset: str = "cdd11"            # "cdd11" | "allweather" | "five-task"
+    preset: str = choice("cdd11", "allweather", "five-task")  # "cdd11" | "allweather" | "five-task"
     weights: Dict[str, float] = field(default_factory=dict)  # mixture weight per type; empty = uniform
     workers: int = 2                 # DataLoader worker processes per rank (0 = in the main process)
     shuffle_buffer: int = 512        # undecoded samples shuffled together per round

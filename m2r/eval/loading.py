@@ -1,4 +1,5 @@
-"""Load M2Restore for single-process inference (all experts local, ep_size 1) from any weights format.
+"""Load M2Restore for inference, whole in every process (all experts local, ep_size 1), from any weights
+format, and set up the Accelerate process world that `m2r.evaluate` and `m2r.restore` share.
 
     <dir>                a DeepSpeed checkpoint of any topology (its `latest` tag, or one tag directory):
                          merged in memory as `python -m m2r.export` would; the config is the run's
@@ -15,12 +16,13 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+from accelerate import Accelerator
 from omegaconf import DictConfig, OmegaConf
 
 from m2r.config import ConfigError, load_config
 
 OFFICIAL_SUFFIXES = (".ckpt", ".pth", ".pt")
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # --precision -> Accelerate's mixed_precision
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,10 +30,19 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", required=True, help="checkpoint dir, .safetensors export or official .ckpt")
     parser.add_argument("--tile", type=int, default=0, help="tile side for large images (multiple of 8; 0 = whole)")
     parser.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels")
-    parser.add_argument("--precision", default="fp32", choices=tuple(AUTOCAST), help="autocast dtype on GPU")
+    parser.add_argument("--precision", default=None, choices=tuple(PRECISIONS),
+                        help="autocast dtype (default: `accelerate launch --mixed_precision`, else fp32); "
+                             "fp16 is a GPU-only autocast, bf16 autocasts on CPU too")
     parser.add_argument("--model-config", default=None, help="model YAML (required for official checkpoints)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="model config override, e.g. clip.weights=/data/daclip_ViT-B-32.pt")
+
+
+def make_accelerator(precision: Optional[str], cpu: bool = False) -> Accelerator:
+    """This process's place in an `accelerate launch` world (a plain run is a world of one). Without CUDA
+    the processes are CPU ones: Accelerate forms a multi-process CPU world (gloo) only when told cpu=True."""
+    return Accelerator(cpu=cpu or not torch.cuda.is_available(),
+                       mixed_precision=None if precision is None else PRECISIONS[precision])
 
 
 def _stored_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[dict]]:
