@@ -1,6 +1,5 @@
 """finetune.py: the paper recipe in the configs, config checks, and a 2-rank run from a 1-rank
 pretraining checkpoint whose best weights `m2r.evaluate` then scores on AllWeather and CDD-11."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,30 +10,22 @@ import pytest
 
 from finetune_layouts import build_allweather, build_cdd11
 from m2r.config import ConfigError, load_config
+from m2r.engine.finetuner import FinetuneConfig, validate_finetune_config
 from m2r.eval.datasets import CDD11_TYPES
 
 PROTOCOL_KEYS = {f"{m}_{p}" for m in ("psnr", "ssim") for p in ("rgb", "y", "official")}
 
 
-def import_finetune(repo_root):
-    spec = importlib.util.spec_from_file_location("finetune", Path(repo_root) / "finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["finetune"] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("name, dataset", [("allweather", "allweather"), ("cdd11", "cdd11")])
 def test_configs_hold_the_paper_recipe(repo_root, name, dataset):
-    finetune = import_finetune(repo_root)
-    cfg = load_config(finetune.FinetuneConfig, Path(repo_root) / f"configs/finetune/{name}.yaml")
+    cfg = load_config(FinetuneConfig, Path(repo_root) / f"configs/finetune/{name}.yaml")
     train = cfg.train
     assert (cfg.data.dataset, train.lr, train.weight_decay, train.epochs, train.warmup_epochs) == \
         (dataset, 2e-4, 0.01, 200, 15)
     assert (train.schedule_epochs, train.crop, train.micro_batch, train.grad_accum, train.precision) == \
         (180, 224, 4, 4, "fp32")
     assert cfg.data.augment is False and cfg.model.moe.combine == "log" and cfg.model.dim == 48
-    plus = load_config(finetune.FinetuneConfig, Path(repo_root) / f"configs/finetune/{name}-plus.yaml")
+    plus = load_config(FinetuneConfig, Path(repo_root) / f"configs/finetune/{name}-plus.yaml")
     assert plus.data.augment and plus.model.moe.combine == "linear" and plus.data.dataset == dataset
 
 
@@ -42,12 +33,11 @@ def test_configs_hold_the_paper_recipe(repo_root, name, dataset):
                                             (["run.best_metrics=[lpips]"], "run.best_metrics"),
                                             (["model.moe.ep_size=4"], "model.moe.ep_size")])
 def test_invalid_settings_name_their_key(repo_root, overrides, key):
-    finetune = import_finetune(repo_root)
     root = ["data.root=/data"] if overrides else []  # the tiny config leaves data.root empty
-    cfg = load_config(finetune.FinetuneConfig, Path(repo_root) / "configs/finetune/tiny-test.yaml",
+    cfg = load_config(FinetuneConfig, Path(repo_root) / "configs/finetune/tiny-test.yaml",
                       root + overrides)
     with pytest.raises(ConfigError, match=key):
-        finetune.validate_finetune_config(cfg, world_size=2)
+        validate_finetune_config(cfg, world_size=2)
 
 
 def run(command, cwd, timeout=300):
@@ -77,6 +67,13 @@ def test_two_rank_finetune_from_a_one_rank_pretraining_checkpoint_then_evaluatio
     assert len(val_lines) == 2 and "val_psnr_raindrop_a" in val_lines[0]
 
     weights = finetune_dir / "best_psnr.safetensors"
+    # An exported file as the start, at ep_size 2: experts are picked by global id before DeepSpeed exists.
+    log = run([python, "-m", "torch.distributed.run", "--nproc_per_node", "2", "finetune.py", "--config",
+               "configs/finetune/tiny-test.yaml", f"data.root={allweather}", f"init.weights={weights}",
+               "train.epochs=1", "train.warmup_epochs=0", f"run.dir={tmp_path / 'from-export'}"], repo_root)
+    assert f"init: weights from {weights}" in log
+    assert (tmp_path / "from-export/checkpoints/step00000002").is_dir()
+
     cdd11 = build_cdd11(tmp_path / "cdd11", size=(24, 32))
     for dataset, root, names in (("allweather", allweather, ["outdoor_rain", "snow100k_s", "snow100k_l",
                                                              "raindrop_a"]),

@@ -60,7 +60,8 @@ class Job:
         return "".join(path.read_text() for path in self.work.glob("*.out"))
 
     def trainer_logs_tail(self, chars: int = 3000) -> str:
-        return "".join(f"--- {path.name}:\n{path.read_text()[-chars:]}" for path in sorted(self.work.glob("logs/*.log")))
+        logs = sorted(self.work.glob("logs/*.log"))
+        return "".join(f"--- {path.name}:\n{path.read_text()[-chars:]}" for path in logs)
 
     def restart_log(self, restart: int) -> str:
         (path,) = (self.work / "logs").glob(f"*-{self.job_id}.restart{restart}.log")

@@ -13,23 +13,16 @@ EXPERT_INFIX = ".deepspeed_moe.experts.deepspeed_experts."
 _LOCAL_ID = re.compile(re.escape(EXPERT_INFIX) + r"(\d+)\.")
 
 
-def _expert_parallel_rank(moe_layer) -> int:
-    from deepspeed.utils import groups
-
-    if moe_layer.ep_size == 1:
-        return 0
-    return groups._get_expert_parallel_rank(moe_layer.expert_group_name)
-
-
 def global_expert_names(module: nn.Module) -> Dict[str, str]:
-    """Map every state_dict key of `module` to its topology-independent name (identity for dense keys)."""
-    from deepspeed.moe.layer import MoE
+    """Map every state_dict key of `module` to its topology-independent name (identity for dense keys).
+    Works before `deepspeed.initialize` too: a DDER knows its expert-parallel rank from construction."""
+    from m2r.models.moe import DDER
 
     names = {key: key for key in module.state_dict()}
     for prefix, layer in module.named_modules():
-        if not isinstance(layer, MoE):
+        if not isinstance(layer, DDER):
             continue
-        first_global_id = _expert_parallel_rank(layer) * layer.num_local_experts
+        first_global_id = layer.first_global_expert_id
         layer_prefix = f"{prefix}." if prefix else ""
         for key in names:
             if not key.startswith(layer_prefix):

@@ -1,0 +1,389 @@
+"""Finetuning on paired datasets (AllWeather, CDD-11, a folder) on the pretraining engine.
+
+The `finetune.py` entry point runs `Finetuner(cfg, env).fit()`; see its docstring for the commands.
+Config schema (`FinetuneConfig`), the resumable distributed sampler, and the epoch loop live here.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as torch_dist
+from torch.utils.data import DataLoader, DistributedSampler
+
+from m2r import dist
+from m2r.config import ConfigError, choice, save_config
+from m2r.engine.config import TrainConfig, require
+from m2r.models.config import ModelConfig
+
+
+@dataclass
+class FinetuneDataConfig:
+    dataset: str = choice("allweather", "cdd11", "folder")
+    root: str = ""                   # dataset root; layouts in m2r/eval/datasets.py
+    list_file: Optional[str] = None  # AllWeather training list; None = the one found under root, if any
+    val_root: Optional[str] = None   # root of the validation sets; None = root
+    val_sets: List[str] = field(default_factory=list)  # AllWeather test sets / CDD-11 types; empty = all
+    val_images_per_set: int = 4      # first N images of each validation set
+    val_crop: int = 256              # validation centre crop (multiple of 8; same shape on every rank)
+    val_batch_size: int = 4
+    workers: int = 2                 # DataLoader workers per rank
+    augment: bool = False            # random flip + rot90 of training crops (official: off)
+
+
+@dataclass
+class FinetuneTrainConfig(TrainConfig):
+    # `steps` and `warmup_steps` are derived from the epochs below and the dataset size.
+    epochs: int = 200
+    warmup_epochs: int = 15
+    schedule_epochs: int = 0         # the cosine reaches min_lr here; 0 = epochs
+    activation_checkpointing: str = choice("auto", "none", "bottleneck", "all")  # auto (bottleneck on GPU, none on CPU) | none | bottleneck | all
+
+
+@dataclass
+class InitConfig:
+    weights: Optional[str] = None    # pretraining checkpoint dir | .safetensors | official .ckpt; None = scratch
+
+
+@dataclass
+class FinetuneRunConfig:
+    dir: str = "runs/finetune"
+    resume: str = "latest"           # latest | none | <checkpoint dir or tag dir>
+    keep_last: int = 2               # epoch checkpoints kept (>= 2)
+    log_every: int = 10              # optimizer steps between console lines
+    progress_bar: bool = True
+    best_metrics: List[str] = field(default_factory=lambda: ["psnr", "ssim"])
+    stop_after_epochs: int = 0       # leave after this many epochs in this process; 0 = never
+
+
+@dataclass
+class FinetuneConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    run: FinetuneRunConfig = field(default_factory=FinetuneRunConfig)
+
+
+def validate_finetune_config(cfg, world_size: int) -> None:
+    train, data, run = cfg.train, cfg.data, cfg.run
+    require(bool(data.root), "data.root", data.root, "must name the dataset root")
+    require(train.epochs > 0 and train.micro_batch > 0 and train.grad_accum > 0,
+             "train.epochs/micro_batch/grad_accum", (train.epochs, train.micro_batch, train.grad_accum),
+             "must all be positive")
+    require(0 <= train.warmup_epochs < max(train.epochs, train.schedule_epochs), "train.warmup_epochs",
+             train.warmup_epochs, "must be >= 0 and below the schedule length")
+    require(train.crop % 8 == 0 and data.val_crop % 8 == 0, "train.crop/data.val_crop",
+             (train.crop, data.val_crop), "must be multiples of 8")
+    require(train.ema_decay == 0, "train.ema_decay", train.ema_decay,
+             "is not supported by finetune.py yet (pretrain.py has EMA); set it to 0")
+    require(run.keep_last >= 2, "run.keep_last", run.keep_last, "must be >= 2")
+    require(set(run.best_metrics) <= {"psnr", "ssim"}, "run.best_metrics", list(run.best_metrics),
+             "may only hold psnr and ssim")
+    require(world_size % cfg.model.moe.ep_size == 0, "model.moe.ep_size", cfg.model.moe.ep_size,
+             f"must divide the world size {world_size}")
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start its epoch after `skip` samples (mid-epoch resume)."""
+
+    skip = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self) -> int:
+        return super().__len__() - self.skip
+
+
+def local_state_from_global(model, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A full state dict (experts by global id) -> this rank's keys (its local experts)."""
+    from m2r.engine.experts import global_expert_names
+
+    names = global_expert_names(model)
+    missing = sorted(g for g in names.values() if g not in state)
+    if missing:
+        raise ConfigError(f"init.weights lacks {len(missing)} weights of this model, e.g. {missing[:3]}")
+    return {local: state[global_name] for local, global_name in names.items()}
+
+
+class Finetuner:
+    def __init__(self, cfg, env: dist.DistEnv):
+        import deepspeed
+
+        from m2r.engine.checkpoint import CheckpointManager, Topology
+        from m2r.engine.deepspeed_config import build_deepspeed_config
+        from m2r.engine.optim import build_optimizer
+        from m2r.engine.trainer import PRECISION_DTYPES, StopRequest
+        from m2r.models.m2restore import build_model
+
+        self.cfg, train = cfg, cfg.train
+        self.device = dist.init_distributed(env)
+        validate_finetune_config(cfg, env.world_size)
+        self.topology = Topology(env.world_size, cfg.model.moe.ep_size)
+        self.run_dir = Path(cfg.run.dir)
+        self.stop_request = StopRequest()
+        self.input_dtype = PRECISION_DTYPES[train.precision]
+
+        self._build_data(env)
+        self.checkpointing = self._checkpointing_mode()
+        model = build_model(cfg.model)
+        model.set_activation_checkpointing(self.checkpointing)
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.run.keep_last)
+        self.resume_ref = self._find_resume()
+        if self.resume_ref is None:
+            self._load_init_weights(model)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=build_optimizer(model, train),
+            config=build_deepspeed_config(train, env.world_size), dist_init_required=False)
+        self.step, self.epoch, self.samples_into_epoch, self.best = 0, 0, 0, {}
+        if self.resume_ref is not None:
+            self._resume(self.resume_ref)
+        elif cfg.init.weights and Path(cfg.init.weights).is_dir():
+            self._load_pretraining_checkpoint(cfg.init.weights)
+        if self.step == 0:
+            torch.manual_seed(train.seed * 1000 + env.rank)
+        if dist.is_rank0():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        from m2r.engine.monitor import build_monitor
+
+        self.monitor = build_monitor(dist.is_rank0(), self.run_dir, self.schedule.steps, self.step,
+                                     env.world_size, cfg.run.progress_bar)
+        dist.print0(self.startup_summary())
+
+    # ----------------------------------------------------------------------------- setup
+    def _build_data(self, env: dist.DistEnv) -> None:
+        from m2r.eval.datasets import PairedImages, evaluation_sets, train_pairs
+
+        data, train = self.cfg.data, self.cfg.train
+        pairs = train_pairs(data.dataset, data.root, data.list_file)
+        groups = sorted({pair.group for pair in pairs})
+        self.train_set = PairedImages(pairs, groups, crop=train.crop, seed=train.seed, augment=data.augment)
+        self.sampler = ResumableSampler(self.train_set, num_replicas=env.world_size, rank=env.rank, shuffle=True,
+                                        seed=train.seed, drop_last=True)
+        self.loader = DataLoader(self.train_set, batch_size=train.micro_batch, sampler=self.sampler,
+                                 num_workers=data.workers, drop_last=True, persistent_workers=False)
+        micro_batches = len(self.sampler) // train.micro_batch
+        self.steps_per_epoch = micro_batches // train.grad_accum
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"data.root={data.root}: {len(pairs)} training images give no optimizer step per "
+                              f"epoch at {env.world_size} ranks x micro_batch {train.micro_batch} x grad_accum "
+                              f"{train.grad_accum}")
+        schedule_epochs = train.schedule_epochs or train.epochs
+        self.schedule = SimpleNamespace(lr=train.lr, min_lr=train.min_lr, steps=train.epochs * self.steps_per_epoch,
+                                        warmup_steps=train.warmup_epochs * self.steps_per_epoch,
+                                        decay_until=schedule_epochs * self.steps_per_epoch)
+        val_sets = evaluation_sets(data.dataset, data.val_root or data.root, list(data.val_sets) or None)
+        self.val_names = list(val_sets)
+        self.val_batches = self._val_batches(val_sets)
+
+    def _val_batches(self, val_sets) -> List[Dict[str, torch.Tensor]]:
+        """Centre crops of the first images of each set, batched per set; type_id = set index."""
+        from m2r.data.augment import center_crop
+        from m2r.eval.datasets import read_rgb, to_chw_uint8
+
+        data = self.cfg.data
+        batches = []
+        for set_index, pairs in enumerate(val_sets.values()):
+            crops = [(to_chw_uint8(center_crop(read_rgb(p.lq), data.val_crop)),
+                      to_chw_uint8(center_crop(read_rgb(p.gt), data.val_crop)))
+                     for p in pairs[: data.val_images_per_set]]
+            for start in range(0, len(crops), data.val_batch_size):
+                chunk = crops[start:start + data.val_batch_size]
+                batches.append({"lq": torch.stack([c[0] for c in chunk]), "gt": torch.stack([c[1] for c in chunk]),
+                                "type_id": torch.full((len(chunk),), set_index, dtype=torch.int64)})
+        return batches
+
+    def _checkpointing_mode(self) -> str:
+        mode = self.cfg.train.activation_checkpointing
+        if mode == "auto":
+            return "bottleneck" if self.device.type == "cuda" else "none"
+        return mode
+
+    def _find_resume(self):
+        from m2r.engine.checkpoint import resolve_resume
+
+        ref = resolve_resume(self.cfg.run.resume, self.checkpoints.root) if dist.is_rank0() else None
+        return dist.broadcast_object(ref)
+
+    def _load_init_weights(self, model) -> None:
+        """Files (.safetensors, official) load before DeepSpeed wraps the model; directories after."""
+        weights = self.cfg.init.weights
+        if not weights or Path(weights).is_dir():
+            return
+        from m2r.models.convert import check_fits, load_official_checkpoint, read_checkpoint
+
+        path = Path(weights)
+        if path.suffix == ".safetensors":
+            state = local_state_from_global(model, read_checkpoint(path))
+            check_fits(model, state, source=str(path))
+            model.load_state_dict(state, strict=True)
+        else:
+            dropped = load_official_checkpoint(model, path)
+            dist.print0(f"init: official checkpoint {path} converted ({len(dropped)} DA-CLIP/buffer keys dropped)")
+        dist.print0(f"init: weights from {path}")
+
+    def _load_pretraining_checkpoint(self, directory: str) -> None:
+        from m2r.engine.checkpoint import resolve_resume
+
+        ref = resolve_resume(directory, Path(directory))
+        if ref is None:
+            raise FileNotFoundError(f"init.weights={directory}: no `latest` checkpoint there")
+        self.engine.load_checkpoint(str(ref.root), tag=ref.tag, load_module_only=True,
+                                    load_optimizer_states=False, load_lr_scheduler_states=False)
+        dist.print0(f"init: weights from {ref.path} (saved with {ref.topology().describe()}; optimizer fresh)")
+
+    def _resume(self, ref) -> None:
+        from m2r.engine.checkpoint import restore_rng_state
+
+        if ref.topology() == self.topology:
+            _, client = self.engine.load_checkpoint(str(ref.root), tag=ref.tag)
+            restore_rng_state(client["rng_states"][dist.rank()])
+            self.samples_into_epoch = client["samples_into_epoch"]
+        else:
+            _, client = self.engine.load_checkpoint(str(ref.root), tag=ref.tag, load_module_only=True,
+                                                    load_optimizer_states=False, load_lr_scheduler_states=False)
+            dist.print0(f"WARNING: {ref.path} was saved with {ref.topology().describe()}, this run has "
+                        f"{self.topology.describe()}: weights loaded, optimizer restarts, epoch restarts")
+            torch.manual_seed(self.cfg.train.seed * 1000 + dist.rank() + 7919 * client["step"])
+        self.step, self.epoch, self.best = client["step"], client["epoch"], client["best"]
+        dist.print0(f"resumed from {ref.path}: epoch {self.epoch}, step {self.step}")
+
+    def startup_summary(self) -> str:
+        train, world = self.cfg.train, self.topology.world_size
+        return "\n".join([
+            f"finetune: {self.cfg.run.dir} | {self.cfg.data.dataset} {self.cfg.data.root} | "
+            f"{len(self.train_set)} training pairs | world size {world} | ep_size {self.topology.ep_size}",
+            f"  batch micro {train.micro_batch} x accum {train.grad_accum} x {world} ranks | crop {train.crop} | "
+            f"{self.steps_per_epoch} steps/epoch x {train.epochs} epochs = {self.schedule.steps} steps | "
+            f"warmup {self.schedule.warmup_steps}, cosine until step {self.schedule.decay_until}",
+            f"  precision {train.precision} | ZeRO {train.zero_stage} | activation checkpointing "
+            f"{self.checkpointing} | validation sets {', '.join(self.val_names)} (type ids in that order)",
+        ])
+
+    # ----------------------------------------------------------------------------- training
+    def learning_rate(self) -> float:
+        from m2r.engine.optim import learning_rate
+
+        schedule = SimpleNamespace(lr=self.schedule.lr, min_lr=self.schedule.min_lr,
+                                   warmup_steps=self.schedule.warmup_steps, steps=self.schedule.decay_until)
+        return learning_rate(self.step, schedule)
+
+    def train_step(self, micro_batches) -> Tuple[torch.Tensor, float]:
+        """One optimizer step over grad_accum micro-batches: this rank's mean [total, pixel, balance], and the LR."""
+        from m2r.engine.loss import restoration_loss
+        from m2r.engine.optim import set_learning_rate
+        from m2r.engine.validate import to_unit_float
+
+        lr = self.learning_rate()
+        set_learning_rate(self.optimizer, lr)
+        totals = torch.zeros(3, dtype=torch.float64)
+        for batch in micro_batches:
+            output = self.engine(to_unit_float(batch["lq"], self.device, self.input_dtype))
+            terms = restoration_loss(output, to_unit_float(batch["gt"], self.device, torch.float32), self.cfg.train,
+                                     self.cfg.model.moe.balance_loss_weight)
+            self.engine.backward(terms.total)
+            self.engine.step()
+            totals += torch.tensor([terms.total.item(), terms.pixel.item(), terms.balance.item()],
+                                   dtype=torch.float64)
+        self.step += 1
+        return totals / len(micro_batches), lr
+
+    def _report(self, terms: torch.Tensor, lr: float, timer) -> None:
+        if dist.is_initialized():
+            torch_dist.all_reduce(terms)
+            terms /= dist.world_size()
+        scalars = {"loss": float(terms[0]), "pixel_loss": float(terms[1]), "balance_loss": float(terms[2]),
+                   "lr": lr}
+        if self.step % self.cfg.run.log_every == 0:
+            grad_norm = self.engine.get_global_grad_norm()
+            scalars["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+            scalars.update({k: v for k, v in timer.take().items() if k != "seconds_per_step_window"})
+        self.monitor.log_train(self.step, scalars)
+        self.monitor.advance(self.step)
+
+    def run_epoch(self) -> bool:
+        """Train one epoch (or its rest); False if a stop signal interrupted it."""
+        from m2r.engine.monitor import StepTimer
+
+        train = self.cfg.train
+        self.sampler.set_epoch(self.epoch)
+        self.train_set.set_epoch(self.epoch)
+        self.sampler.skip = self.samples_into_epoch
+        batches = iter(self.loader)
+        timer = StepTimer()
+        steps_left = (len(self.sampler) // train.micro_batch) // train.grad_accum
+        for _ in range(steps_left):
+            terms, lr = self.train_step([next(batches) for _ in range(train.grad_accum)])
+            self.samples_into_epoch += train.micro_batch * train.grad_accum
+            timer.end_step(train.micro_batch * train.grad_accum * dist.world_size())
+            self._report(terms, lr, timer)
+            if self.stop_request.agreed():
+                return False
+        self.epoch += 1
+        self.samples_into_epoch = 0
+        return True
+
+    # ----------------------------------------------------------------------------- validation, checkpoints
+    def validate(self) -> Dict[str, float]:
+        from m2r.engine.validate import evaluate
+
+        metrics = evaluate(self.engine, self.val_batches, self.device, self.input_dtype)
+        named = {("psnr_" + self.val_names[int(k[len("psnr_type"):])] if k.startswith("psnr_type") else k): v
+                 for k, v in metrics.items()}
+        self.monitor.log_val(self.step, named)
+        return named
+
+    def _client_state(self) -> Dict[str, Any]:
+        from omegaconf import OmegaConf
+
+        from m2r.engine.checkpoint import capture_rng_state
+
+        return {"step": self.step, "epoch": self.epoch, "samples_into_epoch": self.samples_into_epoch,
+                "best": self.best, "rng_states": dist.all_gather_object(capture_rng_state()),
+                "config": OmegaConf.to_container(self.cfg, resolve=True)}
+
+    def save_checkpoint(self):
+        ref = self.checkpoints.save(self.engine, self.step, self.topology, self._client_state())
+        self.monitor.print(f"saved checkpoint {ref.path}")
+        return ref
+
+    def keep_best(self, metrics: Dict[str, float]) -> None:
+        from m2r.engine.checkpoint import CheckpointManager
+        from m2r.export import export
+
+        for name in self.cfg.run.best_metrics:
+            if metrics[name] <= self.best.get(name, {}).get("value", float("-inf")):
+                continue
+            self.best[name] = {"value": metrics[name], "epoch": self.epoch, "step": self.step}
+            manager = CheckpointManager(self.run_dir / f"best_{name}", keep_last=2)
+            ref = manager.save(self.engine, self.step, self.topology, self._client_state())
+            if dist.is_rank0():
+                export(str(ref.path), str(self.run_dir / f"best_{name}.safetensors"))
+                (self.run_dir / f"best_{name}.json").write_text(json.dumps(self.best[name], indent=1))
+                self.monitor.print(f"new best {name} {metrics[name]:.4f} at epoch {self.epoch}: {ref.path}")
+            dist.barrier()
+
+    def fit(self) -> int:
+        epochs_this_run = 0
+        while self.epoch < self.cfg.train.epochs:
+            if not self.run_epoch():
+                self.save_checkpoint()
+                self.monitor.print(f"stopped by {self.stop_request.signal_name or 'a signal on another rank'} "
+                                   f"in epoch {self.epoch} at step {self.step}")
+                break
+            metrics = self.validate()
+            self.keep_best(metrics)
+            self.save_checkpoint()
+            epochs_this_run += 1
+            if self.cfg.run.stop_after_epochs and epochs_this_run >= self.cfg.run.stop_after_epochs:
+                self.monitor.print(f"run.stop_after_epochs={self.cfg.run.stop_after_epochs} reached")
+                break
+        self.monitor.close()
+        return 0
