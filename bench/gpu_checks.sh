@@ -2,8 +2,7 @@
 # Everything this project checks on a GPU, in one run (the GPU machine is lent for minutes):
 # install the carried wheels, run every GPU-marked test, then the scan and training benchmarks.
 #   bash bench/gpu_checks.sh            # results under $OUT (default /tmp/m2r-gpu)
-# Wheels: copy ../shared/wheels/gpu/*.whl and the pure-Python wheels this machine lacks into
-# .gpu_wheels/ (git-ignored) before sending the checkout to the GPU machine.
+# Wheels: run `bash bench/fetch_gpu_wheels.sh` here first; .gpu_wheels/ must travel with the checkout.
 set -u
 OUT=${OUT:-/tmp/m2r-gpu}
 mkdir -p "$OUT"

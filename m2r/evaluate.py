@@ -139,6 +139,7 @@ def main(argv=None) -> int:
     records = accelerator.gather_for_metrics(records, use_gather_object=True)
     if accelerator.is_main_process:
         write_results(records, list(sets), protocols, args)
+    accelerator.wait_for_everyone()  # gloo aborts a process now and then when a peer tears down before it
     accelerator.state.destroy_process_group()
     return 0
 
