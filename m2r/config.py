@@ -12,7 +12,7 @@ import dataclasses
 import os
 import typing
 from pathlib import Path
-from typing import Any, Sequence, Type
+from typing import Any, Mapping, Sequence, Type
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -72,9 +72,12 @@ def _merge_checked(schema: DictConfig, layer: Any, source: str) -> DictConfig:
 
 
 def load_config(schema: Type, path: str | os.PathLike | None = None,
-                overrides: Sequence[str] = ()) -> DictConfig:
-    """Schema defaults <- YAML file (with its bases) <- `key=value` overrides; read-only result."""
+                overrides: Sequence[str] = (), base: Mapping | None = None) -> DictConfig:
+    """Schema defaults <- `base` (e.g. a config stored in a checkpoint) <- YAML file (with its bases)
+    <- `key=value` overrides; every layer is checked; read-only result."""
     cfg = OmegaConf.structured(schema)
+    if base is not None:
+        cfg = _merge_checked(cfg, base, "the stored config")
     if path is not None:
         cfg = _merge_checked(cfg, _read_yaml(Path(path)), str(path))
     for item in overrides:

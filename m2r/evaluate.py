@@ -30,6 +30,7 @@ import torch
 
 from accelerate import Accelerator
 
+from m2r.engine.validate import to_unit_float
 from m2r.eval.datasets import DATASETS, Pair, evaluation_sets, read_rgb, to_chw_uint8
 from m2r.eval.loading import add_inference_arguments, load_inference_model, make_accelerator
 from m2r.eval.metrics import image_metrics, parse_protocols
@@ -54,8 +55,9 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def to_unit(image_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return image_uint8.to(device).float().div(255.0).unsqueeze(0)
+def read_unit(path: Path, device: torch.device) -> torch.Tensor:
+    """Image file -> float32 (1, 3, H, W) in [0, 1] on `device`."""
+    return to_unit_float(to_chw_uint8(read_rgb(path)), device, torch.float32).unsqueeze(0)
 
 
 def save_png(image: torch.Tensor, path: Path) -> None:
@@ -68,19 +70,18 @@ def save_png(image: torch.Tensor, path: Path) -> None:
 
 
 @torch.no_grad()
-def evaluate_pairs(model, jobs: Sequence[Pair], args, accelerator: Accelerator) -> List[dict]:
-    """Metrics of this process's share of the images: one dict per image."""
-    protocols = parse_protocols(args.metrics)
-    device = accelerator.device
+def evaluate_pairs(model, jobs: Sequence[Pair], protocols: Sequence[str], args,
+                   accelerator: Accelerator) -> List[dict]:
+    """Metrics of this process's share of the images: one dict per image (computed on the CPU)."""
     records = []
     for pair in jobs:
-        lq, gt = to_unit(to_chw_uint8(read_rgb(pair.lq)), device), to_unit(to_chw_uint8(read_rgb(pair.gt)), device)
+        lq, gt = read_unit(pair.lq, accelerator.device), read_unit(pair.gt, torch.device("cpu"))
         if lq.shape != gt.shape:
             raise ValueError(f"{pair.lq} and its target {pair.gt} differ in size")
         with accelerator.autocast():
-            restored = restore_image(model, lq, tile=args.tile or None, overlap=args.overlap)[0].float()
+            restored = restore_image(model, lq, tile=args.tile or None, overlap=args.overlap)[0]
         records.append({"set": pair.group, "image": pair.lq.name,
-                        **image_metrics(restored.cpu(), gt[0].cpu(), protocols)})
+                        **image_metrics(restored.cpu(), gt[0], protocols)})
         if args.save_images:
             save_png(restored, Path(args.out) / "images" / pair.group / f"{pair.lq.stem}.png")
     return records
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
                       f"precision {accelerator.mixed_precision}", flush=True)
     model = load_inference_model(args.weights, accelerator.device, args.model_config, args.overrides)
     with accelerator.split_between_processes(jobs) as share:
-        records = evaluate_pairs(model, share, args, accelerator)
+        records = evaluate_pairs(model, share, protocols, args, accelerator)
     records = accelerator.gather_for_metrics(records, use_gather_object=True)
     if accelerator.is_main_process:
         write_results(records, list(sets), protocols, args)

@@ -21,10 +21,10 @@ from typing import List, Sequence, Tuple
 import torch
 from accelerate import Accelerator
 
-from m2r.eval.datasets import IMAGE_SUFFIXES, read_rgb, to_chw_uint8
+from m2r.eval.datasets import IMAGE_SUFFIXES
 from m2r.eval.loading import add_inference_arguments, load_inference_model, make_accelerator
 from m2r.eval.tiling import restore_image
-from m2r.evaluate import save_png, to_unit
+from m2r.evaluate import read_unit, save_png
 
 
 def parse_args(argv):
@@ -62,10 +62,10 @@ def accelerator_for(args) -> Accelerator:
 @torch.no_grad()
 def restore_files(model, jobs: Sequence[Tuple[Path, Path]], args, accelerator: Accelerator) -> None:
     for source, relative in jobs:
-        lq = to_unit(to_chw_uint8(read_rgb(source)), accelerator.device)
+        lq = read_unit(source, accelerator.device)
         with accelerator.autocast():
             restored = restore_image(model, lq, tile=args.tile or None, overlap=args.overlap)[0]
-        save_png(restored.float(), Path(args.out) / relative)
+        save_png(restored, Path(args.out) / relative)
 
 
 def main(argv=None) -> int:

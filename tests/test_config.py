@@ -88,3 +88,11 @@ def test_choice_fields_reject_other_values():
     with pytest.raises(ConfigError, match=r"moe\.combine.*'sum'.*\['log', 'linear'\]"):
         load_config(Outer, None, ["model.moe.combine=sum"])
     assert load_config(Outer, None, ["model.moe.combine=linear"]).model.moe.combine == "linear"
+
+
+def test_a_stored_config_is_a_checked_base_layer():
+    stored = {"train": {"lr": 0.5, "steps": 3}}
+    cfg = load_config(Outer, None, ["train.steps=4"], base=stored)
+    assert (cfg.train.lr, cfg.train.steps) == (0.5, 4)
+    with pytest.raises(ConfigError, match=r"stored config.*train\.stepz"):
+        load_config(Outer, None, base={"train": {"stepz": 1}})

@@ -111,6 +111,11 @@ def _smooth_field(h: int, w: int, rng: np.random.Generator, grid: int = 4) -> np
     return (wy @ coarse @ wx.T).astype(np.float32)
 
 
+def _rescale_unit(values: np.ndarray) -> np.ndarray:
+    """Min-max rescale to [0, 1] (a constant map becomes 0)."""
+    return (values - values.min()) / max(float(values.max() - values.min()), 1e-6)
+
+
 def pseudo_depth(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     """Smooth stand-in for scene depth in [0, 1] (1 = far) when no depth map is given.
 
@@ -119,7 +124,7 @@ def pseudo_depth(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     """
     ramp = np.linspace(1.0, 0.0, h, dtype=np.float32)[:, None]
     depth = np.float32(0.6) * ramp + np.float32(0.4) * _smooth_field(h, w, rng)
-    return (depth - depth.min()) / max(float(depth.max() - depth.min()), 1e-6)
+    return _rescale_unit(depth)
 
 
 def _channels(values) -> np.ndarray:
@@ -181,8 +186,7 @@ def haze(img, rng, *, beta=None, airlight=None, depth: Optional[np.ndarray] = No
     if depth is None:
         d = pseudo_depth(h, w, rng)
     else:
-        d = np.asarray(depth, np.float32)
-        d = (d - d.min()) / max(float(d.max() - d.min()), 1e-6)
+        d = _rescale_unit(np.asarray(depth, np.float32))
     t = np.exp(np.float32(-beta) * d)
     out = (img - airlight_rgb) * t + airlight_rgb
     return out, dict(beta=beta, airlight=[float(v) for v in airlight_rgb.ravel()],

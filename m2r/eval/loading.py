@@ -75,15 +75,10 @@ def inference_model_config(stored: Optional[dict], model_config: Optional[str],
                            overrides: Sequence[str], source: str) -> DictConfig:
     from m2r.models.config import ModelConfig
 
-    if model_config is not None:
-        cfg = load_config(ModelConfig, model_config, overrides)
-    elif stored is not None:
-        cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), stored)
-        for item in overrides:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
-    else:
+    if model_config is None and stored is None:
         raise ConfigError(f"{source} carries no model config: pass --model-config configs/model/<name>.yaml")
-    return OmegaConf.merge(cfg, {"moe": {"ep_size": 1}})
+    every_expert_local = [*overrides, "moe.ep_size=1"]
+    return load_config(ModelConfig, model_config, every_expert_local, base=None if model_config else stored)
 
 
 def load_inference_model(weights: str, device: torch.device, model_config: Optional[str] = None,

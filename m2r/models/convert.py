@@ -58,6 +58,10 @@ def _rename(key: str, official_to_ours: bool) -> str:
     return key
 
 
+def _is_dropped(official_key: str) -> bool:
+    return official_key.startswith(DROPPED_PREFIXES) or _ROUTER_BUFFER.fullmatch(official_key) is not None
+
+
 class CheckpointMismatch(ValueError):
     """A checkpoint does not fit the model; the message lists the offending keys."""
 
@@ -76,7 +80,7 @@ def official_to_m2r(checkpoint: Dict, ep_size: int = 1, ep_rank: int = 0) -> Dic
     `ep_rank` of `ep_size`. DA-CLIP keys and the constant router buffers are dropped."""
     converted = {}
     for key, value in unwrap_official_state_dict(checkpoint).items():
-        if key.startswith(DROPPED_PREFIXES) or _ROUTER_BUFFER.fullmatch(key):
+        if _is_dropped(key):
             continue
         ours = _rename(key, official_to_ours=True)
         converted[ours] = value.reshape(1) if _GATE_BOOST.fullmatch(ours) else value
@@ -85,8 +89,7 @@ def official_to_m2r(checkpoint: Dict, ep_size: int = 1, ep_rank: int = 0) -> Dic
 
 def dropped_official_keys(checkpoint: Dict) -> List[str]:
     """The official keys `official_to_m2r` drops (DA-CLIP and the router's constant buffers)."""
-    return [key for key in unwrap_official_state_dict(checkpoint)
-            if key.startswith(DROPPED_PREFIXES) or _ROUTER_BUFFER.fullmatch(key)]
+    return [key for key in unwrap_official_state_dict(checkpoint) if _is_dropped(key)]
 
 
 def _keep_local_experts(state: Dict, ep_size: int, ep_rank: int) -> Dict[str, torch.Tensor]:

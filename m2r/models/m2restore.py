@@ -27,15 +27,15 @@ from torch.utils.checkpoint import checkpoint
 
 from m2r.models.aflb import AFLB
 from m2r.models.bottleneck import MB
-from m2r.models.clip_prior import CLIPPrior, build_clip_prior, clip_architecture
+from m2r.models.clip_prior import INPUT_RANGES, CLIPPrior, build_clip_prior, clip_architecture
 from m2r.models.moe import DDER
 from m2r.models.restormer import Downsample, OverlapPatchEmbed, TransformerBlock, Upsample
 from m2r.models.task_prompt import TaskPrompt
 
-INPUT_RANGES = ("minus_one_one", "zero_one")
 SIZE_MULTIPLE = 8   # three 2x downsamplings
 MIN_SIZE = 16       # the task-prompt CondNet needs at least 9 px; 16 is the smallest multiple of 8
-CHECKPOINT_MODES = ("none", "bottleneck", "all")
+# Activation-checkpointing mode -> the block types recomputed in backward.
+CHECKPOINTED_TYPES = {"none": (), "bottleneck": (MB,), "all": (MB, TransformerBlock, DDER)}
 
 
 @dataclass
@@ -121,11 +121,10 @@ class M2Restore(nn.Module):
     def set_activation_checkpointing(self, mode: str) -> None:
         """"none"; "bottleneck": recompute each MB block in backward; "all": also every
         Transformer block and DDER. torch.utils.checkpoint, non-reentrant (RNG state preserved)."""
-        types = {"none": (), "bottleneck": (MB,), "all": (MB, TransformerBlock, DDER)}
-        if mode not in types:
-            raise ValueError(f"activation checkpointing mode must be one of {CHECKPOINT_MODES}, "
+        if mode not in CHECKPOINTED_TYPES:
+            raise ValueError(f"activation checkpointing mode must be one of {tuple(CHECKPOINTED_TYPES)}, "
                              f"got {mode!r}")
-        self._checkpointed_types = types[mode]
+        self._checkpointed_types = CHECKPOINTED_TYPES[mode]
 
     def _apply(self, fn, *args, **kwargs):
         # .to()/.cuda()/.bfloat16() move the held-out CLIP prior too; its params stay frozen.

@@ -11,18 +11,6 @@ import torch.nn.functional as F
 LAYER_NORM_EPS = 1e-5
 
 
-class BiasFreeLayerNorm(nn.Module):
-    """Channel LayerNorm without mean subtraction or bias, over the last dim of (..., C)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        variance = x.var(-1, keepdim=True, unbiased=False)
-        return x / torch.sqrt(variance + LAYER_NORM_EPS) * self.weight
-
-
 class WithBiasLayerNorm(nn.Module):
     """Standard LayerNorm over the last dim of (..., C), written out as Restormer does."""
 
@@ -38,13 +26,14 @@ class WithBiasLayerNorm(nn.Module):
 
 
 class ChannelLayerNorm(nn.Module):
-    """LayerNorm over the channels of a (B, C, H, W) map, each pixel normalised on its own."""
+    """LayerNorm over the channels of a (B, C, H, W) map, each pixel normalised on its own.
 
-    def __init__(self, dim: int, kind: str = "WithBias"):
+    Only Restormer's "WithBias" kind: the one M2Restore uses. `body` keeps the official key names.
+    """
+
+    def __init__(self, dim: int):
         super().__init__()
-        if kind not in ("WithBias", "BiasFree"):
-            raise ValueError(f"LayerNorm kind must be 'WithBias' or 'BiasFree', got {kind!r}")
-        self.body = WithBiasLayerNorm(dim) if kind == "WithBias" else BiasFreeLayerNorm(dim)
+        self.body = WithBiasLayerNorm(dim)
 
     def forward(self, x):
         return self.body(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
@@ -103,12 +92,11 @@ class MultiDconvHeadAttention(nn.Module):
 class TransformerBlock(nn.Module):
     """Restormer block: x + MDTA(LN(x)), then x + GDFN(LN(x))."""
 
-    def __init__(self, dim: int, num_heads: int, ffn_expansion_factor: float, bias: bool,
-                 layer_norm: str = "WithBias"):
+    def __init__(self, dim: int, num_heads: int, ffn_expansion_factor: float, bias: bool):
         super().__init__()
-        self.norm1 = ChannelLayerNorm(dim, layer_norm)
+        self.norm1 = ChannelLayerNorm(dim)
         self.attn = MultiDconvHeadAttention(dim, num_heads, bias)
-        self.norm2 = ChannelLayerNorm(dim, layer_norm)
+        self.norm2 = ChannelLayerNorm(dim)
         self.ffn = GatedDconvFeedForward(dim, ffn_expansion_factor, bias)
 
     def forward(self, x):

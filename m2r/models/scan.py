@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from m2r.dist import print0
+
 SCAN_BACKENDS = ("auto", "torch", "mamba_ssm")
 
 _announced_decisions: set = set()
@@ -90,13 +92,7 @@ def _announce_once(message: str) -> None:
     if message in _announced_decisions:
         return
     _announced_decisions.add(message)
-    if _is_rank_zero():
-        print(message, flush=True)
-
-
-def _is_rank_zero() -> bool:
-    distributed = torch.distributed
-    return not (distributed.is_available() and distributed.is_initialized()) or distributed.get_rank() == 0
+    print0(message)
 
 
 def _torch_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus):

@@ -45,11 +45,11 @@ def summarize(cfg) -> Dict[str, object]:
     with torch.device("meta"):
         model = build_model(cfg, with_clip_prior=False)
     rows = module_parameter_counts(model)
+    never_trained = set(model.unused_parameter_names())
     return {"rows": rows,
             "trainable": sum(row[1] for row in rows),
             "frozen": sum(row[2] for row in rows),
-            "never_trained": sum(p.numel() for name, p in model.named_parameters()
-                                 if name in set(model.unused_parameter_names()))}
+            "never_trained": sum(p.numel() for name, p in model.named_parameters() if name in never_trained)}
 
 
 def format_summary(summary: Dict[str, object], clip_line: str) -> str:

@@ -120,12 +120,12 @@ def build_shard(job: Tuple[int, int, List[str], BuildOptions]) -> dict:
     os.replace(tmp, out / name)
     record = dict(name=name, samples=samples, bytes=(out / name).stat().st_size, sha256=sha256_file(out / name),
                   type_counts=type_counts, skipped=skipped)
-    _write_json_atomic(out / (name[:-4] + ".json"), record)
+    _write_json_atomic((out / name).with_suffix(".json"), record)
     return record
 
 
 def _finished(out: Path, name: str) -> Optional[dict]:
-    sidecar = out / (name[:-4] + ".json")
+    sidecar = (out / name).with_suffix(".json")
     if (out / name).is_file() and sidecar.is_file():
         return json.loads(sidecar.read_text())
     return None
