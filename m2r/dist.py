@@ -129,16 +129,30 @@ def barrier() -> None:
         torch_dist.barrier()
 
 
+def _collective_device() -> torch.device:
+    # gloo reduces CPU tensors; nccl needs them on the GPU.
+    if torch_dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank if `flag` is true on at least one (all_reduce MAX): call it on all ranks."""
     if not is_initialized():
         return flag
-    # gloo reduces CPU tensors; nccl needs them on the GPU.
-    device = torch.device("cuda", torch.cuda.current_device()) if torch_dist.get_backend() == "nccl" \
-        else torch.device("cpu")
-    value = torch.tensor([int(flag)], device=device)
+    value = torch.tensor([int(flag)], device=_collective_device())
     torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over ranks of a CPU tensor, as a new CPU tensor (`values` itself is untouched
+    when a process group is running): call it on all ranks."""
+    if not is_initialized():
+        return values
+    buffer = values.to(_collective_device(), copy=True)
+    torch_dist.all_reduce(buffer)
+    return buffer.cpu()
 
 
 def all_gather_object(obj: Any) -> List[Any]:

@@ -25,11 +25,10 @@ import torch
 from omegaconf import OmegaConf
 
 from m2r.engine.checkpoint import DENSE_FILE, CheckpointRef, load_ema_states, resolve_resume
-from m2r.engine.experts import EXPERT_INFIX
+from m2r.engine.experts import with_global_expert_id
 
 EXPERT_FILE = re.compile(r"^layer_\d+_expert_\d+_mp_rank_00_model_states\.pt$")
 ZERO_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
-_LOCAL_EXPERT = re.compile(re.escape(EXPERT_INFIX) + r"(\d+)\.")
 
 
 def _load(path: Path):
@@ -48,11 +47,7 @@ def merged_module_state(ref: CheckpointRef) -> Tuple[Dict[str, torch.Tensor], di
 
 
 def _global_name(local_name: str, ep_rank: int, num_local_experts: int) -> str:
-    match = _LOCAL_EXPERT.search(local_name)
-    if not match:
-        return local_name
-    global_id = ep_rank * num_local_experts + int(match.group(1))
-    return local_name.replace(match.group(0), f"{EXPERT_INFIX}{global_id}.", 1)
+    return with_global_expert_id(local_name, ep_rank * num_local_experts)
 
 
 def fp32_master_weights(ref: CheckpointRef, ep_size: int, num_experts: int) -> Dict[str, torch.Tensor]:

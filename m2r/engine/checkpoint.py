@@ -74,6 +74,11 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def reseed(seed: int, rank: int, step: int) -> None:
+    """Fresh torch RNG when no saved state applies: distinct per rank (gate noise) and per starting step."""
+    torch.manual_seed(seed * 1000 + rank + 7919 * step)
+
+
 def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -95,6 +100,19 @@ def resolve_resume(resume: str, run_checkpoints: Path) -> Optional[CheckpointRef
         return CheckpointRef(path.parent, path.name)
     raise FileNotFoundError(f"run.resume={resume!r}: neither a checkpoint directory with a 'latest' file "
                             f"nor a tag directory holding {DENSE_FILE}")
+
+
+def agreed_resume(resume: str, run_checkpoints: Path) -> Optional[CheckpointRef]:
+    """`resolve_resume` as rank 0 sees it, on every rank (a shared filesystem may lag on the others)."""
+    ref = resolve_resume(resume, run_checkpoints) if dist.is_rank0() else None
+    return dist.broadcast_object(ref)
+
+
+def load_weights_only(engine, ref: CheckpointRef) -> Dict[str, Any]:
+    """Model weights (experts by global id, any topology) without optimizer or scheduler; returns the client state."""
+    _, client = engine.load_checkpoint(str(ref.root), tag=ref.tag, load_module_only=True,
+                                       load_optimizer_states=False, load_lr_scheduler_states=False)
+    return client
 
 
 class CheckpointManager:

@@ -22,14 +22,19 @@ def global_expert_names(module: nn.Module) -> Dict[str, str]:
     for prefix, layer in module.named_modules():
         if not isinstance(layer, DDER):
             continue
-        first_global_id = layer.first_global_expert_id
         layer_prefix = f"{prefix}." if prefix else ""
         for key in names:
-            if not key.startswith(layer_prefix):
-                continue
-            match = _LOCAL_ID.search("." + key[len(layer_prefix):])
-            if match:
-                global_id = first_global_id + int(match.group(1))
-                names[key] = key.replace(f"{EXPERT_INFIX[1:]}{match.group(1)}.",
-                                         f"{EXPERT_INFIX[1:]}{global_id}.", 1)
+            if key.startswith(layer_prefix):
+                names[key] = layer_prefix + with_global_expert_id(key[len(layer_prefix):],
+                                                                  layer.first_global_expert_id)
     return names
+
+
+def with_global_expert_id(key: str, first_global_id: int) -> str:
+    """`...deepspeed_experts.<local id>.` -> `...deepspeed_experts.<first_global_id + local id>.`;
+    keys of no expert are returned unchanged."""
+    match = _LOCAL_ID.search("." + key)
+    if not match:
+        return key
+    global_id = first_global_id + int(match.group(1))
+    return key.replace(f"{EXPERT_INFIX[1:]}{match.group(1)}.", f"{EXPERT_INFIX[1:]}{global_id}.", 1)

@@ -13,12 +13,22 @@ from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-import torch.distributed as torch_dist
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, DistributedSampler
 
 from m2r import dist
 from m2r.config import ConfigError, choice, save_config
+from m2r.engine.checkpoint import (CheckpointManager, Topology, agreed_resume, capture_rng_state, load_weights_only,
+                                   reseed, resolve_resume, restore_rng_state)
 from m2r.engine.config import TrainConfig, require
+from m2r.engine.deepspeed_config import build_deepspeed_config
+from m2r.engine.experts import global_expert_names
+from m2r.engine.loss import restoration_loss
+from m2r.engine.monitor import StepTimer, build_monitor
+from m2r.engine.optim import build_optimizer, learning_rate, set_learning_rate
+from m2r.engine.trainer import PRECISION_DTYPES, StopRequest
+from m2r.engine.validate import evaluate, to_unit_float
+from m2r.export import export
 from m2r.models.config import ModelConfig
 
 
@@ -103,8 +113,6 @@ class ResumableSampler(DistributedSampler):
 
 def local_state_from_global(model, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """A full state dict (experts by global id) -> this rank's keys (its local experts)."""
-    from m2r.engine.experts import global_expert_names
-
     names = global_expert_names(model)
     missing = sorted(g for g in names.values() if g not in state)
     if missing:
@@ -116,10 +124,6 @@ class Finetuner:
     def __init__(self, cfg, env: dist.DistEnv):
         import deepspeed
 
-        from m2r.engine.checkpoint import CheckpointManager, Topology
-        from m2r.engine.deepspeed_config import build_deepspeed_config
-        from m2r.engine.optim import build_optimizer
-        from m2r.engine.trainer import PRECISION_DTYPES, StopRequest
         from m2r.models.m2restore import build_model
 
         self.cfg, train = cfg, cfg.train
@@ -135,7 +139,7 @@ class Finetuner:
         model = build_model(cfg.model)
         model.set_activation_checkpointing(self.checkpointing)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.run.keep_last)
-        self.resume_ref = self._find_resume()
+        self.resume_ref = agreed_resume(cfg.run.resume, self.checkpoints.root)
         if self.resume_ref is None:
             self._load_init_weights(model)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
@@ -147,13 +151,11 @@ class Finetuner:
         elif cfg.init.weights and Path(cfg.init.weights).is_dir():
             self._load_pretraining_checkpoint(cfg.init.weights)
         if self.step == 0:
-            torch.manual_seed(train.seed * 1000 + env.rank)
+            reseed(train.seed, env.rank, step=0)
         if dist.is_rank0():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-        from m2r.engine.monitor import build_monitor
-
-        self.monitor = build_monitor(dist.is_rank0(), self.run_dir, self.schedule.steps, self.step,
+        self.monitor = build_monitor(dist.is_rank0(), self.run_dir, self.total_steps, self.step,
                                      env.world_size, cfg.run.progress_bar)
         dist.print0(self.startup_summary())
 
@@ -175,10 +177,11 @@ class Finetuner:
             raise ConfigError(f"data.root={data.root}: {len(pairs)} training images give no optimizer step per "
                               f"epoch at {env.world_size} ranks x micro_batch {train.micro_batch} x grad_accum "
                               f"{train.grad_accum}")
-        schedule_epochs = train.schedule_epochs or train.epochs
-        self.schedule = SimpleNamespace(lr=train.lr, min_lr=train.min_lr, steps=train.epochs * self.steps_per_epoch,
+        self.total_steps = train.epochs * self.steps_per_epoch
+        # What optim.learning_rate reads: its `steps` is where the cosine reaches min_lr.
+        self.schedule = SimpleNamespace(lr=train.lr, min_lr=train.min_lr,
                                         warmup_steps=train.warmup_epochs * self.steps_per_epoch,
-                                        decay_until=schedule_epochs * self.steps_per_epoch)
+                                        steps=(train.schedule_epochs or train.epochs) * self.steps_per_epoch)
         val_sets = evaluation_sets(data.dataset, data.val_root or data.root, list(data.val_sets) or None)
         self.val_names = list(val_sets)
         self.val_batches = self._val_batches(val_sets)
@@ -206,12 +209,6 @@ class Finetuner:
             return "bottleneck" if self.device.type == "cuda" else "none"
         return mode
 
-    def _find_resume(self):
-        from m2r.engine.checkpoint import resolve_resume
-
-        ref = resolve_resume(self.cfg.run.resume, self.checkpoints.root) if dist.is_rank0() else None
-        return dist.broadcast_object(ref)
-
     def _load_init_weights(self, model) -> None:
         """Files (.safetensors, official) load before DeepSpeed wraps the model; directories after."""
         weights = self.cfg.init.weights
@@ -230,28 +227,22 @@ class Finetuner:
         dist.print0(f"init: weights from {path}")
 
     def _load_pretraining_checkpoint(self, directory: str) -> None:
-        from m2r.engine.checkpoint import resolve_resume
-
         ref = resolve_resume(directory, Path(directory))
         if ref is None:
             raise FileNotFoundError(f"init.weights={directory}: no `latest` checkpoint there")
-        self.engine.load_checkpoint(str(ref.root), tag=ref.tag, load_module_only=True,
-                                    load_optimizer_states=False, load_lr_scheduler_states=False)
+        load_weights_only(self.engine, ref)
         dist.print0(f"init: weights from {ref.path} (saved with {ref.topology().describe()}; optimizer fresh)")
 
     def _resume(self, ref) -> None:
-        from m2r.engine.checkpoint import restore_rng_state
-
         if ref.topology() == self.topology:
             _, client = self.engine.load_checkpoint(str(ref.root), tag=ref.tag)
             restore_rng_state(client["rng_states"][dist.rank()])
             self.samples_into_epoch = client["samples_into_epoch"]
         else:
-            _, client = self.engine.load_checkpoint(str(ref.root), tag=ref.tag, load_module_only=True,
-                                                    load_optimizer_states=False, load_lr_scheduler_states=False)
+            client = load_weights_only(self.engine, ref)
             dist.print0(f"WARNING: {ref.path} was saved with {ref.topology().describe()}, this run has "
                         f"{self.topology.describe()}: weights loaded, optimizer restarts, epoch restarts")
-            torch.manual_seed(self.cfg.train.seed * 1000 + dist.rank() + 7919 * client["step"])
+            reseed(self.cfg.train.seed, dist.rank(), client["step"])
         self.step, self.epoch, self.best = client["step"], client["epoch"], client["best"]
         dist.print0(f"resumed from {ref.path}: epoch {self.epoch}, step {self.step}")
 
@@ -261,27 +252,16 @@ class Finetuner:
             f"finetune: {self.cfg.run.dir} | {self.cfg.data.dataset} {self.cfg.data.root} | "
             f"{len(self.train_set)} training pairs | world size {world} | ep_size {self.topology.ep_size}",
             f"  batch micro {train.micro_batch} x accum {train.grad_accum} x {world} ranks | crop {train.crop} | "
-            f"{self.steps_per_epoch} steps/epoch x {train.epochs} epochs = {self.schedule.steps} steps | "
-            f"warmup {self.schedule.warmup_steps}, cosine until step {self.schedule.decay_until}",
+            f"{self.steps_per_epoch} steps/epoch x {train.epochs} epochs = {self.total_steps} steps | "
+            f"warmup {self.schedule.warmup_steps}, cosine until step {self.schedule.steps}",
             f"  precision {train.precision} | ZeRO {train.zero_stage} | activation checkpointing "
             f"{self.checkpointing} | validation sets {', '.join(self.val_names)} (type ids in that order)",
         ])
 
     # ----------------------------------------------------------------------------- training
-    def learning_rate(self) -> float:
-        from m2r.engine.optim import learning_rate
-
-        schedule = SimpleNamespace(lr=self.schedule.lr, min_lr=self.schedule.min_lr,
-                                   warmup_steps=self.schedule.warmup_steps, steps=self.schedule.decay_until)
-        return learning_rate(self.step, schedule)
-
     def train_step(self, micro_batches) -> Tuple[torch.Tensor, float]:
         """One optimizer step over grad_accum micro-batches: this rank's mean [total, pixel, balance], and the LR."""
-        from m2r.engine.loss import restoration_loss
-        from m2r.engine.optim import set_learning_rate
-        from m2r.engine.validate import to_unit_float
-
-        lr = self.learning_rate()
+        lr = learning_rate(self.step, self.schedule)
         set_learning_rate(self.optimizer, lr)
         totals = torch.zeros(3, dtype=torch.float64)
         for batch in micro_batches:
@@ -296,22 +276,18 @@ class Finetuner:
         return totals / len(micro_batches), lr
 
     def _report(self, terms: torch.Tensor, lr: float, timer) -> None:
-        if dist.is_initialized():
-            torch_dist.all_reduce(terms)
-            terms /= dist.world_size()
+        terms = dist.all_reduce_sum(terms) / dist.world_size()
         scalars = {"loss": float(terms[0]), "pixel_loss": float(terms[1]), "balance_loss": float(terms[2]),
                    "lr": lr}
         if self.step % self.cfg.run.log_every == 0:
             grad_norm = self.engine.get_global_grad_norm()
             scalars["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-            scalars.update({k: v for k, v in timer.take().items() if k != "seconds_per_step_window"})
+            scalars.update(timer.take())
         self.monitor.log_train(self.step, scalars)
         self.monitor.advance(self.step)
 
     def run_epoch(self) -> bool:
         """Train one epoch (or its rest); False if a stop signal interrupted it."""
-        from m2r.engine.monitor import StepTimer
-
         train = self.cfg.train
         self.sampler.set_epoch(self.epoch)
         self.train_set.set_epoch(self.epoch)
@@ -332,8 +308,6 @@ class Finetuner:
 
     # ----------------------------------------------------------------------------- validation, checkpoints
     def validate(self) -> Dict[str, float]:
-        from m2r.engine.validate import evaluate
-
         metrics = evaluate(self.engine, self.val_batches, self.device, self.input_dtype)
         named = {("psnr_" + self.val_names[int(k[len("psnr_type"):])] if k.startswith("psnr_type") else k): v
                  for k, v in metrics.items()}
@@ -341,10 +315,6 @@ class Finetuner:
         return named
 
     def _client_state(self) -> Dict[str, Any]:
-        from omegaconf import OmegaConf
-
-        from m2r.engine.checkpoint import capture_rng_state
-
         return {"step": self.step, "epoch": self.epoch, "samples_into_epoch": self.samples_into_epoch,
                 "best": self.best, "rng_states": dist.all_gather_object(capture_rng_state()),
                 "config": OmegaConf.to_container(self.cfg, resolve=True)}
@@ -355,9 +325,6 @@ class Finetuner:
         return ref
 
     def keep_best(self, metrics: Dict[str, float]) -> None:
-        from m2r.engine.checkpoint import CheckpointManager
-        from m2r.export import export
-
         for name in self.cfg.run.best_metrics:
             if metrics[name] <= self.best.get(name, {}).get("value", float("-inf")):
                 continue

@@ -3,7 +3,8 @@
 Other ranks get a `NullMonitor` with the same methods, so the training loop has no rank checks.
 TensorBoard tags: train/{loss,loss_avg,pixel_loss,balance_loss,lr,grad_norm,img_per_s,
 img_per_s_per_gpu,data_wait_share,gpu_mem_gib}, moe/level<L>/expert<E> (load fractions),
-val/{psnr,ssim,psnr_type<id>}, images/val (degraded | restored | clean).
+data/samples_<type> (samples seen per degradation type), val/{psnr,ssim,psnr_type<id>} (finetuning:
+psnr_<set name>), images/val (degraded | restored | clean).
 """
 from __future__ import annotations
 

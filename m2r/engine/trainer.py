@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.distributed as torch_dist
 from omegaconf import OmegaConf
 
 from m2r import dist
 from m2r.config import save_config
-from m2r.engine.checkpoint import (CheckpointManager, CheckpointRef, Topology, capture_rng_state,
-                                   load_ema_states, resolve_resume, restore_rng_state)
+from m2r.engine.checkpoint import (CheckpointManager, CheckpointRef, Topology, agreed_resume, capture_rng_state,
+                                   load_ema_states, load_weights_only, reseed, restore_rng_state)
 from m2r.engine.config import validate_pretrain_config
 from m2r.engine.deepspeed_config import build_deepspeed_config
 from m2r.engine.loss import restoration_loss
@@ -106,7 +105,7 @@ class Trainer:
         if saved_rng is not None:
             restore_rng_state(saved_rng)
         else:
-            torch.manual_seed(self.cfg.train.seed * 1000 + rank + 7919 * self.step)
+            reseed(self.cfg.train.seed, rank, self.step)
 
     def startup_summary(self) -> str:
         cfg, train, moe = self.cfg, self.cfg.train, self.cfg.model.moe
@@ -146,8 +145,7 @@ class Trainer:
     def _resume(self) -> Optional[Dict[str, Any]]:
         """Load the checkpoint named by run.resume, if any; returns this rank's saved RNG state on an
         exact resume (same world size and ep_size), None otherwise."""
-        ref = resolve_resume(self.cfg.run.resume, self.checkpoints.root) if dist.is_rank0() else None
-        ref: Optional[CheckpointRef] = dist.broadcast_object(ref)
+        ref = agreed_resume(self.cfg.run.resume, self.checkpoints.root)
         if ref is None:
             return None
         saved, rng_state = ref.topology(), None
@@ -156,8 +154,7 @@ class Trainer:
             rng_state = client["rng_states"][dist.rank()]
             self.stream.load_state_dict(client["stream_states"][dist.rank()])
         else:
-            _, client = self.engine.load_checkpoint(str(ref.root), tag=ref.tag, load_module_only=True,
-                                                    load_optimizer_states=False, load_lr_scheduler_states=False)
+            client = load_weights_only(self.engine, ref)
             self._warn_topology_change(ref, saved)
         if self.ema is not None:
             self._restore_ema(ref)
@@ -216,22 +213,15 @@ class Trainer:
         self.step += 1
         return {"terms": totals / train.grad_accum, "loads": loads / train.grad_accum, "lr": lr}
 
-    def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
-        if not dist.is_initialized():
-            return values
-        buffer = values.to(self.device) if self.device.type == "cuda" else values.clone()
-        torch_dist.all_reduce(buffer)
-        return buffer.cpu()
-
     def _log_samples_by_type(self) -> None:
         """Per-type counts of the data stream, summed over ranks (a collective: every rank calls it)."""
         seen = self.stream.stats()["samples_by_type"]
-        totals = self._sum_over_ranks(torch.tensor(list(seen.values()), dtype=torch.float64))
+        totals = dist.all_reduce_sum(torch.tensor(list(seen.values()), dtype=torch.float64))
         self.monitor.log_samples_by_type(self.step, dict(zip(seen, (int(c) for c in totals.tolist()))))
 
     def _report_step(self, result: Dict[str, Any], timer: StepTimer) -> None:
         terms, loads = result["terms"], result["loads"]
-        packed = self._sum_over_ranks(torch.cat([terms, loads.flatten().double()])) / dist.world_size()
+        packed = dist.all_reduce_sum(torch.cat([terms, loads.flatten().double()])) / dist.world_size()
         scalars = {"loss": float(packed[0]), "pixel_loss": float(packed[1]), "balance_loss": float(packed[2]),
                    "lr": result["lr"]}
         if self.step % self.cfg.run.log_every == 0 or self.step == self.cfg.train.steps:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Dict, List, Sequence
 
 import torch
-import torch.distributed as torch_dist
 import torch.nn.functional as F
 
 from m2r import dist
@@ -77,8 +76,7 @@ def evaluate(model, val_batches: Sequence[Dict[str, torch.Tensor]], device: torc
         types = batch["type_id"].long()
         sums[3:3 + num_types].index_add_(0, types, image_psnr)
         sums[3 + num_types:].index_add_(0, types, torch.ones_like(image_psnr))
-    if dist.is_initialized():
-        sums = _all_reduce_sum(sums)
+    sums = dist.all_reduce_sum(sums)
     model.train(was_training)
     metrics = {"psnr": float(sums[0] / sums[2]), "ssim": float(sums[1] / sums[2])}
     for type_id in range(num_types):
@@ -86,13 +84,6 @@ def evaluate(model, val_batches: Sequence[Dict[str, torch.Tensor]], device: torc
         if count > 0:
             metrics[f"psnr_type{type_id}"] = float(sums[3 + type_id]) / count
     return metrics
-
-
-def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    on_gpu = torch_dist.get_backend() == "nccl"
-    buffer = values.cuda() if on_gpu else values.clone()
-    torch_dist.all_reduce(buffer)
-    return buffer.cpu()
 
 
 def image_grid(lq: torch.Tensor, restored: torch.Tensor, gt: torch.Tensor, max_images: int = 4) -> torch.Tensor:
