@@ -119,13 +119,15 @@ class FakeEngine:
 
 def test_checkpoints_keep_the_last_k_and_point_latest_at_the_newest(tmp_path):
     manager = CheckpointManager(tmp_path, keep_last=2)
+    config = load_config(PretrainConfig, None, ["train.lr=0.125"])
     for step in (10, 20, 30):
-        manager.save(FakeEngine(), step, Topology(2, 2), {"step": step})
+        manager.save(FakeEngine(), step, Topology(2, 2), {"step": step}, config)
     assert manager.tags() == [tag_for(20), tag_for(30)]
     assert (tmp_path / "latest").read_text() == "step00000030"
     meta = json.loads((tmp_path / "step00000030" / "meta.json").read_text())
     assert meta == {"step": 30, "world_size": 2, "ep_size": 2, "ema": False}
-    assert not list(tmp_path.glob("*.tmp"))
+    assert load_config(PretrainConfig, tmp_path / "step00000030" / "config.yaml") == config  # resolved, beside it
+    assert not list(tmp_path.rglob("*.tmp"))
 
 
 def test_keeping_a_single_checkpoint_is_refused(tmp_path):
@@ -136,7 +138,7 @@ def test_keeping_a_single_checkpoint_is_refused(tmp_path):
 def test_resume_targets(tmp_path):
     manager = CheckpointManager(tmp_path, keep_last=2)
     assert resolve_resume("latest", tmp_path) is None  # a fresh run
-    manager.save(FakeEngine(), 7, Topology(1, 1), {})
+    manager.save(FakeEngine(), 7, Topology(1, 1), {}, load_config(PretrainConfig))
     assert resolve_resume("latest", tmp_path).path == tmp_path / "step00000007"
     assert resolve_resume("none", tmp_path) is None
     assert resolve_resume(str(tmp_path / "step00000007"), Path("elsewhere")).tag == "step00000007"

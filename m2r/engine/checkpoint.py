@@ -20,10 +20,12 @@ import numpy as np
 import torch
 
 from m2r import dist
+from m2r.config import save_config
 
 TAG_PATTERN = re.compile(r"^step(\d{8})$")
 DENSE_FILE = "mp_rank_00_model_states.pt"
 META_FILE = "meta.json"
+CONFIG_FILE = "config.yaml"
 
 
 def tag_for(step: int) -> str:
@@ -124,8 +126,10 @@ class CheckpointManager:
         self.root = Path(root)
         self.keep_last = keep_last
 
-    def save(self, engine, step: int, topology: Topology, client_state: Dict[str, Any],
+    def save(self, engine, step: int, topology: Topology, client_state: Dict[str, Any], config,
              ema_state: Optional[Dict[str, torch.Tensor]] = None) -> CheckpointRef:
+        """Every rank calls it. The tag becomes `latest` only once complete on every rank; the
+        resolved `config` is written beside it as config.yaml."""
         ref = CheckpointRef(self.root, tag_for(step))
         engine.save_checkpoint(str(self.root), tag=ref.tag, client_state=client_state, save_latest=False)
         if ema_state is not None:
@@ -133,6 +137,7 @@ class CheckpointManager:
         # DeepSpeed's save ends in a barrier; this one also covers the EMA files.
         dist.barrier()
         if dist.is_rank0():
+            save_config(config, ref.path / CONFIG_FILE)
             meta = {"step": step, "world_size": topology.world_size, "ep_size": topology.ep_size,
                     "ema": ema_state is not None}
             _write_atomically(ref.path / META_FILE, json.dumps(meta, indent=1))

@@ -320,7 +320,7 @@ class Finetuner:
                 "config": OmegaConf.to_container(self.cfg, resolve=True)}
 
     def save_checkpoint(self):
-        ref = self.checkpoints.save(self.engine, self.step, self.topology, self._client_state())
+        ref = self.checkpoints.save(self.engine, self.step, self.topology, self._client_state(), self.cfg)
         self.monitor.print(f"saved checkpoint {ref.path}")
         return ref
 
@@ -330,7 +330,7 @@ class Finetuner:
                 continue
             self.best[name] = {"value": metrics[name], "epoch": self.epoch, "step": self.step}
             manager = CheckpointManager(self.run_dir / f"best_{name}", keep_last=2)
-            ref = manager.save(self.engine, self.step, self.topology, self._client_state())
+            ref = manager.save(self.engine, self.step, self.topology, self._client_state(), self.cfg)
             if dist.is_rank0():
                 export(str(ref.path), str(self.run_dir / f"best_{name}.safetensors"))
                 (self.run_dir / f"best_{name}.json").write_text(json.dumps(self.best[name], indent=1))

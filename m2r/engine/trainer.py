@@ -257,7 +257,7 @@ class Trainer:
                   "stream_states": [s["stream"] for s in states], "first_val_psnr": self.first_val_psnr,
                   "config": OmegaConf.to_container(self.cfg, resolve=True)}
         ema_state = self.ema.state_dict() if self.ema is not None else None
-        ref = self.checkpoints.save(self.engine, self.step, self.topology, client, ema_state)
+        ref = self.checkpoints.save(self.engine, self.step, self.topology, client, self.cfg, ema_state)
         self.monitor.print(f"saved checkpoint {ref.path}")
         return ref
 
