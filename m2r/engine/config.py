@@ -76,7 +76,12 @@ def validate_pretrain_config(cfg, world_size: int) -> None:
     require(run.save_every > 0 and run.log_every > 0 and run.val_every > 0,
              "run.save_every/log_every/val_every", (run.save_every, run.log_every, run.val_every),
              "must all be positive")
+    check_expert_parallel(moe, world_size)
+
+
+def check_expert_parallel(moe, world_size: int) -> None:
+    """ep_size must divide both the world size and the number of experts."""
     require(world_size % moe.ep_size == 0, "model.moe.ep_size", moe.ep_size,
-             f"must divide the world size {world_size}")
+            f"must divide the world size {world_size}")
     require(moe.num_experts % moe.ep_size == 0, "model.moe.ep_size", moe.ep_size,
-             f"must divide model.moe.num_experts={moe.num_experts}")
+            f"must divide model.moe.num_experts={moe.num_experts}")

@@ -20,7 +20,7 @@ from m2r import dist
 from m2r.config import ConfigError, choice, save_config
 from m2r.engine.checkpoint import (CheckpointManager, Topology, agreed_resume, capture_rng_state, load_weights_only,
                                    reseed, resolve_resume, restore_rng_state)
-from m2r.engine.config import TrainConfig, require
+from m2r.engine.config import TrainConfig, check_expert_parallel, require
 from m2r.engine.deepspeed_config import build_deepspeed_config
 from m2r.engine.experts import global_expert_names
 from m2r.engine.loss import restoration_loss
@@ -95,8 +95,7 @@ def validate_finetune_config(cfg, world_size: int) -> None:
     require(run.keep_last >= 2, "run.keep_last", run.keep_last, "must be >= 2")
     require(set(run.best_metrics) <= {"psnr", "ssim"}, "run.best_metrics", list(run.best_metrics),
              "may only hold psnr and ssim")
-    require(world_size % cfg.model.moe.ep_size == 0, "model.moe.ep_size", cfg.model.moe.ep_size,
-             f"must divide the world size {world_size}")
+    check_expert_parallel(cfg.model.moe, world_size)
 
 
 class ResumableSampler(DistributedSampler):
