@@ -23,11 +23,10 @@ from m2r.engine.checkpoint import (CheckpointManager, Topology, agreed_resume, c
 from m2r.engine.config import TrainConfig, check_expert_parallel, require
 from m2r.engine.deepspeed_config import build_deepspeed_config
 from m2r.engine.experts import global_expert_names
-from m2r.engine.loss import restoration_loss
 from m2r.engine.monitor import StepTimer, build_monitor
 from m2r.engine.optim import build_optimizer, learning_rate, set_learning_rate
-from m2r.engine.trainer import PRECISION_DTYPES, StopRequest
-from m2r.engine.validate import evaluate, to_unit_float
+from m2r.engine.trainer import PRECISION_DTYPES, StopRequest, micro_step
+from m2r.engine.validate import evaluate
 from m2r.export import export
 from m2r.models.config import ModelConfig
 
@@ -264,13 +263,8 @@ class Finetuner:
         set_learning_rate(self.optimizer, lr)
         totals = torch.zeros(3, dtype=torch.float64)
         for batch in micro_batches:
-            output = self.engine(to_unit_float(batch["lq"], self.device, self.input_dtype))
-            terms = restoration_loss(output, to_unit_float(batch["gt"], self.device, torch.float32), self.cfg.train,
-                                     self.cfg.model.moe.balance_loss_weight)
-            self.engine.backward(terms.total)
-            self.engine.step()
-            totals += torch.tensor([terms.total.item(), terms.pixel.item(), terms.balance.item()],
-                                   dtype=torch.float64)
+            totals += micro_step(self.engine, batch, self.device, self.input_dtype, self.cfg.train,
+                                 self.cfg.model.moe.balance_loss_weight)[1]
         self.step += 1
         return totals / len(micro_batches), lr
 

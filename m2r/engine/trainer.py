@@ -31,6 +31,18 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def micro_step(engine, batch: Dict[str, torch.Tensor], device: torch.device, input_dtype: torch.dtype,
+               train, balance_weight: float):
+    """Forward, loss, backward and DeepSpeed step on one uint8 micro-batch (DeepSpeed applies the
+    optimizer at the accumulation boundary). Returns the network output and [total, pixel, balance]."""
+    output = engine(to_unit_float(batch["lq"], device, input_dtype))
+    terms = restoration_loss(output, to_unit_float(batch["gt"], device, torch.float32), train, balance_weight)
+    engine.backward(terms.total)
+    engine.step()
+    values = torch.tensor([terms.total.item(), terms.pixel.item(), terms.balance.item()], dtype=torch.float64)
+    return output, values
+
+
 class StopRequest:
     """SIGTERM / SIGUSR1 only raise a flag; the loop acts on it at a step boundary, on all ranks at once."""
 
@@ -198,14 +210,9 @@ class Trainer:
         totals = torch.zeros(3, dtype=torch.float64)
         loads = None
         for _ in range(train.grad_accum):
-            batch = self._next_batch(timer)
-            output = self.engine(to_unit_float(batch["lq"], self.device, self.input_dtype))
-            terms = restoration_loss(output, to_unit_float(batch["gt"], self.device, torch.float32), train,
-                                     self.cfg.model.moe.balance_loss_weight)
-            self.engine.backward(terms.total)
-            self.engine.step()
-            totals += torch.tensor([terms.total.item(), terms.pixel.item(), terms.balance.item()],
-                                   dtype=torch.float64)
+            output, values = micro_step(self.engine, self._next_batch(timer), self.device, self.input_dtype, train,
+                                        self.cfg.model.moe.balance_loss_weight)
+            totals += values
             step_loads = torch.stack([load.float().cpu() for load in output.expert_load])
             loads = step_loads if loads is None else loads + step_loads
         if self.ema is not None:
