@@ -21,7 +21,7 @@ from typing import List, Sequence, Tuple
 import torch
 from accelerate import Accelerator
 
-from m2r.eval.datasets import IMAGE_SUFFIXES
+from m2r.data.images import IMAGE_SUFFIXES, list_image_files
 from m2r.eval.loading import add_inference_arguments, load_inference_model, make_accelerator
 from m2r.eval.tiling import restore_image
 from m2r.evaluate import read_unit, save_png
@@ -42,8 +42,7 @@ def collect_inputs(inputs: List[str]) -> List[Tuple[Path, Path]]:
     jobs = []
     for item in map(Path, inputs):
         if item.is_dir():
-            jobs += [(p, p.relative_to(item).with_suffix(".png")) for p in sorted(item.rglob("*"))
-                     if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+            jobs += [(p, p.relative_to(item).with_suffix(".png")) for p in list_image_files(item, recursive=True)]
         elif item.is_file():
             jobs.append((item, Path(item.name).with_suffix(".png")))
         else:

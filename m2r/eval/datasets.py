@@ -25,12 +25,11 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from m2r.data.augment import random_crop, random_dihedral
+from m2r.data.images import IMAGE_SUFFIXES, list_image_files, read_rgb
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 CDD11_TYPES = ("low", "haze", "rain", "snow", "low_haze", "low_rain", "low_snow", "haze_rain", "haze_snow",
                "low_haze_rain", "low_haze_snow")
 CDD11_CLEAR = "clear"
@@ -60,9 +59,10 @@ class Pair:
 
 
 def list_images(folder: Path) -> List[Path]:
+    """The image files directly in `folder`, sorted."""
     if not folder.is_dir():
         raise DatasetLayoutError(f"missing folder {folder}")
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return list_image_files(folder)
 
 
 def _first_dir(parent: Path, names: Sequence[str]) -> Path:
@@ -177,12 +177,6 @@ def train_pairs(dataset: str, root: str, list_file: Optional[str] = None) -> Lis
     if dataset == "folder":
         return folder_pairs(Path(root))["folder"]
     raise ValueError(f"dataset {dataset!r} is not one of {DATASETS}")
-
-
-def read_rgb(path: Path) -> np.ndarray:
-    """uint8 (H, W, 3); grey is replicated, alpha dropped."""
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 def to_chw_uint8(image: np.ndarray) -> torch.Tensor:

@@ -20,12 +20,12 @@ import os
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from m2r.config import ConfigError
+from m2r.models.weights_io import load_weights_file, unwrap_state_dict
 
 # Weights only ever come from local files: without this a hub lookup retries for about 46 s.
 # huggingface_hub reads the variable when open_clip first imports it.
@@ -171,17 +171,10 @@ def build_daclip(architecture: Dict) -> DaCLIP:
 def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
     """A plain state dict, a training checkpoint {"state_dict": {"module.*": ...}} or .safetensors."""
     try:
-        if path.suffix == ".safetensors":
-            state = safetensors.torch.load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = load_weights_file(path)
     except Exception as exc:  # torch and safetensors raise several types for unreadable files
         raise _config_error("weights", f"cannot read {path}: {exc}") from None
-    if "state_dict" in state:
-        state = state["state_dict"]
-    if all(key.startswith("module.") for key in state):
-        state = {key[len("module."):]: value for key, value in state.items()}
-    return state
+    return unwrap_state_dict(checkpoint, "module.")
 
 
 def _existing_file(weights: str) -> Path:

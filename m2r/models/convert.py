@@ -22,8 +22,9 @@ import re
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-import safetensors.torch
 import torch
+
+from m2r.models.weights_io import load_weights_file, unwrap_state_dict
 
 EXPERT_PATH = "deepspeed_moe.experts.deepspeed_experts"
 DROPPED_PREFIXES = ("daclip.",)
@@ -69,10 +70,7 @@ class CheckpointMismatch(ValueError):
 def unwrap_official_state_dict(checkpoint: Dict) -> Dict[str, torch.Tensor]:
     """The network's state dict from a Lightning checkpoint, a {"state_dict": ...} or a bare dict,
     with Lightning's `net.` prefix removed."""
-    state = checkpoint.get("state_dict", checkpoint)
-    if state and all(key.startswith("net.") for key in state):
-        state = {key[len("net."):]: value for key, value in state.items()}
-    return dict(state)
+    return unwrap_state_dict(checkpoint, "net.")
 
 
 def official_to_m2r(checkpoint: Dict, ep_size: int = 1, ep_rank: int = 0) -> Dict[str, torch.Tensor]:
@@ -126,10 +124,8 @@ def read_checkpoint(path, weights_only: bool = True) -> Dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        return safetensors.torch.load_file(str(path))
     try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
+        return load_weights_file(path, weights_only)
     except pickle.UnpicklingError as exc:
         if not weights_only:
             raise

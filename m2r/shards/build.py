@@ -21,11 +21,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from m2r.data.images import IMAGE_SUFFIXES, list_image_files, open_rgb
 from m2r.data.presets import Degrader
 from m2r.data.shard_format import add_member, encode_image
 from m2r.data.shard_list import MANIFEST_NAME
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 FORMAT = "m2r-shards/1"
 BUILD_TAG = 4
 
@@ -43,21 +43,19 @@ class BuildOptions:
 
 
 def list_images(sources: Sequence[str]) -> List[str]:
+    """Every image under each source folder, recursively: sources in the given order, files sorted."""
     files = []
     for src in sources:
         root = Path(src)
         if not root.is_dir():
             raise FileNotFoundError(f"--src {src} is not a directory")
-        found = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        files.extend(str(p) for p in found)
+        files.extend(str(p) for p in list_image_files(root, recursive=True))
     return files
 
 
 def load_image(path: str, max_side: int) -> np.ndarray:
-    """RGB uint8; grayscale, palette, 16-bit and alpha images are converted by PIL."""
-    with Image.open(path) as im:
-        im.load()
-        rgb = im.convert("RGB")
+    """RGB uint8, its longer side capped at `max_side` (0 = no cap)."""
+    rgb = open_rgb(Path(path))
     if max_side and max(rgb.size) > max_side:
         scale = max_side / max(rgb.size)
         rgb = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))), Image.LANCZOS)
