@@ -17,15 +17,14 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, DistributedSampler
 
 from m2r import dist
-from m2r.config import ConfigError, choice, save_config
-from m2r.engine.checkpoint import (CheckpointManager, Topology, agreed_resume, capture_rng_state, load_weights_only,
-                                   reseed, resolve_resume, restore_rng_state)
+from m2r.config import ConfigError, choice
+from m2r.engine.checkpoint import (CheckpointManager, CheckpointRef, capture_rng_state, load_weights_only,
+                                   resolve_resume)
 from m2r.engine.config import TrainConfig, check_expert_parallel, require
-from m2r.engine.deepspeed_config import build_deepspeed_config
 from m2r.engine.experts import global_expert_names
-from m2r.engine.monitor import StepTimer, build_monitor
-from m2r.engine.optim import build_optimizer, learning_rate, set_learning_rate
-from m2r.engine.trainer import PRECISION_DTYPES, StopRequest, micro_step
+from m2r.engine.monitor import StepTimer
+from m2r.engine.optim import learning_rate, set_learning_rate
+from m2r.engine.run import TrainingRun, micro_step
 from m2r.engine.validate import evaluate
 from m2r.export import export
 from m2r.models.config import ModelConfig
@@ -51,7 +50,7 @@ class FinetuneTrainConfig(TrainConfig):
     epochs: int = 200
     warmup_epochs: int = 15
     schedule_epochs: int = 0         # the cosine reaches min_lr here; 0 = epochs
-    activation_checkpointing: str = choice("auto", "none", "bottleneck", "all")  # auto (bottleneck on GPU, none on CPU) | none | bottleneck | all
+    activation_checkpointing: str = choice("auto", "none", "bottleneck", "full_res", "all")  # auto: bottleneck on GPU, none on CPU
 
 
 @dataclass
@@ -118,43 +117,23 @@ def local_state_from_global(model, state: Dict[str, torch.Tensor]) -> Dict[str, 
     return {local: state[global_name] for local, global_name in names.items()}
 
 
-class Finetuner:
+class Finetuner(TrainingRun):
     def __init__(self, cfg, env: dist.DistEnv):
-        import deepspeed
-
-        from m2r.models.m2restore import build_model
-
-        self.cfg, train = cfg, cfg.train
-        self.device = dist.init_distributed(env)
-        validate_finetune_config(cfg, env.world_size)
-        self.topology = Topology(env.world_size, cfg.model.moe.ep_size)
-        self.run_dir = Path(cfg.run.dir)
-        self.stop_request = StopRequest()
-        self.input_dtype = PRECISION_DTYPES[train.precision]
-
+        super().__init__(cfg, env, validate_finetune_config)
         self._build_data(env)
         self.checkpointing = self._checkpointing_mode()
-        model = build_model(cfg.model)
-        model.set_activation_checkpointing(self.checkpointing)
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.run.keep_last)
-        self.resume_ref = agreed_resume(cfg.run.resume, self.checkpoints.root)
+        model = self._build_model(self.checkpointing)
         if self.resume_ref is None:
             self._load_init_weights(model)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=build_optimizer(model, train),
-            config=build_deepspeed_config(train, env.world_size), dist_init_required=False)
-        self.step, self.epoch, self.samples_into_epoch, self.best = 0, 0, 0, {}
+        self._start_engine(model)
+        self.epoch, self.samples_into_epoch, self.best = 0, 0, {}
+        saved_rng = None
         if self.resume_ref is not None:
-            self._resume(self.resume_ref)
+            saved_rng = self._resume(self.resume_ref)
         elif cfg.init.weights and Path(cfg.init.weights).is_dir():
             self._load_pretraining_checkpoint(cfg.init.weights)
-        if self.step == 0:
-            reseed(train.seed, env.rank, step=0)
-        if dist.is_rank0():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-        self.monitor = build_monitor(dist.is_rank0(), self.run_dir, self.total_steps, self.step,
-                                     env.world_size, cfg.run.progress_bar)
+        self._seed_rng(saved_rng)
+        self._open_monitor(self.total_steps)
         dist.print0(self.startup_summary())
 
     # ----------------------------------------------------------------------------- setup
@@ -231,18 +210,17 @@ class Finetuner:
         load_weights_only(self.engine, ref)
         dist.print0(f"init: weights from {ref.path} (saved with {ref.topology().describe()}; optimizer fresh)")
 
-    def _resume(self, ref) -> None:
-        if ref.topology() == self.topology:
-            _, client = self.engine.load_checkpoint(str(ref.root), tag=ref.tag)
-            restore_rng_state(client["rng_states"][dist.rank()])
+    def _resume(self, ref: CheckpointRef) -> Optional[Dict[str, Any]]:
+        """Continue from `ref`; returns this rank's saved RNG state on an exact resume, None otherwise."""
+        client, saved_rng = self._load_checkpoint(ref)
+        if saved_rng is not None:  # exact: the epoch continues where it stopped
             self.samples_into_epoch = client["samples_into_epoch"]
         else:
-            client = load_weights_only(self.engine, ref)
             dist.print0(f"WARNING: {ref.path} was saved with {ref.topology().describe()}, this run has "
                         f"{self.topology.describe()}: weights loaded, optimizer restarts, epoch restarts")
-            reseed(self.cfg.train.seed, dist.rank(), client["step"])
-        self.step, self.epoch, self.best = client["step"], client["epoch"], client["best"]
+        self.epoch, self.best = client["epoch"], client["best"]
         dist.print0(f"resumed from {ref.path}: epoch {self.epoch}, step {self.step}")
+        return saved_rng
 
     def startup_summary(self) -> str:
         train, world = self.cfg.train, self.topology.world_size
@@ -253,7 +231,8 @@ class Finetuner:
             f"{self.steps_per_epoch} steps/epoch x {train.epochs} epochs = {self.total_steps} steps | "
             f"warmup {self.schedule.warmup_steps}, cosine until step {self.schedule.steps}",
             f"  precision {train.precision} | ZeRO {train.zero_stage} | activation checkpointing "
-            f"{self.checkpointing} | validation sets {', '.join(self.val_names)} (type ids in that order)",
+            f"{self.checkpointing} | channels_last {train.channels_last} | compile {train.compile}",
+            f"  validation sets {', '.join(self.val_names)} (type ids in that order)",
         ])
 
     # ----------------------------------------------------------------------------- training
@@ -268,16 +247,9 @@ class Finetuner:
         self.step += 1
         return totals / len(micro_batches), lr
 
-    def _report(self, terms: torch.Tensor, lr: float, timer) -> None:
-        terms = dist.all_reduce_sum(terms) / dist.world_size()
-        scalars = {"loss": float(terms[0]), "pixel_loss": float(terms[1]), "balance_loss": float(terms[2]),
-                   "lr": lr}
-        if self.step % self.cfg.run.log_every == 0:
-            grad_norm = self.engine.get_global_grad_norm()
-            scalars["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-            scalars.update(timer.take())
-        self.monitor.log_train(self.step, scalars)
-        self.monitor.advance(self.step)
+    def _report_step(self, terms: torch.Tensor, lr: float, timer: StepTimer) -> None:
+        mean_terms = dist.all_reduce_sum(terms) / dist.world_size()
+        self._log_train_step(mean_terms, lr, timer, log_step=self.step % self.cfg.run.log_every == 0)
 
     def run_epoch(self) -> bool:
         """Train one epoch (or its rest); False if a stop signal interrupted it."""
@@ -292,7 +264,7 @@ class Finetuner:
             terms, lr = self.train_step([next(batches) for _ in range(train.grad_accum)])
             self.samples_into_epoch += train.micro_batch * train.grad_accum
             timer.end_step(train.micro_batch * train.grad_accum * dist.world_size())
-            self._report(terms, lr, timer)
+            self._report_step(terms, lr, timer)
             if self.stop_request.agreed():
                 return False
         self.epoch += 1

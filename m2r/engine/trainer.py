@@ -1,124 +1,52 @@
 """The pretraining loop on DeepSpeed: build, resume, train, validate, checkpoint, report.
 
-Order of construction (each step needs the previous one): process group -> model (experts need
-the expert-parallel rank) -> activation checkpointing -> AdamW with MoE groups -> DeepSpeed engine
--> data stream -> EMA -> resume. Every rank runs every collective: the stop decision, checkpoint
-saves, validation and image forwards.
+Order of construction (each step needs the previous one): process group and the checkpoint to resume
+(`TrainingRun`) -> model (experts need the expert-parallel rank) -> activation checkpointing -> AdamW
+with MoE groups -> DeepSpeed engine -> data stream -> EMA -> resume. Every rank runs every
+collective: the stop decision, checkpoint saves, validation and image forwards.
 """
 from __future__ import annotations
 
-import signal
 import time
-import warnings
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 from omegaconf import OmegaConf
 
 from m2r import dist
-from m2r.config import save_config
-from m2r.engine.checkpoint import (CheckpointManager, CheckpointRef, Topology, agreed_resume, capture_rng_state,
-                                   load_ema_states, load_weights_only, reseed, restore_rng_state)
+from m2r.engine.checkpoint import CheckpointRef, capture_rng_state, load_ema_states
 from m2r.engine.config import validate_pretrain_config
-from m2r.engine.deepspeed_config import build_deepspeed_config
-from m2r.engine.loss import restoration_loss
-from m2r.engine.monitor import StepTimer, build_monitor
-from m2r.engine.optim import EMA, build_optimizer, learning_rate, set_learning_rate
+from m2r.engine.monitor import StepTimer
+from m2r.engine.optim import EMA, learning_rate, set_learning_rate
+from m2r.engine.run import TrainingRun, micro_step
 from m2r.engine.validate import evaluate, image_grid, psnr, to_unit_float
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-
-def micro_step(engine, batch: Dict[str, torch.Tensor], device: torch.device, input_dtype: torch.dtype,
-               train, balance_weight: float):
-    """Forward, loss, backward and DeepSpeed step on one uint8 micro-batch (DeepSpeed applies the
-    optimizer at the accumulation boundary). Returns the network output and [total, pixel, balance]."""
-    output = engine(to_unit_float(batch["lq"], device, input_dtype))
-    terms = restoration_loss(output, to_unit_float(batch["gt"], device, torch.float32), train, balance_weight)
-    engine.backward(terms.total)
-    engine.step()
-    values = torch.tensor([terms.total.item(), terms.pixel.item(), terms.balance.item()], dtype=torch.float64)
-    return output, values
-
-
-class StopRequest:
-    """SIGTERM / SIGUSR1 only raise a flag; the loop acts on it at a step boundary, on all ranks at once."""
-
-    def __init__(self):
-        self.signal_name: Optional[str] = None
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, _frame) -> None:
-        self.signal_name = signal.Signals(signum).name
-
-    def agreed(self) -> bool:
-        return dist.any_rank(self.signal_name is not None)
-
-
-class Trainer:
-    cfg: Any                       # PretrainConfig (OmegaConf, read-only)
-    device: torch.device
-    topology: Topology
-    engine: Any                    # deepspeed.DeepSpeedEngine around M2Restore
+class Trainer(TrainingRun):
     stream: Any                    # iterable of uint8 batches with state_dict()/load_state_dict()
     val_batches: List[Dict[str, torch.Tensor]]
     ema: Optional[EMA]
-    checkpoints: CheckpointManager
-    step: int                      # optimizer steps completed
     first_val_psnr: Optional[float]  # validation PSNR before any training (kept across resumes)
     last_val: Dict[str, float]
 
     def __init__(self, cfg, env: dist.DistEnv):
-        import deepspeed
-
         from m2r.data import build_train_stream, build_val_set
-        from m2r.models.m2restore import build_model
 
-        self.cfg, train = cfg, cfg.train
-        # ZeRO calls a collective that torch deprecates, every step: noise for our users.
-        warnings.filterwarnings("ignore", message=".*all_gather_into_tensor", category=FutureWarning)
-        self.device = dist.init_distributed(env)
-        validate_pretrain_config(cfg, env.world_size)
-        self.topology = Topology(env.world_size, cfg.model.moe.ep_size)
-        self.run_dir = Path(cfg.run.dir)
-        self.stop_request = StopRequest()
-
-        model = build_model(cfg.model)
-        model.set_activation_checkpointing(train.activation_checkpointing)
-        optimizer = build_optimizer(model, train)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=build_deepspeed_config(train, env.world_size),
-            dist_init_required=False)
-        self.input_dtype = PRECISION_DTYPES[train.precision]
-
+        super().__init__(cfg, env, validate_pretrain_config)
+        train = cfg.train
+        self._start_engine(self._build_model(train.activation_checkpointing))
         self.stream = build_train_stream(cfg.data, seed=train.seed, rank=env.rank, world_size=env.world_size,
                                          micro_batch=train.micro_batch, crop=train.crop)
         self.val_batches = build_val_set(cfg.data, train.crop)
         self.ema = EMA(self.engine.module, train.ema_decay) if train.ema_decay > 0 else None
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.run.keep_last)
-        self.step, self.first_val_psnr, self.last_val = 0, None, {}
-        saved_rng = self._resume()
+        self.first_val_psnr, self.last_val = None, {}
+        saved_rng = self._resume(self.resume_ref) if self.resume_ref is not None else None
         self._stream_iter = iter(self.stream)
-        self._set_rng(saved_rng, env.rank)
-
-        if dist.is_rank0():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-        self.monitor = build_monitor(dist.is_rank0(), self.run_dir, train.steps, self.step, env.world_size,
-                                     cfg.run.progress_bar)
+        self._seed_rng(saved_rng)
+        self._open_monitor(train.steps)
         dist.print0(self.startup_summary())
 
     # ----------------------------------------------------------------------------- setup helpers
-    def _set_rng(self, saved_rng: Optional[Dict[str, Any]], rank: int) -> None:
-        """The saved state on an exact resume; else a seed from (seed, rank, step): gate noise differs per rank."""
-        if saved_rng is not None:
-            restore_rng_state(saved_rng)
-        else:
-            reseed(self.cfg.train.seed, rank, self.step)
-
     def startup_summary(self) -> str:
         cfg, train, moe = self.cfg, self.cfg.train, self.cfg.model.moe
         world, ep = self.topology.world_size, moe.ep_size
@@ -131,7 +59,8 @@ class Trainer:
             f"  experts: {moe.num_experts} per adapter, {moe.num_experts // ep} per rank, top-{moe.top_k}"
             f" | all-to-all per step ~{self.all_to_all_bytes_per_step() / 2**20:.1f} MiB per rank",
             f"  precision {train.precision} | ZeRO {train.zero_stage} | activation checkpointing "
-            f"{train.activation_checkpointing} | EMA {train.ema_decay or 'off'} | rank params {params:,}",
+            f"{train.activation_checkpointing} | channels_last {train.channels_last} | compile {train.compile} | "
+            f"EMA {train.ema_decay or 'off'} | rank params {params:,}",
         ])
 
     def all_to_all_bytes_per_step(self) -> int:
@@ -154,26 +83,19 @@ class Trainer:
         return int(total * remote_share * 4 * train.grad_accum)
 
     # ----------------------------------------------------------------------------- resume
-    def _resume(self) -> Optional[Dict[str, Any]]:
-        """Load the checkpoint named by run.resume, if any; returns this rank's saved RNG state on an
-        exact resume (same world size and ep_size), None otherwise."""
-        ref = agreed_resume(self.cfg.run.resume, self.checkpoints.root)
-        if ref is None:
-            return None
-        saved, rng_state = ref.topology(), None
-        if saved == self.topology:
-            _, client = self.engine.load_checkpoint(str(ref.root), tag=ref.tag)
-            rng_state = client["rng_states"][dist.rank()]
+    def _resume(self, ref: CheckpointRef) -> Optional[Dict[str, Any]]:
+        """Continue from `ref`; returns this rank's saved RNG state on an exact resume (same world size
+        and ep_size), None otherwise."""
+        client, saved_rng = self._load_checkpoint(ref)
+        if saved_rng is not None:  # exact: the data stream continues where it stopped
             self.stream.load_state_dict(client["stream_states"][dist.rank()])
         else:
-            client = load_weights_only(self.engine, ref)
-            self._warn_topology_change(ref, saved)
+            self._warn_topology_change(ref)
         if self.ema is not None:
             self._restore_ema(ref)
-        self.step = client["step"]
         self.first_val_psnr = client.get("first_val_psnr")
         dist.print0(f"resumed from {ref.path} at step {self.step}")
-        return rng_state
+        return saved_rng
 
     def _restore_ema(self, ref: CheckpointRef) -> None:
         if ref.meta().get("ema"):
@@ -181,7 +103,7 @@ class Trainer:
         else:
             dist.print0(f"WARNING: {ref.path} holds no EMA weights; EMA restarts from the loaded weights")
 
-    def _warn_topology_change(self, ref: CheckpointRef, saved: Topology) -> None:
+    def _warn_topology_change(self, ref: CheckpointRef) -> None:
         lost = ["AdamW moments and step counts (the optimizer restarts)",
                 "the data stream position (a fresh stream is drawn)",
                 "the per-rank RNG states (reseeded from seed, rank and step)"]
@@ -190,7 +112,7 @@ class Trainer:
         bar = "!" * 100
         dist.print0("\n".join([
             bar,
-            f"WARNING: TOPOLOGY CHANGE: {ref.path} was saved with {saved.describe()}; this run has "
+            f"WARNING: TOPOLOGY CHANGE: {ref.path} was saved with {ref.topology().describe()}; this run has "
             f"{self.topology.describe()}.",
             "  Loaded: model weights, experts mapped by global id. LOST: " + "; ".join(lost) + ".",
             bar]))
@@ -228,17 +150,13 @@ class Trainer:
 
     def _report_step(self, result: Dict[str, Any], timer: StepTimer) -> None:
         terms, loads = result["terms"], result["loads"]
+        # One all-reduce averages the loss terms and the expert loads over ranks.
         packed = dist.all_reduce_sum(torch.cat([terms, loads.flatten().double()])) / dist.world_size()
-        scalars = {"loss": float(packed[0]), "pixel_loss": float(packed[1]), "balance_loss": float(packed[2]),
-                   "lr": result["lr"]}
-        if self.step % self.cfg.run.log_every == 0 or self.step == self.cfg.train.steps:
-            grad_norm = self.engine.get_global_grad_norm()
-            scalars["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-            scalars.update(timer.take())
+        log_step = self.step % self.cfg.run.log_every == 0 or self.step == self.cfg.train.steps
+        if log_step:
             self.monitor.log_expert_load(self.step, list(packed[3:].view_as(loads).float()))
             self._log_samples_by_type()
-        self.monitor.log_train(self.step, scalars)
-        self.monitor.advance(self.step)
+        self._log_train_step(packed[:3], result["lr"], timer, log_step)
 
     def validate(self) -> None:
         self.last_val = evaluate(self.engine, self.val_batches, self.device, self.input_dtype)

@@ -1,0 +1,151 @@
+"""What the pretraining `Trainer` and the `Finetuner` share: start-up, the DeepSpeed engine, resume, step reports.
+
+`TrainingRun.__init__` starts the process group, checks the config and agrees on the checkpoint to
+resume. A subclass then builds, in its own order, its data and `_build_model` -> `_start_engine` ->
+its resume through `_load_checkpoint` -> `_seed_rng` -> `_open_monitor`; its loop runs `micro_step`
+and reports each optimizer step through `_log_train_step`.
+"""
+from __future__ import annotations
+
+import signal
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+
+from m2r import dist
+from m2r.config import save_config
+from m2r.engine.checkpoint import (CheckpointManager, CheckpointRef, Topology, agreed_resume, load_weights_only,
+                                   reseed, restore_rng_state)
+from m2r.engine.deepspeed_config import build_deepspeed_config
+from m2r.engine.loss import restoration_loss
+from m2r.engine.monitor import NullMonitor, StepTimer, build_monitor
+from m2r.engine.optim import build_optimizer
+from m2r.engine.validate import to_unit_float
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def micro_step(engine, batch: Dict[str, torch.Tensor], device: torch.device, input_dtype: torch.dtype,
+               train, balance_weight: float):
+    """Forward, loss, backward and DeepSpeed step on one uint8 micro-batch (DeepSpeed applies the
+    optimizer at the accumulation boundary). Returns the network output and [total, pixel, balance]."""
+    output = engine(to_unit_float(batch["lq"], device, input_dtype))
+    terms = restoration_loss(output, to_unit_float(batch["gt"], device, torch.float32), train, balance_weight)
+    engine.backward(terms.total)
+    engine.step()
+    values = torch.stack([terms.total, terms.pixel, terms.balance]).detach().to("cpu", torch.float64)  # one sync
+    return output, values
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 only raise a flag; the loop acts on it at a step boundary, on all ranks at once."""
+
+    def __init__(self):
+        self.signal_name: Optional[str] = None
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        return dist.any_rank(self.signal_name is not None)
+
+
+class TrainingRun:
+    cfg: Any                       # PretrainConfig or FinetuneConfig (OmegaConf, read-only)
+    device: torch.device
+    topology: Topology
+    run_dir: Path
+    stop_request: StopRequest
+    input_dtype: torch.dtype       # what the network's input is cast to (train.precision)
+    checkpoints: CheckpointManager
+    resume_ref: Optional[CheckpointRef]  # the checkpoint run.resume names, as rank 0 resolved it; None = fresh
+    engine: Any                    # deepspeed.DeepSpeedEngine around M2Restore (from `_start_engine`)
+    optimizer: torch.optim.Optimizer
+    step: int                      # optimizer steps completed
+    monitor: NullMonitor           # (from `_open_monitor`)
+
+    def __init__(self, cfg, env: dist.DistEnv, validate_config: Callable[[Any, int], None]):
+        self.cfg = cfg
+        # ZeRO calls a collective that torch deprecates, every step: noise for our users.
+        warnings.filterwarnings("ignore", message=".*all_gather_into_tensor", category=FutureWarning)
+        self.device = dist.init_distributed(env)
+        validate_config(cfg, env.world_size)
+        self.topology = Topology(env.world_size, cfg.model.moe.ep_size)
+        self.run_dir = Path(cfg.run.dir)
+        self.stop_request = StopRequest()
+        self.input_dtype = PRECISION_DTYPES[cfg.train.precision]
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.run.keep_last)
+        self.resume_ref = agreed_resume(cfg.run.resume, self.checkpoints.root)
+        self.step = 0
+
+    # ----------------------------------------------------------------------------- model and engine
+    def _build_model(self, activation_checkpointing: str):
+        """This rank's M2Restore (experts need the expert-parallel rank, hence after the process group)."""
+        from m2r.models.m2restore import build_model
+
+        train = self.cfg.train
+        model = build_model(self.cfg.model)
+        model.set_activation_checkpointing(activation_checkpointing)
+        if train.channels_last:
+            model.use_channels_last()
+        if train.compile:
+            model.compile_training_forward()
+        return model
+
+    def _start_engine(self, model) -> None:
+        """Wrap the model and its AdamW (MoE parameter groups) in a DeepSpeed engine on our process group."""
+        import deepspeed
+
+        train = self.cfg.train
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=build_optimizer(model, train),
+            config=build_deepspeed_config(train, self.topology.world_size), dist_init_required=False)
+
+    # ----------------------------------------------------------------------------- resume
+    def _load_checkpoint(self, ref: CheckpointRef) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:
+        """Load `ref` into the engine and take its step. Saved at this run's topology, everything loads
+        (an exact resume); at another, the model weights only (experts by global id).
+
+        Returns the client state and this rank's saved RNG state, None unless the resume is exact.
+        """
+        if ref.topology() != self.topology:
+            client = load_weights_only(self.engine, ref)
+            saved_rng = None
+        else:
+            _, client = self.engine.load_checkpoint(str(ref.root), tag=ref.tag)
+            saved_rng = client["rng_states"][dist.rank()]
+        self.step = client["step"]
+        return client, saved_rng
+
+    def _seed_rng(self, saved_rng: Optional[Dict[str, Any]]) -> None:
+        """The saved state on an exact resume; else a seed from (seed, rank, step): gate noise differs per rank."""
+        if saved_rng is not None:
+            restore_rng_state(saved_rng)
+        else:
+            reseed(self.cfg.train.seed, dist.rank(), self.step)
+
+    # ----------------------------------------------------------------------------- reporting
+    def _open_monitor(self, total_steps: int) -> None:
+        """Rank 0 writes the resolved config.yaml into the run directory and reports; other ranks stay silent."""
+        if dist.is_rank0():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.run_dir / "config.yaml")
+        self.monitor = build_monitor(dist.is_rank0(), self.run_dir, total_steps, self.step,
+                                     self.topology.world_size, self.cfg.run.progress_bar)
+
+    def _log_train_step(self, mean_terms: torch.Tensor, lr: float, timer: StepTimer, log_step: bool) -> None:
+        """`mean_terms`: [total, pixel, balance] averaged over ranks. Every step goes to metrics.jsonl;
+        a log step adds the grad norm and the throughput since the last one, and reaches the console."""
+        scalars = {"loss": float(mean_terms[0]), "pixel_loss": float(mean_terms[1]),
+                   "balance_loss": float(mean_terms[2]), "lr": lr}
+        if log_step:
+            grad_norm = self.engine.get_global_grad_norm()
+            scalars["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+            scalars.update(timer.take())
+        self.monitor.log_train(self.step, scalars)
+        self.monitor.advance(self.step)
