@@ -1,7 +1,7 @@
 """Training speed of M2Restore on one GPU: throughput, memory, MFU, evaluation latency.
 
-    python bench/train_speed.py --json runs/bench/train_speed.json       # GPU: the full table (~5 min on an H100)
-    python bench/train_speed.py --smoke                                  # CPU: tiny model, a few seconds
+    python bench/train_speed.py --json runs/bench/train_speed.json       # GPU: the full table (~6 min on an H100)
+    python bench/train_speed.py --smoke                                  # CPU: tiny model, under a minute
 
 Each variant trains with random weights on random images, batch 4 at 224x224 (the paper recipe), one
 optimizer step per batch, L1 + weighted balance loss, and reports ms/step, img/s, peak allocated
@@ -32,7 +32,6 @@ sys.path.insert(0, str(REPO))
 from m2r.config import load_config  # noqa: E402
 from m2r.models.config import ModelConfig  # noqa: E402
 from m2r.models.m2restore import build_model  # noqa: E402
-from m2r.models.restormer import TransformerBlock  # noqa: E402
 from m2r.models.scan import selective_scan  # noqa: E402
 
 OFFICIAL_IMG_PER_S = 8.54
@@ -44,27 +43,35 @@ MAX_CROP = 1024
 class Variant:
     name: str
     config: str                 # model yaml under configs/model
-    bf16: bool = False          # bf16 autocast (FFT and Mamba stay fp32 inside the model)
+    bf16: bool = False          # bf16 autocast (the FFT stays fp32; Mamba too unless mamba.autocast)
     tf32: bool = False
     channels_last: bool = False
     fused_adamw: bool = False
-    compile_blocks: bool = False  # torch.compile each Restormer block (MoE and Mamba stay eager)
+    compile: str = ""           # torch.compile backend for the training forward ("" = eager)
     checkpointing: str = "none"
+    overrides: tuple = ()       # model config overrides
 
 
+FAST = dict(bf16=True, channels_last=True, fused_adamw=True)
+# In priority order: a run that times out keeps the ones already measured. Two compiled networks only
+# (each compilation takes a minute or two); the trajectory and the profile reuse them from the cache.
 GPU_VARIANTS = [
     Variant("faithful fp32 eager (official recipe)", "m2restore"),
-    Variant("faithful bf16 + channels_last + fused AdamW", "m2restore", bf16=True, channels_last=True,
-            fused_adamw=True),
-    Variant("plus bf16 + compile", "m2restore-plus", bf16=True, channels_last=True, fused_adamw=True,
-            compile_blocks=True),
-    Variant("plus bf16 + compile + AC(all)", "m2restore-plus", bf16=True, channels_last=True,
-            fused_adamw=True, compile_blocks=True, checkpointing="all"),
+    Variant("faithful bf16 + channels_last + fused AdamW", "m2restore", **FAST),
+    Variant("faithful bf16 + compile + bf16 Mamba", "m2restore", **FAST, compile="inductor",
+            overrides=("mamba.autocast=true",)),
+    Variant("plus bf16 + compile + bf16 Mamba + AC(full_res)", "m2restore-plus", **FAST, compile="inductor",
+            checkpointing="full_res", overrides=("mamba.autocast=true",)),
 ]
 # Largest-crop search: eager, so that each new crop size does not trigger a recompilation.
-CROP_VARIANT = Variant("plus bf16 + AC(all), eager", "m2restore-plus", bf16=True, channels_last=True,
-                       fused_adamw=True, checkpointing="all")
-SMOKE_VARIANTS = [Variant("tiny fp32", "tiny"), Variant("tiny fp32 + AC(all)", "tiny", checkpointing="all")]
+CROP_VARIANT = Variant("plus bf16 + AC(all), eager", "m2restore-plus", **FAST, checkpointing="all")
+SMOKE_VARIANTS = [Variant("tiny fp32", "tiny"),
+                  Variant("tiny fp32 + channels_last + AC(full_res) + compile(aot_eager)", "tiny",
+                          channels_last=True, compile="aot_eager", checkpointing="full_res")]
+# Loss trajectories: the official recipe against the fastest faithful variant, same data and init.
+TRAJECTORY = (GPU_VARIANTS[0], GPU_VARIANTS[2])
+SMOKE_TRAJECTORY = tuple(SMOKE_VARIANTS)
+TRAJECTORY_STEPS, SMOKE_TRAJECTORY_STEPS = 30, 4
 EVAL_SIZE, SMOKE_EVAL_SIZE = (480, 720), (64, 96)
 SCAN_SHAPE, SMOKE_SCAN_SHAPE = (4, 768, 16, 784), (1, 32, 4, 64)  # batch, d_inner, d_state, L
 
@@ -85,16 +92,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def compile_blocks(model: torch.nn.Module) -> None:
-    """Compile each Restormer block (most of the time is spent in them, at full resolution).
-    The MoE dispatch has data-dependent shapes and the Mamba kernels are opaque: both stay eager."""
-    for module in model.modules():
-        if isinstance(module, TransformerBlock):
-            module.compile()
+def random_pair(batch: int, crop: int, seed: int = 0):
+    """A degraded/clean pair with image-like structure (smooth clean image, noisy and darkened input),
+    so that the loss falls over a few steps instead of sitting at the noise floor of random targets."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(batch, 3, max(crop // 16, 2), max(crop // 16, 2), generator=generator)
+    gt = F.interpolate(coarse, size=(crop, crop), mode="bilinear", align_corners=False)
+    lq = (0.7 * gt + 0.1 * torch.randn(gt.shape, generator=generator)).clamp(0, 1)
+    return lq, gt
 
 
 class Trainer:
-    """One variant: model, optimizer and a timed training step on fixed random data."""
+    """One variant: model, optimizer and a timed training step on fixed data."""
 
     def __init__(self, variant: Variant, cfg: ModelConfig, device: torch.device, batch: int, crop: int):
         torch.backends.cuda.matmul.allow_tf32 = variant.tf32
@@ -102,26 +111,25 @@ class Trainer:
         self.variant, self.device = variant, device
         self.model = build_model(cfg).to(device).train()
         self.model.set_activation_checkpointing(variant.checkpointing)
-        memory_format = torch.channels_last if variant.channels_last else torch.contiguous_format
-        self.model.to(memory_format=memory_format)
-        if variant.compile_blocks:
-            compile_blocks(self.model)
+        if variant.channels_last:
+            self.model.use_channels_last()
+            self.model.to(memory_format=torch.channels_last)   # no DeepSpeed here: the weights may follow
+        if variant.compile:
+            self.model.compile_training_forward(backend=variant.compile)
         fused = {"fused": True} if variant.fused_adamw else {}
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=2e-4, **fused)
         self.balance_weight = cfg.moe.balance_loss_weight
-        generator = torch.Generator().manual_seed(0)
-        shape = (batch, 3, crop, crop)
-        self.lq = torch.rand(shape, generator=generator).to(device, memory_format=memory_format)
-        self.gt = torch.rand(shape, generator=generator).to(device, memory_format=memory_format)
+        self.lq, self.gt = (t.to(device) for t in random_pair(batch, crop))
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
+        """One optimizer step; returns the loss on the device (reading it would sync every step)."""
         with autocast(self.device, self.variant.bf16):
             out = self.model(self.lq)
         loss = F.l1_loss(out.restored.float(), self.gt) + self.balance_weight * out.balance_loss.float()
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return loss.detach()
 
     def time_steps(self, warmup: int, steps: int) -> float:
         for _ in range(warmup):
@@ -161,12 +169,12 @@ def reset_peak(device: torch.device) -> None:
 
 
 def run_variant(variant: Variant, args, device, flops_per_step: dict, clip_weights) -> dict:
-    cfg = model_config(variant.config, clip_weights)
+    cfg = model_config(variant.config, clip_weights, variant.overrides)
     if variant.config not in flops_per_step:
         flops_per_step[variant.config] = count_train_flops(cfg, device, args.batch, args.crop)
     reset_peak(device)
     trainer = Trainer(variant, cfg, device, args.batch, args.crop)
-    seconds = trainer.time_steps(args.warmup + (3 if variant.compile_blocks else 0), args.steps)
+    seconds = trainer.time_steps(args.warmup + (2 if variant.compile else 0), args.steps)
     img_per_s = args.batch / seconds
     tflops = flops_per_step[variant.config] / seconds / 1e12
     row = {"variant": variant.name, "ms_per_step": 1e3 * seconds, "img_per_s": img_per_s,
@@ -256,6 +264,43 @@ def clip_share(args, device, clip_weights, step_ms: float, config: str) -> dict:
     return {"config": config, "clip_ms": ms, "share_of_step_pct": 100 * ms / step_ms}
 
 
+def loss_trajectories(variants, args, device, clip_weights, steps: int) -> dict:
+    """Per-step losses of each variant from the same initial weights on the same batch; the largest
+    relative difference of each against the first (the reference recipe)."""
+    losses = {}
+    for variant in variants:
+        trainer = Trainer(variant, model_config(variant.config, clip_weights, variant.overrides), device,
+                          args.batch, args.crop)
+        torch.manual_seed(0)   # the same gate noise stream for every variant
+        losses[variant.name] = torch.stack([trainer.step() for _ in range(steps)]).float().cpu().tolist()
+        del trainer
+    reference = torch.tensor(losses[variants[0].name])
+    max_rel = {name: float(((torch.tensor(values) - reference).abs() / reference.abs()).max())
+               for name, values in losses.items()}
+    return {"steps": steps, "losses": losses, "max_rel_diff_vs_first": max_rel,
+            "loss_drop": {name: values[0] - values[-1] for name, values in losses.items()}}
+
+
+def profile_step(variant: Variant, args, device, clip_weights, out_dir: Path) -> dict:
+    """torch.profiler over a few steps of `variant`: the top operators by device time, as text."""
+    from torch.profiler import ProfilerActivity, profile
+
+    trainer = Trainer(variant, model_config(variant.config, clip_weights, variant.overrides), device,
+                      args.batch, args.crop)
+    trainer.time_steps(args.warmup + (2 if variant.compile else 0), 1)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            trainer.step()
+        sync(device)
+    sort_key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_key, row_limit=40)
+    path = out_dir / "train_profile.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{variant.name}, 3 steps, batch {args.batch}, crop {args.crop}\n{table}\n")
+    return {"variant": variant.name, "table": str(path)}
+
+
 def write_random_clip(path: Path) -> str:
     """The benchmark needs DA-CLIP-sized weights; random ones cost the same time as released ones."""
     from m2r.models.clip_prior import build_daclip, clip_architecture
@@ -283,14 +328,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS)
-    parser.add_argument("--only", default="", help="comma-separated parts: train,crop,eval,scan,clip,flops")
+    parser.add_argument("--only", default="",
+                        help="comma-separated parts: train,trajectory,profile,crop,eval,scan,clip,flops")
     parser.add_argument("--json", type=Path, help="write all results here")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if args.smoke:
         args.crop, args.batch, args.steps, args.warmup = 64, 2, 2, 1
-    parts = set(args.only.split(",")) if args.only else {"train", "crop", "eval", "scan", "clip"}
+    parts = set(args.only.split(",")) if args.only else {"train", "trajectory", "profile", "crop", "eval", "scan",
+                                                         "clip"}
     if device.type == "cpu":
         parts -= {"crop"}
     clip_weights = None if args.smoke else write_random_clip(Path("/tmp/m2r-bench/daclip_random.pt"))
@@ -323,6 +370,16 @@ def main() -> None:
             record(f"train/{v.name}", lambda v=v: run_variant(v, args, device, flops, clip_weights))
         results["flops_per_step"] = flops
         print(markdown([r for k, r in results.items() if k.startswith("train/") and "error" not in r]))
+    if "trajectory" in parts:
+        pair = SMOKE_TRAJECTORY if args.smoke else TRAJECTORY
+        steps = SMOKE_TRAJECTORY_STEPS if args.smoke else TRAJECTORY_STEPS
+        record("trajectory", lambda: loss_trajectories(pair, args, device, clip_weights, steps))
+    trained = [r for k, r in results.items() if k.startswith("train/") and "error" not in r]
+    if "profile" in parts and trained:
+        fastest = min(trained, key=lambda r: r["ms_per_step"])["variant"]
+        out_dir = args.json.parent if args.json else Path("/tmp/m2r-bench")
+        variant = next(v for v in variants if v.name == fastest)
+        record("profile", lambda: profile_step(variant, args, device, clip_weights, out_dir))
     if "scan" in parts:
         for backend in ["torch"] + (["mamba_ssm"] if device.type == "cuda" else []):
             shape = SMOKE_SCAN_SHAPE if args.smoke else SCAN_SHAPE
@@ -330,7 +387,6 @@ def main() -> None:
     if "eval" in parts:
         for bf16 in (False,) if args.smoke else (False, True):
             record(f"eval/{'bf16' if bf16 else 'fp32'}", lambda b=bf16: eval_latency(args, device, clip_weights, b))
-    trained = [r for k, r in results.items() if k.startswith("train/") and "error" not in r]
     if "clip" in parts and trained:
         fastest = min(trained, key=lambda r: r["ms_per_step"])
         record("clip", lambda: clip_share(args, device, clip_weights, fastest["ms_per_step"], fastest["config"]))

@@ -124,6 +124,21 @@ def print0(*args: Any, **kwargs: Any) -> None:
         print(*args, **kwargs, flush=True)
 
 
+_announced: set = set()
+
+
+def announce_once(message: str) -> None:
+    """Print a decision (dtype, kernel, fallback) once per process, from rank 0.
+
+    Silent while torch.compile traces: a print there would split the compiled graph. The eager
+    first call (or the engine's set-up) announces it.
+    """
+    if torch.compiler.is_compiling() or message in _announced:
+        return
+    _announced.add(message)
+    print0(message)
+
+
 def barrier() -> None:
     if is_initialized():
         torch_dist.barrier()

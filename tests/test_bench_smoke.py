@@ -15,3 +15,9 @@ def test_train_speed_smoke_writes_every_measurement(tmp_path, repo_root):
     assert results["flops_per_step"]["tiny"] > 0
     assert results["scan_ms/torch"] > 0 and results["eval/fp32"]["eval_ms"] > 0
     assert 0 < results["clip"]["share_of_step_pct"] < 100
+    # fp32 both ways: channels_last, recomputation and the traced graphs change rounding only.
+    trajectory = results["trajectory"]
+    assert all(len(losses) == trajectory["steps"] for losses in trajectory["losses"].values())
+    assert max(trajectory["max_rel_diff_vs_first"].values()) < 1e-4
+    assert all(drop > 0 for drop in trajectory["loss_drop"].values())
+    assert "Self CPU" in open(results["profile"]["table"]).read()

@@ -1,6 +1,11 @@
 """The DeepSpeed engine on a GPU: nccl, bf16 with ZeRO 2, MoE parameter groups, mamba_ssm kernels,
-the AFLB FFT under bf16, and a checkpoint round trip. One rank; skipped without CUDA."""
+the AFLB FFT under bf16, a checkpoint round trip, and the pretraining entry point with every speed
+switch. One rank; skipped without CUDA."""
+import json
+import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -54,3 +59,24 @@ def test_bf16_zero2_moe_training_and_checkpoint_round_trip_on_gpu(tmp_path, repo
     resumed.load_checkpoint(str(tmp_path), tag="step6")
     resumed.eval()
     assert train_step(resumed, cfg, lq, gt) == pytest.approx(expected_next, rel=1e-3)
+
+
+def test_pretrain_entry_point_with_every_speed_switch_on_gpu(tmp_path, repo_root):
+    """The whole pretraining loop (stream, validation, images, checkpoint) under nccl on one GPU, with
+    bf16, ZeRO 2, channels_last, a compiled training forward and full-resolution recomputation."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
+               str(dist.free_port()), "pretrain.py", "--config", "configs/pretrain/tiny-test.yaml",
+               f"run.dir={tmp_path}", "train.precision=bf16", "train.zero_stage=2", "train.channels_last=true",
+               "train.compile=true", "train.activation_checkpointing=full_res", "train.steps=4", "train.crop=64",
+               "model.scan_backend=mamba_ssm"]
+    result = subprocess.run(command, cwd=repo_root, env=dict(env, PYTHONPATH=repo_root), capture_output=True,
+                            text=True, timeout=400)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses), losses
+    assert any("val_psnr" in r for r in records)
+    assert (tmp_path / "checkpoints" / "latest").exists()
+    assert "compile True" in result.stdout

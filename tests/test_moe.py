@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from m2r.models.config import MoEConfig
-from m2r.models.moe import (DDER, ExpertMLP, Routing, combine_expert_outputs, cv_squared, init_expert_,
-                            sort_assignments)
+from m2r.models.moe import (DDER, ExpertMLP, Routing, combine_expert_outputs, cv_squared, dense_gate_matrix,
+                            init_expert_, sort_assignments)
 
 DIM, PROMPT_DIM, NUM_PROMPTS = 8, 12, 6
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -102,9 +102,10 @@ def official_reference(dder, x, task_prompt, clip_probs, noise):
     return x + mixed.view(batch, height, width, dim).permute(0, 3, 1, 2), balance
 
 
+@pytest.mark.parametrize("dispatch", ["sparse", "dense"])
 @pytest.mark.parametrize("training", [True, False])
-def test_matches_dense_restatement_of_official_algorithm(training):
-    dder = make_dder(dtype=torch.float64).train(training)
+def test_matches_dense_restatement_of_official_algorithm(training, dispatch):
+    dder = make_dder(dtype=torch.float64, dispatch=dispatch).train(training)
     with torch.no_grad():
         dder.router.w_n.normal_(0, 0.3)   # official init is zero: make the noise scale token dependent
     x, prompt, probs = (t.requires_grad_(True) for t in make_inputs(dtype=torch.float64))
@@ -192,9 +193,14 @@ def test_capacity_drops_assignments_beyond_it_in_token_order():
     kept = sort_assignments(routing, num_experts=3, capacity=2)
     assert kept.counts_per_expert.tolist() == [2, 2, 1]
     assert kept.token_ids.tolist() == [0, 1, 0, 2, 1]      # expert 0 keeps tokens 0, 1; drops 2, 3
+    assert dense_gate_matrix(routing, num_experts=3, capacity=2).tolist() == [
+        [0.5, 0.5, 0.0], [0.5, 0.0, 0.5], [0.0, 0.5, 0.0], [0.0, 0.0, 0.0]]
 
-    uncapped = make_dder(combine="linear").eval()
-    capped = make_dder(combine="linear", capacity_factor=0.4).eval()   # 5 of each expert's assignments kept
+
+@pytest.mark.parametrize("dispatch", ["sparse", "dense"])
+def test_capacity_keeps_exactly_the_first_assignments_per_expert(dispatch):
+    uncapped = make_dder(combine="linear", dispatch=dispatch).eval()
+    capped = make_dder(combine="linear", capacity_factor=0.4, dispatch=dispatch).eval()   # 5 per expert kept
     x, prompt, probs = make_inputs()
     tokens = x.permute(0, 2, 3, 1).reshape(-1, DIM)
     routing = capped.router(tokens, capped.prompt_proj(prompt), probs, tokens_per_image=16)
@@ -214,10 +220,44 @@ def test_capacity_drops_assignments_beyond_it_in_token_order():
     (dict(top_k=7), r"model\.moe\.top_k=7"),
     (dict(combine="mean"), r"model\.moe\.combine='mean'"),
     (dict(capacity_factor=-1.0), r"model\.moe\.capacity_factor=-1\.0"),
+    (dict(dispatch="scatter"), r"model\.moe\.dispatch='scatter'"),
 ])
 def test_invalid_config_raises_naming_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):
         make_dder(**overrides)
+
+
+def test_dense_dispatch_refuses_expert_parallelism():
+    with pytest.raises(ValueError, match=r"model\.moe\.dispatch='dense' needs ep_size 1"):
+        make_dder(dispatch="dense", ep_size=2)
+
+
+def test_auto_dispatch_is_dense_alone_and_sparse_with_expert_parallelism():
+    assert make_dder().dispatch == "dense"
+    assert make_dder(dispatch="sparse").dispatch == "sparse"
+
+
+def test_dense_dispatch_compiles_without_graph_breaks():
+    explanation = torch._dynamo.explain(make_dder(dispatch="dense").train())(*make_inputs())
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+
+
+def test_an_overflowing_unused_expert_leaves_other_tokens_finite():
+    """Dense dispatch runs experts a token does not use; their exp() may overflow but must not leak."""
+    dder = make_dder(combine="log", dispatch="dense").eval()
+    with torch.no_grad():
+        dder.deepspeed_moe.experts.deepspeed_experts[0].fc2.bias.fill_(1e3)
+    x, prompt, probs = make_inputs()
+    x.requires_grad_(True)
+    y = dder(x, prompt, probs)[0]
+    tokens = x.detach().permute(0, 2, 3, 1).reshape(-1, DIM)
+    routing = dder.router(tokens, dder.prompt_proj(prompt), probs, tokens_per_image=16)
+    unaffected = (routing.expert_ids != 0).all(1).view(2, 4, 4)
+    assert unaffected.any() and not unaffected.all()
+    rows = y.permute(0, 2, 3, 1)[unaffected]
+    assert torch.isfinite(rows).all()
+    rows.sum().backward()
+    assert torch.isfinite(x.grad.permute(0, 2, 3, 1)[unaffected]).all()
 
 
 def test_expert_parallel_without_distributed_raises():
@@ -240,8 +280,8 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-def test_dispatch_memory_is_linear_in_tokens():
-    dder = make_dder().train()
+def test_sparse_dispatch_memory_is_linear_in_tokens():
+    dder = make_dder(dispatch="sparse").train()
     x, prompt, probs = make_inputs(batch=2, height=320, width=320)   # 204,800 tokens
     x.requires_grad_(True)
     with LargestTensor() as largest:

@@ -138,17 +138,21 @@ def test_backward_reaches_every_parameter_except_the_unused_aflb_layers(tiny):
                for name in grads if name not in unused)
 
 
-def test_activation_checkpointing_recomputes_and_gives_the_same_grads():
+@pytest.mark.parametrize("mode, bottleneck_runs, dder1_runs, dder2_runs", [
+    ("all", 2, 2, 2), ("full_res", 1, 2, 1), ("bottleneck", 2, 1, 1)])
+def test_activation_checkpointing_recomputes_and_gives_the_same_grads(mode, bottleneck_runs, dder1_runs,
+                                                                     dder2_runs):
     model = build_model(model_config("tiny")).double()
     lq = images(1, 3, 16, 24).double()
     reference = training_step_grads(model, lq)
 
     calls = []
-    model.bottleneck[0].register_forward_pre_hook(lambda *_: calls.append(1))
-    model.dder1.register_forward_pre_hook(lambda *_: calls.append(2))
-    model.set_activation_checkpointing("all")
+    for tag, module in ((1, model.bottleneck[0]), (2, model.dder1), (3, model.dder2)):
+        module.register_forward_pre_hook(lambda *_, tag=tag: calls.append(tag))
+    model.set_activation_checkpointing(mode)
     checkpointed = training_step_grads(model, lq)
-    assert calls.count(1) == 2 and calls.count(2) == 2  # forward, then recomputed in backward
+    # Once in forward, and once more in backward if recomputed.
+    assert (calls.count(1), calls.count(2), calls.count(3)) == (bottleneck_runs, dder1_runs, dder2_runs)
     for name, grad in reference.items():
         if grad is None:
             assert checkpointed[name] is None, name
@@ -201,6 +205,38 @@ def test_plus_switches_run_and_the_fixed_mask_trains_rate_conv():
     assert grads["aflb1.rate_conv.0.weight"] is not None
 
 
+def test_channels_last_gives_the_same_result_with_channels_last_features():
+    model = build_model(model_config("tiny")).double().eval()
+    lq = images(2, 3, 32, 40).double()
+    reference = model(lq).restored
+    model.use_channels_last()
+    seen = []
+    model.encoder_level1[0].register_forward_hook(lambda _m, _i, out: seen.append(out))
+    restored = model(lq).restored
+    assert seen[0].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(restored, reference, rtol=1e-10, atol=1e-12)
+
+
+def test_compiled_training_forward_matches_eager_and_evaluation_stays_eager():
+    """aot_eager traces exactly what inductor compiles (forward and backward graphs, graph breaks at
+    the eager islands) without generating code, which is too slow for this CPU suite."""
+    cfg = model_config("tiny", "moe.noisy_gating=false")
+    eager, compiled = build_model(cfg), build_model(cfg)
+    compiled.compile_training_forward(backend="aot_eager")
+    lq = images(2, 3, 32, 32)
+    reference, ours = training_step_grads(eager, lq), training_step_grads(compiled, lq)
+    for name, grad in reference.items():
+        if grad is None:
+            assert ours[name] is None, name
+        else:
+            torch.testing.assert_close(ours[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+    calls = []
+    compiled._compiled_forward = lambda lq: calls.append(lq)
+    compiled.eval()(images(1, 3, 24, 40))
+    assert calls == []
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bf16_autocast_training_step_on_cuda():
@@ -245,6 +281,42 @@ def test_below_256_pixels_the_official_split_is_all_high_frequency():
     high, low = aflb.split_frequencies(image)
     assert torch.equal(low, torch.zeros_like(low))
     torch.testing.assert_close(high, aflb.conv1(image).abs(), atol=1e-6, rtol=1e-5)
+
+
+def centred_split_reference(aflb, image):
+    """The official formulation: centre the spectrum, mask it twice, un-centre and invert both parts."""
+    x = aflb.conv1(image)
+    h, w = x.shape[-2:]
+    rates = torch.sigmoid(aflb.rate_conv(x.mean((2, 3), keepdim=True))).flatten(1)
+    mask = (official_box_mask if aflb.mask_rule == "official" else soft_box_mask)(rates, h, w)
+    centred = torch.roll(torch.fft.fft2(x, norm="forward"), shifts=(h // 2, w // 2), dims=(2, 3))
+
+    def invert(part):
+        return torch.fft.ifft2(torch.roll(part, shifts=(-(h // 2), -(w // 2)), dims=(2, 3)), norm="forward").abs()
+
+    return invert(centred * (1 - mask)), invert(centred * mask), mask
+
+
+@pytest.mark.parametrize("mask_rule", ["official", "fixed"])
+def test_frequency_split_equals_the_official_centred_formulation(mask_rule):
+    torch.manual_seed(0)
+    aflb = AFLB(8, num_heads=2, bias=False, mask=mask_rule)
+    torch.nn.init.normal_(aflb.rate_conv[2].weight, std=20.0)   # rates far from 0.5: a non-empty official box
+    image = images(2, 3, 256, 256)
+    high, low = aflb.split_frequencies(image)
+    (high.sum() + (low * low).sum()).backward()
+    ours = [p.grad.clone() for p in (aflb.conv1.weight, *aflb.rate_conv.parameters()) if p.grad is not None]
+    aflb.zero_grad()
+
+    ref_high, ref_low, mask = centred_split_reference(aflb, image)
+    assert mask.sum() > 0 and low.abs().amax() > 1e-3
+    torch.testing.assert_close(high, ref_high, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(low, ref_low, atol=1e-5, rtol=1e-4)
+    (ref_high.sum() + (ref_low * ref_low).sum()).backward()
+    refs = [p.grad for p in (aflb.conv1.weight, *aflb.rate_conv.parameters()) if p.grad is not None]
+    assert len(ours) == len(refs) == (1 if mask_rule == "official" else 3)
+    for our_grad, ref_grad in zip(ours, refs):
+        torch.testing.assert_close(our_grad, ref_grad, atol=1e-4, rtol=1e-3)
 
 
 def test_fixed_mask_keeps_dc_and_grows_with_the_rate():

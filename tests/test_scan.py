@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from m2r import dist
 from m2r.models import scan
 from m2r.models.scan import parallel_linear_scan, resolve_scan_backend, selective_scan
 
@@ -140,7 +141,7 @@ def test_unresolved_backend_name_is_rejected():
 
 @pytest.fixture
 def fresh_announcements(monkeypatch):
-    monkeypatch.setattr(scan, "_announced_decisions", set())
+    monkeypatch.setattr(dist, "_announced", set())
 
 
 def test_auto_on_cpu_picks_torch_and_says_why_once(fresh_announcements, capsys):

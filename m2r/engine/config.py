@@ -28,7 +28,9 @@ class TrainConfig:
     zero_stage: int = 1              # 0, 1 or 2; native DeepSpeed MoE cannot use stage 3
     loss: str = choice("l1", "charbonnier")  # l1 (official) | charbonnier
     charbonnier_eps: float = 1e-3
-    activation_checkpointing: str = choice("none", "bottleneck", "all")  # none | bottleneck | all
+    activation_checkpointing: str = choice("none", "bottleneck", "full_res", "all")  # see M2Restore.set_activation_checkpointing
+    channels_last: bool = False      # NHWC feature maps (faster bf16 convolutions on GPU)
+    compile: bool = False            # torch.compile the training forward (static shapes; first steps compile)
     ema_decay: float = 0.0           # EMA of the weights every step; 0 disables it
     seed: int = 42                   # data, noise and RNG seed (model init uses model.seed)
 

@@ -152,18 +152,26 @@ class AFLB(nn.Module):
         return fused * self.para1 + features * self.para2
 
     def split_frequencies(self, image):
-        """(|IFFT(spectrum outside the box)|, |IFFT(spectrum inside the box)|) of conv1(image)."""
+        """(|IFFT(spectrum outside the box)|, |IFFT(spectrum inside the box)|) of conv1(image).
+
+        The official code centres the spectrum, masks it twice and inverts both parts. Here the mask
+        is un-centred instead (rolling the mask equals rolling the spectrum both ways), and the outer
+        part is x - inner by linearity of the inverse FFT: one FFT and one IFFT, no complex rolls.
+        """
         x = self.conv1(image)
         h, w = x.shape[-2:]
         rates = torch.sigmoid(self.rate_conv(x.mean((2, 3), keepdim=True))).flatten(1)
         mask_fn = official_box_mask if self.mask_rule == "official" else soft_box_mask
-        mask = mask_fn(rates.float(), h, w)
+        mask = torch.roll(mask_fn(rates.float(), h, w), shifts=(-(h // 2), -(w // 2)), dims=(2, 3))
         # cuFFT has no bf16 kernels: the spectrum is always computed in fp32.
-        spectrum = torch.fft.fft2(x.float(), norm="forward")
-        centred = torch.roll(spectrum, shifts=(h // 2, w // 2), dims=(2, 3))
+        outer, inner = _band_magnitudes(x.float(), mask)
+        return outer.to(x.dtype), inner.to(x.dtype)
 
-        def back_to_image(centred_part):
-            part = torch.roll(centred_part, shifts=(-(h // 2), -(w // 2)), dims=(2, 3))
-            return torch.fft.ifft2(part, norm="forward").abs().to(x.dtype)
 
-        return back_to_image(centred * (1 - mask)), back_to_image(centred * mask)
+# Eager island: torch.compile's code generator does not handle complex tensors (it fails on their
+# real/imag views), and the FFTs are library calls either way.
+@torch.compiler.disable
+def _band_magnitudes(signal, uncentred_mask):
+    """|IFFT(FFT(signal) * (1 - mask))| and |IFFT(FFT(signal) * mask)|, the first as signal - inner."""
+    inner = torch.fft.ifft2(torch.fft.fft2(signal, norm="forward") * uncentred_mask, norm="forward")
+    return torch.complex(signal - inner.real, -inner.imag).abs(), inner.abs()

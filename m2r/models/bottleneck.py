@@ -45,16 +45,17 @@ def from_scan_order(sequence, order: str, h: int, w: int):
 class MambaLayer(nn.Module):
     """Gated fusion of a Mamba branch and a depthwise-conv branch, conditioned on a CLIP embedding.
 
-    Runs in the dtype of its parameters with autocast disabled (fp32 in the official recipe), and
-    returns that dtype.
+    By default it runs in the dtype of its parameters with autocast disabled (fp32 in the official
+    recipe) and returns that dtype; with `follow_autocast` it runs under the caller's autocast.
     """
 
     def __init__(self, dim: int, clip_dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
-                 scan: str = "raster", scan_backend: str = "auto"):
+                 scan: str = "raster", scan_backend: str = "auto", follow_autocast: bool = False):
         super().__init__()
         if scan not in SCAN_ORDERS:
             raise ValueError(f"model.mamba.scan must be one of {list(SCAN_ORDERS)}, got {scan!r}")
         self.scan_orders = SCAN_ORDERS[scan]
+        self.follow_autocast = follow_autocast
         self.norm = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.prompt_proj = nn.Sequential(
@@ -66,12 +67,17 @@ class MambaLayer(nn.Module):
             nn.Conv2d(dim * 2, dim, 1), nn.GELU(), nn.Conv2d(dim, 1, 1), nn.Sigmoid())
 
     def forward(self, x, clip_embed):
+        if self.follow_autocast:
+            return self.fuse_branches(x, clip_embed)
         with torch.autocast(device_type=x.device.type, enabled=False):
             dtype = self.norm.weight.dtype
-            x, clip_embed = x.to(dtype), clip_embed.to(dtype)
-            prompt = self.prompt_proj(clip_embed)[:, :, None, None].expand_as(x)
-            gate = self.gate_net(torch.cat([x, prompt], dim=1))
-            return gate * self.global_branch(x) + (1 - gate) * self.conv_path(x)
+            return self.fuse_branches(x.to(dtype), clip_embed.to(dtype))
+
+    def fuse_branches(self, x, clip_embed):
+        """G * global + (1 - G) * local, the DGF gate G computed from x and the CLIP prompt."""
+        prompt = self.prompt_proj(clip_embed)[:, :, None, None].expand(-1, -1, *x.shape[-2:])
+        gate = self.gate_net(torch.cat([x, prompt.to(x.dtype)], dim=1))
+        return gate * self.global_branch(x) + (1 - gate) * self.conv_path(x)
 
     def global_branch(self, x):
         """LN -> Mamba over every scan order (batched, shared weights) -> mean -> LN; (B,C,H,W)."""
@@ -89,10 +95,10 @@ class MB(nn.Module):
 
     def __init__(self, dim: int, clip_dim: int, ffn_expansion_factor: float, bias: bool,
                  d_state: int = 16, d_conv: int = 4, expand: int = 2, scan: str = "raster",
-                 scan_backend: str = "auto"):
+                 scan_backend: str = "auto", follow_autocast: bool = False):
         super().__init__()
         self.norm1 = ChannelLayerNorm(dim)
-        self.ssm = MambaLayer(dim, clip_dim, d_state, d_conv, expand, scan, scan_backend)
+        self.ssm = MambaLayer(dim, clip_dim, d_state, d_conv, expand, scan, scan_backend, follow_autocast)
         self.norm2 = ChannelLayerNorm(dim)
         self.ffn = GatedDconvFeedForward(dim, ffn_expansion_factor, bias)
 

@@ -22,6 +22,11 @@ class MoEConfig:
     combine: str = choice("log", "linear")  # "log" (official log-sum-exp quirk) | "linear"
     capacity_factor: float = 0.0     # 0 = no token dropped (official); >0 caps tokens per expert
     balance_loss_weight: float = 0.01  # weight of cv^2(importance) + cv^2(load), summed over levels
+    # How tokens reach experts: "sparse" gathers each expert's tokens (memory ~ tokens * top_k; the only
+    # mode for ep_size > 1); "dense" runs every expert on every token and masks by the gates (same result,
+    # static shapes and no host sync, so it compiles whole; E / top_k times the expert FLOPs);
+    # "auto" = dense when ep_size is 1.
+    dispatch: str = choice("auto", "sparse", "dense")
 
 
 @dataclass
@@ -30,6 +35,9 @@ class MambaConfig:
     d_conv: int = 4
     expand: int = 2
     scan: str = choice("raster", "bidirectional", "four_way")  # "raster" (official) | "bidirectional" | "four_way"
+    # False (official recipe): the Mamba layers run in fp32 even under bf16 autocast. True: they follow
+    # the autocast (bf16 projections and convolutions); the scan keeps its state in fp32 either way.
+    autocast: bool = False
 
 
 @dataclass

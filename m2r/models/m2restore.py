@@ -34,8 +34,9 @@ from m2r.models.task_prompt import TaskPrompt
 
 SIZE_MULTIPLE = 8   # three 2x downsamplings
 MIN_SIZE = 16       # the task-prompt CondNet needs at least 9 px; 16 is the smallest multiple of 8
-# Activation-checkpointing mode -> the block types recomputed in backward.
-CHECKPOINTED_TYPES = {"none": (), "bottleneck": (MB,), "all": (MB, TransformerBlock, DDER)}
+# Activation checkpointing: which blocks are recomputed in backward (see set_activation_checkpointing).
+CHECKPOINT_MODES = ("none", "bottleneck", "full_res", "all")
+FULL_RESOLUTION_STAGES = ("dder1", "encoder_level1", "decoder_level1", "refinement")
 
 
 @dataclass
@@ -57,7 +58,9 @@ class M2Restore(nn.Module):
             raise ValueError(f"model.num_blocks needs 4 entries and model.heads at least 3, got "
                              f"{list(cfg.num_blocks)} and {list(cfg.heads)}")
         self.input_range = cfg.input_range
-        self._checkpointed_types: tuple = ()
+        self._checkpointed_ids: frozenset = frozenset()
+        self._compiled_forward = None
+        self._memory_format = torch.contiguous_format
         # Seed only this construction (CPU generator), so dense init depends on cfg.seed alone.
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(cfg.seed)
@@ -92,7 +95,7 @@ class M2Restore(nn.Module):
         self.down3_4 = Downsample(widths[2])
         self.bottleneck = nn.Sequential(*[
             MB(widths[3], clip_dim, cfg.ffn_expansion_factor, cfg.bias, cfg.mamba.d_state,
-               cfg.mamba.d_conv, cfg.mamba.expand, cfg.mamba.scan, cfg.scan_backend)
+               cfg.mamba.d_conv, cfg.mamba.expand, cfg.mamba.scan, cfg.scan_backend, cfg.mamba.autocast)
             for _ in range(blocks[3])])
         self.up4_3 = Upsample(widths[3])
         self.reduce_chan_level3 = nn.Conv2d(widths[3], widths[2], kernel_size=1, bias=cfg.bias)
@@ -119,12 +122,33 @@ class M2Restore(nn.Module):
                 if name.startswith("aflb") and name.split(".", 1)[1].startswith(dead)]
 
     def set_activation_checkpointing(self, mode: str) -> None:
-        """"none"; "bottleneck": recompute each MB block in backward; "all": also every
-        Transformer block and DDER. torch.utils.checkpoint, non-reentrant (RNG state preserved)."""
-        if mode not in CHECKPOINTED_TYPES:
-            raise ValueError(f"activation checkpointing mode must be one of {tuple(CHECKPOINTED_TYPES)}, "
-                             f"got {mode!r}")
-        self._checkpointed_types = CHECKPOINTED_TYPES[mode]
+        """Recompute some blocks in backward instead of storing their activations: "none";
+        "bottleneck": each MB block; "full_res": the blocks at full resolution (DDER 1, encoder
+        level 1, decoder level 1, refinement), which hold most of the activation memory; "all": every
+        MB, Transformer block and DDER. torch.utils.checkpoint, non-reentrant (RNG state preserved)."""
+        if mode not in CHECKPOINT_MODES:
+            raise ValueError(f"activation checkpointing mode must be one of {CHECKPOINT_MODES}, got {mode!r}")
+        if mode == "full_res":
+            blocks = [block for name in FULL_RESOLUTION_STAGES
+                      for block in (getattr(self, name) if name != "dder1" else [self.dder1])]
+        else:
+            types = {"none": (), "bottleneck": (MB,), "all": (MB, TransformerBlock, DDER)}[mode]
+            blocks = [module for module in self.modules() if isinstance(module, types)]
+        self._checkpointed_ids = frozenset(id(block) for block in blocks)
+
+    def compile_training_forward(self, backend: str = "inductor") -> None:
+        """torch.compile the forward used while training, for static shapes (one compilation per
+        crop and batch size). Evaluation and validation, at other image sizes, stay eager. The
+        AFLB spectra (complex tensors) and a sparse MoE dispatch run eagerly between the graphs."""
+        self._compiled_forward = torch.compile(self._forward, backend=backend, dynamic=False)
+
+    def use_channels_last(self) -> None:
+        """Keep feature maps channels-last (NHWC in memory): what cuDNN's bf16 convolutions and the
+        per-pixel LayerNorms and MoE tokens want. Only the input is converted, on entry; every
+        convolution then keeps the layout. The weights stay contiguous, as DeepSpeed needs them (its
+        broadcast views them as bytes); without DeepSpeed, `model.to(memory_format=torch.channels_last)`
+        also saves cuDNN converting them each call."""
+        self._memory_format = torch.channels_last
 
     def _apply(self, fn, *args, **kwargs):
         # .to()/.cuda()/.bfloat16() move the held-out CLIP prior too; its params stay frozen.
@@ -136,6 +160,12 @@ class M2Restore(nn.Module):
     def forward(self, lq) -> RestorationOutput:
         """lq: (B, 3, H, W) float in [0, 1], H and W multiples of 8 (at least 16)."""
         self._check_input(lq)
+        if self.training and self._compiled_forward is not None:
+            return self._compiled_forward(lq)
+        return self._forward(lq)
+
+    def _forward(self, lq) -> RestorationOutput:
+        lq = lq.contiguous(memory_format=self._memory_format)
         x = 2 * lq - 1 if self.input_range == "minus_one_one" else lq
         clip_probs, clip_embed = self._clip_prior(x)
         prompt = self.task_prompt(x)
@@ -179,7 +209,7 @@ class M2Restore(nn.Module):
         return x
 
     def _call(self, module, *args):
-        if isinstance(module, self._checkpointed_types) and torch.is_grad_enabled():
+        if torch.is_grad_enabled() and id(module) in self._checkpointed_ids:
             return checkpoint(module, *args, use_reentrant=False)
         return module(*args)
 

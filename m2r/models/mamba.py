@@ -75,7 +75,7 @@ class Mamba(nn.Module):
         x_dbl = self.x_proj(x.transpose(1, 2))
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         # dt_proj's bias is added inside the scan (delta_bias), before the softplus.
-        delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)
+        delta = self.dt_proj.weight @ dt.transpose(1, 2)     # (batch, d_inner, L), time contiguous
         y = selective_scan(x, delta, decay_rates, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(),
                            self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
                            backend=backend)

@@ -8,8 +8,9 @@ The experts are DeepSpeed MoE experts, so DeepSpeed's engine treats this layer a
 ZeRO param groups, gradient all-reduce over the expert-data-parallel group, and `save_checkpoint`
 writing one `layer_<L>_expert_<G>_...` file per global expert id. Routing and dispatch are our own:
 DeepSpeed's gate has no CLIP bias, no Shazeer load estimator and builds capacity-padded buffers,
-while here tokens move by index (memory linear in tokens * k) and, with ep_size > 1, through a
-variable-split all-to-all over DeepSpeed's expert-parallel group.
+while here either every expert runs on every token and the gates mask the result ("dense", static
+shapes: the default without expert parallelism) or tokens move by index (memory linear in tokens * k)
+and, with ep_size > 1, through a variable-split all-to-all over DeepSpeed's expert-parallel group.
 
 State-dict layout of one DDER (global expert id = ep_rank * num_local_experts + local id):
     prompt_proj.{weight,bias}                                  task prompt -> C
@@ -31,10 +32,13 @@ from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups
 from torch import nn
 
+from m2r.dist import announce_once
+
 NOISE_FLOOR = 1e-2          # added to softplus(noise logits): Shazeer's minimum noise std (official value)
 CV2_EPS = 1e-10             # keeps cv^2 finite when an expert vector sums to zero (official value)
 LOG_COMBINE_EPS = torch.finfo(torch.float64).eps  # official: numpy float eps replaces exact zeros before log
 COMBINE_MODES = ("log", "linear")
+DISPATCH_MODES = ("auto", "sparse", "dense")
 
 
 class ExpertMLP(nn.Module):
@@ -107,6 +111,16 @@ def _per_token(per_image: torch.Tensor, tokens_per_image: int) -> torch.Tensor:
     return per_image.repeat_interleave(tokens_per_image, dim=0)
 
 
+def _count_per_expert(expert_ids: torch.Tensor, num_experts: int, weights: Optional[torch.Tensor] = None):
+    """Sum of `weights` (default 1) per expert id, as a (num_experts,) float tensor.
+
+    An index_add rather than bincount: its output shape does not depend on the data, so it compiles.
+    """
+    ids = expert_ids.flatten()
+    weights = torch.ones_like(ids, dtype=torch.float32) if weights is None else weights.flatten()
+    return weights.new_zeros(num_experts).index_add(0, ids, weights)
+
+
 @dataclass
 class Routing:
     expert_ids: torch.Tensor    # (S, k) int64, best first
@@ -161,7 +175,7 @@ class Router(nn.Module):
             if noise_std is not None and self.top_k < self.num_experts:
                 load = smooth_load(clean, logits, noise_std, top_logits, self.top_k)
             else:
-                load = torch.bincount(expert_ids[gates > 0], minlength=self.num_experts).to(gates.dtype)
+                load = _count_per_expert(expert_ids, self.num_experts, weights=(gates > 0).to(gates.dtype))
             return Routing(expert_ids, gates, self._balance_loss(expert_ids, gates, load))
 
     def _balance_loss(self, expert_ids, gates, load):
@@ -284,6 +298,49 @@ def combine_expert_outputs(outputs, gates, token_ids, num_tokens: int, mode: str
     return torch.where(total == 0, torch.full_like(total, LOG_COMBINE_EPS), total).log()
 
 
+def dense_gate_matrix(routing: Routing, num_experts: int, capacity: Optional[int]) -> torch.Tensor:
+    """(S, num_experts) gates, zero for experts a token does not use: `sort_assignments` without sorting.
+
+    With a capacity, an assignment is kept when fewer than `capacity` earlier tokens (zero gates
+    excluded) chose the same expert, the same first-come rule as the sparse path.
+    """
+    gates = routing.gates.new_zeros(routing.gates.shape[0], num_experts)
+    gates = gates.scatter(1, routing.expert_ids, routing.gates)
+    if capacity is None:
+        return gates
+    chosen = gates > 0
+    position = chosen.cumsum(0) - 1
+    return torch.where(chosen & (position < capacity), gates, torch.zeros_like(gates))
+
+
+def run_experts_densely(experts: List[ExpertMLP], tokens: torch.Tensor) -> torch.Tensor:
+    """Every expert on every token, (S, C) -> (S, E, C): one GEMM for all first layers, one batched
+    GEMM for the second ones. Same arithmetic as calling each `ExpertMLP` on the tokens."""
+    num_experts = len(experts)
+    hidden = F.linear(tokens, torch.cat([e.fc1.weight for e in experts]), torch.cat([e.fc1.bias for e in experts]))
+    hidden = experts[0].act(hidden).unflatten(1, (num_experts, -1))                          # (S, E, H)
+    second = torch.stack([e.fc2.weight for e in experts])                                    # (E, C, H)
+    outputs = torch.einsum("seh,ech->sec", hidden, second.to(hidden.dtype))
+    return outputs + torch.stack([e.fc2.bias for e in experts]).to(outputs.dtype)
+
+
+def combine_dense_outputs(outputs, gates, mode: str) -> torch.Tensor:
+    """`combine_expert_outputs` for (S, E, C) outputs and (S, E) gates, in fp32 or better -> (S, C).
+
+    Unused experts' outputs are zeroed before the exp, so neither an overflow there nor its gradient
+    can turn a zero gate into NaN: the result equals the sparse path's, which never computes them.
+    """
+    outputs = _at_least_fp32(outputs)
+    used = (gates > 0).unsqueeze(2)
+    terms = torch.where(used, outputs, torch.zeros_like(outputs))
+    if mode == "log":
+        terms = terms.exp()
+    total = (gates.unsqueeze(2) * terms).sum(1)
+    if mode == "linear":
+        return total
+    return torch.where(total == 0, torch.full_like(total, LOG_COMBINE_EPS), total).log()
+
+
 def capacity_per_expert(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> Optional[int]:
     """ceil(factor * S * k / E) assignments per expert; None (no cap) when the factor is 0."""
     if capacity_factor == 0:
@@ -300,6 +357,21 @@ def _validate(cfg) -> None:
         raise ValueError(f"model.moe.combine={cfg.combine!r} must be one of {COMBINE_MODES}")
     if cfg.capacity_factor < 0:
         raise ValueError(f"model.moe.capacity_factor={cfg.capacity_factor} must be >= 0 (0 = no token dropped)")
+    if cfg.dispatch not in DISPATCH_MODES:
+        raise ValueError(f"model.moe.dispatch={cfg.dispatch!r} must be one of {DISPATCH_MODES}")
+    if cfg.dispatch == "dense" and cfg.ep_size > 1:
+        raise ValueError(f"model.moe.dispatch='dense' needs ep_size 1, got model.moe.ep_size={cfg.ep_size}: "
+                         "expert parallelism exchanges tokens sparsely ('auto' picks that)")
+
+
+def resolve_dispatch(cfg) -> str:
+    """model.moe.dispatch with "auto" decided (dense without expert parallelism); announced once."""
+    if cfg.dispatch != "auto":
+        return cfg.dispatch
+    dispatch = "dense" if cfg.ep_size == 1 else "sparse"
+    reason = "ep_size 1: static shapes, no host sync" if dispatch == "dense" else f"ep_size {cfg.ep_size}"
+    announce_once(f"MoE dispatch: {dispatch} ({reason})")
+    return dispatch
 
 
 def _expert_parallel_rank(ep_size: int) -> int:
@@ -339,6 +411,7 @@ class DDER(MoE):
         self.top_k = cfg.top_k
         self.combine = cfg.combine
         self.capacity_factor = cfg.capacity_factor
+        self.dispatch = resolve_dispatch(cfg)
 
         self.prompt_proj = nn.Linear(prompt_dim, dim)
         self.router = Router(dim, num_prompts, cfg.num_experts, cfg.top_k, cfg.noisy_gating, cfg.clip_bias_init)
@@ -375,17 +448,28 @@ class DDER(MoE):
         routing = self.router(tokens, self.prompt_proj(task_prompt), clip_probs, height * width)
 
         capacity = capacity_per_expert(self.capacity_factor, tokens.shape[0], self.top_k, self.num_experts)
-        assignments = sort_assignments(routing, self.num_experts, capacity)
-        outputs = self.deepspeed_moe(tokens[assignments.token_ids], assignments.counts_per_expert)
-        mixed = combine_expert_outputs(outputs, assignments.gates, assignments.token_ids, tokens.shape[0],
-                                       self.combine)
+        mix = self._mix_densely if self.dispatch == "dense" else self._mix_sparsely
+        mixed = mix(tokens, routing, capacity)
         mixed = mixed.to(x.dtype).view(batch, height, width, dim).permute(0, 3, 1, 2)
         return x + mixed, routing.balance_loss, self._expert_load(routing)
 
+    def _mix_densely(self, tokens, routing: Routing, capacity: Optional[int]) -> torch.Tensor:
+        gates = dense_gate_matrix(routing, self.num_experts, capacity)
+        outputs = run_experts_densely(list(self.deepspeed_moe.experts.deepspeed_experts), tokens)
+        return combine_dense_outputs(outputs, gates, self.combine)
+
+    # Data-dependent sizes (a host sync per layer): kept out of torch.compile's graphs as one eager island.
+    @torch.compiler.disable
+    def _mix_sparsely(self, tokens, routing: Routing, capacity: Optional[int]) -> torch.Tensor:
+        assignments = sort_assignments(routing, self.num_experts, capacity)
+        outputs = self.deepspeed_moe(tokens[assignments.token_ids], assignments.counts_per_expert)
+        return combine_expert_outputs(outputs, assignments.gates, assignments.token_ids, tokens.shape[0],
+                                      self.combine)
+
     def _expert_load(self, routing: Routing) -> torch.Tensor:
         """Fraction of this rank's top-k assignments that chose each expert (before any capacity drop)."""
-        ids = routing.expert_ids.detach().flatten()
-        return torch.bincount(ids, minlength=self.num_experts).float() / ids.numel()
+        ids = routing.expert_ids.detach()
+        return _count_per_expert(ids, self.num_experts) / ids.numel()
 
 
 def setup_expert_parallel(model: nn.Module) -> None:

@@ -12,7 +12,8 @@ LAYER_NORM_EPS = 1e-5
 
 
 class WithBiasLayerNorm(nn.Module):
-    """Standard LayerNorm over the last dim of (..., C), written out as Restormer does."""
+    """Standard LayerNorm over the last dim of (..., C): Restormer writes out (x - mean) / sqrt(var + eps)
+    * w + b with the biased variance, which is exactly F.layer_norm, one fused kernel instead of six."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -20,9 +21,7 @@ class WithBiasLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x):
-        mean = x.mean(-1, keepdim=True)
-        variance = x.var(-1, keepdim=True, unbiased=False)
-        return (x - mean) / torch.sqrt(variance + LAYER_NORM_EPS) * self.weight + self.bias
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, LAYER_NORM_EPS)
 
 
 class ChannelLayerNorm(nn.Module):

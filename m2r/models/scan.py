@@ -19,11 +19,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from m2r.dist import print0
+from m2r.dist import announce_once
 
 SCAN_BACKENDS = ("auto", "torch", "mamba_ssm")
-
-_announced_decisions: set = set()
 
 
 def check_scan_backend_name(name: str) -> None:
@@ -46,7 +44,7 @@ def resolve_scan_backend(requested: str, device: torch.device) -> str:
             backend, reason = "torch", unavailable
         else:
             backend, reason = "mamba_ssm", "requested" if requested == "mamba_ssm" else "CUDA device, mamba_ssm importable"
-    _announce_once(f"scan backend: {backend} ({reason})")
+    announce_once(f"scan backend: {backend} ({reason})")
     return backend
 
 
@@ -87,12 +85,6 @@ def mamba_ssm_unavailable_reason(device: torch.device) -> Optional[str]:
         return f"mamba_ssm not importable: {type(error).__name__}: {error}"
     return None
 
-
-def _announce_once(message: str) -> None:
-    if message in _announced_decisions:
-        return
-    _announced_decisions.add(message)
-    print0(message)
 
 
 def _torch_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
