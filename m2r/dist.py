@@ -130,8 +130,8 @@ _announced: set = set()
 def announce_once(message: str) -> None:
     """Print a decision (dtype, kernel, fallback) once per process, from rank 0.
 
-    Silent while torch.compile traces: a print there would split the compiled graph. The eager
-    first call (or the engine's set-up) announces it.
+    Silent while torch.compile traces: a print there would split the compiled graph. A decision
+    made only inside a compiled forward is therefore announced at the next eager call (validation).
     """
     if torch.compiler.is_compiling() or message in _announced:
         return

@@ -21,3 +21,13 @@ def test_train_speed_smoke_writes_every_measurement(tmp_path, repo_root):
     assert max(trajectory["max_rel_diff_vs_first"].values()) < 1e-4
     assert all(drop > 0 for drop in trajectory["loss_drop"].values())
     assert "Self CPU" in open(results["profile"]["table"]).read()
+
+
+def test_block_speed_smoke_checks_the_shifted_depthwise_candidate(tmp_path, repo_root):
+    out = tmp_path / "block.json"
+    subprocess.run([sys.executable, "bench/block_speed.py", "--smoke", "--json", str(out)], cwd=repo_root,
+                   check=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    results = json.loads(out.read_text())
+    assert results["shifted_vs_conv_max_diff"] < 1e-5
+    timed = [v for k, v in results.items() if isinstance(v, dict)]
+    assert len(timed) == 3 and all(r["ms"] > 0 for r in timed)

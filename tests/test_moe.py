@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from m2r.models.config import MoEConfig
 from m2r.models.moe import (DDER, ExpertMLP, Routing, combine_expert_outputs, cv_squared, dense_gate_matrix,
-                            init_expert_, sort_assignments)
+                            init_expert_, resolve_dispatch, sort_assignments)
 
 DIM, PROMPT_DIM, NUM_PROMPTS = 8, 12, 6
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -215,6 +215,15 @@ def test_capacity_keeps_exactly_the_first_assignments_per_expert(dispatch):
     assert torch.equal(y_capped[dropped], tokens[dropped])      # only the residual is left
 
 
+@pytest.mark.parametrize("combine", ["log", "linear"])
+@pytest.mark.parametrize("capacity_factor", [0.0, 0.4])
+def test_dense_and_sparse_dispatch_give_the_same_layer(combine, capacity_factor):
+    x, prompt, probs = make_inputs(dtype=torch.float64)
+    outputs = [make_dder(torch.float64, combine=combine, capacity_factor=capacity_factor, dispatch=dispatch)
+               .eval()(x, prompt, probs)[0] for dispatch in ("sparse", "dense")]
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(ep_size=4), r"model\.moe\.ep_size=4 must divide model\.moe\.num_experts=6"),
     (dict(top_k=7), r"model\.moe\.top_k=7"),
@@ -234,6 +243,7 @@ def test_dense_dispatch_refuses_expert_parallelism():
 
 def test_auto_dispatch_is_dense_alone_and_sparse_with_expert_parallelism():
     assert make_dder().dispatch == "dense"
+    assert resolve_dispatch(replace(MoEConfig(), ep_size=2)) == "sparse"
     assert make_dder(dispatch="sparse").dispatch == "sparse"
 
 

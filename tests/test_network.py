@@ -138,21 +138,27 @@ def test_backward_reaches_every_parameter_except_the_unused_aflb_layers(tiny):
                for name in grads if name not in unused)
 
 
-@pytest.mark.parametrize("mode, bottleneck_runs, dder1_runs, dder2_runs", [
-    ("all", 2, 2, 2), ("full_res", 1, 2, 1), ("bottleneck", 2, 1, 1)])
-def test_activation_checkpointing_recomputes_and_gives_the_same_grads(mode, bottleneck_runs, dder1_runs,
-                                                                     dder2_runs):
+# Runs of (bottleneck[0], dder1, encoder_level1[0], decoder_level1[0], refinement[0], dder2, encoder_level2[0])
+# in one training step: once in forward, once more in backward if recomputed.
+@pytest.mark.parametrize("mode, runs", [
+    ("all", (2, 2, 2, 2, 2, 2, 2)),
+    ("full_res", (1, 2, 2, 2, 2, 1, 1)),
+    ("bottleneck", (2, 1, 1, 1, 1, 1, 1)),
+    ("none", (1, 1, 1, 1, 1, 1, 1)),
+])
+def test_activation_checkpointing_recomputes_and_gives_the_same_grads(mode, runs):
     model = build_model(model_config("tiny")).double()
     lq = images(1, 3, 16, 24).double()
     reference = training_step_grads(model, lq)
 
+    watched = [model.bottleneck[0], model.dder1, model.encoder_level1[0], model.decoder_level1[0],
+               model.refinement[0], model.dder2, model.encoder_level2[0]]
     calls = []
-    for tag, module in ((1, model.bottleneck[0]), (2, model.dder1), (3, model.dder2)):
-        module.register_forward_pre_hook(lambda *_, tag=tag: calls.append(tag))
+    for index, module in enumerate(watched):
+        module.register_forward_pre_hook(lambda *_, index=index: calls.append(index))
     model.set_activation_checkpointing(mode)
     checkpointed = training_step_grads(model, lq)
-    # Once in forward, and once more in backward if recomputed.
-    assert (calls.count(1), calls.count(2), calls.count(3)) == (bottleneck_runs, dder1_runs, dder2_runs)
+    assert tuple(calls.count(index) for index in range(len(watched))) == runs
     for name, grad in reference.items():
         if grad is None:
             assert checkpointed[name] is None, name
@@ -205,6 +211,21 @@ def test_plus_switches_run_and_the_fixed_mask_trains_rate_conv():
     assert grads["aflb1.rate_conv.0.weight"] is not None
 
 
+def test_mamba_may_follow_bf16_autocast_with_finite_gradients():
+    block = MB(16, 8, 2.66, False, d_state=4, follow_autocast=True)
+    x, clip_embed = images(2, 16, 8, 8).requires_grad_(True), images(2, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = block.ssm.mamba.in_proj(torch.ones(1, 16))
+        out = block(x, clip_embed)
+    assert inside.dtype == torch.bfloat16
+    out.float().square().mean().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+    block.ssm.follow_autocast = False        # the official recipe: the Mamba layer stays fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert block.ssm(x, clip_embed).dtype == torch.float32
+
+
 def test_channels_last_gives_the_same_result_with_channels_last_features():
     model = build_model(model_config("tiny")).double().eval()
     lq = images(2, 3, 32, 40).double()
@@ -220,11 +241,15 @@ def test_channels_last_gives_the_same_result_with_channels_last_features():
 def test_compiled_training_forward_matches_eager_and_evaluation_stays_eager():
     """aot_eager traces exactly what inductor compiles (forward and backward graphs, graph breaks at
     the eager islands) without generating code, which is too slow for this CPU suite."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
     cfg = model_config("tiny", "moe.noisy_gating=false")
     eager, compiled = build_model(cfg), build_model(cfg)
-    compiled.compile_training_forward(backend="aot_eager")
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled.compile_training_forward(backend=counter)
     lq = images(2, 3, 32, 32)
     reference, ours = training_step_grads(eager, lq), training_step_grads(compiled, lq)
+    assert counter.frame_count > 0       # training really ran the compiled forward
     for name, grad in reference.items():
         if grad is None:
             assert ours[name] is None, name

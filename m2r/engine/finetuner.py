@@ -240,12 +240,12 @@ class Finetuner(TrainingRun):
         """One optimizer step over grad_accum micro-batches: this rank's mean [total, pixel, balance], and the LR."""
         lr = learning_rate(self.step, self.schedule)
         set_learning_rate(self.optimizer, lr)
-        totals = torch.zeros(3, dtype=torch.float64)
+        totals = 0.0
         for batch in micro_batches:
-            totals += micro_step(self.engine, batch, self.device, self.input_dtype, self.cfg.train,
-                                 self.cfg.model.moe.balance_loss_weight)[1]
+            totals = totals + micro_step(self.engine, batch, self.device, self.input_dtype, self.cfg.train,
+                                         self.cfg.model.moe.balance_loss_weight)[1]
         self.step += 1
-        return totals / len(micro_batches), lr
+        return (totals / len(micro_batches)).to("cpu", torch.float64), lr
 
     def _report_step(self, terms: torch.Tensor, lr: float, timer: StepTimer) -> None:
         mean_terms = dist.all_reduce_sum(terms) / dist.world_size()

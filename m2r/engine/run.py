@@ -31,13 +31,13 @@ PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch
 def micro_step(engine, batch: Dict[str, torch.Tensor], device: torch.device, input_dtype: torch.dtype,
                train, balance_weight: float):
     """Forward, loss, backward and DeepSpeed step on one uint8 micro-batch (DeepSpeed applies the
-    optimizer at the accumulation boundary). Returns the network output and [total, pixel, balance]."""
+    optimizer at the accumulation boundary). Returns the network output and [total, pixel, balance]
+    as an fp32 tensor on the device: callers copy once per optimizer step, not per micro-batch."""
     output = engine(to_unit_float(batch["lq"], device, input_dtype))
     terms = restoration_loss(output, to_unit_float(batch["gt"], device, torch.float32), train, balance_weight)
     engine.backward(terms.total)
     engine.step()
-    values = torch.stack([terms.total, terms.pixel, terms.balance]).detach().to("cpu", torch.float64)  # one sync
-    return output, values
+    return output, torch.stack([terms.total, terms.pixel, terms.balance]).detach().float()
 
 
 class StopRequest:

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from m2r.models.restormer import transposed_attention
+from m2r.models.restormer import memory_layout, transposed_attention
 
 OFFICIAL_MASK_STEP = 128  # the official code divides the feature size by this before scaling
 AFLB_MASK_RULES = ("official", "fixed")
@@ -165,7 +165,8 @@ class AFLB(nn.Module):
         mask = torch.roll(mask_fn(rates.float(), h, w), shifts=(-(h // 2), -(w // 2)), dims=(2, 3))
         # cuFFT has no bf16 kernels: the spectrum is always computed in fp32.
         outer, inner = _band_magnitudes(x.float(), mask)
-        return outer.to(x.dtype), inner.to(x.dtype)
+        layout = memory_layout(x)
+        return tuple(band.to(x.dtype).contiguous(memory_format=layout) for band in (outer, inner))
 
 
 # Eager island: torch.compile's code generator does not handle complex tensors (it fails on their

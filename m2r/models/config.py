@@ -35,8 +35,9 @@ class MambaConfig:
     d_conv: int = 4
     expand: int = 2
     scan: str = choice("raster", "bidirectional", "four_way")  # "raster" (official) | "bidirectional" | "four_way"
-    # False (official recipe): the Mamba layers run in fp32 even under bf16 autocast. True: they follow
-    # the autocast (bf16 projections and convolutions); the scan keeps its state in fp32 either way.
+    # Only matters under torch.autocast (benchmarks, evaluation with --bf16; the training engine's bf16
+    # is DeepSpeed's bf16 weights, which every layer follows). False (official recipe): the Mamba layers
+    # run in fp32 even under autocast. True: they follow it; the scan's state stays fp32 either way.
     autocast: bool = False
 
 

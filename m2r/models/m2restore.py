@@ -36,7 +36,6 @@ SIZE_MULTIPLE = 8   # three 2x downsamplings
 MIN_SIZE = 16       # the task-prompt CondNet needs at least 9 px; 16 is the smallest multiple of 8
 # Activation checkpointing: which blocks are recomputed in backward (see set_activation_checkpointing).
 CHECKPOINT_MODES = ("none", "bottleneck", "full_res", "all")
-FULL_RESOLUTION_STAGES = ("dder1", "encoder_level1", "decoder_level1", "refinement")
 
 
 @dataclass
@@ -58,7 +57,6 @@ class M2Restore(nn.Module):
             raise ValueError(f"model.num_blocks needs 4 entries and model.heads at least 3, got "
                              f"{list(cfg.num_blocks)} and {list(cfg.heads)}")
         self.input_range = cfg.input_range
-        self._checkpointed_ids: frozenset = frozenset()
         self._compiled_forward = None
         self._memory_format = torch.contiguous_format
         # Seed only this construction (CPU generator), so dense init depends on cfg.seed alone.
@@ -129,25 +127,29 @@ class M2Restore(nn.Module):
         if mode not in CHECKPOINT_MODES:
             raise ValueError(f"activation checkpointing mode must be one of {CHECKPOINT_MODES}, got {mode!r}")
         if mode == "full_res":
-            blocks = [block for name in FULL_RESOLUTION_STAGES
-                      for block in (getattr(self, name) if name != "dder1" else [self.dder1])]
+            blocks = [self.dder1, *self.encoder_level1, *self.decoder_level1, *self.refinement]
         else:
             types = {"none": (), "bottleneck": (MB,), "all": (MB, TransformerBlock, DDER)}[mode]
             blocks = [module for module in self.modules() if isinstance(module, types)]
-        self._checkpointed_ids = frozenset(id(block) for block in blocks)
+        chosen = set(map(id, blocks))
+        # A flag on each module, not a set of ids here: torch.compile would guard on object identity
+        # and retrace for every new model instance.
+        for module in self.modules():
+            module.recompute_in_backward = id(module) in chosen
 
     def compile_training_forward(self, backend: str = "inductor") -> None:
         """torch.compile the forward used while training, for static shapes (one compilation per
         crop and batch size). Evaluation and validation, at other image sizes, stay eager. The
-        AFLB spectra (complex tensors) and a sparse MoE dispatch run eagerly between the graphs."""
+        AFLB spectra (complex tensors), the mamba_ssm kernels and a sparse MoE dispatch run eagerly
+        between the graphs."""
         self._compiled_forward = torch.compile(self._forward, backend=backend, dynamic=False)
 
     def use_channels_last(self) -> None:
-        """Keep feature maps channels-last (NHWC in memory): what cuDNN's bf16 convolutions and the
-        per-pixel LayerNorms and MoE tokens want. Only the input is converted, on entry; every
-        convolution then keeps the layout. The weights stay contiguous, as DeepSpeed needs them (its
-        broadcast views them as bytes); without DeepSpeed, `model.to(memory_format=torch.channels_last)`
-        also saves cuDNN converting them each call."""
+        """Feature maps channels-last (NHWC in memory), what cuDNN's bf16 convolutions and the
+        per-pixel LayerNorms and MoE tokens want. The input is converted on entry and the attention
+        output is put back in the input's layout; the weights stay contiguous, as DeepSpeed needs them
+        (its broadcast views them as bytes). Convolutions whose input reaches them in the other
+        layout (after a pixel shuffle, a concatenation or the FFT) run in that layout."""
         self._memory_format = torch.channels_last
 
     def _apply(self, fn, *args, **kwargs):
@@ -209,7 +211,7 @@ class M2Restore(nn.Module):
         return x
 
     def _call(self, module, *args):
-        if torch.is_grad_enabled() and id(module) in self._checkpointed_ids:
+        if torch.is_grad_enabled() and getattr(module, "recompute_in_backward", False):
             return checkpoint(module, *args, use_reentrant=False)
         return module(*args)
 

@@ -81,6 +81,8 @@ class Mamba(nn.Module):
                            backend=backend)
         return self.out_proj(y.transpose(1, 2))
 
+    # The CUDA extensions are opaque to torch.compile: an eager island between compiled graphs.
+    @torch.compiler.disable
     def _fused_forward(self, xz, decay_rates) -> torch.Tensor:
         """mamba_ssm's fused conv + projections + scan kernel (its default path with causal_conv1d)."""
         return mamba_ssm_ops().mamba_inner_fn(

@@ -315,13 +315,15 @@ def dense_gate_matrix(routing: Routing, num_experts: int, capacity: Optional[int
 
 def run_experts_densely(experts: List[ExpertMLP], tokens: torch.Tensor) -> torch.Tensor:
     """Every expert on every token, (S, C) -> (S, E, C): one GEMM for all first layers, one batched
-    GEMM for the second ones. Same arithmetic as calling each `ExpertMLP` on the tokens."""
+    GEMM for the second ones. Same arithmetic as calling each `ExpertMLP` on the tokens (biases are
+    added inside the GEMMs, so under bf16 each output is rounded once, as nn.Linear does)."""
     num_experts = len(experts)
     hidden = F.linear(tokens, torch.cat([e.fc1.weight for e in experts]), torch.cat([e.fc1.bias for e in experts]))
-    hidden = experts[0].act(hidden).unflatten(1, (num_experts, -1))                          # (S, E, H)
-    second = torch.stack([e.fc2.weight for e in experts])                                    # (E, C, H)
-    outputs = torch.einsum("seh,ech->sec", hidden, second.to(hidden.dtype))
-    return outputs + torch.stack([e.fc2.bias for e in experts]).to(outputs.dtype)
+    hidden = experts[0].act(hidden).unflatten(1, (num_experts, -1)).transpose(0, 1)           # (E, S, H)
+    second = torch.stack([e.fc2.weight for e in experts]).transpose(1, 2)                    # (E, H, C)
+    bias = torch.stack([e.fc2.bias for e in experts]).unsqueeze(1)                           # (E, 1, C)
+    outputs = torch.baddbmm(bias.to(hidden.dtype), hidden, second.to(hidden.dtype))          # (E, S, C)
+    return outputs.transpose(0, 1)
 
 
 def combine_dense_outputs(outputs, gates, mode: str) -> torch.Tensor:

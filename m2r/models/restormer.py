@@ -54,6 +54,12 @@ class GatedDconvFeedForward(nn.Module):
         return self.project_out(F.gelu(gate) * value)
 
 
+def memory_layout(x: torch.Tensor) -> torch.memory_format:
+    """channels_last when the channels of a (B, C, H, W) map are innermost in memory (channel slices
+    of such a map included), else contiguous."""
+    return torch.channels_last if x.shape[1] > 1 and x.stride(1) == 1 else torch.contiguous_format
+
+
 def transposed_attention(q, k, v, num_heads: int, temperature):
     """Channel-wise ("transposed") attention of Restormer: each head attends over its channels.
 
@@ -61,12 +67,13 @@ def transposed_attention(q, k, v, num_heads: int, temperature):
     the pixels, so the (C/heads x C/heads) attention map has entries in [-1, 1] before scaling.
     """
     b, c, h, w = q.shape
+    layout = memory_layout(q)
     q, k, v = (t.reshape(b, num_heads, c // num_heads, h * w) for t in (q, k, v))
     q = F.normalize(q, dim=-1)
     k = F.normalize(k, dim=-1)
     attn = (q @ k.transpose(-2, -1)) * temperature
     out = attn.softmax(dim=-1) @ v
-    return out.reshape(b, c, h, w)
+    return out.reshape(b, c, h, w).contiguous(memory_format=layout)   # back in the input's layout
 
 
 class MultiDconvHeadAttention(nn.Module):

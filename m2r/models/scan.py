@@ -54,10 +54,14 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if backend == "torch":
         return _torch_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     if backend == "mamba_ssm":
-        ops = mamba_ssm_ops()
-        return ops.selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        return _mamba_ssm_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     raise ValueError(f"selective_scan backend must be 'torch' or 'mamba_ssm', got {backend!r} "
                      "(resolve model.scan_backend with resolve_scan_backend first)")
+
+
+@torch.compiler.disable  # a CUDA extension, opaque to torch.compile: keep it an eager island
+def _mamba_ssm_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    return mamba_ssm_ops().selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 
 def mamba_ssm_ops():
