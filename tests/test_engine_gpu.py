@@ -61,22 +61,42 @@ def test_bf16_zero2_moe_training_and_checkpoint_round_trip_on_gpu(tmp_path, repo
     assert train_step(resumed, cfg, lq, gt) == pytest.approx(expected_next, rel=1e-3)
 
 
+def synthetic_shards(tmp_path) -> str:
+    """Shards of smooth random colour images (the GPU machine has no scikit-image for the built-in photos)."""
+    from PIL import Image
+
+    from m2r.shards.build import BuildOptions, build
+
+    photos, shards = tmp_path / "photos", tmp_path / "shards"
+    photos.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for index in range(12):
+        coarse = torch.rand(1, 3, 6, 6, generator=generator)
+        image = torch.nn.functional.interpolate(coarse, size=(96, 96), mode="bicubic", align_corners=False)
+        pixels = (image[0].clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+        Image.fromarray(pixels).save(photos / f"photo{index:02d}.png")
+    build(BuildOptions(src=[str(photos)], out=str(shards), samples_per_shard=4), progress=False)
+    return str(shards)
+
+
 def test_pretrain_entry_point_with_every_speed_switch_on_gpu(tmp_path, repo_root):
-    """The whole pretraining loop (stream, validation, images, checkpoint) under nccl on one GPU, with
-    bf16, ZeRO 2, channels_last, a compiled training forward and full-resolution recomputation."""
+    """The whole pretraining loop (shard stream, validation, images, checkpoint) under nccl on one GPU,
+    with bf16, ZeRO 2, channels_last, a compiled training forward and full-resolution recomputation."""
+    shards, run_dir = synthetic_shards(tmp_path), tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                            "MASTER_PORT")}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
                str(dist.free_port()), "pretrain.py", "--config", "configs/pretrain/tiny-test.yaml",
-               f"run.dir={tmp_path}", "train.precision=bf16", "train.zero_stage=2", "train.channels_last=true",
-               "train.compile=true", "train.activation_checkpointing=full_res", "train.steps=4", "train.crop=64",
-               "model.scan_backend=mamba_ssm"]
+               f"run.dir={run_dir}", "run.tensorboard=false", "data.source=shards", f"data.shards={shards}",
+               f"data.val_shards={shards}", "train.precision=bf16", "train.zero_stage=2",
+               "train.channels_last=true", "train.compile=true", "train.activation_checkpointing=full_res",
+               "train.steps=4", "train.crop=64", "model.scan_backend=mamba_ssm"]
     result = subprocess.run(command, cwd=repo_root, env=dict(env, PYTHONPATH=repo_root), capture_output=True,
                             text=True, timeout=400)
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses), losses
     assert any("val_psnr" in r for r in records)
-    assert (tmp_path / "checkpoints" / "latest").exists()
+    assert (run_dir / "checkpoints" / "latest").exists()
     assert "compile True" in result.stdout

@@ -14,6 +14,7 @@ from m2r.engine.checkpoint import CheckpointManager, Topology, resolve_resume, t
 from m2r.engine.config import PretrainConfig, validate_pretrain_config
 from m2r.engine.deepspeed_config import build_deepspeed_config
 from m2r.engine.loss import pixel_loss
+from m2r.engine.monitor import build_monitor
 from m2r.engine.optim import EMA, learning_rate
 from m2r.engine.validate import psnr, ssim
 from m2r.export import _global_name
@@ -191,3 +192,17 @@ def test_activation_checkpointing_gives_the_same_gradients(repo_root):
     assert plain.keys() == checkpointed.keys() and len(plain) > 100
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+# ----------------------------------------------------------------------------------- monitor
+@pytest.mark.parametrize("tensorboard", [True, False])
+def test_metrics_file_always_and_tensorboard_only_when_asked(tmp_path, tensorboard):
+    monitor = build_monitor(True, tmp_path, total_steps=2, start_step=0, world_size=1, progress_bar=False,
+                            tensorboard=tensorboard)
+    monitor.log_train(1, {"loss": 0.5, "pixel_loss": 0.4, "balance_loss": 1.0, "lr": 1e-3})
+    monitor.log_val(1, {"psnr": 20.0, "ssim": 0.5})
+    monitor.log_images(1, torch.zeros(3, 8, 8))
+    monitor.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["loss"] == 0.5 and records[1]["val_psnr"] == 20.0
+    assert (tmp_path / "tensorboard").is_dir() == tensorboard

@@ -17,12 +17,11 @@ from __future__ import annotations
 import functools
 import io
 import math
+from statistics import NormalDist
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
-from scipy.special import ndtri
 
 DEGRADATIONS: Dict[str, Callable] = {}   # name -> planar implementation
 
@@ -53,7 +52,8 @@ def _draw(rng: np.random.Generator, given, low: float, high: float) -> float:
 
 
 def _normal_quantiles(bits: int = 16) -> np.ndarray:
-    levels = ndtri((np.arange(2 ** bits) + 0.5) / 2 ** bits)
+    inverse_cdf = NormalDist().inv_cdf   # the standard library's: the table equals scipy's ndtri one
+    levels = np.array([inverse_cdf((index + 0.5) / 2 ** bits) for index in range(2 ** bits)])
     return (levels / levels.std()).astype(np.float32)
 
 
@@ -324,6 +324,8 @@ def noise(img, rng, *, sigma=None):
 @degradation
 def gaussian_blur(img, rng, *, sigma=None):
     """Isotropic Gaussian blur, `sigma` [0.8, 3.0] px."""
+    from scipy import ndimage   # here, not at import: the other degradations run without scipy
+
     p = dict(sigma=_draw(rng, sigma, _scale_px(img, 0.8), _scale_px(img, 3.0)))
     return ndimage.gaussian_filter(img, (0, p["sigma"], p["sigma"]), mode="reflect"), p
 

@@ -46,6 +46,7 @@ class RunConfig:
     val_every: int = 1000            # steps between validations (also before the first and after the last)
     stop_after: int = 0              # leave after this many steps in this process (checkpoint first); 0 = never
     progress_bar: bool = True        # tqdm bar when stdout is a terminal
+    tensorboard: bool = True         # TensorBoard event files under run.dir/tensorboard (metrics.jsonl always)
     demo_summary: bool = False       # print "demo: val PSNR before <a> dB, after <b> dB" at the end
 
 

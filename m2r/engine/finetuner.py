@@ -65,6 +65,7 @@ class FinetuneRunConfig:
     keep_last: int = 2               # epoch checkpoints kept (>= 2)
     log_every: int = 10              # optimizer steps between console lines
     progress_bar: bool = True
+    tensorboard: bool = True         # TensorBoard event files under run.dir/tensorboard (metrics.jsonl always)
     best_metrics: List[str] = field(default_factory=lambda: ["psnr", "ssim"])
     stop_after_epochs: int = 0       # leave after this many epochs in this process; 0 = never
 

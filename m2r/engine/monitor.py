@@ -65,13 +65,29 @@ class NullMonitor:
     def close(self) -> None: ...
 
 
-class Monitor(NullMonitor):
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, world_size: int, progress_bar: bool):
-        from torch.utils.tensorboard import SummaryWriter
+class TensorBoardOff:
+    """Stands in for the SummaryWriter when run.tensorboard is false: metrics.jsonl and the console stay."""
 
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    add_image = flush = close = add_scalar
+
+
+def tensorboard_writer(run_dir: Path, enabled: bool):
+    if not enabled:
+        return TensorBoardOff()
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+class Monitor(NullMonitor):
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, world_size: int, progress_bar: bool,
+                 tensorboard: bool = True):
         self.total_steps = total_steps
         self.world_size = world_size
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self.writer = tensorboard_writer(run_dir, tensorboard)
         self.metrics_file = open(run_dir / "metrics.jsonl", "a")
         self.recent_losses: deque = deque(maxlen=100)
         self.bar = self._progress_bar(start_step) if progress_bar and sys.stdout.isatty() else None
@@ -152,7 +168,7 @@ class Monitor(NullMonitor):
 
 
 def build_monitor(is_rank0: bool, run_dir: Path, total_steps: int, start_step: int, world_size: int,
-                  progress_bar: bool) -> NullMonitor:
+                  progress_bar: bool, tensorboard: bool = True) -> NullMonitor:
     if not is_rank0:
         return NullMonitor()
-    return Monitor(run_dir, total_steps, start_step, world_size, progress_bar)
+    return Monitor(run_dir, total_steps, start_step, world_size, progress_bar, tensorboard)

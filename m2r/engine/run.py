@@ -136,7 +136,7 @@ class TrainingRun:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir / "config.yaml")
         self.monitor = build_monitor(dist.is_rank0(), self.run_dir, total_steps, self.step,
-                                     self.topology.world_size, self.cfg.run.progress_bar)
+                                     self.topology.world_size, self.cfg.run.progress_bar, self.cfg.run.tensorboard)
 
     def _log_train_step(self, mean_terms: torch.Tensor, lr: float, timer: StepTimer, log_step: bool) -> None:
         """`mean_terms`: [total, pixel, balance] averaged over ranks. Every step goes to metrics.jsonl;
