@@ -172,6 +172,20 @@ def test_charbonnier_approaches_l1_for_large_errors():
     assert pixel_loss(target, target, "charbonnier", 1e-3) == pytest.approx(1e-3)
 
 
+def test_ema_weights_are_applied_for_the_duration_and_the_trained_ones_come_back_exactly():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)).bfloat16()
+    ema = EMA(model, decay=0.5)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.37)          # training moved the weights; the EMA is halfway
+    ema.update()
+    trained = [p.clone() for p in model.parameters()]
+    with ema.applied():
+        for param, shadow, trained_param in zip(model.parameters(), ema.shadow.values(), trained):
+            assert torch.equal(param, shadow.to(param.dtype)) and not torch.equal(param, trained_param)
+    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), trained))
+
+
 # ----------------------------------------------------------------------------------- activation checkpointing
 def test_activation_checkpointing_gives_the_same_gradients(repo_root):
     from m2r.engine.loss import restoration_loss

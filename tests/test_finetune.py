@@ -1,5 +1,6 @@
 """finetune.py: the paper recipe in the configs, config checks, and a 2-rank run from a 1-rank
-pretraining checkpoint whose best weights `m2r.evaluate` then scores on AllWeather and CDD-11."""
+pretraining checkpoint whose best weights `m2r.evaluate` then scores on AllWeather and CDD-11;
+a second run from those exported weights keeps an EMA, which its best export holds."""
 import json
 import os
 import subprocess
@@ -7,11 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from finetune_layouts import build_allweather, build_cdd11
 from m2r.config import ConfigError, load_config
+from m2r.engine.checkpoint import resolve_resume
 from m2r.engine.finetuner import FinetuneConfig, validate_finetune_config
 from m2r.eval.datasets import CDD11_TYPES
+from m2r.export import export_state_dict
 
 PROTOCOL_KEYS = {f"{m}_{p}" for m in ("psnr", "ssim") for p in ("rgb", "y", "official")}
 
@@ -29,7 +34,7 @@ def test_configs_hold_the_paper_recipe(repo_root, name, dataset):
     assert plus.data.augment and plus.model.moe.combine == "linear" and plus.data.dataset == dataset
 
 
-@pytest.mark.parametrize("overrides, key", [([], "data.root"), (["train.ema_decay=0.9"], "train.ema_decay"),
+@pytest.mark.parametrize("overrides, key", [([], "data.root"), (["train.ema_decay=1.5"], "train.ema_decay"),
                                             (["run.best_metrics=[lpips]"], "run.best_metrics"),
                                             (["model.moe.ep_size=4"], "model.moe.ep_size")])
 def test_invalid_settings_name_their_key(repo_root, overrides, key):
@@ -68,11 +73,18 @@ def test_two_rank_finetune_from_a_one_rank_pretraining_checkpoint_then_evaluatio
 
     weights = finetune_dir / "best_psnr.safetensors"
     # An exported file as the start, at ep_size 2: experts are picked by global id before DeepSpeed exists.
+    # With an EMA, which is what validation sees and what the best export holds.
+    ema_run = tmp_path / "from-export"
     log = run([python, "-m", "torch.distributed.run", "--nproc_per_node", "2", "finetune.py", "--config",
                "configs/finetune/tiny-test.yaml", f"data.root={allweather}", f"init.weights={weights}",
-               "train.epochs=1", "train.warmup_epochs=0", f"run.dir={tmp_path / 'from-export'}"], repo_root)
+               "train.epochs=1", "train.warmup_epochs=0", "train.ema_decay=0.5", f"run.dir={ema_run}"], repo_root)
     assert f"init: weights from {weights}" in log
-    assert (tmp_path / "from-export/checkpoints/step00000002").is_dir()
+    assert (ema_run / "checkpoints/step00000002").is_dir()
+    best_ref = resolve_resume("latest", ema_run / "best_psnr")
+    ema_weights, trained_weights = export_state_dict(best_ref, use_ema=True)[0], export_state_dict(best_ref)[0]
+    exported = load_file(str(ema_run / "best_psnr.safetensors"))
+    assert all(torch.equal(exported[name], ema_weights[name]) for name in ema_weights)
+    assert any(not torch.equal(trained_weights[name], ema_weights[name]) for name in ema_weights)
 
     cdd11 = build_cdd11(tmp_path / "cdd11", size=(24, 32))
     for dataset, root, names in (("allweather", allweather, ["outdoor_rain", "snow100k_s", "snow100k_l",

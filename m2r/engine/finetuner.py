@@ -89,8 +89,7 @@ def validate_finetune_config(cfg, world_size: int) -> None:
              train.warmup_epochs, "must be >= 0 and below the schedule length")
     require(train.crop % 8 == 0 and data.val_crop % 8 == 0, "train.crop/data.val_crop",
              (train.crop, data.val_crop), "must be multiples of 8")
-    require(train.ema_decay == 0, "train.ema_decay", train.ema_decay,
-             "is not supported by finetune.py yet (pretrain.py has EMA); set it to 0")
+    require(0.0 <= train.ema_decay < 1.0, "train.ema_decay", train.ema_decay, "must be in [0, 1)")
     require(run.keep_last >= 2, "run.keep_last", run.keep_last, "must be >= 2")
     require(set(run.best_metrics) <= {"psnr", "ssim"}, "run.best_metrics", list(run.best_metrics),
              "may only hold psnr and ssim")
@@ -128,11 +127,10 @@ class Finetuner(TrainingRun):
             self._load_init_weights(model)
         self._start_engine(model)
         self.epoch, self.samples_into_epoch, self.best = 0, 0, {}
-        saved_rng = None
-        if self.resume_ref is not None:
-            saved_rng = self._resume(self.resume_ref)
-        elif cfg.init.weights and Path(cfg.init.weights).is_dir():
+        if self.resume_ref is None and cfg.init.weights and Path(cfg.init.weights).is_dir():
             self._load_pretraining_checkpoint(cfg.init.weights)
+        self._start_ema()   # from the initial weights; a resume replaces it with the saved one
+        saved_rng = self._resume(self.resume_ref) if self.resume_ref is not None else None
         self._seed_rng(saved_rng)
         self._open_monitor(self.total_steps)
         dist.print0(self.startup_summary())
@@ -219,6 +217,7 @@ class Finetuner(TrainingRun):
         else:
             dist.print0(f"WARNING: {ref.path} was saved with {ref.topology().describe()}, this run has "
                         f"{self.topology.describe()}: weights loaded, optimizer restarts, epoch restarts")
+        self._restore_ema(ref)
         self.epoch, self.best = client["epoch"], client["best"]
         dist.print0(f"resumed from {ref.path}: epoch {self.epoch}, step {self.step}")
         return saved_rng
@@ -245,6 +244,8 @@ class Finetuner(TrainingRun):
         for batch in micro_batches:
             totals = totals + micro_step(self.engine, batch, self.device, self.input_dtype, self.cfg.train,
                                          self.cfg.model.moe.balance_loss_weight)[1]
+        if self.ema is not None:
+            self.ema.update()
         self.step += 1
         return (totals / len(micro_batches)).to("cpu", torch.float64), lr
 
@@ -274,7 +275,8 @@ class Finetuner(TrainingRun):
 
     # ----------------------------------------------------------------------------- validation, checkpoints
     def validate(self) -> Dict[str, float]:
-        metrics = evaluate(self.engine, self.val_batches, self.device, self.input_dtype)
+        with self._validation_weights():
+            metrics = evaluate(self.engine, self.val_batches, self.device, self.input_dtype)
         named = {("psnr_" + self.val_names[int(k[len("psnr_type"):])] if k.startswith("psnr_type") else k): v
                  for k, v in metrics.items()}
         self.monitor.log_val(self.step, named)
@@ -286,7 +288,8 @@ class Finetuner(TrainingRun):
                 "config": OmegaConf.to_container(self.cfg, resolve=True)}
 
     def save_checkpoint(self):
-        ref = self.checkpoints.save(self.engine, self.step, self.topology, self._client_state(), self.cfg)
+        ref = self.checkpoints.save(self.engine, self.step, self.topology, self._client_state(), self.cfg,
+                                    self._ema_state())
         self.monitor.print(f"saved checkpoint {ref.path}")
         return ref
 
@@ -296,9 +299,10 @@ class Finetuner(TrainingRun):
                 continue
             self.best[name] = {"value": metrics[name], "epoch": self.epoch, "step": self.step}
             manager = CheckpointManager(self.run_dir / f"best_{name}", keep_last=2)
-            ref = manager.save(self.engine, self.step, self.topology, self._client_state(), self.cfg)
-            if dist.is_rank0():
-                export(str(ref.path), str(self.run_dir / f"best_{name}.safetensors"))
+            ref = manager.save(self.engine, self.step, self.topology, self._client_state(), self.cfg,
+                               self._ema_state())
+            if dist.is_rank0():   # the weights that were validated: the EMA ones when there is an EMA
+                export(str(ref.path), str(self.run_dir / f"best_{name}.safetensors"), use_ema=self.ema is not None)
                 (self.run_dir / f"best_{name}.json").write_text(json.dumps(self.best[name], indent=1))
                 self.monitor.print(f"new best {name} {metrics[name]:.4f} at epoch {self.epoch}: {ref.path}")
             dist.barrier()

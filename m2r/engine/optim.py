@@ -1,8 +1,9 @@
 """AdamW with DeepSpeed MoE parameter groups, the per-iteration learning-rate schedule, and EMA weights."""
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Dict, Mapping
+from typing import Dict, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -47,6 +48,21 @@ class EMA:
         names = global_expert_names(model)
         self._params = {names[name]: param for name, param in model.named_parameters() if param.requires_grad}
         self.shadow = {name: param.detach().float().clone() for name, param in self._params.items()}
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """The EMA weights in the model for the duration (validation, image logging); the trained
+        weights are copied back exactly afterwards, in their own dtype."""
+        trained = {name: param.detach().clone() for name, param in self._params.items()}
+        with torch.no_grad():
+            for name, param in self._params.items():
+                param.copy_(self.shadow[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, param in self._params.items():
+                    param.copy_(trained[name])
 
     @torch.no_grad()
     def update(self) -> None:

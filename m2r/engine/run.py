@@ -7,6 +7,7 @@ and reports each optimizer step through `_log_train_step`.
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 import warnings
 from pathlib import Path
@@ -16,12 +17,12 @@ import torch
 
 from m2r import dist
 from m2r.config import save_config
-from m2r.engine.checkpoint import (CheckpointManager, CheckpointRef, Topology, agreed_resume, load_weights_only,
-                                   reseed, restore_rng_state)
+from m2r.engine.checkpoint import (CheckpointManager, CheckpointRef, Topology, agreed_resume, load_ema_states,
+                                   load_weights_only, reseed, restore_rng_state)
 from m2r.engine.deepspeed_config import build_deepspeed_config
 from m2r.engine.loss import restoration_loss
 from m2r.engine.monitor import NullMonitor, StepTimer, build_monitor
-from m2r.engine.optim import build_optimizer
+from m2r.engine.optim import EMA, build_optimizer
 from m2r.engine.validate import to_unit_float
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -68,6 +69,7 @@ class TrainingRun:
     optimizer: torch.optim.Optimizer
     step: int                      # optimizer steps completed
     monitor: NullMonitor           # (from `_open_monitor`)
+    ema: Optional[EMA]             # (from `_start_ema`)
 
     def __init__(self, cfg, env: dist.DistEnv, validate_config: Callable[[Any, int], None]):
         self.cfg = cfg
@@ -105,6 +107,29 @@ class TrainingRun:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=build_optimizer(model, train),
             config=build_deepspeed_config(train, self.topology.world_size), dist_init_required=False)
+
+    # ----------------------------------------------------------------------------- EMA
+    def _start_ema(self) -> None:
+        """An fp32 EMA of the current weights when train.ema_decay > 0 (call once the weights are loaded)."""
+        decay = self.cfg.train.ema_decay
+        self.ema = EMA(self.engine.module, decay) if decay > 0 else None
+
+    def _restore_ema(self, ref: CheckpointRef) -> None:
+        """The EMA saved in `ref` (experts by global id, so at any topology), else one from the loaded weights."""
+        if self.ema is None:
+            return
+        if ref.meta().get("ema"):
+            self.ema.load_state_dict(load_ema_states(ref))
+        else:
+            dist.print0(f"WARNING: {ref.path} holds no EMA weights; EMA restarts from the loaded weights")
+            self._start_ema()
+
+    def _ema_state(self) -> Optional[Dict[str, torch.Tensor]]:
+        return self.ema.state_dict() if self.ema is not None else None
+
+    def _validation_weights(self):
+        """Validation and images see the EMA weights when there is an EMA (they are what gets exported)."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
     # ----------------------------------------------------------------------------- resume
     def _load_checkpoint(self, ref: CheckpointRef) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:

@@ -14,10 +14,10 @@ import torch
 from omegaconf import OmegaConf
 
 from m2r import dist
-from m2r.engine.checkpoint import CheckpointRef, capture_rng_state, load_ema_states
+from m2r.engine.checkpoint import CheckpointRef, capture_rng_state
 from m2r.engine.config import validate_pretrain_config
 from m2r.engine.monitor import StepTimer
-from m2r.engine.optim import EMA, learning_rate, set_learning_rate
+from m2r.engine.optim import learning_rate, set_learning_rate
 from m2r.engine.run import TrainingRun, micro_step
 from m2r.engine.validate import evaluate, image_grid, psnr, to_unit_float
 
@@ -25,7 +25,6 @@ from m2r.engine.validate import evaluate, image_grid, psnr, to_unit_float
 class Trainer(TrainingRun):
     stream: Any                    # iterable of uint8 batches with state_dict()/load_state_dict()
     val_batches: List[Dict[str, torch.Tensor]]
-    ema: Optional[EMA]
     first_val_psnr: Optional[float]  # validation PSNR before any training (kept across resumes)
     last_val: Dict[str, float]
 
@@ -38,7 +37,7 @@ class Trainer(TrainingRun):
         self.stream = build_train_stream(cfg.data, seed=train.seed, rank=env.rank, world_size=env.world_size,
                                          micro_batch=train.micro_batch, crop=train.crop)
         self.val_batches = build_val_set(cfg.data, train.crop)
-        self.ema = EMA(self.engine.module, train.ema_decay) if train.ema_decay > 0 else None
+        self._start_ema()
         self.first_val_psnr, self.last_val = None, {}
         saved_rng = self._resume(self.resume_ref) if self.resume_ref is not None else None
         self._stream_iter = iter(self.stream)
@@ -91,17 +90,10 @@ class Trainer(TrainingRun):
             self.stream.load_state_dict(client["stream_states"][dist.rank()])
         else:
             self._warn_topology_change(ref)
-        if self.ema is not None:
-            self._restore_ema(ref)
+        self._restore_ema(ref)
         self.first_val_psnr = client.get("first_val_psnr")
         dist.print0(f"resumed from {ref.path} at step {self.step}")
         return saved_rng
-
-    def _restore_ema(self, ref: CheckpointRef) -> None:
-        if ref.meta().get("ema"):
-            self.ema.load_state_dict(load_ema_states(ref))
-        else:
-            dist.print0(f"WARNING: {ref.path} holds no EMA weights; EMA restarts from the loaded weights")
 
     def _warn_topology_change(self, ref: CheckpointRef) -> None:
         lost = ["AdamW moments and step counts (the optimizer restarts)",
@@ -159,7 +151,8 @@ class Trainer(TrainingRun):
         self._log_train_step(packed[:3], result["lr"], timer, log_step)
 
     def validate(self) -> None:
-        self.last_val = evaluate(self.engine, self.val_batches, self.device, self.input_dtype)
+        with self._validation_weights():
+            self.last_val = evaluate(self.engine, self.val_batches, self.device, self.input_dtype)
         if self.first_val_psnr is None:
             self.first_val_psnr = self.last_val["psnr"]
         self.monitor.log_val(self.step, self.last_val)
@@ -169,7 +162,8 @@ class Trainer(TrainingRun):
         """degraded | restored | clean for the first validation batch; every rank runs the forward."""
         batch = self.val_batches[0]
         self.engine.eval()
-        restored = self.engine(to_unit_float(batch["lq"], self.device, self.input_dtype)).restored.float()
+        with self._validation_weights():
+            restored = self.engine(to_unit_float(batch["lq"], self.device, self.input_dtype)).restored.float()
         self.engine.train()
         if dist.is_rank0():
             lq = to_unit_float(batch["lq"], self.device, torch.float32)
@@ -181,8 +175,7 @@ class Trainer(TrainingRun):
         client = {"step": self.step, "rng_states": [s["rng"] for s in states],
                   "stream_states": [s["stream"] for s in states], "first_val_psnr": self.first_val_psnr,
                   "config": OmegaConf.to_container(self.cfg, resolve=True)}
-        ema_state = self.ema.state_dict() if self.ema is not None else None
-        ref = self.checkpoints.save(self.engine, self.step, self.topology, client, self.cfg, ema_state)
+        ref = self.checkpoints.save(self.engine, self.step, self.topology, client, self.cfg, self._ema_state())
         self.monitor.print(f"saved checkpoint {ref.path}")
         return ref
 
