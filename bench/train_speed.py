@@ -208,15 +208,17 @@ def largest_crop(variant: Variant, args, device, clip_weights) -> dict:
     # The first H100 search failed inside cuBLAS (CUBLAS_STATUS_EXECUTION_FAILED) at its predicted
     # crop, roughly 900 px or more, before memory ran out; start no higher than MAX_CROP.
     crop = min(predicted, MAX_CROP)
+    failures = []
     for _ in range(4):
         try:
             reset_peak(device)
             Trainer(variant, cfg, device, args.batch, crop).time_steps(1, 1)
             return {"variant": variant.name, "largest_crop": crop, "predicted_by_memory": predicted,
-                    "peak_gb": peak_gb(device), "budget_gb": budget}
-        except torch.OutOfMemoryError:
+                    "peak_gb": peak_gb(device), "budget_gb": budget, "failed_larger_crops": failures}
+        except RuntimeError as exc:   # out of memory, or a library failing on huge shapes (cuBLAS did once)
+            failures.append({"crop": crop, "error": f"{type(exc).__name__}: {exc}"[:200]})
             crop = int(crop * 0.95) // 8 * 8
-    return {"variant": variant.name, "largest_crop": None, "note": "no crop fit after 4 tries"}
+    return {"variant": variant.name, "largest_crop": None, "failed_larger_crops": failures}
 
 
 def eval_latency(args, device, clip_weights, bf16: bool) -> dict:
