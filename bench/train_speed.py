@@ -63,6 +63,8 @@ GPU_VARIANTS = [
             overrides=("mamba.autocast=true", "clip.cache_text_features=true")),
     Variant("plus bf16 + compile + bf16 Mamba + AC(full_res)", "m2restore-plus", **FAST, compile="inductor",
             checkpointing="full_res", overrides=("mamba.autocast=true",)),
+    Variant("plus bf16 + channels_last + fused AdamW + AC(full_res), eager", "m2restore-plus", **FAST,
+            checkpointing="full_res"),
 ]
 # Largest-crop search: eager, so that each new crop size does not trigger a recompilation.
 CROP_VARIANT = Variant("plus bf16 + AC(all), eager", "m2restore-plus", **FAST, checkpointing="all")
