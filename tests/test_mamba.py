@@ -81,6 +81,18 @@ def test_forward_keeps_shape_and_every_parameter_gets_a_gradient():
     assert torch.isfinite(tokens.grad).all()
 
 
+def test_scan_path_is_resolved_once_and_again_when_the_backend_changes(monkeypatch):
+    module = Mamba(16, scan_backend="torch")
+    calls = []
+    resolve = scan.resolve_scan_backend
+    monkeypatch.setattr("m2r.models.mamba.resolve_scan_backend", lambda *a: calls.append(a) or resolve(*a))
+    assert [module.scan_path(torch.device("cpu")) for _ in range(3)] == ["torch"] * 3
+    assert len(calls) == 1
+    module.scan_backend = "mamba_ssm"
+    with pytest.raises(RuntimeError, match="cannot run: device is cpu"):
+        module.scan_path(torch.device("cpu"))
+
+
 def test_unknown_scan_backend_is_rejected_at_construction():
     with pytest.raises(ValueError, match="model.scan_backend='cuda'"):
         Mamba(32, scan_backend="cuda")

@@ -31,6 +31,8 @@ class Mamba(nn.Module):
         self.d_inner = int(expand * d_model)
         self.dt_rank = math.ceil(d_model / 16)
         self.scan_backend = scan_backend
+        self._resolved_for: tuple = ()      # (scan_backend, device type) that `_scan_path` was resolved for
+        self._scan_path = ""
 
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner,
@@ -58,15 +60,25 @@ class Mamba(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(batch, L, d_model) -> (batch, L, d_model): one causal scan from t = 0 to L - 1."""
-        backend = resolve_scan_backend(self.scan_backend, hidden_states.device)
+        path = self.scan_path(hidden_states.device)
         batch, length, _ = hidden_states.shape
         # Channels-first with time contiguous, the layout the conv and the scan kernels want.
         xz = (self.in_proj.weight @ hidden_states.reshape(batch * length, -1).t())
         xz = xz.view(2 * self.d_inner, batch, length).transpose(0, 1)
         decay_rates = -torch.exp(self.A_log.float())
-        if backend == "mamba_ssm" and _has_fused_kernels():
+        if path == "fused":
             return self._fused_forward(xz, decay_rates)
-        return self._reference_forward(xz, decay_rates, backend)
+        return self._reference_forward(xz, decay_rates, path)
+
+    def scan_path(self, device: torch.device) -> str:
+        """"fused" (mamba_ssm's whole-layer kernel, with causal_conv1d), "mamba_ssm" (its scan kernel)
+        or "torch", for `scan_backend` on `device`; resolved again only when either changes. Resolving
+        imports mamba_ssm, which torch.compile cannot trace: M2Restore does it before a compiled forward."""
+        if self._resolved_for != (self.scan_backend, device.type):
+            backend = resolve_scan_backend(self.scan_backend, device)
+            self._scan_path = "fused" if backend == "mamba_ssm" and _has_fused_kernels() else backend
+            self._resolved_for = (self.scan_backend, device.type)
+        return self._scan_path
 
     def _reference_forward(self, xz, decay_rates, backend: str) -> torch.Tensor:
         length = xz.shape[-1]
