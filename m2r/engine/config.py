@@ -31,6 +31,7 @@ class TrainConfig:
     activation_checkpointing: str = choice("none", "bottleneck", "full_res", "all")  # see M2Restore.set_activation_checkpointing
     channels_last: bool = False      # NHWC feature maps (faster bf16 convolutions on GPU)
     compile: bool = False            # torch.compile the training forward (static shapes; first steps compile)
+    compile_backend: str = choice("inductor", "aot_eager", "eager")  # aot_eager/eager: to debug a failing compile
     ema_decay: float = 0.0           # EMA of the weights every step; 0 disables it
     seed: int = 42                   # data, noise and RNG seed (model init uses model.seed)
 

@@ -96,7 +96,7 @@ class TrainingRun:
         if train.channels_last:
             model.use_channels_last()
         if train.compile:
-            model.compile_training_forward()
+            model.compile_training_forward(train.compile_backend)
         return model
 
     def _start_engine(self, model) -> None:

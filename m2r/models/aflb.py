@@ -151,6 +151,10 @@ class AFLB(nn.Module):
         fused = self.channel_cross_agg(features, self.frequency_refine(low, high))
         return fused * self.para1 + features * self.para2
 
+    # An eager island under torch.compile, for two reasons: inductor cannot generate code for complex
+    # tensors, and under the official mask `rate_conv` is used without a gradient path, for which a
+    # compiled backward reports a None gradient that ZeRO-2's gradient hooks cannot take.
+    @torch.compiler.disable
     def split_frequencies(self, image):
         """(|IFFT(spectrum outside the box)|, |IFFT(spectrum inside the box)|) of conv1(image).
 
@@ -163,16 +167,8 @@ class AFLB(nn.Module):
         rates = torch.sigmoid(self.rate_conv(x.mean((2, 3), keepdim=True))).flatten(1)
         mask_fn = official_box_mask if self.mask_rule == "official" else soft_box_mask
         mask = torch.roll(mask_fn(rates.float(), h, w), shifts=(-(h // 2), -(w // 2)), dims=(2, 3))
-        # cuFFT has no bf16 kernels: the spectrum is always computed in fp32.
-        outer, inner = _band_magnitudes(x.float(), mask)
+        signal = x.float()   # cuFFT has no bf16 kernels: the spectrum is always computed in fp32
+        inner = torch.fft.ifft2(torch.fft.fft2(signal, norm="forward") * mask, norm="forward")
+        outer = torch.complex(signal - inner.real, -inner.imag)
         layout = memory_layout(x)
-        return tuple(band.to(x.dtype).contiguous(memory_format=layout) for band in (outer, inner))
-
-
-# Eager island: torch.compile's code generator does not handle complex tensors (it fails on their
-# real/imag views), and the FFTs are library calls either way.
-@torch.compiler.disable
-def _band_magnitudes(signal, uncentred_mask):
-    """|IFFT(FFT(signal) * (1 - mask))| and |IFFT(FFT(signal) * mask)|, the first as signal - inner."""
-    inner = torch.fft.ifft2(torch.fft.fft2(signal, norm="forward") * uncentred_mask, norm="forward")
-    return torch.complex(signal - inner.real, -inner.imag).abs(), inner.abs()
+        return tuple(band.abs().to(x.dtype).contiguous(memory_format=layout) for band in (outer, inner))
