@@ -31,3 +31,13 @@ def test_block_speed_smoke_checks_the_shifted_depthwise_candidate(tmp_path, repo
     assert results["shifted_vs_conv_max_diff"] < 1e-5
     timed = [v for k, v in results.items() if isinstance(v, dict)]
     assert len(timed) == 3 and all(r["ms"] > 0 for r in timed)
+
+
+def test_activation_memory_smoke_shrinks_with_each_checkpointing_mode(tmp_path, repo_root):
+    out = tmp_path / "memory.json"
+    subprocess.run([sys.executable, "bench/activation_memory.py", "--smoke", "--json", str(out)], cwd=repo_root,
+                   check=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    (run,) = json.loads(out.read_text())["runs"]
+    saved = [run[f"saved_activations_gb/{mode}"] for mode in ("none", "bottleneck", "full_res", "all")]
+    assert saved[0] > saved[1] > 0 and saved[0] > saved[2] > saved[3] > 0
+    assert run["weights_grads_adamw_gb"] > 0 and run["frozen_clip_gb"] > 0
