@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything this project checks on a GPU (the GPU machine is lent for minutes), in two parts that
 # each fit one device call's 10-minute limit; run them back to back while the machine is warm:
-#   bash bench/gpu_checks.sh tests   # wheels, every GPU-marked test, the block benchmark (~4 min)
+#   bash bench/gpu_checks.sh tests   # wheels, every GPU-marked test, block and activation-memory benchmarks (~5 min)
 #   bash bench/gpu_checks.sh bench   # the training benchmark: train_speed (~8 min; compiles the network)
 #   bash bench/gpu_checks.sh         # both
 # Results under $OUT (default /tmp/m2r-gpu). Every benchmark writes its JSON after each measurement,
@@ -24,6 +24,7 @@ if [ "$PART" = tests ] || [ "$PART" = all ]; then
         tests/test_clip_prior.py tests/test_network.py tests/test_eval_cli.py tests/test_engine_gpu.py
     echo "gpu tests exit $?"; } > "$OUT/gpu_tests.txt" 2>&1
   timeout 90 python3 bench/block_speed.py --json "$OUT/block_speed.json" > "$OUT/block_speed.txt" 2>&1
+  timeout 60 python3 bench/activation_memory.py --json "$OUT/activation_memory.json" > "$OUT/activation_memory.txt" 2>&1
 fi
 if [ "$PART" = bench ] || [ "$PART" = all ]; then
   timeout "${BENCH_TIMEOUT:-540}" python3 bench/train_speed.py --steps 6 --warmup 2 \
