@@ -37,17 +37,22 @@ class TrainConfig:
 
 
 @dataclass
-class RunConfig:
+class RunOutputConfig:
+    """What pretraining and finetuning runs share: where they write, how they resume and report."""
     dir: str = "runs/default"        # checkpoints, TensorBoard, config.yaml, metrics.jsonl
     resume: str = "latest"           # latest | none | <checkpoint dir or tag dir>
-    save_every: int = 1000           # steps between checkpoints (also at the end and on SIGTERM/SIGUSR1)
     keep_last: int = 2               # checkpoints kept (>= 2: the newest may be half-written when killed)
-    log_every: int = 10              # steps between console lines and TensorBoard scalars
+    log_every: int = 10              # optimizer steps between console lines and TensorBoard scalars
+    progress_bar: bool = True        # tqdm bar when stdout is a terminal
+    tensorboard: bool = True         # TensorBoard event files under run.dir/tensorboard (metrics.jsonl always)
+
+
+@dataclass
+class RunConfig(RunOutputConfig):
+    save_every: int = 1000           # steps between checkpoints (also at the end and on SIGTERM/SIGUSR1)
     image_every: int = 500           # steps between degraded | restored | clean image grids; 0 disables
     val_every: int = 1000            # steps between validations (also before the first and after the last)
     stop_after: int = 0              # leave after this many steps in this process (checkpoint first); 0 = never
-    progress_bar: bool = True        # tqdm bar when stdout is a terminal
-    tensorboard: bool = True         # TensorBoard event files under run.dir/tensorboard (metrics.jsonl always)
     demo_summary: bool = False       # print "demo: val PSNR before <a> dB, after <b> dB" at the end
 
 

@@ -20,7 +20,7 @@ from m2r import dist
 from m2r.config import ConfigError, choice
 from m2r.engine.checkpoint import (CheckpointManager, CheckpointRef, capture_rng_state, load_weights_only,
                                    resolve_resume)
-from m2r.engine.config import TrainConfig, check_expert_parallel, require
+from m2r.engine.config import RunOutputConfig, TrainConfig, check_expert_parallel, require
 from m2r.engine.experts import global_expert_names
 from m2r.engine.monitor import StepTimer
 from m2r.engine.optim import learning_rate, set_learning_rate
@@ -59,13 +59,8 @@ class InitConfig:
 
 
 @dataclass
-class FinetuneRunConfig:
-    dir: str = "runs/finetune"
-    resume: str = "latest"           # latest | none | <checkpoint dir or tag dir>
-    keep_last: int = 2               # epoch checkpoints kept (>= 2)
-    log_every: int = 10              # optimizer steps between console lines
-    progress_bar: bool = True
-    tensorboard: bool = True         # TensorBoard event files under run.dir/tensorboard (metrics.jsonl always)
+class FinetuneRunConfig(RunOutputConfig):
+    dir: str = "runs/finetune"       # checkpoints are saved every epoch
     best_metrics: List[str] = field(default_factory=lambda: ["psnr", "ssim"])
     stop_after_epochs: int = 0       # leave after this many epochs in this process; 0 = never
 
