@@ -238,7 +238,7 @@ def test_channels_last_gives_the_same_result_with_channels_last_features():
     torch.testing.assert_close(restored, reference, rtol=1e-10, atol=1e-12)
 
 
-def test_compiled_training_forward_matches_eager_and_evaluation_stays_eager():
+def test_compiled_training_forward_matches_eager_never_recompiles_and_evaluation_stays_eager():
     """aot_eager traces exactly what inductor compiles (forward and backward graphs, graph breaks at
     the eager islands) without generating code, which is too slow for this CPU suite."""
     from torch._dynamo.testing import CompileCounterWithBackend
@@ -255,6 +255,13 @@ def test_compiled_training_forward_matches_eager_and_evaluation_stays_eager():
             assert ours[name] is None, name
         else:
             torch.testing.assert_close(ours[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+    # Validation in between (eval mode, another size) and later steps reuse the compiled graphs.
+    frames = counter.frame_count
+    with torch.no_grad():
+        compiled.eval()(images(1, 3, 24, 40))
+    training_step_grads(compiled, images(2, 3, 32, 32, seed=1))
+    assert counter.frame_count == frames
 
     calls = []
     compiled._compiled_forward = lambda lq: calls.append(lq)
