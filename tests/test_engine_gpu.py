@@ -91,7 +91,9 @@ def test_pretrain_entry_point_with_every_speed_switch_on_gpu(tmp_path, repo_root
                f"data.val_shards={shards}", "train.precision=bf16", "train.zero_stage=2",
                "train.channels_last=true", "train.compile=true", "train.activation_checkpointing=full_res",
                "train.steps=4", "train.crop=64", "model.scan_backend=mamba_ssm"]
-    result = subprocess.run(command, cwd=repo_root, env=dict(env, PYTHONPATH=repo_root), capture_output=True,
+    # Keep the inherited PYTHONPATH: on the GPU machine the carried wheels are installed there.
+    python_path = os.pathsep.join(filter(None, [repo_root, env.get("PYTHONPATH")]))
+    result = subprocess.run(command, cwd=repo_root, env=dict(env, PYTHONPATH=python_path), capture_output=True,
                             text=True, timeout=400)
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
