@@ -20,7 +20,7 @@ if [ "$PART" = tests ] || [ "$PART" = all ]; then
   # The scan files run whole: their mamba_ssm cross-checks need the kernels' package, present only here.
   { timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_scan.py tests/test_mamba.py
     echo "scan tests exit $?"
-    timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -m gpu -p no:cacheprovider \
+    timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider \
         tests/test_clip_prior.py tests/test_network.py tests/test_eval_cli.py tests/test_engine_gpu.py
     echo "gpu tests exit $?"; } > "$OUT/gpu_tests.txt" 2>&1
   timeout 90 python3 bench/block_speed.py --json "$OUT/block_speed.json" > "$OUT/block_speed.txt" 2>&1
