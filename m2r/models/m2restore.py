@@ -28,7 +28,6 @@ from torch.utils.checkpoint import checkpoint
 from m2r.models.aflb import AFLB
 from m2r.models.bottleneck import MB
 from m2r.models.clip_prior import INPUT_RANGES, CLIPPrior, build_clip_prior, clip_architecture
-from m2r.models.mamba import Mamba
 from m2r.models.moe import DDER
 from m2r.models.restormer import Downsample, OverlapPatchEmbed, TransformerBlock, Upsample
 from m2r.models.task_prompt import TaskPrompt
@@ -164,9 +163,8 @@ class M2Restore(nn.Module):
         """lq: (B, 3, H, W) float in [0, 1], H and W multiples of 8 (at least 16)."""
         self._check_input(lq)
         if self.training and self._compiled_forward is not None:
-            for module in self.modules():   # decided here, eagerly, so that the graph only reads it
-                if isinstance(module, Mamba):
-                    module.scan_path(lq.device)
+            for block in self.bottleneck:   # decided here, eagerly, so that the graph only reads it
+                block.ssm.mamba.scan_path(lq.device)
             return self._compiled_forward(lq)
         return self._forward(lq)
 

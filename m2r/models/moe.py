@@ -283,6 +283,13 @@ def sort_assignments(routing: Routing, num_experts: int, capacity: Optional[int]
     return Assignments(token_ids, gates, counts)
 
 
+def _finish_combine(total: torch.Tensor, mode: str) -> torch.Tensor:
+    """The gated sum as is ("linear"), or its log with exact zeros replaced by eps ("log", official)."""
+    if mode == "linear":
+        return total
+    return torch.where(total == 0, torch.full_like(total, LOG_COMBINE_EPS), total).log()
+
+
 def combine_expert_outputs(outputs, gates, token_ids, num_tokens: int, mode: str) -> torch.Tensor:
     """Mix each token's expert outputs by its gates, in fp32 or better -> (num_tokens, C).
 
@@ -293,9 +300,7 @@ def combine_expert_outputs(outputs, gates, token_ids, num_tokens: int, mode: str
     terms = outputs.exp() if mode == "log" else outputs
     weighted = gates.unsqueeze(1) * terms
     total = weighted.new_zeros(num_tokens, outputs.shape[1]).index_add(0, token_ids, weighted)
-    if mode == "linear":
-        return total
-    return torch.where(total == 0, torch.full_like(total, LOG_COMBINE_EPS), total).log()
+    return _finish_combine(total, mode)
 
 
 def dense_gate_matrix(routing: Routing, num_experts: int, capacity: Optional[int]) -> torch.Tensor:
@@ -338,9 +343,7 @@ def combine_dense_outputs(outputs, gates, mode: str) -> torch.Tensor:
     if mode == "log":
         terms = terms.exp()
     total = (gates.unsqueeze(2) * terms).sum(1)
-    if mode == "linear":
-        return total
-    return torch.where(total == 0, torch.full_like(total, LOG_COMBINE_EPS), total).log()
+    return _finish_combine(total, mode)
 
 
 def capacity_per_expert(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> Optional[int]:
