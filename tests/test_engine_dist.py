@@ -169,9 +169,11 @@ def _worker_pids(launcher_pid):
 @pytest.mark.timeout(2 * LAUNCH_TIMEOUT)
 def test_compiled_forward_trains_like_eager_under_zero2_bf16_and_expert_parallelism(tmp_path):
     """train.compile through DeepSpeed: ZeRO-2 gradient hooks, bf16 weights, the sparse dispatch as an
-    eager island at ep_size 2, full-resolution recomputation, channels_last. Backend aot_eager: it
+    eager island at ep_size 2, the learnt AFLB box inside the graph, full-resolution recomputation,
+    channels_last. Backend aot_eager: it
     traces the same graphs as inductor, whose code generation takes minutes on CPU (the GPU test runs it)."""
-    settings = ("train.precision=bf16", "train.zero_stage=2", "model.moe.ep_size=2", "train.steps=2",
+    settings = ("train.precision=bf16", "train.zero_stage=2", "model.moe.ep_size=2", "model.aflb_mask=fixed",
+                "train.steps=2",
                 "train.activation_checkpointing=full_res", "train.channels_last=true", "run.val_every=2",
                 "run.image_every=0")
     out = pretrain(tmp_path / "compiled", *settings, "train.compile=true", "train.compile_backend=aot_eager")

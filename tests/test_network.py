@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from m2r.config import load_config
-from m2r.models.aflb import AFLB, official_box_mask, soft_box_mask
+from m2r.models.aflb import (AFLB, axis_filter, official_box_mask, official_box_split_by_fft, soft_axis_mask,
+                             soft_box_split)
 from m2r.models.bottleneck import MB, from_scan_order, to_scan_order
 from m2r.models import summary
 from m2r.models.config import ModelConfig
@@ -307,12 +308,57 @@ def test_official_mask_is_the_truncated_h_over_128_box():
     assert box.sum() == 16
 
 
-def test_below_256_pixels_the_official_split_is_all_high_frequency():
+def soft_box_mask(rates, h, w):
+    return soft_axis_mask(rates[:, 0], h)[:, None, :, None] * soft_axis_mask(rates[:, 1], w)[:, None, None, :]
+
+
+def test_below_128_pixels_the_official_split_is_all_high_frequency_without_a_transform(monkeypatch):
     aflb = AFLB(16, num_heads=2, bias=False, mask="official")
-    image = images(2, 3, 24, 40)
+    image = images(2, 3, 24, 200)
+    x = aflb.conv1(image)
+    rates = torch.sigmoid(aflb.rate_conv(x.mean((2, 3), keepdim=True))).flatten(1)
+    by_fft = official_box_split_by_fft(x, rates)
+
+    def no_transform(*args, **kwargs):
+        raise AssertionError("the empty official box needs no FFT")
+
+    monkeypatch.setattr(torch.fft, "fft2", no_transform)
     high, low = aflb.split_frequencies(image)
-    assert torch.equal(low, torch.zeros_like(low))
-    torch.testing.assert_close(high, aflb.conv1(image).abs(), atol=1e-6, rtol=1e-5)
+    assert torch.equal(low, torch.zeros_like(low)) and torch.equal(by_fft[1], low)
+    assert torch.equal(high, by_fft[0]) and torch.equal(high, x.abs())
+    grad_ours, = torch.autograd.grad(high.sum(), aflb.conv1.weight)
+    grad_fft, = torch.autograd.grad(by_fft[0].sum(), aflb.conv1.weight)
+    assert torch.equal(grad_ours, grad_fft)
+
+
+@pytest.mark.parametrize("n", [7, 8, 28, 45])
+def test_axis_filter_is_the_masked_inverse_dft_along_one_axis(n):
+    mask = soft_axis_mask(torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64), n)
+    signal = torch.randn(3, n, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    centred_mask = torch.roll(mask, shifts=-(n // 2), dims=1)
+    by_dft = torch.fft.ifft(torch.fft.fft(signal, dim=1) * centred_mask[..., None], dim=1)
+    assert by_dft.imag.abs().amax() < 1e-12       # a symmetric mask keeps a real signal real
+    torch.testing.assert_close(axis_filter(mask) @ signal, by_dft.real, rtol=0, atol=1e-12)
+
+
+def test_soft_split_runs_in_fp32_under_autocast_and_matches_float64():
+    x = images(2, 4, 28, 36) - 0.5
+    rates = torch.tensor([[0.2, 0.7], [0.9, 0.05]])
+    reference = soft_box_split(x.double(), rates.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = soft_box_split(x.bfloat16(), rates.bfloat16())
+    assert all(band.dtype == torch.float32 for band in ours)
+    for band, ref in zip(ours, reference):
+        torch.testing.assert_close(band.double(), ref, rtol=0, atol=2e-2)   # bf16 input rounding only
+
+
+@pytest.mark.parametrize("mask_rule", ["official", "fixed"])
+def test_training_forward_has_no_graph_break_below_the_official_box_size(mask_rule):
+    """At training crops up to 255 px neither mask needs complex numbers: torch.compile sees one
+    graph, which inductor can fuse whole."""
+    model = build_model(model_config("tiny", f"aflb_mask={mask_rule}")).train()
+    explanation = torch._dynamo.explain(model._forward)(images(2, 3, 32, 32))
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
 
 
 def centred_split_reference(aflb, image):

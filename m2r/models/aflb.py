@@ -12,6 +12,7 @@ Mask rules (`aflb_mask`):
   grows from the DC bin up to half the spectrum). The weight of a bin at distance d from DC is
   clamp(r + 1 - d, 0, 1): bins within r are 1, the bin on the fractional edge gets the fraction,
   DC is always kept. The fractional edge carries a gradient to `rate_conv`, so the split is learnt.
+  The 2-D mask is the product of the two axis masks.
 
 Unused layers kept for strict loading of official checkpoints: `conv` and `score_gen` are never
 called; `rate_conv` gets no gradient under the official mask.
@@ -104,15 +105,11 @@ def official_box_mask(rates, h: int, w: int):
     return (inside_rows & inside_cols).to(rates.dtype)
 
 
-def soft_box_mask(rates, h: int, w: int):
-    """The "fixed" rule (module docstring): (B, 1, h, w) soft box around the centred DC bin."""
-    def axis_weights(rate, n):
-        radius = rate.view(-1, 1) * (n / 4)
-        distance = (torch.arange(n, device=rate.device, dtype=rate.dtype) - n // 2).abs()
-        return (radius + 1 - distance).clamp(0, 1)
-
-    return (axis_weights(rates[:, 0], h)[:, None, :, None]
-            * axis_weights(rates[:, 1], w)[:, None, None, :])
+def soft_axis_mask(rate, n: int):
+    """The "fixed" rule along one axis (module docstring): (B, n) weights of the centred bins."""
+    radius = rate.view(-1, 1) * (n / 4)
+    distance = (torch.arange(n, device=rate.device, dtype=rate.dtype) - n // 2).abs()
+    return (radius + 1 - distance).clamp(0, 1)
 
 
 class AFLB(nn.Module):
@@ -151,24 +148,73 @@ class AFLB(nn.Module):
         fused = self.channel_cross_agg(features, self.frequency_refine(low, high))
         return fused * self.para1 + features * self.para2
 
-    # An eager island under torch.compile, for two reasons: inductor cannot generate code for complex
-    # tensors, and under the official mask `rate_conv` is used without a gradient path, for which a
-    # compiled backward reports a None gradient that ZeRO-2's gradient hooks cannot take.
-    @torch.compiler.disable
     def split_frequencies(self, image):
         """(|IFFT(spectrum outside the box)|, |IFFT(spectrum inside the box)|) of conv1(image).
 
-        The official code centres the spectrum, masks it twice and inverts both parts. Here the mask
-        is un-centred instead (rolling the mask equals rolling the spectrum both ways), and the outer
-        part is x - inner by linearity of the inverse FFT: one FFT and one IFFT, no complex rolls.
+        Three exact routes, two of them without complex numbers (which inductor cannot compile):
+        - official mask, feature side below 128: the half-size int(0 * t) is 0, the box is empty, so
+          the bands are |x| and 0 without any transform (every training crop up to 255 px);
+        - soft mask: symmetric in frequency, so the masked inverse transform is a real circulant
+          filter along each axis, applied as two real matrix products;
+        - official mask otherwise: one FFT and one IFFT, eagerly.
         """
         x = self.conv1(image)
         h, w = x.shape[-2:]
+        if self.mask_rule == "official" and min(h, w) < OFFICIAL_MASK_STEP:
+            return x.abs(), torch.zeros_like(x)
         rates = torch.sigmoid(self.rate_conv(x.mean((2, 3), keepdim=True))).flatten(1)
-        mask_fn = official_box_mask if self.mask_rule == "official" else soft_box_mask
-        mask = torch.roll(mask_fn(rates.float(), h, w), shifts=(-(h // 2), -(w // 2)), dims=(2, 3))
-        signal = x.float()   # cuFFT has no bf16 kernels: the spectrum is always computed in fp32
-        inner = torch.fft.ifft2(torch.fft.fft2(signal, norm="forward") * mask, norm="forward")
-        outer = torch.complex(signal - inner.real, -inner.imag)
+        if self.mask_rule == "fixed":
+            high, low = soft_box_split(x, rates)
+        else:
+            high, low = official_box_split_by_fft(x, rates)
         layout = memory_layout(x)
-        return tuple(band.abs().to(x.dtype).contiguous(memory_format=layout) for band in (outer, inner))
+        return tuple(band.to(x.dtype).contiguous(memory_format=layout) for band in (high, low))
+
+
+def axis_filter(axis_mask):
+    """The real (B, n, n) matrix that filters a length-n axis by a mask symmetric in frequency.
+
+    axis_mask: (B, n) over the centred frequencies f = i - n // 2. With C[i, p] = cos(2 pi f_i p / n)
+    and S likewise, the inverse DFT of the masked DFT is (C^T diag(m) C + S^T diag(m) S) / n: the
+    imaginary terms cancel because m(f) = m(-f). Angles come from (f * p) mod n in integers, exact
+    for any n.
+    """
+    n = axis_mask.shape[-1]
+    index = torch.arange(n, device=axis_mask.device)
+    turns = torch.outer(index - n // 2, index).remainder(n)
+    angle = turns.to(torch.float64) * (2 * torch.pi / n)
+    cos, sin = (f(angle).to(axis_mask.dtype) for f in (torch.cos, torch.sin))
+    weighted = axis_mask.unsqueeze(-1) / n
+    return cos.t() @ (weighted * cos) + sin.t() @ (weighted * sin)
+
+
+def soft_box_split(x, rates):
+    """(|x - inner|, |inner|) with inner the soft-box low-pass of x, in at least fp32 and outside
+    autocast. The soft box is a product of two symmetric axis masks, so inner = A_rows @ x @ A_cols."""
+    h, w = x.shape[-2:]
+    precision = torch.promote_types(x.dtype, torch.float32)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        signal, rates = x.to(precision), rates.to(precision)
+        rows = axis_filter(soft_axis_mask(rates[:, 0], h)).unsqueeze(1)
+        cols = axis_filter(soft_axis_mask(rates[:, 1], w)).unsqueeze(1)
+        inner = rows @ signal @ cols          # both filters are symmetric
+        return (signal - inner).abs(), inner.abs()
+
+
+# An eager island under torch.compile, for two reasons: inductor cannot generate code for complex
+# tensors, and under the official mask `rate_conv` is used without a gradient path, for which a
+# compiled backward reports a None gradient that ZeRO-2's gradient hooks cannot take.
+@torch.compiler.disable
+def official_box_split_by_fft(x, rates):
+    """(|outer|, |inner|) by FFT, for the official box when it can be non-empty.
+
+    The official code centres the spectrum, masks it twice and inverts both parts. Here the mask is
+    un-centred instead (rolling the mask equals rolling the spectrum both ways), and the outer part
+    is x - inner by linearity of the inverse FFT: one FFT and one IFFT, no complex rolls.
+    """
+    h, w = x.shape[-2:]
+    mask = torch.roll(official_box_mask(rates.float(), h, w), shifts=(-(h // 2), -(w // 2)), dims=(2, 3))
+    signal = x.float()   # cuFFT has no bf16 kernels: the spectrum is always computed in fp32
+    inner = torch.fft.ifft2(torch.fft.fft2(signal, norm="forward") * mask, norm="forward")
+    outer = torch.complex(signal - inner.real, -inner.imag)
+    return outer.abs(), inner.abs()

@@ -139,9 +139,9 @@ class M2Restore(nn.Module):
 
     def compile_training_forward(self, backend: str = "inductor") -> None:
         """torch.compile the forward used while training, for static shapes (one compilation per
-        crop and batch size). Evaluation and validation, at other image sizes, stay eager. The
-        AFLB spectra (complex tensors), the mamba_ssm kernels and a sparse MoE dispatch run eagerly
-        between the graphs."""
+        crop and batch size). Evaluation and validation, at other image sizes, stay eager. Eager
+        islands between the graphs: the mamba_ssm kernels, a sparse MoE dispatch, and the official
+        AFLB box's FFT from a crop of 256 px (below it the box is empty and needs no transform)."""
         self._compiled_forward = torch.compile(self._forward, backend=backend, dynamic=False)
 
     def use_channels_last(self) -> None:
@@ -149,7 +149,7 @@ class M2Restore(nn.Module):
         per-pixel LayerNorms and MoE tokens want. The input is converted on entry and the attention
         output is put back in the input's layout; the weights stay contiguous, as DeepSpeed needs them
         (its broadcast views them as bytes). Convolutions whose input reaches them in the other
-        layout (after a pixel shuffle, a concatenation or the FFT) run in that layout."""
+        layout (after a pixel shuffle or a concatenation) run in that layout."""
         self._memory_format = torch.channels_last
 
     def _apply(self, fn, *args, **kwargs):
