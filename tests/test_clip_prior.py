@@ -80,6 +80,13 @@ def test_cached_text_features_give_the_same_outputs_without_reencoding(monkeypat
     monkeypatch.setattr(cached.model, "encode_text", no_text_encoding)
     for expected, actual in zip(uncached(images()), cached(images())):
         torch.testing.assert_close(actual, expected)
+    # The text tower is freed: only the image towers remain on the device.
+    kept = {name for name, _ in cached.named_parameters()}
+    dropped = {name for name, _ in uncached.named_parameters()} - kept
+    assert dropped and all(name.startswith(("model.clip.transformer.", "model.clip.token_embedding.",
+                                            "model.clip.positional_embedding", "model.clip.ln_final.",
+                                            "model.clip.text_projection")) for name in dropped)
+    assert not any(name.startswith("model.clip.visual") for name in dropped)
 
 
 def test_zero_controller_leaves_the_main_tower_equal_to_plain_clip():
