@@ -5,11 +5,10 @@
 
 The decoder level 1 and refinement stages (8 blocks of 96 channels at full resolution) are the
 largest part of the network's time. This measures one such block (batch 4, 224x224) in the recipes
-of `bench/train_speed.py`, and one candidate that is not in the model yet: its two 3x3 depthwise
-convolutions written as nine shifted multiply-adds, which torch.compile fuses with the neighbouring
-element-wise work instead of calling cuDNN's depthwise kernels (a third of the official step's time
-is convolution backward, mostly depthwise). The candidate is checked against the convolution first,
-in fp32; under bf16 it sums its nine products in bf16 where cuDNN accumulates in fp32.
+of `bench/train_speed.py`, each also with `model.depthwise=shifted`: its two 3x3 depthwise
+convolutions written as nine shifted multiply-adds (accumulated in fp32), which torch.compile fuses
+with the neighbouring element-wise work instead of calling cuDNN's depthwise kernels (a third of the
+official step's time is convolution backward, mostly depthwise). The two are checked equal first.
 """
 from __future__ import annotations
 
@@ -20,51 +19,20 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from m2r.models.restormer import TransformerBlock  # noqa: E402
+from m2r.models.restormer import TransformerBlock, set_depthwise_mode  # noqa: E402
 
 GPU_SHAPE, SMOKE_SHAPE = (4, 96, 224, 224), (2, 16, 32, 32)   # batch, channels, height, width
-
-
-def shifted_depthwise(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """`conv` (depthwise, odd square kernel, 'same' padding) as a sum of shifted, per-channel scaled copies."""
-    size = conv.kernel_size[0]
-    height, width = x.shape[-2:]
-    padded = F.pad(x, (size // 2,) * 4)
-    weight = conv.weight.to(x.dtype)
-    out = conv.bias.to(x.dtype).view(1, -1, 1, 1) if conv.bias is not None else 0
-    for i in range(size):
-        for j in range(size):
-            out = out + padded[:, :, i:i + height, j:j + width] * weight[:, 0, i, j].view(1, -1, 1, 1)
-    return out
-
-
-class ShiftedDepthwise(nn.Module):
-    """Drop-in for a depthwise nn.Conv2d, sharing its parameters."""
-
-    def __init__(self, conv: nn.Conv2d):
-        super().__init__()
-        self.conv = conv
-
-    def forward(self, x):
-        return shifted_depthwise(x, self.conv)
-
-
-def with_shifted_depthwise(block: TransformerBlock) -> TransformerBlock:
-    block.attn.qkv_dwconv = ShiftedDepthwise(block.attn.qkv_dwconv)
-    block.ffn.dwconv = ShiftedDepthwise(block.ffn.dwconv)
-    return block
 
 
 def make_block(channels: int, device, shifted: bool) -> TransformerBlock:
     torch.manual_seed(0)
     block = TransformerBlock(channels, num_heads=1, ffn_expansion_factor=2.66, bias=False).to(device)
-    return with_shifted_depthwise(block) if shifted else block
+    set_depthwise_mode(block, "shifted" if shifted else "conv")
+    return block
 
 
 def check_shifted_matches_conv(device) -> float:

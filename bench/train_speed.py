@@ -61,6 +61,8 @@ GPU_VARIANTS = [
     # Caching the (frozen) prompts' text features changes no output: a speed setting, the network stays faithful.
     Variant("faithful bf16 + compile + bf16 Mamba + cached text", "m2restore", **FAST, compile="inductor",
             overrides=("mamba.autocast=true", "clip.cache_text_features=true")),
+    Variant("faithful bf16 + compile + bf16 Mamba + cached text + shifted depthwise", "m2restore", **FAST,
+            compile="inductor", overrides=("mamba.autocast=true", "clip.cache_text_features=true", "depthwise=shifted")),
     Variant("plus bf16 + compile + bf16 Mamba + AC(full_res)", "m2restore-plus", **FAST, compile="inductor",
             checkpointing="full_res", overrides=("mamba.autocast=true",)),
     Variant("plus bf16 + channels_last + fused AdamW + AC(full_res), eager", "m2restore-plus", **FAST,
@@ -69,8 +71,9 @@ GPU_VARIANTS = [
 # Largest-crop search: eager, so that each new crop size does not trigger a recompilation.
 CROP_VARIANT = Variant("plus bf16 + AC(all), eager", "m2restore-plus", **FAST, checkpointing="all")
 SMOKE_VARIANTS = [Variant("tiny fp32", "tiny"),
-                  Variant("tiny fp32 + channels_last + AC(full_res) + compile(aot_eager)", "tiny",
-                          channels_last=True, compile="aot_eager", checkpointing="full_res")]
+                  Variant("tiny fp32 + channels_last + AC(full_res) + compile(aot_eager) + shifted depthwise", "tiny",
+                          channels_last=True, compile="aot_eager", checkpointing="full_res",
+                          overrides=("depthwise=shifted",))]
 # Loss trajectories: the official recipe against the fastest faithful variant, same data and init.
 # Without gate noise: inductor draws random numbers its own way, so noisy runs would differ by noise.
 DETERMINISTIC = ("moe.noisy_gating=false",)

@@ -11,7 +11,7 @@ from m2r.models.bottleneck import MB, from_scan_order, to_scan_order
 from m2r.models import summary
 from m2r.models.config import ModelConfig
 from m2r.models.m2restore import build_model
-from m2r.models.restormer import ChannelLayerNorm
+from m2r.models.restormer import ChannelLayerNorm, DepthwiseConv3x3
 
 OFFICIAL_TRAINABLE_PARAMS = 46_830_041
 OFFICIAL_UNUSED_AFLB_PARAMS = 43_098
@@ -352,11 +352,11 @@ def test_soft_split_runs_in_fp32_under_autocast_and_matches_float64():
         torch.testing.assert_close(band.double(), ref, rtol=0, atol=2e-2)   # bf16 input rounding only
 
 
-@pytest.mark.parametrize("mask_rule", ["official", "fixed"])
-def test_training_forward_has_no_graph_break_below_the_official_box_size(mask_rule):
+@pytest.mark.parametrize("mask_rule, depthwise", [("official", "conv"), ("fixed", "conv"), ("official", "shifted")])
+def test_training_forward_has_no_graph_break_below_the_official_box_size(mask_rule, depthwise):
     """At training crops up to 255 px neither mask needs complex numbers: torch.compile sees one
     graph, which inductor can fuse whole."""
-    model = build_model(model_config("tiny", f"aflb_mask={mask_rule}")).train()
+    model = build_model(model_config("tiny", f"aflb_mask={mask_rule}", f"depthwise={depthwise}")).train()
     explanation = torch._dynamo.explain(model._forward)(images(2, 3, 32, 32))
     assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
 
@@ -410,3 +410,41 @@ def test_fixed_mask_keeps_dc_and_grows_with_the_rate():
     partial = soft_box_mask(torch.tensor([[0.125, 0.0]]), 16, 8)[0, 0, :, 4]
     assert partial[8].item() == 1 and partial[7].item() == partial[9].item() == pytest.approx(0.5)
     assert math.isclose(partial.sum().item(), 2.0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_shifted_depthwise_is_the_convolution_written_out(bias):
+    conv = DepthwiseConv3x3(6, bias).double()
+    x = images(2, 6, 9, 11).double().requires_grad_()
+    results = {}
+    for mode in ("conv", "shifted"):
+        conv.mode = mode
+        out = conv(x)
+        results[mode] = (out, *torch.autograd.grad((out * out.detach().sin()).sum(), [x, *conv.parameters()]))
+    for ours, reference in zip(results["shifted"], results["conv"]):
+        torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+
+
+def test_shifted_depthwise_gives_a_convolutions_dtype_and_layout_under_autocast():
+    conv = DepthwiseConv3x3(6, bias=True)
+    x = images(2, 6, 9, 11).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = conv(x)
+        conv.mode = "shifted"
+        ours = conv(x)
+    assert ours.dtype == reference.dtype == torch.bfloat16
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ours.float(), reference.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_depthwise_mode_changes_no_weight_and_no_output():
+    reference = build_model(model_config("tiny")).double().eval()
+    shifted = build_model(model_config("tiny", "depthwise=shifted")).double().eval()
+    modes = {m.mode for m in shifted.modules() if isinstance(m, DepthwiseConv3x3)}
+    assert modes == {"shifted"}
+    assert len([m for m in shifted.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]) == \
+        sum(isinstance(m, DepthwiseConv3x3) for m in shifted.modules())   # every depthwise conv switches
+    for (name, ours), theirs in zip(shifted.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(ours, theirs), name
+    lq = images(1, 3, 32, 32).double()
+    torch.testing.assert_close(shifted(lq).restored, reference(lq).restored, rtol=1e-10, atol=1e-12)

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from m2r.models.restormer import memory_layout, transposed_attention
+from m2r.models.restormer import DepthwiseConv3x3, memory_layout, transposed_attention
 
 OFFICIAL_MASK_STEP = 128  # the official code divides the feature size by this before scaling
 AFLB_MASK_RULES = ("official", "fixed")
@@ -37,10 +37,9 @@ class ChannelCrossAttention(nn.Module):
         self.num_head = num_heads
         self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
         self.q = nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
-        self.q_dwconv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, bias=bias)
+        self.q_dwconv = DepthwiseConv3x3(dim, bias)
         self.kv = nn.Conv2d(dim, dim * 2, kernel_size=1, bias=bias)
-        self.kv_dwconv = nn.Conv2d(dim * 2, dim * 2, kernel_size=3, padding=1, groups=dim * 2,
-                                   bias=bias)
+        self.kv_dwconv = DepthwiseConv3x3(dim * 2, bias)
         self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
 
     def forward(self, x, y):

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from m2r.models.mamba import Mamba
-from m2r.models.restormer import ChannelLayerNorm, GatedDconvFeedForward
+from m2r.models.restormer import ChannelLayerNorm, DepthwiseConv3x3, GatedDconvFeedForward
 
 SCAN_ORDERS = {
     "raster": ("row",),
@@ -62,7 +62,7 @@ class MambaLayer(nn.Module):
             nn.Linear(clip_dim, dim * 4), nn.GELU(), nn.Linear(dim * 4, dim))
         self.mamba = Mamba(d_model=dim, d_state=d_state, d_conv=d_conv, expand=expand,
                            scan_backend=scan_backend)
-        self.conv_path = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1, groups=dim), nn.GELU())
+        self.conv_path = nn.Sequential(DepthwiseConv3x3(dim, bias=True), nn.GELU())
         self.gate_net = nn.Sequential(
             nn.Conv2d(dim * 2, dim, 1), nn.GELU(), nn.Conv2d(dim, 1, 1), nn.Sigmoid())
 

@@ -67,6 +67,9 @@ class ModelConfig:
     aflb_mask: str = choice("official", "fixed")  # "official" (degenerate h//128 box) | "fixed"
     input_range: str = choice("minus_one_one", "zero_one")  # "minus_one_one" (official) | "zero_one" (true residual)
     scan_backend: str = choice("auto", "torch", "mamba_ssm")  # "auto" | "torch" | "mamba_ssm"
+    # 3x3 depthwise convolutions: "conv" (cuDNN) | "shifted" (nine shifted multiply-adds, same result;
+    # for train.compile, which fuses them with their neighbours; slower eagerly)
+    depthwise: str = choice("conv", "shifted")
     seed: int = 0                    # init seed; experts also use their global id
     moe: MoEConfig = field(default_factory=MoEConfig)
     mamba: MambaConfig = field(default_factory=MambaConfig)

@@ -29,7 +29,7 @@ from m2r.models.aflb import AFLB
 from m2r.models.bottleneck import MB
 from m2r.models.clip_prior import INPUT_RANGES, CLIPPrior, build_clip_prior, clip_architecture
 from m2r.models.moe import DDER
-from m2r.models.restormer import Downsample, OverlapPatchEmbed, TransformerBlock, Upsample
+from m2r.models.restormer import Downsample, OverlapPatchEmbed, TransformerBlock, Upsample, set_depthwise_mode
 from m2r.models.task_prompt import TaskPrompt
 
 SIZE_MULTIPLE = 8   # three 2x downsamplings
@@ -63,6 +63,7 @@ class M2Restore(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(cfg.seed)
             self._build(cfg, clip_architecture(cfg.clip)["embed_dim"])
+        set_depthwise_mode(self, cfg.depthwise)
         # Frozen and outside the module tree: not in parameters() or state_dict(); see _apply.
         self.__dict__["_clip_prior"] = (build_clip_prior(cfg.clip, cfg.input_range)
                                         if with_clip_prior else None)

@@ -38,6 +38,48 @@ class ChannelLayerNorm(nn.Module):
         return self.body(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+DEPTHWISE_MODES = ("conv", "shifted")
+
+
+class DepthwiseConv3x3(nn.Conv2d):
+    """3x3 depthwise convolution with 'same' padding, computed one of two ways (`mode`):
+    - "conv": the convolution kernel (cuDNN on a GPU);
+    - "shifted": the same sum written out as nine shifted, per-channel scaled copies of the
+      input, accumulated in at least fp32. Plain element-wise work that torch.compile fuses with its
+      neighbours into one kernel, forward and backward, where cuDNN's depthwise backward is slow;
+      eagerly it is slower than the convolution. Same parameters and state-dict keys either way.
+    """
+
+    def __init__(self, channels: int, bias: bool):
+        super().__init__(channels, channels, kernel_size=3, padding=1, groups=channels, bias=bias)
+        self.mode = "conv"
+
+    def forward(self, x):
+        if self.mode == "conv":
+            return super().forward(x)
+        height, width = x.shape[-2:]
+        precision = torch.promote_types(x.dtype, torch.float32)
+        padded = F.pad(x.to(precision), (1, 1, 1, 1))
+        taps = self.weight.to(precision).view(-1, 9)      # (C, 9), kernel rows then columns
+        out = 0 if self.bias is None else self.bias.to(precision).view(1, -1, 1, 1)
+        for tap in range(9):
+            row, col = divmod(tap, 3)
+            out = out + padded[:, :, row:row + height, col:col + width] * taps[:, tap].view(1, -1, 1, 1)
+        # The dtype a convolution would give: the autocast dtype under autocast, else the input's.
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        return out.to(dtype).contiguous(memory_format=memory_layout(x))
+
+
+def set_depthwise_mode(model: nn.Module, mode: str) -> None:
+    """How every DepthwiseConv3x3 in `model` computes (see the class)."""
+    if mode not in DEPTHWISE_MODES:
+        raise ValueError(f"model.depthwise must be one of {DEPTHWISE_MODES}, got {mode!r}")
+    for module in model.modules():
+        if isinstance(module, DepthwiseConv3x3):
+            module.mode = mode
+
+
 class GatedDconvFeedForward(nn.Module):
     """GDFN: 1x1 expand to two halves, 3x3 depthwise conv, GELU(first) * second, 1x1 back."""
 
@@ -45,8 +87,7 @@ class GatedDconvFeedForward(nn.Module):
         super().__init__()
         hidden = int(dim * expansion_factor)
         self.project_in = nn.Conv2d(dim, hidden * 2, kernel_size=1, bias=bias)
-        self.dwconv = nn.Conv2d(hidden * 2, hidden * 2, kernel_size=3, padding=1,
-                                groups=hidden * 2, bias=bias)
+        self.dwconv = DepthwiseConv3x3(hidden * 2, bias)
         self.project_out = nn.Conv2d(hidden, dim, kernel_size=1, bias=bias)
 
     def forward(self, x):
@@ -86,8 +127,7 @@ class MultiDconvHeadAttention(nn.Module):
         self.num_heads = num_heads
         self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
         self.qkv = nn.Conv2d(dim, dim * 3, kernel_size=1, bias=bias)
-        self.qkv_dwconv = nn.Conv2d(dim * 3, dim * 3, kernel_size=3, padding=1, groups=dim * 3,
-                                    bias=bias)
+        self.qkv_dwconv = DepthwiseConv3x3(dim * 3, bias)
         self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
 
     def forward(self, x):
