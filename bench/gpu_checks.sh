@@ -30,8 +30,14 @@ if [ "$PART" = tests ] || [ "$PART" = all ]; then
       --json "$OUT/train_speed_rest.json" > "$OUT/train_speed_rest.txt" 2>&1
 fi
 if [ "$PART" = bench ] || [ "$PART" = all ]; then
-  timeout "${BENCH_TIMEOUT:-560}" python3 bench/train_speed.py --only train,trajectory,profile,clip \
-      --steps 6 --warmup 2 --json "$OUT/train_speed.json" > "$OUT/train_speed.txt" 2>&1
+  # Two processes, so that a slow compilation costs the least important variants: first the official
+  # recipe and the two compiled faithful ones, with the loss trajectory and the profile of the fastest;
+  # then the plus network compiled with AC(full_res) and the two eager bf16 variants.
+  timeout "${BENCH_TIMEOUT:-400}" python3 bench/train_speed.py --only train,trajectory,profile,clip \
+      --variants 0,2,3 --steps 6 --warmup 2 --json "$OUT/train_speed.json" > "$OUT/train_speed.txt" 2>&1
   echo "train_speed exit $?" >> "$OUT/train_speed.txt"
+  timeout "${MORE_TIMEOUT:-150}" python3 bench/train_speed.py --only train --variants 4,1,5 \
+      --steps 6 --warmup 2 --json "$OUT/train_speed_more.json" > "$OUT/train_speed_more.txt" 2>&1
+  echo "train_speed exit $?" >> "$OUT/train_speed_more.txt"
 fi
 tail -n 3 "$OUT"/*.txt

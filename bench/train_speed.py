@@ -183,8 +183,9 @@ def reset_peak(device: torch.device) -> None:
 
 def run_variant(variant: Variant, args, device, flops_per_step: dict, clip_weights) -> dict:
     cfg = model_config(variant.config, clip_weights, variant.overrides)
-    if variant.config not in flops_per_step:
-        flops_per_step[variant.config] = count_train_flops(cfg, device, args.batch, args.crop)
+    if variant.config not in flops_per_step:   # the config as written: speed settings do not change the work
+        flops_per_step[variant.config] = count_train_flops(model_config(variant.config, clip_weights), device,
+                                                           args.batch, args.crop)
     reset_peak(device)
     trainer = Trainer(variant, cfg, device, args.batch, args.crop)
     seconds = trainer.time_steps(args.warmup + (2 if variant.compile else 0), args.steps)
@@ -344,6 +345,8 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS)
     parser.add_argument("--only", default="",
                         help="comma-separated parts: train,trajectory,profile,crop,eval,scan,clip,flops")
+    parser.add_argument("--variants", default="",
+                        help="comma-separated indices into the variant list (default: all), e.g. 0,2,3")
     parser.add_argument("--json", type=Path, help="write all results here")
     args = parser.parse_args()
 
@@ -360,6 +363,8 @@ def main() -> None:
     print(f"train_speed on {results['device']}, torch {results['torch']}", flush=True)
 
     variants = SMOKE_VARIANTS if args.smoke else GPU_VARIANTS
+    if args.variants:
+        variants = [variants[int(index)] for index in args.variants.split(",")]
     flops: dict = {}
 
     def record(key, measure):
