@@ -12,7 +12,8 @@ def test_train_speed_smoke_writes_every_measurement(tmp_path, repo_root):
     results = json.loads(out.read_text())
     trained = [v for k, v in results.items() if k.startswith("train/")]
     assert len(trained) == 2 and all(r["img_per_s"] > 0 and r["mfu_pct"] > 0 for r in trained)
-    assert results["flops_per_step"]["tiny"] > 0
+    # Both variants train the tiny network: the same work, whichever way the depthwise convolutions run.
+    assert trained[0]["flops_per_step"] == trained[1]["flops_per_step"] > 0
     assert results["scan_ms/torch"] > 0 and results["eval/fp32"]["eval_ms"] > 0
     assert 0 < results["clip"]["share_of_step_pct"] < 100
     # fp32 both ways: channels_last, recomputation and the traced graphs change rounding only.
