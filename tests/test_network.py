@@ -316,8 +316,7 @@ def test_below_128_pixels_the_official_split_is_all_high_frequency_without_a_tra
     aflb = AFLB(16, num_heads=2, bias=False, mask="official")
     image = images(2, 3, 24, 200)
     x = aflb.conv1(image)
-    rates = torch.sigmoid(aflb.rate_conv(x.mean((2, 3), keepdim=True))).flatten(1)
-    by_fft = official_box_split_by_fft(x, rates)
+    by_fft = official_box_split_by_fft(x, aflb.box_rates(x))
 
     def no_transform(*args, **kwargs):
         raise AssertionError("the empty official box needs no FFT")
@@ -329,6 +328,44 @@ def test_below_128_pixels_the_official_split_is_all_high_frequency_without_a_tra
     grad_ours, = torch.autograd.grad(high.sum(), aflb.conv1.weight)
     grad_fft, = torch.autograd.grad(by_fft[0].sum(), aflb.conv1.weight)
     assert torch.equal(grad_ours, grad_fft)
+
+
+def test_from_128_pixels_the_official_box_can_hold_frequencies():
+    """int(1 * t) is 1 when the rate saturates to 1.0 (bf16's sigmoid does so from a logit of about 6)."""
+    aflb = AFLB(8, num_heads=2, bias=False, mask="official")
+    aflb.box_rates = lambda x: torch.ones(x.shape[0], 2)
+    image = images(1, 3, 130, 200)
+    high, low = aflb.split_frequencies(image)
+    ref_high, ref_low, mask = centred_split_reference(aflb, image)
+    assert mask.sum() == 4 and low.abs().amax() > 1e-3
+    torch.testing.assert_close(high, ref_high, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(low, ref_low, atol=1e-5, rtol=1e-4)
+
+
+def test_compiled_official_box_leaves_rate_conv_without_gradients_and_hooks_unfired():
+    """Eagerly the truncated box gives `rate_conv` no gradient. Compiled, it must stay so: a zero gradient
+    would let weight decay move it, and a None one still fires the post-accumulate hooks ZeRO-2 uses."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    grads = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        aflb = AFLB(16, num_heads=2, bias=False, mask="official")
+        fired = []
+        for name, param in aflb.named_parameters():
+            param.register_post_accumulate_grad_hook(lambda _p, name=name: fired.append(name))
+        counter = CompileCounterWithBackend("aot_eager")
+        run = torch.compile(aflb, backend=counter, dynamic=False) if compiled else aflb
+        run(images(1, 3, 128, 128), images(1, 16, 128, 128, seed=1)).square().sum().backward()
+        assert (counter.frame_count > 0) == compiled
+        assert not any(name.startswith("rate_conv") for name in fired)
+        grads[compiled] = {name: param.grad for name, param in aflb.named_parameters()}
+    for name, eager_grad in grads[False].items():
+        if eager_grad is None:
+            assert grads[True][name] is None, name
+        else:
+            torch.testing.assert_close(grads[True][name], eager_grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert grads[True]["rate_conv.0.weight"] is None
 
 
 @pytest.mark.parametrize("n", [7, 8, 28, 45])
@@ -366,8 +403,7 @@ def centred_split_reference(aflb, image):
     """The official formulation: centre the spectrum, mask it twice, un-centre and invert both parts."""
     x = aflb.conv1(image)
     h, w = x.shape[-2:]
-    rates = torch.sigmoid(aflb.rate_conv(x.mean((2, 3), keepdim=True))).flatten(1)
-    mask = (official_box_mask if aflb.mask_rule == "official" else soft_box_mask)(rates, h, w)
+    mask = (official_box_mask if aflb.mask_rule == "official" else soft_box_mask)(aflb.box_rates(x), h, w)
     centred = torch.roll(torch.fft.fft2(x, norm="forward"), shifts=(h // 2, w // 2), dims=(2, 3))
 
     def invert(part):

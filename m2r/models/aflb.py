@@ -159,15 +159,26 @@ class AFLB(nn.Module):
         """
         x = self.conv1(image)
         h, w = x.shape[-2:]
-        if self.mask_rule == "official" and min(h, w) < OFFICIAL_MASK_STEP:
-            return x.abs(), torch.zeros_like(x)
-        rates = torch.sigmoid(self.rate_conv(x.mean((2, 3), keepdim=True))).flatten(1)
         if self.mask_rule == "fixed":
-            high, low = soft_box_split(x, rates)
+            high, low = soft_box_split(x, self.box_rates(x))
+        elif min(h, w) < OFFICIAL_MASK_STEP:
+            return x.abs(), torch.zeros_like(x)
         else:
-            high, low = official_box_split_by_fft(x, rates)
+            high, low = self._official_split_by_fft(x)
         layout = memory_layout(x)
         return tuple(band.to(x.dtype).contiguous(memory_format=layout) for band in (high, low))
+
+    def box_rates(self, x):
+        """(B, 2) rates t of the box's half-sizes along rows and columns: sigmoid(rate_conv(pooled x))."""
+        return torch.sigmoid(self.rate_conv(x.mean((2, 3), keepdim=True))).flatten(1)
+
+    # An eager island under torch.compile, for two reasons: inductor cannot generate code for complex
+    # tensors, and the official box's integer half-sizes leave `rate_conv` without a gradient path:
+    # compiled, its parameters would get zero gradients (weight decay would then move them), or None
+    # gradients that still fire ZeRO-2's gradient hooks. Eagerly they get no gradient at all.
+    @torch.compiler.disable
+    def _official_split_by_fft(self, x):
+        return official_box_split_by_fft(x, self.box_rates(x))
 
 
 def axis_filter(axis_mask):
@@ -200,10 +211,6 @@ def soft_box_split(x, rates):
         return (signal - inner).abs(), inner.abs()
 
 
-# An eager island under torch.compile, for two reasons: inductor cannot generate code for complex
-# tensors, and under the official mask `rate_conv` is used without a gradient path, for which a
-# compiled backward reports a None gradient that ZeRO-2's gradient hooks cannot take.
-@torch.compiler.disable
 def official_box_split_by_fft(x, rates):
     """(|outer|, |inner|) by FFT, for the official box when it can be non-empty.
 
