@@ -5,10 +5,11 @@
 
 The decoder level 1 and refinement stages (8 blocks of 96 channels at full resolution) are the
 largest part of the network's time. This measures one such block (batch 4, 224x224) in the recipes
-of `bench/train_speed.py`, each also with `model.depthwise=shifted`: its two 3x3 depthwise
+of `bench/train_speed.py`, the bf16 ones also with `model.depthwise=shifted`: its two 3x3 depthwise
 convolutions written as nine shifted multiply-adds (accumulated in fp32), which torch.compile fuses
 with the neighbouring element-wise work instead of calling cuDNN's depthwise kernels (a third of the
-official step's time is convolution backward, mostly depthwise). The two are checked equal first.
+official step's time is convolution backward, mostly depthwise). The largest difference between the
+two forms (fp32, outputs and input gradients) is reported first.
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import platform
@@ -53,16 +54,20 @@ class Variant:
 
 
 FAST = dict(bf16=True, channels_last=True, fused_adamw=True)
-# In priority order: a run that times out keeps the ones already measured. Two compiled networks only
-# (each compilation takes a minute or two); the profile reuses one from the cache.
+# Caching the frozen prompts' text features changes no output: a speed setting, the network stays faithful.
+FAST_FAITHFUL = ("mamba.autocast=true", "clip.cache_text_features=true")
+# Without gate noise (one randn per adapter): inductor draws random numbers its own way, so loss
+# trajectories compare noiseless runs. The compiled faithful variants are timed noiseless too, so that
+# the trajectory and the profile find their compiled graphs in inductor's cache instead of compiling.
+DETERMINISTIC = ("moe.noisy_gating=false",)
+# `--variants` picks by index; bench/gpu_checks.sh runs 0, 2 (with the trajectory and profile), then 3, 4, 1, 5.
 GPU_VARIANTS = [
     Variant("faithful fp32 eager (official recipe)", "m2restore"),
     Variant("faithful bf16 + channels_last + fused AdamW", "m2restore", **FAST),
-    # Caching the (frozen) prompts' text features changes no output: a speed setting, the network stays faithful.
-    Variant("faithful bf16 + compile + bf16 Mamba + cached text", "m2restore", **FAST, compile="inductor",
-            overrides=("mamba.autocast=true", "clip.cache_text_features=true")),
-    Variant("faithful bf16 + compile + bf16 Mamba + cached text + shifted depthwise", "m2restore", **FAST,
-            compile="inductor", overrides=("mamba.autocast=true", "clip.cache_text_features=true", "depthwise=shifted")),
+    Variant("faithful bf16 + compile + bf16 Mamba + cached text, no gate noise", "m2restore", **FAST,
+            compile="inductor", overrides=FAST_FAITHFUL + DETERMINISTIC),
+    Variant("faithful bf16 + compile + bf16 Mamba + cached text + shifted depthwise, no gate noise", "m2restore",
+            **FAST, compile="inductor", overrides=FAST_FAITHFUL + ("depthwise=shifted",) + DETERMINISTIC),
     Variant("plus bf16 + compile + bf16 Mamba + AC(full_res)", "m2restore-plus", **FAST, compile="inductor",
             checkpointing="full_res", overrides=("mamba.autocast=true",)),
     Variant("plus bf16 + channels_last + fused AdamW + AC(full_res), eager", "m2restore-plus", **FAST,
@@ -74,16 +79,14 @@ SMOKE_VARIANTS = [Variant("tiny fp32", "tiny"),
                   Variant("tiny fp32 + channels_last + AC(full_res) + compile(aot_eager) + shifted depthwise", "tiny",
                           channels_last=True, compile="aot_eager", checkpointing="full_res",
                           overrides=("depthwise=shifted",))]
-# Loss trajectories: the official recipe against the fastest faithful variant, same data and init.
-# Without gate noise: inductor draws random numbers its own way, so noisy runs would differ by noise.
-DETERMINISTIC = ("moe.noisy_gating=false",)
 
 
 def deterministic(variant: Variant) -> Variant:
     return replace(variant, name=f"{variant.name}, no gate noise", overrides=variant.overrides + DETERMINISTIC)
 
 
-TRAJECTORY = (deterministic(GPU_VARIANTS[0]), deterministic(GPU_VARIANTS[2]))
+# Loss trajectories: the official recipe against the compiled faithful variant, same data and init.
+TRAJECTORY = (deterministic(GPU_VARIANTS[0]), GPU_VARIANTS[2])
 SMOKE_TRAJECTORY = tuple(map(deterministic, SMOKE_VARIANTS))
 TRAJECTORY_STEPS, SMOKE_TRAJECTORY_STEPS = 30, 4
 EVAL_SIZE, SMOKE_EVAL_SIZE = (480, 720), (64, 96)
@@ -171,6 +174,11 @@ def count_train_flops(cfg: ModelConfig, device: torch.device, batch: int, crop: 
     return float(3 * network + clip.get_total_flops())
 
 
+@functools.lru_cache(maxsize=None)
+def variant_flops(config: str, overrides: tuple, clip_weights, device: torch.device, batch: int, crop: int) -> float:
+    return count_train_flops(model_config(config, clip_weights, overrides), device, batch, crop)
+
+
 def peak_gb(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
 
@@ -185,9 +193,8 @@ def run_variant(variant: Variant, args, device, clip_weights) -> dict:
     cfg = model_config(variant.config, clip_weights, variant.overrides)
     # The work this variant does, counted with convolutions: the counter sees no FLOPs in the shifted
     # depthwise form. (Cached text features do remove work: the prompts' re-encoding, about 1%.)
-    flops_per_step = count_train_flops(
-        model_config(variant.config, clip_weights, (*variant.overrides, "depthwise=conv")), device,
-        args.batch, args.crop)
+    as_convolutions = tuple(o for o in variant.overrides if not o.startswith("depthwise=")) + ("depthwise=conv",)
+    flops_per_step = variant_flops(variant.config, as_convolutions, clip_weights, device, args.batch, args.crop)
     reset_peak(device)
     trainer = Trainer(variant, cfg, device, args.batch, args.crop)
     seconds = trainer.time_steps(args.warmup + (2 if variant.compile else 0), args.steps)
@@ -268,10 +275,11 @@ def scan_timing(device: torch.device, backend: str, repeats: int, shape=SCAN_SHA
     return 1e3 * (time.perf_counter() - start) / repeats
 
 
-def clip_share(args, device, clip_weights, step_ms: float, config: str) -> dict:
-    model = build_model(model_config(config, clip_weights)).to(device)
+def clip_share(variant: Variant, args, device, clip_weights, step_ms: float) -> dict:
+    """Time of the frozen CLIP prior's forward in `variant`'s setting, and its share of the step."""
+    model = build_model(model_config(variant.config, clip_weights, variant.overrides)).to(device)
     image = torch.rand(args.batch, 3, args.crop, args.crop, device=device)
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device, variant.bf16):
         model.clip_prior(image)
         sync(device)
         start = time.perf_counter()
@@ -279,7 +287,7 @@ def clip_share(args, device, clip_weights, step_ms: float, config: str) -> dict:
             model.clip_prior(image)
         sync(device)
     ms = 1e3 * (time.perf_counter() - start) / args.steps
-    return {"config": config, "clip_ms": ms, "share_of_step_pct": 100 * ms / step_ms}
+    return {"variant": variant.name, "clip_ms": ms, "share_of_step_pct": 100 * ms / step_ms}
 
 
 def loss_trajectories(variants, args, device, clip_weights, steps: int) -> dict:
@@ -323,9 +331,11 @@ def write_random_clip(path: Path) -> str:
     from m2r.models.clip_prior import build_daclip, clip_architecture
     from m2r.models.config import ClipConfig
 
-    if not path.exists():
+    if not path.exists():   # written whole or not at all: a run killed mid-write leaves no stub
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(build_daclip(clip_architecture(ClipConfig())).state_dict(), path)
+        partial = path.with_suffix(".partial")
+        torch.save(build_daclip(clip_architecture(ClipConfig())).state_dict(), partial)
+        partial.replace(path)
     return str(path)
 
 
@@ -394,11 +404,11 @@ def main() -> None:
         steps = SMOKE_TRAJECTORY_STEPS if args.smoke else TRAJECTORY_STEPS
         record("trajectory", lambda: loss_trajectories(pair, args, device, clip_weights, steps))
     trained = [r for k, r in results.items() if k.startswith("train/") and "error" not in r]
-    if "profile" in parts and trained:
-        fastest = min(trained, key=lambda r: r["ms_per_step"])["variant"]
+    fastest = min(trained, key=lambda r: r["ms_per_step"]) if trained else None
+    fastest_variant = fastest and next(v for v in variants if v.name == fastest["variant"])
+    if "profile" in parts and fastest:
         out_dir = args.json.parent if args.json else Path("/tmp/m2r-bench")
-        variant = next(v for v in variants if v.name == fastest)
-        record("profile", lambda: profile_step(variant, args, device, clip_weights, out_dir))
+        record("profile", lambda: profile_step(fastest_variant, args, device, clip_weights, out_dir))
     if "scan" in parts:
         for backend in ["torch"] + (["mamba_ssm"] if device.type == "cuda" else []):
             shape = SMOKE_SCAN_SHAPE if args.smoke else SCAN_SHAPE
@@ -406,9 +416,8 @@ def main() -> None:
     if "eval" in parts:
         for bf16 in (False,) if args.smoke else (False, True):
             record(f"eval/{'bf16' if bf16 else 'fp32'}", lambda b=bf16: eval_latency(args, device, clip_weights, b))
-    if "clip" in parts and trained:
-        fastest = min(trained, key=lambda r: r["ms_per_step"])
-        record("clip", lambda: clip_share(args, device, clip_weights, fastest["ms_per_step"], fastest["config"]))
+    if "clip" in parts and fastest:
+        record("clip", lambda: clip_share(fastest_variant, args, device, clip_weights, fastest["ms_per_step"]))
     if "crop" in parts:
         record("largest_crop", lambda: largest_crop(CROP_VARIANT, args, device, clip_weights))
 

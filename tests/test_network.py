@@ -469,7 +469,8 @@ def test_shifted_depthwise_gives_a_convolutions_dtype_and_layout_under_autocast(
         reference = conv(x)
         conv.mode = "shifted"
         ours = conv(x)
-    assert ours.dtype == reference.dtype == torch.bfloat16
+        float64 = conv(x.double())
+    assert ours.dtype == reference.dtype == torch.bfloat16 and float64.dtype == torch.float64
     assert ours.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(ours.float(), reference.float(), rtol=2e-2, atol=2e-2)
 
@@ -481,7 +482,7 @@ def test_depthwise_mode_changes_no_weight_and_no_output():
     assert modes == {"shifted"}
     assert len([m for m in shifted.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]) == \
         sum(isinstance(m, DepthwiseConv3x3) for m in shifted.modules())   # every depthwise conv switches
-    for (name, ours), theirs in zip(shifted.state_dict().items(), reference.state_dict().values()):
-        assert torch.equal(ours, theirs), name
+    ours, theirs = shifted.state_dict(), reference.state_dict()
+    assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
     lq = images(1, 3, 32, 32).double()
     torch.testing.assert_close(shifted(lq).restored, reference(lq).restored, rtol=1e-10, atol=1e-12)

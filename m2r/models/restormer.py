@@ -46,8 +46,9 @@ class DepthwiseConv3x3(nn.Conv2d):
     - "conv": the convolution kernel (cuDNN on a GPU);
     - "shifted": the same sum written out as nine shifted, per-channel scaled copies of the
       input, accumulated in at least fp32. Plain element-wise work that torch.compile fuses with its
-      neighbours into one kernel, forward and backward, where cuDNN's depthwise backward is slow;
-      eagerly it is slower than the convolution. Same parameters and state-dict keys either way.
+      neighbours into one kernel, forward and backward, where cuDNN's depthwise backward is slow.
+      Eagerly it is slower than the convolution and keeps an fp32 copy of its input for backward.
+    Same parameters and state-dict keys either way.
     """
 
     def __init__(self, channels: int, bias: bool):
@@ -65,9 +66,10 @@ class DepthwiseConv3x3(nn.Conv2d):
         for tap in range(9):
             row, col = divmod(tap, 3)
             out = out + padded[:, :, row:row + height, col:col + width] * taps[:, tap].view(1, -1, 1, 1)
-        # The dtype a convolution would give: the autocast dtype under autocast, else the input's.
+        # The dtype a convolution would give: autocast casts fp32 inputs only.
         device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        autocast = torch.is_autocast_enabled(device) and x.dtype == torch.float32
+        dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
         return out.to(dtype).contiguous(memory_format=memory_layout(x))
 
 
