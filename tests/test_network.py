@@ -143,6 +143,7 @@ def test_backward_reaches_every_parameter_except_the_unused_aflb_layers(tiny):
 # in one training step: once in forward, once more in backward if recomputed.
 @pytest.mark.parametrize("mode, runs", [
     ("all", (2, 2, 2, 2, 2, 2, 2)),
+    ("levels_1_2", (1, 2, 2, 2, 2, 2, 2)),
     ("full_res", (1, 2, 2, 2, 2, 1, 1)),
     ("bottleneck", (2, 1, 1, 1, 1, 1, 1)),
     ("none", (1, 1, 1, 1, 1, 1, 1)),

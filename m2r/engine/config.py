@@ -28,7 +28,7 @@ class TrainConfig:
     zero_stage: int = 1              # 0, 1 or 2; native DeepSpeed MoE cannot use stage 3
     loss: str = choice("l1", "charbonnier")  # l1 (official) | charbonnier
     charbonnier_eps: float = 1e-3
-    activation_checkpointing: str = choice("none", "bottleneck", "full_res", "all")  # see M2Restore.set_activation_checkpointing
+    activation_checkpointing: str = choice("none", "bottleneck", "full_res", "levels_1_2", "all")  # see M2Restore.set_activation_checkpointing
     channels_last: bool = False      # NHWC feature maps (faster bf16 convolutions on GPU)
     compile: bool = False            # torch.compile the training forward (static shapes; first steps compile)
     compile_backend: str = choice("inductor", "aot_eager", "eager")  # aot_eager/eager: to debug a failing compile

@@ -50,7 +50,7 @@ class FinetuneTrainConfig(TrainConfig):
     epochs: int = 200
     warmup_epochs: int = 15
     schedule_epochs: int = 0         # the cosine reaches min_lr here; 0 = epochs
-    activation_checkpointing: str = choice("auto", "none", "bottleneck", "full_res", "all")  # auto: bottleneck on GPU, none on CPU
+    activation_checkpointing: str = choice("auto", "none", "bottleneck", "full_res", "levels_1_2", "all")  # auto: bottleneck on GPU, none on CPU
 
 
 @dataclass

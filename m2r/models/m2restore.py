@@ -35,7 +35,7 @@ from m2r.models.task_prompt import TaskPrompt
 SIZE_MULTIPLE = 8   # three 2x downsamplings
 MIN_SIZE = 16       # the task-prompt CondNet needs at least 9 px; 16 is the smallest multiple of 8
 # Activation checkpointing: which blocks are recomputed in backward (see set_activation_checkpointing).
-CHECKPOINT_MODES = ("none", "bottleneck", "full_res", "all")
+CHECKPOINT_MODES = ("none", "bottleneck", "full_res", "levels_1_2", "all")
 
 
 @dataclass
@@ -123,12 +123,16 @@ class M2Restore(nn.Module):
     def set_activation_checkpointing(self, mode: str) -> None:
         """Recompute some blocks in backward instead of storing their activations: "none";
         "bottleneck": each MB block; "full_res": the blocks at full resolution (DDER 1, encoder
-        level 1, decoder level 1, refinement), which hold most of the activation memory; "all": every
-        MB, Transformer block and DDER. torch.utils.checkpoint, non-reentrant (RNG state preserved)."""
+        level 1, decoder level 1, refinement), which hold most of the activation memory;
+        "levels_1_2": those and the half-resolution ones (DDER 2, encoder and decoder level 2);
+        "all": every MB, Transformer block and DDER. torch.utils.checkpoint, non-reentrant (RNG
+        state preserved)."""
         if mode not in CHECKPOINT_MODES:
             raise ValueError(f"activation checkpointing mode must be one of {CHECKPOINT_MODES}, got {mode!r}")
-        if mode == "full_res":
+        if mode in ("full_res", "levels_1_2"):
             blocks = [self.dder1, *self.encoder_level1, *self.decoder_level1, *self.refinement]
+            if mode == "levels_1_2":
+                blocks += [self.dder2, *self.encoder_level2, *self.decoder_level2]
         else:
             types = {"none": (), "bottleneck": (MB,), "all": (MB, TransformerBlock, DDER)}[mode]
             blocks = [module for module in self.modules() if isinstance(module, types)]
