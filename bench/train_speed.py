@@ -48,12 +48,14 @@ class Variant:
     tf32: bool = False
     channels_last: bool = False
     fused_adamw: bool = False
+    cudnn_benchmark: bool = False  # cuDNN times its algorithms per shape (as training runs do by default)
     compile: str = ""           # torch.compile backend for the training forward ("" = eager)
     checkpointing: str = "none"
     overrides: tuple = ()       # model config overrides
 
 
-FAST = dict(bf16=True, channels_last=True, fused_adamw=True)
+# Every bf16 variant also lets cuDNN time its algorithms (train.cudnn_benchmark, on by default in runs).
+FAST = dict(bf16=True, channels_last=True, fused_adamw=True, cudnn_benchmark=True)
 # Caching the frozen prompts' text features changes no output: a speed setting, the network stays faithful.
 FAST_FAITHFUL = ("mamba.autocast=true", "clip.cache_text_features=true")
 # Without gate noise (one randn per adapter): inductor draws random numbers its own way, so loss
@@ -63,7 +65,7 @@ DETERMINISTIC = ("moe.noisy_gating=false",)
 # `--variants` picks by index; bench/gpu_checks.sh runs 0, 2 (with the trajectory and profile), then 3, 4, 1, 5.
 GPU_VARIANTS = [
     Variant("faithful fp32 eager (official recipe)", "m2restore"),
-    Variant("faithful bf16 + channels_last + fused AdamW", "m2restore", **FAST),
+    Variant("faithful bf16 + channels_last + fused AdamW + cuDNN benchmark", "m2restore", **FAST),
     Variant("faithful bf16 + compile + bf16 Mamba + cached text, no gate noise", "m2restore", **FAST,
             compile="inductor", overrides=FAST_FAITHFUL + DETERMINISTIC),
     Variant("faithful bf16 + compile + bf16 Mamba + cached text + shifted depthwise, no gate noise", "m2restore",
@@ -125,6 +127,7 @@ class Trainer:
     def __init__(self, variant: Variant, cfg: ModelConfig, device: torch.device, batch: int, crop: int):
         torch.backends.cuda.matmul.allow_tf32 = variant.tf32
         torch.backends.cudnn.allow_tf32 = variant.tf32
+        torch.backends.cudnn.benchmark = variant.cudnn_benchmark
         self.variant, self.device = variant, device
         self.model = build_model(cfg).to(device).train()
         self.model.set_activation_checkpointing(variant.checkpointing)

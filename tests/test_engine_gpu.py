@@ -101,4 +101,4 @@ def test_pretrain_entry_point_with_every_speed_switch_on_gpu(tmp_path, repo_root
     assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses), losses
     assert any("val_psnr" in r for r in records)
     assert (run_dir / "checkpoints" / "latest").exists()
-    assert "compile True" in result.stdout
+    assert "compile True" in result.stdout and "cudnn_benchmark True" in result.stdout

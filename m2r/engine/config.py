@@ -32,6 +32,9 @@ class TrainConfig:
     channels_last: bool = False      # NHWC feature maps (faster bf16 convolutions on GPU)
     compile: bool = False            # torch.compile the training forward (static shapes; first steps compile)
     compile_backend: str = choice("inductor", "aot_eager", "eager")  # aot_eager/eager: to debug a failing compile
+    # cuDNN times its convolution algorithms once per input shape and keeps the fastest: the training
+    # crop is fixed, validation adds one more shape. Off: cuDNN's heuristic choice (torch's default).
+    cudnn_benchmark: bool = True
     ema_decay: float = 0.0           # EMA of the weights every step; 0 disables it
     seed: int = 42                   # data, noise and RNG seed (model init uses model.seed)
 

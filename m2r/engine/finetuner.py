@@ -226,7 +226,8 @@ class Finetuner(TrainingRun):
             f"{self.steps_per_epoch} steps/epoch x {train.epochs} epochs = {self.total_steps} steps | "
             f"warmup {self.schedule.warmup_steps}, cosine until step {self.schedule.steps}",
             f"  precision {train.precision} | ZeRO {train.zero_stage} | activation checkpointing "
-            f"{self.checkpointing} | channels_last {train.channels_last} | compile {train.compile}",
+            f"{self.checkpointing} | channels_last {train.channels_last} | compile {train.compile} | "
+            f"cudnn_benchmark {torch.backends.cudnn.benchmark}",
             f"  validation sets {', '.join(self.val_names)} (type ids in that order)",
         ])
 

@@ -77,6 +77,7 @@ class TrainingRun:
         warnings.filterwarnings("ignore", message=".*all_gather_into_tensor", category=FutureWarning)
         self.device = dist.init_distributed(env)
         validate_config(cfg, env.world_size)
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
         self.topology = Topology(env.world_size, cfg.model.moe.ep_size)
         self.run_dir = Path(cfg.run.dir)
         self.stop_request = StopRequest()

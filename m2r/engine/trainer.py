@@ -59,7 +59,7 @@ class Trainer(TrainingRun):
             f" | all-to-all per step ~{self.all_to_all_bytes_per_step() / 2**20:.1f} MiB per rank",
             f"  precision {train.precision} | ZeRO {train.zero_stage} | activation checkpointing "
             f"{train.activation_checkpointing} | channels_last {train.channels_last} | compile {train.compile} | "
-            f"EMA {train.ema_decay or 'off'} | rank params {params:,}",
+            f"cudnn_benchmark {torch.backends.cudnn.benchmark} | EMA {train.ema_decay or 'off'} | rank params {params:,}",
         ])
 
     def all_to_all_bytes_per_step(self) -> int:
