@@ -45,7 +45,7 @@ class Variant:
     name: str
     config: str                 # model yaml under configs/model
     bf16: bool = False          # bf16 autocast (the FFT stays fp32; Mamba too unless mamba.autocast)
-    tf32: bool = False
+    tf32_matmul: bool = False   # fp32 matmuls on tensor cores; fp32 convolutions use TF32 by torch's default
     channels_last: bool = False
     fused_adamw: bool = False
     cudnn_benchmark: bool = False  # cuDNN times its algorithms per shape (as training runs do by default)
@@ -125,8 +125,7 @@ class Trainer:
     """One variant: model, optimizer and a timed training step on fixed data."""
 
     def __init__(self, variant: Variant, cfg: ModelConfig, device: torch.device, batch: int, crop: int):
-        torch.backends.cuda.matmul.allow_tf32 = variant.tf32
-        torch.backends.cudnn.allow_tf32 = variant.tf32
+        torch.backends.cuda.matmul.allow_tf32 = variant.tf32_matmul
         torch.backends.cudnn.benchmark = variant.cudnn_benchmark
         self.variant, self.device = variant, device
         self.model = build_model(cfg).to(device).train()

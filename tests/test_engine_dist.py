@@ -177,8 +177,9 @@ def test_compiled_forward_trains_like_eager_under_zero2_bf16_and_expert_parallel
                 "train.activation_checkpointing=full_res", "train.channels_last=true", "run.val_every=2",
                 "run.image_every=0")
     out = pretrain(tmp_path / "compiled", *settings, "train.compile=true", "train.compile_backend=aot_eager")
-    eager_out = pretrain(tmp_path / "eager", *settings, "train.cudnn_benchmark=false")
-    assert "compile True" in out and "cudnn_benchmark True" in out and "cudnn_benchmark False" in eager_out
+    eager_out = pretrain(tmp_path / "eager", *settings, "train.cudnn_benchmark=false", "train.tf32_matmul=true")
+    assert "compile True" in out and "cudnn_benchmark True | tf32_matmul False" in out
+    assert "cudnn_benchmark False | tf32_matmul True" in eager_out
     compiled, eager = train_losses(tmp_path / "compiled"), train_losses(tmp_path / "eager")
     assert compiled.keys() == eager.keys() == {1, 2}
     for step in eager:

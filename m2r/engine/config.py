@@ -35,6 +35,9 @@ class TrainConfig:
     # cuDNN times its convolution algorithms once per input shape and keeps the fastest: the training
     # crop is fixed, validation adds one more shape. Off: cuDNN's heuristic choice (torch's default).
     cudnn_benchmark: bool = True
+    # fp32 matrix products on tensor cores (TF32: 10-bit mantissa), as torch already does for fp32
+    # convolutions; the official fp32 recipe runs 1.23x faster with it on an H100 (468 -> 382 ms/step).
+    tf32_matmul: bool = False
     ema_decay: float = 0.0           # EMA of the weights every step; 0 disables it
     seed: int = 42                   # data, noise and RNG seed (model init uses model.seed)
 

@@ -227,7 +227,7 @@ class Finetuner(TrainingRun):
             f"warmup {self.schedule.warmup_steps}, cosine until step {self.schedule.steps}",
             f"  precision {train.precision} | ZeRO {train.zero_stage} | activation checkpointing "
             f"{self.checkpointing} | channels_last {train.channels_last} | compile {train.compile} | "
-            f"cudnn_benchmark {torch.backends.cudnn.benchmark}",
+            f"cudnn_benchmark {torch.backends.cudnn.benchmark} | tf32_matmul {torch.backends.cuda.matmul.allow_tf32}",
             f"  validation sets {', '.join(self.val_names)} (type ids in that order)",
         ])
 

@@ -78,6 +78,7 @@ class TrainingRun:
         self.device = dist.init_distributed(env)
         validate_config(cfg, env.world_size)
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+        torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32_matmul
         self.topology = Topology(env.world_size, cfg.model.moe.ep_size)
         self.run_dir = Path(cfg.run.dir)
         self.stop_request = StopRequest()
