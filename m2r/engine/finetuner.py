@@ -225,9 +225,7 @@ class Finetuner(TrainingRun):
             f"  batch micro {train.micro_batch} x accum {train.grad_accum} x {world} ranks | crop {train.crop} | "
             f"{self.steps_per_epoch} steps/epoch x {train.epochs} epochs = {self.total_steps} steps | "
             f"warmup {self.schedule.warmup_steps}, cosine until step {self.schedule.steps}",
-            f"  precision {train.precision} | ZeRO {train.zero_stage} | activation checkpointing "
-            f"{self.checkpointing} | channels_last {train.channels_last} | compile {train.compile} | "
-            f"cudnn_benchmark {torch.backends.cudnn.benchmark} | tf32_matmul {torch.backends.cuda.matmul.allow_tf32}",
+            *self._speed_settings(self.checkpointing),
             f"  validation sets {', '.join(self.val_names)} (type ids in that order)",
         ])
 

@@ -11,7 +11,7 @@ import contextlib
 import signal
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -157,6 +157,14 @@ class TrainingRun:
             reseed(self.cfg.train.seed, dist.rank(), self.step)
 
     # ----------------------------------------------------------------------------- reporting
+    def _speed_settings(self, activation_checkpointing: str) -> List[str]:
+        """Start-up summary lines: precision and speed settings, the backend flags as applied."""
+        train = self.cfg.train
+        return [f"  precision {train.precision} | ZeRO {train.zero_stage} | activation checkpointing "
+                f"{activation_checkpointing} | channels_last {train.channels_last} | compile {train.compile}",
+                f"  cudnn_benchmark {torch.backends.cudnn.benchmark} | tf32_matmul "
+                f"{torch.backends.cuda.matmul.allow_tf32} | EMA {train.ema_decay or 'off'}"]
+
     def _open_monitor(self, total_steps: int) -> None:
         """Rank 0 writes the resolved config.yaml into the run directory and reports; other ranks stay silent."""
         if dist.is_rank0():

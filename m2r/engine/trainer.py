@@ -57,10 +57,8 @@ class Trainer(TrainingRun):
             f" | crop {train.crop} | steps {self.step}->{train.steps}",
             f"  experts: {moe.num_experts} per adapter, {moe.num_experts // ep} per rank, top-{moe.top_k}"
             f" | all-to-all per step ~{self.all_to_all_bytes_per_step() / 2**20:.1f} MiB per rank",
-            f"  precision {train.precision} | ZeRO {train.zero_stage} | activation checkpointing "
-            f"{train.activation_checkpointing} | channels_last {train.channels_last} | compile {train.compile}",
-            f"  cudnn_benchmark {torch.backends.cudnn.benchmark} | tf32_matmul {torch.backends.cuda.matmul.allow_tf32}"
-            f" | EMA {train.ema_decay or 'off'} | rank params {params:,}",
+            *self._speed_settings(train.activation_checkpointing),
+            f"  rank params {params:,}",
         ])
 
     def all_to_all_bytes_per_step(self) -> int:
