@@ -3,12 +3,17 @@
     python bench/activation_memory.py --json runs/bench/activation_memory.json   # faithful + plus, batch 4
     python bench/activation_memory.py --batch 1 ...                              # on a machine with < 32 GB
     python bench/activation_memory.py --smoke                                    # tiny model, seconds
+    python bench/activation_memory.py --batch 1 --compile inductor --configs m2restore --modes none full_res
+                                        # what torch.compile's partitioner keeps (~4 min per mode on 2 cores)
 
 Counts the bytes autograd keeps for backward (`torch.autograd.graph.saved_tensors_hooks`, each storage
 once; the inputs that recomputed blocks keep) during one forward at 224x224 under bf16 autocast: the activation part of training's
 peak memory, which the GPU's allocator adds to the weights, gradients and optimizer state (listed
 beside it) and to transient workspace. No GPU needed, so the memory target can be reasoned about
-where none is at hand; torch.compile's partitioner may store less (it recomputes cheap operations).
+where none is at hand. With `--compile`, the training forward is compiled as `train.compile` does, and
+the count is what the compiled graph saves (its partitioner recomputes cheap operations and decides
+what the recomputed blocks keep). The Mamba scan here is ours (no CUDA): on a GPU mamba_ssm's kernel
+keeps far less for the bottleneck.
 """
 from __future__ import annotations
 
@@ -52,7 +57,7 @@ class SavedTensorBytes(torch.autograd.graph.saved_tensors_hooks):
         return sum(self.storages.values())
 
 
-def saved_bytes(model, lq: torch.Tensor, mode: str) -> int:
+def saved_bytes(model, lq: torch.Tensor, mode: str, compiled: bool) -> int:
     model.set_activation_checkpointing(mode)
     saved = SavedTensorBytes(model.parameters())
     def keep_inputs(_module, args) -> None:   # a recomputed block saves nothing inside, but its
@@ -60,8 +65,9 @@ def saved_bytes(model, lq: torch.Tensor, mode: str) -> int:
             if isinstance(arg, torch.Tensor):
                 saved.keep(arg)
 
-    hooks = [module.register_forward_pre_hook(keep_inputs)
-             for module in model.modules() if getattr(module, "recompute_in_backward", False)]
+    # A compiled graph saves the recomputed blocks' inputs itself (and its hooks run only while tracing).
+    hooks = [] if compiled else [module.register_forward_pre_hook(keep_inputs)
+                                 for module in model.modules() if getattr(module, "recompute_in_backward", False)]
     with saved, torch.autocast(lq.device.type, dtype=torch.bfloat16):
         output = model(lq)
     for hook in hooks:
@@ -70,16 +76,20 @@ def saved_bytes(model, lq: torch.Tensor, mode: str) -> int:
     return saved.total
 
 
-def measure(config: str, overrides, batch: int, crop: int, device: torch.device) -> dict:
+def measure(config: str, overrides, batch: int, crop: int, device: torch.device, modes, compile_backend: str) -> dict:
     cfg = load_config(ModelConfig, REPO / "configs" / "model" / f"{config}.yaml", list(overrides))
     model = build_model(cfg).to(device).train()
+    if compile_backend:
+        model.use_channels_last()
+        model.compile_training_forward(compile_backend)
     lq = torch.rand(batch, 3, crop, crop, generator=torch.Generator().manual_seed(0)).to(device)
     trainable = sum(p.numel() for p in model.parameters())
     clip = sum(p.numel() * p.element_size() for p in model.clip_prior.parameters())
-    result = {"config": config, "batch": batch, "crop": crop,
+    result = {"config": config, "overrides": list(overrides), "batch": batch, "crop": crop,
+              "compile": compile_backend or None,
               "weights_grads_adamw_gb": trainable * ADAMW_BYTES_PER_PARAM / 1e9, "frozen_clip_gb": clip / 1e9}
-    for mode in CHECKPOINT_MODES:
-        result[f"saved_activations_gb/{mode}"] = saved_bytes(model, lq, mode) / 1e9
+    for mode in modes:
+        result[f"saved_activations_gb/{mode}"] = saved_bytes(model, lq, mode, bool(compile_backend)) / 1e9
         print(f"  {config} AC({mode}): {result[f'saved_activations_gb/{mode}']:.2f} GB saved", flush=True)
     return result
 
@@ -92,19 +102,25 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4,
                         help="images per forward (activations scale linearly with it: measure at 1 where "
                              "memory is short, the faithful network at 4 keeps about 20 GB)")
+    parser.add_argument("--configs", nargs="+", default=["m2restore", "m2restore-plus"])
+    parser.add_argument("--modes", nargs="+", default=list(CHECKPOINT_MODES), choices=CHECKPOINT_MODES)
+    parser.add_argument("--compile", default="", help="torch.compile backend for the training forward "
+                        "(inductor, as train.compile); compiled without gate noise, with the speed settings "
+                        "the benchmark's compiled variants use")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.smoke:
         runs = [("tiny", (), 2, 64)]
     else:
-        from bench.train_speed import write_random_clip
+        from bench.train_speed import DETERMINISTIC, FAST_FAITHFUL, write_random_clip
 
         weights = write_random_clip(Path(args.clip_weights))
-        runs = [(name, (f"clip.weights={weights}",), args.batch, 224) for name in ("m2restore", "m2restore-plus")]
+        compiled = FAST_FAITHFUL + DETERMINISTIC if args.compile else ()
+        runs = [(name, (f"clip.weights={weights}", *compiled), args.batch, 224) for name in args.configs]
     results = {"device": str(device), "torch": torch.__version__, "runs": []}
     for config, overrides, batch, crop in runs:
-        results["runs"].append(measure(config, overrides, batch, crop, device))
+        results["runs"].append(measure(config, overrides, batch, crop, device, args.modes, args.compile))
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(results, indent=2))

@@ -39,7 +39,7 @@ if [ "$PART" = bench ] || [ "$PART" = all ]; then
   timeout "${BENCH_TIMEOUT:-300}" python3 bench/train_speed.py --only train,trajectory,profile,clip \
       --variants 0,2 --steps 6 --warmup 2 --json "$OUT/train_speed.json" > "$OUT/train_speed.txt" 2>&1
   echo "train_speed exit $?" >> "$OUT/train_speed.txt"
-  timeout "${MORE_TIMEOUT:-270}" python3 bench/train_speed.py --only train --variants 3,4,1,5 \
+  timeout "${MORE_TIMEOUT:-270}" python3 bench/train_speed.py --only train --variants 4,3,1,5 \
       --steps 6 --warmup 2 --json "$OUT/train_speed_more.json" > "$OUT/train_speed_more.txt" 2>&1
   echo "train_speed exit $?" >> "$OUT/train_speed_more.txt"
 fi

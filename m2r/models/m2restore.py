@@ -218,7 +218,8 @@ class M2Restore(nn.Module):
         return x
 
     def _call(self, module, *args):
-        if torch.is_grad_enabled() and getattr(module, "recompute_in_backward", False):
+        # A DDER recomputes its experts itself, without its router (DDER.forward).
+        if torch.is_grad_enabled() and getattr(module, "recompute_in_backward", False) and not isinstance(module, DDER):
             return checkpoint(module, *args, use_reentrant=False)
         return module(*args)
 

@@ -31,6 +31,7 @@ from deepspeed.moe.experts import Experts
 from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from m2r.dist import announce_once
 
@@ -405,6 +406,8 @@ class DDER(MoE):
     whatever ep_size is; the prompt projection and router draw from the ambient torch RNG.
     """
 
+    recompute_in_backward = False   # set by M2Restore.set_activation_checkpointing
+
     def __init__(self, dim: int, prompt_dim: int, num_prompts: int, cfg, layer_id: int, seed: int):
         nn.Module.__init__(self)
         _validate(cfg)
@@ -454,7 +457,13 @@ class DDER(MoE):
 
         capacity = capacity_per_expert(self.capacity_factor, tokens.shape[0], self.top_k, self.num_experts)
         mix = self._mix_densely if self.dispatch == "dense" else self._mix_sparsely
-        mixed = mix(tokens, routing, capacity)
+        if self.recompute_in_backward and torch.is_grad_enabled():
+            # Only the experts, which hold the adapter's activations, are recomputed. The router's
+            # top-k stays out: torch.compile's partitioner fails on a recomputed top-k routing (torch
+            # 2.14: "Node ... was invalid, but is output"), and its few values per token are cheap to keep.
+            mixed = checkpoint(mix, tokens, routing, capacity, use_reentrant=False)
+        else:
+            mixed = mix(tokens, routing, capacity)
         mixed = mixed.to(x.dtype).view(batch, height, width, dim).permute(0, 3, 1, 2)
         return x + mixed, routing.balance_loss, self._expert_load(routing)
 
