@@ -97,6 +97,7 @@ launch_deepspeed() {
 if (( warned )); then requeue; fi  # warned before anything started: nothing to save
 "launch_$LAUNCHER" >> "$run_log" 2>&1 &
 step_pid=$!
+if (( warned )); then forward_warning; fi  # warned while the step was being started
 # A trapped signal interrupts `wait`; keep waiting until the step has really ended.
 status=0
 wait "$step_pid" || status=$?

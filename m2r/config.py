@@ -17,6 +17,8 @@ from typing import Any, Mapping, Sequence, Type
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from m2r.atomic import write_text_atomically
+
 BASE_KEY = "_base_"
 
 
@@ -98,9 +100,7 @@ def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:
     """Write the resolved config atomically (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    os.replace(tmp, path)
+    write_text_atomically(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def to_object(cfg: DictConfig) -> Any:

@@ -12,6 +12,7 @@ import argparse
 import importlib
 import os
 import re
+import signal
 import socket
 import sys
 from dataclasses import dataclass
@@ -19,6 +20,18 @@ from typing import Any, List, MutableMapping
 
 import torch
 import torch.distributed as torch_dist
+
+
+# SLURM's preemption, scancel and time-limit warning: the trainer checkpoints, then exits.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`. SLURM signals every process of a job step, data workers too; a
+    worker killed by SIGTERM (or by USR1's default action) would crash the trainer's next batch fetch
+    before it can checkpoint. The trainer shuts its workers down itself once it has stopped."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 @dataclass(frozen=True)

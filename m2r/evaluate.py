@@ -31,7 +31,7 @@ import torch
 from accelerate import Accelerator
 
 from m2r.engine.validate import to_unit_float
-from m2r.eval.datasets import DATASETS, Pair, evaluation_sets, read_rgb, to_chw_uint8
+from m2r.eval.datasets import DATASETS, Pair, evaluation_sets, read_pair, to_chw_uint8
 from m2r.eval.loading import add_inference_arguments, load_inference_model, make_accelerator
 from m2r.eval.metrics import image_metrics, parse_protocols
 from m2r.eval.tiling import restore_image
@@ -55,9 +55,9 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def read_unit(path: Path, device: torch.device) -> torch.Tensor:
-    """Image file -> float32 (1, 3, H, W) in [0, 1] on `device`."""
-    return to_unit_float(to_chw_uint8(read_rgb(path)), device, torch.float32).unsqueeze(0)
+def as_unit(image, device: torch.device) -> torch.Tensor:
+    """(H, W, 3) uint8 image -> float32 (1, 3, H, W) in [0, 1] on `device`."""
+    return to_unit_float(to_chw_uint8(image), device, torch.float32).unsqueeze(0)
 
 
 def save_png(image: torch.Tensor, path: Path) -> None:
@@ -75,9 +75,8 @@ def evaluate_pairs(model, jobs: Sequence[Pair], protocols: Sequence[str], args,
     """Metrics of this process's share of the images: one dict per image (computed on the CPU)."""
     records = []
     for pair in jobs:
-        lq, gt = read_unit(pair.lq, accelerator.device), read_unit(pair.gt, torch.device("cpu"))
-        if lq.shape != gt.shape:
-            raise ValueError(f"{pair.lq} and its target {pair.gt} differ in size")
+        lq, gt = read_pair(pair)
+        lq, gt = as_unit(lq, accelerator.device), as_unit(gt, torch.device("cpu"))
         with accelerator.autocast():
             restored = restore_image(model, lq, tile=args.tile or None, overlap=args.overlap)[0]
         records.append({"set": pair.group, "image": pair.lq.name,

@@ -21,10 +21,10 @@ from typing import List, Sequence, Tuple
 import torch
 from accelerate import Accelerator
 
-from m2r.data.images import IMAGE_SUFFIXES, list_image_files
+from m2r.data.images import IMAGE_SUFFIXES, list_image_files, read_rgb
 from m2r.eval.loading import add_inference_arguments, load_inference_model, make_accelerator
 from m2r.eval.tiling import restore_image
-from m2r.evaluate import read_unit, save_png
+from m2r.evaluate import as_unit, save_png
 
 
 def parse_args(argv):
@@ -61,7 +61,7 @@ def accelerator_for(args) -> Accelerator:
 @torch.no_grad()
 def restore_files(model, jobs: Sequence[Tuple[Path, Path]], args, accelerator: Accelerator) -> None:
     for source, relative in jobs:
-        lq = read_unit(source, accelerator.device)
+        lq = as_unit(read_rgb(source), accelerator.device)
         with accelerator.autocast():
             restored = restore_image(model, lq, tile=args.tile or None, overlap=args.overlap)[0]
         save_png(restored, Path(args.out) / relative)

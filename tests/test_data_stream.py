@@ -74,6 +74,21 @@ def test_resume_continues_exactly_like_an_uninterrupted_stream(shard_dir, stop):
     assert resumed.stats() == uninterrupted.stats()     # per-type counts resume too
 
 
+def test_a_fresh_start_after_a_topology_change_serves_new_data_and_resumes_exactly(shard_dir):
+    def make():
+        return build_train_stream(shard_config(shard_dir), seed=5, rank=0, world_size=1, micro_batch=BATCH, crop=CROP)
+    first_batches = take(make(), 2)
+    fresh = make()
+    fresh.start_fresh(step=400)
+    head = take(fresh, 2)
+    assert not any(torch.equal(a["gt"], b["gt"]) for a in head for b in first_batches)
+    reference = make()
+    reference.start_fresh(step=400)
+    resumed = make()
+    resumed.load_state_dict(fresh.state_dict())   # the exact resume of the run that started afresh
+    assert same_batches(take(resumed, 3), take(reference, 5)[2:])
+
+
 def test_builtin_source_needs_no_files_and_resumes_in_process():
     cfg = DataConfig(source="builtin", preset="cdd11", workers=0, scale_range=[0.5, 1.0])
     def make():

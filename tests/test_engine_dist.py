@@ -187,8 +187,10 @@ def test_compiled_forward_trains_like_eager_under_zero2_bf16_and_expert_parallel
 
 
 def test_sigterm_saves_exits_zero_and_the_next_run_continues(tmp_path):
+    """SLURM's preemption signals every process of the job step, DataLoader workers included."""
     run_dir = tmp_path / "preempted"
-    overrides = (f"run.dir={run_dir}", "train.steps=400", "run.val_every=1000", "run.image_every=0")
+    overrides = (f"run.dir={run_dir}", "train.steps=400", "run.val_every=1000", "run.image_every=0",
+                 "data.workers=1")
     launcher = subprocess.Popen(torchrun_command(2, "pretrain.py", "--config", TINY, *overrides), cwd=REPO,
                                 env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
@@ -198,6 +200,10 @@ def test_sigterm_saves_exits_zero_and_the_next_run_continues(tmp_path):
             break
     workers = _worker_pids(launcher.pid)
     assert len(workers) == 2
+    data_workers = [pid for rank_pid in workers for pid in _worker_pids(rank_pid)]
+    assert len(data_workers) >= 2
+    for pid in data_workers:
+        os.kill(pid, signal.SIGTERM)
     os.kill(workers[-1], signal.SIGTERM)  # one rank only: the ranks must agree among themselves
     lines += launcher.stdout.readlines()
     assert launcher.wait(timeout=LAUNCH_TIMEOUT) == 0, "".join(lines)[-4000:]

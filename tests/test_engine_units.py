@@ -2,6 +2,7 @@
 bookkeeping, metrics, loss, EMA and activation checkpointing. Multi-rank behaviour: test_engine_dist.py."""
 import json
 import math
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -110,12 +111,23 @@ def test_ema_moves_a_decay_share_toward_the_weights():
 
 # ----------------------------------------------------------------------------------- checkpoints
 class FakeEngine:
-    """Writes one file per tag, as DeepSpeed's collective save would (world of one)."""
+    """Writes one file per tag, as DeepSpeed's collective save would (world of one); `crash` stops
+    it half-way, as a preemption or a full disk would."""
+
+    def __init__(self, crash: bool = False):
+        self.crash = crash
 
     def save_checkpoint(self, root, tag, client_state, save_latest):
         assert save_latest is False  # `latest` is ours, written atomically after every rank finished
         (Path(root) / tag).mkdir(parents=True)
         torch.save(client_state, Path(root) / tag / "mp_rank_00_model_states.pt")
+        if self.crash:
+            (Path(root) / tag / "zero_pp_rank_7_mp_rank_00_optim_states.pt").write_bytes(b"half")
+            raise OSError("killed while saving")
+
+
+def saved_step(tag_dir: Path) -> int:
+    return torch.load(tag_dir / "mp_rank_00_model_states.pt")["step"]
 
 
 def test_checkpoints_keep_the_last_k_and_point_latest_at_the_newest(tmp_path):
@@ -129,6 +141,53 @@ def test_checkpoints_keep_the_last_k_and_point_latest_at_the_newest(tmp_path):
     assert meta == {"step": 30, "world_size": 2, "ep_size": 2, "ema": False}
     assert load_config(PretrainConfig, tmp_path / "step00000030" / "config.yaml") == config  # resolved, beside it
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_save_cut_short_leaves_the_last_complete_checkpoint_in_use(tmp_path):
+    manager, config = CheckpointManager(tmp_path, keep_last=2), load_config(PretrainConfig)
+    manager.save(FakeEngine(), 10, Topology(1, 1), {"step": 10}, config)
+    with pytest.raises(OSError, match="killed"):
+        manager.save(FakeEngine(crash=True), 20, Topology(1, 1), {"step": 20}, config)
+    assert manager.tags() == [tag_for(10)] and resolve_resume("latest", tmp_path).tag == tag_for(10)
+    manager.save(FakeEngine(), 20, Topology(1, 1), {"step": 20}, config)
+    assert sorted(p.name for p in (tmp_path / tag_for(20)).iterdir()) == [
+        "config.yaml", "meta.json", "mp_rank_00_model_states.pt"]   # nothing left from the cut save
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", tag_for(10), tag_for(20)]
+
+
+def test_saving_a_step_again_replaces_its_tag_only_once_the_new_one_is_complete(tmp_path):
+    """A finetune stopped on the last step of an epoch saves that step again after resuming."""
+    manager, config = CheckpointManager(tmp_path, keep_last=2), load_config(PretrainConfig)
+    manager.save(FakeEngine(), 10, Topology(1, 1), {"step": 10}, config)
+    manager.save(FakeEngine(), 20, Topology(1, 1), {"step": 20, "epoch": 0}, config)
+    with pytest.raises(OSError, match="killed"):
+        manager.save(FakeEngine(crash=True), 20, Topology(1, 1), {"step": 20, "epoch": 1}, config)
+    latest = resolve_resume("latest", tmp_path)
+    assert latest.tag == tag_for(20) and torch.load(latest.path / "mp_rank_00_model_states.pt")["epoch"] == 0
+    manager.save(FakeEngine(), 20, Topology(1, 1), {"step": 20, "epoch": 1}, config)
+    assert torch.load(latest.path / "mp_rank_00_model_states.pt")["epoch"] == 1
+    assert manager.tags() == [tag_for(10), tag_for(20)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", tag_for(10), tag_for(20)]
+
+
+def test_resume_falls_back_to_the_newest_complete_checkpoint(tmp_path):
+    manager, config = CheckpointManager(tmp_path, keep_last=2), load_config(PretrainConfig)
+    for step in (10, 20):
+        manager.save(FakeEngine(), step, Topology(1, 1), {"step": step}, config)
+    (tmp_path / tag_for(20)).rename(tmp_path / (tag_for(20) + ".replaced"))   # a crash between two renames
+    with pytest.warns(UserWarning, match="names 'step00000020', which is not a complete checkpoint; resuming from the newest complete checkpoint, step00000010"):
+        assert resolve_resume("latest", tmp_path).tag == tag_for(10)
+    (tmp_path / "latest").write_text("")   # a pointer lost with the page cache
+    (tmp_path / tag_for(30)).mkdir()       # and a step directory without meta.json
+    with pytest.warns(UserWarning, match="latest is missing or empty"):
+        assert resolve_resume(str(tmp_path), Path("elsewhere")).tag == tag_for(10)
+    manager.save(FakeEngine(), 40, Topology(1, 1), {"step": 40}, config)
+    assert manager.tags() == [tag_for(10), tag_for(40)]   # incomplete directories neither count nor stay
+    assert not list(tmp_path.glob("*.replaced"))
+    for tag in manager.tags():
+        shutil.rmtree(tmp_path / tag)
+    with pytest.raises(FileNotFoundError, match="names 'step00000040', but .* holds no complete checkpoint"):
+        resolve_resume("latest", tmp_path)
 
 
 def test_keeping_a_single_checkpoint_is_refused(tmp_path):
@@ -206,6 +265,33 @@ def test_activation_checkpointing_gives_the_same_gradients(repo_root):
     assert plain.keys() == checkpointed.keys() and len(plain) > 100
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_recomputed_adapter_recomputes_its_experts_but_not_its_router(repo_root, monkeypatch):
+    """The top-k routing runs once, in the forward: torch.compile's partitioner fails on a recomputed
+    top-k routing inside the full network (torch 2.14), and keeping it costs a few values per token."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from m2r.models import moe
+    from m2r.models.m2restore import build_model
+
+    class CountTopk(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls += func is torch.ops.aten.topk.default
+            return func(*args, **(kwargs or {}))
+
+    expert_runs = []
+    run_experts = moe.run_experts_densely
+    monkeypatch.setattr(moe, "run_experts_densely", lambda *args: expert_runs.append(1) or run_experts(*args))
+    model = build_model(tiny_config(repo_root).model)
+    model.set_activation_checkpointing("full_res")   # recomputes dder1 of the three adapters
+    output = model(torch.rand(1, 3, 32, 32))
+    assert len(expert_runs) == 3
+    with CountTopk() as in_backward:
+        (output.restored.mean() + output.balance_loss).backward()
+    assert in_backward.calls == 0 and len(expert_runs) == 4
 
 
 # ----------------------------------------------------------------------------------- monitor

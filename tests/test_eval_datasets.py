@@ -17,6 +17,22 @@ def test_allweather_train_follows_the_list_file(tmp_path):
     assert all(p.gt == root / "train/gt" / p.lq.name for p in pairs)
 
 
+def test_allweather_train_in_transweathers_layout(tmp_path):
+    """train/allweather/{input,gt} with train/allweather.txt: train/ exists too but holds no input folder."""
+    root = build_allweather(tmp_path / "aw", train=3)
+    (root / "train").rename(tmp_path / "allweather")
+    (root / "train").mkdir()
+    (tmp_path / "allweather").rename(root / "train/allweather")
+    (root / "filenames.txt").unlink()
+    (root / "train/allweather.txt").write_text("./allweather/input/im_0002.png\n")
+    pairs = allweather_train_pairs(root)
+    assert [(p.lq, p.gt) for p in pairs] == [(root / "train/allweather/input/im_0002.png",
+                                             root / "train/allweather/gt/im_0002.png")]
+    (root / "train/allweather/input").rename(root / "train/allweather/elsewhere")
+    with pytest.raises(DatasetLayoutError, match=r"none of \['train', 'train/allweather'\] holds an input folder"):
+        allweather_train_pairs(root)
+
+
 def test_allweather_test_sets_in_their_public_layouts(tmp_path):
     root = build_allweather(tmp_path / "aw")
     sets = allweather_test_sets(root)

@@ -96,3 +96,26 @@ def test_two_rank_finetune_from_a_one_rank_pretraining_checkpoint_then_evaluatio
         results = json.loads((out / "results.json").read_text())
         assert list(results["sets"]) == names
         assert all(PROTOCOL_KEYS <= set(summary) for summary in results["sets"].values())
+
+
+def test_a_finetune_stopped_mid_epoch_and_at_an_epoch_end_continues_exactly(repo_root, tmp_path):
+    """Gate noise and the loader's seed come out as in one uninterrupted run; the step saved at an
+    epoch's end is saved again after the resumed validation (replaced only once complete)."""
+    allweather = build_allweather(tmp_path / "allweather", size=(40, 48), train=8)
+    base = [sys.executable, "finetune.py", "--config", "configs/finetune/tiny-test.yaml", f"data.root={allweather}",
+            "model.moe.ep_size=1"]   # 4 steps per epoch, 2 epochs, gate noise on
+    run([*base, f"run.dir={tmp_path / 'straight'}"], repo_root)
+    split = tmp_path / "split"
+    assert "run.stop_after_steps=3 reached in epoch 0 at step 3" in run(
+        [*base, f"run.dir={split}", "run.stop_after_steps=3"], repo_root)
+    assert "run.stop_after_steps=1 reached in epoch 0 at step 4" in run(
+        [*base, f"run.dir={split}", "run.stop_after_steps=1"], repo_root)
+    run([*base, f"run.dir={split}"], repo_root)
+
+    def records(run_dir, kind):   # what the run computed, not its timings or running averages
+        lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k == "step" or k.startswith(kind) or k in ("loss", "lr", "grad_norm")}
+                for r in lines if kind in r]
+    for kind in ("pixel_loss", "val_psnr"):
+        assert records(tmp_path / "straight", kind) == records(split, kind)
+    assert sorted(p.name for p in (split / "checkpoints").iterdir() if p.is_dir()) == ["step00000004", "step00000008"]

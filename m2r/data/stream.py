@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from m2r.data.augment import random_crop, random_dihedral
+from m2r.dist import ignore_stop_signals
 from m2r.data.builtin import TRAIN_PHOTOS, VAL_PHOTOS, load_photo
 from m2r.data.presets import Degrader, type_names
 from m2r.data.shard_format import CorruptSample, decode_record, read_shard
@@ -32,6 +33,7 @@ STREAM_TAG = 1          # first seed word after the run seed: training stream
 ROUND_TAG = 2           # shard/photo choice of a round
 VAL_TAG = 3             # validation crops and degradations
 LOADER_TAG = 5          # the DataLoader's base seed for its worker processes
+FRESH_TAG = 6           # a stream started afresh at a step (resume after a topology change)
 BUILTIN_ROUND = 256     # samples per round of the builtin source
 MAX_EMPTY_READS = 64    # consecutive shard reads without one sample before giving up
 SOURCES = ("builtin", "shards")
@@ -184,6 +186,8 @@ class TrainStream:
 
     def __init__(self, plan: StreamPlan, num_workers: int):
         self.plan = plan
+        self._run_seed = plan.seed
+        self._fresh_from: Optional[int] = None
         self.num_workers = num_workers
         self.names = type_names(plan.preset)
         self._batches = 0
@@ -194,7 +198,8 @@ class TrainStream:
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
         dataset = _WorkerStream(self.plan, self._batches, tuple(self._cursors))
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                            prefetch_factor=4 if self.num_workers else None, generator=self._loader_generator())
+                            prefetch_factor=4 if self.num_workers else None, generator=self._loader_generator(),
+                            worker_init_fn=ignore_stop_signals)
         for batch in loader:
             worker = int(batch.pop("worker"))
             self._cursors[worker] = (int(batch.pop("cursor_round")), int(batch.pop("cursor_offset")))
@@ -219,14 +224,23 @@ class TrainStream:
         plan["shards"] = len(self.plan.shards)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in plan.items()}
 
+    def start_fresh(self, step: int) -> None:
+        """Draw a new stream, seeded by (run seed, step), for a resume whose saved positions cannot
+        apply (another world size or ep_size): the run's first batches are not served again."""
+        words = (self._run_seed, FRESH_TAG, step)
+        self.plan = dataclasses.replace(self.plan, seed=int(np.random.default_rng(words).integers(2 ** 31)))
+        self._fresh_from = step
+
     def state_dict(self) -> dict:
         return dict(version=1, plan=self._fingerprint(), batches=self._batches,
                     cursors=[list(c) for c in self._cursors], type_counts=list(self._type_counts),
-                    corrupt=self._corrupt)
+                    corrupt=self._corrupt, fresh_from=self._fresh_from)
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where `state` was taken; the plan (seed, rank, topology, shapes, data)
         must match, since positions are only meaningful in the stream they came from."""
+        if state.get("fresh_from") is not None:
+            self.start_fresh(state["fresh_from"])
         saved, current = state["plan"], self._fingerprint()
         differing = {k: (saved.get(k), current[k]) for k in current if _jsonish(saved.get(k)) != _jsonish(current[k])}
         if differing:

@@ -3,7 +3,9 @@
 A tag directory holds DeepSpeed's files (dense `mp_rank_00_model_states.pt` with our client_state,
 `layer_<L>_expert_<E>_...` per global expert, ZeRO optimizer shards), our `meta.json` (step and
 topology, readable without torch) and, with EMA on, one `ema_rank<R>.pt` per rank keyed by global
-expert id. `latest` is written only after every rank finished, and old tags are deleted only then.
+expert id. Every rank writes into `<tag>.partial`; once all have finished, rank 0 adds meta.json,
+renames the directory to `<tag>` and only then points `latest` at it and deletes old tags. A tag is
+complete exactly when it holds meta.json; a crash at any moment leaves the last complete tag intact.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -20,9 +23,12 @@ import numpy as np
 import torch
 
 from m2r import dist
+from m2r.atomic import fsync_directory, write_text_atomically
 from m2r.config import save_config
 
 TAG_PATTERN = re.compile(r"^step(\d{8})$")
+PARTIAL_SUFFIX = ".partial"     # a tag being written
+REPLACED_SUFFIX = ".replaced"   # a tag being replaced by a new save of the same step
 DENSE_FILE = "mp_rank_00_model_states.pt"
 META_FILE = "meta.json"
 CONFIG_FILE = "config.yaml"
@@ -81,23 +87,49 @@ def reseed(seed: int, rank: int, step: int) -> None:
     torch.manual_seed(seed * 1000 + rank + 7919 * step)
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def is_complete(tag_dir: Path) -> bool:
+    return (tag_dir / META_FILE).is_file()
+
+
+def tags_in(root: Path) -> List[str]:
+    """The `step<N>` directories under root, oldest first (complete or not)."""
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name))
+
+
+def newest_checkpoint(root: Path) -> Optional[CheckpointRef]:
+    """The tag `latest` names; if that is not a complete tag (`latest` lost, or a crash in the middle
+    of replacing a tag), the newest complete tag, with a warning; None if there is none."""
+    pointer = root / "latest"
+    named = pointer.read_text().strip() if pointer.is_file() else ""
+    if named and is_complete(root / named):
+        return CheckpointRef(root, named)
+    complete = [tag for tag in tags_in(root) if is_complete(root / tag)]
+    if not complete:
+        if named:   # a run that had saved: starting it from scratch is not for us to decide
+            raise FileNotFoundError(f"{pointer} names {named!r}, but {root} holds no complete checkpoint "
+                                    f"(a step<N> directory with {META_FILE}); run.resume=none starts afresh")
+        return None
+    problem = f"names {named!r}, which is not a complete checkpoint" if named else "is missing or empty"
+    warnings.warn(f"{pointer} {problem}; resuming from the newest complete checkpoint, {complete[-1]}")
+    return CheckpointRef(root, complete[-1])
 
 
 def resolve_resume(resume: str, run_checkpoints: Path) -> Optional[CheckpointRef]:
     """`latest` -> the run's newest checkpoint (None if there is none); `none` -> None;
-    a path -> that checkpoint directory (its `latest`) or that tag directory."""
+    a path -> that checkpoint directory (its newest checkpoint) or that tag directory."""
     if resume == "none":
         return None
     if resume == "latest":
-        latest = run_checkpoints / "latest"
-        return CheckpointRef(run_checkpoints, latest.read_text().strip()) if latest.is_file() else None
+        return newest_checkpoint(run_checkpoints)
     path = Path(resume)
-    if (path / "latest").is_file():
-        return CheckpointRef(path, (path / "latest").read_text().strip())
+    if (path / "latest").is_file() or tags_in(path):
+        ref = newest_checkpoint(path)
+        if ref is None:
+            raise FileNotFoundError(f"run.resume={resume!r}: no complete checkpoint (a step<N> directory "
+                                    f"holding {META_FILE}) in {path}")
+        return ref
     if (path / DENSE_FILE).is_file():
         return CheckpointRef(path.parent, path.name)
     raise FileNotFoundError(f"run.resume={resume!r}: neither a checkpoint directory with a 'latest' file "
@@ -131,30 +163,51 @@ class CheckpointManager:
         """Every rank calls it. The tag becomes `latest` only once complete on every rank; the
         resolved `config` is written beside it as config.yaml."""
         ref = CheckpointRef(self.root, tag_for(step))
-        engine.save_checkpoint(str(self.root), tag=ref.tag, client_state=client_state, save_latest=False)
+        staging = CheckpointRef(self.root, ref.tag + PARTIAL_SUFFIX)
+        if dist.is_rank0():   # left by a save that crashed, perhaps at another world size
+            shutil.rmtree(staging.path, ignore_errors=True)
+        dist.barrier()
+        engine.save_checkpoint(str(self.root), tag=staging.tag, client_state=client_state, save_latest=False)
         if ema_state is not None:
-            torch.save(ema_state, ref.path / f"ema_rank{dist.rank():05d}.pt")
+            torch.save(ema_state, staging.path / f"ema_rank{dist.rank():05d}.pt")
         # DeepSpeed's save ends in a barrier; this one also covers the EMA files.
         dist.barrier()
         if dist.is_rank0():
-            save_config(config, ref.path / CONFIG_FILE)
+            save_config(config, staging.path / CONFIG_FILE)
             meta = {"step": step, "world_size": topology.world_size, "ep_size": topology.ep_size,
                     "ema": ema_state is not None}
-            _write_atomically(ref.path / META_FILE, json.dumps(meta, indent=1))
-            _write_atomically(self.root / "latest", ref.tag)
+            write_text_atomically(staging.path / META_FILE, json.dumps(meta, indent=1))
+            self._publish(staging.path, ref)
             self._prune(keep=ref.tag)
         dist.barrier()
         return ref
 
+    def _publish(self, staged: Path, ref: CheckpointRef) -> None:
+        """Rename the finished tag into place, then point `latest` at it. A step saved again (a
+        finetune resumed at the end of an epoch saves that step once more) replaces the old tag only
+        now; should a crash fall between the two renames, `latest` names a missing tag and resume
+        takes the newest complete one (keep_last >= 2 keeps one)."""
+        replaced = ref.path.with_name(ref.tag + REPLACED_SUFFIX)
+        if ref.path.exists():
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(ref.path, replaced)
+        os.replace(staged, ref.path)
+        fsync_directory(self.root)
+        write_text_atomically(self.root / "latest", ref.tag)
+        shutil.rmtree(replaced, ignore_errors=True)
+
     def tags(self) -> List[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name))
+        return tags_in(self.root)
 
     def _prune(self, keep: str) -> None:
-        others = [tag for tag in self.tags() if tag != keep]
-        for tag in others[: max(0, len(others) - (self.keep_last - 1))]:
-            shutil.rmtree(self.root / tag, ignore_errors=True)
+        """Keep the newest `keep_last` complete tags; delete older ones, incomplete step directories
+        and what crashed saves left behind."""
+        complete = [tag for tag in self.tags() if tag != keep and is_complete(self.root / tag)]
+        doomed = [self.root / tag for tag in complete[: max(0, len(complete) - (self.keep_last - 1))]]
+        doomed += [self.root / tag for tag in self.tags() if not is_complete(self.root / tag)]
+        doomed += [path for suffix in (PARTIAL_SUFFIX, REPLACED_SUFFIX) for path in self.root.glob(f"step*{suffix}")]
+        for path in doomed:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def load_ema_states(ref: CheckpointRef) -> Dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, DistributedSampler
 
 from m2r import dist
+from m2r.atomic import write_text_atomically
 from m2r.config import ConfigError, choice
 from m2r.engine.checkpoint import (CheckpointManager, CheckpointRef, capture_rng_state, load_weights_only,
                                    resolve_resume)
@@ -63,6 +64,7 @@ class FinetuneRunConfig(RunOutputConfig):
     dir: str = "runs/finetune"       # checkpoints are saved every epoch
     best_metrics: List[str] = field(default_factory=lambda: ["psnr", "ssim"])
     stop_after_epochs: int = 0       # leave after this many epochs in this process; 0 = never
+    stop_after_steps: int = 0        # leave after this many steps in this process (checkpoint first); 0 = never
 
 
 @dataclass
@@ -121,7 +123,7 @@ class Finetuner(TrainingRun):
         if self.resume_ref is None:
             self._load_init_weights(model)
         self._start_engine(model)
-        self.epoch, self.samples_into_epoch, self.best = 0, 0, {}
+        self.epoch, self.samples_into_epoch, self.best, self.steps_this_run = 0, 0, {}, 0
         if self.resume_ref is None and cfg.init.weights and Path(cfg.init.weights).is_dir():
             self._load_pretraining_checkpoint(cfg.init.weights)
         self._start_ema()   # from the initial weights; a resume replaces it with the saved one
@@ -140,8 +142,11 @@ class Finetuner(TrainingRun):
         self.train_set = PairedImages(pairs, groups, crop=train.crop, seed=train.seed, augment=data.augment)
         self.sampler = ResumableSampler(self.train_set, num_replicas=env.world_size, rank=env.rank, shuffle=True,
                                         seed=train.seed, drop_last=True)
+        # The generator is reseeded every epoch (`run_epoch`): a loader without one draws its workers'
+        # base seed from the global torch RNG, and a resumed run would draw it after restoring that RNG.
         self.loader = DataLoader(self.train_set, batch_size=train.micro_batch, sampler=self.sampler,
-                                 num_workers=data.workers, drop_last=True, persistent_workers=False)
+                                 num_workers=data.workers, drop_last=True, persistent_workers=False,
+                                 generator=torch.Generator(), worker_init_fn=dist.ignore_stop_signals)
         micro_batches = len(self.sampler) // train.micro_batch
         self.steps_per_epoch = micro_batches // train.grad_accum
         if self.steps_per_epoch == 0:
@@ -160,13 +165,12 @@ class Finetuner(TrainingRun):
     def _val_batches(self, val_sets) -> List[Dict[str, torch.Tensor]]:
         """Centre crops of the first images of each set, batched per set; type_id = set index."""
         from m2r.data.augment import center_crop
-        from m2r.eval.datasets import read_rgb, to_chw_uint8
+        from m2r.eval.datasets import read_pair, to_chw_uint8
 
         data = self.cfg.data
         batches = []
         for set_index, pairs in enumerate(val_sets.values()):
-            crops = [(to_chw_uint8(center_crop(read_rgb(p.lq), data.val_crop)),
-                      to_chw_uint8(center_crop(read_rgb(p.gt), data.val_crop)))
+            crops = [tuple(to_chw_uint8(center_crop(image, data.val_crop)) for image in read_pair(p))
                      for p in pairs[: data.val_images_per_set]]
             for start in range(0, len(crops), data.val_batch_size):
                 chunk = crops[start:start + data.val_batch_size]
@@ -247,12 +251,13 @@ class Finetuner(TrainingRun):
         mean_terms = dist.all_reduce_sum(terms) / dist.world_size()
         self._log_train_step(mean_terms, lr, timer, log_step=self.step % self.cfg.run.log_every == 0)
 
-    def run_epoch(self) -> bool:
-        """Train one epoch (or its rest); False if a stop signal interrupted it."""
+    def run_epoch(self) -> Optional[str]:
+        """Train one epoch (or its rest); returns why it stopped early, None when it finished."""
         train = self.cfg.train
         self.sampler.set_epoch(self.epoch)
         self.train_set.set_epoch(self.epoch)
         self.sampler.skip = self.samples_into_epoch
+        self.loader.generator.manual_seed(train.seed * 1000 + dist.rank() + 7919 * self.epoch)
         batches = iter(self.loader)
         timer = StepTimer()
         steps_left = (len(self.sampler) // train.micro_batch) // train.grad_accum
@@ -261,11 +266,21 @@ class Finetuner(TrainingRun):
             self.samples_into_epoch += train.micro_batch * train.grad_accum
             timer.end_step(train.micro_batch * train.grad_accum * dist.world_size())
             self._report_step(terms, lr, timer)
-            if self.stop_request.agreed():
-                return False
+            self.steps_this_run += 1
+            if reason := self._stop_reason():
+                return reason
         self.epoch += 1
         self.samples_into_epoch = 0
-        return True
+        return None
+
+    def _stop_reason(self) -> Optional[str]:
+        """Decided identically on every rank (the signal flag is agreed through all_reduce)."""
+        if self.stop_request.agreed():
+            return f"stopped by {self.stop_request.signal_name or 'a signal on another rank'}"
+        stop_after = self.cfg.run.stop_after_steps
+        if stop_after and self.steps_this_run >= stop_after:
+            return f"run.stop_after_steps={stop_after} reached"
+        return None
 
     # ----------------------------------------------------------------------------- validation, checkpoints
     def validate(self) -> Dict[str, float]:
@@ -297,17 +312,16 @@ class Finetuner(TrainingRun):
                                self._ema_state())
             if dist.is_rank0():   # the weights that were validated: the EMA ones when there is an EMA
                 export(str(ref.path), str(self.run_dir / f"best_{name}.safetensors"), use_ema=self.ema is not None)
-                (self.run_dir / f"best_{name}.json").write_text(json.dumps(self.best[name], indent=1))
+                write_text_atomically(self.run_dir / f"best_{name}.json", json.dumps(self.best[name], indent=1))
                 self.monitor.print(f"new best {name} {metrics[name]:.4f} at epoch {self.epoch}: {ref.path}")
             dist.barrier()
 
     def fit(self) -> int:
         epochs_this_run = 0
         while self.epoch < self.cfg.train.epochs:
-            if not self.run_epoch():
+            if reason := self.run_epoch():
                 self.save_checkpoint()
-                self.monitor.print(f"stopped by {self.stop_request.signal_name or 'a signal on another rank'} "
-                                   f"in epoch {self.epoch} at step {self.step}")
+                self.monitor.print(f"{reason} in epoch {self.epoch} at step {self.step}")
                 break
             metrics = self.validate()
             self.keep_best(metrics)

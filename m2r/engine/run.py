@@ -25,7 +25,6 @@ from m2r.engine.monitor import NullMonitor, StepTimer, build_monitor
 from m2r.engine.optim import EMA, build_optimizer
 from m2r.engine.validate import to_unit_float
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -46,7 +45,7 @@ class StopRequest:
 
     def __init__(self):
         self.signal_name: Optional[str] = None
-        for sig in STOP_SIGNALS:
+        for sig in dist.STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, _frame) -> None:

@@ -88,6 +88,7 @@ class Trainer(TrainingRun):
         if saved_rng is not None:  # exact: the data stream continues where it stopped
             self.stream.load_state_dict(client["stream_states"][dist.rank()])
         else:
+            self.stream.start_fresh(self.step)
             self._warn_topology_change(ref)
         self._restore_ema(ref)
         self.first_val_psnr = client.get("first_val_psnr")
@@ -96,7 +97,7 @@ class Trainer(TrainingRun):
 
     def _warn_topology_change(self, ref: CheckpointRef) -> None:
         lost = ["AdamW moments and step counts (the optimizer restarts)",
-                "the data stream position (a fresh stream is drawn)",
+                "the data stream position (a fresh stream is drawn, seeded by the step)",
                 "the per-rank RNG states (reseeded from seed, rank and step)"]
         if self.cfg.train.precision != "fp32":
             lost.append("the fp32 master weights (rebuilt from the saved low-precision weights)")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -107,9 +107,18 @@ def read_list_file(path: Path) -> List[str]:
     return [Path(line).name for line in lines]
 
 
+def _allweather_train_folder(root: Path) -> Path:
+    """train/ or TransWeather's train/allweather/: the first that holds an input folder (train/ exists in both)."""
+    for name in ALLWEATHER_TRAIN_DIRS:
+        if any((root / name / input_dir).is_dir() for input_dir in INPUT_DIRS):
+            return root / name
+    raise DatasetLayoutError(f"{root}: none of {list(ALLWEATHER_TRAIN_DIRS)} holds an input folder "
+                             f"({' or '.join(INPUT_DIRS)})")
+
+
 def allweather_train_pairs(root: Path, list_file: Optional[str] = None) -> List[Pair]:
     root = Path(root)
-    folder = _first_dir(root, ALLWEATHER_TRAIN_DIRS)
+    folder = _allweather_train_folder(root)
     if list_file is not None and not Path(list_file).is_file():
         raise DatasetLayoutError(f"list file {list_file} not found")
     found = [root / name for name in ALLWEATHER_LIST_FILES if (root / name).is_file()]
@@ -179,6 +188,15 @@ def train_pairs(dataset: str, root: str, list_file: Optional[str] = None) -> Lis
     raise ValueError(f"dataset {dataset!r} is not one of {DATASETS}")
 
 
+def read_pair(pair: Pair) -> Tuple[np.ndarray, np.ndarray]:
+    """Both images as (H, W, 3) uint8 RGB; a pair whose sizes differ is a DatasetLayoutError naming both."""
+    lq, gt = read_rgb(pair.lq), read_rgb(pair.gt)
+    if lq.shape != gt.shape:
+        raise DatasetLayoutError(f"{pair.lq} is {lq.shape[1]}x{lq.shape[0]} but its target {pair.gt} is "
+                                 f"{gt.shape[1]}x{gt.shape[0]}")
+    return lq, gt
+
+
 def to_chw_uint8(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
@@ -201,10 +219,7 @@ class PairedImages(Dataset):
 
     def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
         pair = self.pairs[index]
-        lq, gt = read_rgb(pair.lq), read_rgb(pair.gt)
-        if lq.shape != gt.shape:
-            raise DatasetLayoutError(f"{pair.lq} is {lq.shape[1]}x{lq.shape[0]} but its target {pair.gt} is "
-                                     f"{gt.shape[1]}x{gt.shape[0]}")
+        lq, gt = read_pair(pair)
         rng = np.random.default_rng((self.seed, self.epoch, index))
         if self.crop:
             lq, gt = random_crop([lq, gt], self.crop, rng)

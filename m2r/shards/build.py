@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
-import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from m2r.atomic import atomic_path, write_text_atomically
 from m2r.data.images import IMAGE_SUFFIXES, list_image_files, open_rgb
 from m2r.data.presets import Degrader
 from m2r.data.shard_format import add_member, encode_image
@@ -71,9 +71,7 @@ def sha256_file(path: Path) -> str:
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(payload, indent=1))
 
 
 def shard_name(index: int) -> str:
@@ -102,9 +100,8 @@ def build_shard(job: Tuple[int, int, List[str], BuildOptions]) -> dict:
     out = Path(opts.out)
     name = shard_name(shard_index)
     degrader = Degrader(opts.preset) if opts.preset else None
-    tmp = out / (name + ".tmp")
     type_counts, skipped, samples = {}, [], 0
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with atomic_path(out / name) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for offset, path in enumerate(files):
             try:
                 members, type_name = _sample_members(first_sample + offset, path, opts, degrader)
@@ -115,7 +112,6 @@ def build_shard(job: Tuple[int, int, List[str], BuildOptions]) -> dict:
                 add_member(tar, member_name, data)
             type_counts[type_name] = type_counts.get(type_name, 0) + 1
             samples += 1
-    os.replace(tmp, out / name)
     record = dict(name=name, samples=samples, bytes=(out / name).stat().st_size, sha256=sha256_file(out / name),
                   type_counts=type_counts, skipped=skipped)
     _write_json_atomic((out / name).with_suffix(".json"), record)

@@ -1,0 +1,41 @@
+"""Files written whole or not at all: a temp file beside the target, fsync, rename, fsync of the folder.
+
+A crash, preemption or power loss leaves either the old file or the new one, never a truncated one
+(checkpoint pointers and metadata, configs, exported weights, shards and their index).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields the temp path to write; on success it replaces `path`, on an exception it is removed."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def fsync_directory(path: str | os.PathLike) -> None:
+    """Makes a rename or a new entry in `path` durable."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
