@@ -78,8 +78,11 @@ log "  $ENTRY --config $CONFIG ${OVERRIDES}"
 log "  trainer log: $run_log"
 
 # Each launcher execs srun, so that $! below is srun itself: srun passes signals on to its tasks.
+# Task counts are given in full: srun inside the job inherits SLURM_NTASKS, which would otherwise
+# override --ntasks-per-node.
 launch_srun() {
-    exec srun --kill-on-bad-exit=1 --ntasks-per-node="$GPUS_PER_NODE" --cpus-per-task="$cpus_per_rank" \
+    exec srun --kill-on-bad-exit=1 --nodes="$SLURM_JOB_NUM_NODES" --ntasks=$((SLURM_JOB_NUM_NODES * GPUS_PER_NODE)) \
+        --ntasks-per-node="$GPUS_PER_NODE" --cpus-per-task="$cpus_per_rank" \
         "$PYTHON" "$ENTRY" --config "$CONFIG" "${overrides[@]}"
 }
 
@@ -88,7 +91,8 @@ launch_deepspeed() {
     bash launch/hostfile.sh "$GPUS_PER_NODE" > "$hostfile"
     # SLURM_NODEID must expand on each node, hence the inner bash; `trap "" USR1` is inherited
     # through exec by the launchers, while the trainer installs its own handler.
-    exec srun --kill-on-bad-exit=1 --ntasks-per-node=1 --cpus-per-task=$((GPUS_PER_NODE * cpus_per_rank)) \
+    exec srun --kill-on-bad-exit=1 --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 \
+        --cpus-per-task=$((GPUS_PER_NODE * cpus_per_rank)) \
         bash -c 'trap "" USR1; exec "$1" -m deepspeed.launcher.runner --hostfile "$2" --no_ssh \
                  --node_rank "$SLURM_NODEID" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "${@:3}"' \
         deepspeed-node "$PYTHON" "$hostfile" "$ENTRY" --config "$CONFIG" "${overrides[@]}"
@@ -107,5 +111,6 @@ while kill -0 "$step_pid" 2>/dev/null; do
 done
 log "training step exited with status $status"
 
-if (( warned )); then requeue; fi
+# Requeue only a step that saved and stopped cleanly: a failing one would fail again, slot after slot.
+if (( warned && status == 0 )); then requeue; fi
 exit "$status"

@@ -29,9 +29,18 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 def ignore_stop_signals(_worker_id: int = 0) -> None:
     """DataLoader `worker_init_fn`. SLURM signals every process of a job step, data workers too; a
     worker killed by SIGTERM (or by USR1's default action) would crash the trainer's next batch fetch
-    before it can checkpoint. The trainer shuts its workers down itself once it has stopped."""
+    before it can checkpoint. The trainer shuts its workers down itself (`shut_down_workers`)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def shut_down_workers(batches) -> None:
+    """Stop a DataLoader iterator's worker processes now. They ignore SIGTERM, so when an exception
+    leaves with the iterator in its traceback, Python's exit would terminate them with SIGTERM and
+    wait forever."""
+    shutdown = getattr(batches, "_shutdown_workers", None)   # multi-process iterators only
+    if shutdown is not None:
+        shutdown()
 
 
 @dataclass(frozen=True)
@@ -74,7 +83,9 @@ def discover_dist_env(environ: MutableMapping[str, str] = os.environ) -> DistEnv
     if "RANK" in environ and "WORLD_SIZE" in environ:
         env = DistEnv(int(environ["RANK"]), int(environ["WORLD_SIZE"]),
                       int(environ.get("LOCAL_RANK", 0)), "torchrun/deepspeed")
-    elif int(environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in environ:
+    elif int(environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in environ and "SLURM_STEP_ID" in environ:
+        # An srun task (SLURM_STEP_ID is unset in the batch script itself, where a plain
+        # `python pretrain.py` is a world of one, whatever the job's task count).
         env = DistEnv(int(environ["SLURM_PROCID"]), int(environ["SLURM_NTASKS"]),
                       int(environ.get("SLURM_LOCALID", 0)), "srun")
         environ.setdefault("MASTER_ADDR", first_slurm_host(environ["SLURM_JOB_NODELIST"]))
@@ -90,10 +101,16 @@ def discover_dist_env(environ: MutableMapping[str, str] = os.environ) -> DistEnv
 
 
 def device_for(env: DistEnv) -> torch.device:
-    if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank)
-        return torch.device("cuda", env.local_rank)
-    return torch.device("cpu")
+    """The local rank's GPU; the only visible one when SLURM binds one GPU per task (--gpus-per-task=1)."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    visible = torch.cuda.device_count()
+    index = 0 if visible == 1 else env.local_rank
+    if index >= visible:
+        raise RuntimeError(f"local rank {env.local_rank} has no GPU: {visible} visible (CUDA_VISIBLE_DEVICES="
+                           f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start one rank per GPU")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def _skip_deepspeed_shm_build() -> None:

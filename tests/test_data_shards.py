@@ -1,6 +1,7 @@
 """Shard builder and inspector on a folder of 210 real photos (crops of scikit-image samples)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -11,6 +12,8 @@ from PIL import Image
 from m2r.data.builtin import TRAIN_PHOTOS, load_photo
 from m2r.data.shard_format import CorruptSample, decode_image, decode_record, encode_image, read_shard
 from m2r.data.shard_list import expand_braces, resolve_shards
+from m2r.shards import build as build_module
+from m2r.shards.__main__ import _build_options, _parser
 from m2r.shards.build import BuildOptions, build
 from m2r.shards.inspect import inspect_shards
 
@@ -33,6 +36,15 @@ def photo_tree(tmp_path_factory):
         Image.fromarray(img[y:y + size, x:x + size]).save(folder / f"photo{i:03d}.{FORMATS[i % 5]}")
     (root / "part0" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated, not a jpeg")
     return root
+
+
+@pytest.fixture(scope="module")
+def four_photos(photo_tree, tmp_path_factory):
+    """A small source folder, for builds that are run several times."""
+    folder = tmp_path_factory.mktemp("four")
+    for path in sorted((photo_tree / "part1").glob("*.png"))[:4]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +103,46 @@ def test_rerun_skips_finished_shards_and_redoes_unfinished_ones(clean_shards, ph
     assert changed == ["shard-000003.tar"]
 
 
+@pytest.mark.parametrize("option, value", [("preset", "cdd11"), ("seed", 1), ("encoding", "png"), ("max_side", 32),
+                                           ("samples_per_shard", 3), ("src", "one photo")])
+def test_rebuilding_into_an_out_dir_built_with_other_options_is_refused(four_photos, tmp_path, option, value):
+    """Stale shards are never mixed into a build; an identical rerun still resumes."""
+    out = tmp_path / "out"
+    options = dict(src=[str(four_photos)], out=str(out), samples_per_shard=2)
+    first = build(BuildOptions(**options), progress=False)
+    if option == "src":
+        (tmp_path / "one").mkdir()
+        shutil.copy(next(four_photos.glob("*.png")), tmp_path / "one")
+        value = [str(tmp_path / "one")]
+    named = "source file list" if option == "src" else option
+    with pytest.raises(ValueError, match=f"--out {out} already holds shard-000000.tar, built with other options "
+                                         f"\\({named} .*\\); use a new --out, or delete {out}"):
+        build(BuildOptions(**{**options, option: value}), progress=False)
+    assert build(BuildOptions(**options), progress=False) == first
+
+
+def test_only_unreadable_source_images_are_skipped_other_errors_stop_the_build(four_photos, tmp_path, monkeypatch):
+    def broken_encoder(img, encoding):
+        raise ValueError("a bug in the encoder")
+    monkeypatch.setattr(build_module, "encode_image", broken_encoder)
+    with pytest.raises(ValueError, match="a bug in the encoder"):
+        build(BuildOptions(src=[str(four_photos)], out=str(tmp_path)), progress=False)
+
+
+@pytest.mark.parametrize("recipe, flag, preset", [("clean_only: true", ["--degradations", "cdd11"], "cdd11"),
+                                                  ("degradations: allweather", ["--clean-only"], None)])
+def test_a_mode_on_the_command_line_replaces_the_recipes(tmp_path, recipe, flag, preset):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"src: [/data/photos]\nout: shards/x\nsamples_per_shard: 7\n{recipe}\n")
+    opts = _build_options(_parser().parse_args(["build", "--recipe", str(path), *flag]))
+    assert opts.preset == preset and opts.samples_per_shard == 7
+
+
+def test_both_modes_on_the_command_line_are_refused():
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["build", "--src", "a", "--out", "b", "--clean-only", "--degradations", "cdd11"])
+
+
 def test_pre_degraded_pairs_carry_type_and_parameters(photo_tree, tmp_path):
     manifest = build(BuildOptions(src=[str(photo_tree / "part1")], out=str(tmp_path), preset="allweather",
                                   samples_per_shard=40, encoding="png"), progress=False)
@@ -114,6 +166,12 @@ def test_codec_round_trips_and_rejects_damage():
             decode_image(ext, data[: len(data) // 2])
     with pytest.raises(CorruptSample, match="unsupported"):
         decode_image("pickle", b"\x80\x04")
+
+
+def test_a_damaged_record_is_named_by_its_key():
+    ext, data = encode_image(np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(CorruptSample, match="sample 000000042: cannot decode"):
+        decode_record({"__key__": "000000042", f"clean.{ext}": data[:10]})
 
 
 def test_unknown_fields_are_never_read(tmp_path):

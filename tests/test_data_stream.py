@@ -1,5 +1,7 @@
-"""The training stream: 2 ranks x 2 workers, equal steps, exact resume, corrupt samples, val set."""
+"""The training stream: 2 ranks x 2 workers, equal steps, exact resume, corrupt samples, val set,
+and the errors that stop a stream instead of letting it hang."""
 import itertools
+import multiprocessing
 import tarfile
 
 import numpy as np
@@ -10,23 +12,40 @@ from PIL import Image
 from m2r.data import DataConfig, build_train_stream, build_val_set
 from m2r.data.builtin import TRAIN_PHOTOS, load_photo
 from m2r.data.presets import type_names
-from m2r.data.shard_format import add_member
+from m2r.data.shard_format import CorruptSample, add_member
 from m2r.shards.build import BuildOptions, build
 
 CROP, BATCH = 32, 3
 
 
 @pytest.fixture(scope="module")
-def shard_dir(tmp_path_factory):
-    """8 clean shards of 5 photo crops each."""
-    photos = tmp_path_factory.mktemp("photos")
+def photos(tmp_path_factory):
+    """40 crops of 48 x 48 from the sample photos."""
+    folder = tmp_path_factory.mktemp("photos")
     rng = np.random.default_rng(1)
     for i in range(40):
         img = load_photo(TRAIN_PHOTOS[i % len(TRAIN_PHOTOS)])
         y, x = (int(rng.integers(0, n - 48)) for n in img.shape[:2])
-        Image.fromarray(img[y:y + 48, x:x + 48]).save(photos / f"{i:02d}.png")
+        Image.fromarray(img[y:y + 48, x:x + 48]).save(folder / f"{i:02d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def shard_dir(photos, tmp_path_factory):
+    """8 clean shards of 5 photo crops each."""
     out = tmp_path_factory.mktemp("shards")
     build(BuildOptions(src=[str(photos)], out=str(out), samples_per_shard=5), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def allweather_pairs(photos, tmp_path_factory):
+    """4 shards of 2 pairs pre-degraded with the allweather preset, with their manifest."""
+    out = tmp_path_factory.mktemp("pairs")
+    sources = tmp_path_factory.mktemp("eight_photos")
+    for name in sorted(p.name for p in photos.iterdir())[:8]:
+        (sources / name).write_bytes((photos / name).read_bytes())
+    build(BuildOptions(src=[str(sources)], out=str(out), preset="allweather", samples_per_shard=2), progress=False)
     return out
 
 
@@ -114,22 +133,100 @@ def test_fewer_shards_than_ranks_times_workers_is_a_clear_error(shard_dir):
         build_train_stream(cfg, seed=0, rank=0, world_size=3, micro_batch=1, crop=CROP)
 
 
+def copy_damaged(good, copy, damage):
+    """Copy shard `good` to `copy` with every image member whose name `damage` accepts truncated."""
+    with tarfile.open(good) as src, tarfile.open(copy, "w") as dst:
+        for member in src.getmembers():
+            data = src.extractfile(member).read()
+            add_member(dst, member.name, data[:20] if member.name.endswith(".zst") and damage(member.name) else data)
+
+
 def test_corrupt_samples_are_counted_and_skipped(shard_dir, tmp_path):
     """Two shards whose first sample's image is truncated: those samples are skipped, not fatal."""
     good = sorted(shard_dir.glob("*.tar"))[0]
+    first_key = tarfile.open(good).getnames()[0].split(".")[0]
     for copy in ("bad-0.tar", "bad-1.tar"):
-        with tarfile.open(good) as src, tarfile.open(tmp_path / copy, "w") as dst:
-            members = src.getmembers()
-            for member in members:
-                data = src.extractfile(member).read()
-                if member.name.startswith(members[0].name.split(".")[0]) and member.name.endswith(".zst"):
-                    data = data[:20]
-                add_member(dst, member.name, data)
+        copy_damaged(good, tmp_path / copy, lambda name: name.startswith(first_key))
     cfg = DataConfig(source="shards", shards=f"{tmp_path}/bad-{{0..1}}.tar", preset="five-task",
                      workers=0, shuffle_buffer=10)
     stream = build_train_stream(cfg, seed=0, rank=0, world_size=1, micro_batch=2, crop=CROP)
     assert len(take(stream, 6)) == 6
     assert stream.stats()["corrupt_samples"] >= 2
+
+
+def test_a_shuffle_buffer_below_one_is_refused(shard_dir):
+    cfg = DataConfig(source="shards", shards=str(shard_dir), workers=0, shuffle_buffer=0)
+    with pytest.raises(ValueError, match="data.shuffle_buffer must be at least 1"):
+        build_train_stream(cfg, seed=0, rank=0, world_size=1, micro_batch=1, crop=CROP)
+
+
+@pytest.mark.timeout(20)   # before the fix this hung
+def test_a_worker_whose_every_sample_is_damaged_stops_with_an_error_instead_of_hanging(shard_dir, tmp_path):
+    """A hung rank would hang every rank's collectives: the error names the worker's shards, how long
+    it tried and the last damage seen."""
+    good = sorted(shard_dir.glob("*.tar"))[0]
+    for copy in ("bad-0.tar", "bad-1.tar"):
+        copy_damaged(good, tmp_path / copy, lambda name: True)
+    cfg = DataConfig(source="shards", shards=f"{tmp_path}/bad-{{0..1}}.tar", preset="five-task",
+                     workers=0, shuffle_buffer=8)
+    stream = build_train_stream(cfg, seed=0, rank=0, world_size=1, micro_batch=2, crop=CROP)
+    pattern = (r"data worker 0 of rank 0: \d+ rounds in a row \(\d+ samples\) without one usable sample "
+               r"from its shards .*bad-0\.tar, .*bad-1\.tar; last error: shard .*bad-\d\.tar: sample \d{9}: "
+               r"cannot decode")
+    with pytest.raises(RuntimeError, match=pattern):
+        take(stream, 1)
+
+
+@pytest.mark.timeout(60)
+def test_an_error_in_a_worker_process_stops_the_workers(shard_dir, tmp_path):
+    """Workers ignore SIGTERM (SLURM's stop signals are the trainer's), so the stream stops them itself
+    when an error leaves it: with the error's traceback holding them, Python's exit would wait forever."""
+    good = sorted(shard_dir.glob("*.tar"))[0]
+    copy_damaged(good, tmp_path / "bad-0.tar", lambda name: True)
+    cfg = DataConfig(source="shards", shards=f"{tmp_path}/bad-{{0..0}}.tar", preset="five-task",
+                     workers=1, shuffle_buffer=8)
+    stream = build_train_stream(cfg, seed=0, rank=0, world_size=1, micro_batch=2, crop=CROP)
+    with pytest.raises(RuntimeError, match="without one usable sample") as error:
+        take(stream, 1)
+    assert error.traceback and not multiprocessing.active_children()
+
+
+@pytest.mark.timeout(20)   # before the fix this hung
+def test_pre_degraded_samples_of_a_type_outside_the_preset_are_an_error_not_skipped(allweather_pairs, tmp_path):
+    """Shards without a manifest are checked sample by sample."""
+    for shard in allweather_pairs.glob("*.tar"):
+        (tmp_path / shard.name).write_bytes(shard.read_bytes())
+    cfg = DataConfig(source="shards", shards=str(tmp_path), preset="five-task", workers=0, shuffle_buffer=4)
+    stream = build_train_stream(cfg, seed=0, rank=0, world_size=1, micro_batch=2, crop=CROP)
+    pattern = (r"shard .*shard-00000\d\.tar, sample \d{9}: pre-degraded type '(rain_fog|snow|raindrop)' "
+               r"is not in data.preset 'five-task'")
+    with pytest.raises(ValueError, match=pattern) as raised:
+        take(stream, 1)
+    assert not isinstance(raised.value, CorruptSample)
+
+
+def test_a_brace_pattern_is_checked_against_the_manifest_of_its_folder(allweather_pairs):
+    cfg = DataConfig(source="shards", shards=f"{allweather_pairs}/shard-{{000000..000001}}.tar", preset="five-task",
+                     workers=0)
+    with pytest.raises(ValueError, match="data.preset 'five-task' but the pre-degraded shards in .* were built "
+                                         "with preset 'allweather'"):
+        build_train_stream(cfg, seed=0, rank=0, world_size=1, micro_batch=2, crop=CROP)
+
+
+def test_a_damaged_val_sample_is_an_error_naming_its_shard_and_key(tmp_path):
+    with tarfile.open(tmp_path / "val-0.tar", "w") as tar:
+        add_member(tar, "000000007.clean.rgb.zst", b"garbage")
+        add_member(tar, "000000007.json", b"{}")
+    cfg = DataConfig(val_shards=str(tmp_path), preset="allweather")
+    with pytest.raises(CorruptSample, match=r"shard .*val-0\.tar: sample 000000007: cannot decode"):
+        build_val_set(cfg, CROP)
+
+
+def test_val_pairs_of_a_type_outside_the_preset_are_an_error(allweather_pairs):
+    cfg = DataConfig(val_shards=f"{allweather_pairs}/shard-000000.tar", preset="cdd11", val_samples_per_type=1)
+    with pytest.raises(ValueError, match=r"shard .*shard-000000\.tar, sample 000000000: pre-degraded type "
+                                         r"'(rain_fog|raindrop)' is not in data.preset 'cdd11'"):
+        build_val_set(cfg, CROP)
 
 
 def test_val_set_is_fixed_and_covers_every_type():

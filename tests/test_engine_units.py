@@ -34,7 +34,7 @@ def test_torchrun_and_deepspeed_launchers_are_read_from_rank_variables():
 
 
 def test_srun_one_task_per_gpu_exports_torch_variables():
-    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5",
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5", "SLURM_STEP_ID": "0",
            "SLURM_JOB_NODELIST": "gpu[07-08,12]", "SLURM_JOB_ID": "4242"}
     assert dist.discover_dist_env(env) == dist.DistEnv(5, 16, 5, "srun")
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("5", "16", "5")
@@ -45,6 +45,22 @@ def test_a_bare_python_process_is_a_world_of_one():
     env = {}
     assert dist.discover_dist_env(env) == dist.DistEnv(0, 1, 0, "single")
     assert env["MASTER_ADDR"] == "127.0.0.1" and int(env["MASTER_PORT"]) > 0
+    # also in an sbatch script of a many-task job: only srun's tasks are ranks of that job
+    batch_script = {"SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_JOB_NODELIST": "gpu07", "SLURM_JOB_ID": "1"}
+    assert dist.discover_dist_env(batch_script) == dist.DistEnv(0, 1, 0, "single")
+
+
+@pytest.mark.parametrize("visible, local_rank, device", [(8, 5, 5), (1, 5, 0), (4, 5, None)])
+def test_each_rank_takes_its_gpu_or_the_one_it_was_bound_to(monkeypatch, visible, local_rank, device):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    env = dist.DistEnv(local_rank, 16, local_rank, "srun")
+    if device is None:
+        with pytest.raises(RuntimeError, match="local rank 5 has no GPU: 4 visible"):
+            dist.device_for(env)
+    else:
+        assert dist.device_for(env) == torch.device("cuda", device)
 
 
 @pytest.mark.parametrize("nodelist, first", [("node1", "node1"), ("a[3-5]", "a3"), ("x[9,2],y1", "x9"),
@@ -302,7 +318,9 @@ def test_metrics_file_always_and_tensorboard_only_when_asked(tmp_path, tensorboa
     monitor.log_train(1, {"loss": 0.5, "pixel_loss": 0.4, "balance_loss": 1.0, "lr": 1e-3})
     monitor.log_val(1, {"psnr": 20.0, "ssim": 0.5})
     monitor.log_images(1, torch.zeros(3, 8, 8))
+    monitor.log_data_stats(1, {"rain": 3, "haze": 1}, corrupt_samples=2)
     monitor.close()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["loss"] == 0.5 and records[1]["val_psnr"] == 20.0
+    assert records[2] == {"step": 1, "samples_by_type": {"rain": 3, "haze": 1}, "corrupt_samples": 2}
     assert (tmp_path / "tensorboard").is_dir() == tensorboard

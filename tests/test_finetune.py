@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from finetune_layouts import build_allweather, build_cdd11
@@ -119,3 +120,16 @@ def test_a_finetune_stopped_mid_epoch_and_at_an_epoch_end_continues_exactly(repo
     for kind in ("pixel_loss", "val_psnr"):
         assert records(tmp_path / "straight", kind) == records(split, kind)
     assert sorted(p.name for p in (split / "checkpoints").iterdir() if p.is_dir()) == ["step00000004", "step00000008"]
+
+
+def test_a_data_error_mid_epoch_with_workers_running_ends_the_run_with_the_error(repo_root, tmp_path):
+    """Workers ignore SIGTERM (SLURM signals them too), so they must be stopped explicitly when an
+    exception leaves the loop, or Python's exit would wait on them forever."""
+    allweather = build_allweather(tmp_path / "allweather", size=(40, 48), train=8)
+    Image.new("RGB", (20, 20)).save(allweather / "train/gt/im_0005.png")   # its input is 48x40
+    command = [sys.executable, "finetune.py", "--config", "configs/finetune/tiny-test.yaml", f"data.root={allweather}",
+               "model.moe.ep_size=1", "data.workers=1", f"run.dir={tmp_path / 'run'}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
+    result = subprocess.run(command, cwd=repo_root, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "im_0005.png is 48x40 but its target" in result.stderr

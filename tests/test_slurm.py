@@ -98,13 +98,13 @@ class Job:
 
 
 def submit(cluster: SlurmCluster, work: Path, script: str = "launch/pretrain.sbatch", config: str = TINY_CONFIG,
-           overrides: str = PRETRAIN_OVERRIDES, **knobs: str) -> Job:
+           overrides: str = PRETRAIN_OVERRIDES, nodes=TWO_CPU_NODES, **knobs: str) -> Job:
     """Submit `script` with `config`; the run writes to `work`/run, its logs to `work`/logs."""
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHON=sys.executable, CONFIG=config, LOG_DIR=str(work / "logs"),
                OVERRIDES=f"run.dir={work / 'run'} {overrides}",
                OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", **knobs)
-    job_id = cluster.submit(script, *TWO_CPU_NODES, f"--output={work}/%x-%j.out", env=env, cwd=str(REPO_ROOT))
+    job_id = cluster.submit(script, *nodes, f"--output={work}/%x-%j.out", env=env, cwd=str(REPO_ROOT))
     return Job(cluster, job_id, work)
 
 
@@ -149,10 +149,12 @@ def test_warning_signal_checkpoints_requeues_and_resumes_with_identical_losses(c
 
 
 def test_deepspeed_launcher_alternative_matches_srun(cluster, uninterrupted, tmp_path):
-    job = submit(cluster, tmp_path, LAUNCHER="deepspeed")
+    """Two ranks on one node: one launcher for the node, although the job has two tasks per node
+    (srun inside the job inherits SLURM_NTASKS)."""
+    one_node = ("--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1")
+    job = submit(cluster, tmp_path, nodes=one_node, LAUNCHER="deepspeed")
     assert_completed(job, job.wait_until_final(timeout=150))
-    assert (job.work / "logs" / f"m2r-pretrain-{job.job_id}.hostfile").read_text() == \
-        "node1 slots=1\nnode2 slots=1\n"
+    assert re.fullmatch(r"node[12] slots=2\n", (job.work / "logs" / f"m2r-pretrain-{job.job_id}.hostfile").read_text())
     assert job.losses() == uninterrupted.losses()
 
 

@@ -75,19 +75,27 @@ def image_field(record: Dict[str, bytes], role: str):
 
 
 def decode_record(record: Dict[str, bytes]):
-    """-> (clean uint8, lq uint8 or None, metadata dict)."""
+    """-> (clean uint8, lq uint8 or None, metadata dict); a damaged sample raises CorruptSample
+    naming its key."""
+    try:
+        return _decode_fields(record)
+    except CorruptSample as exc:
+        raise CorruptSample(f"sample {record.get('__key__')}: {exc}") from None
+
+
+def _decode_fields(record: Dict[str, bytes]):
     clean = image_field(record, "clean")
     if clean is None:
-        raise CorruptSample(f"sample {record.get('__key__')} has no clean image")
+        raise CorruptSample("no clean image")
     try:
         meta = json.loads(record["json"]) if "json" in record else {}
     except ValueError as exc:
-        raise CorruptSample(f"sample {record.get('__key__')}: bad json: {exc}") from None
+        raise CorruptSample(f"bad json: {exc}") from None
     lq = image_field(record, "lq")
     clean_img = decode_image(*clean)
     lq_img = decode_image(*lq) if lq is not None else None
     if lq_img is not None and lq_img.shape != clean_img.shape:
-        raise CorruptSample(f"sample {record.get('__key__')}: lq {lq_img.shape} != clean {clean_img.shape}")
+        raise CorruptSample(f"lq {lq_img.shape} != clean {clean_img.shape}")
     return clean_img, lq_img, meta
 
 

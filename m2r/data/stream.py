@@ -16,6 +16,7 @@ continues exactly. The stream is endless, so every rank can take the same number
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -23,11 +24,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from m2r.data.augment import random_crop, random_dihedral
-from m2r.dist import ignore_stop_signals
 from m2r.data.builtin import TRAIN_PHOTOS, VAL_PHOTOS, load_photo
 from m2r.data.presets import Degrader, type_names
 from m2r.data.shard_format import CorruptSample, decode_record, read_shard
 from m2r.data.shard_list import read_manifest, resolve_shards
+from m2r.dist import ignore_stop_signals, shut_down_workers
 
 STREAM_TAG = 1          # first seed word after the run seed: training stream
 ROUND_TAG = 2           # shard/photo choice of a round
@@ -36,6 +37,12 @@ LOADER_TAG = 5          # the DataLoader's base seed for its worker processes
 FRESH_TAG = 6           # a stream started afresh at a step (resume after a topology change)
 BUILTIN_ROUND = 256     # samples per round of the builtin source
 MAX_EMPTY_READS = 64    # consecutive shard reads without one sample before giving up
+# A worker gives up after this many consecutive rounds, and at least this many samples, without one
+# usable sample: an endless stream of damaged samples would hang its rank, and so every rank's
+# collectives. Both bounds, so that a small shuffle_buffer over partly damaged shards cannot give up
+# by bad luck.
+MAX_BARREN_ROUNDS = 8
+MIN_FAILED_SAMPLES = 256
 SOURCES = ("builtin", "shards")
 
 
@@ -78,21 +85,24 @@ class _BuiltinSource:
 
 
 class _ShardSource:
-    """Round = whole shards drawn with replacement until `shuffle_buffer` samples, shuffled."""
+    """Round = whole shards drawn with replacement until `shuffle_buffer` samples, shuffled. A record
+    is (shard path, undecoded sample), so that errors can say where a sample lives."""
 
     def __init__(self, plan: StreamPlan, worker: int):
         self.shards = plan.slot_shards(worker)
         self.buffer = plan.shuffle_buffer
+        self.preset = plan.preset
         self.seed_words = (plan.seed, ROUND_TAG, plan.rank, worker)
 
     def round_records(self, round_index: int):
         rng = np.random.default_rng((*self.seed_words, round_index))
-        records: List[dict] = []
+        records: List[Tuple[str, dict]] = []
         corrupt = empty_reads = 0
         while len(records) < self.buffer:
             before = len(records)
+            shard = self.shards[int(rng.integers(len(self.shards)))]
             try:
-                records.extend(read_shard(self.shards[int(rng.integers(len(self.shards)))]))
+                records.extend((shard, sample) for sample in read_shard(shard))
             except CorruptSample:
                 corrupt += 1
             empty_reads = empty_reads + 1 if len(records) == before else 0
@@ -102,9 +112,23 @@ class _ShardSource:
         order = rng.permutation(len(records))
         return [records[i] for i in order], corrupt
 
-    @staticmethod
-    def decode(record):
-        return decode_record(record)
+    def decode(self, record):
+        return _decode_shard_sample(*record, self.preset)
+
+
+def _decode_shard_sample(shard: str, sample: dict, preset: str):
+    """`decode_record` naming the shard in its errors. A pre-degraded sample of a type outside
+    `preset` is a configuration error (ValueError), not a damaged sample to skip."""
+    try:
+        clean, lq, meta = decode_record(sample)
+    except CorruptSample as exc:
+        raise CorruptSample(f"shard {shard}: {exc}") from None
+    names = type_names(preset)
+    if lq is not None and meta.get("type") not in names:
+        raise ValueError(f"shard {shard}, sample {sample.get('__key__')}: pre-degraded type {meta.get('type')!r} "
+                         f"is not in data.preset '{preset}' {names}; stream these shards with the preset "
+                         f"they were built with")
+    return clean, lq, meta
 
 
 def _make_source(plan: StreamPlan, worker: int):
@@ -132,7 +156,7 @@ def make_pair(clean: np.ndarray, lq: Optional[np.ndarray], meta: dict, rng: np.r
         return lq_img, gt, type_id
     names = [t.name for t in degrader.types]
     if meta.get("type") not in names:
-        raise CorruptSample(f"pre-degraded sample of type {meta.get('type')!r}, not in the preset {names}")
+        raise ValueError(f"pre-degraded sample of type {meta.get('type')!r}, not in the preset {names}")
     gt, lq_img = random_crop([clean, lq], crop, rng, scale_range)
     gt, lq_img = random_dihedral([gt, lq_img], rng, rotate=False)
     return planar(lq_img), planar(gt), names.index(meta["type"])
@@ -151,24 +175,37 @@ def worker_batches(plan: StreamPlan, worker: int, cursor: Tuple[int, int]) -> It
     degrader = Degrader(plan.preset, dict(plan.weights))
     round_index, start = cursor
     lq, gt, type_ids, corrupt = [], [], [], 0
+    barren_rounds, failed, last_error = 0, 0, None     # since the last usable sample
     while True:
         records, round_corrupt = source.round_records(round_index)
         corrupt += round_corrupt
+        served = False
         for offset in range(start, len(records)):
             rng = np.random.default_rng((plan.seed, STREAM_TAG, plan.rank, worker, round_index, offset))
             try:
                 clean, lq_in, meta = source.decode(records[offset])
                 pair = make_pair(clean, lq_in, meta, rng, degrader, plan.crop, plan.scale_range)
-            except CorruptSample:
-                corrupt += 1
+            except CorruptSample as exc:
+                corrupt, failed, last_error = corrupt + 1, failed + 1, exc
                 continue
+            served, failed = True, 0
             lq.append(pair[0]), gt.append(pair[1]), type_ids.append(pair[2])
             if len(lq) == plan.micro_batch:
                 batch = collate(lq, gt, type_ids)
                 batch.update(worker=worker, cursor_round=round_index, cursor_offset=offset + 1, corrupt=corrupt)
                 yield batch
                 lq, gt, type_ids, corrupt = [], [], [], 0
+        barren_rounds = 0 if served else barren_rounds + 1
+        if barren_rounds >= MAX_BARREN_ROUNDS and failed >= MIN_FAILED_SAMPLES:
+            raise _no_usable_samples(plan, worker, barren_rounds, failed, last_error)
         round_index, start = round_index + 1, 0
+
+
+def _no_usable_samples(plan: StreamPlan, worker: int, rounds: int, failed: int, last_error) -> RuntimeError:
+    shards = plan.slot_shards(worker)
+    named = ", ".join(shards[:8]) + (f", ... ({len(shards)} in all)" if len(shards) > 8 else "")
+    return RuntimeError(f"data worker {worker} of rank {plan.rank}: {rounds} rounds in a row ({failed} samples) "
+                        f"without one usable sample from its shards {named}; last error: {last_error}")
 
 
 class _WorkerStream(IterableDataset):
@@ -200,14 +237,18 @@ class TrainStream:
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                             prefetch_factor=4 if self.num_workers else None, generator=self._loader_generator(),
                             worker_init_fn=ignore_stop_signals)
-        for batch in loader:
-            worker = int(batch.pop("worker"))
-            self._cursors[worker] = (int(batch.pop("cursor_round")), int(batch.pop("cursor_offset")))
-            self._corrupt += int(batch.pop("corrupt"))
-            for type_id, count in enumerate(torch.bincount(batch["type_id"], minlength=len(self.names)).tolist()):
-                self._type_counts[type_id] += count
-            self._batches += 1
-            yield batch
+        batches = iter(loader)
+        try:
+            for batch in batches:
+                worker = int(batch.pop("worker"))
+                self._cursors[worker] = (int(batch.pop("cursor_round")), int(batch.pop("cursor_offset")))
+                self._corrupt += int(batch.pop("corrupt"))
+                for type_id, count in enumerate(torch.bincount(batch["type_id"], minlength=len(self.names)).tolist()):
+                    self._type_counts[type_id] += count
+                self._batches += 1
+                yield batch
+        finally:   # also on close() or an exception: see shut_down_workers
+            shut_down_workers(batches)
 
     def _loader_generator(self) -> torch.Generator:
         """Seeded from integers, so the DataLoader never draws its workers' base seed from the
@@ -265,27 +306,33 @@ def _check_source(cfg) -> None:
         raise ValueError(f"data.source '{cfg.source}' is unknown; choose one of {SOURCES}")
 
 
-def _manifest_preset_check(cfg, spec: str) -> None:
-    """Pre-degraded shards were made with one preset; streaming them under another is a config error."""
-    try:
-        manifest = read_manifest(spec)
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    if manifest.get("mode") == "pairs" and manifest.get("preset") != cfg.preset:
-        raise ValueError(f"data.preset '{cfg.preset}' but the pre-degraded shards in {spec} "
-                         f"were built with preset '{manifest.get('preset')}'")
+def _manifest_preset_check(cfg, shards: Sequence[str]) -> None:
+    """Pre-degraded shards were made with one preset; streaming them under another is a config error.
+    Checked here against the manifest of each folder holding shards (a directory or a brace
+    pattern), and again per sample as it is read, for shards without a manifest."""
+    for folder in sorted({str(Path(shard).parent) for shard in shards}):
+        try:
+            manifest = read_manifest(folder)
+        except FileNotFoundError:
+            continue
+        if manifest.get("mode") == "pairs" and manifest.get("preset") != cfg.preset:
+            raise ValueError(f"data.preset '{cfg.preset}' but the pre-degraded shards in {folder} "
+                             f"were built with preset '{manifest.get('preset')}'")
 
 
 def build_train_stream(cfg, *, seed: int, rank: int, world_size: int, micro_batch: int, crop: int) -> TrainStream:
     """The training stream of this rank (see the module docstring)."""
     _check_source(cfg)
+    if int(cfg.shuffle_buffer) < 1:
+        raise ValueError(f"data.shuffle_buffer must be at least 1 (samples shuffled per round), "
+                         f"got {cfg.shuffle_buffer}")
     workers = max(1, int(cfg.workers))
     shards: Tuple[str, ...] = ()
     if cfg.source == "shards":
         if not cfg.shards:
             raise ValueError("data.shards must name a shard directory or pattern when data.source=shards")
         shards = tuple(resolve_shards(cfg.shards))
-        _manifest_preset_check(cfg, cfg.shards)
+        _manifest_preset_check(cfg, shards)
         if len(shards) < world_size * workers:
             raise ValueError(f"data.shards={cfg.shards}: {len(shards)} shards cannot feed {world_size} ranks x "
                              f"{workers} workers ({world_size * workers} slots, one shard at least each); "
@@ -311,7 +358,7 @@ def _val_images(cfg, count: int) -> List[Tuple[np.ndarray, Optional[np.ndarray],
     images = []
     for path in resolve_shards(cfg.val_shards):
         for record in read_shard(path):
-            images.append(decode_record(record))
+            images.append(_decode_shard_sample(path, record, cfg.preset))
             if len(images) == count:
                 return images
     if not images:

@@ -261,14 +261,17 @@ class Finetuner(TrainingRun):
         batches = iter(self.loader)
         timer = StepTimer()
         steps_left = (len(self.sampler) // train.micro_batch) // train.grad_accum
-        for _ in range(steps_left):
-            terms, lr = self.train_step([next(batches) for _ in range(train.grad_accum)])
-            self.samples_into_epoch += train.micro_batch * train.grad_accum
-            timer.end_step(train.micro_batch * train.grad_accum * dist.world_size())
-            self._report_step(terms, lr, timer)
-            self.steps_this_run += 1
-            if reason := self._stop_reason():
-                return reason
+        try:
+            for _ in range(steps_left):
+                terms, lr = self.train_step([next(batches) for _ in range(train.grad_accum)])
+                self.samples_into_epoch += train.micro_batch * train.grad_accum
+                timer.end_step(train.micro_batch * train.grad_accum * dist.world_size())
+                self._report_step(terms, lr, timer)
+                self.steps_this_run += 1
+                if reason := self._stop_reason():
+                    return reason
+        finally:
+            dist.shut_down_workers(batches)
         self.epoch += 1
         self.samples_into_epoch = 0
         return None

@@ -57,7 +57,7 @@ def gpu_memory_gib() -> float:
 class NullMonitor:
     def log_train(self, step: int, scalars: Dict[str, float]) -> None: ...
     def log_expert_load(self, step: int, loads: List[torch.Tensor]) -> None: ...
-    def log_samples_by_type(self, step: int, counts: Dict[str, int]) -> None: ...
+    def log_data_stats(self, step: int, counts: Dict[str, int], corrupt_samples: int) -> None: ...
     def log_val(self, step: int, metrics: Dict[str, float]) -> None: ...
     def log_images(self, step: int, grid: torch.Tensor) -> None: ...
     def advance(self, step: int) -> None: ...
@@ -143,11 +143,12 @@ class Monitor(NullMonitor):
             for expert, fraction in enumerate(load.tolist()):
                 self.writer.add_scalar(f"moe/level{level}/expert{expert}", fraction, step)
 
-    def log_samples_by_type(self, step: int, counts: Dict[str, int]) -> None:
-        """Training samples seen so far per degradation type, summed over ranks."""
+    def log_data_stats(self, step: int, counts: Dict[str, int], corrupt_samples: int) -> None:
+        """Training samples served so far per degradation type, and damaged samples skipped, summed over ranks."""
         for name, count in counts.items():
             self.writer.add_scalar(f"data/samples_{name}", count, step)
-        self._write({"step": step, "samples_by_type": counts})
+        self.writer.add_scalar("data/corrupt_samples", corrupt_samples, step)
+        self._write({"step": step, "samples_by_type": counts, "corrupt_samples": corrupt_samples})
 
     def log_val(self, step: int, metrics: Dict[str, float]) -> None:
         for name, value in metrics.items():

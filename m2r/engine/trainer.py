@@ -134,11 +134,14 @@ class Trainer(TrainingRun):
         means = (torch.cat([totals, loads.flatten()]) / train.grad_accum).to("cpu", torch.float64)
         return {"terms": means[:3], "loads": means[3:].view(loads.shape), "lr": lr}
 
-    def _log_samples_by_type(self) -> None:
-        """Per-type counts of the data stream, summed over ranks (a collective: every rank calls it)."""
-        seen = self.stream.stats()["samples_by_type"]
-        totals = dist.all_reduce_sum(torch.tensor(list(seen.values()), dtype=torch.float64))
-        self.monitor.log_samples_by_type(self.step, dict(zip(seen, (int(c) for c in totals.tolist()))))
+    def _log_data_stats(self) -> None:
+        """Per-type counts and skipped damaged samples of the data stream, summed over ranks (a
+        collective: every rank calls it)."""
+        stats = self.stream.stats()
+        seen = stats["samples_by_type"]
+        totals = dist.all_reduce_sum(torch.tensor([*seen.values(), stats["corrupt_samples"]], dtype=torch.float64))
+        *counts, corrupt = (int(c) for c in totals.tolist())
+        self.monitor.log_data_stats(self.step, dict(zip(seen, counts)), corrupt)
 
     def _report_step(self, result: Dict[str, Any], timer: StepTimer) -> None:
         terms, loads = result["terms"], result["loads"]
@@ -147,7 +150,7 @@ class Trainer(TrainingRun):
         log_step = self.step % self.cfg.run.log_every == 0 or self.step == self.cfg.train.steps
         if log_step:
             self.monitor.log_expert_load(self.step, list(packed[3:].view_as(loads).float()))
-            self._log_samples_by_type()
+            self._log_data_stats()
         self._log_train_step(packed[:3], result["lr"], timer, log_step)
 
     def validate(self) -> None:
@@ -191,6 +194,12 @@ class Trainer(TrainingRun):
 
     def fit(self) -> int:
         """Train until done, stopped or signalled; always leaves a checkpoint. Returns the exit code (0)."""
+        try:
+            return self._train()
+        finally:
+            self._stream_iter.close()   # the stream shuts its data workers down (dist.shut_down_workers)
+
+    def _train(self) -> int:
         run = self.cfg.run
         self.engine.train()
         if self.step == 0:

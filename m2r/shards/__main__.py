@@ -1,7 +1,8 @@
 """`python -m m2r.shards build ...` / `python -m m2r.shards inspect DIR`.
 
 `build --recipe shards/recipes/NAME.yaml` reads the options from a recipe (keys are the long option
-names with underscores); options given on the command line win over the recipe.
+names with underscores); options given on the command line win over the recipe, and a mode given
+there (`--clean-only` or `--degradations`) replaces the recipe's mode.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from m2r.shards.inspect import inspect_shards, print_report
 
 BUILD_DEFAULTS = dict(src=None, out=None, clean_only=False, degradations=None, workers=1,
                       samples_per_shard=256, encoding="zstd", max_side=0, seed=0)
+MODE_KEYS = ("clean_only", "degradations")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,8 +26,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--recipe", help="YAML file with default options")
     b.add_argument("--src", action="append", help="image folder (repeatable), searched recursively")
     b.add_argument("--out", help="output shard directory")
-    b.add_argument("--clean-only", action="store_true", default=None, help="store targets only (degraded on the fly)")
-    b.add_argument("--degradations", metavar="PRESET", help="store pre-degraded pairs drawn from this preset")
+    mode = b.add_mutually_exclusive_group()
+    mode.add_argument("--clean-only", action="store_true", default=None,
+                      help="store targets only (degraded on the fly)")
+    mode.add_argument("--degradations", metavar="PRESET", help="store pre-degraded pairs drawn from this preset")
     b.add_argument("--workers", type=int)
     b.add_argument("--samples-per-shard", type=int)
     b.add_argument("--encoding", choices=["zstd", "png"])
@@ -36,15 +40,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _read_recipe(path: str) -> dict:
+    recipe = OmegaConf.to_container(OmegaConf.load(path))
+    unknown = sorted(set(recipe) - set(BUILD_DEFAULTS))
+    if unknown:
+        raise SystemExit(f"{path}: unknown keys {unknown}; allowed {sorted(BUILD_DEFAULTS)}")
+    return recipe
+
+
 def _build_options(args: argparse.Namespace) -> BuildOptions:
-    merged = dict(BUILD_DEFAULTS)
-    if args.recipe:
-        recipe = OmegaConf.to_container(OmegaConf.load(args.recipe))
-        unknown = sorted(set(recipe) - set(BUILD_DEFAULTS))
-        if unknown:
-            raise SystemExit(f"{args.recipe}: unknown keys {unknown}; allowed {sorted(BUILD_DEFAULTS)}")
-        merged.update(recipe)
-    merged.update({k: v for k, v in vars(args).items() if k in BUILD_DEFAULTS and v is not None})
+    recipe = _read_recipe(args.recipe) if args.recipe else {}
+    given = {k: v for k, v in vars(args).items() if k in BUILD_DEFAULTS and v is not None}
+    if any(k in given for k in MODE_KEYS):    # a mode on the command line replaces the recipe's
+        recipe = {k: v for k, v in recipe.items() if k not in MODE_KEYS}
+    merged = {**BUILD_DEFAULTS, **recipe, **given}
     if isinstance(merged["src"], str):
         merged["src"] = [merged["src"]]
     if not merged["src"] or not merged["out"]:

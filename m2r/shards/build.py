@@ -3,8 +3,10 @@
 Files are listed in a fixed order (source folder, then relative path) and cut into shards of
 `samples_per_shard` consecutive files, so shard i always holds the same files and a rerun can skip
 every shard already finished. A shard is written to `<name>.tmp`, renamed, and then recorded in a
-`<name>.json` sidecar: a shard counts as finished only when both exist. The manifest is merged from
-the sidecars at the end. Pre-degraded samples use a generator seeded by (seed, BUILD_TAG, index).
+`<name>.json` sidecar: a shard counts as finished only when both exist. The sidecar also records the
+options that decide the shard's bytes, and a rerun with other options is refused rather than mixing
+stale shards into the new build. The manifest is merged from the sidecars at the end. Pre-degraded
+samples use a generator seeded by (seed, BUILD_TAG, index).
 """
 from __future__ import annotations
 
@@ -28,6 +30,9 @@ from m2r.data.shard_list import MANIFEST_NAME
 
 FORMAT = "m2r-shards/1"
 BUILD_TAG = 4
+# What PIL raises for a source file it cannot read or decode: unidentified or truncated files and
+# I/O errors (OSError), malformed headers (ValueError, SyntaxError, EOFError), decompression bombs.
+UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 @dataclass
@@ -78,8 +83,7 @@ def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 
 
-def _sample_members(index: int, path: str, opts: BuildOptions, degrader: Optional[Degrader]):
-    clean = load_image(path, opts.max_side)
+def _sample_members(index: int, path: str, clean: np.ndarray, opts: BuildOptions, degrader: Optional[Degrader]):
     key = f"{index:09d}"
     meta = dict(src=path, size=list(clean.shape[:2]))
     ext, data = encode_image(clean, opts.encoding)
@@ -104,25 +108,52 @@ def build_shard(job: Tuple[int, int, List[str], BuildOptions]) -> dict:
     with atomic_path(out / name) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for offset, path in enumerate(files):
             try:
-                members, type_name = _sample_members(first_sample + offset, path, opts, degrader)
-            except Exception as exc:  # undecodable images raise many types (PIL, OSError, ValueError)
+                clean = load_image(path, opts.max_side)
+            except UNREADABLE_IMAGE_ERRORS as exc:
                 skipped.append(dict(path=path, error=f"{type(exc).__name__}: {exc}"))
                 continue
+            members, type_name = _sample_members(first_sample + offset, path, clean, opts, degrader)
             for member_name, data in members:
                 add_member(tar, member_name, data)
             type_counts[type_name] = type_counts.get(type_name, 0) + 1
             samples += 1
     record = dict(name=name, samples=samples, bytes=(out / name).stat().st_size, sha256=sha256_file(out / name),
-                  type_counts=type_counts, skipped=skipped)
+                  type_counts=type_counts, skipped=skipped, built_with=content_options(opts, files))
     _write_json_atomic((out / name).with_suffix(".json"), record)
     return record
 
 
-def _finished(out: Path, name: str) -> Optional[dict]:
+def content_options(opts: BuildOptions, files: Sequence[str]) -> dict:
+    """The options that decide a shard's bytes, with a hash of its source file list."""
+    return dict(preset=opts.preset, seed=opts.seed, encoding=opts.encoding, max_side=opts.max_side,
+                samples_per_shard=opts.samples_per_shard,
+                files_sha256=hashlib.sha256("\n".join(files).encode()).hexdigest())
+
+
+def _finished(job: Tuple[int, int, List[str], BuildOptions]) -> Optional[dict]:
+    """The sidecar record of a shard finished by an earlier run with the same options, None if the
+    shard is unfinished; a shard built with other options is refused, never reused or overwritten."""
+    shard_index, _, files, opts = job
+    out, name = Path(opts.out), shard_name(shard_index)
     sidecar = (out / name).with_suffix(".json")
-    if (out / name).is_file() and sidecar.is_file():
-        return json.loads(sidecar.read_text())
-    return None
+    if not ((out / name).is_file() and sidecar.is_file()):
+        return None
+    record = json.loads(sidecar.read_text())
+    changes = _option_changes(record.get("built_with", {}), content_options(opts, files))
+    if changes:
+        raise ValueError(f"--out {out} already holds {name}, built with other options ({'; '.join(changes)}); "
+                         f"use a new --out, or delete {out} to rebuild it")
+    return record
+
+
+def _option_changes(then: dict, now: dict) -> List[str]:
+    """'option then -> now' for each option that differs (sidecars of older builds recorded none)."""
+    changes = []
+    for key, value in now.items():
+        before = then.get(key, "not recorded")
+        if before != value:
+            changes.append("source file list differs" if key == "files_sha256" else f"{key} {before!r} -> {value!r}")
+    return changes
 
 
 def build(opts: BuildOptions, progress: bool = True) -> dict:
@@ -136,7 +167,7 @@ def build(opts: BuildOptions, progress: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     size = opts.samples_per_shard
     jobs = [(i, i * size, files[i * size:(i + 1) * size], opts) for i in range((len(files) + size - 1) // size)]
-    records = {job[0]: _finished(out, shard_name(job[0])) for job in jobs}
+    records = {job[0]: _finished(job) for job in jobs}
     todo = [job for job in jobs if records[job[0]] is None]
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="shard", disable=not progress,
                desc=f"shards -> {out}")
