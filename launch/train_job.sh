@@ -33,8 +33,12 @@ trap forward_warning USR1
 
 requeue() {
     log "requeueing job $SLURM_JOB_ID: it resumes from the newest checkpoint"
-    scontrol requeue "$SLURM_JOB_ID"
-    exit 0
+    local attempt
+    for attempt in 1 2 3 4 5; do   # a busy controller answers "Socket timed out" now and then
+        if scontrol requeue "$SLURM_JOB_ID"; then exit 0; fi
+        sleep $((attempt * 5))
+    done
+    die "scontrol requeue $SLURM_JOB_ID failed 5 times: resubmit; the run resumes from its newest checkpoint"
 }
 
 restart=${SLURM_RESTART_COUNT:-0}
@@ -42,7 +46,7 @@ restart=${SLURM_RESTART_COUNT:-0}
 [[ -f $ENTRY ]] || die "entry point '$ENTRY' not found in $PWD: submit from the repository root or set M2R_ROOT"
 [[ -f $CONFIG ]] || die "CONFIG='$CONFIG' not found in $PWD"
 [[ $LAUNCHER == srun || $LAUNCHER == deepspeed ]] || die "LAUNCHER='$LAUNCHER' must be 'srun' or 'deepspeed'"
-read -r -a overrides <<< "$OVERRIDES"
+read -r -a overrides <<< "$OVERRIDES"   # expanded as ${overrides[@]+...}: bash < 4.4 calls an empty one unset
 
 # Ranks per node: one per GPU of the allocation; a CPU-only allocation runs its tasks per node.
 if [[ -z $GPUS_PER_NODE ]]; then
@@ -83,7 +87,7 @@ log "  trainer log: $run_log"
 launch_srun() {
     exec srun --kill-on-bad-exit=1 --nodes="$SLURM_JOB_NUM_NODES" --ntasks=$((SLURM_JOB_NUM_NODES * GPUS_PER_NODE)) \
         --ntasks-per-node="$GPUS_PER_NODE" --cpus-per-task="$cpus_per_rank" \
-        "$PYTHON" "$ENTRY" --config "$CONFIG" "${overrides[@]}"
+        "$PYTHON" "$ENTRY" --config "$CONFIG" ${overrides[@]+"${overrides[@]}"}
 }
 
 launch_deepspeed() {
@@ -95,7 +99,7 @@ launch_deepspeed() {
         --cpus-per-task=$((GPUS_PER_NODE * cpus_per_rank)) \
         bash -c 'trap "" USR1; exec "$1" -m deepspeed.launcher.runner --hostfile "$2" --no_ssh \
                  --node_rank "$SLURM_NODEID" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "${@:3}"' \
-        deepspeed-node "$PYTHON" "$hostfile" "$ENTRY" --config "$CONFIG" "${overrides[@]}"
+        deepspeed-node "$PYTHON" "$hostfile" "$ENTRY" --config "$CONFIG" ${overrides[@]+"${overrides[@]}"}
 }
 
 if (( warned )); then requeue; fi  # warned before anything started: nothing to save

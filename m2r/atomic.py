@@ -6,6 +6,7 @@ A crash, preemption or power loss leaves either the old file or the new one, nev
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
 from typing import Iterator
@@ -37,5 +38,20 @@ def fsync_directory(path: str | os.PathLike) -> None:
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
+    except OSError as error:   # some network and FUSE filesystems refuse it for directories
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
     finally:
         os.close(descriptor)
+
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """Flush every file under `path` (and the folders) to disk: what other processes of this machine
+    wrote there too, since they share its page cache."""
+    for entry in sorted(Path(path).rglob("*")):
+        if entry.is_file():
+            with open(entry, "rb") as handle:
+                os.fsync(handle.fileno())
+        elif entry.is_dir():
+            fsync_directory(entry)
+    fsync_directory(path)

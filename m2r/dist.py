@@ -149,6 +149,11 @@ def is_rank0() -> bool:
     return rank() == 0
 
 
+def is_local_rank0() -> bool:
+    """The first rank of its node (LOCAL_RANK, exported by `discover_dist_env` and the launchers)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+
 def print0(*args: Any, **kwargs: Any) -> None:
     if is_rank0():
         print(*args, **kwargs, flush=True)

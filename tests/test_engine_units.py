@@ -2,6 +2,7 @@
 bookkeeping, metrics, loss, EMA and activation checkpointing. Multi-rank behaviour: test_engine_dist.py."""
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -157,6 +158,22 @@ def test_checkpoints_keep_the_last_k_and_point_latest_at_the_newest(tmp_path):
     assert meta == {"step": 30, "world_size": 2, "ep_size": 2, "ema": False}
     assert load_config(PretrainConfig, tmp_path / "step00000030" / "config.yaml") == config  # resolved, beside it
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_checkpoint_is_on_disk_before_it_counts_as_complete(tmp_path, monkeypatch):
+    """Every file of the tag is fsync'd before meta.json is written (a power loss must not leave a
+    'complete' tag with truncated shards)."""
+    import m2r.atomic
+
+    events = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(m2r.atomic.os, "fsync", lambda fd: events.append(os.readlink(f"/proc/self/fd/{fd}"))
+                        or real_fsync(fd))
+    CheckpointManager(tmp_path, keep_last=2).save(FakeEngine(), 10, Topology(1, 1), {"step": 10},
+                                                  load_config(PretrainConfig))
+    partial = str(tmp_path / (tag_for(10) + ".partial"))
+    shard = events.index(f"{partial}/mp_rank_00_model_states.pt")
+    assert shard < events.index(f"{partial}/meta.json.tmp")
 
 
 def test_a_save_cut_short_leaves_the_last_complete_checkpoint_in_use(tmp_path):

@@ -3,9 +3,10 @@
 A tag directory holds DeepSpeed's files (dense `mp_rank_00_model_states.pt` with our client_state,
 `layer_<L>_expert_<E>_...` per global expert, ZeRO optimizer shards), our `meta.json` (step and
 topology, readable without torch) and, with EMA on, one `ema_rank<R>.pt` per rank keyed by global
-expert id. Every rank writes into `<tag>.partial`; once all have finished, rank 0 adds meta.json,
-renames the directory to `<tag>` and only then points `latest` at it and deletes old tags. A tag is
-complete exactly when it holds meta.json; a crash at any moment leaves the last complete tag intact.
+expert id. Every rank writes into `<tag>.partial`; once all have finished and every node has flushed
+its files to disk, rank 0 adds meta.json, renames the directory to `<tag>` and only then points
+`latest` at it and deletes old tags. A tag is complete exactly when it holds meta.json; a crash at
+any moment leaves the last complete tag intact.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from m2r import dist
-from m2r.atomic import fsync_directory, write_text_atomically
+from m2r.atomic import fsync_directory, fsync_tree, write_text_atomically
 from m2r.config import save_config
 
 TAG_PATTERN = re.compile(r"^step(\d{8})$")
@@ -137,9 +138,18 @@ def resolve_resume(resume: str, run_checkpoints: Path) -> Optional[CheckpointRef
 
 
 def agreed_resume(resume: str, run_checkpoints: Path) -> Optional[CheckpointRef]:
-    """`resolve_resume` as rank 0 sees it, on every rank (a shared filesystem may lag on the others)."""
-    ref = resolve_resume(resume, run_checkpoints) if dist.is_rank0() else None
-    return dist.broadcast_object(ref)
+    """`resolve_resume` as rank 0 sees it, on every rank (a shared filesystem may lag on the others);
+    its error is raised on every rank, which would otherwise wait for rank 0 forever."""
+    outcome = None
+    if dist.is_rank0():
+        try:
+            outcome = resolve_resume(resume, run_checkpoints)
+        except FileNotFoundError as error:
+            outcome = error
+    outcome = dist.broadcast_object(outcome)
+    if isinstance(outcome, FileNotFoundError):
+        raise outcome
+    return outcome
 
 
 def load_weights_only(engine, ref: CheckpointRef) -> Dict[str, Any]:
@@ -170,7 +180,9 @@ class CheckpointManager:
         engine.save_checkpoint(str(self.root), tag=staging.tag, client_state=client_state, save_latest=False)
         if ema_state is not None:
             torch.save(ema_state, staging.path / f"ema_rank{dist.rank():05d}.pt")
-        # DeepSpeed's save ends in a barrier; this one also covers the EMA files.
+        dist.barrier()   # every rank's files are written (DeepSpeed's save ends in one too, not the EMA's)
+        if dist.is_local_rank0():   # this node's writes are on disk before the tag can count as complete
+            fsync_tree(staging.path)
         dist.barrier()
         if dist.is_rank0():
             save_config(config, staging.path / CONFIG_FILE)

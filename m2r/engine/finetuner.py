@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from m2r import dist
 from m2r.atomic import write_text_atomically
 from m2r.config import ConfigError, choice
-from m2r.engine.checkpoint import (CheckpointManager, CheckpointRef, capture_rng_state, load_weights_only,
-                                   resolve_resume)
+from m2r.engine.checkpoint import (CheckpointManager, CheckpointRef, agreed_resume, capture_rng_state,
+                                   load_weights_only)
 from m2r.engine.config import RunOutputConfig, TrainConfig, check_expert_parallel, require
 from m2r.engine.experts import global_expert_names
 from m2r.engine.monitor import StepTimer
@@ -202,9 +202,9 @@ class Finetuner(TrainingRun):
         dist.print0(f"init: weights from {path}")
 
     def _load_pretraining_checkpoint(self, directory: str) -> None:
-        ref = resolve_resume(directory, Path(directory))
+        ref = agreed_resume(directory, Path(directory))
         if ref is None:
-            raise FileNotFoundError(f"init.weights={directory}: no `latest` checkpoint there")
+            raise FileNotFoundError(f"init.weights={directory}: no checkpoint there")
         load_weights_only(self.engine, ref)
         dist.print0(f"init: weights from {ref.path} (saved with {ref.topology().describe()}; optimizer fresh)")
 
