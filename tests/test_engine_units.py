@@ -188,6 +188,18 @@ def test_a_save_cut_short_leaves_the_last_complete_checkpoint_in_use(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", tag_for(10), tag_for(20)]
 
 
+def test_a_failure_while_publishing_is_raised_and_the_last_checkpoint_stays(tmp_path, monkeypatch):
+    """Rank 0 publishes alone; its error is broadcast, so that no rank waits for it at a barrier."""
+    from m2r.engine import checkpoint
+
+    manager, config = CheckpointManager(tmp_path, keep_last=2), load_config(PretrainConfig)
+    manager.save(FakeEngine(), 10, Topology(1, 1), {"step": 10}, config)
+    monkeypatch.setattr(checkpoint, "fsync_directory", lambda path: (_ for _ in ()).throw(OSError(28, "No space")))
+    with pytest.raises(OSError, match="No space"):
+        manager.save(FakeEngine(), 20, Topology(1, 1), {"step": 20}, config)
+    assert resolve_resume("latest", tmp_path).tag == tag_for(10)
+
+
 def test_saving_a_step_again_replaces_its_tag_only_once_the_new_one_is_complete(tmp_path):
     """A finetune stopped on the last step of an epoch saves that step again after resuming."""
     manager, config = CheckpointManager(tmp_path, keep_last=2), load_config(PretrainConfig)

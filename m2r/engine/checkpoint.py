@@ -184,14 +184,20 @@ class CheckpointManager:
         if dist.is_local_rank0():   # this node's writes are on disk before the tag can count as complete
             fsync_tree(staging.path)
         dist.barrier()
+        failure = None
         if dist.is_rank0():
-            save_config(config, staging.path / CONFIG_FILE)
-            meta = {"step": step, "world_size": topology.world_size, "ep_size": topology.ep_size,
-                    "ema": ema_state is not None}
-            write_text_atomically(staging.path / META_FILE, json.dumps(meta, indent=1))
-            self._publish(staging.path, ref)
-            self._prune(keep=ref.tag)
-        dist.barrier()
+            try:
+                save_config(config, staging.path / CONFIG_FILE)
+                meta = {"step": step, "world_size": topology.world_size, "ep_size": topology.ep_size,
+                        "ema": ema_state is not None}
+                write_text_atomically(staging.path / META_FILE, json.dumps(meta, indent=1))
+                self._publish(staging.path, ref)
+                self._prune(keep=ref.tag)
+            except OSError as error:   # a full disk, say: every rank fails with it, none waits for rank 0
+                failure = error
+        failure = dist.broadcast_object(failure)
+        if failure is not None:
+            raise failure
         return ref
 
     def _publish(self, staged: Path, ref: CheckpointRef) -> None:

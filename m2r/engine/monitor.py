@@ -131,9 +131,10 @@ class Monitor(NullMonitor):
         scalars["gpu_mem_gib"] = gpu_memory_gib()
         for name, value in scalars.items():
             self.writer.add_scalar(f"train/{name}", value, step)
+        grad = f"{scalars['grad_norm']:.3f}" if "grad_norm" in scalars else "n/a"
         self.print(
             f"step {step}/{self.total_steps} | loss {scalars['loss']:.4f} (avg {scalars['loss_avg']:.4f}) "
-            f"| balance {scalars['balance_loss']:.4f} | lr {scalars['lr']:.2e} | grad {scalars['grad_norm']:.3f} "
+            f"| balance {scalars['balance_loss']:.4f} | lr {scalars['lr']:.2e} | grad {grad} "
             f"| {scalars['img_per_s']:.1f} img/s ({scalars['img_per_s_per_gpu']:.1f}/GPU) "
             f"| data {100 * scalars['data_wait_share']:.0f}% | mem {scalars['gpu_mem_gib']:.2f} GiB "
             f"| eta {self._eta(step)}")

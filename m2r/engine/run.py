@@ -179,7 +179,8 @@ class TrainingRun:
                    "balance_loss": float(mean_terms[2]), "lr": lr}
         if log_step:
             grad_norm = self.engine.get_global_grad_norm()
-            scalars["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+            if grad_norm is not None:   # None at ZeRO stage 0 in fp32: DeepSpeed clips without keeping it
+                scalars["grad_norm"] = float(grad_norm)
             scalars.update(timer.take())
         self.monitor.log_train(self.step, scalars)
         self.monitor.advance(self.step)
