@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 from pathlib import Path
 from typing import Iterator
@@ -31,6 +32,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def write_text_atomically(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def write_json_atomically(path: str | os.PathLike, payload) -> None:
+    write_text_atomically(path, json.dumps(payload, indent=1))
 
 
 def fsync_directory(path: str | os.PathLike) -> None:

@@ -16,7 +16,7 @@ import signal
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any, List, MutableMapping
+from typing import Any, Callable, List, MutableMapping
 
 import torch
 import torch.distributed as torch_dist
@@ -211,6 +211,21 @@ def all_gather_object(obj: Any) -> List[Any]:
     gathered: List[Any] = [None] * world_size()
     torch_dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def on_rank0(work: Callable[[], Any]) -> Any:
+    """`work()` on rank 0 alone, its result on every rank. An OSError it raises (a missing file, a full
+    disk) is raised on every rank, which would otherwise wait for rank 0 forever."""
+    outcome = None
+    if is_rank0():
+        try:
+            outcome = work()
+        except OSError as error:
+            outcome = error
+    outcome = broadcast_object(outcome)
+    if isinstance(outcome, OSError):
+        raise outcome
+    return outcome
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

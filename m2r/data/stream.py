@@ -154,12 +154,10 @@ def make_pair(clean: np.ndarray, lq: Optional[np.ndarray], meta: dict, rng: np.r
         type_id = degrader.sample_type(rng)
         lq_img, _ = degrader.degrade_planes(gt, type_id, rng)
         return lq_img, gt, type_id
-    names = [t.name for t in degrader.types]
-    if meta.get("type") not in names:
-        raise ValueError(f"pre-degraded sample of type {meta.get('type')!r}, not in the preset {names}")
     gt, lq_img = random_crop([clean, lq], crop, rng, scale_range)
     gt, lq_img = random_dihedral([gt, lq_img], rng, rotate=False)
-    return planar(lq_img), planar(gt), names.index(meta["type"])
+    # Its type is in the preset: `_decode_shard_sample` checked, naming the shard.
+    return planar(lq_img), planar(gt), [t.name for t in degrader.types].index(meta["type"])
 
 
 def collate(lq: Sequence[np.ndarray], gt: Sequence[np.ndarray], type_ids: Sequence[int]) -> Dict[str, torch.Tensor]:

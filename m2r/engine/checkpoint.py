@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from m2r import dist
-from m2r.atomic import fsync_directory, fsync_tree, write_text_atomically
+from m2r.atomic import fsync_directory, fsync_tree, write_json_atomically, write_text_atomically
 from m2r.config import save_config
 
 TAG_PATTERN = re.compile(r"^step(\d{8})$")
@@ -83,9 +83,14 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def rank_seed(seed: int, rank: int, counter: int) -> int:
+    """A seed distinct per rank and per counter (a starting step, an epoch)."""
+    return seed * 1000 + rank + 7919 * counter
+
+
 def reseed(seed: int, rank: int, step: int) -> None:
     """Fresh torch RNG when no saved state applies: distinct per rank (gate noise) and per starting step."""
-    torch.manual_seed(seed * 1000 + rank + 7919 * step)
+    torch.manual_seed(rank_seed(seed, rank, step))
 
 
 def is_complete(tag_dir: Path) -> bool:
@@ -138,18 +143,9 @@ def resolve_resume(resume: str, run_checkpoints: Path) -> Optional[CheckpointRef
 
 
 def agreed_resume(resume: str, run_checkpoints: Path) -> Optional[CheckpointRef]:
-    """`resolve_resume` as rank 0 sees it, on every rank (a shared filesystem may lag on the others);
-    its error is raised on every rank, which would otherwise wait for rank 0 forever."""
-    outcome = None
-    if dist.is_rank0():
-        try:
-            outcome = resolve_resume(resume, run_checkpoints)
-        except FileNotFoundError as error:
-            outcome = error
-    outcome = dist.broadcast_object(outcome)
-    if isinstance(outcome, FileNotFoundError):
-        raise outcome
-    return outcome
+    """`resolve_resume` as rank 0 sees it, on every rank (a shared filesystem may lag on the others),
+    its error too."""
+    return dist.on_rank0(lambda: resolve_resume(resume, run_checkpoints))
 
 
 def load_weights_only(engine, ref: CheckpointRef) -> Dict[str, Any]:
@@ -184,21 +180,17 @@ class CheckpointManager:
         if dist.is_local_rank0():   # this node's writes are on disk before the tag can count as complete
             fsync_tree(staging.path)
         dist.barrier()
-        failure = None
-        if dist.is_rank0():
-            try:
-                save_config(config, staging.path / CONFIG_FILE)
-                meta = {"step": step, "world_size": topology.world_size, "ep_size": topology.ep_size,
-                        "ema": ema_state is not None}
-                write_text_atomically(staging.path / META_FILE, json.dumps(meta, indent=1))
-                self._publish(staging.path, ref)
-                self._prune(keep=ref.tag)
-            except OSError as error:   # a full disk, say: every rank fails with it, none waits for rank 0
-                failure = error
-        failure = dist.broadcast_object(failure)
-        if failure is not None:
-            raise failure
+        meta = {"step": step, "world_size": topology.world_size, "ep_size": topology.ep_size,
+                "ema": ema_state is not None}
+        dist.on_rank0(lambda: self._complete(staging.path, ref, meta, config))
         return ref
+
+    def _complete(self, staged: Path, ref: CheckpointRef, meta: Dict[str, Any], config) -> None:
+        """Rank 0, once every rank's files are on disk: config and meta.json, publish, prune."""
+        save_config(config, staged / CONFIG_FILE)
+        write_json_atomically(staged / META_FILE, meta)
+        self._publish(staged, ref)
+        self._prune(keep=ref.tag)
 
     def _publish(self, staged: Path, ref: CheckpointRef) -> None:
         """Rename the finished tag into place, then point `latest` at it. A step saved again (a
@@ -220,9 +212,10 @@ class CheckpointManager:
     def _prune(self, keep: str) -> None:
         """Keep the newest `keep_last` complete tags; delete older ones, incomplete step directories
         and what crashed saves left behind."""
-        complete = [tag for tag in self.tags() if tag != keep and is_complete(self.root / tag)]
-        doomed = [self.root / tag for tag in complete[: max(0, len(complete) - (self.keep_last - 1))]]
-        doomed += [self.root / tag for tag in self.tags() if not is_complete(self.root / tag)]
+        tags = self.tags()
+        older = [tag for tag in tags if tag != keep and is_complete(self.root / tag)]
+        doomed = [self.root / tag for tag in older[: max(0, len(older) - (self.keep_last - 1))]]
+        doomed += [self.root / tag for tag in tags if not is_complete(self.root / tag)]
         doomed += [path for suffix in (PARTIAL_SUFFIX, REPLACED_SUFFIX) for path in self.root.glob(f"step*{suffix}")]
         for path in doomed:
             shutil.rmtree(path, ignore_errors=True)

@@ -6,7 +6,6 @@ Config schema (`FinetuneConfig`), the resumable distributed sampler, and the epo
 from __future__ import annotations
 
 import itertools
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,10 +16,10 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, DistributedSampler
 
 from m2r import dist
-from m2r.atomic import write_text_atomically
+from m2r.atomic import write_json_atomically
 from m2r.config import ConfigError, choice
 from m2r.engine.checkpoint import (CheckpointManager, CheckpointRef, agreed_resume, capture_rng_state,
-                                   load_weights_only)
+                                   load_weights_only, rank_seed)
 from m2r.engine.config import RunOutputConfig, TrainConfig, check_expert_parallel, require
 from m2r.engine.experts import global_expert_names
 from m2r.engine.monitor import StepTimer
@@ -257,7 +256,7 @@ class Finetuner(TrainingRun):
         self.sampler.set_epoch(self.epoch)
         self.train_set.set_epoch(self.epoch)
         self.sampler.skip = self.samples_into_epoch
-        self.loader.generator.manual_seed(train.seed * 1000 + dist.rank() + 7919 * self.epoch)
+        self.loader.generator.manual_seed(rank_seed(train.seed, dist.rank(), self.epoch))
         batches = iter(self.loader)
         timer = StepTimer()
         steps_left = (len(self.sampler) // train.micro_batch) // train.grad_accum
@@ -278,8 +277,8 @@ class Finetuner(TrainingRun):
 
     def _stop_reason(self) -> Optional[str]:
         """Decided identically on every rank (the signal flag is agreed through all_reduce)."""
-        if self.stop_request.agreed():
-            return f"stopped by {self.stop_request.signal_name or 'a signal on another rank'}"
+        if signalled := self.stop_request.agreed_reason():
+            return signalled
         stop_after = self.cfg.run.stop_after_steps
         if stop_after and self.steps_this_run >= stop_after:
             return f"run.stop_after_steps={stop_after} reached"
@@ -315,7 +314,7 @@ class Finetuner(TrainingRun):
                                self._ema_state())
             if dist.is_rank0():   # the weights that were validated: the EMA ones when there is an EMA
                 export(str(ref.path), str(self.run_dir / f"best_{name}.safetensors"), use_ema=self.ema is not None)
-                write_text_atomically(self.run_dir / f"best_{name}.json", json.dumps(self.best[name], indent=1))
+                write_json_atomically(self.run_dir / f"best_{name}.json", self.best[name])
                 self.monitor.print(f"new best {name} {metrics[name]:.4f} at epoch {self.epoch}: {ref.path}")
             dist.barrier()
 

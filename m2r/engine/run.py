@@ -51,8 +51,11 @@ class StopRequest:
     def _handle(self, signum, _frame) -> None:
         self.signal_name = signal.Signals(signum).name
 
-    def agreed(self) -> bool:
-        return dist.any_rank(self.signal_name is not None)
+    def agreed_reason(self) -> Optional[str]:
+        """Why every rank stops now, or None (a collective: every rank calls it at the same step)."""
+        if not dist.any_rank(self.signal_name is not None):
+            return None
+        return f"received {self.signal_name or 'a stop signal on another rank'}"
 
 
 class TrainingRun:

@@ -184,8 +184,8 @@ class Trainer(TrainingRun):
 
     def _stop_reason(self, steps_this_run: int) -> Optional[str]:
         """Decided identically on every rank (the signal flag is agreed through all_reduce)."""
-        if self.stop_request.agreed():
-            return f"received {self.stop_request.signal_name or 'a stop signal on another rank'}"
+        if signalled := self.stop_request.agreed_reason():
+            return signalled
         if self.step >= self.cfg.train.steps:
             return "finished"
         if self.cfg.run.stop_after and steps_this_run >= self.cfg.run.stop_after:

@@ -181,8 +181,8 @@ class M2Restore(nn.Module):
 
         balance_losses, expert_loads = [], []
 
-        def adapt(dder, features):
-            adapted, balance_loss, load = self._call(dder, features, prompt, clip_probs)
+        def adapt(dder, features):   # a DDER recomputes its experts itself, not its router (DDER.forward)
+            adapted, balance_loss, load = dder(features, prompt, clip_probs)
             balance_losses.append(balance_loss)
             expert_loads.append(load)
             return adapted
@@ -218,8 +218,7 @@ class M2Restore(nn.Module):
         return x
 
     def _call(self, module, *args):
-        # A DDER recomputes its experts itself, without its router (DDER.forward).
-        if torch.is_grad_enabled() and getattr(module, "recompute_in_backward", False) and not isinstance(module, DDER):
+        if torch.is_grad_enabled() and getattr(module, "recompute_in_backward", False):
             return checkpoint(module, *args, use_reentrant=False)
         return module(*args)
 

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from m2r.atomic import atomic_path, write_text_atomically
+from m2r.atomic import atomic_path, write_json_atomically
 from m2r.data.images import IMAGE_SUFFIXES, list_image_files, open_rgb
 from m2r.data.presets import Degrader
 from m2r.data.shard_format import add_member, encode_image
@@ -75,10 +75,6 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    write_text_atomically(path, json.dumps(payload, indent=1))
-
-
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 
@@ -119,7 +115,7 @@ def build_shard(job: Tuple[int, int, List[str], BuildOptions]) -> dict:
             samples += 1
     record = dict(name=name, samples=samples, bytes=(out / name).stat().st_size, sha256=sha256_file(out / name),
                   type_counts=type_counts, skipped=skipped, built_with=content_options(opts, files))
-    _write_json_atomic((out / name).with_suffix(".json"), record)
+    write_json_atomically((out / name).with_suffix(".json"), record)
     return record
 
 
@@ -182,7 +178,7 @@ def build(opts: BuildOptions, progress: bool = True) -> dict:
             bar.update()
     bar.close()
     manifest = _manifest(opts, [records[i] for i in sorted(records)], len(files))
-    _write_json_atomic(out / MANIFEST_NAME, manifest)
+    write_json_atomically(out / MANIFEST_NAME, manifest)
     return manifest
 
 
