@@ -39,8 +39,13 @@ def shut_down_workers(batches) -> None:
     leaves with the iterator in its traceback, Python's exit would terminate them with SIGTERM and
     wait forever."""
     shutdown = getattr(batches, "_shutdown_workers", None)   # multi-process iterators only
-    if shutdown is not None:
-        shutdown()
+    if shutdown is None:
+        return
+    shutdown()
+    for worker in batches._workers:   # still busy after torch's wait: its last resort, SIGTERM, is ignored
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
 
 
 @dataclass(frozen=True)
