@@ -29,7 +29,9 @@ def main(argv=None) -> int:
     from m2r.engine.finetuner import FinetuneConfig, Finetuner
 
     cfg = load_config(FinetuneConfig, args.config, args.overrides)
-    return Finetuner(cfg, env).fit()
+    exit_code = Finetuner(cfg, env).fit()
+    dist.destroy_process_group()
+    return exit_code
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ def main(argv=None) -> int:
     from m2r.engine.trainer import Trainer
 
     cfg = load_config(PretrainConfig, args.config, args.overrides)
-    return Trainer(cfg, env).fit()
+    exit_code = Trainer(cfg, env).fit()
+    dist.destroy_process_group()
+    return exit_code
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import re
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, List, MutableMapping
 
@@ -140,6 +141,29 @@ def init_distributed(env: DistEnv) -> torch.device:
 
 def is_initialized() -> bool:
     return torch_dist.is_available() and torch_dist.is_initialized()
+
+
+# How long the main thread hands the GIL to gloo's worker threads before the interpreter exits.
+GLOO_DRAIN_SECONDS = 0.2
+
+
+def destroy_process_group() -> None:
+    """End the process group once a run has finished cleanly (every entry point does).
+
+    Not after an exception: other ranks may be inside a collective, and destroying the group under
+    them can deadlock the exit. On gloo, also let its worker threads finish: a worker frees a finished
+    collective's work (and the tensors Python has already dropped) only once it holds the GIL, and one
+    still waiting for the GIL when the interpreter finalises aborts a run that succeeded (SIGABRT,
+    "terminate called without an active exception", seen in 1 of 10-15 two-rank CPU runs). torch
+    cannot stop gloo's threads (destroy_process_group leaves them running), so the main thread sleeps,
+    GIL released, long enough for them to take it.
+    """
+    if not is_initialized():
+        return
+    on_gloo = torch_dist.get_backend() == "gloo"
+    torch_dist.destroy_process_group()
+    if on_gloo:
+        time.sleep(GLOO_DRAIN_SECONDS)
 
 
 def rank() -> int:

@@ -30,6 +30,7 @@ import torch
 
 from accelerate import Accelerator
 
+from m2r import dist
 from m2r.engine.validate import to_unit_float
 from m2r.eval.datasets import DATASETS, Pair, evaluation_sets, read_pair, to_chw_uint8
 from m2r.eval.loading import add_inference_arguments, load_inference_model, make_accelerator
@@ -139,8 +140,7 @@ def main(argv=None) -> int:
     records = accelerator.gather_for_metrics(records, use_gather_object=True)
     if accelerator.is_main_process:
         write_results(records, list(sets), protocols, args)
-    accelerator.wait_for_everyone()  # gloo aborts a process now and then when a peer tears down before it
-    accelerator.state.destroy_process_group()
+    dist.destroy_process_group()
     return 0
 
 

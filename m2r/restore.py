@@ -21,6 +21,7 @@ from typing import List, Sequence, Tuple
 import torch
 from accelerate import Accelerator
 
+from m2r import dist
 from m2r.data.images import IMAGE_SUFFIXES, list_image_files, read_rgb
 from m2r.eval.loading import add_inference_arguments, load_inference_model, make_accelerator
 from m2r.eval.tiling import restore_image
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
     accelerator.wait_for_everyone()
     accelerator.print(f"restored {len(jobs)} images into {args.out} on {accelerator.num_processes} process(es)",
                       flush=True)
-    accelerator.state.destroy_process_group()
+    dist.destroy_process_group()
     return 0
 
 

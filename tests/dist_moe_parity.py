@@ -23,6 +23,7 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from m2r import dist as m2r_dist  # noqa: E402
 from m2r.models.config import MoEConfig  # noqa: E402
 from m2r.models.moe import DDER  # noqa: E402
 
@@ -31,7 +32,8 @@ TAG = "step1"
 
 CASES = {
     "train_noisy_log": dict(moe={}, train=True, shape=(2, DIM, 4, 4)),
-    "eval_capacity_linear": dict(moe=dict(capacity_factor=0.6, combine="linear"), train=False, shape=(2, DIM, 4, 4)),
+    "eval_capacity_linear": dict(moe=dict(eval_capacity_factor=0.6, combine="linear"), train=False,
+                                 shape=(2, DIM, 4, 4)),
     # One token per rank: most experts receive no rows, some ranks send nothing to the other.
     "one_token": dict(moe={}, train=True, shape=(1, DIM, 1, 1)),
 }
@@ -183,6 +185,7 @@ def main():
         with open(result_path, "w") as f:
             json.dump(dict(parity=parity, checkpoint=checkpoint), f, indent=1)
     dist.barrier()
+    m2r_dist.destroy_process_group()
 
 
 if __name__ == "__main__":

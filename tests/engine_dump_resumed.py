@@ -23,6 +23,7 @@ def main(out: str, argv) -> None:
     module = trainer.engine.module
     names = global_expert_names(module)
     torch.save({names[key]: value for key, value in module.state_dict().items()}, f"{out}.rank{env.rank}")
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
