@@ -25,10 +25,15 @@ def chw(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
+def saved_8bit(image: np.ndarray) -> np.ndarray:
+    """What writing the prediction to a PNG and reading it back gives, in [0, 1]."""
+    return np.round(image.clip(0, 1) * 255) / 255
+
+
 @pytest.mark.parametrize("name", PHOTOS)
-def test_rgb_protocol_matches_scikit_image_on_clamped_output(name):
+def test_rgb_protocol_matches_scikit_image_on_the_saved_8bit_output(name):
     clean, noisy = photo_pair(name, seed=1)
-    clamped = noisy.clip(0, 1)
+    clamped = saved_8bit(noisy)
     ours = image_metrics(chw(noisy), chw(clean), ["rgb"])
     assert ours["psnr_rgb"] == pytest.approx(peak_signal_noise_ratio(clean, clamped, data_range=1), abs=1e-6)
     reference = structural_similarity(clean, clamped, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
@@ -39,7 +44,7 @@ def test_rgb_protocol_matches_scikit_image_on_clamped_output(name):
 @pytest.mark.parametrize("name", PHOTOS)
 def test_y_protocol_is_bt601_luma_of_rgb_images(name):
     clean, noisy = photo_pair(name, seed=2)
-    clamped = noisy.clip(0, 1)
+    clamped = saved_8bit(noisy)
     y_clean = skimage.color.rgb2ycbcr(clean)[..., 0] / 255.0     # RGB input, Y in [16, 235]
     y_noisy = skimage.color.rgb2ycbcr(clamped)[..., 0] / 255.0
     ours = image_metrics(chw(noisy), chw(clean), ["y"])
@@ -47,6 +52,15 @@ def test_y_protocol_is_bt601_luma_of_rgb_images(name):
     reference = structural_similarity(y_clean, y_noisy, gaussian_weights=True, sigma=1.5,
                                       use_sample_covariance=False, data_range=1)
     assert ours["ssim_y"] == pytest.approx(reference, abs=1e-6)
+
+
+def test_rgb_and_y_protocols_measure_the_prediction_rounded_to_8_bits():
+    target = torch.from_numpy(saved_8bit(photo_pair("coffee", seed=6)[0])).permute(2, 0, 1)
+    signs = torch.randn(target.shape, generator=torch.Generator().manual_seed(0)).sign()
+    within_half_a_level = target + 0.4 / 255 * signs
+    exact = image_metrics(target, target, ["rgb", "y"])
+    assert image_metrics(within_half_a_level, target, ["rgb", "y"]) == exact
+    assert image_metrics(target + 0.6 / 255, target, ["rgb"])["psnr_rgb"] < exact["psnr_rgb"]
 
 
 def test_y_protocol_reads_channels_as_rgb_not_bgr():

@@ -1,10 +1,13 @@
 """PSNR and SSIM under three protocols, for (3, H, W) float images whose target is in [0, 1].
 
-- `rgb`: the standard one. Prediction clamped to [0, 1], data range 1, PSNR over all three channels,
+- `rgb`: the standard one. Prediction clamped to [0, 1] and rounded to 8 bits, i.e. the image as it
+  would be saved and as BasicSR's tensor2img + calculate_psnr/ssim measure it (a float prediction
+  scores 0.005-0.01 dB apart from that); data range 1, PSNR over all three channels,
   SSIM averaged over channels (Gaussian 11x11 window, sigma 1.5, K1 0.01, K2 0.03, population
   covariance, border excluded): scikit-image's `structural_similarity(..., gaussian_weights=True,
   sigma=1.5, use_sample_covariance=False, data_range=1, channel_axis=0)`.
-- `y`: the same on BT.601 luma of the RGB image (Y in [16, 235] / 255, as MATLAB's rgb2ycbcr and BasicSR).
+- `y`: the same (8-bit prediction) on BT.601 luma of the RGB image (Y in [16, 235] / 255, as MATLAB's
+  rgb2ycbcr and BasicSR).
 - `official`: the M2Restore / TransWeather metric (utils/val_utils.py), reproduced exactly. The
   (3, H, W) tensor is reinterpreted, not permuted, as (H, W, 3), so each "pixel" is three consecutive
   values of one colour plane; OpenCV's BGR->YCrCb luma (0.114, 0.587, 0.299 on those triplets) is
@@ -42,15 +45,20 @@ def rgb_to_y(image: torch.Tensor) -> torch.Tensor:
     return ((16.0 + wr * r + wg * g + wb * b) / 255.0).unsqueeze(0)
 
 
+def as_saved_8bit(image: torch.Tensor) -> torch.Tensor:
+    """The prediction as an 8-bit image file holds it: clamped to [0, 1], rounded to a multiple of 1/255."""
+    return (image.double().clamp(0, 1) * 255.0).round() / 255.0
+
+
 def psnr_ssim_rgb(restored: torch.Tensor, target: torch.Tensor) -> Tuple[float, float]:
     _check_pair(restored, target)
-    x, y = restored.clamp(0, 1).double().unsqueeze(0), target.double().unsqueeze(0)
+    x, y = as_saved_8bit(restored).unsqueeze(0), target.double().unsqueeze(0)
     return float(_psnr_clamped(x, y)), float(_ssim_clamped(x, y))
 
 
 def psnr_ssim_y(restored: torch.Tensor, target: torch.Tensor) -> Tuple[float, float]:
     _check_pair(restored, target)
-    x, y = rgb_to_y(restored.clamp(0, 1)).unsqueeze(0), rgb_to_y(target).unsqueeze(0)
+    x, y = rgb_to_y(as_saved_8bit(restored)).unsqueeze(0), rgb_to_y(target).unsqueeze(0)
     return float(_psnr_clamped(x, y)), float(_ssim_clamped(x, y))
 
 
