@@ -200,7 +200,7 @@ def test_capacity_drops_assignments_beyond_it_in_token_order():
 @pytest.mark.parametrize("dispatch", ["sparse", "dense"])
 def test_capacity_keeps_exactly_the_first_assignments_per_expert(dispatch):
     uncapped = make_dder(combine="linear", dispatch=dispatch).eval()
-    capped = make_dder(combine="linear", capacity_factor=0.4, dispatch=dispatch).eval()   # 5 per expert kept
+    capped = make_dder(combine="linear", eval_capacity_factor=0.4, dispatch=dispatch).eval()   # 5 per expert kept
     x, prompt, probs = make_inputs()
     tokens = x.permute(0, 2, 3, 1).reshape(-1, DIM)
     routing = capped.router(tokens, capped.prompt_proj(prompt), probs, tokens_per_image=16)
@@ -215,11 +215,25 @@ def test_capacity_keeps_exactly_the_first_assignments_per_expert(dispatch):
     assert torch.equal(y_capped[dropped], tokens[dropped])      # only the residual is left
 
 
+@pytest.mark.parametrize("dispatch", ["sparse", "dense"])
+def test_the_training_capacity_is_not_applied_in_evaluation(dispatch):
+    # The cap counts tokens over the whole batch: applied in evaluation, an image's output would depend
+    # on the images beside it. The default evaluation cap (0) keeps every token.
+    capped = make_dder(combine="linear", capacity_factor=0.4, noisy_gating=False, dispatch=dispatch)
+    x, prompt, probs = make_inputs()
+    with torch.no_grad():
+        batch_of_two = capped.eval()(x, prompt, probs)[0]
+        alone = torch.cat([capped(x[i:i + 1], prompt[i:i + 1], probs[i:i + 1])[0] for i in range(2)])
+        trained_view = capped.train()(x, prompt, probs)[0]
+    torch.testing.assert_close(batch_of_two, alone)
+    assert not torch.allclose(trained_view, batch_of_two)   # the cap does drop tokens in training
+
+
 @pytest.mark.parametrize("combine", ["log", "linear"])
 @pytest.mark.parametrize("capacity_factor", [0.0, 0.4])
 def test_dense_and_sparse_dispatch_give_the_same_layer(combine, capacity_factor):
     x, prompt, probs = make_inputs(dtype=torch.float64)
-    outputs = [make_dder(torch.float64, combine=combine, capacity_factor=capacity_factor, dispatch=dispatch)
+    outputs = [make_dder(torch.float64, combine=combine, eval_capacity_factor=capacity_factor, dispatch=dispatch)
                .eval()(x, prompt, probs)[0] for dispatch in ("sparse", "dense")]
     torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=1e-12)
 
@@ -229,6 +243,7 @@ def test_dense_and_sparse_dispatch_give_the_same_layer(combine, capacity_factor)
     (dict(top_k=7), r"model\.moe\.top_k=7"),
     (dict(combine="mean"), r"model\.moe\.combine='mean'"),
     (dict(capacity_factor=-1.0), r"model\.moe\.capacity_factor=-1\.0"),
+    (dict(eval_capacity_factor=-1.0), r"model\.moe\.eval_capacity_factor=-1\.0"),
     (dict(dispatch="scatter"), r"model\.moe\.dispatch='scatter'"),
 ])
 def test_invalid_config_raises_naming_the_key(overrides, message):

@@ -20,7 +20,10 @@ class MoEConfig:
     noisy_gating: bool = True        # Shazeer noise on router logits, training only
     clip_bias_init: float = 0.5      # initial beta of the CLIP router bias
     combine: str = choice("log", "linear")  # "log" (official log-sum-exp quirk) | "linear"
-    capacity_factor: float = 0.0     # 0 = no token dropped (official); >0 caps tokens per expert
+    capacity_factor: float = 0.0     # 0 = no token dropped (official); >0 caps tokens per expert in training
+    # The cap in evaluation (validation, export, inference). 0 keeps every token, so an image's output
+    # does not depend on which other images share its batch.
+    eval_capacity_factor: float = 0.0
     balance_loss_weight: float = 0.01  # weight of cv^2(importance) + cv^2(load), summed over levels
     # How tokens reach experts: "sparse" gathers each expert's tokens (memory ~ tokens * top_k; the only
     # mode for ep_size > 1); "dense" runs every expert on every token and masks by the gates (same result,

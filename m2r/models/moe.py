@@ -361,8 +361,9 @@ def _validate(cfg) -> None:
         raise ValueError(f"model.moe.top_k={cfg.top_k} must be in [1, model.moe.num_experts={cfg.num_experts}]")
     if cfg.combine not in COMBINE_MODES:
         raise ValueError(f"model.moe.combine={cfg.combine!r} must be one of {COMBINE_MODES}")
-    if cfg.capacity_factor < 0:
-        raise ValueError(f"model.moe.capacity_factor={cfg.capacity_factor} must be >= 0 (0 = no token dropped)")
+    for key in ("capacity_factor", "eval_capacity_factor"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"model.moe.{key}={getattr(cfg, key)} must be >= 0 (0 = no token dropped)")
     if cfg.dispatch not in DISPATCH_MODES:
         raise ValueError(f"model.moe.dispatch={cfg.dispatch!r} must be one of {DISPATCH_MODES}")
     if cfg.dispatch == "dense" and cfg.ep_size > 1:
@@ -419,6 +420,7 @@ class DDER(MoE):
         self.top_k = cfg.top_k
         self.combine = cfg.combine
         self.capacity_factor = cfg.capacity_factor
+        self.eval_capacity_factor = cfg.eval_capacity_factor
         self.dispatch = resolve_dispatch(cfg)
 
         self.prompt_proj = nn.Linear(prompt_dim, dim)
@@ -455,7 +457,8 @@ class DDER(MoE):
         tokens = x.permute(0, 2, 3, 1).reshape(-1, dim)
         routing = self.router(tokens, self.prompt_proj(task_prompt), clip_probs, height * width)
 
-        capacity = capacity_per_expert(self.capacity_factor, tokens.shape[0], self.top_k, self.num_experts)
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        capacity = capacity_per_expert(factor, tokens.shape[0], self.top_k, self.num_experts)
         mix = self._mix_densely if self.dispatch == "dense" else self._mix_sparsely
         if self.recompute_in_backward and torch.is_grad_enabled():
             # Only the experts, which hold the adapter's activations, are recomputed. The router's
