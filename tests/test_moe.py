@@ -128,6 +128,35 @@ def test_matches_dense_restatement_of_official_algorithm(training, dispatch):
             torch.testing.assert_close(our_grad, ref_grad, rtol=1e-10, atol=1e-12)
 
 
+def test_dense_dispatch_runs_large_inputs_in_token_chunks_with_the_same_result(monkeypatch):
+    # Above MAX_GEMM_ELEMENTS (cuBLAS's limit) the dense experts run on chunks of tokens; forced here
+    # to chunks of 5 of the 32 tokens (the last one shorter), in training, with a capacity.
+    from m2r.models import moe
+
+    def output_and_grads(dder):
+        x, prompt, probs = (t.requires_grad_(True) for t in make_inputs(dtype=torch.float64))
+        torch.manual_seed(5)
+        y, balance_loss, _ = dder(x, prompt, probs)
+        ((y * y.detach().cos()).sum() + balance_loss).backward()
+        return y.detach(), collect_grads([x, *dder.parameters()])
+
+    settings = dict(dispatch="dense", capacity_factor=0.6)
+    whole_y, whole_grads = output_and_grads(make_dder(torch.float64, **settings).train())
+    chunk_sizes = []
+    run_experts = moe.run_experts_densely
+    monkeypatch.setattr(moe, "run_experts_densely",
+                        lambda experts, tokens: chunk_sizes.append(len(tokens)) or run_experts(experts, tokens))
+    monkeypatch.setattr(moe, "MAX_GEMM_ELEMENTS", 5 * 6 * int(2.66 * DIM))
+    chunked_y, chunked_grads = output_and_grads(make_dder(torch.float64, **settings).train())
+
+    assert chunk_sizes == [5] * 6 + [2]
+    torch.testing.assert_close(chunked_y, whole_y, rtol=0, atol=1e-12)
+    for chunked, whole in zip(chunked_grads, whole_grads):
+        assert (chunked is None) == (whole is None)
+        if whole is not None:
+            torch.testing.assert_close(chunked, whole, rtol=1e-10, atol=1e-12)
+
+
 def collect_grads(tensors):
     """Take (and clear) the .grad of each tensor."""
     grads = [t.grad for t in tensors]

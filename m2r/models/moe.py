@@ -39,6 +39,10 @@ NOISE_FLOOR = 1e-2          # added to softplus(noise logits): Shazeer's minimum
 CV2_EPS = 1e-10             # keeps cv^2 finite when an expert vector sums to zero (official value)
 LOG_COMBINE_EPS = torch.finfo(torch.float64).eps  # official: numpy float eps replaces exact zeros before log
 COMBINE_MODES = ("log", "linear")
+# cuBLASLt 13.x fails (CUBLAS_STATUS_EXECUTION_FAILED) on a GEMM whose operand spans 2^31 elements or
+# more (NVIDIA/raft#3097): the dense path runs its experts on chunks of tokens below that. One chunk
+# at training crops; several from about 2.8 M tokens (a 840 px crop at batch 4, a 2048x1400 image).
+MAX_GEMM_ELEMENTS = 2 ** 31 - 1
 DISPATCH_MODES = ("auto", "sparse", "dense")
 
 
@@ -472,8 +476,11 @@ class DDER(MoE):
 
     def _mix_densely(self, tokens, routing: Routing, capacity: Optional[int]) -> torch.Tensor:
         gates = dense_gate_matrix(routing, self.num_experts, capacity)
-        outputs = run_experts_densely(list(self.deepspeed_moe.experts.deepspeed_experts), tokens)
-        return combine_dense_outputs(outputs, gates, self.combine)
+        experts = list(self.deepspeed_moe.experts.deepspeed_experts)
+        rows = max(1, MAX_GEMM_ELEMENTS // (self.num_experts * experts[0].fc1.out_features))
+        mixed = [combine_dense_outputs(run_experts_densely(experts, chunk), chunk_gates, self.combine)
+                 for chunk, chunk_gates in zip(tokens.split(rows), gates.split(rows))]
+        return mixed[0] if len(mixed) == 1 else torch.cat(mixed)
 
     # Data-dependent sizes (a host sync per layer): kept out of torch.compile's graphs as one eager island.
     @torch.compiler.disable
