@@ -18,7 +18,6 @@ keeps far less for the bottleneck.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from m2r.atomic import write_json_atomically  # noqa: E402
 from m2r.config import load_config  # noqa: E402
 from m2r.models.config import ModelConfig  # noqa: E402
 from m2r.models.m2restore import CHECKPOINT_MODES, build_model  # noqa: E402
@@ -123,7 +123,7 @@ def main() -> None:
         results["runs"].append(measure(config, overrides, batch, crop, device, args.modes, args.compile))
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(results, indent=2))
+            write_json_atomically(args.json, results)
 
 
 if __name__ == "__main__":

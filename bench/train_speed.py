@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
+import gc
 import math
 import platform
 import sys
@@ -30,15 +30,17 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from m2r.atomic import atomic_path  # noqa: E402
+from m2r.atomic import atomic_path, write_json_atomically  # noqa: E402
 from m2r.config import load_config  # noqa: E402
 from m2r.models.config import ModelConfig  # noqa: E402
 from m2r.models.m2restore import build_model  # noqa: E402
+from m2r.models.mamba import Mamba  # noqa: E402
 from m2r.models.scan import selective_scan  # noqa: E402
 
 OFFICIAL_IMG_PER_S = 8.54
 H100_BF16_DENSE_TFLOPS = 989.4
 MAX_CROP = 1024
+CROP_MEMORY_BUDGET = 0.9    # of the GPU's memory: cuDNN's workspaces come on top of the fitted peaks
 
 
 @dataclass
@@ -63,7 +65,7 @@ FAST_FAITHFUL = ("mamba.autocast=true", "clip.cache_text_features=true")
 # trajectories compare noiseless runs. The compiled faithful variants are timed noiseless too, so that
 # the trajectory and the profile find their compiled graphs in inductor's cache instead of compiling.
 DETERMINISTIC = ("moe.noisy_gating=false",)
-# `--variants` picks by index; bench/gpu_checks.sh runs 0, 2 (with the trajectory and profile), then 4, 3, 1, 5.
+# `--variants` picks by index; bench/gpu_checks.sh runs 0, 2 (with the trajectory and profile), then 4, 1, 5, 3.
 GPU_VARIANTS = [
     Variant("faithful fp32 eager (official recipe)", "m2restore"),
     Variant("faithful bf16 + channels_last + fused AdamW + cuDNN benchmark", "m2restore", **FAST),
@@ -125,9 +127,10 @@ def random_pair(batch: int, crop: int, seed: int = 0):
 class Trainer:
     """One variant: model, optimizer and a timed training step on fixed data."""
 
-    def __init__(self, variant: Variant, cfg: ModelConfig, device: torch.device, batch: int, crop: int):
+    def __init__(self, variant: Variant, cfg: ModelConfig, device: torch.device, batch: int, crop: int,
+                 cudnn_benchmark: bool | None = None):
         torch.backends.cuda.matmul.allow_tf32 = variant.tf32_matmul
-        torch.backends.cudnn.benchmark = variant.cudnn_benchmark
+        torch.backends.cudnn.benchmark = variant.cudnn_benchmark if cudnn_benchmark is None else cudnn_benchmark
         self.variant, self.device = variant, device
         self.model = build_model(cfg).to(device).train()
         self.model.set_activation_checkpointing(variant.checkpointing)
@@ -187,6 +190,9 @@ def peak_gb(device: torch.device) -> float:
 
 
 def reset_peak(device: torch.device) -> None:
+    # A compiled model refers to itself (its compiled forward is a bound method): only the cycle
+    # collector frees the previous variant's weights, which would otherwise count in this peak.
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -205,38 +211,46 @@ def run_variant(variant: Variant, args, device, clip_weights) -> dict:
     tflops = flops_per_step / seconds / 1e12
     row = {"variant": variant.name, "ms_per_step": 1e3 * seconds, "img_per_s": img_per_s,
            "x_official": img_per_s / OFFICIAL_IMG_PER_S, "peak_gb": peak_gb(device),
-           "flops_per_step": flops_per_step, "tflops": tflops, "mfu_pct": 100 * tflops / args.peak_tflops, **asdict(variant)}
+           "flops_per_step": flops_per_step, "tflops": tflops, "mfu_pct": 100 * tflops / args.peak_tflops,
+           "scan_path": scan_path(trainer.model, device), **asdict(variant)}
     print(f"  {variant.name}: {row['ms_per_step']:.1f} ms/step, {img_per_s:.2f} img/s, "
           f"peak {row['peak_gb']:.2f} GB, MFU {row['mfu_pct']:.2f}%", flush=True)
     del trainer
     return row
 
 
-def largest_crop(variant: Variant, args, device, clip_weights) -> dict:
-    """Fit peak memory as a + b * pixels from two crops, predict the largest crop, then verify it."""
+def scan_path(model, device: torch.device) -> str:
+    """The scan the model's Mamba layers run ("fused", "mamba_ssm" or "torch"): a silent fallback to
+    our PyTorch scan on the GPU would otherwise explain a slow row only in the console."""
+    return next(m.scan_path(device) for m in model.modules() if isinstance(m, Mamba))
+
+
+def largest_crop(variant: Variant, args, device, clip_weights, report) -> dict:
+    """Fit peak memory as a + b * pixels from two crops and predict the largest crop that fits; then
+    train one step at 768 px and at the prediction (at most MAX_CROP), smallest first, stopping at the
+    first failure. `report(result)` receives the result after every try, so a timeout keeps them."""
     cfg = model_config(variant.config, clip_weights)
-    budget = torch.cuda.get_device_properties(device).total_memory * 0.95 / 1e9
+    budget = torch.cuda.get_device_properties(device).total_memory * CROP_MEMORY_BUDGET / 1e9
     peaks = {}
-    for crop in (224, 320):
+    for crop in (224, 320):   # cuDNN's algorithm timing at every new size would cost minutes: off
         reset_peak(device)
-        Trainer(variant, cfg, device, args.batch, crop).time_steps(1, 1)
+        Trainer(variant, cfg, device, args.batch, crop, cudnn_benchmark=False).time_steps(1, 1)
         peaks[crop] = peak_gb(device)
     slope = (peaks[320] - peaks[224]) / (320 ** 2 - 224 ** 2)
     predicted = int(math.sqrt(max(224 ** 2, (budget - peaks[224]) / slope + 224 ** 2)) // 8 * 8)
-    # The first H100 search failed inside cuBLAS (CUBLAS_STATUS_EXECUTION_FAILED) at its predicted
-    # crop, roughly 900 px or more, before memory ran out; start no higher than MAX_CROP.
-    crop = min(predicted, MAX_CROP)
-    failures = []
-    for _ in range(4):
+    result = {"variant": variant.name, "largest_crop": 320, "peak_gb_at": peaks, "predicted_by_memory": predicted,
+              "budget_gb": budget, "failed": None}
+    for crop in sorted({min(768, predicted), min(predicted, MAX_CROP)}):
         try:
             reset_peak(device)
-            Trainer(variant, cfg, device, args.batch, crop).time_steps(1, 1)
-            return {"variant": variant.name, "largest_crop": crop, "predicted_by_memory": predicted,
-                    "peak_gb": peak_gb(device), "budget_gb": budget, "failed_larger_crops": failures}
+            Trainer(variant, cfg, device, args.batch, crop, cudnn_benchmark=False).time_steps(1, 1)
+            result["largest_crop"], result["peak_gb_at"][crop] = crop, peak_gb(device)
         except RuntimeError as exc:   # out of memory, or a library failing on huge shapes (cuBLAS did once)
-            failures.append({"crop": crop, "error": f"{type(exc).__name__}: {exc}"[:200]})
-            crop = int(crop * 0.95) // 8 * 8
-    return {"variant": variant.name, "largest_crop": None, "failed_larger_crops": failures}
+            result["failed"] = {"crop": crop, "error": f"{type(exc).__name__}: {exc}"[:300]}
+            break
+        finally:
+            report(result)
+    return result
 
 
 def eval_latency(args, device, clip_weights, bf16: bool) -> dict:
@@ -380,6 +394,11 @@ def main() -> None:
     if args.variants:
         variants = [variants[int(index)] for index in args.variants.split(",")]
 
+    def save():
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomically(args.json, results)
+
     def record(key, measure):
         """Run one measurement; keep going on failure, and save after each so a timeout loses little."""
         try:
@@ -389,9 +408,7 @@ def main() -> None:
                 raise
             results[key] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         print(f"{key}: {results[key]}", flush=True)
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(results, indent=2))
+        save()
 
     if "flops" in parts:  # the analytic count alone (runs anywhere, e.g. to check MFU arithmetic on CPU)
         for config in sorted({v.config for v in variants}):
@@ -421,7 +438,10 @@ def main() -> None:
     if "clip" in parts and fastest:
         record("clip", lambda: clip_share(fastest_variant, args, device, clip_weights, fastest["ms_per_step"]))
     if "crop" in parts:
-        record("largest_crop", lambda: largest_crop(CROP_VARIANT, args, device, clip_weights))
+        def report_crop(partial):
+            results["largest_crop"] = partial
+            save()
+        record("largest_crop", lambda: largest_crop(CROP_VARIANT, args, device, clip_weights, report_crop))
 
 
 if __name__ == "__main__":

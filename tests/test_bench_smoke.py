@@ -12,6 +12,7 @@ def test_train_speed_smoke_writes_every_measurement(tmp_path, repo_root):
     results = json.loads(out.read_text())
     trained = [v for k, v in results.items() if k.startswith("train/")]
     assert len(trained) == 2 and all(r["img_per_s"] > 0 and r["mfu_pct"] > 0 for r in trained)
+    assert all(r["scan_path"] == "torch" for r in trained)   # the row says which scan ran ("fused" on GPU)
     # Both variants train the tiny network: the same work, whichever way the depthwise convolutions run.
     assert trained[0]["flops_per_step"] == trained[1]["flops_per_step"] > 0
     assert results["scan_ms/torch"] > 0 and results["eval/fp32"]["eval_ms"] > 0
