@@ -160,7 +160,7 @@ def destroy_process_group() -> None:
     """
     if not is_initialized():
         return
-    on_gloo = torch_dist.get_backend() == "gloo"
+    on_gloo = "gloo" in torch_dist.get_backend()   # "gloo", or a per-device string like "cpu:gloo,cuda:nccl"
     torch_dist.destroy_process_group()
     if on_gloo:
         time.sleep(GLOO_DRAIN_SECONDS)

@@ -34,7 +34,7 @@ from m2r import dist
 from m2r.engine.validate import to_unit_float
 from m2r.eval.datasets import DATASETS, Pair, evaluation_sets, read_pair, to_chw_uint8
 from m2r.eval.loading import add_inference_arguments, load_inference_model, make_accelerator
-from m2r.eval.metrics import image_metrics, parse_protocols
+from m2r.eval.metrics import image_metrics, parse_protocols, to_uint8
 from m2r.eval.tiling import restore_image
 
 SET_TITLES = {"outdoor_rain": "Outdoor-Rain", "snow100k_s": "Snow100K-S", "snow100k_l": "Snow100K-L",
@@ -62,11 +62,11 @@ def as_unit(image, device: torch.device) -> torch.Tensor:
 
 
 def save_png(image: torch.Tensor, path: Path) -> None:
-    """(3, H, W) float image -> 8-bit PNG at `path` (clamped, rounded)."""
+    """(3, H, W) float image -> 8-bit PNG at `path`: the image the rgb and y metrics measure."""
     from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    array = (image.clamp(0, 1) * 255.0).round().byte().permute(1, 2, 0).cpu().numpy()
+    array = to_uint8(image).permute(1, 2, 0).cpu().numpy()
     Image.fromarray(array).save(path)
 
 

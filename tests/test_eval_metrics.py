@@ -63,6 +63,20 @@ def test_rgb_and_y_protocols_measure_the_prediction_rounded_to_8_bits():
     assert image_metrics(target + 0.6 / 255, target, ["rgb"])["psnr_rgb"] < exact["psnr_rgb"]
 
 
+def test_rgb_and_y_protocols_score_exactly_the_png_that_evaluate_saves(tmp_path):
+    from PIL import Image
+
+    from m2r.evaluate import save_png
+
+    target = torch.from_numpy(saved_8bit(photo_pair("chelsea", seed=7)[0])).permute(2, 0, 1).float()
+    # float32 values near the midpoints between 8-bit levels, where float32 and float64 rounding part
+    jitter = 1e-6 * torch.randn(target.shape, generator=torch.Generator().manual_seed(1))
+    prediction = (target * 255 + 0.5 + jitter) / 255
+    save_png(prediction, tmp_path / "restored.png")
+    saved = torch.from_numpy(np.array(Image.open(tmp_path / "restored.png"))).permute(2, 0, 1).double() / 255
+    assert image_metrics(prediction, target, ["rgb", "y"]) == image_metrics(saved, target, ["rgb", "y"])
+
+
 def test_y_protocol_reads_channels_as_rgb_not_bgr():
     red = torch.zeros(3, 16, 16)
     red[0] = 1.0

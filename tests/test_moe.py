@@ -387,3 +387,26 @@ def test_two_rank_expert_parallel_matches_single_rank_and_checkpoints_by_global_
     assert checkpoint["expert4_keys"] == [f"adapter.deepspeed_moe.experts.deepspeed_experts.4.{name}"
                                           for name in ("fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight")]
     assert checkpoint["before_load_max_diff"] > 1e-4 and checkpoint["reload_max_diff"] == 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_dense_dispatch_past_the_cublas_operand_limit_matches_sparse_on_cuda():
+    # 2.89 M tokens of 48 channels: one GEMM over all of them would span 2.2e9 elements, past the 2^31
+    # at which cuBLASLt 13.x fails; the dense path splits them and must still equal the sparse one.
+    assert_dense_matches_sparse(torch.device("cuda"), dim=48, side=1700)
+
+
+def assert_dense_matches_sparse(device, dim, side):
+    cfg = MoEConfig(noisy_gating=False)
+    torch.manual_seed(0)
+    dense = DDER(dim, PROMPT_DIM, NUM_PROMPTS, replace(cfg, dispatch="dense"), 0, 3).to(device).eval()
+    sparse = DDER(dim, PROMPT_DIM, NUM_PROMPTS, replace(cfg, dispatch="sparse"), 0, 3).to(device).eval()
+    sparse.load_state_dict(dense.state_dict())
+    generator = torch.Generator(device).manual_seed(1)
+    x = torch.randn(1, dim, side, side, device=device, generator=generator)
+    prompt = torch.randn(1, PROMPT_DIM, device=device, generator=generator)
+    probs = torch.softmax(torch.randn(1, NUM_PROMPTS, device=device, generator=generator), dim=1)
+    with torch.no_grad():   # fp32 matmuls stay fp32 (torch's default: no TF32)
+        y_dense, y_sparse = dense(x, prompt, probs)[0], sparse(x, prompt, probs)[0]
+    torch.testing.assert_close(y_dense, y_sparse, rtol=1e-4, atol=1e-4)
