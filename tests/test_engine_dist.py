@@ -122,13 +122,13 @@ def resume_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     straight, split = root / "straight", root / "split"
     pretrain(straight, *RESUME)
-    first = pretrain(split, *RESUME, "run.stop_after=3")
+    first = pretrain(split, *RESUME, "run.stop_after_steps=3")
     second = pretrain(split, *RESUME)
     return {"straight": straight, "split": split, "first_output": first, "second_output": second}
 
 
 def test_resuming_continues_exactly_where_the_run_stopped(resume_runs):
-    assert "stopping at step 3: run.stop_after=3" in resume_runs["first_output"]
+    assert "stopping at step 3: run.stop_after_steps=3" in resume_runs["first_output"]
     assert "at step 3" in resume_runs["second_output"] and "resumed from" in resume_runs["second_output"]
     straight, split = train_losses(resume_runs["straight"]), train_losses(resume_runs["split"])
     assert sorted(straight) == [1, 2, 3, 4, 5, 6]
@@ -212,7 +212,7 @@ def test_sigterm_saves_exits_zero_and_the_next_run_continues(tmp_path):
     stopped_at = int((run_dir / "checkpoints" / "latest").read_text()[len("step"):])
     assert 2 <= stopped_at < 400
 
-    resumed = pretrain(run_dir, *overrides[1:], "run.stop_after=1")
+    resumed = pretrain(run_dir, *overrides[1:], "run.stop_after_steps=1")
     assert f"at step {stopped_at}" in resumed
     assert max(train_losses(run_dir)) == stopped_at + 1
 

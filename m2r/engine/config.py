@@ -58,7 +58,7 @@ class RunConfig(RunOutputConfig):
     save_every: int = 1000           # steps between checkpoints (also at the end and on SIGTERM/SIGUSR1)
     image_every: int = 500           # steps between degraded | restored | clean image grids; 0 disables
     val_every: int = 1000            # steps between validations (also before the first and after the last)
-    stop_after: int = 0              # leave after this many steps in this process (checkpoint first); 0 = never
+    stop_after_steps: int = 0        # leave after this many steps in this process (checkpoint first); 0 = never
     demo_summary: bool = False       # print "demo: val PSNR before <a> dB, after <b> dB" at the end
 
 

@@ -188,8 +188,8 @@ class Trainer(TrainingRun):
             return signalled
         if self.step >= self.cfg.train.steps:
             return "finished"
-        if self.cfg.run.stop_after and steps_this_run >= self.cfg.run.stop_after:
-            return f"run.stop_after={self.cfg.run.stop_after} steps done in this process"
+        if self.cfg.run.stop_after_steps and steps_this_run >= self.cfg.run.stop_after_steps:
+            return f"run.stop_after_steps={self.cfg.run.stop_after_steps} steps done in this process"
         return None
 
     def fit(self) -> int:
