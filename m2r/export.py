@@ -24,7 +24,8 @@ from typing import Dict, List, Tuple
 import torch
 from omegaconf import OmegaConf
 
-from m2r.atomic import atomic_path, write_text_atomically
+from m2r.atomic import atomic_path
+from m2r.config import save_config
 from m2r.engine.checkpoint import DENSE_FILE, CheckpointRef, load_ema_states, resolve_resume
 from m2r.engine.experts import with_global_expert_id
 
@@ -107,7 +108,7 @@ def export(checkpoint: str, out: str, use_ema: bool = False) -> Path:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_path) as tmp:
         save_file(state, str(tmp), metadata={"source": str(ref.path), "weights": "ema" if use_ema else "fp32"})
-    write_text_atomically(config_path_for(out_path), OmegaConf.to_yaml(OmegaConf.create(config)))
+    save_config(OmegaConf.create(config), config_path_for(out_path))
     return out_path
 
 

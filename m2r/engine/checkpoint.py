@@ -213,9 +213,10 @@ class CheckpointManager:
         """Keep the newest `keep_last` complete tags; delete older ones, incomplete step directories
         and what crashed saves left behind."""
         tags = self.tags()
-        older = [tag for tag in tags if tag != keep and is_complete(self.root / tag)]
+        complete = {tag for tag in tags if is_complete(self.root / tag)}
+        older = [tag for tag in tags if tag != keep and tag in complete]
         doomed = [self.root / tag for tag in older[: max(0, len(older) - (self.keep_last - 1))]]
-        doomed += [self.root / tag for tag in tags if not is_complete(self.root / tag)]
+        doomed += [self.root / tag for tag in tags if tag not in complete]
         doomed += [path for suffix in (PARTIAL_SUFFIX, REPLACED_SUFFIX) for path in self.root.glob(f"step*{suffix}")]
         for path in doomed:
             shutil.rmtree(path, ignore_errors=True)

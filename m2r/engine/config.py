@@ -51,6 +51,7 @@ class RunOutputConfig:
     log_every: int = 10              # optimizer steps between console lines and TensorBoard scalars
     progress_bar: bool = True        # tqdm bar when stdout is a terminal
     tensorboard: bool = True         # TensorBoard event files under run.dir/tensorboard (metrics.jsonl always)
+    stop_after_steps: int = 0        # leave after this many steps in this process (checkpoint first); 0 = never
 
 
 @dataclass
@@ -58,7 +59,6 @@ class RunConfig(RunOutputConfig):
     save_every: int = 1000           # steps between checkpoints (also at the end and on SIGTERM/SIGUSR1)
     image_every: int = 500           # steps between degraded | restored | clean image grids; 0 disables
     val_every: int = 1000            # steps between validations (also before the first and after the last)
-    stop_after_steps: int = 0        # leave after this many steps in this process (checkpoint first); 0 = never
     demo_summary: bool = False       # print "demo: val PSNR before <a> dB, after <b> dB" at the end
 
 

@@ -63,7 +63,6 @@ class FinetuneRunConfig(RunOutputConfig):
     dir: str = "runs/finetune"       # checkpoints are saved every epoch
     best_metrics: List[str] = field(default_factory=lambda: ["psnr", "ssim"])
     stop_after_epochs: int = 0       # leave after this many epochs in this process; 0 = never
-    stop_after_steps: int = 0        # leave after this many steps in this process (checkpoint first); 0 = never
 
 
 @dataclass
@@ -267,21 +266,12 @@ class Finetuner(TrainingRun):
                 timer.end_step(train.micro_batch * train.grad_accum * dist.world_size())
                 self._report_step(terms, lr, timer)
                 self.steps_this_run += 1
-                if reason := self._stop_reason():
+                if reason := self._stop_reason(self.steps_this_run):
                     return reason
         finally:
             dist.shut_down_workers(batches)
         self.epoch += 1
         self.samples_into_epoch = 0
-        return None
-
-    def _stop_reason(self) -> Optional[str]:
-        """Decided identically on every rank (the signal flag is agreed through all_reduce)."""
-        if signalled := self.stop_request.agreed_reason():
-            return signalled
-        stop_after = self.cfg.run.stop_after_steps
-        if stop_after and self.steps_this_run >= stop_after:
-            return f"run.stop_after_steps={stop_after} reached"
         return None
 
     # ----------------------------------------------------------------------------- validation, checkpoints

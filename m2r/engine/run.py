@@ -158,6 +158,20 @@ class TrainingRun:
         else:
             reseed(self.cfg.train.seed, dist.rank(), self.step)
 
+    # ----------------------------------------------------------------------------- stopping
+    def _stop_reason(self, steps_this_run: int, finished: bool = False) -> Optional[str]:
+        """Why every rank stops after this step, or None: a stop signal on any rank, the end of
+        training (`finished`), or `run.stop_after_steps` steps in this process. A collective (the
+        signal flag is agreed through all_reduce): every rank calls it at the same step."""
+        if signalled := self.stop_request.agreed_reason():
+            return signalled
+        if finished:
+            return "finished"
+        limit = self.cfg.run.stop_after_steps
+        if limit and steps_this_run >= limit:
+            return f"run.stop_after_steps={limit} reached"
+        return None
+
     # ----------------------------------------------------------------------------- reporting
     def _speed_settings(self, activation_checkpointing: str) -> List[str]:
         """Start-up summary lines: precision and speed settings, the backend flags as applied."""

@@ -182,16 +182,6 @@ class Trainer(TrainingRun):
         self.monitor.print(f"saved checkpoint {ref.path}")
         return ref
 
-    def _stop_reason(self, steps_this_run: int) -> Optional[str]:
-        """Decided identically on every rank (the signal flag is agreed through all_reduce)."""
-        if signalled := self.stop_request.agreed_reason():
-            return signalled
-        if self.step >= self.cfg.train.steps:
-            return "finished"
-        if self.cfg.run.stop_after_steps and steps_this_run >= self.cfg.run.stop_after_steps:
-            return f"run.stop_after_steps={self.cfg.run.stop_after_steps} steps done in this process"
-        return None
-
     def fit(self) -> int:
         """Train until done, stopped or signalled; always leaves a checkpoint. Returns the exit code (0)."""
         try:
@@ -207,7 +197,7 @@ class Trainer(TrainingRun):
             if run.image_every:
                 self.log_images()
         timer, steps_this_run, last_saved = StepTimer(), 0, self.step
-        while (reason := self._stop_reason(steps_this_run)) is None:
+        while (reason := self._stop_reason(steps_this_run, finished=self.step >= self.cfg.train.steps)) is None:
             result = self.train_step(timer)
             steps_this_run += 1
             timer.end_step(self.cfg.train.micro_batch * self.cfg.train.grad_accum * dist.world_size())
