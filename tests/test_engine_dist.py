@@ -160,6 +160,24 @@ def test_a_two_rank_ep2_checkpoint_resumes_on_one_rank_with_experts_by_global_id
         assert torch.equal(loaded[name], saved[name]), name
 
 
+def test_bf16_zero1_sums_gradients_in_fp32_resumes_exactly_and_a_precision_change_loads_weights(tmp_path):
+    """bf16 at ZeRO 1 runs DeepSpeed's BF16_Optimizer (fp32 gradient accumulation), whose optimizer
+    state differs from fp32's: resuming under another precision must load the weights, not crash."""
+    settings = ("train.precision=bf16", "train.zero_stage=1", "train.grad_accum=2", "model.moe.ep_size=2",
+                "data.workers=1", "train.steps=4", "run.val_every=100", "run.image_every=0")
+    straight_out = pretrain(tmp_path / "straight", *settings)
+    pretrain(tmp_path / "split", *settings, "run.stop_after_steps=2")
+    pretrain(tmp_path / "split", *settings)
+    assert "precision bf16 (gradients summed in fp32) | ZeRO 1" in straight_out
+    assert train_losses(tmp_path / "split") == train_losses(tmp_path / "straight")
+
+    changed = pretrain(tmp_path / "split", *[s for s in settings if "precision" not in s and "steps" not in s],
+                       "train.precision=fp32", "train.steps=5")
+    assert "TOPOLOGY CHANGE" in changed
+    assert "ep_size 2, bf16, ZeRO 1; this run has world size 2, ep_size 2, fp32, ZeRO 1" in changed
+    assert "the fp32 master weights" in changed and "stopping at step 5: finished" in changed
+
+
 # ----------------------------------------------------------------------------------- preemption
 def _worker_pids(launcher_pid):
     children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()

@@ -14,7 +14,7 @@ from m2r import dist
 from m2r.config import ConfigError, load_config
 from m2r.engine.checkpoint import CheckpointManager, Topology, resolve_resume, tag_for
 from m2r.engine.config import PretrainConfig, validate_pretrain_config
-from m2r.engine.deepspeed_config import build_deepspeed_config
+from m2r.engine.deepspeed_config import build_deepspeed_config, gradient_accumulation_dtype
 from m2r.engine.loss import pixel_loss
 from m2r.engine.monitor import build_monitor
 from m2r.engine.optim import EMA, learning_rate
@@ -79,6 +79,16 @@ def test_deepspeed_config_follows_the_train_section(repo_root):
     assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.5
     assert ds["zero_optimization"] == {"stage": 2} and ds["bf16"] == {"enabled": True}
     assert "optimizer" not in ds and "scheduler" not in ds
+
+
+def test_bf16_gradients_are_summed_in_fp32_wherever_deepspeed_can(repo_root):
+    for stage in (1, 2):
+        ds = build_deepspeed_config(tiny_config(repo_root, "train.precision=bf16", f"train.zero_stage={stage}").train,
+                                    world_size=2)
+        assert ds["data_types"] == {"grad_accum_dtype": "fp32"}
+    bf16_no_zero = tiny_config(repo_root, "train.precision=bf16", "train.zero_stage=0").train
+    assert "data_types" not in build_deepspeed_config(bf16_no_zero, world_size=2)  # DeepSpeed refuses fp32 there
+    assert gradient_accumulation_dtype(bf16_no_zero) == "bf16"
 
 
 def test_fp16_uses_dynamic_loss_scaling(repo_root):
@@ -151,11 +161,11 @@ def test_checkpoints_keep_the_last_k_and_point_latest_at_the_newest(tmp_path):
     manager = CheckpointManager(tmp_path, keep_last=2)
     config = load_config(PretrainConfig, None, ["train.lr=0.125"])
     for step in (10, 20, 30):
-        manager.save(FakeEngine(), step, Topology(2, 2), {"step": step}, config)
+        manager.save(FakeEngine(), step, Topology(2, 2, "bf16", 1), {"step": step}, config)
     assert manager.tags() == [tag_for(20), tag_for(30)]
     assert (tmp_path / "latest").read_text() == "step00000030"
     meta = json.loads((tmp_path / "step00000030" / "meta.json").read_text())
-    assert meta == {"step": 30, "world_size": 2, "ep_size": 2, "ema": False}
+    assert meta == {"step": 30, "world_size": 2, "ep_size": 2, "precision": "bf16", "zero_stage": 1, "ema": False}
     assert load_config(PretrainConfig, tmp_path / "step00000030" / "config.yaml") == config  # resolved, beside it
     assert not list(tmp_path.rglob("*.tmp"))
 
@@ -169,7 +179,7 @@ def test_a_checkpoint_is_on_disk_before_it_counts_as_complete(tmp_path, monkeypa
     real_fsync = os.fsync
     monkeypatch.setattr(m2r.atomic.os, "fsync", lambda fd: events.append(os.readlink(f"/proc/self/fd/{fd}"))
                         or real_fsync(fd))
-    CheckpointManager(tmp_path, keep_last=2).save(FakeEngine(), 10, Topology(1, 1), {"step": 10},
+    CheckpointManager(tmp_path, keep_last=2).save(FakeEngine(), 10, Topology(1, 1, "fp32", 1), {"step": 10},
                                                   load_config(PretrainConfig))
     partial = str(tmp_path / (tag_for(10) + ".partial"))
     shard = events.index(f"{partial}/mp_rank_00_model_states.pt")
@@ -178,11 +188,11 @@ def test_a_checkpoint_is_on_disk_before_it_counts_as_complete(tmp_path, monkeypa
 
 def test_a_save_cut_short_leaves_the_last_complete_checkpoint_in_use(tmp_path):
     manager, config = CheckpointManager(tmp_path, keep_last=2), load_config(PretrainConfig)
-    manager.save(FakeEngine(), 10, Topology(1, 1), {"step": 10}, config)
+    manager.save(FakeEngine(), 10, Topology(1, 1, "fp32", 1), {"step": 10}, config)
     with pytest.raises(OSError, match="killed"):
-        manager.save(FakeEngine(crash=True), 20, Topology(1, 1), {"step": 20}, config)
+        manager.save(FakeEngine(crash=True), 20, Topology(1, 1, "fp32", 1), {"step": 20}, config)
     assert manager.tags() == [tag_for(10)] and resolve_resume("latest", tmp_path).tag == tag_for(10)
-    manager.save(FakeEngine(), 20, Topology(1, 1), {"step": 20}, config)
+    manager.save(FakeEngine(), 20, Topology(1, 1, "fp32", 1), {"step": 20}, config)
     assert sorted(p.name for p in (tmp_path / tag_for(20)).iterdir()) == [
         "config.yaml", "meta.json", "mp_rank_00_model_states.pt"]   # nothing left from the cut save
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", tag_for(10), tag_for(20)]
@@ -193,23 +203,23 @@ def test_a_failure_while_publishing_is_raised_and_the_last_checkpoint_stays(tmp_
     from m2r.engine import checkpoint
 
     manager, config = CheckpointManager(tmp_path, keep_last=2), load_config(PretrainConfig)
-    manager.save(FakeEngine(), 10, Topology(1, 1), {"step": 10}, config)
+    manager.save(FakeEngine(), 10, Topology(1, 1, "fp32", 1), {"step": 10}, config)
     monkeypatch.setattr(checkpoint, "fsync_directory", lambda path: (_ for _ in ()).throw(OSError(28, "No space")))
     with pytest.raises(OSError, match="No space"):
-        manager.save(FakeEngine(), 20, Topology(1, 1), {"step": 20}, config)
+        manager.save(FakeEngine(), 20, Topology(1, 1, "fp32", 1), {"step": 20}, config)
     assert resolve_resume("latest", tmp_path).tag == tag_for(10)
 
 
 def test_saving_a_step_again_replaces_its_tag_only_once_the_new_one_is_complete(tmp_path):
     """A finetune stopped on the last step of an epoch saves that step again after resuming."""
     manager, config = CheckpointManager(tmp_path, keep_last=2), load_config(PretrainConfig)
-    manager.save(FakeEngine(), 10, Topology(1, 1), {"step": 10}, config)
-    manager.save(FakeEngine(), 20, Topology(1, 1), {"step": 20, "epoch": 0}, config)
+    manager.save(FakeEngine(), 10, Topology(1, 1, "fp32", 1), {"step": 10}, config)
+    manager.save(FakeEngine(), 20, Topology(1, 1, "fp32", 1), {"step": 20, "epoch": 0}, config)
     with pytest.raises(OSError, match="killed"):
-        manager.save(FakeEngine(crash=True), 20, Topology(1, 1), {"step": 20, "epoch": 1}, config)
+        manager.save(FakeEngine(crash=True), 20, Topology(1, 1, "fp32", 1), {"step": 20, "epoch": 1}, config)
     latest = resolve_resume("latest", tmp_path)
     assert latest.tag == tag_for(20) and torch.load(latest.path / "mp_rank_00_model_states.pt")["epoch"] == 0
-    manager.save(FakeEngine(), 20, Topology(1, 1), {"step": 20, "epoch": 1}, config)
+    manager.save(FakeEngine(), 20, Topology(1, 1, "fp32", 1), {"step": 20, "epoch": 1}, config)
     assert torch.load(latest.path / "mp_rank_00_model_states.pt")["epoch"] == 1
     assert manager.tags() == [tag_for(10), tag_for(20)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", tag_for(10), tag_for(20)]
@@ -218,7 +228,7 @@ def test_saving_a_step_again_replaces_its_tag_only_once_the_new_one_is_complete(
 def test_resume_falls_back_to_the_newest_complete_checkpoint(tmp_path):
     manager, config = CheckpointManager(tmp_path, keep_last=2), load_config(PretrainConfig)
     for step in (10, 20):
-        manager.save(FakeEngine(), step, Topology(1, 1), {"step": step}, config)
+        manager.save(FakeEngine(), step, Topology(1, 1, "fp32", 1), {"step": step}, config)
     (tmp_path / tag_for(20)).rename(tmp_path / (tag_for(20) + ".replaced"))   # a crash between two renames
     with pytest.warns(UserWarning, match="names 'step00000020', which is not a complete checkpoint; resuming from the newest complete checkpoint, step00000010"):
         assert resolve_resume("latest", tmp_path).tag == tag_for(10)
@@ -226,7 +236,7 @@ def test_resume_falls_back_to_the_newest_complete_checkpoint(tmp_path):
     (tmp_path / tag_for(30)).mkdir()       # and a step directory without meta.json
     with pytest.warns(UserWarning, match="latest is missing or empty"):
         assert resolve_resume(str(tmp_path), Path("elsewhere")).tag == tag_for(10)
-    manager.save(FakeEngine(), 40, Topology(1, 1), {"step": 40}, config)
+    manager.save(FakeEngine(), 40, Topology(1, 1, "fp32", 1), {"step": 40}, config)
     assert manager.tags() == [tag_for(10), tag_for(40)]   # incomplete directories neither count nor stay
     assert not list(tmp_path.glob("*.replaced"))
     for tag in manager.tags():
@@ -243,11 +253,11 @@ def test_keeping_a_single_checkpoint_is_refused(tmp_path):
 def test_resume_targets(tmp_path):
     manager = CheckpointManager(tmp_path, keep_last=2)
     assert resolve_resume("latest", tmp_path) is None  # a fresh run
-    manager.save(FakeEngine(), 7, Topology(1, 1), {}, load_config(PretrainConfig))
+    manager.save(FakeEngine(), 7, Topology(1, 1, "fp32", 1), {}, load_config(PretrainConfig))
     assert resolve_resume("latest", tmp_path).path == tmp_path / "step00000007"
     assert resolve_resume("none", tmp_path) is None
     assert resolve_resume(str(tmp_path / "step00000007"), Path("elsewhere")).tag == "step00000007"
-    assert resolve_resume(str(tmp_path), Path("elsewhere")).topology() == Topology(1, 1)
+    assert resolve_resume(str(tmp_path), Path("elsewhere")).topology() == Topology(1, 1, "fp32", 1)
     with pytest.raises(FileNotFoundError, match="run.resume"):
         resolve_resume(str(tmp_path / "missing"), tmp_path)
 

@@ -41,11 +41,22 @@ def tag_for(step: int) -> str:
 
 @dataclass(frozen=True)
 class Topology:
+    """What a checkpoint's optimizer state is laid out for: it loads only into a run with the same
+    four (ZeRO partitions follow the ranks and expert groups; bf16 at stage 1 and at stage 2 use
+    different DeepSpeed optimizers). None: not recorded (a checkpoint from before 2026-11-27)."""
     world_size: int
     ep_size: int
+    precision: Optional[str]
+    zero_stage: Optional[int]
+
+    @classmethod
+    def of_run(cls, world_size: int, cfg) -> "Topology":
+        return cls(world_size, cfg.model.moe.ep_size, cfg.train.precision, cfg.train.zero_stage)
 
     def describe(self) -> str:
-        return f"world size {self.world_size}, ep_size {self.ep_size}"
+        precision = self.precision or "precision not recorded"
+        zero = "ZeRO not recorded" if self.zero_stage is None else f"ZeRO {self.zero_stage}"
+        return f"world size {self.world_size}, ep_size {self.ep_size}, {precision}, {zero}"
 
 
 @dataclass(frozen=True)
@@ -65,7 +76,7 @@ class CheckpointRef:
 
     def topology(self) -> Topology:
         meta = self.meta()
-        return Topology(meta["world_size"], meta["ep_size"])
+        return Topology(meta["world_size"], meta["ep_size"], meta.get("precision"), meta.get("zero_stage"))
 
 
 def capture_rng_state() -> Dict[str, Any]:
@@ -181,7 +192,7 @@ class CheckpointManager:
             fsync_tree(staging.path)
         dist.barrier()
         meta = {"step": step, "world_size": topology.world_size, "ep_size": topology.ep_size,
-                "ema": ema_state is not None}
+                "precision": topology.precision, "zero_stage": topology.zero_stage, "ema": ema_state is not None}
         dist.on_rank0(lambda: self._complete(staging.path, ref, meta, config))
         return ref
 

@@ -2,10 +2,21 @@
 
 No optimizer or scheduler entry: the engine passes a torch AdamW (a named DeepSpeed optimizer
 becomes FusedAdam, which JIT-compiles for minutes on CPU) and sets the learning rate itself.
+
+bf16 at ZeRO 1/2 accumulates and reduces gradients in fp32 (`data_types.grad_accum_dtype`; at stage 1
+DeepSpeed then uses its BF16_Optimizer): left to DeepSpeed's default, bf16 gradients are summed over
+micro-batches and ranks in bf16, whose 8-bit mantissa loses the small terms. DeepSpeed has no fp32
+accumulation without ZeRO, so bf16 at stage 0 keeps bf16 gradients.
 """
 from typing import Any, Dict
 
 from m2r.config import ConfigError
+
+
+def gradient_accumulation_dtype(train) -> str:
+    if train.precision == "bf16" and train.zero_stage == 0:
+        return "bf16"
+    return "fp16" if train.precision == "fp16" else "fp32"
 
 
 def build_deepspeed_config(train, world_size: int) -> Dict[str, Any]:
@@ -25,6 +36,8 @@ def build_deepspeed_config(train, world_size: int) -> Dict[str, Any]:
     }
     if train.precision == "bf16":
         config["bf16"] = {"enabled": True}
+        if train.zero_stage > 0:
+            config["data_types"] = {"grad_accum_dtype": gradient_accumulation_dtype(train)}
     elif train.precision == "fp16":
         # initial_scale_power 16 and a window of 1000 steps are DeepSpeed's usual dynamic scaling.
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,

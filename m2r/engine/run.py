@@ -19,7 +19,7 @@ from m2r import dist
 from m2r.config import save_config
 from m2r.engine.checkpoint import (CheckpointManager, CheckpointRef, Topology, agreed_resume, load_ema_states,
                                    load_weights_only, reseed, restore_rng_state)
-from m2r.engine.deepspeed_config import build_deepspeed_config
+from m2r.engine.deepspeed_config import build_deepspeed_config, gradient_accumulation_dtype
 from m2r.engine.loss import restoration_loss
 from m2r.engine.monitor import NullMonitor, StepTimer, build_monitor
 from m2r.engine.optim import EMA, build_optimizer
@@ -81,7 +81,7 @@ class TrainingRun:
         validate_config(cfg, env.world_size)
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32_matmul
-        self.topology = Topology(env.world_size, cfg.model.moe.ep_size)
+        self.topology = Topology.of_run(env.world_size, cfg)
         self.run_dir = Path(cfg.run.dir)
         self.stop_request = StopRequest()
         self.input_dtype = PRECISION_DTYPES[cfg.train.precision]
@@ -176,7 +176,8 @@ class TrainingRun:
     def _speed_settings(self, activation_checkpointing: str) -> List[str]:
         """Start-up summary lines: precision and speed settings, the backend flags as applied."""
         train = self.cfg.train
-        return [f"  precision {train.precision} | ZeRO {train.zero_stage} | activation checkpointing "
+        return [f"  precision {train.precision} (gradients summed in {gradient_accumulation_dtype(train)}) | ZeRO "
+                f"{train.zero_stage} | activation checkpointing "
                 f"{activation_checkpointing} | channels_last {train.channels_last} | compile {train.compile}",
                 f"  cudnn_benchmark {torch.backends.cudnn.benchmark} | tf32_matmul "
                 f"{torch.backends.cuda.matmul.allow_tf32} | EMA {train.ema_decay or 'off'}"]

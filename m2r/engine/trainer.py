@@ -99,8 +99,8 @@ class Trainer(TrainingRun):
         lost = ["AdamW moments and step counts (the optimizer restarts)",
                 "the data stream position (a fresh stream is drawn, seeded by the step)",
                 "the per-rank RNG states (reseeded from seed, rank and step)"]
-        if self.cfg.train.precision != "fp32":
-            lost.append("the fp32 master weights (rebuilt from the saved low-precision weights)")
+        if {ref.topology().precision, self.topology.precision} != {"fp32"}:
+            lost.append("the fp32 master weights (rebuilt from the low-precision module weights)")
         bar = "!" * 100
         dist.print0("\n".join([
             bar,
