@@ -19,6 +19,7 @@ mid-epoch; resuming at the same topology continues the epoch exactly.
 import sys
 
 from m2r import dist
+from m2r.cli import run_main
 from m2r.config import load_config
 
 
@@ -35,4 +36,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -13,6 +13,7 @@ exits 0. See m2r/engine/trainer.py for the loop and m2r/engine/config.py for eve
 import sys
 
 from m2r import dist
+from m2r.cli import run_main
 from m2r.config import load_config
 
 
@@ -30,4 +31,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -54,6 +54,8 @@ def _read_yaml(path: Path, seen: tuple = ()) -> DictConfig:
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{path}: top level must be a mapping")
     bases = node.pop(BASE_KEY, [])
+    if isinstance(bases, str):   # one base written without the list brackets
+        bases = [bases]
     merged = OmegaConf.create({})
     for entry in bases:
         file_part, _, section = str(entry).partition("@")
@@ -68,9 +70,22 @@ def _merge_checked(schema: DictConfig, layer: Any, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(schema, layer)
     except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or "?"
+        key = getattr(exc, "full_key", None) or _rejected_key(schema, OmegaConf.create(layer))
         reason = str(exc).splitlines()[0]
         raise ConfigError(f"config error in {source}: key '{key}': {reason}") from None
+
+
+def _rejected_key(schema: DictConfig, layer: DictConfig, prefix: str = "") -> str:
+    """The key of `layer` the schema refuses, found by merging one key at a time: OmegaConf's error
+    names none when a whole section is given a scalar (`train: 5`)."""
+    for key in layer:
+        try:
+            OmegaConf.merge(schema, {key: layer[key]})
+        except OmegaConfBaseException:
+            if key in schema and isinstance(schema[key], DictConfig) and isinstance(layer[key], DictConfig):
+                return _rejected_key(schema[key], layer[key], f"{prefix}{key}.")
+            return f"{prefix}{key}"
+    return "?"
 
 
 def load_config(schema: Type, path: str | os.PathLike | None = None,
@@ -101,6 +116,17 @@ def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(path, OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def flatten(node: Mapping, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: a plain (nested) mapping as dotted keys."""
+    flat = {}
+    for key, value in node.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def to_object(cfg: DictConfig) -> Any:

@@ -23,13 +23,14 @@ import torch
 import torch.distributed as torch_dist
 
 
-# SLURM's preemption, scancel and time-limit warning: the trainer checkpoints, then exits.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# SLURM's preemption, scancel and time-limit warning, and Ctrl-C (which a terminal sends to every
+# process of the job, data workers included): the trainer checkpoints, then exits.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 def ignore_stop_signals(_worker_id: int = 0) -> None:
     """DataLoader `worker_init_fn`. SLURM signals every process of a job step, data workers too; a
-    worker killed by SIGTERM (or by USR1's default action) would crash the trainer's next batch fetch
+    worker killed by SIGTERM (or by USR1's or INT's default action) would crash the trainer's next batch fetch
     before it can checkpoint. The trainer shuts its workers down itself (`shut_down_workers`)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)

@@ -63,6 +63,19 @@ def test_unknown_key_in_file_names_key_and_file(tmp_path):
     assert "train.stepz" in str(err.value) and "bad.yaml" in str(err.value)
 
 
+def test_a_section_given_a_scalar_names_the_section(tmp_path):
+    """OmegaConf's own error names no key there."""
+    with pytest.raises(ConfigError, match=r"bad.yaml: key 'train':"):
+        load_config(Outer, write(tmp_path / "bad.yaml", "train: 5\n"))
+    with pytest.raises(ConfigError, match=r"key 'model.moe':"):
+        load_config(Outer, write(tmp_path / "bad.yaml", "model:\n  moe: 3\n"))
+
+
+def test_one_base_may_be_written_without_brackets(tmp_path):
+    write(tmp_path / "base.yaml", "train:\n  steps: 7\n")
+    assert load_config(Outer, write(tmp_path / "run.yaml", "_base_: base.yaml\n")).train.steps == 7
+
+
 def test_missing_file_and_malformed_override_are_clear(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(Outer, tmp_path / "nope.yaml")
@@ -96,3 +109,20 @@ def test_a_stored_config_is_a_checked_base_layer():
     assert (cfg.train.lr, cfg.train.steps) == (0.5, 4)
     with pytest.raises(ConfigError, match=r"stored config.*train\.stepz"):
         load_config(Outer, None, base={"train": {"stepz": 1}})
+
+
+def test_weights_are_refused_by_a_network_that_would_compute_something_else_with_them():
+    from m2r.models.config import network_differences, require_same_network
+
+    saved = {"input_range": "zero_one", "moe": {"ep_size": 2, "combine": "linear"}, "clip": {"weights": "/a.pt"}}
+    run = load_config(ModelConfig, None, ["moe.combine=linear", "moe.ep_size=1", "clip.weights=/b.pt",
+                                          "scan_backend=torch", "mamba.scan=bidirectional"])
+    # ep_size, the CLIP file and the scan kernel say how the network runs; a key the saved config lacks
+    # (mamba.scan: written before the key existed) counts at its default, the official raster scan.
+    assert network_differences(saved, run) == [
+        "model.input_range: checkpoint 'zero_one', this run 'minus_one_one'",
+        "model.mamba.scan: checkpoint 'raster', this run 'bidirectional'"]
+    assert network_differences(saved, run, allowed=["input_range", "mamba.scan"]) == []
+    with pytest.raises(ConfigError, match=r"key 'run.resume': ckpt/step9 was saved from another network .*"
+                                          r"model.input_range: checkpoint 'zero_one'.*Start over\."):
+        require_same_network(saved, run, "run.resume", "ckpt/step9", "Start over.")

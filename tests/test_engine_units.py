@@ -107,7 +107,14 @@ def test_zero_stage_3_is_refused_with_the_reason(repo_root):
 @pytest.mark.parametrize("override, world, key", [("run.keep_last=1", 2, "run.keep_last"),
                                                   ("model.moe.ep_size=2", 3, "model.moe.ep_size"),
                                                   ("train.precision=fp8", 1, "train.precision"),
-                                                  ("train.crop=30", 1, "train.crop")])
+                                                  ("train.crop=30", 1, "train.crop"),
+                                                  ("train.lr=-1", 1, "train.lr"),
+                                                  ("train.min_lr=1", 1, "train.lr/min_lr"),
+                                                  ("train.betas=[0.9]", 1, "train.betas"),
+                                                  ("train.warmup_steps=-5", 1, "train.warmup_steps"),
+                                                  ("data.workers=-1", 1, "data.workers"),
+                                                  ("data.val_batch_size=0", 1, "data.val_batch_size"),
+                                                  ("data.val_samples_per_type=-1", 1, "val_samples_per_type")])
 def test_invalid_combinations_name_their_key(repo_root, override, world, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate_pretrain_config(tiny_config(repo_root, override), world_size=world)
@@ -255,11 +262,15 @@ def test_resume_targets(tmp_path):
     assert resolve_resume("latest", tmp_path) is None  # a fresh run
     manager.save(FakeEngine(), 7, Topology(1, 1, "fp32", 1), {}, load_config(PretrainConfig))
     assert resolve_resume("latest", tmp_path).path == tmp_path / "step00000007"
-    assert resolve_resume("none", tmp_path) is None
+    assert resolve_resume("none", tmp_path / "fresh") is None
+    with pytest.raises(ConfigError, match=r"key 'run.resume': 'none' starts a new run, but .* holds this run's"):
+        resolve_resume("none", tmp_path)   # a second run would mix its checkpoints and logs with these
     assert resolve_resume(str(tmp_path / "step00000007"), Path("elsewhere")).tag == "step00000007"
     assert resolve_resume(str(tmp_path), Path("elsewhere")).topology() == Topology(1, 1, "fp32", 1)
     with pytest.raises(FileNotFoundError, match="run.resume"):
         resolve_resume(str(tmp_path / "missing"), tmp_path)
+    with pytest.raises(FileNotFoundError, match="init.weights="):
+        resolve_resume(str(tmp_path / "missing"), tmp_path, "init.weights")
 
 
 def test_export_renames_local_experts_to_global_ids():
@@ -363,3 +374,21 @@ def test_metrics_file_always_and_tensorboard_only_when_asked(tmp_path, tensorboa
     assert records[0]["loss"] == 0.5 and records[1]["val_psnr"] == 20.0
     assert records[2] == {"step": 1, "samples_by_type": {"rain": 3, "haze": 1}, "corrupt_samples": 2}
     assert (tmp_path / "tensorboard").is_dir() == tensorboard
+
+
+# ----------------------------------------------------------------------------------- stop signals
+def test_ctrl_c_asks_for_a_checkpoint_and_a_second_one_aborts(capsys):
+    import signal
+
+    from m2r.engine.run import StopRequest
+
+    saved_handlers = {sig: signal.getsignal(sig) for sig in dist.STOP_SIGNALS}
+    try:
+        request = StopRequest()
+        signal.raise_signal(signal.SIGINT)
+        assert request.signal_name == "SIGINT" and "saving a checkpoint" in capsys.readouterr().out
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        for sig, handler in saved_handlers.items():
+            signal.signal(sig, handler)

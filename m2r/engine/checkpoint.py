@@ -22,10 +22,11 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from m2r import dist
 from m2r.atomic import fsync_directory, fsync_tree, write_json_atomically, write_text_atomically
-from m2r.config import save_config
+from m2r.config import ConfigError, save_config
 
 TAG_PATTERN = re.compile(r"^step(\d{8})$")
 PARTIAL_SUFFIX = ".partial"     # a tag being written
@@ -33,6 +34,7 @@ REPLACED_SUFFIX = ".replaced"   # a tag being replaced by a new save of the same
 DENSE_FILE = "mp_rank_00_model_states.pt"
 META_FILE = "meta.json"
 CONFIG_FILE = "config.yaml"
+DEEPSPEED_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")   # copied beside the tags by every ZeRO save
 
 
 def tag_for(step: int) -> str:
@@ -73,6 +75,13 @@ class CheckpointRef:
         if not meta_path.is_file():
             raise FileNotFoundError(f"{meta_path} is missing: {self.path} is not a complete m2r checkpoint")
         return json.loads(meta_path.read_text())
+
+    def saved_config(self) -> Dict[str, Any]:
+        """The resolved run config saved beside this tag."""
+        return OmegaConf.to_container(OmegaConf.load(self.path / CONFIG_FILE))
+
+    def saved_model_config(self) -> Dict[str, Any]:
+        return self.saved_config()["model"]
 
     def topology(self) -> Topology:
         meta = self.meta()
@@ -115,6 +124,10 @@ def tags_in(root: Path) -> List[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name))
 
 
+def complete_tags(root: Path) -> List[str]:
+    return [tag for tag in tags_in(root) if is_complete(root / tag)]
+
+
 def newest_checkpoint(root: Path) -> Optional[CheckpointRef]:
     """The tag `latest` names; if that is not a complete tag (`latest` lost, or a crash in the middle
     of replacing a tag), the newest complete tag, with a warning; None if there is none."""
@@ -122,21 +135,26 @@ def newest_checkpoint(root: Path) -> Optional[CheckpointRef]:
     named = pointer.read_text().strip() if pointer.is_file() else ""
     if named and is_complete(root / named):
         return CheckpointRef(root, named)
-    complete = [tag for tag in tags_in(root) if is_complete(root / tag)]
+    complete = complete_tags(root)
     if not complete:
         if named:   # a run that had saved: starting it from scratch is not for us to decide
             raise FileNotFoundError(f"{pointer} names {named!r}, but {root} holds no complete checkpoint "
-                                    f"(a step<N> directory with {META_FILE}); run.resume=none starts afresh")
+                                    f"(a step<N> directory with {META_FILE}); to start afresh, choose a new run.dir or remove them")
         return None
     problem = f"names {named!r}, which is not a complete checkpoint" if named else "is missing or empty"
     warnings.warn(f"{pointer} {problem}; resuming from the newest complete checkpoint, {complete[-1]}")
     return CheckpointRef(root, complete[-1])
 
 
-def resolve_resume(resume: str, run_checkpoints: Path) -> Optional[CheckpointRef]:
-    """`latest` -> the run's newest checkpoint (None if there is none); `none` -> None;
-    a path -> that checkpoint directory (its newest checkpoint) or that tag directory."""
+def resolve_resume(resume: str, run_checkpoints: Path, option: str = "run.resume") -> Optional[CheckpointRef]:
+    """`latest` -> the run's newest checkpoint (None if there is none); `none` -> None, refused where
+    the run already has checkpoints; a path -> that checkpoint directory (its newest checkpoint) or
+    that tag directory. `option` is what errors call the setting (a config key or a CLI argument)."""
     if resume == "none":
+        if tags_in(run_checkpoints):
+            raise ConfigError(f"config error: key '{option}': 'none' starts a new run, but {run_checkpoints} "
+                              f"holds this run's checkpoints ({tags_in(run_checkpoints)[-1]} the newest), which "
+                              "the new one would mix with: choose a new run.dir, or remove them")
         return None
     if resume == "latest":
         return newest_checkpoint(run_checkpoints)
@@ -144,19 +162,19 @@ def resolve_resume(resume: str, run_checkpoints: Path) -> Optional[CheckpointRef
     if (path / "latest").is_file() or tags_in(path):
         ref = newest_checkpoint(path)
         if ref is None:
-            raise FileNotFoundError(f"run.resume={resume!r}: no complete checkpoint (a step<N> directory "
+            raise FileNotFoundError(f"{option}={resume!r}: no complete checkpoint (a step<N> directory "
                                     f"holding {META_FILE}) in {path}")
         return ref
     if (path / DENSE_FILE).is_file():
         return CheckpointRef(path.parent, path.name)
-    raise FileNotFoundError(f"run.resume={resume!r}: neither a checkpoint directory with a 'latest' file "
+    raise FileNotFoundError(f"{option}={resume!r}: neither a checkpoint directory with a 'latest' file "
                             f"nor a tag directory holding {DENSE_FILE}")
 
 
-def agreed_resume(resume: str, run_checkpoints: Path) -> Optional[CheckpointRef]:
+def agreed_resume(resume: str, run_checkpoints: Path, option: str = "run.resume") -> Optional[CheckpointRef]:
     """`resolve_resume` as rank 0 sees it, on every rank (a shared filesystem may lag on the others),
     its error too."""
-    return dist.on_rank0(lambda: resolve_resume(resume, run_checkpoints))
+    return dist.on_rank0(lambda: resolve_resume(resume, run_checkpoints, option))
 
 
 def load_weights_only(engine, ref: CheckpointRef) -> Dict[str, Any]:
@@ -198,6 +216,8 @@ class CheckpointManager:
 
     def _complete(self, staged: Path, ref: CheckpointRef, meta: Dict[str, Any], config) -> None:
         """Rank 0, once every rank's files are on disk: config and meta.json, publish, prune."""
+        for script in DEEPSPEED_SCRIPTS:   # they cannot read MoE checkpoints; `python -m m2r.export` can
+            (self.root / script).unlink(missing_ok=True)
         save_config(config, staged / CONFIG_FILE)
         write_json_atomically(staged / META_FILE, meta)
         self._publish(staged, ref)

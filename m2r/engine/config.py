@@ -85,13 +85,30 @@ def validate_pretrain_config(cfg, world_size: int) -> None:
     require(train.steps > 0 and train.micro_batch > 0 and train.grad_accum > 0,
              "train.steps/micro_batch/grad_accum", (train.steps, train.micro_batch, train.grad_accum),
              "must all be positive")
-    require(0.0 <= train.ema_decay < 1.0, "train.ema_decay", train.ema_decay, "must be in [0, 1)")
+    require(train.warmup_steps >= 0, "train.warmup_steps", train.warmup_steps, "must be >= 0")
+    check_optimizer_settings(train)
     require(run.keep_last >= 2, "run.keep_last", run.keep_last,
              "must be >= 2 (the newest checkpoint may be incomplete if the job is killed while saving)")
     require(run.save_every > 0 and run.log_every > 0 and run.val_every > 0,
              "run.save_every/log_every/val_every", (run.save_every, run.log_every, run.val_every),
              "must all be positive")
+    data = cfg.data
+    require(data.workers >= 0, "data.workers", data.workers, "must be >= 0 (0: load in the training process)")
+    require(data.val_batch_size > 0 and data.val_samples_per_type > 0, "data.val_batch_size/val_samples_per_type",
+            (data.val_batch_size, data.val_samples_per_type), "must both be positive")
     check_expert_parallel(moe, world_size)
+
+
+def check_optimizer_settings(train) -> None:
+    """The `train` keys pretraining and finetuning share, beyond their types."""
+    require(train.lr > 0 and 0 <= train.min_lr <= train.lr, "train.lr/min_lr", (train.lr, train.min_lr),
+            "must satisfy 0 < lr and 0 <= min_lr <= lr")
+    require(train.weight_decay >= 0 and train.grad_clip >= 0 and train.eps > 0,
+            "train.weight_decay/grad_clip/eps", (train.weight_decay, train.grad_clip, train.eps),
+            "must be >= 0, >= 0 (0: no clipping) and > 0")
+    require(len(train.betas) == 2 and all(0 <= beta < 1 for beta in train.betas), "train.betas", list(train.betas),
+            "must be two values in [0, 1)")
+    require(0.0 <= train.ema_decay < 1.0, "train.ema_decay", train.ema_decay, "must be in [0, 1)")
 
 
 def check_expert_parallel(moe, world_size: int) -> None:

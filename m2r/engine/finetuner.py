@@ -20,14 +20,14 @@ from m2r.atomic import write_json_atomically
 from m2r.config import ConfigError, choice
 from m2r.engine.checkpoint import (CheckpointManager, CheckpointRef, agreed_resume, capture_rng_state,
                                    load_weights_only, rank_seed)
-from m2r.engine.config import RunOutputConfig, TrainConfig, check_expert_parallel, require
+from m2r.engine.config import RunOutputConfig, TrainConfig, check_expert_parallel, check_optimizer_settings, require
 from m2r.engine.experts import global_expert_names
 from m2r.engine.monitor import StepTimer
 from m2r.engine.optim import learning_rate, set_learning_rate
 from m2r.engine.run import TrainingRun, micro_step
 from m2r.engine.validate import evaluate
-from m2r.export import export
-from m2r.models.config import ModelConfig
+from m2r.export import config_path_for, export
+from m2r.models.config import ModelConfig, model_keys, require_same_network
 
 
 @dataclass
@@ -56,6 +56,9 @@ class FinetuneTrainConfig(TrainConfig):
 @dataclass
 class InitConfig:
     weights: Optional[str] = None    # pretraining checkpoint dir | .safetensors | official .ckpt; None = scratch
+    # Model keys (e.g. [clip.prompts]) this run may set otherwise than the network the weights were
+    # saved from; any other difference that changes what the weights compute stops the run.
+    allow_model_changes: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -84,11 +87,20 @@ def validate_finetune_config(cfg, world_size: int) -> None:
              train.warmup_epochs, "must be >= 0 and below the schedule length")
     require(train.crop % 8 == 0 and data.val_crop % 8 == 0, "train.crop/data.val_crop",
              (train.crop, data.val_crop), "must be multiples of 8")
-    require(0.0 <= train.ema_decay < 1.0, "train.ema_decay", train.ema_decay, "must be in [0, 1)")
+    check_optimizer_settings(train)
+    require(data.workers >= 0, "data.workers", data.workers, "must be >= 0 (0: load in the training process)")
+    require(data.val_batch_size > 0 and data.val_images_per_set > 0, "data.val_batch_size/val_images_per_set",
+            (data.val_batch_size, data.val_images_per_set), "must both be positive")
     require(run.keep_last >= 2, "run.keep_last", run.keep_last, "must be >= 2")
     require(set(run.best_metrics) <= {"psnr", "ssim"}, "run.best_metrics", list(run.best_metrics),
              "may only hold psnr and ssim")
     check_expert_parallel(cfg.model.moe, world_size)
+    unknown = sorted(set(allowed_model_changes(cfg.init)) - set(model_keys()))
+    require(not unknown, "init.allow_model_changes", unknown, f"must be keys of the model section: {model_keys()}")
+
+
+def allowed_model_changes(init) -> List[str]:
+    return [key.removeprefix("model.") for key in init.allow_model_changes]
 
 
 class ResumableSampler(DistributedSampler):
@@ -113,6 +125,8 @@ def local_state_from_global(model, state: Dict[str, torch.Tensor]) -> Dict[str, 
 
 
 class Finetuner(TrainingRun):
+    KIND = "finetune"
+
     def __init__(self, cfg, env: dist.DistEnv):
         super().__init__(cfg, env, validate_finetune_config)
         self._build_data(env)
@@ -185,6 +199,8 @@ class Finetuner(TrainingRun):
     def _load_init_weights(self, model) -> None:
         """Files (.safetensors, official) load before DeepSpeed wraps the model; directories after."""
         weights = self.cfg.init.weights
+        if weights and not Path(weights).exists():
+            raise FileNotFoundError(f"init.weights={weights}: no such file or directory")
         if not weights or Path(weights).is_dir():
             return
         from m2r.models.convert import check_fits, load_official_checkpoint, read_checkpoint
@@ -193,6 +209,10 @@ class Finetuner(TrainingRun):
         if path.suffix == ".safetensors":
             state = local_state_from_global(model, read_checkpoint(path))
             check_fits(model, state, source=str(path))
+            if config_path_for(path).is_file():
+                self._require_init_network(OmegaConf.load(config_path_for(path))["model"], str(path))
+            else:
+                dist.print0(f"init: no {config_path_for(path).name} beside {path}: its network is not checked")
             model.load_state_dict(state, strict=True)
         else:
             dropped = load_official_checkpoint(model, path)
@@ -200,11 +220,18 @@ class Finetuner(TrainingRun):
         dist.print0(f"init: weights from {path}")
 
     def _load_pretraining_checkpoint(self, directory: str) -> None:
-        ref = agreed_resume(directory, Path(directory))
+        ref = agreed_resume(directory, Path(directory), "init.weights")
         if ref is None:
             raise FileNotFoundError(f"init.weights={directory}: no checkpoint there")
+        self._require_init_network(ref.saved_model_config(), str(ref.path))
         load_weights_only(self.engine, ref)
         dist.print0(f"init: weights from {ref.path} (saved with {ref.topology().describe()}; optimizer fresh)")
+
+    def _require_init_network(self, saved_model, source: str) -> None:
+        require_same_network(saved_model, self.cfg.model, "init.weights", source,
+                             "Set those keys as the checkpoint has them, or name them in "
+                             "init.allow_model_changes=[...] to change them on purpose.",
+                             allowed=allowed_model_changes(self.cfg.init))
 
     def _resume(self, ref: CheckpointRef) -> Optional[Dict[str, Any]]:
         """Continue from `ref`; returns this rank's saved RNG state on an exact resume, None otherwise."""

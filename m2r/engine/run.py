@@ -14,17 +14,21 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+from omegaconf import OmegaConf
 
 from m2r import dist
-from m2r.config import save_config
-from m2r.engine.checkpoint import (CheckpointManager, CheckpointRef, Topology, agreed_resume, load_ema_states,
-                                   load_weights_only, reseed, restore_rng_state)
+from m2r.config import ConfigError, flatten, save_config
+from m2r.engine.checkpoint import (CheckpointManager, CheckpointRef, Topology, agreed_resume, complete_tags,
+                                   load_ema_states, load_weights_only, reseed, restore_rng_state)
 from m2r.engine.deepspeed_config import build_deepspeed_config, gradient_accumulation_dtype
 from m2r.engine.loss import restoration_loss
 from m2r.engine.monitor import NullMonitor, StepTimer, build_monitor
 from m2r.engine.optim import EMA, build_optimizer
 from m2r.engine.validate import to_unit_float
+from m2r.models.config import require_same_network
 
+# Settings of one process, expected to differ between the runs that continue one another.
+PER_PROCESS_KEYS = frozenset({"run.resume", "run.stop_after_steps", "run.stop_after_epochs"})
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -41,7 +45,8 @@ def micro_step(engine, batch: Dict[str, torch.Tensor], device: torch.device, inp
 
 
 class StopRequest:
-    """SIGTERM / SIGUSR1 only raise a flag; the loop acts on it at a step boundary, on all ranks at once."""
+    """SIGTERM / SIGUSR1 / SIGINT only raise a flag; the loop acts on it at a step boundary, on all
+    ranks at once. A second Ctrl-C aborts at once, without a checkpoint."""
 
     def __init__(self):
         self.signal_name: Optional[str] = None
@@ -49,6 +54,11 @@ class StopRequest:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, _frame) -> None:
+        if signum == signal.SIGINT:
+            if self.signal_name == "SIGINT":
+                raise KeyboardInterrupt
+            dist.print0("SIGINT: saving a checkpoint at the end of this step, then stopping "
+                        "(Ctrl-C again to abort without one)")
         self.signal_name = signal.Signals(signum).name
 
     def agreed_reason(self) -> Optional[str]:
@@ -59,6 +69,7 @@ class StopRequest:
 
 
 class TrainingRun:
+    KIND: str                      # "pretrain" | "finetune": which checkpoints it may resume
     cfg: Any                       # PretrainConfig or FinetuneConfig (OmegaConf, read-only)
     device: torch.device
     topology: Topology
@@ -87,7 +98,25 @@ class TrainingRun:
         self.input_dtype = PRECISION_DTYPES[cfg.train.precision]
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.run.keep_last)
         self.resume_ref = agreed_resume(cfg.run.resume, self.checkpoints.root)
+        if self.resume_ref is not None:
+            self._check_resumable(self.resume_ref)
         self.step = 0
+
+    def _check_resumable(self, ref: CheckpointRef) -> None:
+        """A checkpoint of this kind of run and of the same network; other changed settings are named."""
+        saved = ref.saved_config()
+        saved_kind = "finetune" if "init" in saved else "pretrain"   # only a finetune config has `init`
+        if saved_kind != self.KIND:
+            raise ConfigError(f"config error: key 'run.resume': {ref.path} is a {saved_kind} checkpoint; a {self.KIND} "
+                              "run resumes only its own kind (finetuning starts from pretraining weights with "
+                              "init.weights=<checkpoint dir>)")
+        require_same_network(saved["model"], self.cfg.model, "run.resume", str(ref.path),
+                             "Resume with the checkpoint's values (its config.yaml), or start a new run.dir.")
+        current = flatten(OmegaConf.to_container(self.cfg, resolve=True))
+        changed = [f"{key} {value!r} -> {current[key]!r}" for key, value in flatten(saved).items()
+                   if key in current and value != current[key] and key not in PER_PROCESS_KEYS]
+        if changed:
+            dist.print0(f"resume: settings changed since {ref.tag}: {'; '.join(changed)}")
 
     # ----------------------------------------------------------------------------- model and engine
     def _build_model(self, activation_checkpointing: str):
@@ -142,12 +171,18 @@ class TrainingRun:
 
         Returns the client state and this rank's saved RNG state, None unless the resume is exact.
         """
-        if ref.topology() != self.topology:
-            client = load_weights_only(self.engine, ref)
-            saved_rng = None
-        else:
-            _, client = self.engine.load_checkpoint(str(ref.root), tag=ref.tag)
-            saved_rng = client["rng_states"][dist.rank()]
+        try:
+            if ref.topology() != self.topology:
+                client = load_weights_only(self.engine, ref)
+                saved_rng = None
+            else:
+                _, client = self.engine.load_checkpoint(str(ref.root), tag=ref.tag)
+                saved_rng = client["rng_states"][dist.rank()]
+        except Exception as error:
+            older = [tag for tag in complete_tags(ref.root) if tag < ref.tag]
+            advice = f"resume an older one with run.resume={ref.root / older[-1]}" if older else "no older one is kept"
+            raise RuntimeError(f"loading {ref.path} failed ({type(error).__name__}: {error}); if its files are "
+                               f"damaged, {advice}") from error
         self.step = client["step"]
         return client, saved_rng
 

@@ -23,6 +23,7 @@ from m2r.engine.validate import evaluate, image_grid, psnr, to_unit_float
 
 
 class Trainer(TrainingRun):
+    KIND = "pretrain"
     stream: Any                    # iterable of uint8 batches with state_dict()/load_state_dict()
     val_batches: List[Dict[str, torch.Tensor]]
     first_val_psnr: Optional[float]  # validation PSNR before any training (kept across resumes)
@@ -59,6 +60,8 @@ class Trainer(TrainingRun):
             f" | all-to-all per step ~{self.all_to_all_bytes_per_step() / 2**20:.1f} MiB per rank",
             *self._speed_settings(train.activation_checkpointing),
             f"  rank params {params:,}",
+            *([f"  note: train.warmup_steps {train.warmup_steps} >= train.steps {train.steps}: the learning rate "
+               "never leaves its linear warmup"] if train.warmup_steps >= train.steps else []),
         ])
 
     def all_to_all_bytes_per_step(self) -> int:

@@ -4,9 +4,11 @@ The defaults are the official M2Restore network; `configs/model/*.yaml` override
 Every improvement over the official code is a switch here whose default is the official behaviour.
 """
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Mapping, Optional, Sequence
 
-from m2r.config import choice
+from omegaconf import OmegaConf
+
+from m2r.config import ConfigError, choice, flatten
 
 OFFICIAL_PROMPTS = ["hazy", "noisy", "raindrop", "rainy", "shadowed", "snowy"]
 
@@ -77,3 +79,45 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     mamba: MambaConfig = field(default_factory=MambaConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
+
+
+# Keys that say how the network is run or trained, not what its weights compute: a checkpoint may be
+# loaded into a run that sets them differently. Every other key changes the function.
+RUNTIME_KEYS = frozenset({
+    "scan_backend", "depthwise", "seed", "mamba.autocast", "clip.weights", "clip.cache_text_features",
+    "moe.ep_size", "moe.dispatch", "moe.noisy_gating", "moe.capacity_factor", "moe.eval_capacity_factor",
+    "moe.balance_loss_weight", "moe.clip_bias_init"})
+
+
+def model_defaults() -> dict:
+    """Every model key (dotted) with its default."""
+    return flatten(OmegaConf.to_container(OmegaConf.structured(ModelConfig)))
+
+
+def model_keys() -> List[str]:
+    return list(model_defaults())
+
+
+def network_differences(saved_model: Mapping, run_model, allowed: Sequence[str] = ()) -> List[str]:
+    """'model.<key>: checkpoint <a>, this run <b>' for each key outside RUNTIME_KEYS and `allowed`
+    where the run's network differs from the one whose weights were saved (a key the saved config
+    lacks, written before the key existed, counts at its default)."""
+    defaults, saved = model_defaults(), flatten(saved_model)
+    differences = []
+    for key, value in flatten(OmegaConf.to_container(run_model, resolve=True)).items():
+        if key in RUNTIME_KEYS or key in allowed:
+            continue
+        before = saved.get(key, defaults.get(key))
+        if before != value:
+            differences.append(f"model.{key}: checkpoint {before!r}, this run {value!r}")
+    return differences
+
+
+def require_same_network(saved_model: Mapping, run_model, key: str, source: str, remedy: str,
+                         allowed: Sequence[str] = ()) -> None:
+    """Weights load strictly whenever the shapes match, also into a network that would compute
+    something else with them (another input range, expert combine, mask...): refuse that here."""
+    differences = network_differences(saved_model, run_model, allowed)
+    if differences:
+        raise ConfigError(f"config error: key '{key}': {source} was saved from another network than this "
+                          f"run's: {'; '.join(differences)}. {remedy}")
