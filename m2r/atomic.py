@@ -1,7 +1,9 @@
 """Files written whole or not at all: a temp file beside the target, fsync, rename, fsync of the folder.
 
 A crash, preemption or power loss leaves either the old file or the new one, never a truncated one
-(checkpoint pointers and metadata, configs, exported weights, shards and their index).
+(checkpoint pointers and metadata, configs, exported weights, shards and their index). The file gets
+the permissions of a newly created file, 0o666 less the umask, whatever mode the writer gave the temp
+file (safetensors creates 0600 files, which teammates on a shared cluster could not read).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = path.with_name(path.name + ".tmp")
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -27,6 +30,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     fsync_directory(path.parent)
+
+
+def _umask() -> int:
+    """This process's umask, read from /proc on Linux: setting it to read it back (the portable way)
+    would briefly change it for every thread of the process."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> None:

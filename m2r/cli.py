@@ -1,26 +1,33 @@
 """What every command-line entry point shares: a user's mistake (a config key, a path, a dataset
-layout, weights that do not fit) ends in one line naming it and exit status 2, not a traceback.
-Anything else is a bug or a crash, and keeps its traceback.
+layout, an image or weights file it cannot use) ends in one line naming it and exit status 2, not a
+traceback. Anything else is a bug or a crash, and keeps its traceback.
 """
 from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, NoReturn, Optional, Sequence
+from typing import Callable, NoReturn, Optional, Sequence, Tuple
 
-from m2r.config import ConfigError
-from m2r.models.convert import CheckpointMismatch
-
-USER_ERRORS = (ConfigError, FileNotFoundError, NotADirectoryError, CheckpointMismatch)
 USER_ERROR_EXIT = 2
 
 
+def user_errors() -> Tuple[type, ...]:
+    # Imported when an error is being judged: a tool's start need not load torch for them.
+    from m2r.config import ConfigError
+    from m2r.data.images import UnreadableImage
+    from m2r.models.convert import CheckpointMismatch
+
+    return ConfigError, FileNotFoundError, NotADirectoryError, CheckpointMismatch, UnreadableImage
+
+
 def run_main(main: Callable[[Optional[Sequence[str]]], Optional[int]]) -> NoReturn:
-    """`sys.exit(main())`, with USER_ERRORS printed as `error: ...` (prefixed by the rank when several
+    """`sys.exit(main())`, with user errors printed as `error: ...` (prefixed by the rank when several
     processes run: each rank that hit it says so, there is no rank 0 to ask once it has failed)."""
     try:
         code = main(None)
-    except USER_ERRORS as error:
+    except Exception as error:
+        if not isinstance(error, user_errors()):
+            raise
         world = int(os.environ.get("WORLD_SIZE", "1"))
         where = f"rank {os.environ.get('RANK', '?')}: " if world > 1 else ""
         print(f"{where}error: {error}", file=sys.stderr, flush=True)

@@ -1,4 +1,4 @@
-"""Evaluate restored images under the rgb, y and official PSNR/SSIM protocols (see m2r.eval.metrics).
+r"""Evaluate restored images under the rgb, y and official PSNR/SSIM protocols (see m2r.eval.metrics).
 
     python -m m2r.evaluate --weights model.safetensors --dataset allweather --root /data/allweather \
         --metrics rgb,y,official --out results/allweather [--sets outdoor_rain,snow100k_l,raindrop_a]
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import List, Sequence
 
@@ -31,9 +30,11 @@ import torch
 from accelerate import Accelerator
 
 from m2r import dist
+from m2r.cli import run_main
 from m2r.engine.validate import to_unit_float
 from m2r.eval.datasets import DATASETS, Pair, evaluation_sets, read_pair, to_chw_uint8
-from m2r.eval.loading import add_inference_arguments, load_inference_model, make_accelerator
+from m2r.eval.loading import (add_inference_arguments, load_inference_model, make_accelerator, non_negative_int,
+                              parse_inference_arguments, precision_name)
 from m2r.eval.metrics import image_metrics, parse_protocols, to_uint8
 from m2r.eval.tiling import restore_image
 
@@ -44,16 +45,17 @@ SET_TITLES = {"outdoor_rain": "Outdoor-Rain", "snow100k_s": "Snow100K-S", "snow1
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m m2r.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_inference_arguments(parser)
     parser.add_argument("--dataset", required=True, choices=DATASETS)
     parser.add_argument("--root", required=True, help="dataset root (layouts: m2r/eval/datasets.py)")
     parser.add_argument("--metrics", default="rgb,y,official", help="comma-separated: rgb, y, official")
     parser.add_argument("--out", required=True, help="directory for results.json, results.md and images/")
     parser.add_argument("--sets", default="", help="AllWeather test sets or CDD-11 types (default: all found)")
-    parser.add_argument("--limit", type=int, default=0, help="first N images per set (0 = all)")
+    parser.add_argument("--limit", type=non_negative_int, default=0, help="first N images per set (0 = all)")
     parser.add_argument("--save-images", action="store_true", help="write restored PNGs to <out>/images/<set>/")
-    return parser.parse_args(argv)
+    return parse_inference_arguments(parser, argv)
 
 
 def as_unit(image, device: torch.device) -> torch.Tensor:
@@ -124,7 +126,7 @@ def write_results(records: Sequence[dict], sets: Sequence[str], protocols: Seque
 
 
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     protocols = parse_protocols(args.metrics)
     accelerator = make_accelerator(args.precision)
     sets = evaluation_sets(args.dataset, args.root, [s for s in args.sets.split(",") if s] or None)
@@ -133,7 +135,7 @@ def main(argv=None) -> int:
     jobs = [pair for pairs in sets.values() for pair in pairs]
     accelerator.print(f"evaluate: {len(jobs)} images in {len(sets)} sets ({', '.join(sets)}) on "
                       f"{accelerator.num_processes} process(es), metrics {','.join(protocols)}, "
-                      f"precision {accelerator.mixed_precision}", flush=True)
+                      f"precision {precision_name(accelerator)}", flush=True)
     model = load_inference_model(args.weights, accelerator.device, args.model_config, args.overrides)
     with accelerator.split_between_processes(jobs) as share:
         records = evaluate_pairs(model, share, protocols, args, accelerator)
@@ -145,4 +147,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -25,27 +25,45 @@ import torch
 from omegaconf import OmegaConf
 
 from m2r.atomic import atomic_path
-from m2r.config import save_config
+from m2r.cli import run_main
+from m2r.config import ConfigError, save_config
 from m2r.engine.checkpoint import DENSE_FILE, CheckpointRef, load_ema_states, resolve_resume
 from m2r.engine.experts import with_global_expert_id
+from m2r.models.convert import CheckpointMismatch
 
-EXPERT_FILE = re.compile(r"^layer_\d+_expert_\d+_mp_rank_00_model_states\.pt$")
+EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
 ZERO_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 
 
 def _load(path: Path):
-    # DeepSpeed pickles its config objects beside the tensors: weights_only=True cannot read them.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:   # DeepSpeed pickles its config objects beside the tensors: weights_only=True cannot read them.
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise
+    except Exception as error:
+        raise CheckpointMismatch(f"{path} cannot be read, the checkpoint is damaged "
+                                 f"({type(error).__name__}: {error})") from error
 
 
 def merged_module_state(ref: CheckpointRef) -> Tuple[Dict[str, torch.Tensor], dict]:
     """Dense + every expert file, as saved (the module's dtype); also returns the run's client config."""
     dense = _load(ref.path / DENSE_FILE)
     state = dict(dense["module"])
-    for path in sorted(ref.path.iterdir()):
-        if EXPERT_FILE.match(path.name):
-            state.update(_load(path))
+    expert_files = {tuple(map(int, match.groups())): path for path in ref.path.iterdir()
+                    if (match := EXPERT_FILE.match(path.name))}
+    _require_every_expert(ref, expert_files, dense["config"]["model"]["moe"]["num_experts"])
+    for _, path in sorted(expert_files.items()):
+        state.update(_load(path))
     return state, dense["config"]
+
+
+def _require_every_expert(ref: CheckpointRef, expert_files: Dict[Tuple[int, int], Path], num_experts: int) -> None:
+    layers = sorted({layer for layer, _ in expert_files}) or [0]
+    missing = [f"layer {layer} expert {expert}" for layer in range(layers[-1] + 1) for expert in range(num_experts)
+               if (layer, expert) not in expert_files]
+    if missing:
+        raise CheckpointMismatch(f"{ref.path} lacks the files of {len(missing)} experts ({', '.join(missing[:4])}): "
+                                 "the checkpoint is incomplete; export an older one")
 
 
 def _global_name(local_name: str, ep_rank: int, num_local_experts: int) -> str:
@@ -100,7 +118,9 @@ def config_path_for(weights_path: Path) -> Path:
 def export(checkpoint: str, out: str, use_ema: bool = False) -> Path:
     from safetensors.torch import save_file
 
-    ref = resolve_resume(checkpoint, Path(checkpoint))
+    if not out.endswith(".safetensors"):
+        raise ConfigError(f"out {out!r}: the export is a safetensors file; name it <name>.safetensors")
+    ref = resolve_resume(checkpoint, Path(checkpoint), "checkpoint")
     if ref is None:
         raise FileNotFoundError(f"no checkpoint found at {checkpoint}")
     state, config = export_state_dict(ref, use_ema)
@@ -126,15 +146,17 @@ def load_exported_model(weights_path: str, device: str = "cpu"):
     return model.to(device).eval()
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m m2r.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="checkpoint directory (its `latest` tag) or one tag directory")
     parser.add_argument("out", help="output .safetensors file; the config goes beside it as <out>.yaml")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights instead of the trained ones")
     args = parser.parse_args(argv)
     out = export(args.checkpoint, args.out, args.ema)
     print(f"wrote {out} and {config_path_for(out)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -1,12 +1,14 @@
-"""Restore image files or folders of any size on CPU or GPU.
+r"""Restore image files or folders of any size on CPU or GPU.
 
     python -m m2r.restore --weights model.safetensors photo.jpg more/ --out restored/ [--tile 512]
     accelerate launch --num_processes 8 --mixed_precision bf16 -m m2r.restore --weights model.safetensors \
         /data/photos --out restored/                                         # 8 GPUs, images split
     accelerate launch --multi_gpu --num_processes 2 -m m2r.restore ...       # 2 CPU processes, no CUDA
 
-Outputs are PNGs named after the inputs (folders keep their relative layout), of the input sizes:
-images are reflect-padded to a multiple of 8 and cropped back, or tiled with overlap blending.
+Outputs are RGB PNGs named after the inputs (folders keep their relative layout), of the input sizes:
+images are reflect-padded to a multiple of 8 and cropped back, or tiled with overlap blending. Inputs
+whose names differ only in their suffix keep it (a.jpg and a.png -> a.jpg.png and a.png.png); two
+inputs that would still write one output stop the run. Grey images come out as RGB, alpha is dropped.
 Under Accelerate (see m2r.evaluate) every process holds the whole model on `accelerator.device`,
 restores a contiguous share of the images under `accelerator.autocast()` and writes its own outputs.
 Weight formats: m2r/eval/loading.py.
@@ -14,7 +16,7 @@ Weight formats: m2r/eval/loading.py.
 from __future__ import annotations
 
 import argparse
-import sys
+from collections import Counter
 from pathlib import Path
 from typing import List, Sequence, Tuple
 
@@ -22,40 +24,59 @@ import torch
 from accelerate import Accelerator
 
 from m2r import dist
+from m2r.cli import run_main
+from m2r.config import ConfigError
 from m2r.data.images import IMAGE_SUFFIXES, list_image_files, read_rgb
-from m2r.eval.loading import add_inference_arguments, load_inference_model, make_accelerator
+from m2r.eval.loading import add_inference_arguments, load_inference_model, make_accelerator, parse_inference_arguments
 from m2r.eval.tiling import restore_image
 from m2r.evaluate import as_unit, save_png
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m m2r.restore", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
     add_inference_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="auto: this process's GPU when there is one (pick GPUs with CUDA_VISIBLE_DEVICES)")
-    return parser.parse_args(argv)
+    return parse_inference_arguments(parser, argv)
 
 
 def collect_inputs(inputs: List[str]) -> List[Tuple[Path, Path]]:
     """(image, output path relative to --out); folders keep their sub-folders."""
-    jobs = []
+    found = []   # (image, its path relative to --out)
     for item in map(Path, inputs):
         if item.is_dir():
-            jobs += [(p, p.relative_to(item).with_suffix(".png")) for p in list_image_files(item, recursive=True)]
+            found += [(p, p.relative_to(item)) for p in list_image_files(item, recursive=True)]
         elif item.is_file():
-            jobs.append((item, Path(item.name).with_suffix(".png")))
+            found.append((item, Path(item.name)))
         else:
             raise FileNotFoundError(f"input {item} does not exist")
-    if not jobs:
+    if not found:
         raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {inputs}")
+    return with_png_names(found)
+
+
+def with_png_names(found: Sequence[Tuple[Path, Path]]) -> List[Tuple[Path, Path]]:
+    """a/b.jpg -> a/b.png, except where inputs share a/b: each keeps its suffix (a/b.jpg.png), so no
+    output overwrites another; inputs that still collide (the same name in two input folders) stop."""
+    suffixes_per_stem = Counter(relative.with_suffix("") for relative in {relative for _, relative in found})
+    jobs, writers = [], {}
+    for image, relative in found:
+        shared = suffixes_per_stem[relative.with_suffix("")] > 1
+        output = relative.with_name(relative.name + ".png") if shared else relative.with_suffix(".png")
+        if output in writers:
+            raise ConfigError(f"inputs {writers[output]} and {image} would both be restored to "
+                              f"{output} under --out: restore them in separate runs")
+        writers[output] = image
+        jobs.append((image, output))
     return jobs
 
 
 def accelerator_for(args) -> Accelerator:
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA GPU is visible")
+        raise ConfigError("--device cuda: no CUDA GPU is visible")
     return make_accelerator(args.precision, cpu=args.device == "cpu")
 
 
@@ -69,7 +90,7 @@ def restore_files(model, jobs: Sequence[Tuple[Path, Path]], args, accelerator: A
 
 
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     accelerator = accelerator_for(args)
     jobs = collect_inputs(args.inputs)
     model = load_inference_model(args.weights, accelerator.device, args.model_config, args.overrides)
@@ -83,4 +104,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -1,6 +1,8 @@
 """Shard builder and inspector on a folder of 210 real photos (crops of scikit-image samples)."""
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -9,13 +11,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from m2r.config import ConfigError
 from m2r.data.builtin import TRAIN_PHOTOS, load_photo
 from m2r.data.shard_format import CorruptSample, decode_image, decode_record, encode_image, read_shard
 from m2r.data.shard_list import expand_braces, resolve_shards
 from m2r.shards import build as build_module
-from m2r.shards.__main__ import _build_options, _parser
+from m2r.shards.__main__ import _build_options, _parser, _read_recipe, main
 from m2r.shards.build import BuildOptions, build
 from m2r.shards.inspect import inspect_shards
+
+from conftest import REPO_ROOT
 
 PHOTOS = 210
 FORMATS = ("png", "jpg", "webp", "bmp", "tiff")
@@ -95,12 +100,14 @@ def test_inspect_verifies_checksums_and_detects_tampering(clean_shards, tmp_path
 
 def test_rerun_skips_finished_shards_and_redoes_unfinished_ones(clean_shards, photo_tree):
     out, manifest = clean_shards
+    shard_1 = out / "shard-000001.tar"
+    shard_1.write_bytes(shard_1.read_bytes()[:50000])   # cut short after its build (a full disk, a copy)
     stamps = {name: os.stat(out / name).st_mtime_ns for name in os.listdir(out) if name.endswith(".tar")}
     (out / "shard-000003.json").unlink()          # as if the build died before finishing shard 3
     again = build(BuildOptions(src=[str(photo_tree)], out=str(out), samples_per_shard=50), progress=False)
     assert again["shards"] == manifest["shards"]   # same bytes, same checksums
     changed = [n for n, t in stamps.items() if os.stat(out / n).st_mtime_ns != t]
-    assert changed == ["shard-000003.tar"]
+    assert sorted(changed) == ["shard-000001.tar", "shard-000003.tar"]
 
 
 @pytest.mark.parametrize("option, value", [("preset", "cdd11"), ("seed", 1), ("encoding", "png"), ("max_side", 32),
@@ -115,8 +122,8 @@ def test_rebuilding_into_an_out_dir_built_with_other_options_is_refused(four_pho
         shutil.copy(next(four_photos.glob("*.png")), tmp_path / "one")
         value = [str(tmp_path / "one")]
     named = "source file list" if option == "src" else option
-    with pytest.raises(ValueError, match=f"--out {out} already holds shard-000000.tar, built with other options "
-                                         f"\\({named} .*\\); use a new --out, or delete {out}"):
+    with pytest.raises(ConfigError, match=f"--out {out} already holds shard-000000.tar, built with other options "
+                                         f"\\({named} [^;]*\\); use a new --out, or delete {out}"):
         build(BuildOptions(**{**options, option: value}), progress=False)
     assert build(BuildOptions(**options), progress=False) == first
 
@@ -133,9 +140,50 @@ def test_only_unreadable_source_images_are_skipped_other_errors_stop_the_build(f
                                                   ("degradations: allweather", ["--clean-only"], None)])
 def test_a_mode_on_the_command_line_replaces_the_recipes(tmp_path, recipe, flag, preset):
     path = tmp_path / "recipe.yaml"
-    path.write_text(f"src: [/data/photos]\nout: shards/x\nsamples_per_shard: 7\n{recipe}\n")
+    path.write_text(f"src: [{tmp_path}]\nout: shards/x\nsamples_per_shard: 7\n{recipe}\n")
     opts = _build_options(_parser().parse_args(["build", "--recipe", str(path), *flag]))
     assert opts.preset == preset and opts.samples_per_shard == 7
+
+
+@pytest.mark.parametrize("recipe, flags, message", [
+    ("", ["--degradations", "cdd12"], "--degradations 'cdd12': unknown preset; choose one of cdd11, allweather"),
+    ("degradations: cdd12", [], "recipe {recipe}: degradations 'cdd12': unknown preset"),
+    ("src: [/nowhere/DIV2K]", [], "recipe {recipe}: src /nowhere/DIV2K: not a directory"),
+    ("", ["--src", "/nowhere/DIV2K"], "--src /nowhere/DIV2K: not a directory"),
+    ("samples_per_shard: 0", [], "recipe {recipe}: samples_per_shard 0: expected an integer >= 1"),
+    ("samples_per_shard: 0", ["--samples-per-shard", "-1"], "--samples-per-shard -1: expected an integer >= 1"),
+    ("encoding: jpeg", [], "recipe {recipe}: encoding 'jpeg': choose one of zstd, png"),
+    ("clean_only: true\ndegradations: cdd11", [], "recipe {recipe}: clean_only and recipe {recipe}: degradations"),
+])
+def test_bad_values_name_the_option_or_the_recipe_that_gave_them(tmp_path, recipe, flags, message):
+    path = tmp_path / "recipe.yaml"
+    source = "" if recipe.startswith("src:") else f"src: [{tmp_path}]\n"
+    path.write_text(f"{source}out: {tmp_path / 'out'}\n{recipe}\n")
+    args = _parser().parse_args(["build", "--recipe", str(path), *flags])
+    with pytest.raises(ConfigError, match=re.escape(message.format(recipe=path))):
+        _build_options(args)
+
+
+def test_default_shard_sizes_feed_eight_gpus_with_four_workers_from_the_readme_corpora(tmp_path):
+    """Every rank x data loader worker streams one shard at least: the README's 8-GPU pretraining
+    (data.workers 4) needs 32 shards from DIV2K + Flickr2K (3,450 images) or DIV2K alone (800)."""
+    slots = 8 * 4
+    default = _build_options(_parser().parse_args(["build", "--src", str(tmp_path), "--out", "x"]))
+    clean = _read_recipe(f"{REPO_ROOT}/shards/recipes/clean-div2k.yaml")
+    pairs = _read_recipe(f"{REPO_ROOT}/shards/recipes/allweather-pairs.yaml")
+    assert math.ceil(3450 / default.samples_per_shard) >= slots
+    assert math.ceil(3450 / clean["samples_per_shard"]) >= slots
+    assert math.ceil(800 / pairs["samples_per_shard"]) >= slots
+
+
+def test_build_says_how_many_slots_its_shards_feed_and_a_rerun_what_it_skipped(four_photos, tmp_path, capsys):
+    argv = ["build", "--src", str(four_photos), "--out", str(tmp_path), "--samples-per-shard", "2"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert "4 samples in 2 shards" in first and "already built" not in first
+    assert "2 shards feed up to 2 rank x worker slots" in first
+    assert main(argv) == 0
+    assert f"2 of 2 shards already built in {tmp_path} with these options: skipped" in capsys.readouterr().out
 
 
 def test_both_modes_on_the_command_line_are_refused():
@@ -195,3 +243,6 @@ def test_brace_patterns_and_missing_shards(clean_shards):
     assert len(resolve_shards(f"{out}/shard-{{000001..000004}}.tar")) == 4
     with pytest.raises(FileNotFoundError, match="missing"):
         resolve_shards(f"{out}/shard-{{000000..000009}}.tar")
+    with pytest.raises(FileNotFoundError, match=f"data.val_shards={out}-typo is neither a directory nor a .tar "
+                                                "file or brace pattern"):
+        resolve_shards(f"{out}-typo", "data.val_shards")

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from m2r.config import ConfigError
 from m2r.data import DataConfig, build_train_stream, build_val_set
 from m2r.data.builtin import TRAIN_PHOTOS, load_photo
 from m2r.data.presets import type_names
@@ -129,7 +130,7 @@ def test_state_from_another_topology_is_refused(shard_dir):
 
 def test_fewer_shards_than_ranks_times_workers_is_a_clear_error(shard_dir):
     cfg = DataConfig(source="shards", shards=str(shard_dir), workers=3)
-    with pytest.raises(ValueError, match=r"8 shards cannot feed 3 ranks x 3 workers"):
+    with pytest.raises(ConfigError, match=r"8 shards cannot feed 3 ranks x 3 workers"):
         build_train_stream(cfg, seed=0, rank=0, world_size=3, micro_batch=1, crop=CROP)
 
 
@@ -156,7 +157,7 @@ def test_corrupt_samples_are_counted_and_skipped(shard_dir, tmp_path):
 
 def test_a_shuffle_buffer_below_one_is_refused(shard_dir):
     cfg = DataConfig(source="shards", shards=str(shard_dir), workers=0, shuffle_buffer=0)
-    with pytest.raises(ValueError, match="data.shuffle_buffer must be at least 1"):
+    with pytest.raises(ConfigError, match="data.shuffle_buffer must be at least 1"):
         build_train_stream(cfg, seed=0, rank=0, world_size=1, micro_batch=1, crop=CROP)
 
 
@@ -200,7 +201,7 @@ def test_pre_degraded_samples_of_a_type_outside_the_preset_are_an_error_not_skip
     stream = build_train_stream(cfg, seed=0, rank=0, world_size=1, micro_batch=2, crop=CROP)
     pattern = (r"shard .*shard-00000\d\.tar, sample \d{9}: pre-degraded type '(rain_fog|snow|raindrop)' "
                r"is not in data.preset 'five-task'")
-    with pytest.raises(ValueError, match=pattern) as raised:
+    with pytest.raises(ConfigError, match=pattern) as raised:
         take(stream, 1)
     assert not isinstance(raised.value, CorruptSample)
 
@@ -208,7 +209,7 @@ def test_pre_degraded_samples_of_a_type_outside_the_preset_are_an_error_not_skip
 def test_a_brace_pattern_is_checked_against_the_manifest_of_its_folder(allweather_pairs):
     cfg = DataConfig(source="shards", shards=f"{allweather_pairs}/shard-{{000000..000001}}.tar", preset="five-task",
                      workers=0)
-    with pytest.raises(ValueError, match="data.preset 'five-task' but the pre-degraded shards in .* were built "
+    with pytest.raises(ConfigError, match="data.preset 'five-task' but the pre-degraded shards in .* were built "
                                          "with preset 'allweather'"):
         build_train_stream(cfg, seed=0, rank=0, world_size=1, micro_batch=2, crop=CROP)
 

@@ -84,9 +84,10 @@ def test_tensorboard_holds_the_scalars_and_an_image(parity_runs):
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     expected = {f"train/{name}" for name in ("loss", "loss_avg", "pixel_loss", "balance_loss", "lr", "grad_norm",
-                                              "img_per_s", "img_per_s_per_gpu", "data_wait_share", "gpu_mem_gib")}
-    expected |= {"val/psnr", "val/ssim", "moe/level1/expert0", "moe/level3/expert3"}
+                                              "img_per_s", "img_per_s_per_gpu", "data_wait_share")}
+    expected |= {"val/psnr", "val/ssim", "val/psnr_rain", "moe/level1/expert0", "moe/level3/expert3"}
     assert expected <= scalars, expected - scalars
+    assert "train/gpu_mem_gib" not in scalars   # a CPU run has no GPU memory to report
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5]
     seen = {tag: events.Scalars(tag)[-1] for tag in scalars if tag.startswith("data/samples_")}
     assert len(seen) == 11 and {e.step for e in seen.values()} == {5}  # the cdd11 preset's types
@@ -99,6 +100,7 @@ def test_export_then_single_process_load_gives_the_engine_outputs(parity_runs, t
     from m2r.config import load_config
     from m2r.data import build_val_set
     from m2r.engine.config import PretrainConfig
+    from m2r.data.presets import type_names
     from m2r.engine.validate import evaluate
     from m2r.export import export, load_exported_model
 
@@ -106,10 +108,32 @@ def test_export_then_single_process_load_gives_the_engine_outputs(parity_runs, t
     out = export(str(run / "checkpoints"), str(tmp_path / "model.safetensors"))
     model = load_exported_model(str(out))
     cfg = load_config(PretrainConfig, run / "config.yaml")
-    metrics = evaluate(model, build_val_set(cfg.data, cfg.train.crop), torch.device("cpu"), torch.float32)
+    metrics = evaluate(model, build_val_set(cfg.data, cfg.train.crop), torch.device("cpu"), torch.float32,
+                       type_names(cfg.data.preset))
     engine_metrics = val_records(run)[5]
     assert metrics["psnr"] == pytest.approx(engine_metrics["val_psnr"], abs=1e-4)
     assert metrics["ssim"] == pytest.approx(engine_metrics["val_ssim"], abs=1e-5)
+
+
+def test_export_refuses_an_incomplete_or_damaged_checkpoint_and_another_suffix(parity_runs, tmp_path):
+    import shutil
+
+    from m2r.config import ConfigError
+    from m2r.export import export
+    from m2r.models.convert import CheckpointMismatch
+
+    tag = tmp_path / "checkpoints" / "step00000005"
+    shutil.copytree(parity_runs[2, 2] / "checkpoints" / "step00000005", tag)
+    with pytest.raises(ConfigError, match="safetensors"):
+        export(str(tag), str(tmp_path / "model.pt"))
+    (tag / "layer_1_expert_2_mp_rank_00_model_states.pt").unlink()
+    with pytest.raises(CheckpointMismatch, match=r"lacks the files of 1 experts \(layer 1 expert 2\)"):
+        export(str(tag), str(tmp_path / "model.safetensors"))
+    dense = tag / "mp_rank_00_model_states.pt"
+    dense.write_bytes(dense.read_bytes()[:1000])
+    with pytest.raises(CheckpointMismatch, match="mp_rank_00_model_states.pt cannot be read, the checkpoint is damaged"):
+        export(str(tag), str(tmp_path / "model.safetensors"))
+    assert not (tmp_path / "model.safetensors").exists()
 
 
 # ----------------------------------------------------------------------------------- exact resume, topology change
@@ -179,6 +203,14 @@ def test_bf16_zero1_sums_gradients_in_fp32_resumes_exactly_and_a_precision_chang
     assert "the fp32 master weights" in changed and "stopping at step 5: finished" in changed
     assert "resume: settings changed since step00000004: train.steps 4 -> 5; train.precision 'bf16' -> 'fp32'" \
         in changed
+
+    dense = tmp_path / "split" / "checkpoints" / "step00000005" / "mp_rank_00_model_states.pt"
+    dense.write_bytes(dense.read_bytes()[:1000])
+    with pytest.raises(AssertionError) as failed:
+        pretrain(tmp_path / "split", *[s for s in settings if "precision" not in s and "steps" not in s],
+                 "train.precision=fp32", "train.steps=6")
+    assert f"if its files are damaged, resume an older one with run.resume={dense.parent.parent / 'step00000004'}" \
+        in str(failed.value)
 
 
 # ----------------------------------------------------------------------------------- preemption

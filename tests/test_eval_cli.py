@@ -12,6 +12,7 @@ from PIL import Image
 from conftest import REPO_ROOT
 from finetune_layouts import build_allweather, build_cdd11, export_tiny_model, write_image
 from m2r import evaluate, restore
+from m2r.config import ConfigError
 from m2r.eval.datasets import CDD11_TYPES
 from m2r.eval.loading import load_inference_model
 from m2r.models.convert import m2r_to_official
@@ -24,11 +25,12 @@ def tiny_weights(tmp_path_factory):
     return export_tiny_model(tmp_path_factory.mktemp("model"), REPO_ROOT)
 
 
-def test_allweather_results_hold_every_metric_for_every_test_set(tmp_path, tiny_weights):
+def test_allweather_results_hold_every_metric_for_every_test_set(tmp_path, tiny_weights, capsys):
     root = build_allweather(tmp_path / "aw", size=(36, 44))
     out = tmp_path / "out"
     evaluate.main(["--weights", str(tiny_weights), "--dataset", "allweather", "--root", str(root),
                    "--out", str(out), "--save-images"])
+    assert "metrics rgb,y,official, precision fp32" in capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     assert list(results["sets"]) == ["outdoor_rain", "snow100k_s", "snow100k_l", "raindrop_a"]
     for summary in results["sets"].values():
@@ -85,6 +87,23 @@ def test_restore_keeps_the_input_sizes_and_folder_layout(tmp_path, tiny_weights)
     for name, (h, w) in sizes.items():
         restored = tmp_path / "out" / name.replace(".jpg", ".png")
         assert Image.open(restored).size == (w, h)
+
+
+def test_inputs_differing_only_in_suffix_keep_it_instead_of_overwriting_each_other(tmp_path):
+    for name in ("a.png", "a.jpg", "sub/a.png", "b.jpg"):
+        write_image(tmp_path / "in" / name, (8, 8), seed=1)
+    outputs = {str(image.relative_to(tmp_path)): str(output)
+               for image, output in restore.collect_inputs([str(tmp_path / "in")])}
+    assert outputs == {"in/a.png": "a.png.png", "in/a.jpg": "a.jpg.png", "in/sub/a.png": "sub/a.png",
+                       "in/b.jpg": "b.png"}
+
+
+def test_two_inputs_restored_to_one_output_stop_the_run_naming_both(tmp_path):
+    for folder in ("day", "night"):
+        write_image(tmp_path / folder / "street.png", (8, 8), seed=1)
+    with pytest.raises(ConfigError, match=f"inputs {tmp_path}/day/street.png and {tmp_path}/night/street.png "
+                                          "would both be restored to street.png under --out"):
+        restore.collect_inputs([str(tmp_path / "day"), str(tmp_path / "night")])
 
 
 def test_official_checkpoints_load_through_the_converter(tmp_path, tiny_weights):

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from finetune_layouts import build_allweather, build_cdd11
@@ -37,7 +36,10 @@ def test_configs_hold_the_paper_recipe(repo_root, name, dataset):
 
 @pytest.mark.parametrize("overrides, key", [([], "data.root"), (["train.ema_decay=1.5"], "train.ema_decay"),
                                             (["run.best_metrics=[lpips]"], "run.best_metrics"),
-                                            (["model.moe.ep_size=4"], "model.moe.ep_size")])
+                                            (["model.moe.ep_size=4"], "model.moe.ep_size"),
+                                            (["data.val_images_per_set=-1"], "val_images_per_set"),
+                                            (["init.allow_model_changes=[nope]"], "init.allow_model_changes"),
+                                            (["train.lr=0"], "train.lr")])
 def test_invalid_settings_name_their_key(repo_root, overrides, key):
     root = ["data.root=/data"] if overrides else []  # the tiny config leaves data.root empty
     cfg = load_config(FinetuneConfig, Path(repo_root) / "configs/finetune/tiny-test.yaml",
@@ -46,11 +48,11 @@ def test_invalid_settings_name_their_key(repo_root, overrides, key):
         validate_finetune_config(cfg, world_size=2)
 
 
-def run(command, cwd, timeout=300):
+def run(command, cwd, timeout=300, expect_failure=False):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
+    assert (result.returncode != 0) == expect_failure, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr if expect_failure else result.stdout
 
 
 def test_two_rank_finetune_from_a_one_rank_pretraining_checkpoint_then_evaluation(repo_root, tmp_path):
@@ -58,10 +60,23 @@ def test_two_rank_finetune_from_a_one_rank_pretraining_checkpoint_then_evaluatio
     pretrain_dir, finetune_dir = tmp_path / "pretrain", tmp_path / "finetune"
     run([python, "pretrain.py", "--config", "configs/pretrain/tiny-test.yaml", "train.steps=1", "run.image_every=0",
          f"run.dir={pretrain_dir}"], repo_root)
+    # Same shapes, another function: the weights load strictly, so the networks' configs are compared.
+    refused = run([python, "pretrain.py", "--config", "configs/pretrain/tiny-test.yaml", "train.steps=2",
+                   f"run.dir={pretrain_dir}", "model.input_range=zero_one"], repo_root, expect_failure=True)
+    assert "key 'run.resume'" in refused and "model.input_range: checkpoint 'minus_one_one', this run 'zero_one'" \
+        in refused
     allweather = build_allweather(tmp_path / "allweather", size=(40, 48), train=8)
-    log = run([python, "-m", "torch.distributed.run", "--nproc_per_node", "2", "finetune.py", "--config",
-               "configs/finetune/tiny-test.yaml", f"data.root={allweather}",
-               f"init.weights={pretrain_dir}/checkpoints", f"run.dir={finetune_dir}"], repo_root)
+    finetune = [python, "finetune.py", "--config", "configs/finetune/tiny-test.yaml", f"data.root={allweather}",
+                f"init.weights={pretrain_dir}/checkpoints"]
+    refused = run([*finetune, "model.moe.combine=linear", "model.moe.ep_size=1", f"run.dir={tmp_path / 'refused'}"],
+                  repo_root, expect_failure=True)
+    assert "key 'init.weights'" in refused and "model.moe.combine: checkpoint 'log', this run 'linear'" in refused
+    assert "init.allow_model_changes" in refused
+    refused = run([*finetune, "model.moe.ep_size=1", f"run.resume={pretrain_dir}/checkpoints",
+                   f"run.dir={tmp_path / 'refused'}"], repo_root, expect_failure=True)
+    assert "is a pretrain checkpoint; a finetune run resumes only its own kind" in refused
+    log = run([python, "-m", "torch.distributed.run", "--nproc_per_node", "2", *finetune[1:],
+               f"run.dir={finetune_dir}"], repo_root)
     assert "saved with world size 1, ep_size 1" in log
     assert "2 steps/epoch x 2 epochs = 4 steps" in log
     meta = json.loads((finetune_dir / "checkpoints/step00000004/meta.json").read_text())
@@ -126,10 +141,12 @@ def test_a_data_error_mid_epoch_with_workers_running_ends_the_run_with_the_error
     """Workers ignore SIGTERM (SLURM signals them too), so they must be stopped explicitly when an
     exception leaves the loop, or Python's exit would wait on them forever."""
     allweather = build_allweather(tmp_path / "allweather", size=(40, 48), train=8)
-    Image.new("RGB", (20, 20)).save(allweather / "train/gt/im_0005.png")   # its input is 48x40
+    damaged = allweather / "train/input/im_0005.png"
+    damaged.write_bytes(damaged.read_bytes()[:200])   # its header passes the up-front check; its pixels fail
     command = [sys.executable, "finetune.py", "--config", "configs/finetune/tiny-test.yaml", f"data.root={allweather}",
                "model.moe.ep_size=1", "data.workers=1", f"run.dir={tmp_path / 'run'}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
     result = subprocess.run(command, cwd=repo_root, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
-    assert "im_0005.png is 48x40 but its target" in result.stderr
+    assert "in DataLoader worker process" in result.stderr
+    assert "train/input/im_0005.png: cannot read image" in result.stderr

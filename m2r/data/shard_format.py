@@ -3,7 +3,9 @@
 A shard is a plain tar whose members `<key>.<field>` are grouped by key, as WebDataset expects.
 Fields: `clean.rgb.zst` / `clean.png` (the target), optional `lq.rgb.zst` / `lq.png` (a pre-degraded
 input), and `json` (metadata). `rgb.zst` is our raw format: zstd of a 9-byte header (b"M2RI",
-uint16 height, uint16 width, uint8 channels) followed by the uint8 pixels, row-major HWC.
+uint16 height, uint16 width, uint8 channels) followed by the uint8 pixels, row-major HWC. Its zstd
+frame carries zstd's content checksum, so damaged bytes fail to decode rather than give wrong pixels
+(frames written before the checksum was added still decode, unverified beyond the header and size).
 Only these fields are ever decoded: no pickle, no decoder chosen by the file.
 """
 from __future__ import annotations
@@ -35,7 +37,8 @@ def encode_image(img: np.ndarray, encoding: str = "zstd", level: int = 3) -> Tup
         raise ValueError(f"expected uint8 (H, W, 3), got {img.dtype} {img.shape}")
     if encoding == "zstd":
         header = RAW_HEADER.pack(RAW_MAGIC, img.shape[0], img.shape[1], 3)
-        payload = zstandard.ZstdCompressor(level=level).compress(header + np.ascontiguousarray(img).tobytes())
+        compressor = zstandard.ZstdCompressor(level=level, write_checksum=True)
+        payload = compressor.compress(header + np.ascontiguousarray(img).tobytes())
         return IMAGE_EXTENSIONS["zstd"], payload
     if encoding == "png":
         buf = io.BytesIO()

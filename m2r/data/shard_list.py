@@ -6,6 +6,8 @@ import re
 from pathlib import Path
 from typing import List
 
+from m2r.config import ConfigError
+
 MANIFEST_NAME = "manifest.json"
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
@@ -37,21 +39,26 @@ def read_manifest(directory: str | Path) -> dict:
         raise ValueError(f"{path}: not valid json: {exc}") from None
 
 
-def resolve_shards(spec: str) -> List[str]:
-    """Shard paths named by a directory (its manifest, else every *.tar in it) or a brace pattern."""
+def resolve_shards(spec: str, key: str = "data.shards") -> List[str]:
+    """Shard paths named by a directory (its manifest, else every *.tar in it), a .tar file or a brace
+    pattern; `key` is the config key errors name."""
+    example = "dir/shard-{000000..000009}.tar"
     if not spec:
-        raise ValueError("data.shards is empty: give a shard directory or a pattern like dir/shard-{000000..000009}.tar")
+        raise ConfigError(f"{key} is empty: give a shard directory or a pattern like {example}")
     directory = Path(spec)
     if directory.is_dir():
         if (directory / MANIFEST_NAME).is_file():
             paths = [str(directory / s["name"]) for s in read_manifest(directory)["shards"]]
         else:
             paths = sorted(str(p) for p in directory.glob("*.tar"))
-    else:
+    elif spec.endswith(".tar") or _BRACE.search(spec):
         paths = expand_braces(spec)
+    else:
+        raise FileNotFoundError(f"{key}={spec} is neither a directory nor a .tar file or brace pattern "
+                                f"(like {example})")
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
-        raise FileNotFoundError(f"data.shards={spec}: {len(missing)} shard(s) missing, first {missing[0]}")
+        raise FileNotFoundError(f"{key}={spec}: {len(missing)} shard(s) missing, first {missing[0]}")
     if not paths:
-        raise FileNotFoundError(f"data.shards={spec}: no shards found")
+        raise FileNotFoundError(f"{key}={spec}: no shards found")
     return paths

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from m2r.config import ConfigError
 from m2r.data.augment import random_crop, random_dihedral
 from m2r.data.builtin import TRAIN_PHOTOS, VAL_PHOTOS, load_photo
 from m2r.data.presets import Degrader, type_names
@@ -118,14 +119,14 @@ class _ShardSource:
 
 def _decode_shard_sample(shard: str, sample: dict, preset: str):
     """`decode_record` naming the shard in its errors. A pre-degraded sample of a type outside
-    `preset` is a configuration error (ValueError), not a damaged sample to skip."""
+    `preset` is a configuration error (ConfigError), not a damaged sample to skip."""
     try:
         clean, lq, meta = decode_record(sample)
     except CorruptSample as exc:
         raise CorruptSample(f"shard {shard}: {exc}") from None
     names = type_names(preset)
     if lq is not None and meta.get("type") not in names:
-        raise ValueError(f"shard {shard}, sample {sample.get('__key__')}: pre-degraded type {meta.get('type')!r} "
+        raise ConfigError(f"shard {shard}, sample {sample.get('__key__')}: pre-degraded type {meta.get('type')!r} "
                          f"is not in data.preset '{preset}' {names}; stream these shards with the preset "
                          f"they were built with")
     return clean, lq, meta
@@ -301,7 +302,7 @@ def _jsonish(value):
 
 def _check_source(cfg) -> None:
     if cfg.source not in SOURCES:
-        raise ValueError(f"data.source '{cfg.source}' is unknown; choose one of {SOURCES}")
+        raise ConfigError(f"data.source '{cfg.source}' is unknown; choose one of {SOURCES}")
 
 
 def _manifest_preset_check(cfg, shards: Sequence[str]) -> None:
@@ -314,7 +315,7 @@ def _manifest_preset_check(cfg, shards: Sequence[str]) -> None:
         except FileNotFoundError:
             continue
         if manifest.get("mode") == "pairs" and manifest.get("preset") != cfg.preset:
-            raise ValueError(f"data.preset '{cfg.preset}' but the pre-degraded shards in {folder} "
+            raise ConfigError(f"data.preset '{cfg.preset}' but the pre-degraded shards in {folder} "
                              f"were built with preset '{manifest.get('preset')}'")
 
 
@@ -322,22 +323,22 @@ def build_train_stream(cfg, *, seed: int, rank: int, world_size: int, micro_batc
     """The training stream of this rank (see the module docstring)."""
     _check_source(cfg)
     if int(cfg.shuffle_buffer) < 1:
-        raise ValueError(f"data.shuffle_buffer must be at least 1 (samples shuffled per round), "
+        raise ConfigError(f"data.shuffle_buffer must be at least 1 (samples shuffled per round), "
                          f"got {cfg.shuffle_buffer}")
     workers = max(1, int(cfg.workers))
     shards: Tuple[str, ...] = ()
     if cfg.source == "shards":
         if not cfg.shards:
-            raise ValueError("data.shards must name a shard directory or pattern when data.source=shards")
+            raise ConfigError("data.shards must name a shard directory or pattern when data.source=shards")
         shards = tuple(resolve_shards(cfg.shards))
         _manifest_preset_check(cfg, shards)
         if len(shards) < world_size * workers:
-            raise ValueError(f"data.shards={cfg.shards}: {len(shards)} shards cannot feed {world_size} ranks x "
+            raise ConfigError(f"data.shards={cfg.shards}: {len(shards)} shards cannot feed {world_size} ranks x "
                              f"{workers} workers ({world_size * workers} slots, one shard at least each); "
                              f"build smaller shards or lower data.workers")
     scale = tuple(float(v) for v in cfg.scale_range)
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
-        raise ValueError(f"data.scale_range must be [low, high] with 0 < low <= high <= 1, got {list(cfg.scale_range)}")
+        raise ConfigError(f"data.scale_range must be [low, high] with 0 < low <= high <= 1, got {list(cfg.scale_range)}")
     plan = StreamPlan(source=cfg.source, shards=shards, preset=cfg.preset,
                       weights=tuple(sorted((str(k), float(v)) for k, v in dict(cfg.weights).items())),
                       seed=int(seed) + int(cfg.seed_offset), rank=rank, world_size=world_size, workers=workers,
@@ -354,13 +355,13 @@ def _val_images(cfg, count: int) -> List[Tuple[np.ndarray, Optional[np.ndarray],
     if not cfg.val_shards:
         return [(load_photo(VAL_PHOTOS[i % len(VAL_PHOTOS)]), None, {}) for i in range(count)]
     images = []
-    for path in resolve_shards(cfg.val_shards):
+    for path in resolve_shards(cfg.val_shards, "data.val_shards"):
         for record in read_shard(path):
             images.append(_decode_shard_sample(path, record, cfg.preset))
             if len(images) == count:
                 return images
     if not images:
-        raise ValueError(f"data.val_shards={cfg.val_shards} holds no samples")
+        raise ConfigError(f"data.val_shards={cfg.val_shards} holds no samples")
     return [images[i % len(images)] for i in range(count)]
 
 

@@ -304,11 +304,9 @@ class Finetuner(TrainingRun):
     # ----------------------------------------------------------------------------- validation, checkpoints
     def validate(self) -> Dict[str, float]:
         with self._validation_weights():
-            metrics = evaluate(self.engine, self.val_batches, self.device, self.input_dtype)
-        named = {("psnr_" + self.val_names[int(k[len("psnr_type"):])] if k.startswith("psnr_type") else k): v
-                 for k, v in metrics.items()}
-        self.monitor.log_val(self.step, named)
-        return named
+            metrics = evaluate(self.engine, self.val_batches, self.device, self.input_dtype, self.val_names)
+        self.monitor.log_val(self.step, metrics)
+        return metrics
 
     def _client_state(self) -> Dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "samples_into_epoch": self.samples_into_epoch,

@@ -3,7 +3,7 @@
 Other ranks get a `NullMonitor` with the same methods, so the training loop has no rank checks.
 TensorBoard tags: train/{loss,loss_avg,pixel_loss,balance_loss,lr,grad_norm,img_per_s,
 img_per_s_per_gpu,data_wait_share,gpu_mem_gib}, moe/level<L>/expert<E> (load fractions),
-data/samples_<type> (samples seen per degradation type), val/{psnr,ssim,psnr_type<id>} (finetuning:
+data/samples_<type> (samples seen per degradation type), val/{psnr,ssim,psnr_<type>} (finetuning:
 psnr_<set name>), images/val (degraded | restored | clean).
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ class StepTimer:
 
 
 def gpu_memory_gib() -> float:
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    return torch.cuda.max_memory_allocated() / 2**30
 
 
 class NullMonitor:
@@ -128,7 +128,8 @@ class Monitor(NullMonitor):
         if "img_per_s" not in scalars:  # not a log step
             return
         scalars["img_per_s_per_gpu"] = scalars["img_per_s"] / self.world_size
-        scalars["gpu_mem_gib"] = gpu_memory_gib()
+        if torch.cuda.is_available():
+            scalars["gpu_mem_gib"] = gpu_memory_gib()
         for name, value in scalars.items():
             self.writer.add_scalar(f"train/{name}", value, step)
         grad = f"{scalars['grad_norm']:.3f}" if "grad_norm" in scalars else "n/a"
@@ -136,8 +137,9 @@ class Monitor(NullMonitor):
             f"step {step}/{self.total_steps} | loss {scalars['loss']:.4f} (avg {scalars['loss_avg']:.4f}) "
             f"| balance {scalars['balance_loss']:.4f} | lr {scalars['lr']:.2e} | grad {grad} "
             f"| {scalars['img_per_s']:.1f} img/s ({scalars['img_per_s_per_gpu']:.1f}/GPU) "
-            f"| data {100 * scalars['data_wait_share']:.0f}% | mem {scalars['gpu_mem_gib']:.2f} GiB "
-            f"| eta {self._eta(step)}")
+            f"| data {100 * scalars['data_wait_share']:.0f}% "
+            + (f"| mem {scalars['gpu_mem_gib']:.2f} GiB " if "gpu_mem_gib" in scalars else "")
+            + f"| eta {self._eta(step)}")
 
     def log_expert_load(self, step: int, loads: List[torch.Tensor]) -> None:
         for level, load in enumerate(loads, start=1):

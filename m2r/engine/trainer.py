@@ -14,6 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from m2r import dist
+from m2r.data.presets import type_names
 from m2r.engine.checkpoint import CheckpointRef, capture_rng_state
 from m2r.engine.config import validate_pretrain_config
 from m2r.engine.monitor import StepTimer
@@ -158,7 +159,8 @@ class Trainer(TrainingRun):
 
     def validate(self) -> None:
         with self._validation_weights():
-            self.last_val = evaluate(self.engine, self.val_batches, self.device, self.input_dtype)
+            self.last_val = evaluate(self.engine, self.val_batches, self.device, self.input_dtype,
+                                     type_names(self.cfg.data.preset))
         if self.first_val_psnr is None:
             self.first_val_psnr = self.last_val["psnr"]
         self.monitor.log_val(self.step, self.last_val)

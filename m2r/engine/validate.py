@@ -53,11 +53,12 @@ def ssim(restored: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, val_batches: Sequence[Dict[str, torch.Tensor]], device: torch.device,
-             dtype: torch.dtype) -> Dict[str, float]:
-    """Mean PSNR/SSIM over the whole set, plus PSNR per degradation type (`psnr_type<id>`); same on all ranks."""
+             dtype: torch.dtype, type_names: Sequence[str]) -> Dict[str, float]:
+    """Mean PSNR/SSIM over the whole set, plus PSNR per degradation type (`psnr_<type name>`, the
+    batches' type_id indexing `type_names`); same on all ranks."""
     was_training = model.training
     model.eval()
-    num_types = 1 + max(int(batch["type_id"].max()) for batch in val_batches)
+    num_types = len(type_names)
     # sums: [psnr, ssim, count] overall, then psnr and count per type
     sums = torch.zeros(3 + 2 * num_types, dtype=torch.float64)
     rank, world = dist.rank(), dist.world_size()
@@ -82,7 +83,7 @@ def evaluate(model, val_batches: Sequence[Dict[str, torch.Tensor]], device: torc
     for type_id in range(num_types):
         count = float(sums[3 + num_types + type_id])
         if count > 0:
-            metrics[f"psnr_type{type_id}"] = float(sums[3 + type_id]) / count
+            metrics[f"psnr_{type_names[type_id]}"] = float(sums[3 + type_id]) / count
     return metrics
 
 

@@ -16,6 +16,8 @@ CDD-11 (OneRestore): <root>/<train|test>/<type>/<name> with targets <root>/<spli
 folder: <root>/input/ (or lq/) and <root>/gt/ (or target/), matched by name.
 
 Every problem (missing folder, image without target, empty set) raises DatasetLayoutError naming the path.
+The training and evaluation pair lists are checked up front from the image headers: an unidentifiable
+image or a pair whose sizes differ stops the run before it starts, not when that pair is drawn.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import torch
 from torch.utils.data import Dataset
 
 from m2r.data.augment import random_crop, random_dihedral
-from m2r.data.images import IMAGE_SUFFIXES, list_image_files, read_rgb
+from m2r.data.images import IMAGE_SUFFIXES, list_image_files, read_rgb, read_size
 
 CDD11_TYPES = ("low", "haze", "rain", "snow", "low_haze", "low_rain", "low_snow", "haze_rain", "haze_snow",
                "low_haze_rain", "low_haze_snow")
@@ -168,32 +170,61 @@ def folder_pairs(root: Path) -> Dict[str, List[Pair]]:
 
 
 def evaluation_sets(dataset: str, root: str, names: Optional[Sequence[str]] = None) -> Dict[str, List[Pair]]:
-    """The evaluation sets of a dataset: AllWeather test sets, CDD-11 test types, or one folder."""
+    """The evaluation sets of a dataset: AllWeather test sets, CDD-11 test types, or one folder; every
+    pair checked by `check_pairs`."""
     if dataset == "allweather":
-        return allweather_test_sets(Path(root), names)
-    if dataset == "cdd11":
-        return cdd11_pairs(Path(root), "test", names or CDD11_TYPES)
-    if dataset == "folder":
-        return folder_pairs(Path(root))
-    raise ValueError(f"dataset {dataset!r} is not one of {DATASETS}")
+        sets = allweather_test_sets(Path(root), names)
+    elif dataset == "cdd11":
+        sets = cdd11_pairs(Path(root), "test", names or CDD11_TYPES)
+    elif dataset == "folder":
+        sets = folder_pairs(Path(root))
+    else:
+        raise ValueError(f"dataset {dataset!r} is not one of {DATASETS}")
+    check_pairs([pair for pairs in sets.values() for pair in pairs])
+    return sets
 
 
 def train_pairs(dataset: str, root: str, list_file: Optional[str] = None) -> List[Pair]:
+    """The training pairs of a dataset, every one checked by `check_pairs`."""
     if dataset == "allweather":
-        return allweather_train_pairs(Path(root), list_file)
-    if dataset == "cdd11":
-        return [pair for pairs in cdd11_pairs(Path(root), "train").values() for pair in pairs]
-    if dataset == "folder":
-        return folder_pairs(Path(root))["folder"]
-    raise ValueError(f"dataset {dataset!r} is not one of {DATASETS}")
+        pairs = allweather_train_pairs(Path(root), list_file)
+    elif dataset == "cdd11":
+        pairs = [pair for pairs in cdd11_pairs(Path(root), "train").values() for pair in pairs]
+    elif dataset == "folder":
+        pairs = folder_pairs(Path(root))["folder"]
+    else:
+        raise ValueError(f"dataset {dataset!r} is not one of {DATASETS}")
+    check_pairs(pairs)
+    return pairs
+
+
+def _size_mismatch(pair: Pair, lq_size: Tuple[int, int], gt_size: Tuple[int, int]) -> str:
+    return f"{pair.lq} is {lq_size[0]}x{lq_size[1]} but its target {pair.gt} is {gt_size[0]}x{gt_size[1]}"
+
+
+def _header_problem(pair: Pair) -> Optional[str]:
+    """Why `pair` cannot be used, judged from its image headers alone; None if it looks usable."""
+    try:
+        lq_size, gt_size = read_size(pair.lq), read_size(pair.gt)
+    except OSError as exc:
+        return str(exc)
+    return _size_mismatch(pair, lq_size, gt_size) if lq_size != gt_size else None
+
+
+def check_pairs(pairs: Sequence[Pair]) -> None:
+    """Raise DatasetLayoutError, naming the first bad pair and counting them all, if any image cannot be
+    identified or any pair's sizes differ. Reads headers only (well under a millisecond a pair on a local
+    disk); damage inside the pixel data still surfaces only when the pair is read."""
+    problems = [problem for problem in map(_header_problem, pairs) if problem is not None]
+    if problems:
+        raise DatasetLayoutError(f"{len(problems)} of {len(pairs)} image pairs cannot be used, first: {problems[0]}")
 
 
 def read_pair(pair: Pair) -> Tuple[np.ndarray, np.ndarray]:
     """Both images as (H, W, 3) uint8 RGB; a pair whose sizes differ is a DatasetLayoutError naming both."""
     lq, gt = read_rgb(pair.lq), read_rgb(pair.gt)
     if lq.shape != gt.shape:
-        raise DatasetLayoutError(f"{pair.lq} is {lq.shape[1]}x{lq.shape[0]} but its target {pair.gt} is "
-                                 f"{gt.shape[1]}x{gt.shape[0]}")
+        raise DatasetLayoutError(_size_mismatch(pair, (lq.shape[1], lq.shape[0]), (gt.shape[1], gt.shape[0])))
     return lq, gt
 
 

@@ -25,17 +25,41 @@ OFFICIAL_SUFFIXES = (".ckpt", ".pth", ".pt")
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # --precision -> Accelerate's mixed_precision
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: argparse itself reports a bad value as `argument --x: invalid ... value`."""
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+def tile_side(text: str) -> int:
+    value = non_negative_int(text)
+    if value % 8:
+        raise ValueError(text)
+    return value
+
+
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by `m2r.evaluate` and `m2r.restore`: weights, tiling, precision, model config."""
     parser.add_argument("--weights", required=True, help="checkpoint dir, .safetensors export or official .ckpt")
-    parser.add_argument("--tile", type=int, default=0, help="tile side for large images (multiple of 8; 0 = whole)")
-    parser.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels")
+    parser.add_argument("--tile", type=tile_side, default=0,
+                        help="tile side for large images (a multiple of 8; 0 = whole)")
+    parser.add_argument("--overlap", type=non_negative_int, default=32,
+                        help="tile overlap in pixels (below --tile)")
     parser.add_argument("--precision", default=None, choices=tuple(PRECISIONS),
                         help="autocast dtype (default: `accelerate launch --mixed_precision`, else fp32); "
                              "fp16 is a GPU-only autocast, bf16 autocasts on CPU too")
     parser.add_argument("--model-config", default=None, help="model YAML (required for official checkpoints)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="model config override, e.g. clip.weights=/data/daclip_ViT-B-32.pt")
+
+
+def parse_inference_arguments(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    if args.tile and args.overlap >= args.tile:
+        parser.error(f"--overlap {args.overlap} must be below --tile {args.tile}")
+    return args
 
 
 def make_accelerator(precision: Optional[str], cpu: bool = False) -> Accelerator:
@@ -45,14 +69,22 @@ def make_accelerator(precision: Optional[str], cpu: bool = False) -> Accelerator
                        mixed_precision=None if precision is None else PRECISIONS[precision])
 
 
+def precision_name(accelerator: Accelerator) -> str:
+    """The --precision name of the accelerator's autocast (Accelerate calls fp32 'no')."""
+    names = {mixed: name for name, mixed in PRECISIONS.items()}
+    return names.get(accelerator.mixed_precision, accelerator.mixed_precision)
+
+
 def _stored_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[dict]]:
     """(state dict with experts by global id, stored model config or None)."""
     from m2r.engine.checkpoint import resolve_resume
     from m2r.export import config_path_for, export_state_dict
     from m2r.models.convert import official_to_m2r, read_checkpoint
 
+    if not path.exists():
+        raise FileNotFoundError(f"--weights {path}: no such file or directory")
     if path.is_dir():
-        ref = resolve_resume(str(path), path)
+        ref = resolve_resume(str(path), path, "--weights")
         if ref is None:
             raise FileNotFoundError(f"--weights {path}: a directory without a `latest` checkpoint")
         state, config = export_state_dict(ref)
@@ -67,7 +99,7 @@ def _stored_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[dict]
         return load_file(str(path)), config
     if path.suffix in OFFICIAL_SUFFIXES:
         return official_to_m2r(read_checkpoint(path)), None
-    raise ValueError(f"--weights {path}: expected a checkpoint directory, a .safetensors file or an official "
+    raise ConfigError(f"--weights {path}: expected a checkpoint directory, a .safetensors file or an official "
                      f"checkpoint ({', '.join(OFFICIAL_SUFFIXES)})")
 
 

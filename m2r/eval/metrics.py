@@ -22,6 +22,7 @@ from typing import Dict, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from m2r.config import ConfigError
 from m2r.engine.validate import psnr as _psnr_clamped
 from m2r.engine.validate import ssim as _ssim_clamped
 
@@ -112,7 +113,7 @@ def parse_protocols(text: str) -> Tuple[str, ...]:
     names = tuple(name.strip() for name in text.split(",") if name.strip())
     unknown = [name for name in names if name not in PROTOCOLS]
     if unknown or not names:
-        raise ValueError(f"--metrics {text!r}: use a comma-separated subset of {','.join(PROTOCOLS)}")
+        raise ConfigError(f"--metrics {text!r}: use a comma-separated subset of {','.join(PROTOCOLS)}")
     return names
 
 

@@ -19,6 +19,7 @@ global experts [ep_rank * n_local, (ep_rank + 1) * n_local) as local ids 0..n_lo
 """
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -120,17 +121,30 @@ def m2r_to_official(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tens
 
 
 def read_checkpoint(path, weights_only: bool = True) -> Dict:
-    """A checkpoint file: .safetensors, or a torch pickle (weights_only unless told otherwise)."""
+    """A checkpoint file: .safetensors, or a torch pickle (weights_only unless told otherwise).
+
+    A file that does not load raises CheckpointMismatch naming it: torch, pickle and safetensors
+    report damaged or foreign bytes with messages that do not (`KeyError: 101` for a text file).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         return load_weights_file(path, weights_only)
     except pickle.UnpicklingError as exc:
-        if not weights_only:
-            raise
-        raise CheckpointMismatch(f"{path} holds more than tensors and containers ({exc}); if you "
-                                 "trust the file, load it with weights_only=False") from None
+        # A torch.save archive that the weights-only unpickler refuses holds other objects; any
+        # other file it refuses is not a torch checkpoint at all.
+        if weights_only and zipfile.is_zipfile(path):
+            raise CheckpointMismatch(f"{path} holds more than tensors and containers ({exc}); if you "
+                                     "trust the file, load it with weights_only=False") from None
+        raise _unreadable(path, exc) from exc
+    except Exception as exc:  # what each format raises for foreign or damaged bytes varies widely
+        raise _unreadable(path, exc) from exc
+
+
+def _unreadable(path: Path, exc: Exception) -> CheckpointMismatch:
+    return CheckpointMismatch(f"{path} is not a readable checkpoint (a .safetensors file or a torch.save "
+                              f"file): {type(exc).__name__}: {exc}")
 
 
 def load_official_checkpoint(model: torch.nn.Module, path, weights_only: bool = True) -> List[str]:

@@ -7,16 +7,22 @@ there (`--clean-only` or `--degradations`) replaces the recipe's mode.
 from __future__ import annotations
 
 import argparse
-import sys
+from pathlib import Path
+from typing import Callable
 
 from omegaconf import OmegaConf
 
-from m2r.shards.build import BuildOptions, build
+from m2r.cli import run_main
+from m2r.config import ConfigError
+from m2r.data.presets import PRESETS
+from m2r.shards.build import DEFAULT_SAMPLES_PER_SHARD, BuildOptions, build
 from m2r.shards.inspect import inspect_shards, print_report
 
 BUILD_DEFAULTS = dict(src=None, out=None, clean_only=False, degradations=None, workers=1,
-                      samples_per_shard=256, encoding="zstd", max_side=0, seed=0)
+                      samples_per_shard=DEFAULT_SAMPLES_PER_SHARD, encoding="zstd", max_side=0, seed=0)
 MODE_KEYS = ("clean_only", "degradations")
+ENCODINGS = ("zstd", "png")
+LEAST_VALUES = dict(workers=1, samples_per_shard=1, max_side=0, seed=0)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,13 +34,17 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="output shard directory")
     mode = b.add_mutually_exclusive_group()
     mode.add_argument("--clean-only", action="store_true", default=None,
-                      help="store targets only (degraded on the fly)")
-    mode.add_argument("--degradations", metavar="PRESET", help="store pre-degraded pairs drawn from this preset")
-    b.add_argument("--workers", type=int)
-    b.add_argument("--samples-per-shard", type=int)
-    b.add_argument("--encoding", choices=["zstd", "png"])
-    b.add_argument("--max-side", type=int, help="downscale images whose long side exceeds this")
-    b.add_argument("--seed", type=int)
+                      help="store targets only, degraded on the fly by the run's data.preset (the default mode)")
+    mode.add_argument("--degradations", metavar="PRESET",
+                      help=f"store pre-degraded pairs drawn from this preset: {', '.join(PRESETS)}")
+    b.add_argument("--workers", type=int, help=f"build processes (default: {BUILD_DEFAULTS['workers']})")
+    b.add_argument("--samples-per-shard", type=int,
+                   help=f"images per shard (default: {DEFAULT_SAMPLES_PER_SHARD}); a run needs at least "
+                        "ranks x data.workers shards")
+    b.add_argument("--encoding", choices=ENCODINGS, help=f"lossless image encoding (default: {BUILD_DEFAULTS['encoding']})")
+    b.add_argument("--max-side", type=int,
+                   help="downscale images whose long side exceeds this (default: 0, every image kept at its size)")
+    b.add_argument("--seed", type=int, help=f"seed of the pre-degraded inputs (default: {BUILD_DEFAULTS['seed']})")
     i = commands.add_parser("inspect", help="print counts and verify checksums")
     i.add_argument("dir")
     return parser
@@ -42,9 +52,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _read_recipe(path: str) -> dict:
     recipe = OmegaConf.to_container(OmegaConf.load(path))
+    if not isinstance(recipe, dict):
+        raise ConfigError(f"recipe {path}: expected a mapping of options, got {type(recipe).__name__}")
     unknown = sorted(set(recipe) - set(BUILD_DEFAULTS))
     if unknown:
-        raise SystemExit(f"{path}: unknown keys {unknown}; allowed {sorted(BUILD_DEFAULTS)}")
+        raise ConfigError(f"recipe {path}: unknown keys {unknown}; allowed {sorted(BUILD_DEFAULTS)}")
     return recipe
 
 
@@ -56,13 +68,35 @@ def _build_options(args: argparse.Namespace) -> BuildOptions:
     merged = {**BUILD_DEFAULTS, **recipe, **given}
     if isinstance(merged["src"], str):
         merged["src"] = [merged["src"]]
-    if not merged["src"] or not merged["out"]:
-        raise SystemExit("build needs --src and --out (or a recipe giving them)")
-    if merged["clean_only"] and merged["degradations"]:
-        raise SystemExit("--clean-only and --degradations exclude each other")
+
+    def origin(key: str) -> str:
+        """Where a value came from, as errors name it: the recipe file and key, or the option."""
+        return f"recipe {args.recipe}: {key}" if key in recipe and key not in given else f"--{key.replace('_', '-')}"
+
+    _check_values(merged, origin)
     return BuildOptions(src=list(merged["src"]), out=merged["out"], preset=merged["degradations"],
                         workers=merged["workers"], samples_per_shard=merged["samples_per_shard"],
                         encoding=merged["encoding"], max_side=merged["max_side"], seed=merged["seed"])
+
+
+def _check_values(merged: dict, origin: Callable[[str], str]) -> None:
+    """Refuse bad values before any work, naming the option or the recipe key that gave them."""
+    if not merged["src"] or not merged["out"]:
+        raise ConfigError("build needs --src and --out (or a recipe giving them)")
+    if merged["clean_only"] and merged["degradations"]:
+        raise ConfigError(f"{origin('clean_only')} and {origin('degradations')} exclude each other")
+    if merged["degradations"] is not None and merged["degradations"] not in PRESETS:
+        raise ConfigError(f"{origin('degradations')} {merged['degradations']!r}: unknown preset; "
+                          f"choose one of {', '.join(PRESETS)}")
+    if merged["encoding"] not in ENCODINGS:
+        raise ConfigError(f"{origin('encoding')} {merged['encoding']!r}: choose one of {', '.join(ENCODINGS)}")
+    for key, least in LEAST_VALUES.items():
+        value = merged[key]
+        if type(value) is not int or value < least:
+            raise ConfigError(f"{origin(key)} {value!r}: expected an integer >= {least}")
+    for src in merged["src"]:
+        if not Path(src).is_dir():
+            raise ConfigError(f"{origin('src')} {src}: not a directory")
 
 
 def main(argv=None) -> int:
@@ -70,10 +104,13 @@ def main(argv=None) -> int:
     if args.command == "build":
         opts = _build_options(args)
         manifest = build(opts)
-        print(f"{manifest['samples']} samples in {len(manifest['shards'])} shards, "
+        shards = len(manifest["shards"])
+        print(f"{manifest['samples']} samples in {shards} shards, "
               f"{len(manifest['skipped'])} undecodable file(s) skipped -> {opts.out}")
         for entry in manifest["skipped"]:
             print(f"  skipped {entry['path']}: {entry['error']}")
+        print(f"{shards} shards feed up to {shards} rank x worker slots (one shard at least each): "
+              f"train with ranks x data.workers <= {shards}")
         return 0
     report = inspect_shards(args.dir)
     print_report(report)
@@ -81,4 +118,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from m2r.atomic import atomic_path, write_json_atomically
+from m2r.config import ConfigError
 from m2r.data.images import IMAGE_SUFFIXES, list_image_files, open_rgb
 from m2r.data.presets import Degrader
 from m2r.data.shard_format import add_member, encode_image
@@ -33,6 +34,10 @@ BUILD_TAG = 4
 # What PIL raises for a source file it cannot read or decode: unidentified or truncated files and
 # I/O errors (OSError), malformed headers (ValueError, SyntaxError, EOFError), decompression bombs.
 UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+# Every rank x data loader worker of a run streams its own shards, one at least (m2r/data/stream.py):
+# 64 cuts DIV2K + Flickr2K (3,450 images) into 54 shards, enough for 8 GPUs x 4 workers (32 slots),
+# and a 1024 px zstd shard of 64 images is still about 100 MB, large enough to read sequentially.
+DEFAULT_SAMPLES_PER_SHARD = 64
 
 
 @dataclass
@@ -41,7 +46,7 @@ class BuildOptions:
     out: str
     preset: Optional[str] = None        # None = clean-only shards, degraded on the fly
     workers: int = 1
-    samples_per_shard: int = 256
+    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD
     encoding: str = "zstd"              # "zstd" (raw uint8 + zstd) | "png"
     max_side: int = 0                   # downscale larger images to this long side; 0 = keep
     seed: int = 0
@@ -128,32 +133,41 @@ def content_options(opts: BuildOptions, files: Sequence[str]) -> dict:
 
 def _finished(job: Tuple[int, int, List[str], BuildOptions]) -> Optional[dict]:
     """The sidecar record of a shard finished by an earlier run with the same options, None if the
-    shard is unfinished; a shard built with other options is refused, never reused or overwritten."""
+    shard is unfinished or no longer its recorded size (cut short since: rebuilt); a shard built with
+    other options is refused, never reused or overwritten."""
     shard_index, _, files, opts = job
     out, name = Path(opts.out), shard_name(shard_index)
     sidecar = (out / name).with_suffix(".json")
     if not ((out / name).is_file() and sidecar.is_file()):
         return None
     record = json.loads(sidecar.read_text())
+    if record.get("bytes") != (out / name).stat().st_size:
+        return None
     changes = _option_changes(record.get("built_with", {}), content_options(opts, files))
     if changes:
-        raise ValueError(f"--out {out} already holds {name}, built with other options ({'; '.join(changes)}); "
+        raise ConfigError(f"--out {out} already holds {name}, built with other options ({'; '.join(changes)}); "
                          f"use a new --out, or delete {out} to rebuild it")
     return record
 
 
 def _option_changes(then: dict, now: dict) -> List[str]:
-    """'option then -> now' for each option that differs (sidecars of older builds recorded none)."""
+    """'option then -> now' for each option that differs (sidecars of older builds recorded none).
+    Another samples_per_shard also gives each shard other files: that change alone is named."""
     changes = []
     for key, value in now.items():
         before = then.get(key, "not recorded")
-        if before != value:
-            changes.append("source file list differs" if key == "files_sha256" else f"{key} {before!r} -> {value!r}")
+        if before == value:
+            continue
+        if key != "files_sha256":
+            changes.append(f"{key} {before!r} -> {value!r}")
+        elif then.get("samples_per_shard") == now["samples_per_shard"]:
+            changes.append("source file list differs")
     return changes
 
 
 def build(opts: BuildOptions, progress: bool = True) -> dict:
-    """Build (or finish) the shards of `opts` and write the manifest; returns the manifest."""
+    """Build (or finish) the shards of `opts` and write the manifest; returns the manifest. `progress`
+    shows a progress bar and says how many shards an earlier run had finished."""
     if opts.preset:
         Degrader(opts.preset)  # unknown presets fail before any work
     files = list_images(opts.src)
@@ -165,6 +179,8 @@ def build(opts: BuildOptions, progress: bool = True) -> dict:
     jobs = [(i, i * size, files[i * size:(i + 1) * size], opts) for i in range((len(files) + size - 1) // size)]
     records = {job[0]: _finished(job) for job in jobs}
     todo = [job for job in jobs if records[job[0]] is None]
+    if progress and len(todo) < len(jobs):
+        print(f"{len(jobs) - len(todo)} of {len(jobs)} shards already built in {out} with these options: skipped")
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="shard", disable=not progress,
                desc=f"shards -> {out}")
     if opts.workers > 1 and len(todo) > 1:

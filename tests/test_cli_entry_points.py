@@ -1,0 +1,55 @@
+"""What every `python -m m2r.<tool>` shares: its name in --help, examples that read as typed, a user's
+mistake as one `error:` line with exit status 2."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+from m2r import evaluate, export, restore
+
+
+def run_python(args, cwd):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("tool, args, message", [
+    ("shards", ["build", "--src", "{tmp}", "--out", "{tmp}/out", "--degradations", "cdd12"],
+     "error: --degradations 'cdd12': unknown preset"),
+    ("export", ["{tmp}/no-run", "{tmp}/model.safetensors"], "error: checkpoint='{tmp}/no-run'"),
+    ("evaluate", ["--weights", "{tmp}/w.safetensors", "--dataset", "cdd11", "--root", "{tmp}/no-data",
+                  "--out", "{tmp}/results"], "error: missing CDD-11 folder"),
+    ("restore", ["--weights", "{tmp}/w.safetensors", "{tmp}/no-photo.png", "--out", "{tmp}/restored"],
+     "error: input {tmp}/no-photo.png does not exist"),
+])
+def test_a_users_mistake_is_one_line_and_exit_status_2(tmp_path, tool, args, message):
+    result = run_python(["-m", f"m2r.{tool}", *(a.format(tmp=tmp_path) for a in args)], REPO_ROOT)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(message.format(tmp=tmp_path)) and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("tool, show_help", [("export", lambda: export.main(["--help"])),
+                                             ("evaluate", lambda: evaluate.parse_args(["--help"])),
+                                             ("restore", lambda: restore.parse_args(["--help"]))])
+def test_help_names_the_command_to_type(tool, show_help, capsys):
+    with pytest.raises(SystemExit):
+        show_help()
+    assert capsys.readouterr().out.startswith(f"usage: python -m m2r.{tool} ")
+
+
+@pytest.mark.parametrize("module", [evaluate, restore])
+def test_docstring_examples_keep_their_line_continuations(module):
+    """The docstrings are the --help text; a non-raw backslash-newline would join the example's lines."""
+    assert " \\\n" in module.__doc__
+
+
+
+@pytest.mark.parametrize("args, message", [(["--tile", "12"], "argument --tile: invalid tile_side value: '12'"),
+                                           (["--tile", "64", "--overlap", "64"], "--overlap 64 must be below --tile 64"),
+                                           (["--limit", "-1"], "argument --limit: invalid non_negative_int value")])
+def test_tiling_and_limit_values_are_checked_before_anything_runs(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.parse_args(["--weights", "w.safetensors", "--dataset", "cdd11", "--root", "r", "--out", "o", *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
