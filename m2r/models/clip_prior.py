@@ -173,7 +173,7 @@ def _read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
     try:
         checkpoint = load_weights_file(path)
     except Exception as exc:  # torch and safetensors raise several types for unreadable files
-        raise _config_error("weights", f"cannot read {path}: {exc}") from None
+        raise _config_error("weights", f"cannot read {path}: {type(exc).__name__}: {exc}") from None
     return unwrap_state_dict(checkpoint, "module.")
 
 
