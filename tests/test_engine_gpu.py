@@ -1,4 +1,4 @@
-"""The DeepSpeed engine on a GPU: nccl, bf16 with ZeRO 2, MoE parameter groups, mamba_ssm kernels,
+"""The DeepSpeed engine on a GPU: nccl, bf16 with ZeRO 1 and 2, MoE parameter groups, mamba_ssm kernels,
 the AFLB FFT under bf16, a checkpoint round trip, and the pretraining entry point with every speed
 switch. One rank; skipped without CUDA."""
 import json
@@ -38,10 +38,18 @@ def train_step(engine, cfg, lq, gt):
     return loss.item()
 
 
-def test_bf16_zero2_moe_training_and_checkpoint_round_trip_on_gpu(tmp_path, repo_root):
-    device = dist.init_distributed(dist.discover_dist_env())
+@pytest.fixture(scope="module")
+def device():
+    """One nccl process group for the in-process tests, ended after them."""
+    yield dist.init_distributed(dist.discover_dist_env())
+    dist.destroy_process_group()
+
+
+# bf16 at ZeRO 1 runs DeepSpeed's BF16_Optimizer (fp32 gradient accumulation), at ZeRO 2 its ZeRO optimizer.
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_bf16_zero_moe_training_and_checkpoint_round_trip_on_gpu(tmp_path, repo_root, device, zero_stage):
     cfg = load_config(PretrainConfig, os.path.join(repo_root, "configs/pretrain/tiny-test.yaml"),
-                      ["train.precision=bf16", "train.zero_stage=2", "model.scan_backend=mamba_ssm"])
+                      ["train.precision=bf16", f"train.zero_stage={zero_stage}", "model.scan_backend=mamba_ssm"])
     generator = torch.Generator().manual_seed(0)
     gt = torch.rand(2, 3, 64, 64, generator=generator)
     lq = (gt + 0.2 * torch.randn(2, 3, 64, 64, generator=generator)).clamp(0, 1)
