@@ -1,9 +1,7 @@
 """Files written whole or not at all: a temp file beside the target, fsync, rename, fsync of the folder.
 
 A crash, preemption or power loss leaves either the old file or the new one, never a truncated one
-(checkpoint pointers and metadata, configs, exported weights, shards and their index). The file gets
-the permissions of a newly created file, 0o666 less the umask, whatever mode the writer gave the temp
-file (safetensors creates 0600 files, which teammates on a shared cluster could not read).
+(checkpoint pointers and metadata, configs, exported weights, shards and their index).
 """
 from __future__ import annotations
 
@@ -22,7 +20,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = path.with_name(path.name + ".tmp")
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -30,6 +27,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     fsync_directory(path.parent)
+
+
+def default_file_mode() -> int:
+    """0o666 less this process's umask: what open() gives a new file (without default ACLs)."""
+    return 0o666 & ~_umask()
 
 
 def _umask() -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import pickle
 import re
 import signal
 import socket
@@ -244,18 +245,29 @@ def all_gather_object(obj: Any) -> List[Any]:
 
 
 def on_rank0(work: Callable[[], Any]) -> Any:
-    """`work()` on rank 0 alone, its result on every rank. An OSError it raises (a missing file, a full
-    disk) is raised on every rank, which would otherwise wait for rank 0 forever."""
+    """`work()` on rank 0 alone, its result on every rank. What it raises (a missing file, a refused
+    setting) is raised on every rank, which would otherwise wait for rank 0 forever."""
     outcome = None
     if is_rank0():
         try:
             outcome = work()
-        except OSError as error:
-            outcome = error
+        except Exception as error:
+            outcome = _Raised(error)
     outcome = broadcast_object(outcome)
-    if isinstance(outcome, OSError):
-        raise outcome
+    if isinstance(outcome, _Raised):
+        raise outcome.error
     return outcome
+
+
+class _Raised:
+    """An exception of rank 0's, to be raised on every rank (as itself when it pickles)."""
+
+    def __init__(self, error: Exception):
+        try:
+            pickle.dumps(error)
+            self.error = error
+        except Exception:
+            self.error = RuntimeError(f"on rank 0: {type(error).__name__}: {error}")
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

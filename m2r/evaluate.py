@@ -32,7 +32,7 @@ from accelerate import Accelerator
 from m2r import dist
 from m2r.cli import run_main
 from m2r.engine.validate import to_unit_float
-from m2r.eval.datasets import DATASETS, Pair, evaluation_sets, read_pair, to_chw_uint8
+from m2r.eval.datasets import DATASETS, Pair, check_pairs, evaluation_sets, read_pair, to_chw_uint8
 from m2r.eval.loading import (add_inference_arguments, load_inference_model, make_accelerator, non_negative_int,
                               parse_inference_arguments, precision_name)
 from m2r.eval.metrics import image_metrics, parse_protocols, to_uint8
@@ -133,6 +133,7 @@ def main(argv=None) -> int:
     if args.limit:
         sets = {name: pairs[: args.limit] for name, pairs in sets.items()}
     jobs = [pair for pairs in sets.values() for pair in pairs]
+    check_pairs(jobs)
     accelerator.print(f"evaluate: {len(jobs)} images in {len(sets)} sets ({', '.join(sets)}) on "
                       f"{accelerator.num_processes} process(es), metrics {','.join(protocols)}, "
                       f"precision {precision_name(accelerator)}", flush=True)

@@ -16,6 +16,7 @@ The resolved config is written beside the weights (`<out>.yaml`, e.g. model.yaml
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -24,10 +25,10 @@ from typing import Dict, List, Tuple
 import torch
 from omegaconf import OmegaConf
 
-from m2r.atomic import atomic_path
+from m2r.atomic import atomic_path, default_file_mode
 from m2r.cli import run_main
 from m2r.config import ConfigError, save_config
-from m2r.engine.checkpoint import DENSE_FILE, CheckpointRef, load_ema_states, resolve_resume
+from m2r.engine.checkpoint import DENSE_FILE, CheckpointRef, checkpoint_at, load_ema_states
 from m2r.engine.experts import with_global_expert_id
 from m2r.models.convert import CheckpointMismatch
 
@@ -51,16 +52,17 @@ def merged_module_state(ref: CheckpointRef) -> Tuple[Dict[str, torch.Tensor], di
     state = dict(dense["module"])
     expert_files = {tuple(map(int, match.groups())): path for path in ref.path.iterdir()
                     if (match := EXPERT_FILE.match(path.name))}
-    _require_every_expert(ref, expert_files, dense["config"]["model"]["moe"]["num_experts"])
+    _require_every_expert(ref, expert_files, dense["num_experts"])
     for _, path in sorted(expert_files.items()):
         state.update(_load(path))
     return state, dense["config"]
 
 
-def _require_every_expert(ref: CheckpointRef, expert_files: Dict[Tuple[int, int], Path], num_experts: int) -> None:
-    layers = sorted({layer for layer, _ in expert_files}) or [0]
-    missing = [f"layer {layer} expert {expert}" for layer in range(layers[-1] + 1) for expert in range(num_experts)
-               if (layer, expert) not in expert_files]
+def _require_every_expert(ref: CheckpointRef, expert_files: Dict[Tuple[int, int], Path],
+                          experts_per_layer: List[int]) -> None:
+    """`experts_per_layer`: DeepSpeed's record of each MoE layer's expert count, in the dense file."""
+    missing = [f"layer {layer} expert {expert}" for layer, count in enumerate(experts_per_layer)
+               for expert in range(count) if (layer, expert) not in expert_files]
     if missing:
         raise CheckpointMismatch(f"{ref.path} lacks the files of {len(missing)} experts ({', '.join(missing[:4])}): "
                                  "the checkpoint is incomplete; export an older one")
@@ -120,14 +122,13 @@ def export(checkpoint: str, out: str, use_ema: bool = False) -> Path:
 
     if not out.endswith(".safetensors"):
         raise ConfigError(f"out {out!r}: the export is a safetensors file; name it <name>.safetensors")
-    ref = resolve_resume(checkpoint, Path(checkpoint), "checkpoint")
-    if ref is None:
-        raise FileNotFoundError(f"no checkpoint found at {checkpoint}")
+    ref = checkpoint_at(checkpoint, "checkpoint")
     state, config = export_state_dict(ref, use_ema)
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_path) as tmp:
         save_file(state, str(tmp), metadata={"source": str(ref.path), "weights": "ema" if use_ema else "fp32"})
+        os.chmod(tmp, default_file_mode())   # safetensors writes 0600 files, unreadable to teammates
     save_config(OmegaConf.create(config), config_path_for(out_path))
     return out_path
 

@@ -47,7 +47,8 @@ def test_docstring_examples_keep_their_line_continuations(module):
 
 
 @pytest.mark.parametrize("args, message", [(["--tile", "12"], "argument --tile: invalid tile_side value: '12'"),
-                                           (["--tile", "64", "--overlap", "64"], "--overlap 64 must be below --tile 64"),
+                                           (["--tile", "64", "--overlap", "64"],
+                                            "--overlap 64 must be below --tile 64"),
                                            (["--limit", "-1"], "argument --limit: invalid non_negative_int value")])
 def test_tiling_and_limit_values_are_checked_before_anything_runs(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -12,9 +12,9 @@ import torch
 
 from m2r import dist
 from m2r.config import ConfigError, load_config
-from m2r.engine.checkpoint import CheckpointManager, Topology, resolve_resume, tag_for
+from m2r.engine.checkpoint import CheckpointManager, Topology, checkpoint_at, resolve_resume, tag_for
 from m2r.engine.config import PretrainConfig, validate_pretrain_config
-from m2r.engine.deepspeed_config import build_deepspeed_config, gradient_accumulation_dtype
+from m2r.engine.deepspeed_config import build_deepspeed_config
 from m2r.engine.loss import pixel_loss
 from m2r.engine.monitor import build_monitor
 from m2r.engine.optim import EMA, learning_rate
@@ -81,14 +81,15 @@ def test_deepspeed_config_follows_the_train_section(repo_root):
     assert "optimizer" not in ds and "scheduler" not in ds
 
 
-def test_bf16_gradients_are_summed_in_fp32_wherever_deepspeed_can(repo_root):
-    for stage in (1, 2):
-        ds = build_deepspeed_config(tiny_config(repo_root, "train.precision=bf16", f"train.zero_stage={stage}").train,
-                                    world_size=2)
-        assert ds["data_types"] == {"grad_accum_dtype": "fp32"}
-    bf16_no_zero = tiny_config(repo_root, "train.precision=bf16", "train.zero_stage=0").train
-    assert "data_types" not in build_deepspeed_config(bf16_no_zero, world_size=2)  # DeepSpeed refuses fp32 there
-    assert gradient_accumulation_dtype(bf16_no_zero) == "bf16"
+def test_bf16_gradients_are_summed_over_ranks_in_fp32_and_over_micro_batches_at_zero_2(repo_root):
+    """What DeepSpeed does with these settings is checked against fp32 training in test_engine_dist."""
+    zero1 = build_deepspeed_config(tiny_config(repo_root, "train.precision=bf16", "train.zero_stage=1").train, 2)
+    zero2 = build_deepspeed_config(tiny_config(repo_root, "train.precision=bf16", "train.zero_stage=2").train, 2)
+    assert zero1["communication_data_type"] == zero2["communication_data_type"] == "fp32"
+    assert "data_types" not in zero1   # fp32 there would switch DeepSpeed to its BF16_Optimizer
+    assert zero2["data_types"] == {"grad_accum_dtype": "fp32"}
+    with pytest.raises(ConfigError, match="train.zero_stage.*bf16 without ZeRO"):
+        validate_pretrain_config(tiny_config(repo_root, "train.precision=bf16", "train.zero_stage=0"), world_size=1)
 
 
 def test_fp16_uses_dynamic_loss_scaling(repo_root):
@@ -175,6 +176,19 @@ def test_checkpoints_keep_the_last_k_and_point_latest_at_the_newest(tmp_path):
     assert meta == {"step": 30, "world_size": 2, "ep_size": 2, "precision": "bf16", "zero_stage": 1, "ema": False}
     assert load_config(PretrainConfig, tmp_path / "step00000030" / "config.yaml") == config  # resolved, beside it
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("settings", [["train.precision=fp32"], ["train.precision=bf16", "train.zero_stage=2"]])
+def test_a_checkpoint_saved_before_meta_recorded_precision_reads_it_from_its_config(tmp_path, settings):
+    """So a run requeued across that change still resumes exactly."""
+    config = load_config(PretrainConfig, None, settings)
+    ref = CheckpointManager(tmp_path, keep_last=2).save(FakeEngine(), 10, Topology.of_run(2, config), {}, config)
+    meta_path = ref.path / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["precision"], meta["zero_stage"]
+    meta_path.write_text(json.dumps(meta))
+    assert ref.topology() == Topology.of_run(2, config) == Topology(2, 1, config.train.precision,
+                                                                    config.train.zero_stage)
 
 
 def test_a_checkpoint_is_on_disk_before_it_counts_as_complete(tmp_path, monkeypatch):
@@ -270,7 +284,8 @@ def test_resume_targets(tmp_path):
     with pytest.raises(FileNotFoundError, match="run.resume"):
         resolve_resume(str(tmp_path / "missing"), tmp_path)
     with pytest.raises(FileNotFoundError, match="init.weights="):
-        resolve_resume(str(tmp_path / "missing"), tmp_path, "init.weights")
+        checkpoint_at(str(tmp_path / "missing"), "init.weights")
+    assert checkpoint_at(str(tmp_path), "init.weights").tag == "step00000007"
 
 
 def test_export_renames_local_experts_to_global_ids():
@@ -377,7 +392,8 @@ def test_metrics_file_always_and_tensorboard_only_when_asked(tmp_path, tensorboa
 
 
 # ----------------------------------------------------------------------------------- stop signals
-def test_ctrl_c_asks_for_a_checkpoint_and_a_second_one_aborts(capsys):
+def test_ctrl_c_asks_for_a_checkpoint_and_a_second_one_aborts(capfd):
+    """Also when a launcher's SIGTERM comes between the two (DeepSpeed's passes Ctrl-C on as SIGTERM)."""
     import signal
 
     from m2r.engine.run import StopRequest
@@ -386,7 +402,9 @@ def test_ctrl_c_asks_for_a_checkpoint_and_a_second_one_aborts(capsys):
     try:
         request = StopRequest()
         signal.raise_signal(signal.SIGINT)
-        assert request.signal_name == "SIGINT" and "saving a checkpoint" in capsys.readouterr().out
+        assert request.signal_name == "SIGINT" and "saving a checkpoint" in capfd.readouterr().out
+        signal.raise_signal(signal.SIGTERM)
+        assert request.signal_name == "SIGINT"
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
     finally:

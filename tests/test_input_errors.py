@@ -12,7 +12,7 @@ from PIL import Image
 from finetune_layouts import build_allweather
 from m2r.data.images import UnreadableImage, read_rgb, read_size
 from m2r.data.shard_format import RAW_HEADER, RAW_MAGIC, CorruptSample, decode_image, decode_record, encode_image
-from m2r.eval.datasets import DatasetLayoutError, PairedImages, evaluation_sets, train_pairs
+from m2r.eval.datasets import DatasetLayoutError, PairedImages, train_pairs
 from m2r.models.convert import CheckpointMismatch, read_checkpoint
 from m2r.shards.build import BuildOptions, build
 
@@ -132,9 +132,15 @@ def test_training_pairs_are_checked_before_any_is_drawn(tmp_path):
         train_pairs("allweather", str(root))
 
 
-def test_evaluation_pairs_are_checked_too(tmp_path):
+def test_evaluate_checks_the_pairs_it_will_read_before_loading_the_model(tmp_path):
+    from m2r import evaluate
+
     root = build_allweather(tmp_path / "aw", train=2)
-    Image.new("RGB", (48, 41)).save(root / "test_rain/gt/im_0001_s80_a04.png")
+    Image.new("RGB", (48, 41)).save(root / "test_rain/gt/im_0001_s80_a04.png")   # the second pair of its set
+    command = ["--weights", str(tmp_path / "missing.safetensors"), "--dataset", "allweather", "--root", str(root),
+               "--out", str(tmp_path / "out")]
     with pytest.raises(DatasetLayoutError, match="1 of 8 image pairs cannot be used, first: .*im_0001_s80_a04.png "
                                                  "is 48x40 but its target .* is 48x41"):
-        evaluation_sets("allweather", str(root))
+        evaluate.main(command)
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):   # --limit 1 never reads that pair
+        evaluate.main([*command, "--limit", "1"])

@@ -338,7 +338,8 @@ def build_train_stream(cfg, *, seed: int, rank: int, world_size: int, micro_batc
                              f"build smaller shards or lower data.workers")
     scale = tuple(float(v) for v in cfg.scale_range)
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
-        raise ConfigError(f"data.scale_range must be [low, high] with 0 < low <= high <= 1, got {list(cfg.scale_range)}")
+        raise ConfigError(f"data.scale_range must be [low, high] with 0 < low <= high <= 1, "
+                          f"got {list(cfg.scale_range)}")
     plan = StreamPlan(source=cfg.source, shards=shards, preset=cfg.preset,
                       weights=tuple(sorted((str(k), float(v)) for k, v in dict(cfg.weights).items())),
                       seed=int(seed) + int(cfg.seed_offset), rank=rank, world_size=world_size, workers=workers,

@@ -44,21 +44,18 @@ def tag_for(step: int) -> str:
 @dataclass(frozen=True)
 class Topology:
     """What a checkpoint's optimizer state is laid out for: it loads only into a run with the same
-    four (ZeRO partitions follow the ranks and expert groups; bf16 at stage 1 and at stage 2 use
-    different DeepSpeed optimizers). None: not recorded (a checkpoint from before 2026-11-27)."""
+    four (ZeRO partitions follow the ranks and expert groups, precision decides DeepSpeed's files)."""
     world_size: int
     ep_size: int
-    precision: Optional[str]
-    zero_stage: Optional[int]
+    precision: str
+    zero_stage: int
 
     @classmethod
     def of_run(cls, world_size: int, cfg) -> "Topology":
         return cls(world_size, cfg.model.moe.ep_size, cfg.train.precision, cfg.train.zero_stage)
 
     def describe(self) -> str:
-        precision = self.precision or "precision not recorded"
-        zero = "ZeRO not recorded" if self.zero_stage is None else f"ZeRO {self.zero_stage}"
-        return f"world size {self.world_size}, ep_size {self.ep_size}, {precision}, {zero}"
+        return f"world size {self.world_size}, ep_size {self.ep_size}, {self.precision}, ZeRO {self.zero_stage}"
 
 
 @dataclass(frozen=True)
@@ -85,7 +82,10 @@ class CheckpointRef:
 
     def topology(self) -> Topology:
         meta = self.meta()
-        return Topology(meta["world_size"], meta["ep_size"], meta.get("precision"), meta.get("zero_stage"))
+        if "precision" in meta:
+            return Topology(meta["world_size"], meta["ep_size"], meta["precision"], meta["zero_stage"])
+        train = self.saved_config()["train"]   # saved before meta.json recorded them (2026-11-27)
+        return Topology(meta["world_size"], meta["ep_size"], train["precision"], train["zero_stage"])
 
 
 def capture_rng_state() -> Dict[str, Any]:
@@ -139,42 +139,49 @@ def newest_checkpoint(root: Path) -> Optional[CheckpointRef]:
     if not complete:
         if named:   # a run that had saved: starting it from scratch is not for us to decide
             raise FileNotFoundError(f"{pointer} names {named!r}, but {root} holds no complete checkpoint "
-                                    f"(a step<N> directory with {META_FILE}); to start afresh, choose a new run.dir or remove them")
+                                    f"(a step<N> directory with {META_FILE}); to start afresh, choose a new "
+                                    f"run.dir or remove {root}")
         return None
     problem = f"names {named!r}, which is not a complete checkpoint" if named else "is missing or empty"
     warnings.warn(f"{pointer} {problem}; resuming from the newest complete checkpoint, {complete[-1]}")
     return CheckpointRef(root, complete[-1])
 
 
-def resolve_resume(resume: str, run_checkpoints: Path, option: str = "run.resume") -> Optional[CheckpointRef]:
+def resolve_resume(resume: str, run_checkpoints: Path) -> Optional[CheckpointRef]:
     """`latest` -> the run's newest checkpoint (None if there is none); `none` -> None, refused where
     the run already has checkpoints; a path -> that checkpoint directory (its newest checkpoint) or
-    that tag directory. `option` is what errors call the setting (a config key or a CLI argument)."""
+    that tag directory."""
     if resume == "none":
         if tags_in(run_checkpoints):
-            raise ConfigError(f"config error: key '{option}': 'none' starts a new run, but {run_checkpoints} "
+            raise ConfigError(f"config error: key 'run.resume': 'none' starts a new run, but {run_checkpoints} "
                               f"holds this run's checkpoints ({tags_in(run_checkpoints)[-1]} the newest), which "
                               "the new one would mix with: choose a new run.dir, or remove them")
         return None
     if resume == "latest":
         return newest_checkpoint(run_checkpoints)
-    path = Path(resume)
+    return checkpoint_at(resume, "run.resume")
+
+
+def checkpoint_at(location: str, option: str) -> CheckpointRef:
+    """The checkpoint a path names: a checkpoint directory (its newest complete tag) or one tag
+    directory; errors call the path `option`."""
+    path = Path(location)
     if (path / "latest").is_file() or tags_in(path):
         ref = newest_checkpoint(path)
         if ref is None:
-            raise FileNotFoundError(f"{option}={resume!r}: no complete checkpoint (a step<N> directory "
+            raise FileNotFoundError(f"{option}={location!r}: no complete checkpoint (a step<N> directory "
                                     f"holding {META_FILE}) in {path}")
         return ref
     if (path / DENSE_FILE).is_file():
         return CheckpointRef(path.parent, path.name)
-    raise FileNotFoundError(f"{option}={resume!r}: neither a checkpoint directory with a 'latest' file "
+    raise FileNotFoundError(f"{option}={location!r}: neither a checkpoint directory with a 'latest' file "
                             f"nor a tag directory holding {DENSE_FILE}")
 
 
-def agreed_resume(resume: str, run_checkpoints: Path, option: str = "run.resume") -> Optional[CheckpointRef]:
+def agreed_resume(resume: str, run_checkpoints: Path) -> Optional[CheckpointRef]:
     """`resolve_resume` as rank 0 sees it, on every rank (a shared filesystem may lag on the others),
     its error too."""
-    return dist.on_rank0(lambda: resolve_resume(resume, run_checkpoints, option))
+    return dist.on_rank0(lambda: resolve_resume(resume, run_checkpoints))
 
 
 def load_weights_only(engine, ref: CheckpointRef) -> Dict[str, Any]:

@@ -8,6 +8,7 @@ from typing import List
 
 from m2r.config import ConfigError, choice
 from m2r.data.config import DataConfig
+from m2r.engine.deepspeed_config import build_deepspeed_config
 from m2r.models.config import ModelConfig
 
 
@@ -79,8 +80,6 @@ def require(ok: bool, key: str, value, rule: str) -> None:
 def validate_pretrain_config(cfg, world_size: int) -> None:
     """Checks that need several keys or the world size; single-key types are checked by the schema."""
     train, run, moe = cfg.train, cfg.run, cfg.model.moe
-    require(train.zero_stage in (0, 1, 2), "train.zero_stage", train.zero_stage,
-             "is not supported: use 0, 1 or 2 (DeepSpeed's native MoE refuses ZeRO stage 3)")
     require(train.crop % 8 == 0, "train.crop", train.crop, "must be a multiple of 8")
     require(train.steps > 0 and train.micro_batch > 0 and train.grad_accum > 0,
              "train.steps/micro_batch/grad_accum", (train.steps, train.micro_batch, train.grad_accum),
@@ -92,15 +91,21 @@ def validate_pretrain_config(cfg, world_size: int) -> None:
     require(run.save_every > 0 and run.log_every > 0 and run.val_every > 0,
              "run.save_every/log_every/val_every", (run.save_every, run.log_every, run.val_every),
              "must all be positive")
-    data = cfg.data
-    require(data.workers >= 0, "data.workers", data.workers, "must be >= 0 (0: load in the training process)")
-    require(data.val_batch_size > 0 and data.val_samples_per_type > 0, "data.val_batch_size/val_samples_per_type",
-            (data.val_batch_size, data.val_samples_per_type), "must both be positive")
+    check_loader_settings(cfg.data)
+    require(cfg.data.val_samples_per_type > 0, "data.val_samples_per_type", cfg.data.val_samples_per_type,
+            "must be positive")
     check_expert_parallel(moe, world_size)
+
+
+def check_loader_settings(data) -> None:
+    """The `data` keys pretraining and finetuning share, beyond their types."""
+    require(data.workers >= 0, "data.workers", data.workers, "must be >= 0 (0: load in the training process)")
+    require(data.val_batch_size > 0, "data.val_batch_size", data.val_batch_size, "must be positive")
 
 
 def check_optimizer_settings(train) -> None:
     """The `train` keys pretraining and finetuning share, beyond their types."""
+    build_deepspeed_config(train, world_size=1)   # refuses what DeepSpeed cannot do (ZeRO stage, precision)
     require(train.lr > 0 and 0 <= train.min_lr <= train.lr, "train.lr/min_lr", (train.lr, train.min_lr),
             "must satisfy 0 < lr and 0 <= min_lr <= lr")
     require(train.weight_decay >= 0 and train.grad_clip >= 0 and train.eps > 0,

@@ -18,9 +18,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 from m2r import dist
 from m2r.atomic import write_json_atomically
 from m2r.config import ConfigError, choice
-from m2r.engine.checkpoint import (CheckpointManager, CheckpointRef, agreed_resume, capture_rng_state,
+from m2r.engine.checkpoint import (CheckpointManager, CheckpointRef, capture_rng_state, checkpoint_at,
                                    load_weights_only, rank_seed)
-from m2r.engine.config import RunOutputConfig, TrainConfig, check_expert_parallel, check_optimizer_settings, require
+from m2r.engine.config import (RunOutputConfig, TrainConfig, check_expert_parallel, check_loader_settings,
+                               check_optimizer_settings, require)
 from m2r.engine.experts import global_expert_names
 from m2r.engine.monitor import StepTimer
 from m2r.engine.optim import learning_rate, set_learning_rate
@@ -88,9 +89,8 @@ def validate_finetune_config(cfg, world_size: int) -> None:
     require(train.crop % 8 == 0 and data.val_crop % 8 == 0, "train.crop/data.val_crop",
              (train.crop, data.val_crop), "must be multiples of 8")
     check_optimizer_settings(train)
-    require(data.workers >= 0, "data.workers", data.workers, "must be >= 0 (0: load in the training process)")
-    require(data.val_batch_size > 0 and data.val_images_per_set > 0, "data.val_batch_size/val_images_per_set",
-            (data.val_batch_size, data.val_images_per_set), "must both be positive")
+    check_loader_settings(data)
+    require(data.val_images_per_set > 0, "data.val_images_per_set", data.val_images_per_set, "must be positive")
     require(run.keep_last >= 2, "run.keep_last", run.keep_last, "must be >= 2")
     require(set(run.best_metrics) <= {"psnr", "ssim"}, "run.best_metrics", list(run.best_metrics),
              "may only hold psnr and ssim")
@@ -207,22 +207,24 @@ class Finetuner(TrainingRun):
 
         path = Path(weights)
         if path.suffix == ".safetensors":
+            config_file = config_path_for(path)
+            saved_model = OmegaConf.load(config_file).get("model") if config_file.is_file() else None
+            if saved_model is None:
+                dist.print0(f"init: no model config in {config_file}: the network of {path} is not checked")
+            else:
+                self._require_init_network(saved_model, str(path))
             state = local_state_from_global(model, read_checkpoint(path))
             check_fits(model, state, source=str(path))
-            if config_path_for(path).is_file():
-                self._require_init_network(OmegaConf.load(config_path_for(path))["model"], str(path))
-            else:
-                dist.print0(f"init: no {config_path_for(path).name} beside {path}: its network is not checked")
             model.load_state_dict(state, strict=True)
         else:
+            self._require_init_network({}, f"{path} (an official checkpoint: the official network, the schema's "
+                                           "defaults)")
             dropped = load_official_checkpoint(model, path)
             dist.print0(f"init: official checkpoint {path} converted ({len(dropped)} DA-CLIP/buffer keys dropped)")
         dist.print0(f"init: weights from {path}")
 
     def _load_pretraining_checkpoint(self, directory: str) -> None:
-        ref = agreed_resume(directory, Path(directory), "init.weights")
-        if ref is None:
-            raise FileNotFoundError(f"init.weights={directory}: no checkpoint there")
+        ref = dist.on_rank0(lambda: checkpoint_at(directory, "init.weights"))
         self._require_init_network(ref.saved_model_config(), str(ref.path))
         load_weights_only(self.engine, ref)
         dist.print0(f"init: weights from {ref.path} (saved with {ref.topology().describe()}; optimizer fresh)")
@@ -239,8 +241,7 @@ class Finetuner(TrainingRun):
         if saved_rng is not None:  # exact: the epoch continues where it stopped
             self.samples_into_epoch = client["samples_into_epoch"]
         else:
-            dist.print0(f"WARNING: {ref.path} was saved with {ref.topology().describe()}, this run has "
-                        f"{self.topology.describe()}: weights loaded, optimizer restarts, epoch restarts")
+            self._warn_topology_change(ref, "the position in the epoch (the epoch restarts)")
         self._restore_ema(ref)
         self.epoch, self.best = client["epoch"], client["best"]
         dist.print0(f"resumed from {ref.path}: epoch {self.epoch}, step {self.step}")

@@ -8,7 +8,9 @@ and reports each optimizer step through `_log_train_step`.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -20,7 +22,8 @@ from m2r import dist
 from m2r.config import ConfigError, flatten, save_config
 from m2r.engine.checkpoint import (CheckpointManager, CheckpointRef, Topology, agreed_resume, complete_tags,
                                    load_ema_states, load_weights_only, reseed, restore_rng_state)
-from m2r.engine.deepspeed_config import build_deepspeed_config, gradient_accumulation_dtype
+from m2r.engine.deepspeed_config import (build_deepspeed_config, gradient_accumulation_dtype,
+                                         gradient_reduction_dtype)
 from m2r.engine.loss import restoration_loss
 from m2r.engine.monitor import NullMonitor, StepTimer, build_monitor
 from m2r.engine.optim import EMA, build_optimizer
@@ -49,17 +52,20 @@ class StopRequest:
     ranks at once. A second Ctrl-C aborts at once, without a checkpoint."""
 
     def __init__(self):
-        self.signal_name: Optional[str] = None
+        self.signal_name: Optional[str] = None   # the first stop signal received
+        self.interrupts = 0
         for sig in dist.STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, _frame) -> None:
         if signum == signal.SIGINT:
-            if self.signal_name == "SIGINT":
+            self.interrupts += 1
+            if self.interrupts > 1:
                 raise KeyboardInterrupt
-            dist.print0("SIGINT: saving a checkpoint at the end of this step, then stopping "
-                        "(Ctrl-C again to abort without one)")
-        self.signal_name = signal.Signals(signum).name
+            if dist.is_rank0():   # os.write: print() may be in the middle of a write it would re-enter
+                os.write(sys.stdout.fileno(), b"SIGINT: saving a checkpoint at the end of this step, then "
+                                              b"stopping (Ctrl-C again to abort without one)\n")
+        self.signal_name = self.signal_name or signal.Signals(signum).name
 
     def agreed_reason(self) -> Optional[str]:
         """Why every rank stops now, or None (a collective: every rank calls it at the same step)."""
@@ -99,7 +105,7 @@ class TrainingRun:
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.run.keep_last)
         self.resume_ref = agreed_resume(cfg.run.resume, self.checkpoints.root)
         if self.resume_ref is not None:
-            self._check_resumable(self.resume_ref)
+            dist.on_rank0(lambda: self._check_resumable(self.resume_ref))
         self.step = 0
 
     def _check_resumable(self, ref: CheckpointRef) -> None:
@@ -186,6 +192,21 @@ class TrainingRun:
         self.step = client["step"]
         return client, saved_rng
 
+    def _warn_topology_change(self, ref: CheckpointRef, lost_position: str) -> None:
+        """After a weights-only resume: what was kept and what was lost (`lost_position`: where the run
+        was in its data)."""
+        lost = ["AdamW moments and step counts (the optimizer restarts)", lost_position,
+                "the per-rank RNG states (reseeded from seed, rank and step)"]
+        if {ref.topology().precision, self.topology.precision} != {"fp32"}:
+            lost.append("the fp32 master weights (rebuilt from the low-precision module weights)")
+        bar = "!" * 100
+        dist.print0("\n".join([
+            bar,
+            f"WARNING: TOPOLOGY CHANGE: {ref.path} was saved with {ref.topology().describe()}; this run has "
+            f"{self.topology.describe()}.",
+            "  Loaded: model weights, experts mapped by global id. LOST: " + "; ".join(lost) + ".",
+            bar]))
+
     def _seed_rng(self, saved_rng: Optional[Dict[str, Any]]) -> None:
         """The saved state on an exact resume; else a seed from (seed, rank, step): gate noise differs per rank."""
         if saved_rng is not None:
@@ -211,8 +232,9 @@ class TrainingRun:
     def _speed_settings(self, activation_checkpointing: str) -> List[str]:
         """Start-up summary lines: precision and speed settings, the backend flags as applied."""
         train = self.cfg.train
-        return [f"  precision {train.precision} (gradients summed in {gradient_accumulation_dtype(train)}) | ZeRO "
-                f"{train.zero_stage} | activation checkpointing "
+        sums = f"gradients summed over micro-batches in {gradient_accumulation_dtype(train)}, over ranks in " \
+               f"{gradient_reduction_dtype(train)}"
+        return [f"  precision {train.precision} ({sums}) | ZeRO {train.zero_stage} | activation checkpointing "
                 f"{activation_checkpointing} | channels_last {train.channels_last} | compile {train.compile}",
                 f"  cudnn_benchmark {torch.backends.cudnn.benchmark} | tf32_matmul "
                 f"{torch.backends.cuda.matmul.allow_tf32} | EMA {train.ema_decay or 'off'}"]

@@ -93,25 +93,11 @@ class Trainer(TrainingRun):
             self.stream.load_state_dict(client["stream_states"][dist.rank()])
         else:
             self.stream.start_fresh(self.step)
-            self._warn_topology_change(ref)
+            self._warn_topology_change(ref, "the data stream position (a fresh stream is drawn, seeded by the step)")
         self._restore_ema(ref)
         self.first_val_psnr = client.get("first_val_psnr")
         dist.print0(f"resumed from {ref.path} at step {self.step}")
         return saved_rng
-
-    def _warn_topology_change(self, ref: CheckpointRef) -> None:
-        lost = ["AdamW moments and step counts (the optimizer restarts)",
-                "the data stream position (a fresh stream is drawn, seeded by the step)",
-                "the per-rank RNG states (reseeded from seed, rank and step)"]
-        if {ref.topology().precision, self.topology.precision} != {"fp32"}:
-            lost.append("the fp32 master weights (rebuilt from the low-precision module weights)")
-        bar = "!" * 100
-        dist.print0("\n".join([
-            bar,
-            f"WARNING: TOPOLOGY CHANGE: {ref.path} was saved with {ref.topology().describe()}; this run has "
-            f"{self.topology.describe()}.",
-            "  Loaded: model weights, experts mapped by global id. LOST: " + "; ".join(lost) + ".",
-            bar]))
 
     # ----------------------------------------------------------------------------- training
     def _next_batch(self, timer: StepTimer) -> Dict[str, torch.Tensor]:

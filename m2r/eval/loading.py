@@ -77,17 +77,14 @@ def precision_name(accelerator: Accelerator) -> str:
 
 def _stored_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[dict]]:
     """(state dict with experts by global id, stored model config or None)."""
-    from m2r.engine.checkpoint import resolve_resume
+    from m2r.engine.checkpoint import checkpoint_at
     from m2r.export import config_path_for, export_state_dict
     from m2r.models.convert import official_to_m2r, read_checkpoint
 
     if not path.exists():
         raise FileNotFoundError(f"--weights {path}: no such file or directory")
     if path.is_dir():
-        ref = resolve_resume(str(path), path, "--weights")
-        if ref is None:
-            raise FileNotFoundError(f"--weights {path}: a directory without a `latest` checkpoint")
-        state, config = export_state_dict(ref)
+        state, config = export_state_dict(checkpoint_at(str(path), "--weights"))
         return state, config["model"]
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file

@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--samples-per-shard", type=int,
                    help=f"images per shard (default: {DEFAULT_SAMPLES_PER_SHARD}); a run needs at least "
                         "ranks x data.workers shards")
-    b.add_argument("--encoding", choices=ENCODINGS, help=f"lossless image encoding (default: {BUILD_DEFAULTS['encoding']})")
+    b.add_argument("--encoding", choices=ENCODINGS,
+                   help=f"lossless image encoding (default: {BUILD_DEFAULTS['encoding']})")
     b.add_argument("--max-side", type=int,
                    help="downscale images whose long side exceeds this (default: 0, every image kept at its size)")
     b.add_argument("--seed", type=int, help=f"seed of the pre-degraded inputs (default: {BUILD_DEFAULTS['seed']})")

@@ -141,13 +141,11 @@ def _finished(job: Tuple[int, int, List[str], BuildOptions]) -> Optional[dict]:
     if not ((out / name).is_file() and sidecar.is_file()):
         return None
     record = json.loads(sidecar.read_text())
-    if record.get("bytes") != (out / name).stat().st_size:
-        return None
     changes = _option_changes(record.get("built_with", {}), content_options(opts, files))
     if changes:
         raise ConfigError(f"--out {out} already holds {name}, built with other options ({'; '.join(changes)}); "
-                         f"use a new --out, or delete {out} to rebuild it")
-    return record
+                          f"use a new --out, or delete {out} to rebuild it")
+    return record if record.get("bytes") == (out / name).stat().st_size else None
 
 
 def _option_changes(then: dict, now: dict) -> List[str]:
