@@ -247,24 +247,27 @@ def all_gather_object(obj: Any) -> List[Any]:
 def on_rank0(work: Callable[[], Any]) -> Any:
     """`work()` on rank 0 alone, its result on every rank. What it raises (a missing file, a refused
     setting) is raised on every rank, which would otherwise wait for rank 0 forever."""
-    outcome = None
+    outcome, own_error = None, None
     if is_rank0():
         try:
             outcome = work()
         except Exception as error:
-            outcome = _Raised(error)
+            outcome, own_error = _Raised(error), error
     outcome = broadcast_object(outcome)
+    if own_error is not None:
+        raise own_error   # rank 0 keeps its traceback
     if isinstance(outcome, _Raised):
         raise outcome.error
     return outcome
 
 
 class _Raised:
-    """An exception of rank 0's, to be raised on every rank (as itself when it pickles)."""
+    """An exception of rank 0's, to be raised on the other ranks: itself when it survives pickling
+    (broadcast_object pickles), else a RuntimeError that says what it was."""
 
     def __init__(self, error: Exception):
         try:
-            pickle.dumps(error)
+            pickle.loads(pickle.dumps(error))
             self.error = error
         except Exception:
             self.error = RuntimeError(f"on rank 0: {type(error).__name__}: {error}")

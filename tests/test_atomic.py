@@ -1,5 +1,5 @@
-"""The permissions m2r.export gives its weights (safetensors writes 0600 files; test_engine_dist checks
-an export has these)."""
+"""The file mode m2r.export gives its weights (safetensors writes 0600 files): the arithmetic here,
+an export's mode in test_engine_dist."""
 import os
 
 import pytest

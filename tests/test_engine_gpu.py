@@ -45,7 +45,7 @@ def device():
     dist.destroy_process_group()
 
 
-# bf16 at ZeRO 1 runs DeepSpeed's BF16_Optimizer (fp32 gradient accumulation), at ZeRO 2 its ZeRO optimizer.
+# bf16 sums micro-batch gradients in bf16 at ZeRO 1 and in fp32 at ZeRO 2 (m2r/engine/deepspeed_config.py).
 @pytest.mark.parametrize("zero_stage", [1, 2])
 def test_bf16_zero_moe_training_and_checkpoint_round_trip_on_gpu(tmp_path, repo_root, device, zero_stage):
     cfg = load_config(PretrainConfig, os.path.join(repo_root, "configs/pretrain/tiny-test.yaml"),

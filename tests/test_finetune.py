@@ -3,6 +3,7 @@ pretraining checkpoint whose best weights `m2r.evaluate` then scores on AllWeath
 a second run from those exported weights keeps an EMA, which its best export holds."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from m2r.engine.finetuner import FinetuneConfig, validate_finetune_config
 from m2r.eval.datasets import CDD11_TYPES
 from m2r.export import export_state_dict
 
+REPO = Path(__file__).resolve().parent.parent
 PROTOCOL_KEYS = {f"{m}_{p}" for m in ("psnr", "ssim") for p in ("rgb", "y", "official")}
 
 
@@ -150,3 +152,31 @@ def test_a_data_error_mid_epoch_with_workers_running_ends_the_run_with_the_error
     assert result.returncode != 0
     assert "in DataLoader worker process" in result.stderr
     assert "train/input/im_0005.png: cannot read image" in result.stderr
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").glob("*/*.yaml")
+                                        if p.parent.name in ("pretrain", "finetune")))
+def test_every_shipped_recipe_loads_and_validates_on_8_gpus(path):
+    from m2r.engine.config import PretrainConfig, validate_pretrain_config
+
+    if "finetune" in path:
+        validate_finetune_config(load_config(FinetuneConfig, REPO / path, ["data.root=/data"]), world_size=8)
+    else:
+        validate_pretrain_config(load_config(PretrainConfig, REPO / path), world_size=8)
+
+
+@pytest.mark.parametrize("name", ["allweather", "cdd11", "allweather-plus", "cdd11-plus"])
+def test_each_finetune_recipe_starts_from_the_pretraining_recipe_of_its_network(name):
+    """The init.weights its header suggests is a pretraining run.dir whose network it accepts."""
+    from omegaconf import OmegaConf
+
+    from m2r.engine.config import PretrainConfig
+    from m2r.models.config import network_differences
+
+    path = REPO / f"configs/finetune/{name}.yaml"
+    run_dir = re.search(r"init\.weights=(\S+)/checkpoints", path.read_text()).group(1)
+    pretraining = [cfg for cfg in (load_config(PretrainConfig, p) for p in (REPO / "configs/pretrain").glob("*.yaml"))
+                   if cfg.run.dir == run_dir]
+    assert len(pretraining) == 1, run_dir
+    finetune = load_config(FinetuneConfig, path, ["data.root=/data"])
+    assert network_differences(OmegaConf.to_container(pretraining[0].model), finetune.model) == []

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, DistributedSampler
 
 from m2r import dist
@@ -208,7 +208,8 @@ class Finetuner(TrainingRun):
         path = Path(weights)
         if path.suffix == ".safetensors":
             config_file = config_path_for(path)
-            saved_model = OmegaConf.load(config_file).get("model") if config_file.is_file() else None
+            saved = OmegaConf.load(config_file) if config_file.is_file() else None
+            saved_model = saved.get("model") if isinstance(saved, DictConfig) else None
             if saved_model is None:
                 dist.print0(f"init: no model config in {config_file}: the network of {path} is not checked")
             else:

@@ -47,6 +47,15 @@ def micro_step(engine, batch: Dict[str, torch.Tensor], device: torch.device, inp
     return output, torch.stack([terms.total, terms.pixel, terms.balance]).detach().float()
 
 
+def _say(message: bytes) -> None:
+    """Write from a signal handler: os.write, as print() may be inside a write it would re-enter; a
+    stdout that cannot take it (replaced, closed) must not turn the stop request into a crash."""
+    try:
+        os.write(sys.stdout.fileno(), message)
+    except (OSError, ValueError):
+        pass
+
+
 class StopRequest:
     """SIGTERM / SIGUSR1 / SIGINT only raise a flag; the loop acts on it at a step boundary, on all
     ranks at once. A second Ctrl-C aborts at once, without a checkpoint."""
@@ -62,9 +71,9 @@ class StopRequest:
             self.interrupts += 1
             if self.interrupts > 1:
                 raise KeyboardInterrupt
-            if dist.is_rank0():   # os.write: print() may be in the middle of a write it would re-enter
-                os.write(sys.stdout.fileno(), b"SIGINT: saving a checkpoint at the end of this step, then "
-                                              b"stopping (Ctrl-C again to abort without one)\n")
+            if dist.is_rank0():
+                _say(b"SIGINT: saving a checkpoint at the end of this step, then stopping (Ctrl-C again to "
+                     b"abort without one)\n")
         self.signal_name = self.signal_name or signal.Signals(signum).name
 
     def agreed_reason(self) -> Optional[str]:
