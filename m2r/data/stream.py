@@ -127,8 +127,8 @@ def _decode_shard_sample(shard: str, sample: dict, preset: str):
     names = type_names(preset)
     if lq is not None and meta.get("type") not in names:
         raise ConfigError(f"shard {shard}, sample {sample.get('__key__')}: pre-degraded type {meta.get('type')!r} "
-                         f"is not in data.preset '{preset}' {names}; stream these shards with the preset "
-                         f"they were built with")
+                          f"is not in data.preset '{preset}' {names}; stream these shards with the preset "
+                          f"they were built with")
     return clean, lq, meta
 
 
@@ -316,7 +316,7 @@ def _manifest_preset_check(cfg, shards: Sequence[str]) -> None:
             continue
         if manifest.get("mode") == "pairs" and manifest.get("preset") != cfg.preset:
             raise ConfigError(f"data.preset '{cfg.preset}' but the pre-degraded shards in {folder} "
-                             f"were built with preset '{manifest.get('preset')}'")
+                              f"were built with preset '{manifest.get('preset')}'")
 
 
 def build_train_stream(cfg, *, seed: int, rank: int, world_size: int, micro_batch: int, crop: int) -> TrainStream:
@@ -324,7 +324,7 @@ def build_train_stream(cfg, *, seed: int, rank: int, world_size: int, micro_batc
     _check_source(cfg)
     if int(cfg.shuffle_buffer) < 1:
         raise ConfigError(f"data.shuffle_buffer must be at least 1 (samples shuffled per round), "
-                         f"got {cfg.shuffle_buffer}")
+                          f"got {cfg.shuffle_buffer}")
     workers = max(1, int(cfg.workers))
     shards: Tuple[str, ...] = ()
     if cfg.source == "shards":
@@ -334,8 +334,8 @@ def build_train_stream(cfg, *, seed: int, rank: int, world_size: int, micro_batc
         _manifest_preset_check(cfg, shards)
         if len(shards) < world_size * workers:
             raise ConfigError(f"data.shards={cfg.shards}: {len(shards)} shards cannot feed {world_size} ranks x "
-                             f"{workers} workers ({world_size * workers} slots, one shard at least each); "
-                             f"build smaller shards or lower data.workers")
+                              f"{workers} workers ({world_size * workers} slots, one shard at least each); "
+                              f"build smaller shards or lower data.workers")
     scale = tuple(float(v) for v in cfg.scale_range)
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise ConfigError(f"data.scale_range must be [low, high] with 0 < low <= high <= 1, "

@@ -97,7 +97,7 @@ def _stored_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[dict]
     if path.suffix in OFFICIAL_SUFFIXES:
         return official_to_m2r(read_checkpoint(path)), None
     raise ConfigError(f"--weights {path}: expected a checkpoint directory, a .safetensors file or an official "
-                     f"checkpoint ({', '.join(OFFICIAL_SUFFIXES)})")
+                      f"checkpoint ({', '.join(OFFICIAL_SUFFIXES)})")
 
 
 def inference_model_config(stored: Optional[dict], model_config: Optional[str],
