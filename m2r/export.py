@@ -20,7 +20,7 @@ import os
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import OmegaConf
@@ -30,20 +30,15 @@ from m2r.cli import run_main
 from m2r.config import ConfigError, save_config
 from m2r.engine.checkpoint import DENSE_FILE, CheckpointRef, checkpoint_at, load_ema_states
 from m2r.engine.experts import with_global_expert_id
-from m2r.models.convert import CheckpointMismatch
+from m2r.models.convert import CheckpointMismatch, read_checkpoint
 
 EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
 ZERO_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 
 
 def _load(path: Path):
-    try:   # DeepSpeed pickles its config objects beside the tensors: weights_only=True cannot read them.
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise
-    except Exception as error:
-        raise CheckpointMismatch(f"{path} cannot be read, the checkpoint is damaged "
-                                 f"({type(error).__name__}: {error})") from error
+    # DeepSpeed pickles its config objects beside the tensors: weights_only=True cannot read them.
+    return read_checkpoint(path, weights_only=False)
 
 
 def merged_module_state(ref: CheckpointRef) -> Tuple[Dict[str, torch.Tensor], dict]:
@@ -115,6 +110,14 @@ def export_state_dict(ref: CheckpointRef, use_ema: bool = False) -> Tuple[Dict[s
 
 def config_path_for(weights_path: Path) -> Path:
     return Path(weights_path).with_suffix(".yaml")
+
+
+def stored_model_config(weights_path: Path) -> Optional[dict]:
+    """The `model` section of the config written beside exported weights; None when there is none
+    (weights from elsewhere)."""
+    config_file = config_path_for(weights_path)
+    stored = OmegaConf.to_container(OmegaConf.load(config_file)) if config_file.is_file() else None
+    return stored.get("model") if isinstance(stored, dict) else None
 
 
 def export(checkpoint: str, out: str, use_ema: bool = False) -> Path:

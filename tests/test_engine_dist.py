@@ -42,14 +42,16 @@ def pretrain(run_dir, *overrides, nproc=2):
     return run_launch(torchrun_command(nproc, "pretrain.py", "--config", TINY, f"run.dir={run_dir}", *overrides))
 
 
+def metric_records(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
 def train_losses(run_dir):
-    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
+    return {r["step"]: r["loss"] for r in metric_records(run_dir) if "loss" in r}
 
 
 def val_records(run_dir):
-    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in records if "val_psnr" in r}
+    return {r["step"]: r for r in metric_records(run_dir) if "val_psnr" in r}
 
 
 # ----------------------------------------------------------------------------------- expert parallel parity
@@ -136,7 +138,7 @@ def test_export_refuses_an_incomplete_or_damaged_checkpoint_and_another_suffix(p
         export(str(tag), str(tmp_path / "model.safetensors"))
     dense = tag / "mp_rank_00_model_states.pt"
     dense.write_bytes(dense.read_bytes()[:1000])
-    with pytest.raises(CheckpointMismatch, match="mp_rank_00_model_states.pt cannot be read, the checkpoint is dam"):
+    with pytest.raises(CheckpointMismatch, match="mp_rank_00_model_states.pt is not a readable checkpoint"):
         export(str(tag), str(tmp_path / "model.safetensors"))
     assert not (tmp_path / "model.safetensors").exists()
 
@@ -203,8 +205,7 @@ def test_a_two_rank_ep2_checkpoint_resumes_on_one_rank_with_experts_by_global_id
 
 
 def first_gradient_norm(run_dir):
-    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return next(r["grad_norm"] for r in records if r.get("step") == 1 and "grad_norm" in r)
+    return next(r["grad_norm"] for r in metric_records(run_dir) if r.get("step") == 1 and "grad_norm" in r)
 
 
 def test_bf16_follows_fp32_training_at_zero_1_and_2(tmp_path):

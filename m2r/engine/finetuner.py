@@ -12,7 +12,7 @@ from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, DistributedSampler
 
 from m2r import dist
@@ -27,7 +27,7 @@ from m2r.engine.monitor import StepTimer
 from m2r.engine.optim import learning_rate, set_learning_rate
 from m2r.engine.run import TrainingRun, micro_step
 from m2r.engine.validate import evaluate
-from m2r.export import config_path_for, export
+from m2r.export import config_path_for, export, stored_model_config
 from m2r.models.config import ModelConfig, model_keys, require_same_network
 
 
@@ -207,11 +207,10 @@ class Finetuner(TrainingRun):
 
         path = Path(weights)
         if path.suffix == ".safetensors":
-            config_file = config_path_for(path)
-            saved = OmegaConf.load(config_file) if config_file.is_file() else None
-            saved_model = saved.get("model") if isinstance(saved, DictConfig) else None
+            saved_model = stored_model_config(path)
             if saved_model is None:
-                dist.print0(f"init: no model config in {config_file}: the network of {path} is not checked")
+                dist.print0(f"init: no model config in {config_path_for(path)}: the network of {path} is not "
+                            "checked")
             else:
                 self._require_init_network(saved_model, str(path))
             state = local_state_from_global(model, read_checkpoint(path))

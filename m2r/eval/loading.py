@@ -17,7 +17,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from accelerate import Accelerator
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from m2r.config import ConfigError, load_config
 
@@ -78,7 +78,7 @@ def precision_name(accelerator: Accelerator) -> str:
 def _stored_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[dict]]:
     """(state dict with experts by global id, stored model config or None)."""
     from m2r.engine.checkpoint import checkpoint_at
-    from m2r.export import config_path_for, export_state_dict
+    from m2r.export import export_state_dict, stored_model_config
     from m2r.models.convert import official_to_m2r, read_checkpoint
 
     if not path.exists():
@@ -91,9 +91,7 @@ def _stored_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[dict]
 
         if not path.is_file():
             raise FileNotFoundError(f"--weights {path}: file not found")
-        config_file = config_path_for(path)
-        config = OmegaConf.to_container(OmegaConf.load(config_file))["model"] if config_file.is_file() else None
-        return load_file(str(path)), config
+        return load_file(str(path)), stored_model_config(path)
     if path.suffix in OFFICIAL_SUFFIXES:
         return official_to_m2r(read_checkpoint(path)), None
     raise ConfigError(f"--weights {path}: expected a checkpoint directory, a .safetensors file or an official "
