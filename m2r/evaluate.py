@@ -32,7 +32,8 @@ from accelerate import Accelerator
 from m2r import dist
 from m2r.cli import run_main
 from m2r.engine.validate import to_unit_float
-from m2r.eval.datasets import DATASETS, Pair, check_pairs, evaluation_sets, read_pair, to_chw_uint8
+from m2r.eval.datasets import (ALLWEATHER_PAPER_SETS, DATASETS, OFFICIAL_TEST_SIZES, Pair, check_pairs,
+                               evaluation_sets, read_pair, to_chw_uint8)
 from m2r.eval.loading import (add_inference_arguments, load_inference_model, make_accelerator, non_negative_int,
                               parse_inference_arguments, precision_name)
 from m2r.eval.metrics import image_metrics, parse_protocols, to_uint8
@@ -55,6 +56,10 @@ def parse_args(argv):
     parser.add_argument("--sets", default="", help="AllWeather test sets or CDD-11 types (default: all found)")
     parser.add_argument("--limit", type=non_negative_int, default=0, help="first N images per set (0 = all)")
     parser.add_argument("--save-images", action="store_true", help="write restored PNGs to <out>/images/<set>/")
+    parser.add_argument("--official-sizes", action="store_true",
+                        help="resize the pairs of " + ", ".join(f"{name} to {w}x{h}" for name, (w, h) in
+                                                               OFFICIAL_TEST_SIZES.items())
+                        + " (input and target, bicubic) as the official test does; default: every image at its own size")
     return parse_inference_arguments(parser, argv)
 
 
@@ -78,7 +83,7 @@ def evaluate_pairs(model, jobs: Sequence[Pair], protocols: Sequence[str], args,
     """Metrics of this process's share of the images: one dict per image (computed on the CPU)."""
     records = []
     for pair in jobs:
-        lq, gt = read_pair(pair)
+        lq, gt = read_pair(pair, official_sizes=args.official_sizes)
         lq, gt = as_unit(lq, accelerator.device), as_unit(gt, torch.device("cpu"))
         with accelerator.autocast():
             restored = restore_image(model, lq, tile=args.tile or None, overlap=args.overlap)[0]
@@ -89,21 +94,37 @@ def evaluate_pairs(model, jobs: Sequence[Pair], protocols: Sequence[str], args,
     return records
 
 
-def summarize(records: Sequence[dict], set_names: Sequence[str], metric_names: Sequence[str]) -> dict:
+def averaged_sets(dataset: str, set_names: Sequence[str]) -> List[str]:
+    """The sets the average is over: AllWeather's paper average covers Outdoor-Rain, Snow100K-L and
+    RainDrop only, so Snow100K-S (when evaluated) is a column of its own outside the average."""
+    if dataset == "allweather" and any(name in ALLWEATHER_PAPER_SETS for name in set_names):
+        return [name for name in set_names if name in ALLWEATHER_PAPER_SETS]
+    return list(set_names)
+
+
+def summarize(records: Sequence[dict], set_names: Sequence[str], metric_names: Sequence[str],
+              average_over: Sequence[str]) -> dict:
     per_set = {}
     for name in set_names:
         rows = [r for r in records if r["set"] == name]
         per_set[name] = {"count": len(rows), **{m: sum(r[m] for r in rows) / len(rows) for m in metric_names}}
-    average = {m: sum(s[m] for s in per_set.values()) / len(per_set) for m in metric_names}
+    average = {m: sum(per_set[name][m] for name in average_over) / len(average_over) for m in metric_names}
     images = {name: {r["image"]: {m: r[m] for m in metric_names} for r in records if r["set"] == name}
               for name in set_names}
-    return {"sets": per_set, "average": average, "images": images}
+    return {"sets": per_set, "average": average, "average_over": list(average_over), "images": images}
+
+
+def _average_title(summary: dict) -> str:
+    """'Average', or which sets it covers when it leaves some columns out."""
+    if len(summary["average_over"]) == len(summary["sets"]):
+        return "Average"
+    return "Average (" + ", ".join(SET_TITLES.get(n, n) for n in summary["average_over"]) + ")"
 
 
 def markdown_table(summary: dict, protocols: Sequence[str]) -> str:
     """Sets as columns (as the paper's tables), one row per protocol, cells 'PSNR / SSIM'."""
     names = list(summary["sets"])
-    header = ["Protocol"] + [SET_TITLES.get(n, n) for n in names] + ["Average"]
+    header = ["Protocol"] + [SET_TITLES.get(n, n) for n in names] + [_average_title(summary)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for protocol in protocols:
         cells = [summary["sets"][n] for n in names] + [summary["average"]]
@@ -114,11 +135,11 @@ def markdown_table(summary: dict, protocols: Sequence[str]) -> str:
 
 def write_results(records: Sequence[dict], sets: Sequence[str], protocols: Sequence[str], args) -> None:
     metric_names = [f"{kind}_{p}" for p in protocols for kind in ("psnr", "ssim")]
-    summary = summarize(records, sets, metric_names)
+    summary = summarize(records, sets, metric_names, averaged_sets(args.dataset, sets))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"weights": args.weights, "dataset": args.dataset, "root": args.root, "metrics": list(protocols),
-              **summary}
+              "official_sizes": args.official_sizes, **summary}
     (out / "results.json").write_text(json.dumps(report, indent=1))
     table = markdown_table(summary, protocols)
     (out / "results.md").write_text(table)

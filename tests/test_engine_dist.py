@@ -323,3 +323,7 @@ def test_demo_command_prints_the_psnr_line(tmp_path):
     before, after = (float(word) for word in line.replace(",", "").split() if word.replace(".", "").isdigit())
     assert after > before + 1.0, line
     assert time.time() - started < LAUNCH_TIMEOUT
+    # Run again: the finished run resumes, says the same from its checkpoint and validates nothing twice.
+    again = run_launch(torchrun_command(2, *command[command.index("pretrain.py"):]))
+    assert line in again.splitlines()
+    assert [r["step"] for r in metric_records(tmp_path / "demo") if "val_psnr" in r] == [0, 40]

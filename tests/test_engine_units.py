@@ -391,6 +391,22 @@ def test_metrics_file_always_and_tensorboard_only_when_asked(tmp_path, tensorboa
     assert (tmp_path / "tensorboard").is_dir() == tensorboard
 
 
+def test_resumed_running_average_continues_from_the_checkpoint_step(tmp_path):
+    """Steps logged after the checkpoint (3) are redone by the resumed run; a line cut off by a crash
+    is skipped and does not swallow the next record."""
+    (tmp_path / "metrics.jsonl").write_text(
+        "\n".join(json.dumps({"step": step, "loss": loss}) for step, loss in [(1, 1.0), (2, 2.0), (3, 3.0), (4, 9.0)])
+        + '\n{"step": 2, "val_psnr": 20.0}\n{"step": 5, "lo')
+    monitor = build_monitor(True, tmp_path, total_steps=6, start_step=3, world_size=1, progress_bar=False,
+                            tensorboard=False)
+    monitor.log_train(4, {"loss": 4.0, "pixel_loss": 4.0, "balance_loss": 0.0, "lr": 1e-3})
+    monitor.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1]) == {"step": 4, "loss": 4.0, "pixel_loss": 4.0, "balance_loss": 0.0,
+                                     "lr": 1e-3, "loss_avg": 2.5}
+    assert lines[-2] == '{"step": 5, "lo'
+
+
 # ----------------------------------------------------------------------------------- stop signals
 def test_ctrl_c_asks_for_a_checkpoint_and_a_second_one_aborts(capfd):
     """Also when a launcher's SIGTERM comes between the two (DeepSpeed's passes Ctrl-C on as SIGTERM)."""

@@ -36,7 +36,11 @@ def test_allweather_results_hold_every_metric_for_every_test_set(tmp_path, tiny_
     for summary in results["sets"].values():
         assert summary["count"] == 2 and PROTOCOL_KEYS <= set(summary)
     assert PROTOCOL_KEYS == set(results["average"])
-    assert "| official |" in (out / "results.md").read_text()
+    paper_sets = ["outdoor_rain", "snow100k_l", "raindrop_a"]   # the paper's average leaves Snow100K-S out
+    assert results["average_over"] == paper_sets
+    assert results["average"]["psnr_rgb"] == pytest.approx(sum(results["sets"][n]["psnr_rgb"] for n in paper_sets) / 3)
+    table = (out / "results.md").read_text()
+    assert "| official |" in table and "| Average (Outdoor-Rain, Snow100K-L, RainDrop) |" in table
     assert Image.open(out / "images/raindrop_a/0_rain.png").size == (44, 36)
 
 

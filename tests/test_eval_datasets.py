@@ -5,7 +5,8 @@ import torch
 
 from finetune_layouts import build_allweather, build_cdd11
 from m2r.eval.datasets import (ALLWEATHER_PAPER_SETS, CDD11_TYPES, DatasetLayoutError, PairedImages,
-                               allweather_test_sets, allweather_train_pairs, cdd11_pairs, evaluation_sets)
+                               allweather_test_sets, allweather_train_pairs, cdd11_pairs, evaluation_sets,
+                               read_pair)
 from m2r.eval.tiling import pad_to_multiple, restore_image, tile_starts
 
 
@@ -41,6 +42,18 @@ def test_allweather_test_sets_in_their_public_layouts(tmp_path):
     raindrop = sets["raindrop_a"][0]
     assert (raindrop.lq.parent.name, raindrop.lq.name, raindrop.gt.name) == ("data", "0_rain.png", "0_clean.png")
     assert sets["snow100k_l"][0].lq.parent == root / "test/Snow100K-L/synthetic"
+
+
+def test_official_sizes_resize_raindrop_pairs_only_as_the_official_test_does(tmp_path):
+    from PIL import Image
+
+    sets = allweather_test_sets(build_allweather(tmp_path / "aw", size=(40, 48)))
+    raindrop, rain = sets["raindrop_a"][0], sets["outdoor_rain"][0]
+    lq, gt = read_pair(raindrop, official_sizes=True)
+    assert lq.shape == gt.shape == (480, 720, 3)
+    np.testing.assert_array_equal(lq, np.asarray(Image.open(raindrop.lq).convert("RGB").resize((720, 480), Image.BICUBIC)))
+    assert read_pair(raindrop)[0].shape == (40, 48, 3)
+    assert read_pair(rain, official_sizes=True)[0].shape == (40, 48, 3)
 
 
 def test_cdd11_pairs_every_type_with_clear_including_rain_in_train(tmp_path):

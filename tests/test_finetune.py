@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,8 +16,8 @@ from safetensors.torch import load_file
 from finetune_layouts import build_allweather, build_cdd11
 from m2r.config import ConfigError, load_config
 from m2r.engine.checkpoint import resolve_resume
-from m2r.engine.finetuner import FinetuneConfig, validate_finetune_config
-from m2r.eval.datasets import CDD11_TYPES
+from m2r.engine.finetuner import Finetuner, FinetuneConfig, validate_finetune_config
+from m2r.eval.datasets import CDD11_TYPES, evaluation_sets
 from m2r.export import export_state_dict
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,6 +49,20 @@ def test_invalid_settings_name_their_key(repo_root, overrides, key):
                       root + overrides)
     with pytest.raises(ConfigError, match=key):
         validate_finetune_config(cfg, world_size=2)
+
+
+def test_validation_crops_larger_than_an_image_are_refused_not_upscaled(repo_root, tmp_path):
+    root = build_allweather(tmp_path / "aw", size=(40, 48))
+    val_sets = evaluation_sets("allweather", root, ["raindrop_a"])
+
+    def val_batches(val_crop):
+        cfg = load_config(FinetuneConfig, Path(repo_root) / "configs/finetune/tiny-test.yaml",
+                          [f"data.root={root}", f"data.val_crop={val_crop}"])
+        return Finetuner._val_batches(SimpleNamespace(cfg=cfg), val_sets)
+
+    with pytest.raises(ConfigError, match=r"data.val_crop.*0_rain.png \(48x40\); use at most 40"):
+        val_batches(48)
+    assert val_batches(40)[0]["lq"].shape == (1, 3, 40, 40)
 
 
 def run(command, cwd, timeout=300, expect_failure=False):

@@ -175,15 +175,22 @@ class Finetuner(TrainingRun):
         self.val_batches = self._val_batches(val_sets)
 
     def _val_batches(self, val_sets) -> List[Dict[str, torch.Tensor]]:
-        """Centre crops of the first images of each set, batched per set; type_id = set index."""
+        """Centre crops of the first images of each set, batched per set; type_id = set index. An image
+        smaller than the crop is refused: validation would score an upscaled copy of it."""
         from m2r.data.augment import center_crop
         from m2r.eval.datasets import read_pair, to_chw_uint8
 
         data = self.cfg.data
         batches = []
         for set_index, pairs in enumerate(val_sets.values()):
-            crops = [tuple(to_chw_uint8(center_crop(image, data.val_crop)) for image in read_pair(p))
-                     for p in pairs[: data.val_images_per_set]]
+            crops = []
+            for pair in pairs[: data.val_images_per_set]:
+                images = read_pair(pair)
+                height, width = images[0].shape[:2]
+                require(min(height, width) >= data.val_crop, "data.val_crop", data.val_crop,
+                        f"is larger than the validation image {pair.lq} ({width}x{height}); use at most "
+                        f"{min(height, width) // 8 * 8}")
+                crops.append(tuple(to_chw_uint8(center_crop(image, data.val_crop)) for image in images))
             for start in range(0, len(crops), data.val_batch_size):
                 chunk = crops[start:start + data.val_batch_size]
                 batches.append({"lq": torch.stack([c[0] for c in chunk]), "gt": torch.stack([c[1] for c in chunk]),

@@ -1,7 +1,8 @@
 """What the run reports, from rank 0 only: console lines, a progress bar, TensorBoard and metrics.jsonl.
 
 Other ranks get a `NullMonitor` with the same methods, so the training loop has no rank checks.
-TensorBoard tags: train/{loss,loss_avg,pixel_loss,balance_loss,lr,grad_norm,img_per_s,
+TensorBoard tags (balance_loss before its weight model.moe.balance_loss_weight; loss = pixel + weight x
+balance): train/{loss,loss_avg,pixel_loss,balance_loss,lr,grad_norm,img_per_s,
 img_per_s_per_gpu,data_wait_share,gpu_mem_gib (CUDA only)}, moe/level<L>/expert<E> (load fractions),
 data/samples_<type> (samples seen per degradation type), val/{psnr,ssim,psnr_<type>} (finetuning:
 psnr_<set name>), images/val (degraded | restored | clean).
@@ -82,14 +83,43 @@ def tensorboard_writer(run_dir: Path, enabled: bool):
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
+def _ends_mid_line(path: Path) -> bool:
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as file:
+        file.seek(-1, 2)
+        return file.read(1) != b"\n"
+
+
+def logged_losses(metrics_path: Path, up_to_step: int) -> List[float]:
+    """The losses metrics.jsonl holds for steps 1..up_to_step, in step order, so that a resumed run's
+    running average continues where the checkpoint was taken. A run stopped after its last checkpoint
+    logged steps it redoes on resume: the last record of a step wins. Unreadable lines are skipped."""
+    if not metrics_path.exists():
+        return []
+    loss_at_step = {}
+    for line in metrics_path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "loss" in record and record["step"] <= up_to_step:
+            loss_at_step[record["step"]] = record["loss"]
+    return [loss_at_step[step] for step in sorted(loss_at_step)]
+
+
 class Monitor(NullMonitor):
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, world_size: int, progress_bar: bool,
                  tensorboard: bool = True):
         self.total_steps = total_steps
         self.world_size = world_size
         self.writer = tensorboard_writer(run_dir, tensorboard)
-        self.metrics_file = open(run_dir / "metrics.jsonl", "a")
-        self.recent_losses: deque = deque(maxlen=100)
+        metrics_path = run_dir / "metrics.jsonl"
+        self.recent_losses = deque(logged_losses(metrics_path, up_to_step=start_step), maxlen=100)
+        cut_off = _ends_mid_line(metrics_path)
+        self.metrics_file = open(metrics_path, "a")
+        if cut_off:
+            self.metrics_file.write("\n")  # a line cut off by a crash stays one bad line, not two
         self.bar = self._progress_bar(start_step) if progress_bar and sys.stdout.isatty() else None
         self._eta_clock = (time.perf_counter(), start_step)
 
@@ -135,7 +165,7 @@ class Monitor(NullMonitor):
         grad = f"{scalars['grad_norm']:.3f}" if "grad_norm" in scalars else "n/a"
         self.print(
             f"step {step}/{self.total_steps} | loss {scalars['loss']:.4f} (avg {scalars['loss_avg']:.4f}) "
-            f"| balance {scalars['balance_loss']:.4f} | lr {scalars['lr']:.2e} | grad {grad} "
+            f"| balance {scalars['balance_loss']:.4f} (unweighted) | lr {scalars['lr']:.2e} | grad {grad} "
             f"| {scalars['img_per_s']:.1f} img/s ({scalars['img_per_s_per_gpu']:.1f}/GPU) "
             f"| data {100 * scalars['data_wait_share']:.0f}% "
             + (f"| mem {scalars['gpu_mem_gib']:.2f} GiB " if "gpu_mem_gib" in scalars else "")

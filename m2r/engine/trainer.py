@@ -95,7 +95,7 @@ class Trainer(TrainingRun):
             self.stream.start_fresh(self.step)
             self._warn_topology_change(ref, "the data stream position (a fresh stream is drawn, seeded by the step)")
         self._restore_ema(ref)
-        self.first_val_psnr = client.get("first_val_psnr")
+        self.first_val_psnr, self.last_val = client.get("first_val_psnr"), client.get("last_val") or {}
         dist.print0(f"resumed from {ref.path} at step {self.step}")
         return saved_rng
 
@@ -168,7 +168,7 @@ class Trainer(TrainingRun):
         states = dist.all_gather_object({"rng": capture_rng_state(), "stream": self.stream.state_dict()})
         client = {"step": self.step, "rng_states": [s["rng"] for s in states],
                   "stream_states": [s["stream"] for s in states], "first_val_psnr": self.first_val_psnr,
-                  "config": OmegaConf.to_container(self.cfg, resolve=True)}
+                  "last_val": self.last_val, "config": OmegaConf.to_container(self.cfg, resolve=True)}
         ref = self.checkpoints.save(self.engine, self.step, self.topology, client, self.cfg, self._ema_state())
         self.monitor.print(f"saved checkpoint {ref.path}")
         return ref
@@ -210,7 +210,7 @@ class Trainer(TrainingRun):
 
     def _print_demo_summary(self) -> None:
         if self.cfg.run.demo_summary and self.step >= self.cfg.train.steps:
-            if not self.last_val:  # resumed an already finished run
+            if not self.last_val:  # resumed a finished run from a checkpoint that predates last_val
                 self.validate()
             dist.print0(f"demo: val PSNR before {self.first_val_psnr:.2f} dB, after {self.last_val['psnr']:.2f} dB")
             dist.print0(f"demo: (the degraded inputs themselves score {self._input_psnr():.2f} dB)")

@@ -19,10 +19,13 @@ def to_unit_float(images_uint8: torch.Tensor, device: torch.device, dtype: torch
     return images_uint8.to(device, non_blocking=True).to(dtype) / 255.0
 
 
+MIN_MSE = 1e-10   # PSNR's cap, the same in every protocol: identical images score 100 dB, not infinity
+
+
 def psnr(restored: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-image RGB PSNR in dB for [0, 1] images (B,3,H,W)."""
     mse = (restored.clamp(0, 1) - target).pow(2).flatten(1).mean(1)
-    return 10.0 * torch.log10(1.0 / mse.clamp_min(1e-10))
+    return 10.0 * torch.log10(1.0 / mse.clamp_min(MIN_MSE))
 
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:

@@ -42,7 +42,10 @@ ALLWEATHER_TEST_DIRS: Dict[str, Sequence[str]] = {
     "snow100k_l": ("test_snow", "Snow100K-L", "test/Snow100K-L", "snow100k/test/Snow100K-L"),
     "raindrop_a": ("test_raindrop", "test_a", "raindrop/test_a"),
 }
-ALLWEATHER_PAPER_SETS = ("outdoor_rain", "snow100k_l", "raindrop_a")
+ALLWEATHER_PAPER_SETS = ("outdoor_rain", "snow100k_l", "raindrop_a")   # the paper's columns and average
+# The official test resizes RainDrop pairs (input and target) to 720x480 with Pillow's default filter
+# (bicubic); every other set is scored at its own size. m2r does the same only when asked.
+OFFICIAL_TEST_SIZES = {"raindrop_a": (720, 480)}   # set -> (width, height)
 ALLWEATHER_TRAIN_DIRS = ("train", "train/allweather")
 ALLWEATHER_LIST_FILES = ("filenames.txt", "allweather.txt", "train/allweather.txt")
 INPUT_DIRS = ("input", "synthetic", "data", "lq")
@@ -218,12 +221,22 @@ def check_pairs(pairs: Sequence[Pair]) -> None:
         raise DatasetLayoutError(f"{len(problems)} of {len(pairs)} image pairs cannot be used, first: {problems[0]}")
 
 
-def read_pair(pair: Pair) -> Tuple[np.ndarray, np.ndarray]:
-    """Both images as (H, W, 3) uint8 RGB; a pair whose sizes differ is a DatasetLayoutError naming both."""
+def read_pair(pair: Pair, official_sizes: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+    """Both images as (H, W, 3) uint8 RGB; a pair whose sizes differ is a DatasetLayoutError naming both.
+    With `official_sizes`, a set in OFFICIAL_TEST_SIZES comes resized as the official test resizes it."""
     lq, gt = read_rgb(pair.lq), read_rgb(pair.gt)
     if lq.shape != gt.shape:
         raise DatasetLayoutError(_size_mismatch(pair, (lq.shape[1], lq.shape[0]), (gt.shape[1], gt.shape[0])))
+    size = OFFICIAL_TEST_SIZES.get(pair.group) if official_sizes else None
+    if size is not None:
+        lq, gt = _pil_resize(lq, size), _pil_resize(gt, size)
     return lq, gt
+
+
+def _pil_resize(image: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC))
 
 
 def to_chw_uint8(image: np.ndarray) -> torch.Tensor:

@@ -1,19 +1,21 @@
 """PSNR and SSIM under three protocols, for (3, H, W) float images whose target is in [0, 1].
 
 - `rgb`: the standard one. Prediction clamped to [0, 1] and rounded to 8 bits, i.e. the image as it
-  would be saved and as BasicSR's tensor2img + calculate_psnr/ssim measure it (a float prediction
-  scores 0.005-0.01 dB apart from that); data range 1, PSNR over all three channels,
-  SSIM averaged over channels (Gaussian 11x11 window, sigma 1.5, K1 0.01, K2 0.03, population
+  would be saved and as BasicSR's tensor2img + calculate_psnr/ssim measure it (the float prediction
+  scores about 0.005 dB apart at 30 dB, 0.03 dB at 36 dB, 0.09 dB at 42 dB); data range 1, PSNR over
+  all three channels, SSIM averaged over channels (Gaussian 11x11 window, sigma 1.5, K1 0.01, K2 0.03, population
   covariance, border excluded): scikit-image's `structural_similarity(..., gaussian_weights=True,
   sigma=1.5, use_sample_covariance=False, data_range=1, channel_axis=0)`.
-- `y`: the same (8-bit prediction) on BT.601 luma of the RGB image (Y in [16, 235] / 255, as MATLAB's
-  rgb2ycbcr and BasicSR).
-- `official`: the M2Restore / TransWeather metric (utils/val_utils.py), reproduced exactly. The
+- `y`: the same (8-bit prediction) on BT.601 luma of the RGB image (Y in [16, 235] / 255), as BasicSR's
+  to_y_channel: Y stays a float (MATLAB's rgb2ycbcr on uint8 images rounds it, about 0.04 dB lower at 35 dB).
+- `official`: the M2Restore / TransWeather metric (utils/val_utils.py), reproduced exactly (the official
+  test also resizes RainDrop pairs to 720x480 first: `m2r.evaluate --official-sizes`). The
   (3, H, W) tensor is reinterpreted, not permuted, as (H, W, 3), so each "pixel" is three consecutive
   values of one colour plane; OpenCV's BGR->YCrCb luma (0.114, 0.587, 0.299 on those triplets) is
   taken; PSNR with data range 1; SSIM is scikit-image's with `channel_axis=-1` on that 2-D array,
   i.e. every one of the W columns is a separate 1-D signal (7-tap box window, sample covariance).
   No clamping: the official test runs on the raw network output.
+Identical images score 100 dB in every protocol (MSE floored at 1e-10), not infinity.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from m2r.config import ConfigError
+from m2r.engine.validate import MIN_MSE
 from m2r.engine.validate import psnr as _psnr_clamped
 from m2r.engine.validate import ssim as _ssim_clamped
 
@@ -102,7 +105,7 @@ def psnr_ssim_official(restored: torch.Tensor, target: torch.Tensor) -> Tuple[fl
     _check_pair(restored, target)
     x, y = official_luma(restored), official_luma(target)
     mse = (x.double() - y.double()).pow(2).mean()
-    return float(10.0 * torch.log10(1.0 / mse.clamp_min(1e-20))), _column_ssim(x, y)
+    return float(10.0 * torch.log10(1.0 / mse.clamp_min(MIN_MSE))), _column_ssim(x, y)
 
 
 _PROTOCOL_FUNCTIONS = {"rgb": psnr_ssim_rgb, "y": psnr_ssim_y, "official": psnr_ssim_official}
