@@ -128,10 +128,22 @@ def test_state_from_another_topology_is_refused(shard_dir):
         other.load_state_dict(stream.state_dict())
 
 
-def test_fewer_shards_than_ranks_times_workers_is_a_clear_error(shard_dir):
-    cfg = DataConfig(source="shards", shards=str(shard_dir), workers=3)
-    with pytest.raises(ConfigError, match=r"8 shards cannot feed 3 ranks x 3 workers"):
-        build_train_stream(cfg, seed=0, rank=0, world_size=3, micro_batch=1, crop=CROP)
+def test_every_worker_draws_from_every_shard_whatever_the_number_of_ranks_and_workers(shard_dir):
+    """8 shards over 3 ranks x 3 workers, more slots than shards: each worker reads from the whole
+    corpus (a worker owning a fixed slice would serve the samples of a smaller slice more often),
+    and a round reads distinct shards until it has read them all."""
+    from m2r.data.stream import _ShardSource
+
+    for rank, worker in itertools.product(range(3), range(3)):
+        stream = build_train_stream(DataConfig(source="shards", shards=str(shard_dir), workers=3, shuffle_buffer=20),
+                                    seed=0, rank=rank, world_size=3, micro_batch=1, crop=CROP)
+        source = _ShardSource(stream.plan, worker)
+        read = set()
+        for round_index in range(10):
+            shards = [shard for shard, _ in source.round_records(round_index)[0]]
+            assert len(set(shards)) == len(shards) // 5 == 4   # 4 distinct shards of 5 samples fill 20
+            read.update(shards)
+        assert len(read) == 8
 
 
 def copy_damaged(good, copy, damage):
@@ -163,7 +175,7 @@ def test_a_shuffle_buffer_below_one_is_refused(shard_dir):
 
 @pytest.mark.timeout(20)   # before the fix this hung
 def test_a_worker_whose_every_sample_is_damaged_stops_with_an_error_instead_of_hanging(shard_dir, tmp_path):
-    """A hung rank would hang every rank's collectives: the error names the worker's shards, how long
+    """A hung rank would hang every rank's collectives: the error names the shards, how long
     it tried and the last damage seen."""
     good = sorted(shard_dir.glob("*.tar"))[0]
     for copy in ("bad-0.tar", "bad-1.tar"):
@@ -172,7 +184,7 @@ def test_a_worker_whose_every_sample_is_damaged_stops_with_an_error_instead_of_h
                      workers=0, shuffle_buffer=8)
     stream = build_train_stream(cfg, seed=0, rank=0, world_size=1, micro_batch=2, crop=CROP)
     pattern = (r"data worker 0 of rank 0: \d+ rounds in a row \(\d+ samples\) without one usable sample "
-               r"from its shards .*bad-0\.tar, .*bad-1\.tar; last error: shard .*bad-\d\.tar: sample \d{9}: "
+               r"from the shards .*bad-0\.tar, .*bad-1\.tar; last error: shard .*bad-\d\.tar: sample \d{9}: "
                r"cannot decode")
     with pytest.raises(RuntimeError, match=pattern):
         take(stream, 1)

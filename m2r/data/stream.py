@@ -1,10 +1,13 @@
 """Deterministic, resumable training stream and the fixed validation set.
 
-Each rank runs `max(1, data.workers)` logical workers. A logical worker owns a disjoint slice of
-the shards (slot rank * workers + worker) and reads it in rounds: round r draws shards with
-replacement from a generator seeded by the ints (seed, rank, worker, r), keeps their undecoded
-bytes until `shuffle_buffer` samples are held, shuffles them and serves every one. Sample j of
-round r is cropped, augmented and degraded with a generator seeded by (seed, rank, worker, r, j).
+Each rank runs `max(1, data.workers)` logical workers. A logical worker reads the shards in rounds:
+round r draws shards from the whole corpus without replacement (a new permutation once all have
+been read) with a generator seeded by the ints (seed, rank, worker, r), keeps their undecoded bytes
+until `shuffle_buffer` samples are held, shuffles them and serves every one. Every worker draws from
+every shard, so each sample is equally likely whatever the number of shards, ranks and workers (a
+worker owning a fixed slice would serve the samples of a slice with fewer shards more often); two
+workers may hold the same sample in a round, as sampling with replacement would. Sample j of round r
+is cropped, augmented and degraded with a generator seeded by (seed, rank, worker, r, j).
 So the whole stream is a pure function of integers, and a worker's position is just (round,
 offset): the checkpointed state is those cursors plus counters, and resuming replays nothing but
 the current round's shard reads.
@@ -63,10 +66,6 @@ class StreamPlan:
     shuffle_buffer: int
     scale_range: Tuple[float, float]
 
-    def slot_shards(self, worker: int) -> Tuple[str, ...]:
-        slots = self.world_size * self.workers
-        return self.shards[self.rank * self.workers + worker::slots]
-
 
 # ----------------------------------------------------------------------------- sample sources
 
@@ -85,12 +84,18 @@ class _BuiltinSource:
         return load_photo(TRAIN_PHOTOS[record]), None, {}
 
 
+def _shard_draws(rng: np.random.Generator, count: int) -> Iterator[int]:
+    """Shard indices: permutations of range(count), one after another."""
+    while True:
+        yield from rng.permutation(count).tolist()
+
+
 class _ShardSource:
-    """Round = whole shards drawn with replacement until `shuffle_buffer` samples, shuffled. A record
-    is (shard path, undecoded sample), so that errors can say where a sample lives."""
+    """Round = whole shards drawn from the corpus without replacement until `shuffle_buffer` samples,
+    shuffled. A record is (shard path, undecoded sample), so that errors can say where a sample lives."""
 
     def __init__(self, plan: StreamPlan, worker: int):
-        self.shards = plan.slot_shards(worker)
+        self.shards = plan.shards
         self.buffer = plan.shuffle_buffer
         self.preset = plan.preset
         self.seed_words = (plan.seed, ROUND_TAG, plan.rank, worker)
@@ -99,9 +104,10 @@ class _ShardSource:
         rng = np.random.default_rng((*self.seed_words, round_index))
         records: List[Tuple[str, dict]] = []
         corrupt = empty_reads = 0
+        draws = _shard_draws(rng, len(self.shards))
         while len(records) < self.buffer:
             before = len(records)
-            shard = self.shards[int(rng.integers(len(self.shards)))]
+            shard = self.shards[next(draws)]
             try:
                 records.extend((shard, sample) for sample in read_shard(shard))
             except CorruptSample:
@@ -201,10 +207,10 @@ def worker_batches(plan: StreamPlan, worker: int, cursor: Tuple[int, int]) -> It
 
 
 def _no_usable_samples(plan: StreamPlan, worker: int, rounds: int, failed: int, last_error) -> RuntimeError:
-    shards = plan.slot_shards(worker)
+    shards = plan.shards
     named = ", ".join(shards[:8]) + (f", ... ({len(shards)} in all)" if len(shards) > 8 else "")
     return RuntimeError(f"data worker {worker} of rank {plan.rank}: {rounds} rounds in a row ({failed} samples) "
-                        f"without one usable sample from its shards {named}; last error: {last_error}")
+                        f"without one usable sample from the shards {named}; last error: {last_error}")
 
 
 class _WorkerStream(IterableDataset):
@@ -332,10 +338,6 @@ def build_train_stream(cfg, *, seed: int, rank: int, world_size: int, micro_batc
             raise ConfigError("data.shards must name a shard directory or pattern when data.source=shards")
         shards = tuple(resolve_shards(cfg.shards))
         _manifest_preset_check(cfg, shards)
-        if len(shards) < world_size * workers:
-            raise ConfigError(f"data.shards={cfg.shards}: {len(shards)} shards cannot feed {world_size} ranks x "
-                              f"{workers} workers ({world_size * workers} slots, one shard at least each); "
-                              f"build smaller shards or lower data.workers")
     scale = tuple(float(v) for v in cfg.scale_range)
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise ConfigError(f"data.scale_range must be [low, high] with 0 < low <= high <= 1, "

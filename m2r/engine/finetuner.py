@@ -149,7 +149,10 @@ class Finetuner(TrainingRun):
         from m2r.eval.datasets import PairedImages, evaluation_sets, train_pairs
 
         data, train = self.cfg.data, self.cfg.train
-        pairs = train_pairs(data.dataset, data.root, data.list_file)
+        # Rank 0 lists (and checks) the pairs for everybody: ranks listing a shared folder themselves could
+        # disagree (a stale NFS listing, a copy in progress) on the steps per epoch, and the one that runs
+        # out first would wait in a collective for the others forever.
+        pairs = dist.on_rank0(lambda: train_pairs(data.dataset, data.root, data.list_file))
         groups = sorted({pair.group for pair in pairs})
         self.train_set = PairedImages(pairs, groups, crop=train.crop, seed=train.seed, augment=data.augment)
         self.sampler = ResumableSampler(self.train_set, num_replicas=env.world_size, rank=env.rank, shuffle=True,
@@ -170,7 +173,8 @@ class Finetuner(TrainingRun):
         self.schedule = SimpleNamespace(lr=train.lr, min_lr=train.min_lr,
                                         warmup_steps=train.warmup_epochs * self.steps_per_epoch,
                                         steps=(train.schedule_epochs or train.epochs) * self.steps_per_epoch)
-        val_sets = evaluation_sets(data.dataset, data.val_root or data.root, list(data.val_sets) or None)
+        val_sets = dist.on_rank0(lambda: evaluation_sets(data.dataset, data.val_root or data.root,
+                                                         list(data.val_sets) or None))
         self.val_names = list(val_sets)
         self.val_batches = self._val_batches(val_sets)
 

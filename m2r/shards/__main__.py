@@ -110,8 +110,6 @@ def main(argv=None) -> int:
               f"{len(manifest['skipped'])} undecodable file(s) skipped -> {opts.out}")
         for entry in manifest["skipped"]:
             print(f"  skipped {entry['path']}: {entry['error']}")
-        print(f"{shards} shards feed up to {shards} rank x worker slots (one shard at least each): "
-              f"train with ranks x data.workers <= {shards}")
         return 0
     report = inspect_shards(args.dir)
     print_report(report)

@@ -34,9 +34,9 @@ BUILD_TAG = 4
 # What PIL raises for a source file it cannot read or decode: unidentified or truncated files and
 # I/O errors (OSError), malformed headers (ValueError, SyntaxError, EOFError), decompression bombs.
 UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-# Every rank x data loader worker of a run streams its own shards, one at least (m2r/data/stream.py):
-# 64 cuts DIV2K + Flickr2K (3,450 images) into 54 shards, enough for 8 GPUs x 4 workers (32 slots),
-# and a 1024 px zstd shard of 64 images is still about 100 MB, large enough to read sequentially.
+# A data worker fills its shuffle buffer (512 samples by default) with whole shards drawn from the
+# corpus (m2r/data/stream.py): 64 samples make that 8 shards a round, and a 1024 px zstd shard of
+# 64 images is still about 100 MB, large enough to read sequentially.
 DEFAULT_SAMPLES_PER_SHARD = 64
 
 
