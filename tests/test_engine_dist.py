@@ -166,6 +166,20 @@ def test_resuming_continues_exactly_where_the_run_stopped(resume_runs):
     assert split == straight
 
 
+def test_the_ema_is_saved_once_and_resumes_exactly(resume_runs):
+    """Rank 0 saves the dense EMA weights and its experts, rank 1 (the rest of the expert-parallel
+    group) only its experts: every weight once, whatever the world size."""
+    from m2r.engine.checkpoint import CheckpointRef, load_ema_states
+
+    split, straight = (CheckpointRef(resume_runs[run] / "checkpoints", "step00000006") for run in ("split", "straight"))
+    rank0, rank1 = (torch.load(split.path / f"ema_rank0000{rank}.pt") for rank in (0, 1))
+    assert any(".deepspeed_experts." not in name for name in rank0)
+    assert rank1 and all(".deepspeed_experts." in name for name in rank1) and not set(rank0) & set(rank1)
+    resumed, uninterrupted = load_ema_states(split), load_ema_states(straight)
+    assert sorted(resumed) == sorted(uninterrupted)
+    assert all(torch.equal(resumed[name], uninterrupted[name]) for name in resumed)
+
+
 def test_a_refusal_decided_on_rank_0_reaches_every_rank_as_one_line(resume_runs):
     """run.resume=none on a run.dir that holds checkpoints: rank 0 resolves resume targets; without its
     error, rank 1 would wait in the broadcast until the launcher killed it (or, on nccl, for ever)."""

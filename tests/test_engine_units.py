@@ -391,20 +391,42 @@ def test_metrics_file_always_and_tensorboard_only_when_asked(tmp_path, tensorboa
     assert (tmp_path / "tensorboard").is_dir() == tensorboard
 
 
-def test_resumed_running_average_continues_from_the_checkpoint_step(tmp_path):
-    """Steps logged after the checkpoint (3) are redone by the resumed run; a line cut off by a crash
-    is skipped and does not swallow the next record."""
-    (tmp_path / "metrics.jsonl").write_text(
-        "\n".join(json.dumps({"step": step, "loss": loss}) for step, loss in [(1, 1.0), (2, 2.0), (3, 3.0), (4, 9.0)])
-        + '\n{"step": 2, "val_psnr": 20.0}\n{"step": 5, "lo')
+def test_a_resumed_runs_metrics_file_reads_as_an_uninterrupted_runs(tmp_path):
+    """Resumed at step 3: step 4, logged after the checkpoint, is logged again by the resumed run, and
+    a line cut off by a crash goes; the running average continues from the steps kept."""
+    kept = [{"step": 0, "val_psnr": 9.0}, {"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0},
+            {"step": 2, "val_psnr": 20.0}, {"step": 3, "loss": 3.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept)
+                                            + '{"step": 4, "loss": 9.0}\n{"step": 5, "lo')
     monitor = build_monitor(True, tmp_path, total_steps=6, start_step=3, world_size=1, progress_bar=False,
                             tensorboard=False)
     monitor.log_train(4, {"loss": 4.0, "pixel_loss": 4.0, "balance_loss": 0.0, "lr": 1e-3})
     monitor.close()
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert json.loads(lines[-1]) == {"step": 4, "loss": 4.0, "pixel_loss": 4.0, "balance_loss": 0.0,
-                                     "lr": 1e-3, "loss_avg": 2.5}
-    assert lines[-2] == '{"step": 5, "lo'
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records == kept + [{"step": 4, "loss": 4.0, "pixel_loss": 4.0, "balance_loss": 0.0, "lr": 1e-3,
+                               "loss_avg": 2.5}]
+
+
+def test_tensorboard_forgets_the_steps_a_resumed_run_logs_again(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = {"pixel_loss": 0.0, "balance_loss": 0.0, "lr": 1e-3, "img_per_s": 1.0, "data_wait_share": 0.0}
+    for start_step, losses in [(0, {1: 1.0, 2: 2.0, 3: 3.0}), (2, {3: 30.0})]:   # resumed at step 2
+        monitor = build_monitor(True, tmp_path, total_steps=3, start_step=start_step, world_size=1,
+                                progress_bar=False)
+        for step, loss in losses.items():
+            monitor.log_train(step, dict(scalars, loss=loss))
+        monitor.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def test_a_fresh_start_drops_what_a_run_killed_before_its_first_checkpoint_logged(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "val_psnr": 9.0}\n{"step": 1, "loss": 1.0}\n')
+    build_monitor(True, tmp_path, total_steps=6, start_step=0, world_size=1, progress_bar=False,
+                  tensorboard=False).close()
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
 
 
 # ----------------------------------------------------------------------------------- stop signals

@@ -68,7 +68,7 @@ class Job:
         return path.read_text()
 
     def losses(self) -> Dict[int, float]:
-        """step -> loss from metrics.jsonl, which every restart appends to."""
+        """step -> loss from metrics.jsonl, which a restart continues from its checkpoint's step."""
         records = [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines()]
         train = [record for record in records if "loss" in record]
         steps = [record["step"] for record in train]

@@ -210,7 +210,7 @@ class CheckpointManager:
             shutil.rmtree(staging.path, ignore_errors=True)
         dist.barrier()
         engine.save_checkpoint(str(self.root), tag=staging.tag, client_state=client_state, save_latest=False)
-        if ema_state is not None:
+        if ema_state:   # the ranks holding a part of the EMA (see TrainingRun._ema_state)
             torch.save(ema_state, staging.path / f"ema_rank{dist.rank():05d}.pt")
         dist.barrier()   # every rank's files are written (DeepSpeed's save ends in one too, not the EMA's)
         if dist.is_local_rank0():   # this node's writes are on disk before the tag can count as complete
@@ -261,7 +261,8 @@ class CheckpointManager:
 
 
 def load_ema_states(ref: CheckpointRef) -> Dict[str, torch.Tensor]:
-    """Every rank's EMA file merged: dense weights agree across ranks, experts are keyed by global id."""
+    """The EMA files merged: dense weights from rank 0's, experts (keyed by global id) from the ranks
+    of one expert-parallel group (older checkpoints, a full copy per rank, merge the same way)."""
     merged: Dict[str, torch.Tensor] = {}
     for path in sorted(ref.path.glob("ema_rank*.pt")):
         merged.update(torch.load(path, map_location="cpu", weights_only=True))

@@ -19,6 +19,8 @@ from typing import Dict, List
 
 import torch
 
+from m2r.atomic import write_text_atomically
+
 
 class StepTimer:
     """Wall time per step, split into waiting for data and the rest."""
@@ -75,37 +77,41 @@ class TensorBoardOff:
     add_image = flush = close = add_scalar
 
 
-def tensorboard_writer(run_dir: Path, enabled: bool):
+def first_step_logged(start_step: int) -> int:
+    """A run resumed at step T logs from T + 1 (what steps <= T logged is in the checkpoint's past); a
+    run starting afresh logs from 0 (its first validation), over what a run killed before its first
+    checkpoint left."""
+    return start_step + 1 if start_step > 0 else 0
+
+
+def tensorboard_writer(run_dir: Path, enabled: bool, start_step: int):
+    """Events from `first_step_logged` on, written by a run stopped after its last checkpoint, are
+    purged: this run logs those steps again."""
     if not enabled:
         return TensorBoardOff()
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(str(run_dir / "tensorboard"))
+    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=first_step_logged(start_step))
 
 
-def _ends_mid_line(path: Path) -> bool:
-    if not path.exists() or path.stat().st_size == 0:
-        return False
-    with open(path, "rb") as file:
-        file.seek(-1, 2)
-        return file.read(1) != b"\n"
-
-
-def logged_losses(metrics_path: Path, up_to_step: int) -> List[float]:
-    """The losses metrics.jsonl holds for steps 1..up_to_step, in step order, so that a resumed run's
-    running average continues where the checkpoint was taken. A run stopped after its last checkpoint
-    logged steps it redoes on resume: the last record of a step wins. Unreadable lines are skipped."""
+def records_before(metrics_path: Path, step: int) -> List[dict]:
+    """The records of metrics.jsonl of steps before `step`, the file rewritten (atomically) to hold
+    only them: a run stopped after its last checkpoint logged steps that the resumed run logs again,
+    and a crash may have cut the last line off. So a resumed run's file reads as an uninterrupted one's."""
     if not metrics_path.exists():
         return []
-    loss_at_step = {}
-    for line in metrics_path.read_text().splitlines():
+    lines = metrics_path.read_text().splitlines()
+    records = []
+    for line in lines:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if "loss" in record and record["step"] <= up_to_step:
-            loss_at_step[record["step"]] = record["loss"]
-    return [loss_at_step[step] for step in sorted(loss_at_step)]
+        if record["step"] < step:
+            records.append(record)
+    if len(records) < len(lines):
+        write_text_atomically(metrics_path, "".join(json.dumps(record) + "\n" for record in records))
+    return records
 
 
 class Monitor(NullMonitor):
@@ -113,13 +119,12 @@ class Monitor(NullMonitor):
                  tensorboard: bool = True):
         self.total_steps = total_steps
         self.world_size = world_size
-        self.writer = tensorboard_writer(run_dir, tensorboard)
+        self.writer = tensorboard_writer(run_dir, tensorboard, start_step)
         metrics_path = run_dir / "metrics.jsonl"
-        self.recent_losses = deque(logged_losses(metrics_path, up_to_step=start_step), maxlen=100)
-        cut_off = _ends_mid_line(metrics_path)
+        earlier = records_before(metrics_path, first_step_logged(start_step))
+        # The running average continues where the checkpoint was taken.
+        self.recent_losses = deque((r["loss"] for r in earlier if "loss" in r), maxlen=100)
         self.metrics_file = open(metrics_path, "a")
-        if cut_off:
-            self.metrics_file.write("\n")  # a line cut off by a crash stays one bad line, not two
         self.bar = self._progress_bar(start_step) if progress_bar and sys.stdout.isatty() else None
         self._eta_clock = (time.perf_counter(), start_step)
 

@@ -8,7 +8,7 @@ from typing import Dict, Iterator, Mapping
 import torch
 from torch import nn
 
-from m2r.engine.experts import global_expert_names
+from m2r.engine.experts import EXPERT_INFIX, global_expert_names
 
 
 def build_optimizer(model: nn.Module, train) -> torch.optim.Optimizer:
@@ -69,8 +69,10 @@ class EMA:
         for name, param in self._params.items():
             self.shadow[name].lerp_(param.detach().float(), 1.0 - self.decay)
 
-    def state_dict(self) -> Dict[str, torch.Tensor]:
-        return {name: tensor.clone() for name, tensor in self.shadow.items()}
+    def state_dict(self, dense: bool = True, experts: bool = True) -> Dict[str, torch.Tensor]:
+        """The averaged weights, or only the dense ones or only this rank's experts."""
+        return {name: tensor.clone() for name, tensor in self.shadow.items()
+                if (experts if EXPERT_INFIX in name else dense)}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         missing = sorted(set(self.shadow) - set(state))

@@ -173,7 +173,13 @@ class TrainingRun:
             self._start_ema()
 
     def _ema_state(self) -> Optional[Dict[str, torch.Tensor]]:
-        return self.ema.state_dict() if self.ema is not None else None
+        """What this rank saves of the EMA: rank 0 the dense weights, ranks 0..ep_size-1 (one expert-parallel
+        group, DeepSpeed's consecutive layout) their experts, so that a checkpoint holds every weight once
+        whatever the world size; other ranks save none (an empty dict)."""
+        if self.ema is None:
+            return None
+        rank = dist.rank()
+        return self.ema.state_dict(dense=rank == 0, experts=rank < self.topology.ep_size)
 
     def _validation_weights(self):
         """Validation and images see the EMA weights when there is an EMA (they are what gets exported)."""
