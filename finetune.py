@@ -25,12 +25,13 @@ from m2r.config import load_config
 
 def main(argv=None) -> int:
     args = dist.parse_entry_args(sys.argv[1:] if argv is None else argv, __doc__, "configs/finetune/<name>.yaml")
+    stop_request = dist.StopRequest()   # before the slow start-up, which a stop signal must not kill
     env = dist.discover_dist_env()
 
     from m2r.engine.finetuner import FinetuneConfig, Finetuner
 
     cfg = load_config(FinetuneConfig, args.config, args.overrides)
-    exit_code = Finetuner(cfg, env).fit()
+    exit_code = Finetuner(cfg, env, stop_request).fit()
     dist.destroy_process_group()
     return exit_code
 

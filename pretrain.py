@@ -19,13 +19,14 @@ from m2r.config import load_config
 
 def main(argv=None) -> int:
     args = dist.parse_entry_args(sys.argv[1:] if argv is None else argv, __doc__, "configs/pretrain/<name>.yaml")
+    stop_request = dist.StopRequest()   # before the slow start-up, which a stop signal must not kill
     env = dist.discover_dist_env()
 
     from m2r.engine.config import PretrainConfig
     from m2r.engine.trainer import Trainer
 
     cfg = load_config(PretrainConfig, args.config, args.overrides)
-    exit_code = Trainer(cfg, env).fit()
+    exit_code = Trainer(cfg, env, stop_request).fit()
     dist.destroy_process_group()
     return exit_code
 

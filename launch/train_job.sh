@@ -84,10 +84,12 @@ log "  trainer log: $run_log"
 # Each launcher execs srun, so that $! below is srun itself: srun passes signals on to its tasks.
 # Task counts are given in full: srun inside the job inherits SLURM_NTASKS, which would otherwise
 # override --ntasks-per-node.
+# The ranks start with USR1 ignored (inherited through exec) until the trainer installs its handler,
+# first thing in the entry point: a warning forwarded while Python starts must not kill a rank.
 launch_srun() {
     exec srun --kill-on-bad-exit=1 --nodes="$SLURM_JOB_NUM_NODES" --ntasks=$((SLURM_JOB_NUM_NODES * GPUS_PER_NODE)) \
         --ntasks-per-node="$GPUS_PER_NODE" --cpus-per-task="$cpus_per_rank" \
-        "$PYTHON" "$ENTRY" --config "$CONFIG" ${overrides[@]+"${overrides[@]}"}
+        bash -c 'trap "" USR1; exec "$@"' rank "$PYTHON" "$ENTRY" --config "$CONFIG" ${overrides[@]+"${overrides[@]}"}
 }
 
 launch_deepspeed() {

@@ -18,7 +18,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, List, MutableMapping
+from typing import Any, Callable, List, MutableMapping, Optional
 
 import torch
 import torch.distributed as torch_dist
@@ -35,6 +35,44 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
     before it can checkpoint. The trainer shuts its workers down itself (`shut_down_workers`)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def _say(message: bytes) -> None:
+    """Write from a signal handler: os.write, as print() may be inside a write it would re-enter; a
+    stdout that cannot take it (replaced, closed) must not turn the stop request into a crash."""
+    try:
+        os.write(sys.stdout.fileno(), message)
+    except (OSError, ValueError):
+        pass
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 / SIGINT only raise a flag; the loop acts on it at a step boundary, on all
+    ranks at once. A second Ctrl-C aborts at once, without a checkpoint. The entry points create it
+    first thing, so that a signal during start-up (SLURM's warning may come while the ranks import,
+    rendezvous or load a checkpoint) stops the run at its first step instead of killing the rank."""
+
+    def __init__(self):
+        self.signal_name: Optional[str] = None   # the first stop signal received
+        self.interrupts = 0
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                raise KeyboardInterrupt
+            if is_rank0():
+                _say(b"SIGINT: saving a checkpoint at the end of this step, then stopping (Ctrl-C again to "
+                     b"abort without one)\n")
+        self.signal_name = self.signal_name or signal.Signals(signum).name
+
+    def agreed_reason(self) -> Optional[str]:
+        """Why every rank stops now, or None (a collective: every rank calls it at the same step)."""
+        if not any_rank(self.signal_name is not None):
+            return None
+        return f"received {self.signal_name or 'a stop signal on another rank'}"
 
 
 def shut_down_workers(batches) -> None:

@@ -293,9 +293,10 @@ def test_compiled_forward_trains_like_eager_under_zero2_bf16_and_expert_parallel
 
 
 def test_sigterm_saves_exits_zero_and_the_next_run_continues(tmp_path):
-    """SLURM's preemption signals every process of the job step, DataLoader workers included."""
+    """SLURM's preemption signals every process of the job step, DataLoader workers included. The
+    time SLURM leaves goes to the checkpoint: the validation due at that step waits for the next run."""
     run_dir = tmp_path / "preempted"
-    overrides = (f"run.dir={run_dir}", "train.steps=400", "run.val_every=1000", "run.image_every=0",
+    overrides = (f"run.dir={run_dir}", "train.steps=400", "run.val_every=1", "run.image_every=0",
                  "data.workers=1")
     launcher = subprocess.Popen(torchrun_command(2, "pretrain.py", "--config", TINY, *overrides), cwd=REPO,
                                 env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -317,10 +318,13 @@ def test_sigterm_saves_exits_zero_and_the_next_run_continues(tmp_path):
     assert "stopping at step" in output
     stopped_at = int((run_dir / "checkpoints" / "latest").read_text()[len("step"):])
     assert 2 <= stopped_at < 400
+    assert sorted(val_records(run_dir)) == list(range(stopped_at))
 
     resumed = pretrain(run_dir, *overrides[1:], "run.stop_after_steps=1")
     assert f"at step {stopped_at}" in resumed
     assert max(train_losses(run_dir)) == stopped_at + 1
+    val_steps = [r["step"] for r in metric_records(run_dir) if "val_psnr" in r]
+    assert val_steps == list(range(stopped_at + 2))
 
 
 # ----------------------------------------------------------------------------------- the README's demo command

@@ -434,11 +434,9 @@ def test_ctrl_c_asks_for_a_checkpoint_and_a_second_one_aborts(capfd):
     """Also when a launcher's SIGTERM comes between the two (DeepSpeed's passes Ctrl-C on as SIGTERM)."""
     import signal
 
-    from m2r.engine.run import StopRequest
-
     saved_handlers = {sig: signal.getsignal(sig) for sig in dist.STOP_SIGNALS}
     try:
-        request = StopRequest()
+        request = dist.StopRequest()
         signal.raise_signal(signal.SIGINT)
         assert request.signal_name == "SIGINT" and "saving a checkpoint" in capfd.readouterr().out
         signal.raise_signal(signal.SIGTERM)
@@ -448,3 +446,39 @@ def test_ctrl_c_asks_for_a_checkpoint_and_a_second_one_aborts(capfd):
     finally:
         for sig, handler in saved_handlers.items():
             signal.signal(sig, handler)
+
+
+@pytest.mark.parametrize("entry, run_class", [("pretrain", "m2r.engine.trainer.Trainer"),
+                                              ("finetune", "m2r.engine.finetuner.Finetuner")])
+def test_a_stop_signal_during_start_up_reaches_the_run_instead_of_killing_the_rank(monkeypatch, entry, run_class):
+    """SLURM's warning may come while the ranks still import, rendezvous or load a checkpoint: the run
+    is built knowing it, stops at its first step boundary with a checkpoint, and the job is requeued."""
+    import importlib.util
+    import signal
+
+    spec = importlib.util.spec_from_file_location(entry, Path(__file__).resolve().parent.parent / f"{entry}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    seen = {}
+
+    class RecordingRun:
+        def __init__(self, cfg, env, stop_request):
+            seen["signal"] = stop_request.signal_name
+
+        def fit(self):
+            return 0
+
+    def load_config_while_signalled(*args):
+        signal.raise_signal(signal.SIGUSR1)   # its default action would end the process
+        return "config"
+
+    monkeypatch.setattr(run_class, RecordingRun)
+    monkeypatch.setattr(module, "load_config", load_config_while_signalled)
+    monkeypatch.setattr(dist, "discover_dist_env", lambda: "env")   # it would export RANK, MASTER_PORT...
+    saved_handlers = {sig: signal.getsignal(sig) for sig in dist.STOP_SIGNALS}
+    try:
+        assert module.main(["--config", f"configs/{entry}/tiny-test.yaml"]) == 0
+    finally:
+        for sig, handler in saved_handlers.items():
+            signal.signal(sig, handler)
+    assert seen["signal"] == "SIGUSR1"

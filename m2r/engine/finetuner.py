@@ -127,8 +127,8 @@ def local_state_from_global(model, state: Dict[str, torch.Tensor]) -> Dict[str, 
 class Finetuner(TrainingRun):
     KIND = "finetune"
 
-    def __init__(self, cfg, env: dist.DistEnv):
-        super().__init__(cfg, env, validate_finetune_config)
+    def __init__(self, cfg, env: dist.DistEnv, stop_request: Optional[dist.StopRequest] = None):
+        super().__init__(cfg, env, validate_finetune_config, stop_request)
         self._build_data(env)
         self.checkpointing = self._checkpointing_mode()
         model = self._build_model(self.checkpointing)
@@ -326,10 +326,7 @@ class Finetuner(TrainingRun):
                 "config": OmegaConf.to_container(self.cfg, resolve=True)}
 
     def save_checkpoint(self):
-        ref = self.checkpoints.save(self.engine, self.step, self.topology, self._client_state(), self.cfg,
-                                    self._ema_state())
-        self.monitor.print(f"saved checkpoint {ref.path}")
-        return ref
+        return self._save_checkpoint(self._client_state())
 
     def keep_best(self, metrics: Dict[str, float]) -> None:
         for name in self.cfg.run.best_metrics:

@@ -8,9 +8,7 @@ and reports each optimizer step through `_log_train_step`.
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -47,49 +45,13 @@ def micro_step(engine, batch: Dict[str, torch.Tensor], device: torch.device, inp
     return output, torch.stack([terms.total, terms.pixel, terms.balance]).detach().float()
 
 
-def _say(message: bytes) -> None:
-    """Write from a signal handler: os.write, as print() may be inside a write it would re-enter; a
-    stdout that cannot take it (replaced, closed) must not turn the stop request into a crash."""
-    try:
-        os.write(sys.stdout.fileno(), message)
-    except (OSError, ValueError):
-        pass
-
-
-class StopRequest:
-    """SIGTERM / SIGUSR1 / SIGINT only raise a flag; the loop acts on it at a step boundary, on all
-    ranks at once. A second Ctrl-C aborts at once, without a checkpoint."""
-
-    def __init__(self):
-        self.signal_name: Optional[str] = None   # the first stop signal received
-        self.interrupts = 0
-        for sig in dist.STOP_SIGNALS:
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, _frame) -> None:
-        if signum == signal.SIGINT:
-            self.interrupts += 1
-            if self.interrupts > 1:
-                raise KeyboardInterrupt
-            if dist.is_rank0():
-                _say(b"SIGINT: saving a checkpoint at the end of this step, then stopping (Ctrl-C again to "
-                     b"abort without one)\n")
-        self.signal_name = self.signal_name or signal.Signals(signum).name
-
-    def agreed_reason(self) -> Optional[str]:
-        """Why every rank stops now, or None (a collective: every rank calls it at the same step)."""
-        if not dist.any_rank(self.signal_name is not None):
-            return None
-        return f"received {self.signal_name or 'a stop signal on another rank'}"
-
-
 class TrainingRun:
     KIND: str                      # "pretrain" | "finetune": which checkpoints it may resume
     cfg: Any                       # PretrainConfig or FinetuneConfig (OmegaConf, read-only)
     device: torch.device
     topology: Topology
     run_dir: Path
-    stop_request: StopRequest
+    stop_request: dist.StopRequest
     input_dtype: torch.dtype       # what the network's input is cast to (train.precision)
     checkpoints: CheckpointManager
     resume_ref: Optional[CheckpointRef]  # the checkpoint run.resume names, as rank 0 resolved it; None = fresh
@@ -99,8 +61,10 @@ class TrainingRun:
     monitor: NullMonitor           # (from `_open_monitor`)
     ema: Optional[EMA]             # (from `_start_ema`)
 
-    def __init__(self, cfg, env: dist.DistEnv, validate_config: Callable[[Any, int], None]):
+    def __init__(self, cfg, env: dist.DistEnv, validate_config: Callable[[Any, int], None],
+                 stop_request: Optional[dist.StopRequest] = None):
         self.cfg = cfg
+        self.stop_request = stop_request or dist.StopRequest()
         # ZeRO calls a collective that torch deprecates, every step: noise for our users.
         warnings.filterwarnings("ignore", message=".*all_gather_into_tensor", category=FutureWarning)
         self.device = dist.init_distributed(env)
@@ -109,7 +73,6 @@ class TrainingRun:
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32_matmul
         self.topology = Topology.of_run(env.world_size, cfg)
         self.run_dir = Path(cfg.run.dir)
-        self.stop_request = StopRequest()
         self.input_dtype = PRECISION_DTYPES[cfg.train.precision]
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.run.keep_last)
         self.resume_ref = agreed_resume(cfg.run.resume, self.checkpoints.root)
@@ -185,6 +148,15 @@ class TrainingRun:
         """Validation and images see the EMA weights when there is an EMA (they are what gets exported)."""
         return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
+    # ----------------------------------------------------------------------------- checkpoints
+    def _save_checkpoint(self, client_state: Dict[str, Any]) -> CheckpointRef:
+        """Save (every rank) and say how long it took: after a stop signal, SLURM waits only so long."""
+        started = time.perf_counter()
+        ref = self.checkpoints.save(self.engine, self.step, self.topology, client_state, self.cfg,
+                                    self._ema_state())
+        self.monitor.print(f"saved checkpoint {ref.path} in {time.perf_counter() - started:.1f} s")
+        return ref
+
     # ----------------------------------------------------------------------------- resume
     def _load_checkpoint(self, ref: CheckpointRef) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:
         """Load `ref` into the engine and take its step. Saved at this run's topology, everything loads
@@ -234,8 +206,10 @@ class TrainingRun:
         """Why every rank stops after this step, or None: a stop signal on any rank, the end of
         training (`finished`), or `run.stop_after_steps` steps in this process. A collective (the
         signal flag is agreed through all_reduce): every rank calls it at the same step."""
-        if signalled := self.stop_request.agreed_reason():
-            return signalled
+        return self.stop_request.agreed_reason() or self._planned_stop_reason(steps_this_run, finished)
+
+    def _planned_stop_reason(self, steps_this_run: int, finished: bool) -> Optional[str]:
+        """`_stop_reason` without the signals (no collective)."""
         if finished:
             return "finished"
         limit = self.cfg.run.stop_after_steps

@@ -28,19 +28,20 @@ class Trainer(TrainingRun):
     stream: Any                    # iterable of uint8 batches with state_dict()/load_state_dict()
     val_batches: List[Dict[str, torch.Tensor]]
     first_val_psnr: Optional[float]  # validation PSNR before any training (kept across resumes)
-    last_val: Dict[str, float]
+    last_val: Dict[str, float]     # the latest validation's metrics (kept across resumes)
+    last_val_step: Optional[int]   # and its step
 
-    def __init__(self, cfg, env: dist.DistEnv):
+    def __init__(self, cfg, env: dist.DistEnv, stop_request: Optional[dist.StopRequest] = None):
         from m2r.data import build_train_stream, build_val_set
 
-        super().__init__(cfg, env, validate_pretrain_config)
+        super().__init__(cfg, env, validate_pretrain_config, stop_request)
         train = cfg.train
         self._start_engine(self._build_model(train.activation_checkpointing))
         self.stream = build_train_stream(cfg.data, seed=train.seed, rank=env.rank, world_size=env.world_size,
                                          micro_batch=train.micro_batch, crop=train.crop)
         self.val_batches = build_val_set(cfg.data, train.crop)
         self._start_ema()
-        self.first_val_psnr, self.last_val = None, {}
+        self.first_val_psnr, self.last_val, self.last_val_step = None, {}, None
         saved_rng = self._resume(self.resume_ref) if self.resume_ref is not None else None
         self._stream_iter = iter(self.stream)
         self._seed_rng(saved_rng)
@@ -95,7 +96,8 @@ class Trainer(TrainingRun):
             self.stream.start_fresh(self.step)
             self._warn_topology_change(ref, "the data stream position (a fresh stream is drawn, seeded by the step)")
         self._restore_ema(ref)
-        self.first_val_psnr, self.last_val = client.get("first_val_psnr"), client.get("last_val") or {}
+        self.first_val_psnr = client.get("first_val_psnr")
+        self.last_val, self.last_val_step = client.get("last_val") or {}, client.get("last_val_step")
         dist.print0(f"resumed from {ref.path} at step {self.step}")
         return saved_rng
 
@@ -147,6 +149,7 @@ class Trainer(TrainingRun):
         with self._validation_weights():
             self.last_val = evaluate(self.engine, self.val_batches, self.device, self.input_dtype,
                                      type_names(self.cfg.data.preset))
+        self.last_val_step = self.step
         if self.first_val_psnr is None:
             self.first_val_psnr = self.last_val["psnr"]
         self.monitor.log_val(self.step, self.last_val)
@@ -168,10 +171,9 @@ class Trainer(TrainingRun):
         states = dist.all_gather_object({"rng": capture_rng_state(), "stream": self.stream.state_dict()})
         client = {"step": self.step, "rng_states": [s["rng"] for s in states],
                   "stream_states": [s["stream"] for s in states], "first_val_psnr": self.first_val_psnr,
-                  "last_val": self.last_val, "config": OmegaConf.to_container(self.cfg, resolve=True)}
-        ref = self.checkpoints.save(self.engine, self.step, self.topology, client, self.cfg, self._ema_state())
-        self.monitor.print(f"saved checkpoint {ref.path}")
-        return ref
+                  "last_val": self.last_val, "last_val_step": self.last_val_step,
+                  "config": OmegaConf.to_container(self.cfg, resolve=True)}
+        return self._save_checkpoint(client)
 
     def fit(self) -> int:
         """Train until done, stopped or signalled; always leaves a checkpoint. Returns the exit code (0)."""
@@ -183,23 +185,24 @@ class Trainer(TrainingRun):
     def _train(self) -> int:
         run = self.cfg.run
         self.engine.train()
-        if self.step == 0:
+        if self._validation_due() and self.last_val_step != self.step:   # the first one, or one a stop signal skipped
             self.validate()
-            if run.image_every:
-                self.log_images()
+        if self.step == 0 and run.image_every:
+            self.log_images()
         timer, steps_this_run, last_saved = StepTimer(), 0, self.step
-        while (reason := self._stop_reason(steps_this_run, finished=self.step >= self.cfg.train.steps)) is None:
+        reason = self._stop_reason(steps_this_run, finished=self.step >= self.cfg.train.steps)
+        while reason is None:
             result = self.train_step(timer)
             steps_this_run += 1
             timer.end_step(self.cfg.train.micro_batch * self.cfg.train.grad_accum * dist.world_size())
             self._report_step(result, timer)
-            if self.step % run.val_every == 0 or self.step == self.cfg.train.steps:
-                self.validate()
-            if run.image_every and self.step % run.image_every == 0:
-                self.log_images()
-            if self.step % run.save_every == 0:
-                self.save_checkpoint()
-                last_saved = self.step
+            # After a stop signal the time left (SLURM's warning margin, or its kill wait after a
+            # SIGTERM) goes to the checkpoint alone: validation and images wait for the resumed run.
+            signalled = self.stop_request.agreed_reason()
+            if not signalled:
+                self._periodic_work()
+                last_saved = self.step if self.step % run.save_every == 0 else last_saved
+            reason = signalled or self._planned_stop_reason(steps_this_run, finished=self.step >= self.cfg.train.steps)
             timer.restart()
         if last_saved != self.step:
             self.save_checkpoint()
@@ -208,10 +211,21 @@ class Trainer(TrainingRun):
         self.monitor.close()
         return 0
 
+    def _validation_due(self) -> bool:
+        return self.step % self.cfg.run.val_every == 0 or self.step == self.cfg.train.steps
+
+    def _periodic_work(self) -> None:
+        """What falls due after the step just taken: validation, an image grid, a checkpoint."""
+        run = self.cfg.run
+        if self._validation_due():
+            self.validate()
+        if run.image_every and self.step % run.image_every == 0:
+            self.log_images()
+        if self.step % run.save_every == 0:
+            self.save_checkpoint()
+
     def _print_demo_summary(self) -> None:
         if self.cfg.run.demo_summary and self.step >= self.cfg.train.steps:
-            if not self.last_val:  # resumed a finished run from a checkpoint that predates last_val
-                self.validate()
             dist.print0(f"demo: val PSNR before {self.first_val_psnr:.2f} dB, after {self.last_val['psnr']:.2f} dB")
             dist.print0(f"demo: (the degraded inputs themselves score {self._input_psnr():.2f} dB)")
 
