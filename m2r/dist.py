@@ -9,6 +9,7 @@ Three launch styles are recognised, in this order:
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib
 import os
 import pickle
@@ -166,8 +167,9 @@ def _skip_deepspeed_shm_build() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
-def init_distributed(env: DistEnv) -> torch.device:
-    """Start DeepSpeed's process group (nccl on GPUs, gloo on CPU) and return this rank's device."""
+def init_distributed(env: DistEnv, timeout: Optional[datetime.timedelta] = None) -> torch.device:
+    """Start DeepSpeed's process group (nccl on GPUs, gloo on CPU) and return this rank's device.
+    `timeout`: how long a collective may wait (DeepSpeed's default: 10 minutes)."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     _skip_deepspeed_shm_build()
@@ -175,7 +177,7 @@ def init_distributed(env: DistEnv) -> torch.device:
 
     device = device_for(env)
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                               auto_mpi_discovery=False)
+                               auto_mpi_discovery=False, **({"timeout": timeout} if timeout else {}))
     return device
 
 

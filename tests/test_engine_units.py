@@ -121,6 +121,16 @@ def test_invalid_combinations_name_their_key(repo_root, override, world, key):
         validate_pretrain_config(tiny_config(repo_root, override), world_size=world)
 
 
+def test_the_collective_timeout_is_checked_before_the_process_group_starts(repo_root):
+    import datetime
+
+    from m2r.engine.config import collective_timeout
+
+    assert collective_timeout(tiny_config(repo_root).run) == datetime.timedelta(minutes=30)
+    with pytest.raises(ConfigError, match=r"run\.collective_timeout_minutes"):
+        collective_timeout(tiny_config(repo_root, "run.collective_timeout_minutes=0").run)
+
+
 # ----------------------------------------------------------------------------------- schedule
 def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_the_floor():
     train = SimpleNamespace(lr=1e-3, min_lr=1e-5, warmup_steps=4, steps=104)

@@ -3,6 +3,7 @@
 `configs/pretrain/*.yaml` override these defaults (and may mount a model file with
 `_base_: [../model/tiny.yaml@model]`); `key=value` arguments override the file.
 """
+import datetime
 from dataclasses import dataclass, field
 from typing import List
 
@@ -53,6 +54,9 @@ class RunOutputConfig:
     progress_bar: bool = True        # tqdm bar when stdout is a terminal
     tensorboard: bool = True         # TensorBoard event files under run.dir/tensorboard (metrics.jsonl always)
     stop_after_steps: int = 0        # leave after this many steps in this process (checkpoint first); 0 = never
+    # How long a rank waits in a collective before the job fails (NCCL's watchdog, gloo): longer than a
+    # first compiled step or a checkpoint save on a slow filesystem, short enough to free a hung job.
+    collective_timeout_minutes: int = 30
 
 
 @dataclass
@@ -95,6 +99,13 @@ def validate_pretrain_config(cfg, world_size: int) -> None:
     require(cfg.data.val_samples_per_type > 0, "data.val_samples_per_type", cfg.data.val_samples_per_type,
             "must be positive")
     check_expert_parallel(moe, world_size)
+
+
+def collective_timeout(run) -> datetime.timedelta:
+    """`run.collective_timeout_minutes`, checked (before the process group starts, so before the other checks)."""
+    require(run.collective_timeout_minutes > 0, "run.collective_timeout_minutes", run.collective_timeout_minutes,
+            "must be positive")
+    return datetime.timedelta(minutes=run.collective_timeout_minutes)
 
 
 def check_loader_settings(data) -> None:

@@ -20,6 +20,7 @@ from m2r import dist
 from m2r.config import ConfigError, flatten, save_config
 from m2r.engine.checkpoint import (CheckpointManager, CheckpointRef, Topology, agreed_resume, complete_tags,
                                    load_ema_states, load_weights_only, reseed, restore_rng_state)
+from m2r.engine.config import collective_timeout
 from m2r.engine.deepspeed_config import (build_deepspeed_config, gradient_accumulation_dtype,
                                          gradient_reduction_dtype)
 from m2r.engine.loss import restoration_loss
@@ -29,7 +30,8 @@ from m2r.engine.validate import to_unit_float
 from m2r.models.config import require_same_network
 
 # Settings of one process, expected to differ between the runs that continue one another.
-PER_PROCESS_KEYS = frozenset({"run.resume", "run.stop_after_steps", "run.stop_after_epochs"})
+PER_PROCESS_KEYS = frozenset({"run.resume", "run.stop_after_steps", "run.stop_after_epochs",
+                              "run.collective_timeout_minutes"})
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -67,7 +69,7 @@ class TrainingRun:
         self.stop_request = stop_request or dist.StopRequest()
         # ZeRO calls a collective that torch deprecates, every step: noise for our users.
         warnings.filterwarnings("ignore", message=".*all_gather_into_tensor", category=FutureWarning)
-        self.device = dist.init_distributed(env)
+        self.device = dist.init_distributed(env, collective_timeout(cfg.run))
         validate_config(cfg, env.world_size)
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32_matmul
