@@ -188,6 +188,23 @@ def test_checkpoints_keep_the_last_k_and_point_latest_at_the_newest(tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path):
+    """Else pruning would keep the abandoned branch's newest tag, and the `latest` fallback take it."""
+    from m2r.engine.checkpoint import CheckpointRef, set_aside_newer_tags
+
+    manager, config = CheckpointManager(tmp_path, keep_last=2), load_config(PretrainConfig)
+    for step in (20, 40, 60):
+        manager.save(FakeEngine(), step, Topology(1, 1, "fp32", 1), {"step": step}, config)
+    assert set_aside_newer_tags(CheckpointRef(tmp_path, tag_for(40)), tmp_path) == [tag_for(60)]
+    manager.save(FakeEngine(), 50, Topology(1, 1, "fp32", 1), {"step": 50}, config)
+    (tmp_path / "latest").unlink()
+    assert manager.tags() == [tag_for(40), tag_for(50)]
+    with pytest.warns(UserWarning, match="resuming from the newest complete checkpoint, step00000050"):
+        assert resolve_resume("latest", tmp_path).tag == tag_for(50)
+    assert saved_step(tmp_path / "abandoned" / tag_for(60)) == 60
+    assert set_aside_newer_tags(CheckpointRef(tmp_path, tag_for(50)), tmp_path / "elsewhere") == []
+
+
 @pytest.mark.parametrize("settings", [["train.precision=fp32"], ["train.precision=bf16", "train.zero_stage=2"]])
 def test_a_checkpoint_saved_before_meta_recorded_precision_reads_it_from_its_config(tmp_path, settings):
     """So a run requeued across that change still resumes exactly."""

@@ -117,6 +117,9 @@ def is_complete(tag_dir: Path) -> bool:
     return (tag_dir / META_FILE).is_file()
 
 
+ABANDONED_DIR = "abandoned"   # newer checkpoints set aside when a run resumes an older one
+
+
 def tags_in(root: Path) -> List[str]:
     """The `step<N>` directories under root, oldest first (complete or not)."""
     if not root.is_dir():
@@ -182,6 +185,25 @@ def agreed_resume(resume: str, run_checkpoints: Path) -> Optional[CheckpointRef]
     """`resolve_resume` as rank 0 sees it, on every rank (a shared filesystem may lag on the others),
     its error too."""
     return dist.on_rank0(lambda: resolve_resume(resume, run_checkpoints))
+
+
+def set_aside_newer_tags(ref: CheckpointRef, run_checkpoints: Path) -> List[str]:
+    """A run resumed from one of its older checkpoints abandons the newer ones: they move to
+    `<checkpoints>/abandoned/` (kept for the user, out of pruning's and the `latest` fallback's sight,
+    which would otherwise take the newest tag of the abandoned branch). Returns the tags moved."""
+    if Path(ref.root).resolve() != Path(run_checkpoints).resolve():
+        return []
+    newer = [tag for tag in tags_in(ref.root) if tag > ref.tag]
+    abandoned = ref.root / ABANDONED_DIR
+    for tag in newer:
+        abandoned.mkdir(exist_ok=True)
+        target = abandoned / tag
+        while target.exists():   # abandoned twice
+            target = target.with_name(target.name + "+")
+        os.replace(ref.root / tag, target)
+    if newer:
+        fsync_directory(ref.root)
+    return newer
 
 
 def load_weights_only(engine, ref: CheckpointRef) -> Dict[str, Any]:

@@ -18,8 +18,9 @@ from omegaconf import OmegaConf
 
 from m2r import dist
 from m2r.config import ConfigError, flatten, save_config
-from m2r.engine.checkpoint import (CheckpointManager, CheckpointRef, Topology, agreed_resume, complete_tags,
-                                   load_ema_states, load_weights_only, reseed, restore_rng_state)
+from m2r.engine.checkpoint import (ABANDONED_DIR, CheckpointManager, CheckpointRef, Topology, agreed_resume,
+                                   complete_tags, load_ema_states, load_weights_only, reseed, restore_rng_state,
+                                   set_aside_newer_tags)
 from m2r.engine.config import collective_timeout
 from m2r.engine.deepspeed_config import (build_deepspeed_config, gradient_accumulation_dtype,
                                          gradient_reduction_dtype)
@@ -80,7 +81,14 @@ class TrainingRun:
         self.resume_ref = agreed_resume(cfg.run.resume, self.checkpoints.root)
         if self.resume_ref is not None:
             dist.on_rank0(lambda: self._check_resumable(self.resume_ref))
+            self._set_aside_newer_checkpoints(self.resume_ref)
         self.step = 0
+
+    def _set_aside_newer_checkpoints(self, ref: CheckpointRef) -> None:
+        moved = dist.on_rank0(lambda: set_aside_newer_tags(ref, self.checkpoints.root))
+        if moved:
+            dist.print0(f"resume: {ref.tag} is older than this run's {', '.join(moved)}, which this run abandons: "
+                        f"moved to {self.checkpoints.root / ABANDONED_DIR} (delete them when no longer needed)")
 
     def _check_resumable(self, ref: CheckpointRef) -> None:
         """A checkpoint of this kind of run and of the same network; other changed settings are named."""
