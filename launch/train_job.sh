@@ -14,7 +14,8 @@
 # (#SBATCH --signal=B:USR1@<margin>). We pass it on to the job step; srun delivers it to every
 # process of the step. The trainer raises a flag, all ranks agree at the next step boundary, save a
 # checkpoint and exit 0. Then we requeue the job: it restarts with SLURM_RESTART_COUNT + 1 and the
-# trainer resumes from the newest checkpoint (run.resume=latest is the default).
+# trainer resumes from the newest checkpoint (run.resume=latest is the default). A USR1 sent to the
+# ranks alone does the same (they say so in $M2R_STOP_FILE).
 
 set -euo pipefail
 
@@ -76,6 +77,10 @@ export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 
 mkdir -p "$LOG_DIR"
 run_log="$LOG_DIR/${SLURM_JOB_NAME}-${SLURM_JOB_ID}.restart${restart}.log"
+# Rank 0 writes here the signal that stopped an unfinished run (m2r/engine/run.py): a USR1 sent to the
+# ranks only (scancel --signal=USR1 without --batch) asks for a requeue too, though our trap never saw it.
+export M2R_STOP_FILE="$LOG_DIR/${SLURM_JOB_NAME}-${SLURM_JOB_ID}.restart${restart}.stop"
+rm -f "$M2R_STOP_FILE"
 log "job $SLURM_JOB_ID restart $restart: $SLURM_JOB_NUM_NODES node(s) x $GPUS_PER_NODE rank(s), launcher $LAUNCHER," \
     "master $MASTER_ADDR:$MASTER_PORT"
 log "  $ENTRY --config $CONFIG ${OVERRIDES}"
@@ -118,5 +123,6 @@ done
 log "training step exited with status $status"
 
 # Requeue only a step that saved and stopped cleanly: a failing one would fail again, slot after slot.
-if (( warned && status == 0 )); then requeue; fi
+stopped_by=$(cat "$M2R_STOP_FILE" 2>/dev/null || true)
+if (( status == 0 )) && { (( warned )) || [[ $stopped_by == SIGUSR1 ]]; }; then requeue; fi
 exit "$status"

@@ -55,6 +55,7 @@ class StopRequest:
 
     def __init__(self):
         self.signal_name: Optional[str] = None   # the first stop signal received
+        self.agreed_signal: Optional[str] = None   # the one all ranks stop for, once they have agreed
         self.interrupts = 0
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
@@ -70,10 +71,14 @@ class StopRequest:
         self.signal_name = self.signal_name or signal.Signals(signum).name
 
     def agreed_reason(self) -> Optional[str]:
-        """Why every rank stops now, or None (a collective: every rank calls it at the same step)."""
-        if not any_rank(self.signal_name is not None):
+        """Why every rank stops now, or None (a collective: every rank calls it at the same step). The
+        ranks agree on the signal too (the highest number of those received), in `agreed_signal`."""
+        received = signal.Signals[self.signal_name].value if self.signal_name else 0
+        agreed = max_over_ranks(received)
+        if not agreed:
             return None
-        return f"received {self.signal_name or 'a stop signal on another rank'}"
+        self.agreed_signal = signal.Signals(agreed).name
+        return f"received {self.agreed_signal}" + ("" if received == agreed else " (on another rank)")
 
 
 def shut_down_workers(batches) -> None:
@@ -257,13 +262,13 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank if `flag` is true on at least one (all_reduce MAX): call it on all ranks."""
+def max_over_ranks(value: int) -> int:
+    """The largest of every rank's `value` (all_reduce MAX), on every rank: call it on all ranks."""
     if not is_initialized():
-        return flag
-    value = torch.tensor([int(flag)], device=_collective_device())
-    torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
-    return bool(value.item())
+        return value
+    tensor = torch.tensor([value], device=_collective_device())
+    torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
+    return int(tensor.item())
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

@@ -54,3 +54,20 @@ def test_tiling_and_limit_values_are_checked_before_anything_runs(args, message,
     with pytest.raises(SystemExit) as exit_info:
         evaluate.parse_args(["--weights", "w.safetensors", "--dataset", "cdd11", "--root", "r", "--out", "o", *args])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_run_dir_in_use_by_another_run_is_refused(tmp_path):
+    """Two runs on one run.dir would prune, resume and overwrite each other's checkpoints."""
+    import fcntl
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with open(run_dir / ".lock", "w") as held:   # as the other run's rank 0 holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("pid 12345 on node7, SLURM job 99\n")
+        held.flush()
+        result = run_python(["pretrain.py", "--config", "configs/pretrain/tiny-test.yaml", f"run.dir={run_dir}"],
+                            REPO_ROOT)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"error: config error: key 'run.dir': {run_dir} is in use by another run "
+                                    "(pid 12345 on node7, SLURM job 99)")

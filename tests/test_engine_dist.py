@@ -5,6 +5,7 @@ read from what the runs wrote before teardown (metrics.jsonl, TensorBoard, check
 """
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -178,6 +179,17 @@ def test_the_ema_is_saved_once_and_resumes_exactly(resume_runs):
     resumed, uninterrupted = load_ema_states(split), load_ema_states(straight)
     assert sorted(resumed) == sorted(uninterrupted)
     assert all(torch.equal(resumed[name], uninterrupted[name]) for name in resumed)
+
+
+def test_a_resume_with_other_data_settings_draws_a_fresh_stream_and_says_so(resume_runs, tmp_path):
+    """data.workers changes when a requeued job lands on nodes with other CPU counts."""
+    run_dir = tmp_path / "copy"
+    shutil.copytree(resume_runs["split"], run_dir)
+    settings = [o for o in RESUME if not o.startswith(("data.workers", "train.steps"))]
+    output = pretrain(run_dir, *settings, "data.workers=2", "train.steps=7")
+    assert "WARNING: data settings changed since step00000006 (data stream state does not match this run: " \
+           "workers 1 -> 2)" in output
+    assert "stopping at step 7: finished" in output
 
 
 def test_a_refusal_decided_on_rank_0_reaches_every_rank_as_one_line(resume_runs):

@@ -130,11 +130,14 @@ def test_pretrain_sbatch_trains_on_two_nodes_to_the_configured_step(uninterrupte
     assert (uninterrupted.run_dir / "checkpoints" / f"step{STEPS:08d}").is_dir()
 
 
-def test_warning_signal_checkpoints_requeues_and_resumes_with_identical_losses(cluster, uninterrupted, tmp_path):
+@pytest.mark.parametrize("scancel_flags", [("--batch",), ()], ids=["to the batch shell", "to the ranks only"])
+def test_warning_signal_checkpoints_requeues_and_resumes_with_identical_losses(cluster, uninterrupted, tmp_path,
+                                                                                scancel_flags):
+    """`--batch`: what `#SBATCH --signal=B:USR1@300` makes slurmctld do near the time limit, sent now; the
+    script's trap forwards it. Without: the ranks alone get it, and tell the script through M2R_STOP_FILE."""
     job = submit(cluster, tmp_path)
     job.wait_for_step(2, timeout=120)
-    # What `#SBATCH --signal=B:USR1@300` makes slurmctld do near the time limit, sent now.
-    cluster.run("scancel", "--batch", "--signal=USR1", str(job.job_id))
+    cluster.run("scancel", *scancel_flags, "--signal=USR1", str(job.job_id))
 
     fields = job.wait_until_final(timeout=180)
     assert_completed(job, fields)

@@ -290,11 +290,20 @@ class TrainStream:
         saved, current = state["plan"], self._fingerprint()
         differing = {k: (saved.get(k), current[k]) for k in current if _jsonish(saved.get(k)) != _jsonish(current[k])}
         if differing:
-            raise ValueError(f"data stream state does not match this run (saved, current): {differing}")
+            raise StreamMismatch(differing)
         self._batches = int(state["batches"])
         self._cursors = [tuple(int(v) for v in c) for c in state["cursors"]]
         self._type_counts = [int(v) for v in state["type_counts"]]
         self._corrupt = int(state["corrupt"])
+
+
+class StreamMismatch(ValueError):
+    """A saved stream position from a stream drawn with other settings; `differing`: name -> (saved, now)."""
+
+    def __init__(self, differing: dict):
+        self.differing = differing
+        changes = ", ".join(f"{name} {saved!r} -> {now!r}" for name, (saved, now) in differing.items())
+        super().__init__(f"data stream state does not match this run: {changes}")
 
 
 def _jsonish(value):

@@ -347,6 +347,7 @@ class Finetuner(TrainingRun):
         while self.epoch < self.cfg.train.epochs:
             if reason := self.run_epoch():
                 self.save_checkpoint()
+                self._tell_the_job_script(finished=False)
                 self.monitor.print(f"{reason} in epoch {self.epoch} at step {self.step}")
                 break
             metrics = self.validate()

@@ -8,6 +8,9 @@ and reports each optimizer step through `_log_train_step`.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
+import socket
 import time
 import warnings
 from pathlib import Path
@@ -17,6 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from m2r import dist
+from m2r.atomic import write_text_atomically
 from m2r.config import ConfigError, flatten, save_config
 from m2r.engine.checkpoint import (ABANDONED_DIR, CheckpointManager, CheckpointRef, Topology, agreed_resume,
                                    complete_tags, load_ema_states, load_weights_only, reseed, restore_rng_state,
@@ -33,6 +37,8 @@ from m2r.models.config import require_same_network
 # Settings of one process, expected to differ between the runs that continue one another.
 PER_PROCESS_KEYS = frozenset({"run.resume", "run.stop_after_steps", "run.stop_after_epochs",
                               "run.collective_timeout_minutes"})
+RUN_LOCK_FILE = ".lock"
+STOP_FILE_VARIABLE = "M2R_STOP_FILE"   # see TrainingRun._tell_the_job_script
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -76,6 +82,7 @@ class TrainingRun:
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32_matmul
         self.topology = Topology.of_run(env.world_size, cfg)
         self.run_dir = Path(cfg.run.dir)
+        dist.on_rank0(self._lock_run_dir)
         self.input_dtype = PRECISION_DTYPES[cfg.train.precision]
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.run.keep_last)
         self.resume_ref = agreed_resume(cfg.run.resume, self.checkpoints.root)
@@ -83,6 +90,24 @@ class TrainingRun:
             dist.on_rank0(lambda: self._check_resumable(self.resume_ref))
             self._set_aside_newer_checkpoints(self.resume_ref)
         self.step = 0
+
+    def _lock_run_dir(self) -> None:
+        """Rank 0 holds an exclusive lock on run.dir for the whole run (the kernel frees it when the process
+        ends, however it ends): a second run on the same directory, or a run restarted while orphaned ranks
+        of the previous one still train, would prune, resume and overwrite the other's checkpoints."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        lock_path = self.run_dir / RUN_LOCK_FILE
+        self._run_lock = open(lock_path, "a+")
+        try:
+            fcntl.flock(self._run_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = lock_path.read_text().strip() or "unknown"
+            raise ConfigError(f"config error: key 'run.dir': {self.run_dir} is in use by another run ({holder}); "
+                              "wait for it to end (or kill its ranks), or choose another run.dir") from None
+        self._run_lock.truncate(0)
+        self._run_lock.write(f"pid {os.getpid()} on {socket.gethostname()}, SLURM job "
+                             f"{os.environ.get('SLURM_JOB_ID', 'none')}\n")
+        self._run_lock.flush()
 
     def _set_aside_newer_checkpoints(self, ref: CheckpointRef) -> None:
         moved = dist.on_rank0(lambda: set_aside_newer_tags(ref, self.checkpoints.root))
@@ -217,6 +242,14 @@ class TrainingRun:
         training (`finished`), or `run.stop_after_steps` steps in this process. A collective (the
         signal flag is agreed through all_reduce): every rank calls it at the same step."""
         return self.stop_request.agreed_reason() or self._planned_stop_reason(steps_this_run, finished)
+
+    def _tell_the_job_script(self, finished: bool) -> None:
+        """Under launch/train_job.sh (which sets M2R_STOP_FILE), rank 0 writes the signal that stopped an
+        unfinished run there: the script requeues after SIGUSR1 even when the signal went to the ranks
+        only (`scancel --signal=USR1` without --batch), which its own trap never sees."""
+        path = os.environ.get(STOP_FILE_VARIABLE)
+        if path and dist.is_rank0() and self.stop_request.agreed_signal and not finished:
+            write_text_atomically(path, self.stop_request.agreed_signal + "\n")
 
     def _planned_stop_reason(self, steps_this_run: int, finished: bool) -> Optional[str]:
         """`_stop_reason` without the signals (no collective)."""

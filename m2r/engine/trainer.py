@@ -91,7 +91,7 @@ class Trainer(TrainingRun):
         and ep_size), None otherwise."""
         client, saved_rng = self._load_checkpoint(ref)
         if saved_rng is not None:  # exact: the data stream continues where it stopped
-            self.stream.load_state_dict(client["stream_states"][dist.rank()])
+            self._continue_stream(client["stream_states"][dist.rank()], ref)
         else:
             self.stream.start_fresh(self.step)
             self._warn_topology_change(ref, "the data stream position (a fresh stream is drawn, seeded by the step)")
@@ -100,6 +100,18 @@ class Trainer(TrainingRun):
         self.last_val, self.last_val_step = client.get("last_val") or {}, client.get("last_val_step")
         dist.print0(f"resumed from {ref.path} at step {self.step}")
         return saved_rng
+
+    def _continue_stream(self, saved_state: Dict[str, Any], ref: CheckpointRef) -> None:
+        """The stream where it stopped; if data settings changed since (data.workers on a node with other
+        CPUs, a batch or crop size, the shards), a fresh one, the rest of the resume staying exact."""
+        from m2r.data.stream import StreamMismatch
+
+        try:
+            self.stream.load_state_dict(saved_state)
+        except StreamMismatch as mismatch:
+            self.stream.start_fresh(self.step)
+            dist.print0(f"WARNING: data settings changed since {ref.tag} ({mismatch}): a fresh data stream is "
+                        f"drawn from step {self.step}; weights, optimizer and RNG continue exactly")
 
     # ----------------------------------------------------------------------------- training
     def _next_batch(self, timer: StepTimer) -> Dict[str, torch.Tensor]:
@@ -206,6 +218,7 @@ class Trainer(TrainingRun):
             timer.restart()
         if last_saved != self.step:
             self.save_checkpoint()
+        self._tell_the_job_script(finished=self.step >= self.cfg.train.steps)
         self.monitor.print(f"stopping at step {self.step}: {reason}")
         self._print_demo_summary()
         self.monitor.close()
