@@ -25,10 +25,19 @@ die() { echo "[$(date '+%F %T')] error: $*" >&2; exit 2; }
 # Installed first: bash's default action for USR1 would end the job without a requeue.
 warned=0
 step_pid=
+resender_pid=
 forward_warning() {
     warned=1
     log "time-limit warning (USR1): asking the trainer to checkpoint and stop"
-    if [[ -n $step_pid ]]; then kill -USR1 "$step_pid" 2>/dev/null || true; fi
+    if [[ -n $step_pid ]]; then
+        kill -USR1 "$step_pid" 2>/dev/null || true
+        # Ranks still starting Python ignore USR1 until the trainer's handler is installed: say it again
+        # every 30 s until the step has ended (the trainer acts on the first one it sees).
+        if [[ -z $resender_pid ]]; then
+            ( trap "" USR1; while sleep 30 && kill -USR1 "$step_pid" 2>/dev/null; do :; done ) &
+            resender_pid=$!
+        fi
+    fi
 }
 trap forward_warning USR1
 
@@ -120,6 +129,7 @@ while kill -0 "$step_pid" 2>/dev/null; do
     status=0
     wait "$step_pid" || status=$?
 done
+if [[ -n $resender_pid ]]; then kill "$resender_pid" 2>/dev/null || true; fi
 log "training step exited with status $status"
 
 # Requeue only a step that saved and stopped cleanly: a failing one would fail again, slot after slot.

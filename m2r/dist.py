@@ -174,7 +174,7 @@ def _skip_deepspeed_shm_build() -> None:
 
 def init_distributed(env: DistEnv, timeout: Optional[datetime.timedelta] = None) -> torch.device:
     """Start DeepSpeed's process group (nccl on GPUs, gloo on CPU) and return this rank's device.
-    `timeout`: how long a collective may wait (DeepSpeed's default: 10 minutes)."""
+    `timeout`: how long a collective may wait, in every group DeepSpeed creates (its default: 10 minutes)."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     _skip_deepspeed_shm_build()
@@ -183,7 +183,18 @@ def init_distributed(env: DistEnv, timeout: Optional[datetime.timedelta] = None)
     device = device_for(env)
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                auto_mpi_discovery=False, **({"timeout": timeout} if timeout else {}))
+    if timeout:
+        _give_new_groups_the_timeout(timeout)
     return device
+
+
+def _give_new_groups_the_timeout(timeout: datetime.timedelta) -> None:
+    """The default group has `timeout`, but DeepSpeed creates the groups a training step runs its
+    collectives in (expert all-to-all, expert and data-parallel gradient reductions) with torch's default
+    instead (10 minutes on NCCL): its backend's `new_group` now passes `timeout` on."""
+    from deepspeed.comm import comm as deepspeed_comm
+
+    deepspeed_comm.cdb.new_group = lambda ranks: torch_dist.new_group(ranks, timeout=timeout)
 
 
 def is_initialized() -> bool:
@@ -214,7 +225,8 @@ def destroy_process_group() -> None:
 
 
 def rank() -> int:
-    return torch_dist.get_rank() if is_initialized() else 0
+    """This process's rank; before the process group starts, the launcher's RANK (0 without one)."""
+    return torch_dist.get_rank() if is_initialized() else int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:
@@ -292,6 +304,8 @@ def all_gather_object(obj: Any) -> List[Any]:
 def on_rank0(work: Callable[[], Any]) -> Any:
     """`work()` on rank 0 alone, its result on every rank. What it raises (a missing file, a refused
     setting) is raised on every rank, which would otherwise wait for rank 0 forever."""
+    if not is_initialized():   # one process
+        return work()
     outcome, own_error = None, None
     if is_rank0():
         try:

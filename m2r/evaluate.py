@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 
@@ -146,15 +146,23 @@ def write_results(records: Sequence[dict], sets: Sequence[str], protocols: Seque
     print(table, end="", flush=True)
 
 
+def listed_sets(args) -> Dict[str, List[Pair]]:
+    """The pairs of each set to evaluate (the first --limit of each), their headers checked."""
+    sets = evaluation_sets(args.dataset, args.root, [s for s in args.sets.split(",") if s] or None)
+    if args.limit:
+        sets = {name: pairs[: args.limit] for name, pairs in sets.items()}
+    check_pairs([pair for pairs in sets.values() for pair in pairs])
+    return sets
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     protocols = parse_protocols(args.metrics)
     accelerator = make_accelerator(args.precision)
-    sets = evaluation_sets(args.dataset, args.root, [s for s in args.sets.split(",") if s] or None)
-    if args.limit:
-        sets = {name: pairs[: args.limit] for name, pairs in sets.items()}
+    # Process 0 lists (and checks) the images for all: processes listing a shared folder themselves could
+    # disagree (a stale NFS listing) and score some images twice or not at all.
+    sets = dist.on_rank0(lambda: listed_sets(args))
     jobs = [pair for pairs in sets.values() for pair in pairs]
-    check_pairs(jobs)
     accelerator.print(f"evaluate: {len(jobs)} images in {len(sets)} sets ({', '.join(sets)}) on "
                       f"{accelerator.num_processes} process(es), metrics {','.join(protocols)}, "
                       f"precision {precision_name(accelerator)}", flush=True)

@@ -9,7 +9,7 @@ DeepSpeed's `zero_to_fp32.py` cannot read MoE checkpoints, so the merge is ours:
 - in bf16/fp16 runs those files hold rounded copies; the fp32 master weights live only in the ZeRO
   optimizer shards, whose per-rank fragments are stitched back together (rank order within each
   parameter's data-parallel group) and replace them;
-- `--ema` writes the EMA weights instead (merged from every rank's `ema_rank<R>.pt`).
+- `--ema` writes the EMA weights instead (merged from the tag's `ema_rank<R>.pt` files).
 The resolved config is written beside the weights (`<out>.yaml`, e.g. model.yaml), and
 `load_exported_model(path)` rebuilds the network from both with ep_size 1.
 """

@@ -276,6 +276,10 @@ def test_bf16_resumes_exactly_and_a_precision_change_loads_weights(tmp_path):
                  "train.precision=fp32", "train.steps=6")
     assert f"if its files are damaged, resume an older one with run.resume={dense.parent.parent / 'step00000004'}" \
         in str(failed.value)
+    older = pretrain(tmp_path / "split", *[s for s in settings if "precision" not in s and "steps" not in s],
+                     "train.precision=fp32", "train.steps=6", f"run.resume={dense.parent.parent / 'step00000004'}")
+    assert f"moved to {tmp_path / 'split' / 'checkpoints' / 'abandoned'}" in older
+    assert sorted(p.name for p in (tmp_path / "split" / "checkpoints" / "abandoned").iterdir()) == ["step00000005"]
 
 
 # ----------------------------------------------------------------------------------- preemption
@@ -302,6 +306,24 @@ def test_compiled_forward_trains_like_eager_under_zero2_bf16_and_expert_parallel
     assert compiled.keys() == eager.keys() == {1, 2}
     for step in eager:
         assert compiled[step] == pytest.approx(eager[step], rel=2e-2), (compiled, eager)
+
+
+@pytest.mark.parametrize("entry, config", [("pretrain.py", TINY), ("finetune.py", "configs/finetune/tiny-test.yaml")])
+def test_a_warning_during_start_up_stops_the_run_before_its_first_step(tmp_path, entry, config):
+    """Nothing is trained, validated or saved, and the job script is asked to requeue through M2R_STOP_FILE."""
+    from finetune_layouts import build_allweather
+
+    overrides = [f"run.dir={tmp_path / 'run'}", "run.image_every=0"] if entry == "pretrain.py" else \
+        [f"run.dir={tmp_path / 'run'}", f"data.root={build_allweather(tmp_path / 'aw', size=(40, 48), train=8)}"]
+    stop_file = tmp_path / "job.stop"
+    env = _env()
+    env["M2R_STOP_FILE"] = str(stop_file)
+    result = subprocess.run(torchrun_command(2, "tests/signal_at_start.py", entry, "--config", config, *overrides),
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "received SIGUSR1" in result.stdout and "val step" not in result.stdout
+    assert stop_file.read_text() == "SIGUSR1\n"
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_sigterm_saves_exits_zero_and_the_next_run_continues(tmp_path):

@@ -131,6 +131,28 @@ def test_the_collective_timeout_is_checked_before_the_process_group_starts(repo_
         collective_timeout(tiny_config(repo_root, "run.collective_timeout_minutes=0").run)
 
 
+def test_the_groups_deepspeed_creates_for_a_step_get_the_collective_timeout(repo_root):
+    """Not only the default group: the step's all-to-all and gradient reductions run in DeepSpeed's own."""
+    import subprocess
+    import sys
+
+    code = """
+import datetime, torch
+from m2r import dist
+dist.init_distributed(dist.discover_dist_env(), datetime.timedelta(minutes=3))
+from deepspeed.utils import groups
+groups._create_expert_and_data_parallel(1)
+for group in (groups._get_expert_parallel_group("ep_size_1"), groups._get_expert_data_parallel_group("ep_size_1"),
+              groups._get_data_parallel_group()):
+    print(group._get_backend(torch.device("cpu")).options._timeout)
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    result = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True,
+                            timeout=120, env=dict(env, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["0:03:00"] * 3
+
+
 # ----------------------------------------------------------------------------------- schedule
 def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_the_floor():
     train = SimpleNamespace(lr=1e-3, min_lr=1e-5, warmup_steps=4, steps=104)
@@ -479,7 +501,7 @@ def test_ctrl_c_asks_for_a_checkpoint_and_a_second_one_aborts(capfd):
                                               ("finetune", "m2r.engine.finetuner.Finetuner")])
 def test_a_stop_signal_during_start_up_reaches_the_run_instead_of_killing_the_rank(monkeypatch, entry, run_class):
     """SLURM's warning may come while the ranks still import, rendezvous or load a checkpoint: the run
-    is built knowing it, stops at its first step boundary with a checkpoint, and the job is requeued."""
+    is built knowing it (what it then does: test_engine_dist.py, a warning during start-up)."""
     import importlib.util
     import signal
 

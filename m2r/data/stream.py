@@ -1,16 +1,16 @@
 """Deterministic, resumable training stream and the fixed validation set.
 
 Each rank runs `max(1, data.workers)` logical workers. A logical worker reads the shards in rounds:
-round r draws shards from the whole corpus without replacement (a new permutation once all have
-been read) with a generator seeded by the ints (seed, rank, worker, r), keeps their undecoded bytes
-until `shuffle_buffer` samples are held, shuffles them and serves every one. Every worker draws from
-every shard, so each sample is equally likely whatever the number of shards, ranks and workers (a
-worker owning a fixed slice would serve the samples of a slice with fewer shards more often); two
-workers may hold the same sample in a round, as sampling with replacement would. Sample j of round r
-is cropped, augmented and degraded with a generator seeded by (seed, rank, worker, r, j).
-So the whole stream is a pure function of integers, and a worker's position is just (round,
-offset): the checkpointed state is those cursors plus counters, and resuming replays nothing but
-the current round's shard reads.
+round r draws distinct shards from the whole corpus (a random permutation, restarted only when one
+round needs more than the corpus) with a generator seeded by the ints (seed, rank, worker, r), keeps
+their undecoded bytes until `shuffle_buffer` samples are held, shuffles them and serves every one.
+Rounds are drawn independently, and every worker draws from every shard, so each sample is equally
+likely whatever the number of shards, ranks and workers (a worker owning a fixed slice would serve
+the samples of a slice with fewer shards more often); two workers may hold the same sample at once,
+as sampling with replacement would. Sample j of round r is cropped, augmented and degraded with a
+generator seeded by (seed, rank, worker, r, j). So the whole stream is a pure function of integers,
+and a worker's position is just (round, offset): the checkpointed state is those cursors plus
+counters, and resuming replays nothing but the current round's shard reads.
 
 Batches are made inside the workers and served in worker round-robin order by the DataLoader;
 after resuming at batch n, DataLoader worker i plays logical worker (i + n) % workers so the order
@@ -91,8 +91,8 @@ def _shard_draws(rng: np.random.Generator, count: int) -> Iterator[int]:
 
 
 class _ShardSource:
-    """Round = whole shards drawn from the corpus without replacement until `shuffle_buffer` samples,
-    shuffled. A record is (shard path, undecoded sample), so that errors can say where a sample lives."""
+    """Round = distinct whole shards drawn from the corpus until `shuffle_buffer` samples, shuffled. A
+    record is (shard path, undecoded sample), so that errors can say where a sample lives."""
 
     def __init__(self, plan: StreamPlan, worker: int):
         self.shards = plan.shards

@@ -2,8 +2,8 @@
 
 A tag directory holds DeepSpeed's files (dense `mp_rank_00_model_states.pt` with our client_state,
 `layer_<L>_expert_<E>_...` per global expert, ZeRO optimizer shards), our `meta.json` (step and
-topology, readable without torch) and, with EMA on, one `ema_rank<R>.pt` per rank keyed by global
-expert id. Every rank writes into `<tag>.partial`; once all have finished and every node has flushed
+topology, readable without torch) and, with EMA on, `ema_rank<R>.pt` files keyed by global expert
+id (rank 0's holds the dense weights, each expert shard's first replica its experts). Every rank writes into `<tag>.partial`; once all have finished and every node has flushed
 its files to disk, rank 0 adds meta.json, renames the directory to `<tag>` and only then points
 `latest` at it and deletes old tags. A tag is complete exactly when it holds meta.json; a crash at
 any moment leaves the last complete tag intact.

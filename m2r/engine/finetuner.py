@@ -343,6 +343,11 @@ class Finetuner(TrainingRun):
             dist.barrier()
 
     def fit(self) -> int:
+        if reason := self.stop_request.agreed_reason():   # during start-up: nothing new to save
+            self._tell_the_job_script(finished=False)
+            self.monitor.print(f"{reason} before the first step")
+            self.monitor.close()
+            return 0
         epochs_this_run = 0
         while self.epoch < self.cfg.train.epochs:
             if reason := self.run_epoch():

@@ -39,8 +39,8 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
 class EMA:
     """fp32 exponential moving average of this rank's trainable weights (dense + local experts).
 
-    Keys are topology independent (experts by global id), so EMA state saved by every rank
-    can be merged for export and reloaded at another world size or ep_size.
+    Keys are topology independent (experts by global id), so the parts the ranks save (see
+    `state_dict`) merge for export and reload at another world size or ep_size.
     """
 
     def __init__(self, model: nn.Module, decay: float):

@@ -171,13 +171,17 @@ class TrainingRun:
             self._start_ema()
 
     def _ema_state(self) -> Optional[Dict[str, torch.Tensor]]:
-        """What this rank saves of the EMA: rank 0 the dense weights, ranks 0..ep_size-1 (one expert-parallel
-        group, DeepSpeed's consecutive layout) their experts, so that a checkpoint holds every weight once
-        whatever the world size; other ranks save none (an empty dict)."""
+        """What this rank saves of the EMA: rank 0 the dense weights, and the first replica of each expert
+        shard (rank 0 of its expert data-parallel group) its experts, so that a checkpoint holds every
+        weight once whatever the world size; other ranks save none (an empty dict)."""
         if self.ema is None:
             return None
-        rank = dist.rank()
-        return self.ema.state_dict(dense=rank == 0, experts=rank < self.topology.ep_size)
+        from deepspeed.utils import groups
+
+        from m2r.models.moe import expert_group_name
+
+        first_replica = groups._get_expert_data_parallel_rank(expert_group_name(self.topology.ep_size)) == 0
+        return self.ema.state_dict(dense=dist.rank() == 0, experts=first_replica)
 
     def _validation_weights(self):
         """Validation and images see the EMA weights when there is an EMA (they are what gets exported)."""

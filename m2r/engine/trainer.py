@@ -97,7 +97,8 @@ class Trainer(TrainingRun):
             self._warn_topology_change(ref, "the data stream position (a fresh stream is drawn, seeded by the step)")
         self._restore_ema(ref)
         self.first_val_psnr = client.get("first_val_psnr")
-        self.last_val, self.last_val_step = client.get("last_val") or {}, client.get("last_val_step")
+        # Checkpoints saved before last_val_step was: their step's validation, when due, ran before the save.
+        self.last_val, self.last_val_step = client.get("last_val") or {}, client.get("last_val_step", self.step)
         dist.print0(f"resumed from {ref.path} at step {self.step}")
         return saved_rng
 
@@ -188,7 +189,8 @@ class Trainer(TrainingRun):
         return self._save_checkpoint(client)
 
     def fit(self) -> int:
-        """Train until done, stopped or signalled; always leaves a checkpoint. Returns the exit code (0)."""
+        """Train until done, stopped or signalled; the last step trained is always in a checkpoint.
+        Returns the exit code (0)."""
         try:
             return self._train()
         finally:
@@ -197,38 +199,43 @@ class Trainer(TrainingRun):
     def _train(self) -> int:
         run = self.cfg.run
         self.engine.train()
-        if self._validation_due() and self.last_val_step != self.step:   # the first one, or one a stop signal skipped
-            self.validate()
-        if self.step == 0 and run.image_every:
-            self.log_images()
         timer, steps_this_run, last_saved = StepTimer(), 0, self.step
-        reason = self._stop_reason(steps_this_run, finished=self.step >= self.cfg.train.steps)
+        # A stop signal received during start-up stops the run here: it holds nothing new to save.
+        reason = self._stop_reason(steps_this_run, finished=self._finished())
+        if not self.stop_request.agreed_signal:
+            if self._validation_due() and self.last_val_step != self.step:   # the first, or one a signal skipped
+                self.validate()
+            if self.step == 0 and run.image_every:
+                self.log_images()
         while reason is None:
             result = self.train_step(timer)
             steps_this_run += 1
             timer.end_step(self.cfg.train.micro_batch * self.cfg.train.grad_accum * dist.world_size())
             self._report_step(result, timer)
             # After a stop signal the time left (SLURM's warning margin, or its kill wait after a
-            # SIGTERM) goes to the checkpoint alone: validation and images wait for the resumed run.
+            # SIGTERM) goes to the checkpoint alone: the resumed run validates first if one was due.
             signalled = self.stop_request.agreed_reason()
-            if not signalled:
-                self._periodic_work()
-                last_saved = self.step if self.step % run.save_every == 0 else last_saved
-            reason = signalled or self._planned_stop_reason(steps_this_run, finished=self.step >= self.cfg.train.steps)
+            if not signalled and self._periodic_work():
+                last_saved = self.step
+            reason = signalled or self._planned_stop_reason(steps_this_run, self._finished())
             timer.restart()
         if last_saved != self.step:
             self.save_checkpoint()
-        self._tell_the_job_script(finished=self.step >= self.cfg.train.steps)
+        self._tell_the_job_script(self._finished())
         self.monitor.print(f"stopping at step {self.step}: {reason}")
         self._print_demo_summary()
         self.monitor.close()
         return 0
 
+    def _finished(self) -> bool:
+        return self.step >= self.cfg.train.steps
+
     def _validation_due(self) -> bool:
         return self.step % self.cfg.run.val_every == 0 or self.step == self.cfg.train.steps
 
-    def _periodic_work(self) -> None:
-        """What falls due after the step just taken: validation, an image grid, a checkpoint."""
+    def _periodic_work(self) -> bool:
+        """What falls due after the step just taken: validation, an image grid, a checkpoint. Returns
+        whether it saved one."""
         run = self.cfg.run
         if self._validation_due():
             self.validate()
@@ -236,11 +243,17 @@ class Trainer(TrainingRun):
             self.log_images()
         if self.step % run.save_every == 0:
             self.save_checkpoint()
+            return True
+        return False
 
     def _print_demo_summary(self) -> None:
-        if self.cfg.run.demo_summary and self.step >= self.cfg.train.steps:
-            dist.print0(f"demo: val PSNR before {self.first_val_psnr:.2f} dB, after {self.last_val['psnr']:.2f} dB")
-            dist.print0(f"demo: (the degraded inputs themselves score {self._input_psnr():.2f} dB)")
+        if not (self.cfg.run.demo_summary and self._finished()):
+            return
+        if self.last_val_step != self.step:   # a stop signal came at the last step
+            dist.print0("demo: stopped before the final validation; run the same command again to report it")
+            return
+        dist.print0(f"demo: val PSNR before {self.first_val_psnr:.2f} dB, after {self.last_val['psnr']:.2f} dB")
+        dist.print0(f"demo: (the degraded inputs themselves score {self._input_psnr():.2f} dB)")
 
     def _input_psnr(self) -> float:
         """Mean PSNR of the validation inputs against their targets: what an identity network would score."""

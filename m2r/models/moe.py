@@ -385,6 +385,11 @@ def resolve_dispatch(cfg) -> str:
     return dispatch
 
 
+def expert_group_name(ep_size: int) -> str:
+    """DeepSpeed's name of the expert-parallel (and expert data-parallel) groups of this ep_size."""
+    return f"ep_size_{ep_size}"
+
+
 def _expert_parallel_rank(ep_size: int) -> int:
     """This rank's index in its expert-parallel group under DeepSpeed's default layout (consecutive ranks)."""
     if ep_size == 1:
@@ -419,7 +424,7 @@ class DDER(MoE):
         self.num_experts = cfg.num_experts
         self.ep_size = cfg.ep_size
         self.num_local_experts = cfg.num_experts // cfg.ep_size
-        self.expert_group_name = f"ep_size_{cfg.ep_size}"   # DeepSpeed's naming of expert groups
+        self.expert_group_name = expert_group_name(cfg.ep_size)
         self.ep_rank = _expert_parallel_rank(cfg.ep_size)
         self.top_k = cfg.top_k
         self.combine = cfg.combine

@@ -39,8 +39,8 @@ def _parser() -> argparse.ArgumentParser:
                       help=f"store pre-degraded pairs drawn from this preset: {', '.join(PRESETS)}")
     b.add_argument("--workers", type=int, help=f"build processes (default: {BUILD_DEFAULTS['workers']})")
     b.add_argument("--samples-per-shard", type=int,
-                   help=f"images per shard (default: {DEFAULT_SAMPLES_PER_SHARD}); a run needs at least "
-                        "ranks x data.workers shards")
+                   help=f"images per shard (default: {DEFAULT_SAMPLES_PER_SHARD}); each data worker "
+                        "fills its shuffle buffer with whole shards")
     b.add_argument("--encoding", choices=ENCODINGS,
                    help=f"lossless image encoding (default: {BUILD_DEFAULTS['encoding']})")
     b.add_argument("--max-side", type=int,
