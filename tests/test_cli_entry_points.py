@@ -63,7 +63,7 @@ def test_a_run_dir_in_use_by_another_run_is_refused(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     with open(run_dir / ".lock", "w") as held:   # as the other run's rank 0 holds it
-        fcntl.flock(held, fcntl.LOCK_EX)
+        fcntl.lockf(held, fcntl.LOCK_EX)
         held.write("pid 12345 on node7, SLURM job 99\n")
         held.flush()
         result = run_python(["pretrain.py", "--config", "configs/pretrain/tiny-test.yaml", f"run.dir={run_dir}"],

@@ -8,6 +8,7 @@ and reports each optimizer step through `_log_train_step`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import socket
@@ -94,13 +95,17 @@ class TrainingRun:
     def _lock_run_dir(self) -> None:
         """Rank 0 holds an exclusive lock on run.dir for the whole run (the kernel frees it when the process
         ends, however it ends): a second run on the same directory, or a run restarted while orphaned ranks
-        of the previous one still train, would prune, resume and overwrite the other's checkpoints."""
+        of the previous one still train, would prune, resume and overwrite the other's checkpoints. A POSIX
+        record lock: held by this process alone (forked data workers do not inherit it), and NFS-aware."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         lock_path = self.run_dir / RUN_LOCK_FILE
         self._run_lock = open(lock_path, "a+")
         try:
-            fcntl.flock(self._run_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(self._run_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EACCES, errno.EAGAIN):   # a filesystem without locks
+                print(f"WARNING: cannot lock {lock_path} ({error}); nothing stops a second run on {self.run_dir}")
+                return
             holder = lock_path.read_text().strip() or "unknown"
             raise ConfigError(f"config error: key 'run.dir': {self.run_dir} is in use by another run ({holder}); "
                               "wait for it to end (or kill its ranks), or choose another run.dir") from None
