@@ -74,7 +74,7 @@ class StopRequest:
         """Why every rank stops now, or None (a collective: every rank calls it at the same step). The
         ranks agree on the signal too (the highest number of those received), in `agreed_signal`."""
         received = signal.Signals[self.signal_name].value if self.signal_name else 0
-        agreed = max_over_ranks(received)
+        agreed = int(max_over_ranks(received))
         if not agreed:
             return None
         self.agreed_signal = signal.Signals(agreed).name
@@ -274,13 +274,13 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def max_over_ranks(value: int) -> int:
-    """The largest of every rank's `value` (all_reduce MAX), on every rank: call it on all ranks."""
+def max_over_ranks(value: float) -> float:
+    """The largest of every rank's `value` (all_reduce MAX, float64), on every rank: call it on all ranks."""
     if not is_initialized():
         return value
-    tensor = torch.tensor([value], device=_collective_device())
+    tensor = torch.tensor([value], dtype=torch.float64, device=_collective_device())
     torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
-    return int(tensor.item())
+    return tensor.item()
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

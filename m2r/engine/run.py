@@ -290,13 +290,17 @@ class TrainingRun:
 
     def _log_train_step(self, mean_terms: torch.Tensor, lr: float, timer: StepTimer, log_step: bool) -> None:
         """`mean_terms`: [total, pixel, balance] averaged over ranks. Every step goes to metrics.jsonl;
-        a log step adds the grad norm and the throughput since the last one, and reaches the console."""
+        a log step adds the grad norm and the throughput since the last one, and reaches the console
+        (a collective then: every rank calls it with the same `log_step`)."""
         scalars = {"loss": float(mean_terms[0]), "pixel_loss": float(mean_terms[1]),
                    "balance_loss": float(mean_terms[2]), "lr": lr}
         if log_step:
             grad_norm = self.engine.get_global_grad_norm()
             if grad_norm is not None:   # None at ZeRO stage 0 in fp32: DeepSpeed clips without keeping it
                 scalars["grad_norm"] = float(grad_norm)
-            scalars.update(timer.take())
+            throughput = timer.take()
+            # The slowest rank's data loading holds every rank back: report the largest share of waiting.
+            throughput["data_wait_share"] = dist.max_over_ranks(throughput["data_wait_share"])
+            scalars.update(throughput)
         self.monitor.log_train(self.step, scalars)
         self.monitor.advance(self.step)
