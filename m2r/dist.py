@@ -38,6 +38,22 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def start_compile_workers() -> None:
+    """Start inductor's compile worker processes now, with the stop signals ignored, which they inherit
+    (an ignored disposition survives exec): SLURM signals every process of a job step, and a worker
+    killed by USR1 or TERM while the first steps compile fails the run instead of letting it save."""
+    from torch._inductor.async_compile import AsyncCompile
+
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    try:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        AsyncCompile.warm_pool()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
 def _say(message: bytes) -> None:
     """Write from a signal handler: os.write, as print() may be inside a write it would re-enter; a
     stdout that cannot take it (replaced, closed) must not turn the stop request into a crash."""
@@ -51,7 +67,7 @@ class StopRequest:
     """SIGTERM / SIGUSR1 / SIGINT only raise a flag; the loop acts on it at a step boundary, on all
     ranks at once. A second Ctrl-C aborts at once, without a checkpoint. The entry points create it
     first thing, so that a signal during start-up (SLURM's warning may come while the ranks import,
-    rendezvous or load a checkpoint) stops the run at its first step instead of killing the rank."""
+    rendezvous or load a checkpoint) stops the run before its first step instead of killing the rank."""
 
     def __init__(self):
         self.signal_name: Optional[str] = None   # the first stop signal received
@@ -194,7 +210,7 @@ def _give_new_groups_the_timeout(timeout: datetime.timedelta) -> None:
     instead (10 minutes on NCCL): its backend's `new_group` now passes `timeout` on."""
     from deepspeed.comm import comm as deepspeed_comm
 
-    deepspeed_comm.cdb.new_group = lambda ranks: torch_dist.new_group(ranks, timeout=timeout)
+    deepspeed_comm.cdb.new_group = lambda ranks, **options: torch_dist.new_group(ranks, timeout=timeout, **options)
 
 
 def is_initialized() -> bool:
@@ -225,8 +241,11 @@ def destroy_process_group() -> None:
 
 
 def rank() -> int:
-    """This process's rank; before the process group starts, the launcher's RANK (0 without one)."""
-    return torch_dist.get_rank() if is_initialized() else int(os.environ.get("RANK", "0"))
+    """This process's rank; before the process group starts, the launcher's (RANK, or srun's
+    SLURM_PROCID; 0 without one)."""
+    if is_initialized():
+        return torch_dist.get_rank()
+    return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
 
 
 def world_size() -> int:

@@ -282,6 +282,26 @@ def test_bf16_resumes_exactly_and_a_precision_change_loads_weights(tmp_path):
     assert sorted(p.name for p in (tmp_path / "split" / "checkpoints" / "abandoned").iterdir()) == ["step00000005"]
 
 
+def test_every_rank_streams_rank_0s_listing_of_the_shards(tmp_path):
+    """A rank listing a shared folder itself (a stale NFS listing: one shard missing here) would draw
+    from another corpus, and a resume would not notice."""
+    from PIL import Image
+
+    from m2r.data.builtin import TRAIN_PHOTOS, load_photo
+    from m2r.shards.build import BuildOptions, build
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(8):
+        Image.fromarray(load_photo(TRAIN_PHOTOS[i % len(TRAIN_PHOTOS)])[:48, :48]).save(photos / f"{i}.png")
+    build(BuildOptions(src=[str(photos)], out=str(tmp_path / "shards"), samples_per_shard=2), progress=False)
+    run_launch(torchrun_command(2, "tests/stale_listing.py", "pretrain.py", "--config", TINY,
+                                f"run.dir={tmp_path / 'run'}", "data.source=shards", f"data.shards={tmp_path / 'shards'}",
+                                "train.steps=2", "run.image_every=0"))
+    client = torch.load(tmp_path / "run/checkpoints/step00000002/mp_rank_00_model_states.pt", weights_only=False)
+    assert [state["plan"]["shards"] for state in client["stream_states"]] == [4, 4]
+
+
 # ----------------------------------------------------------------------------------- preemption
 def _worker_pids(launcher_pid):
     children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()
@@ -318,12 +338,26 @@ def test_a_warning_during_start_up_stops_the_run_before_its_first_step(tmp_path,
     stop_file = tmp_path / "job.stop"
     env = _env()
     env["M2R_STOP_FILE"] = str(stop_file)
-    result = subprocess.run(torchrun_command(2, "tests/signal_at_start.py", entry, "--config", config, *overrides),
+    result = subprocess.run(torchrun_command(2, "tests/signalled_run.py", "start", entry, "--config", config,
+                                             *overrides),
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "received SIGUSR1" in result.stdout and "val step" not in result.stdout
     assert stop_file.read_text() == "SIGUSR1\n"
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_warning_at_the_last_step_leaves_the_final_validation_to_the_next_run_which_does_it_once(tmp_path):
+    run_dir, overrides = tmp_path / "run", ("train.steps=3", "run.val_every=100", "run.image_every=0",
+                                            "run.demo_summary=true")
+    first = run_launch(torchrun_command(2, "tests/signalled_run.py", "after-step-3", "pretrain.py", "--config", TINY,
+                                        f"run.dir={run_dir}", *overrides))
+    assert "stopping at step 3: received SIGUSR1" in first and "demo: stopped before the final validation" in first
+    assert sorted(val_records(run_dir)) == [0]
+    for _ in range(2):   # the finished run, again: it validates step 3 once, and records that it did
+        again = pretrain(run_dir, *overrides)
+        assert "demo: val PSNR before" in again
+    assert [r["step"] for r in metric_records(run_dir) if "val_psnr" in r] == [0, 3]
 
 
 def test_sigterm_saves_exits_zero_and_the_next_run_continues(tmp_path):

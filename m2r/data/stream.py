@@ -32,7 +32,7 @@ from m2r.data.builtin import TRAIN_PHOTOS, VAL_PHOTOS, load_photo
 from m2r.data.presets import Degrader, type_names
 from m2r.data.shard_format import CorruptSample, decode_record, read_shard
 from m2r.data.shard_list import read_manifest, resolve_shards
-from m2r.dist import ignore_stop_signals, shut_down_workers
+from m2r.dist import ignore_stop_signals, on_rank0, shut_down_workers
 
 STREAM_TAG = 1          # first seed word after the run seed: training stream
 ROUND_TAG = 2           # shard/photo choice of a round
@@ -265,36 +265,43 @@ class TrainStream:
         """Samples served per degradation type and corrupt samples skipped, on this rank so far."""
         return dict(samples_by_type=dict(zip(self.names, self._type_counts)), corrupt_samples=self._corrupt)
 
-    def _fingerprint(self) -> dict:
-        plan = dataclasses.asdict(self.plan)
-        plan["shards"] = len(self.plan.shards)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in plan.items()}
+    def _fresh_plan(self, step: int) -> StreamPlan:
+        words = (self._run_seed, FRESH_TAG, step)
+        return dataclasses.replace(self.plan, seed=int(np.random.default_rng(words).integers(2 ** 31)))
 
     def start_fresh(self, step: int) -> None:
-        """Draw a new stream, seeded by (run seed, step), for a resume whose saved positions cannot
-        apply (another world size or ep_size): the run's first batches are not served again."""
-        words = (self._run_seed, FRESH_TAG, step)
-        self.plan = dataclasses.replace(self.plan, seed=int(np.random.default_rng(words).integers(2 ** 31)))
-        self._fresh_from = step
+        """Draw a new stream from its start, seeded by (run seed, step), for a resume whose saved positions
+        cannot apply (another world size or ep_size, other data settings): the run's first batches are
+        not served again."""
+        self.plan, self._fresh_from = self._fresh_plan(step), step
+        self._batches, self._cursors = 0, [(0, 0)] * self.plan.workers
 
     def state_dict(self) -> dict:
-        return dict(version=1, plan=self._fingerprint(), batches=self._batches,
+        return dict(version=1, plan=_fingerprint(self.plan), batches=self._batches,
                     cursors=[list(c) for c in self._cursors], type_counts=list(self._type_counts),
                     corrupt=self._corrupt, fresh_from=self._fresh_from)
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where `state` was taken; the plan (seed, rank, topology, shapes, data)
-        must match, since positions are only meaningful in the stream they came from."""
-        if state.get("fresh_from") is not None:
-            self.start_fresh(state["fresh_from"])
-        saved, current = state["plan"], self._fingerprint()
+        must match, since positions are only meaningful in the stream they came from (StreamMismatch,
+        the stream unchanged, otherwise)."""
+        fresh_from = state.get("fresh_from")
+        plan = self._fresh_plan(fresh_from) if fresh_from is not None else self.plan
+        saved, current = state["plan"], _fingerprint(plan)
         differing = {k: (saved.get(k), current[k]) for k in current if _jsonish(saved.get(k)) != _jsonish(current[k])}
         if differing:
             raise StreamMismatch(differing)
+        self.plan, self._fresh_from = plan, fresh_from
         self._batches = int(state["batches"])
         self._cursors = [tuple(int(v) for v in c) for c in state["cursors"]]
         self._type_counts = [int(v) for v in state["type_counts"]]
         self._corrupt = int(state["corrupt"])
+
+
+def _fingerprint(plan: StreamPlan) -> dict:
+    fields = dataclasses.asdict(plan)
+    fields["shards"] = len(plan.shards)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
 
 
 class StreamMismatch(ValueError):
@@ -334,8 +341,15 @@ def _manifest_preset_check(cfg, shards: Sequence[str]) -> None:
                               f"were built with preset '{manifest.get('preset')}'")
 
 
+def _checked_shards(cfg) -> Tuple[str, ...]:
+    shards = tuple(resolve_shards(cfg.shards))
+    _manifest_preset_check(cfg, shards)
+    return shards
+
+
 def build_train_stream(cfg, *, seed: int, rank: int, world_size: int, micro_batch: int, crop: int) -> TrainStream:
-    """The training stream of this rank (see the module docstring)."""
+    """The training stream of this rank (see the module docstring). Every rank calls it: rank 0 lists the
+    shards for all (ranks listing a shared folder themselves could draw from different corpora)."""
     _check_source(cfg)
     if int(cfg.shuffle_buffer) < 1:
         raise ConfigError(f"data.shuffle_buffer must be at least 1 (samples shuffled per round), "
@@ -345,8 +359,7 @@ def build_train_stream(cfg, *, seed: int, rank: int, world_size: int, micro_batc
     if cfg.source == "shards":
         if not cfg.shards:
             raise ConfigError("data.shards must name a shard directory or pattern when data.source=shards")
-        shards = tuple(resolve_shards(cfg.shards))
-        _manifest_preset_check(cfg, shards)
+        shards = on_rank0(lambda: _checked_shards(cfg))
     scale = tuple(float(v) for v in cfg.scale_range)
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise ConfigError(f"data.scale_range must be [low, high] with 0 < low <= high <= 1, "

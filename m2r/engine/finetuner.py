@@ -344,8 +344,8 @@ class Finetuner(TrainingRun):
 
     def fit(self) -> int:
         if reason := self.stop_request.agreed_reason():   # during start-up: nothing new to save
-            self._tell_the_job_script(finished=False)
-            self.monitor.print(f"{reason} before the first step")
+            self._tell_the_job_script(finished=self.epoch >= self.cfg.train.epochs)
+            self.monitor.print(f"stopping at step {self.step}: {reason}")
             self.monitor.close()
             return 0
         epochs_this_run = 0

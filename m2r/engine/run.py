@@ -96,7 +96,10 @@ class TrainingRun:
         """Rank 0 holds an exclusive lock on run.dir for the whole run (the kernel frees it when the process
         ends, however it ends): a second run on the same directory, or a run restarted while orphaned ranks
         of the previous one still train, would prune, resume and overwrite the other's checkpoints. A POSIX
-        record lock: held by this process alone (forked data workers do not inherit it), and NFS-aware."""
+        record lock: held by this process alone (forked data workers do not inherit it; closing any other
+        descriptor of the file in this process would drop it), and NFS's lock manager sees it (unless the
+        mount says nolock or local_lock). A lock left by an earlier run of this same SLURM job (its node
+        crashed, and NFS keeps a dead client's locks for a while) does not stop the requeued run."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         lock_path = self.run_dir / RUN_LOCK_FILE
         self._run_lock = open(lock_path, "a+")
@@ -107,8 +110,13 @@ class TrainingRun:
                 print(f"WARNING: cannot lock {lock_path} ({error}); nothing stops a second run on {self.run_dir}")
                 return
             holder = lock_path.read_text().strip() or "unknown"
+            job = os.environ.get("SLURM_JOB_ID")
+            if job and holder.endswith(f"SLURM job {job}"):   # requeues of one job run one after another
+                print(f"WARNING: {lock_path} is still held by an earlier run of this job ({holder}); going on")
+                return
             raise ConfigError(f"config error: key 'run.dir': {self.run_dir} is in use by another run ({holder}); "
-                              "wait for it to end (or kill its ranks), or choose another run.dir") from None
+                              f"wait for it to end (or kill its ranks), or choose another run.dir; if that process "
+                              f"is gone (its node crashed), delete {lock_path}") from None
         self._run_lock.truncate(0)
         self._run_lock.write(f"pid {os.getpid()} on {socket.gethostname()}, SLURM job "
                              f"{os.environ.get('SLURM_JOB_ID', 'none')}\n")
@@ -147,6 +155,8 @@ class TrainingRun:
         if train.channels_last:
             model.use_channels_last()
         if train.compile:
+            if train.compile_backend == "inductor":
+                dist.start_compile_workers()
             model.compile_training_forward(train.compile_backend)
         return model
 

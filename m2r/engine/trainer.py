@@ -107,12 +107,15 @@ class Trainer(TrainingRun):
         CPUs, a batch or crop size, the shards), a fresh one, the rest of the resume staying exact."""
         from m2r.data.stream import StreamMismatch
 
+        mismatch = None
         try:
             self.stream.load_state_dict(saved_state)
-        except StreamMismatch as mismatch:
+        except StreamMismatch as error:
+            mismatch = error
+        if dist.max_over_ranks(mismatch is not None):   # all ranks draw afresh, or none
             self.stream.start_fresh(self.step)
-            dist.print0(f"WARNING: data settings changed since {ref.tag} ({mismatch}): a fresh data stream is "
-                        f"drawn from step {self.step}; weights, optimizer and RNG continue exactly")
+            dist.print0(f"WARNING: data settings changed since {ref.tag} ({mismatch or 'on some ranks'}): a fresh "
+                        f"data stream is drawn from step {self.step}; weights, optimizer and RNG continue exactly")
 
     # ----------------------------------------------------------------------------- training
     def _next_batch(self, timer: StepTimer) -> Dict[str, torch.Tensor]:
@@ -197,16 +200,12 @@ class Trainer(TrainingRun):
             self._stream_iter.close()   # the stream shuts its data workers down (dist.shut_down_workers)
 
     def _train(self) -> int:
-        run = self.cfg.run
         self.engine.train()
         timer, steps_this_run, last_saved = StepTimer(), 0, self.step
         # A stop signal received during start-up stops the run here: it holds nothing new to save.
         reason = self._stop_reason(steps_this_run, finished=self._finished())
-        if not self.stop_request.agreed_signal:
-            if self._validation_due() and self.last_val_step != self.step:   # the first, or one a signal skipped
-                self.validate()
-            if self.step == 0 and run.image_every:
-                self.log_images()
+        if not self.stop_request.agreed_signal and self._start_of_run_work():
+            last_saved = None   # a checkpoint must record the validation redone
         while reason is None:
             result = self.train_step(timer)
             steps_this_run += 1
@@ -226,6 +225,17 @@ class Trainer(TrainingRun):
         self._print_demo_summary()
         self.monitor.close()
         return 0
+
+    def _start_of_run_work(self) -> bool:
+        """The first validation and image grid, or the validation a stop signal skipped at the step this
+        run resumes from. Returns whether it redid one."""
+        redone = False
+        if self._validation_due() and self.last_val_step != self.step:
+            self.validate()
+            redone = self.step > 0
+        if self.step == 0 and self.cfg.run.image_every:
+            self.log_images()
+        return redone
 
     def _finished(self) -> bool:
         return self.step >= self.cfg.train.steps

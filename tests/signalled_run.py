@@ -1,0 +1,39 @@
+"""An entry point (pretrain.py or finetune.py) whose ranks all receive SIGUSR1, as SLURM's warning
+reaches every process of a job step: `start` right after the entry point installs its stop handler
+(during start-up), `after-step-N` once pretraining has taken step N. Launched by tests:
+
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 tests/signalled_run.py start pretrain.py --config ... [key=value ...]
+"""
+import runpy
+import signal
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import m2r.dist as dist  # noqa: E402
+
+when, entry = sys.argv[1], sys.argv[2]
+if when == "start":
+    discover = dist.discover_dist_env
+
+    def signalled_start_up():
+        signal.raise_signal(signal.SIGUSR1)
+        return discover()
+
+    dist.discover_dist_env = signalled_start_up
+else:
+    from m2r.engine.trainer import Trainer
+
+    signal_step, train_step = int(when[len("after-step-"):]), Trainer.train_step
+
+    def signalled_step(self, timer):
+        result = train_step(self, timer)
+        if self.step == signal_step:
+            signal.raise_signal(signal.SIGUSR1)
+        return result
+
+    Trainer.train_step = signalled_step
+sys.argv = [str(REPO / entry), *sys.argv[3:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
