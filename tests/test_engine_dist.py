@@ -57,7 +57,7 @@ def val_records(run_dir):
 
 # ----------------------------------------------------------------------------------- expert parallel parity
 FP32_PARITY = ("train.precision=fp32", "train.steps=5", "run.val_every=5", "run.image_every=2",
-               "model.moe.noisy_gating=false")
+               "model.moe.noisy_gating=false", "train.ema_decay=0.5")
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +79,20 @@ def test_expert_parallel_gives_the_same_losses_as_replicated_experts(parity_runs
     # Later steps: an expert's gradient sums the same token terms in another order (all-to-all vs
     # all-reduce), so fp32 rounding may differ in the last bits; a wrong gradient scale would not.
     assert parallel == pytest.approx(replicated, rel=1e-6, abs=0)
+
+
+def test_the_ema_is_saved_once_at_any_expert_parallel_size(parity_runs):
+    """World 2: at ep_size 1 rank 0 alone holds every expert, at ep_size 2 each rank half of them; the
+    merged EMA is the same network's either way."""
+    from m2r.engine.checkpoint import CheckpointRef, load_ema_states
+
+    refs = {ep: CheckpointRef(parity_runs[ep, 1] / "checkpoints", "step00000005") for ep in (1, 2)}
+    assert sorted(p.name for p in refs[1].path.glob("ema_rank*.pt")) == ["ema_rank00000.pt"]
+    assert sorted(p.name for p in refs[2].path.glob("ema_rank*.pt")) == ["ema_rank00000.pt", "ema_rank00001.pt"]
+    replicated, parallel = load_ema_states(refs[1]), load_ema_states(refs[2])
+    assert sorted(replicated) == sorted(parallel) and any(".deepspeed_experts.3." in name for name in parallel)
+    for name in replicated:
+        torch.testing.assert_close(parallel[name], replicated[name], rtol=1e-3, atol=1e-5)   # summation order
 
 
 def test_tensorboard_holds_the_scalars_and_an_image(parity_runs):
