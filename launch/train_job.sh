@@ -32,9 +32,9 @@ forward_warning() {
     if [[ -n $step_pid ]]; then
         kill -USR1 "$step_pid" 2>/dev/null || true
         # Ranks still starting Python ignore USR1 until the trainer's handler is installed: say it again
-        # every 30 s until the step has ended (the trainer acts on the first one it sees).
+        # every 5 s until the step has ended (the trainer acts on the first one it sees).
         if [[ -z $resender_pid ]]; then
-            ( trap "" USR1; while sleep 30 && kill -USR1 "$step_pid" 2>/dev/null; do :; done ) &
+            ( trap "" USR1; while sleep 5 && kill -USR1 "$step_pid" 2>/dev/null; do :; done ) &
             resender_pid=$!
         fi
     fi
@@ -132,7 +132,11 @@ done
 if [[ -n $resender_pid ]]; then kill "$resender_pid" 2>/dev/null || true; fi
 log "training step exited with status $status"
 
-# Requeue only a step that saved and stopped cleanly: a failing one would fail again, slot after slot.
+# Requeue only a run the warning stopped, saved and unfinished (the trainer says so in $M2R_STOP_FILE):
+# a failing one would fail again, slot after slot, and a finished one has nothing left to do.
 stopped_by=$(cat "$M2R_STOP_FILE" 2>/dev/null || true)
-if (( status == 0 )) && { (( warned )) || [[ $stopped_by == SIGUSR1 ]]; }; then requeue; fi
+if (( status == 0 )) && [[ $stopped_by == SIGUSR1 ]]; then
+    log "the ranks stopped on SIGUSR1 before the end of the run"
+    requeue
+fi
 exit "$status"

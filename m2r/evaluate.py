@@ -31,6 +31,7 @@ from accelerate import Accelerator
 
 from m2r import dist
 from m2r.cli import run_main
+from m2r.config import ConfigError
 from m2r.engine.validate import to_unit_float
 from m2r.eval.datasets import (ALLWEATHER_PAPER_SETS, DATASETS, OFFICIAL_TEST_SIZES, Pair, check_pairs,
                                evaluation_sets, read_pair, to_chw_uint8)
@@ -53,13 +54,16 @@ def parse_args(argv):
     parser.add_argument("--root", required=True, help="dataset root (layouts: m2r/eval/datasets.py)")
     parser.add_argument("--metrics", default="rgb,y,official", help="comma-separated: rgb, y, official")
     parser.add_argument("--out", required=True, help="directory for results.json, results.md and images/")
-    parser.add_argument("--sets", default="", help="AllWeather test sets or CDD-11 types (default: all found)")
+    parser.add_argument("--sets", default="",
+                        help="AllWeather test sets or CDD-11 types "
+                             "(default: AllWeather's sets found, CDD-11's 11 types)")
     parser.add_argument("--limit", type=non_negative_int, default=0, help="first N images per set (0 = all)")
     parser.add_argument("--save-images", action="store_true", help="write restored PNGs to <out>/images/<set>/")
     parser.add_argument("--official-sizes", action="store_true",
                         help="resize the pairs of " + ", ".join(f"{name} to {w}x{h}" for name, (w, h) in
                                                                OFFICIAL_TEST_SIZES.items())
-                        + " (input and target, bicubic) as the official test does; default: every image at its own size")
+                        + " (input and target, bicubic) as the official test does; "
+                          "default: every image at its own size")
     return parse_inference_arguments(parser, argv)
 
 
@@ -114,6 +118,12 @@ def summarize(records: Sequence[dict], set_names: Sequence[str], metric_names: S
     return {"sets": per_set, "average": average, "average_over": list(average_over), "images": images}
 
 
+def _size_note(name: str, official_sizes: bool) -> str:
+    """' (720x480)' for a set whose pairs were resized as the official test does, else ''."""
+    size = OFFICIAL_TEST_SIZES.get(name) if official_sizes else None
+    return f" ({size[0]}x{size[1]})" if size else ""
+
+
 def _average_title(summary: dict) -> str:
     """'Average', or which sets it covers when it leaves some columns out."""
     if len(summary["average_over"]) == len(summary["sets"]):
@@ -124,7 +134,8 @@ def _average_title(summary: dict) -> str:
 def markdown_table(summary: dict, protocols: Sequence[str]) -> str:
     """Sets as columns (as the paper's tables), one row per protocol, cells 'PSNR / SSIM'."""
     names = list(summary["sets"])
-    header = ["Protocol"] + [SET_TITLES.get(n, n) for n in names] + [_average_title(summary)]
+    header = (["Protocol"] + [SET_TITLES.get(n, n) + _size_note(n, summary["official_sizes"]) for n in names]
+              + [_average_title(summary)])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for protocol in protocols:
         cells = [summary["sets"][n] for n in names] + [summary["average"]]
@@ -135,11 +146,12 @@ def markdown_table(summary: dict, protocols: Sequence[str]) -> str:
 
 def write_results(records: Sequence[dict], sets: Sequence[str], protocols: Sequence[str], args) -> None:
     metric_names = [f"{kind}_{p}" for p in protocols for kind in ("psnr", "ssim")]
-    summary = summarize(records, sets, metric_names, averaged_sets(args.dataset, sets))
+    summary = dict(summarize(records, sets, metric_names, averaged_sets(args.dataset, sets)),
+                   official_sizes=args.official_sizes)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"weights": args.weights, "dataset": args.dataset, "root": args.root, "metrics": list(protocols),
-              "official_sizes": args.official_sizes, **summary}
+              **summary}
     (out / "results.json").write_text(json.dumps(report, indent=1))
     table = markdown_table(summary, protocols)
     (out / "results.md").write_text(table)
@@ -151,6 +163,9 @@ def listed_sets(args) -> Dict[str, List[Pair]]:
     sets = evaluation_sets(args.dataset, args.root, [s for s in args.sets.split(",") if s] or None)
     if args.limit:
         sets = {name: pairs[: args.limit] for name, pairs in sets.items()}
+    if args.official_sizes and not set(sets) & set(OFFICIAL_TEST_SIZES):
+        raise ConfigError(f"--official-sizes: none of the sets evaluated ({', '.join(sets)}) is resized by the "
+                          f"official test (only {', '.join(OFFICIAL_TEST_SIZES)})")
     check_pairs([pair for pairs in sets.values() for pair in pairs])
     return sets
 
@@ -163,7 +178,8 @@ def main(argv=None) -> int:
     # disagree (a stale NFS listing) and score some images twice or not at all.
     sets = dist.on_rank0(lambda: listed_sets(args))
     jobs = [pair for pairs in sets.values() for pair in pairs]
-    accelerator.print(f"evaluate: {len(jobs)} images in {len(sets)} sets ({', '.join(sets)}) on "
+    named = ", ".join(name + _size_note(name, args.official_sizes) for name in sets)
+    accelerator.print(f"evaluate: {len(jobs)} images in {len(sets)} sets ({named}) on "
                       f"{accelerator.num_processes} process(es), metrics {','.join(protocols)}, "
                       f"precision {precision_name(accelerator)}", flush=True)
     model = load_inference_model(args.weights, accelerator.device, args.model_config, args.overrides)

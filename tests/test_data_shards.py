@@ -163,6 +163,14 @@ def test_bad_values_name_the_option_or_the_recipe_that_gave_them(tmp_path, recip
         _build_options(args)
 
 
+@pytest.mark.parametrize("text", ["samples_per_shard: 4\nsamples_per_shard: 5\n", "src: [a\n"])
+def test_a_recipe_that_is_not_yaml_is_named(tmp_path, text):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
+    with pytest.raises(ConfigError, match=f"recipe {recipe}: cannot read it: "):
+        _read_recipe(str(recipe))
+
+
 @pytest.mark.parametrize("name", ["clean-div2k", "allweather-pairs"])
 def test_shipped_recipes_name_only_build_options(name):
     recipe = _read_recipe(f"{REPO_ROOT}/shards/recipes/{name}.yaml")

@@ -123,8 +123,8 @@ def test_export_then_single_process_load_gives_the_engine_outputs(parity_runs, t
     from m2r.atomic import default_file_mode
     from m2r.export import export, load_exported_model
 
-    run = parity_runs[2, 2]
-    out = export(str(run / "checkpoints"), str(tmp_path / "model.safetensors"))
+    run = parity_runs[2, 2]   # with an EMA, which validation saw and --ema exports
+    out = export(str(run / "checkpoints"), str(tmp_path / "model.safetensors"), use_ema=True)
     assert stat.S_IMODE(out.stat().st_mode) == default_file_mode()   # readable by teammates, as any new file
     model = load_exported_model(str(out))
     cfg = load_config(PretrainConfig, run / "config.yaml")
@@ -294,6 +294,10 @@ def test_bf16_resumes_exactly_and_a_precision_change_loads_weights(tmp_path):
                      "train.precision=fp32", "train.steps=6", f"run.resume={dense.parent.parent / 'step00000004'}")
     assert f"moved to {tmp_path / 'split' / 'checkpoints' / 'abandoned'}" in older
     assert sorted(p.name for p in (tmp_path / "split" / "checkpoints" / "abandoned").iterdir()) == ["step00000005"]
+    with pytest.raises(AssertionError) as refused:   # its logs are gone: going back is the user's move
+        pretrain(tmp_path / "split", *[s for s in settings if "precision" not in s and "steps" not in s],
+                 "train.precision=fp32", "train.steps=6", f"run.resume={dense.parent.parent / 'abandoned/step00000005'}")
+    assert "is a checkpoint this run abandoned" in str(refused.value)
 
 
 def test_every_rank_streams_rank_0s_listing_of_the_shards(tmp_path):

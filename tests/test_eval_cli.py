@@ -44,6 +44,21 @@ def test_allweather_results_hold_every_metric_for_every_test_set(tmp_path, tiny_
     assert Image.open(out / "images/raindrop_a/0_rain.png").size == (44, 36)
 
 
+def test_official_sizes_resize_raindrop_and_the_table_says_so(tmp_path, tiny_weights, capsys):
+    root = build_allweather(tmp_path / "aw", size=(36, 44), per_set=1)
+    out = tmp_path / "out"
+    evaluate.main(["--weights", str(tiny_weights), "--dataset", "allweather", "--root", str(root), "--out", str(out),
+                   "--sets", "outdoor_rain,raindrop_a", "--metrics", "rgb", "--official-sizes", "--save-images"])
+    assert "(outdoor_rain, raindrop_a (720x480))" in capsys.readouterr().out
+    assert "| Outdoor-Rain | RainDrop (720x480) |" in (out / "results.md").read_text()
+    assert json.loads((out / "results.json").read_text())["official_sizes"] is True
+    assert Image.open(out / "images/raindrop_a/0_rain.png").size == (720, 480)
+    assert Image.open(out / "images/outdoor_rain/im_0000_s80_a04.png").size == (44, 36)
+    with pytest.raises(ConfigError, match="--official-sizes: none of the sets evaluated"):
+        evaluate.main(["--weights", str(tiny_weights), "--dataset", "allweather", "--root", str(root),
+                       "--out", str(out), "--sets", "outdoor_rain", "--official-sizes"])
+
+
 def test_cdd11_results_per_type_and_averaged(tmp_path, tiny_weights):
     root = build_cdd11(tmp_path / "cdd", size=(24, 32))
     out = tmp_path / "out"

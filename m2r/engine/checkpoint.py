@@ -2,11 +2,12 @@
 
 A tag directory holds DeepSpeed's files (dense `mp_rank_00_model_states.pt` with our client_state,
 `layer_<L>_expert_<E>_...` per global expert, ZeRO optimizer shards), our `meta.json` (step and
-topology, readable without torch) and, with EMA on, `ema_rank<R>.pt` files keyed by global expert
-id (rank 0's holds the dense weights, each expert shard's first replica its experts). Every rank writes into `<tag>.partial`; once all have finished and every node has flushed
-its files to disk, rank 0 adds meta.json, renames the directory to `<tag>` and only then points
-`latest` at it and deletes old tags. A tag is complete exactly when it holds meta.json; a crash at
-any moment leaves the last complete tag intact.
+topology, readable without torch) and, with EMA on, `ema_rank<R>.pt` files keyed by global expert id
+(rank 0's holds the dense weights, each expert shard's first replica its experts). Every rank writes
+into `<tag>.partial`; once all have finished and every node has flushed its files to disk, rank 0
+adds meta.json, renames the directory to `<tag>` and only then points `latest` at it and deletes old
+tags. A tag is complete exactly when it holds meta.json; a crash at any moment leaves the last
+complete tag intact.
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import os
 import random
 import re
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -146,7 +146,7 @@ def newest_checkpoint(root: Path) -> Optional[CheckpointRef]:
                                     f"run.dir or remove {root}")
         return None
     problem = f"names {named!r}, which is not a complete checkpoint" if named else "is missing or empty"
-    warnings.warn(f"{pointer} {problem}; resuming from the newest complete checkpoint, {complete[-1]}")
+    print(f"WARNING: {pointer} {problem}; resuming from the newest complete checkpoint, {complete[-1]}", flush=True)
     return CheckpointRef(root, complete[-1])
 
 

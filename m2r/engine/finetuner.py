@@ -255,7 +255,7 @@ class Finetuner(TrainingRun):
             self._warn_topology_change(ref, "the position in the epoch (the epoch restarts)")
         self._restore_ema(ref)
         self.epoch, self.best = client["epoch"], client["best"]
-        dist.print0(f"resumed from {ref.path}: epoch {self.epoch}, step {self.step}")
+        dist.print0(f"resumed from {ref.path}: {self._epoch_name()}, step {self.step}")
         return saved_rng
 
     def startup_summary(self) -> str:
@@ -342,6 +342,10 @@ class Finetuner(TrainingRun):
                 self.monitor.print(f"new best {name} {metrics[name]:.4f} at epoch {self.epoch}: {ref.path}")
             dist.barrier()
 
+    def _epoch_name(self) -> str:
+        """The epoch under way, counted from 1 as best_<metric>.json counts the epochs done."""
+        return f"epoch {self.epoch + 1} of {self.cfg.train.epochs}"
+
     def fit(self) -> int:
         if reason := self.stop_request.agreed_reason():   # during start-up: nothing new to save
             self._tell_the_job_script(finished=self.epoch >= self.cfg.train.epochs)
@@ -353,7 +357,7 @@ class Finetuner(TrainingRun):
             if reason := self.run_epoch():
                 self.save_checkpoint()
                 self._tell_the_job_script(finished=False)
-                self.monitor.print(f"{reason} in epoch {self.epoch} at step {self.step}")
+                self.monitor.print(f"{reason} in {self._epoch_name()} at step {self.step}")
                 break
             metrics = self.validate()
             self.keep_best(metrics)

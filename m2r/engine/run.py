@@ -101,7 +101,7 @@ class TrainingRun:
         mount says nolock or local_lock). A lock left by an earlier run of this same SLURM job (its node
         crashed, and NFS keeps a dead client's locks for a while) does not stop the requeued run."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        lock_path = self.run_dir / RUN_LOCK_FILE
+        lock_path, job = self.run_dir / RUN_LOCK_FILE, os.environ.get("SLURM_JOB_ID")
         self._run_lock = open(lock_path, "a+")
         try:
             fcntl.lockf(self._run_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -110,7 +110,6 @@ class TrainingRun:
                 print(f"WARNING: cannot lock {lock_path} ({error}); nothing stops a second run on {self.run_dir}")
                 return
             holder = lock_path.read_text().strip() or "unknown"
-            job = os.environ.get("SLURM_JOB_ID")
             if job and holder.endswith(f"SLURM job {job}"):   # requeues of one job run one after another
                 print(f"WARNING: {lock_path} is still held by an earlier run of this job ({holder}); going on")
                 return
@@ -118,8 +117,8 @@ class TrainingRun:
                               f"wait for it to end (or kill its ranks), or choose another run.dir; if that process "
                               f"is gone (its node crashed), delete {lock_path}") from None
         self._run_lock.truncate(0)
-        self._run_lock.write(f"pid {os.getpid()} on {socket.gethostname()}, SLURM job "
-                             f"{os.environ.get('SLURM_JOB_ID', 'none')}\n")
+        self._run_lock.write(f"pid {os.getpid()} on {socket.gethostname()}, "
+                             + (f"SLURM job {job}\n" if job else "not under SLURM\n"))
         self._run_lock.flush()
 
     def _set_aside_newer_checkpoints(self, ref: CheckpointRef) -> None:
@@ -130,6 +129,10 @@ class TrainingRun:
 
     def _check_resumable(self, ref: CheckpointRef) -> None:
         """A checkpoint of this kind of run and of the same network; other changed settings are named."""
+        if Path(ref.root).resolve() == (self.checkpoints.root / ABANDONED_DIR).resolve():
+            raise ConfigError(f"config error: key 'run.resume': {ref.path} is a checkpoint this run abandoned when it "
+                              f"resumed an older one; to continue it, move the tags saved since to {ref.root} and "
+                              f"it back to {self.checkpoints.root} (or train from its weights in a new run.dir)")
         saved = ref.saved_config()
         saved_kind = "finetune" if "init" in saved else "pretrain"   # only a finetune config has `init`
         if saved_kind != self.KIND:

@@ -96,6 +96,9 @@ class Trainer(TrainingRun):
             self.stream.start_fresh(self.step)
             self._warn_topology_change(ref, "the data stream position (a fresh stream is drawn, seeded by the step)")
         self._restore_ema(ref)
+        if self._finished():
+            dist.print0(f"train.steps={self.cfg.train.steps} is reached already (the checkpoint is at step "
+                        f"{self.step})")
         self.first_val_psnr = client.get("first_val_psnr")
         # Checkpoints saved before last_val_step was: their step's validation, when due, ran before the save.
         self.last_val, self.last_val_step = client.get("last_val") or {}, client.get("last_val_step", self.step)

@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Callable
 
+import yaml
 from omegaconf import OmegaConf
 
 from m2r.cli import run_main
@@ -52,7 +53,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _read_recipe(path: str) -> dict:
-    recipe = OmegaConf.to_container(OmegaConf.load(path))
+    try:
+        recipe = OmegaConf.to_container(OmegaConf.load(path))
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"recipe {path}: cannot read it: {error}") from error
     if not isinstance(recipe, dict):
         raise ConfigError(f"recipe {path}: expected a mapping of options, got {type(recipe).__name__}")
     unknown = sorted(set(recipe) - set(BUILD_DEFAULTS))
