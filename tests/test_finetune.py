@@ -148,9 +148,9 @@ def test_a_finetune_stopped_mid_epoch_and_at_an_epoch_end_continues_exactly(repo
             "model.moe.ep_size=1"]   # 4 steps per epoch, 2 epochs, gate noise on
     run([*base, f"run.dir={tmp_path / 'straight'}"], repo_root)
     split = tmp_path / "split"
-    assert "run.stop_after_steps=3 reached in epoch 0 at step 3" in run(
+    assert "run.stop_after_steps=3 reached in epoch 1 of 2 at step 3" in run(
         [*base, f"run.dir={split}", "run.stop_after_steps=3"], repo_root)
-    assert "run.stop_after_steps=1 reached in epoch 0 at step 4" in run(
+    assert "run.stop_after_steps=1 reached in epoch 1 of 2 at step 4" in run(
         [*base, f"run.dir={split}", "run.stop_after_steps=1"], repo_root)
     run([*base, f"run.dir={split}"], repo_root)
 
