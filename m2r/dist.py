@@ -39,19 +39,17 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
 
 
 def start_compile_workers() -> None:
-    """Start inductor's compile worker processes now, with the stop signals ignored, which they inherit
-    (an ignored disposition survives exec): SLURM signals every process of a job step, and a worker
-    killed by USR1 or TERM while the first steps compile fails the run instead of letting it save."""
+    """Start inductor's compile worker processes now, with the stop signals blocked, which they inherit
+    (a signal mask survives fork and exec): SLURM signals every process of a job step, and a worker
+    killed by USR1 or TERM while the first steps compile fails the run instead of letting it save.
+    Blocked, not ignored: a signal that comes meanwhile reaches this process once they are started."""
     from torch._inductor.async_compile import AsyncCompile
 
-    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)
         AsyncCompile.warm_pool()
     finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _say(message: bytes) -> None:

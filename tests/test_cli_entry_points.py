@@ -10,8 +10,8 @@ from conftest import REPO_ROOT
 from m2r import evaluate, export, restore
 
 
-def run_python(args, cwd):
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+def run_python(args, cwd, **env_extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", **env_extra)
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -57,17 +57,23 @@ def test_tiling_and_limit_values_are_checked_before_anything_runs(args, message,
 
 
 def test_a_run_dir_in_use_by_another_run_is_refused(tmp_path):
-    """Two runs on one run.dir would prune, resume and overwrite each other's checkpoints."""
+    """Two runs on one run.dir would prune, resume and overwrite each other's checkpoints; a requeued
+    SLURM job replaces the lock its earlier run left (NFS keeps a crashed node's locks for a while)."""
     import fcntl
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
+    pretrain = ["pretrain.py", "--config", "configs/pretrain/tiny-test.yaml", f"run.dir={run_dir}", "train.steps=1",
+                "run.image_every=0"]
     with open(run_dir / ".lock", "w") as held:   # as the other run's rank 0 holds it
         fcntl.lockf(held, fcntl.LOCK_EX)
-        held.write("pid 12345 on node7, SLURM job 99\n")
+        held.write("pid 12345 on node7, SLURM job 99 restart 0\n")
         held.flush()
-        result = run_python(["pretrain.py", "--config", "configs/pretrain/tiny-test.yaml", f"run.dir={run_dir}"],
-                            REPO_ROOT)
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith(f"error: config error: key 'run.dir': {run_dir} is in use by another run "
-                                    "(pid 12345 on node7, SLURM job 99)")
+        refused = run_python(pretrain, REPO_ROOT, SLURM_JOB_ID="99", SLURM_RESTART_COUNT="0")
+        requeued = run_python(pretrain, REPO_ROOT, SLURM_JOB_ID="99", SLURM_RESTART_COUNT="1")
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.startswith(f"error: config error: key 'run.dir': {run_dir} is in use by another run "
+                                     "(pid 12345 on node7, SLURM job 99 restart 0)")
+    assert requeued.returncode == 0, requeued.stderr
+    assert "was left locked by an earlier run of this job" in requeued.stdout
+    assert (run_dir / ".lock").read_text().endswith("SLURM job 99 restart 1\n")

@@ -33,8 +33,9 @@ def torchrun_command(nproc, script, *args):
             "--master_port", str(free_port()), script, *args]
 
 
-def run_launch(command, timeout=LAUNCH_TIMEOUT):
-    result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+def run_launch(command, timeout=LAUNCH_TIMEOUT, env_extra=()):
+    result = subprocess.run(command, cwd=REPO, env=dict(_env(), **dict(env_extra)), capture_output=True, text=True,
+                            timeout=timeout)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result.stdout
 
@@ -201,8 +202,8 @@ def test_a_resume_with_other_data_settings_draws_a_fresh_stream_and_says_so(resu
     shutil.copytree(resume_runs["split"], run_dir)
     settings = [o for o in RESUME if not o.startswith(("data.workers", "train.steps"))]
     output = pretrain(run_dir, *settings, "data.workers=2", "train.steps=7")
-    assert "WARNING: data settings changed since step00000006 (data stream state does not match this run: " \
-           "workers 1 -> 2)" in output
+    assert "WARNING: data settings changed since step00000006 (rank 0: data stream state does not match this " \
+           "run: workers 1 -> 2)" in output
     assert "stopping at step 7: finished" in output
 
 
@@ -368,9 +369,11 @@ def test_a_warning_during_start_up_stops_the_run_before_its_first_step(tmp_path,
 def test_a_warning_at_the_last_step_leaves_the_final_validation_to_the_next_run_which_does_it_once(tmp_path):
     run_dir, overrides = tmp_path / "run", ("train.steps=3", "run.val_every=100", "run.image_every=0",
                                             "run.demo_summary=true")
+    stop_file = tmp_path / "job.stop"   # the job script requeues: the final validation is left to do
     first = run_launch(torchrun_command(2, "tests/signalled_run.py", "after-step-3", "pretrain.py", "--config", TINY,
-                                        f"run.dir={run_dir}", *overrides))
+                                        f"run.dir={run_dir}", *overrides), env_extra={"M2R_STOP_FILE": str(stop_file)})
     assert "stopping at step 3: received SIGUSR1" in first and "demo: stopped before the final validation" in first
+    assert stop_file.read_text() == "SIGUSR1\n"
     assert sorted(val_records(run_dir)) == [0]
     for _ in range(2):   # the finished run, again: it validates step 3 once, and records that it did
         again = pretrain(run_dir, *overrides)

@@ -270,11 +270,12 @@ class TrainStream:
         return dataclasses.replace(self.plan, seed=int(np.random.default_rng(words).integers(2 ** 31)))
 
     def start_fresh(self, step: int) -> None:
-        """Draw a new stream from its start, seeded by (run seed, step), for a resume whose saved positions
-        cannot apply (another world size or ep_size, other data settings): the run's first batches are
-        not served again."""
+        """Draw a new stream from its start (counters too), seeded by (run seed, step), for a resume whose
+        saved positions cannot apply (another world size or ep_size, other data settings): the run's
+        first batches are not served again."""
         self.plan, self._fresh_from = self._fresh_plan(step), step
         self._batches, self._cursors = 0, [(0, 0)] * self.plan.workers
+        self._type_counts, self._corrupt = [0] * len(self.names), 0
 
     def state_dict(self) -> dict:
         return dict(version=1, plan=_fingerprint(self.plan), batches=self._batches,

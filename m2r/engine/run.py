@@ -11,6 +11,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import socket
 import time
 import warnings
@@ -53,6 +54,19 @@ def micro_step(engine, batch: Dict[str, torch.Tensor], device: torch.device, inp
     engine.backward(terms.total)
     engine.step()
     return output, torch.stack([terms.total, terms.pixel, terms.balance]).detach().float()
+
+
+def _slurm_job_name() -> str:
+    job = os.environ.get("SLURM_JOB_ID")
+    return f"SLURM job {job} restart {os.environ.get('SLURM_RESTART_COUNT', '0')}" if job else "not under SLURM"
+
+
+def _earlier_run_of_this_job(holder: str) -> bool:
+    """Whether the run.dir lock's holder line names this SLURM job at an earlier restart (requeues of a
+    job run one after another, so that run has ended)."""
+    match = re.search(r"SLURM job (\S+) restart (\d+)$", holder)
+    return bool(match) and match.group(1) == os.environ.get("SLURM_JOB_ID") \
+        and int(match.group(2)) < int(os.environ.get("SLURM_RESTART_COUNT", "0"))
 
 
 class TrainingRun:
@@ -98,10 +112,10 @@ class TrainingRun:
         of the previous one still train, would prune, resume and overwrite the other's checkpoints. A POSIX
         record lock: held by this process alone (forked data workers do not inherit it; closing any other
         descriptor of the file in this process would drop it), and NFS's lock manager sees it (unless the
-        mount says nolock or local_lock). A lock left by an earlier run of this same SLURM job (its node
-        crashed, and NFS keeps a dead client's locks for a while) does not stop the requeued run."""
+        mount says nolock or local_lock). A requeued SLURM job replaces a lock its earlier run left (that run
+        has ended, but NFS keeps a crashed client's locks for a while)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        lock_path, job = self.run_dir / RUN_LOCK_FILE, os.environ.get("SLURM_JOB_ID")
+        lock_path = self.run_dir / RUN_LOCK_FILE
         self._run_lock = open(lock_path, "a+")
         try:
             fcntl.lockf(self._run_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -110,15 +124,15 @@ class TrainingRun:
                 print(f"WARNING: cannot lock {lock_path} ({error}); nothing stops a second run on {self.run_dir}")
                 return
             holder = lock_path.read_text().strip() or "unknown"
-            if job and holder.endswith(f"SLURM job {job}"):   # requeues of one job run one after another
-                print(f"WARNING: {lock_path} is still held by an earlier run of this job ({holder}); going on")
-                return
-            raise ConfigError(f"config error: key 'run.dir': {self.run_dir} is in use by another run ({holder}); "
-                              f"wait for it to end (or kill its ranks), or choose another run.dir; if that process "
-                              f"is gone (its node crashed), delete {lock_path}") from None
+            if not _earlier_run_of_this_job(holder):
+                raise ConfigError(f"config error: key 'run.dir': {self.run_dir} is in use by another run ({holder}); "
+                                  f"wait for it to end (or kill its ranks), or choose another run.dir; if that "
+                                  f"process is gone (its node crashed), delete {lock_path}") from None
+            print(f"WARNING: {lock_path} was left locked by an earlier run of this job ({holder}): replaced")
+            lock_path.unlink()   # the new file is another inode, free to lock
+            return self._lock_run_dir()
         self._run_lock.truncate(0)
-        self._run_lock.write(f"pid {os.getpid()} on {socket.gethostname()}, "
-                             + (f"SLURM job {job}\n" if job else "not under SLURM\n"))
+        self._run_lock.write(f"pid {os.getpid()} on {socket.gethostname()}, {_slurm_job_name()}\n")
         self._run_lock.flush()
 
     def _set_aside_newer_checkpoints(self, ref: CheckpointRef) -> None:

@@ -110,15 +110,17 @@ class Trainer(TrainingRun):
         CPUs, a batch or crop size, the shards), a fresh one, the rest of the resume staying exact."""
         from m2r.data.stream import StreamMismatch
 
-        mismatch = None
+        mismatch = ""
         try:
             self.stream.load_state_dict(saved_state)
         except StreamMismatch as error:
-            mismatch = error
-        if dist.max_over_ranks(mismatch is not None):   # all ranks draw afresh, or none
+            mismatch = str(error)
+        mismatches = dist.all_gather_object(mismatch)
+        if any(mismatches):   # all ranks draw afresh, or none
             self.stream.start_fresh(self.step)
-            dist.print0(f"WARNING: data settings changed since {ref.tag} ({mismatch or 'on some ranks'}): a fresh "
-                        f"data stream is drawn from step {self.step}; weights, optimizer and RNG continue exactly")
+            rank, first = next((rank, text) for rank, text in enumerate(mismatches) if text)
+            dist.print0(f"WARNING: data settings changed since {ref.tag} (rank {rank}: {first}): a fresh data "
+                        f"stream is drawn from step {self.step}; weights, optimizer and RNG continue exactly")
 
     # ----------------------------------------------------------------------------- training
     def _next_batch(self, timer: StepTimer) -> Dict[str, torch.Tensor]:
@@ -223,7 +225,7 @@ class Trainer(TrainingRun):
             timer.restart()
         if last_saved != self.step:
             self.save_checkpoint()
-        self._tell_the_job_script(self._finished())
+        self._tell_the_job_script(finished=self._finished() and self.last_val_step == self.step)
         self.monitor.print(f"stopping at step {self.step}: {reason}")
         self._print_demo_summary()
         self.monitor.close()
