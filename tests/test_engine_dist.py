@@ -297,7 +297,8 @@ def test_bf16_resumes_exactly_and_a_precision_change_loads_weights(tmp_path):
     assert sorted(p.name for p in (tmp_path / "split" / "checkpoints" / "abandoned").iterdir()) == ["step00000005"]
     with pytest.raises(AssertionError) as refused:   # its logs are gone: going back is the user's move
         pretrain(tmp_path / "split", *[s for s in settings if "precision" not in s and "steps" not in s],
-                 "train.precision=fp32", "train.steps=6", f"run.resume={dense.parent.parent / 'abandoned/step00000005'}")
+                 "train.precision=fp32", "train.steps=6",
+                 f"run.resume={dense.parent.parent / 'abandoned/step00000005'}")
     assert "is a checkpoint this run abandoned" in str(refused.value)
 
 
@@ -315,8 +316,8 @@ def test_every_rank_streams_rank_0s_listing_of_the_shards(tmp_path):
         Image.fromarray(load_photo(TRAIN_PHOTOS[i % len(TRAIN_PHOTOS)])[:48, :48]).save(photos / f"{i}.png")
     build(BuildOptions(src=[str(photos)], out=str(tmp_path / "shards"), samples_per_shard=2), progress=False)
     run_launch(torchrun_command(2, "tests/stale_listing.py", "pretrain.py", "--config", TINY,
-                                f"run.dir={tmp_path / 'run'}", "data.source=shards", f"data.shards={tmp_path / 'shards'}",
-                                "train.steps=2", "run.image_every=0"))
+                                f"run.dir={tmp_path / 'run'}", "data.source=shards",
+                                f"data.shards={tmp_path / 'shards'}", "train.steps=2", "run.image_every=0"))
     client = torch.load(tmp_path / "run/checkpoints/step00000002/mp_rank_00_model_states.pt", weights_only=False)
     assert [state["plan"]["shards"] for state in client["stream_states"]] == [4, 4]
 
