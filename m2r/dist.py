@@ -42,11 +42,12 @@ def start_compile_workers() -> None:
     """Start inductor's compile worker processes now, with the stop signals blocked, which they inherit
     (a signal mask survives fork and exec): SLURM signals every process of a job step, and a worker
     killed by USR1 or TERM while the first steps compile fails the run instead of letting it save.
-    Blocked, not ignored: a signal that comes meanwhile reaches this process once they are started."""
-    from torch._inductor.async_compile import AsyncCompile
-
+    Blocked, not ignored: a signal that comes meanwhile reaches this process once they are started.
+    (Inductor's default `subprocess` start method; with `fork` the workers start at the first compile.)"""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
+        from torch._inductor.async_compile import AsyncCompile   # some torch versions warm the pool on import
+
         AsyncCompile.warm_pool()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)

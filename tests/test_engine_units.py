@@ -479,6 +479,28 @@ def test_a_fresh_start_drops_what_a_run_killed_before_its_first_checkpoint_logge
     assert (tmp_path / "metrics.jsonl").read_text() == ""
 
 
+def test_a_lock_file_replaced_right_after_it_was_locked_is_locked_again(tmp_path, monkeypatch):
+    """Another requeue of the job replacing a stale lock file: the lock this run holds must be on the
+    file at run.dir/.lock, or two runs would each hold "the" lock."""
+    import fcntl
+
+    from m2r.engine import run_lock
+
+    real_lockf, calls = fcntl.lockf, []
+
+    def lock_then_see_it_replaced(handle, flags):
+        real_lockf(handle, flags)
+        if not calls:
+            (tmp_path / ".lock").unlink()
+            (tmp_path / ".lock").write_text("")
+        calls.append(flags)
+
+    monkeypatch.setattr(run_lock.fcntl, "lockf", lock_then_see_it_replaced)
+    with run_lock.hold_run_dir_lock(tmp_path) as handle:
+        assert len(calls) == 2 and run_lock._is_the_file_at(handle, tmp_path / ".lock")
+        assert "pid " in (tmp_path / ".lock").read_text()
+
+
 # ----------------------------------------------------------------------------------- stop signals
 def test_ctrl_c_asks_for_a_checkpoint_and_a_second_one_aborts(capfd):
     """Also when a launcher's SIGTERM comes between the two (DeepSpeed's passes Ctrl-C on as SIGTERM)."""

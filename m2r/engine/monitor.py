@@ -182,7 +182,8 @@ class Monitor(NullMonitor):
                 self.writer.add_scalar(f"moe/level{level}/expert{expert}", fraction, step)
 
     def log_data_stats(self, step: int, counts: Dict[str, int], corrupt_samples: int) -> None:
-        """Training samples served so far per degradation type, and damaged samples skipped, summed over ranks."""
+        """Training samples served per degradation type, and damaged samples skipped, summed over ranks, since
+        the data stream started (a fresh stream after a topology or data change starts them again)."""
         for name, count in counts.items():
             self.writer.add_scalar(f"data/samples_{name}", count, step)
         self.writer.add_scalar("data/corrupt_samples", corrupt_samples, step)

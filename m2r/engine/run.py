@@ -8,11 +8,7 @@ and reports each optimizer step through `_log_train_step`.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import os
-import re
-import socket
 import time
 import warnings
 from pathlib import Path
@@ -33,13 +29,13 @@ from m2r.engine.deepspeed_config import (build_deepspeed_config, gradient_accumu
 from m2r.engine.loss import restoration_loss
 from m2r.engine.monitor import NullMonitor, StepTimer, build_monitor
 from m2r.engine.optim import EMA, build_optimizer
+from m2r.engine.run_lock import hold_run_dir_lock
 from m2r.engine.validate import to_unit_float
 from m2r.models.config import require_same_network
 
 # Settings of one process, expected to differ between the runs that continue one another.
 PER_PROCESS_KEYS = frozenset({"run.resume", "run.stop_after_steps", "run.stop_after_epochs",
                               "run.collective_timeout_minutes"})
-RUN_LOCK_FILE = ".lock"
 STOP_FILE_VARIABLE = "M2R_STOP_FILE"   # see TrainingRun._tell_the_job_script
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -54,19 +50,6 @@ def micro_step(engine, batch: Dict[str, torch.Tensor], device: torch.device, inp
     engine.backward(terms.total)
     engine.step()
     return output, torch.stack([terms.total, terms.pixel, terms.balance]).detach().float()
-
-
-def _slurm_job_name() -> str:
-    job = os.environ.get("SLURM_JOB_ID")
-    return f"SLURM job {job} restart {os.environ.get('SLURM_RESTART_COUNT', '0')}" if job else "not under SLURM"
-
-
-def _earlier_run_of_this_job(holder: str) -> bool:
-    """Whether the run.dir lock's holder line names this SLURM job at an earlier restart (requeues of a
-    job run one after another, so that run has ended)."""
-    match = re.search(r"SLURM job (\S+) restart (\d+)$", holder)
-    return bool(match) and match.group(1) == os.environ.get("SLURM_JOB_ID") \
-        and int(match.group(2)) < int(os.environ.get("SLURM_RESTART_COUNT", "0"))
 
 
 class TrainingRun:
@@ -107,33 +90,8 @@ class TrainingRun:
         self.step = 0
 
     def _lock_run_dir(self) -> None:
-        """Rank 0 holds an exclusive lock on run.dir for the whole run (the kernel frees it when the process
-        ends, however it ends): a second run on the same directory, or a run restarted while orphaned ranks
-        of the previous one still train, would prune, resume and overwrite the other's checkpoints. A POSIX
-        record lock: held by this process alone (forked data workers do not inherit it; closing any other
-        descriptor of the file in this process would drop it), and NFS's lock manager sees it (unless the
-        mount says nolock or local_lock). A requeued SLURM job replaces a lock its earlier run left (that run
-        has ended, but NFS keeps a crashed client's locks for a while)."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        lock_path = self.run_dir / RUN_LOCK_FILE
-        self._run_lock = open(lock_path, "a+")
-        try:
-            fcntl.lockf(self._run_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            if error.errno not in (errno.EACCES, errno.EAGAIN):   # a filesystem without locks
-                print(f"WARNING: cannot lock {lock_path} ({error}); nothing stops a second run on {self.run_dir}")
-                return
-            holder = lock_path.read_text().strip() or "unknown"
-            if not _earlier_run_of_this_job(holder):
-                raise ConfigError(f"config error: key 'run.dir': {self.run_dir} is in use by another run ({holder}); "
-                                  f"wait for it to end (or kill its ranks), or choose another run.dir; if that "
-                                  f"process is gone (its node crashed), delete {lock_path}") from None
-            print(f"WARNING: {lock_path} was left locked by an earlier run of this job ({holder}): replaced")
-            lock_path.unlink()   # the new file is another inode, free to lock
-            return self._lock_run_dir()
-        self._run_lock.truncate(0)
-        self._run_lock.write(f"pid {os.getpid()} on {socket.gethostname()}, {_slurm_job_name()}\n")
-        self._run_lock.flush()
+        """Rank 0 holds the run.dir lock for the whole run (m2r/engine/run_lock.py)."""
+        self._run_lock = hold_run_dir_lock(self.run_dir)
 
     def _set_aside_newer_checkpoints(self, ref: CheckpointRef) -> None:
         moved = dist.on_rank0(lambda: set_aside_newer_tags(ref, self.checkpoints.root))

@@ -1,0 +1,84 @@
+"""One run per run.dir: rank 0 holds an exclusive lock on `<run.dir>/.lock` for the whole run.
+
+A second run on the same directory, or a run restarted while orphaned ranks of the previous one still
+train, would prune, resume and overwrite the other's checkpoints. The lock is a POSIX record lock: the
+kernel frees it when the process ends, however it ends; it is held by this process alone (forked data
+workers do not inherit it; closing any other descriptor of the file in this process would drop it, so
+nothing else opens it); NFS's lock manager sees it (unless the mount says nolock or local_lock). A
+requeued SLURM job replaces a lock its earlier run left (that run has ended, but NFS keeps a crashed
+client's locks for a while).
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import socket
+from pathlib import Path
+from typing import IO, Optional
+
+from m2r.config import ConfigError
+
+RUN_LOCK_FILE = ".lock"
+ATTEMPTS = 3   # a stale lock replaced, and perhaps replaced again by another requeue racing this one
+
+
+def hold_run_dir_lock(run_dir: Path) -> Optional[IO]:
+    """Lock run_dir (created if missing) for this process; returns the open lock file, to keep open for
+    the run, or None (with a warning) on a filesystem without locks. Raises ConfigError, naming the
+    holder, when another run holds it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock_path = run_dir / RUN_LOCK_FILE
+    for _ in range(ATTEMPTS):
+        handle = open(lock_path, "a+")
+        try:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            holder = _read(handle)
+            handle.close()
+            if error.errno not in (errno.EACCES, errno.EAGAIN):   # a filesystem without locks
+                print(f"WARNING: cannot lock {lock_path} ({error}); nothing stops a second run on {run_dir}")
+                return None
+            if not _earlier_run_of_this_job(holder):
+                raise ConfigError(f"config error: key 'run.dir': {run_dir} is in use by another run ({holder}); "
+                                  f"wait for it to end (or kill its ranks), or choose another run.dir; if that "
+                                  f"process is gone (its node crashed), delete {lock_path}") from None
+            print(f"WARNING: {lock_path} was left locked by an earlier run of this job ({holder}): replaced")
+            lock_path.unlink(missing_ok=True)   # the new file is another inode, free to lock
+            continue
+        if _is_the_file_at(handle, lock_path):   # not replaced by another requeue meanwhile
+            handle.truncate(0)
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}, {_slurm_job_name()}\n")
+            handle.flush()
+            return handle
+        handle.close()
+    raise ConfigError(f"config error: key 'run.dir': {lock_path} was replaced {ATTEMPTS} times while this run "
+                      "tried to lock it: is another run of this job starting?")
+
+
+def _read(handle: IO) -> str:
+    """The holder line, read through the open file (opening the path again would drop our own lock)."""
+    handle.seek(0)
+    return handle.read().strip() or "unknown"
+
+
+def _is_the_file_at(handle: IO, path: Path) -> bool:
+    try:
+        here, there = os.fstat(handle.fileno()), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _slurm_job_name() -> str:
+    job = os.environ.get("SLURM_JOB_ID")
+    return f"SLURM job {job} restart {os.environ.get('SLURM_RESTART_COUNT', '0')}" if job else "not under SLURM"
+
+
+def _earlier_run_of_this_job(holder: str) -> bool:
+    """Whether the holder line names this SLURM job at an earlier restart (requeues of a job run one
+    after another, so that run has ended)."""
+    match = re.search(r"SLURM job (\S+) restart (\d+)$", holder)
+    return bool(match) and match.group(1) == os.environ.get("SLURM_JOB_ID") \
+        and int(match.group(2)) < int(os.environ.get("SLURM_RESTART_COUNT", "0"))
