@@ -23,6 +23,9 @@ def run_python(args, cwd, **env_extra):
                   "--out", "{tmp}/results"], "error: missing CDD-11 folder"),
     ("restore", ["--weights", "{tmp}/w.safetensors", "{tmp}/no-photo.png", "--out", "{tmp}/restored"],
      "error: input {tmp}/no-photo.png does not exist"),
+    ("models.summary", ["--config", "configs/model/tiny.yaml", "dimm=3"], "error: config error in override 'dimm=3'"),
+    ("data.gallery", ["--image", "skimage:nope", "--out", "{tmp}/g.png"],
+     "error: --image skimage:nope: scikit-image has no sample photo named 'nope'"),
 ])
 def test_a_users_mistake_is_one_line_and_exit_status_2(tmp_path, tool, args, message):
     result = run_python(["-m", f"m2r.{tool}", *(a.format(tmp=tmp_path) for a in args)], REPO_ROOT)

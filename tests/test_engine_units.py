@@ -18,7 +18,8 @@ from m2r.engine.deepspeed_config import build_deepspeed_config
 from m2r.engine.loss import pixel_loss
 from m2r.engine.monitor import build_monitor
 from m2r.engine.optim import EMA, learning_rate
-from m2r.engine.validate import psnr, ssim
+from m2r.eval.metrics import batch_psnr as psnr
+from m2r.eval.metrics import batch_ssim as ssim
 from m2r.export import _global_name
 
 TINY = "configs/pretrain/tiny-test.yaml"

@@ -42,13 +42,21 @@ def test_configs_hold_the_paper_recipe(repo_root, name, dataset):
                                             (["model.moe.ep_size=4"], "model.moe.ep_size"),
                                             (["data.val_images_per_set=-1"], "val_images_per_set"),
                                             (["init.allow_model_changes=[nope]"], "init.allow_model_changes"),
-                                            (["train.lr=0"], "train.lr")])
+                                            (["train.lr=0"], "train.lr"),
+                                            (["run.log_every=0"], "run.log_every"),
+                                            (["run.keep_last=1"], "run.keep_last")])
 def test_invalid_settings_name_their_key(repo_root, overrides, key):
     root = ["data.root=/data"] if overrides else []  # the tiny config leaves data.root empty
     cfg = load_config(FinetuneConfig, Path(repo_root) / "configs/finetune/tiny-test.yaml",
                       root + overrides)
     with pytest.raises(ConfigError, match=key):
         validate_finetune_config(cfg, world_size=2)
+
+
+@pytest.mark.parametrize("key", ["train.steps", "train.warmup_steps"])
+def test_step_counts_are_refused_as_finetuning_counts_epochs(repo_root, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(FinetuneConfig, Path(repo_root) / "configs/finetune/tiny-test.yaml", ["data.root=/data", f"{key}=5"])
 
 
 def test_validation_crops_larger_than_an_image_are_refused_not_upscaled(repo_root, tmp_path):

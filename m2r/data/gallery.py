@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from m2r.cli import run_main
+from m2r.config import ConfigError
 from m2r.data.augment import center_crop
 from m2r.data.builtin import load_photo
 from m2r.data.degradations import apply_steps, to_float, to_uint8
+from m2r.data.images import read_rgb
 from m2r.data.presets import PRESETS
 
 LABEL_HEIGHT = 14
@@ -45,12 +49,16 @@ def render(photo: np.ndarray, size: int = 192, seed: int = 0, columns: int = 6) 
 
 def read_image(spec: str) -> np.ndarray:
     if spec.startswith("skimage:"):
-        return load_photo(spec.split(":", 1)[1])
-    with Image.open(spec) as im:
-        return np.asarray(im.convert("RGB"))
+        import skimage.data
+
+        name = spec.split(":", 1)[1]
+        if not callable(getattr(skimage.data, name, None)):
+            raise ConfigError(f"--image {spec}: scikit-image has no sample photo named {name!r}")
+        return load_photo(name)
+    return read_rgb(Path(spec))
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image", required=True, help="image file, or skimage:NAME")
     parser.add_argument("--out", required=True)
@@ -59,7 +67,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     render(read_image(args.image), args.size, args.seed).save(args.out)
     print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

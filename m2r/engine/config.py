@@ -14,14 +14,13 @@ from m2r.models.config import ModelConfig
 
 
 @dataclass
-class TrainConfig:
-    steps: int = 1000                # optimizer steps in the whole run
+class TrainSettings:
+    """The `train` keys pretraining and finetuning share (finetuning counts its schedule in epochs)."""
     micro_batch: int = 4             # images per GPU per forward pass
     grad_accum: int = 1              # forward passes per optimizer step
     crop: int = 224                  # training crop side (multiple of 8)
     lr: float = 2e-4                 # peak learning rate
     min_lr: float = 0.0              # cosine floor
-    warmup_steps: int = 0            # linear warmup from 0, then cosine to min_lr; stepped per iteration
     weight_decay: float = 0.01       # AdamW, torch default as in the official code
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -45,11 +44,17 @@ class TrainConfig:
 
 
 @dataclass
+class TrainConfig(TrainSettings):
+    steps: int = 1000                # optimizer steps in the whole run
+    warmup_steps: int = 0            # linear warmup from 0, then cosine to min_lr; stepped per iteration
+
+
+@dataclass
 class RunOutputConfig:
     """What pretraining and finetuning runs share: where they write, how they resume and report."""
     dir: str = "runs/default"        # checkpoints, TensorBoard, config.yaml, metrics.jsonl
     resume: str = "latest"           # latest | none | <checkpoint dir or tag dir>
-    keep_last: int = 2               # checkpoints kept (>= 2: the newest may be half-written when killed)
+    keep_last: int = 2               # checkpoints kept (>= 2: see CheckpointManager._publish)
     log_every: int = 10              # optimizer steps between console lines and TensorBoard scalars
     progress_bar: bool = True        # tqdm bar when stdout is a terminal
     tensorboard: bool = True         # TensorBoard event files under run.dir/tensorboard (metrics.jsonl always)
@@ -90,11 +95,9 @@ def validate_pretrain_config(cfg, world_size: int) -> None:
              "must all be positive")
     require(train.warmup_steps >= 0, "train.warmup_steps", train.warmup_steps, "must be >= 0")
     check_optimizer_settings(train)
-    require(run.keep_last >= 2, "run.keep_last", run.keep_last,
-             "must be >= 2 (the newest checkpoint may be incomplete if the job is killed while saving)")
-    require(run.save_every > 0 and run.log_every > 0 and run.val_every > 0,
-             "run.save_every/log_every/val_every", (run.save_every, run.log_every, run.val_every),
-             "must all be positive")
+    check_run_output_settings(run)
+    require(run.save_every > 0 and run.val_every > 0, "run.save_every/val_every", (run.save_every, run.val_every),
+            "must both be positive")
     check_loader_settings(cfg.data)
     require(cfg.data.val_samples_per_type > 0, "data.val_samples_per_type", cfg.data.val_samples_per_type,
             "must be positive")
@@ -106,6 +109,13 @@ def collective_timeout(run) -> datetime.timedelta:
     require(run.collective_timeout_minutes > 0, "run.collective_timeout_minutes", run.collective_timeout_minutes,
             "must be positive")
     return datetime.timedelta(minutes=run.collective_timeout_minutes)
+
+
+def check_run_output_settings(run) -> None:
+    """The `run` keys pretraining and finetuning share, beyond their types."""
+    require(run.keep_last >= 2, "run.keep_last", run.keep_last,
+            "must be >= 2 (a crash while a step is saved again leaves only the older checkpoints)")
+    require(run.log_every > 0, "run.log_every", run.log_every, "must be positive")
 
 
 def check_loader_settings(data) -> None:

@@ -20,8 +20,8 @@ from m2r.atomic import write_json_atomically
 from m2r.config import ConfigError, choice
 from m2r.engine.checkpoint import (CheckpointManager, CheckpointRef, capture_rng_state, checkpoint_at,
                                    load_weights_only, rank_seed)
-from m2r.engine.config import (RunOutputConfig, TrainConfig, check_expert_parallel, check_loader_settings,
-                               check_optimizer_settings, require)
+from m2r.engine.config import (RunOutputConfig, TrainSettings, check_expert_parallel, check_loader_settings,
+                               check_optimizer_settings, check_run_output_settings, require)
 from m2r.engine.experts import global_expert_names
 from m2r.engine.monitor import StepTimer
 from m2r.engine.optim import learning_rate, set_learning_rate
@@ -46,8 +46,7 @@ class FinetuneDataConfig:
 
 
 @dataclass
-class FinetuneTrainConfig(TrainConfig):
-    # `steps` and `warmup_steps` are derived from the epochs below and the dataset size.
+class FinetuneTrainConfig(TrainSettings):
     epochs: int = 200
     warmup_epochs: int = 15
     schedule_epochs: int = 0         # the cosine reaches min_lr here; 0 = epochs
@@ -91,7 +90,7 @@ def validate_finetune_config(cfg, world_size: int) -> None:
     check_optimizer_settings(train)
     check_loader_settings(data)
     require(data.val_images_per_set > 0, "data.val_images_per_set", data.val_images_per_set, "must be positive")
-    require(run.keep_last >= 2, "run.keep_last", run.keep_last, "must be >= 2")
+    check_run_output_settings(run)
     require(set(run.best_metrics) <= {"psnr", "ssim"}, "run.best_metrics", list(run.best_metrics),
              "may only hold psnr and ssim")
     check_expert_parallel(cfg.model.moe, world_size)

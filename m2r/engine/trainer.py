@@ -20,7 +20,8 @@ from m2r.engine.config import validate_pretrain_config
 from m2r.engine.monitor import StepTimer
 from m2r.engine.optim import learning_rate, set_learning_rate
 from m2r.engine.run import TrainingRun, micro_step
-from m2r.engine.validate import evaluate, image_grid, psnr, to_unit_float
+from m2r.engine.validate import evaluate, image_grid, to_unit_float
+from m2r.eval.metrics import batch_psnr
 
 
 class Trainer(TrainingRun):
@@ -272,6 +273,6 @@ class Trainer(TrainingRun):
 
     def _input_psnr(self) -> float:
         """Mean PSNR of the validation inputs against their targets: what an identity network would score."""
-        scores = [psnr(to_unit_float(b["lq"], torch.device("cpu"), torch.float32),
+        scores = [batch_psnr(to_unit_float(b["lq"], torch.device("cpu"), torch.float32),
                        to_unit_float(b["gt"], torch.device("cpu"), torch.float32)) for b in self.val_batches]
         return torch.cat(scores).mean().item()

@@ -25,15 +25,46 @@ import torch
 import torch.nn.functional as F
 
 from m2r.config import ConfigError
-from m2r.engine.validate import MIN_MSE
-from m2r.engine.validate import psnr as _psnr_clamped
-from m2r.engine.validate import ssim as _ssim_clamped
 
 PROTOCOLS = ("rgb", "y", "official")
 BT601_Y_WEIGHTS = (65.481, 128.553, 24.966)   # R, G, B on [0, 1] inputs, result on the [0, 255] scale
 OPENCV_LUMA_BGR = (0.114, 0.587, 0.299)       # cv2.COLOR_BGR2YCrCb on float images: B, G, R weights
 OFFICIAL_SSIM_WINDOW = 7
 K1, K2 = 0.01, 0.03
+MIN_MSE = 1e-10   # PSNR's cap, the same in every protocol: identical images score 100 dB, not infinity
+
+
+def batch_psnr(restored: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of (B, C, H, W) images, prediction clamped to [0, 1]."""
+    mse = (restored.clamp(0, 1) - target).pow(2).flatten(1).mean(1)
+    return 10.0 * torch.log10(1.0 / mse.clamp_min(MIN_MSE))
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-coords ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    return torch.outer(g, g)
+
+
+def batch_ssim(restored: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM of (B, C, H, W) images, prediction clamped to [0, 1] (Wang et al. 2004: 11x11
+    Gaussian window, sigma 1.5, K1, K2), mean over channels."""
+    x, y = restored.clamp(0, 1).double(), target.double()
+    channels = x.shape[1]
+    size = min(11, x.shape[-2], x.shape[-1])
+    window = _gaussian_window(size).to(x.device).expand(channels, 1, size, size)
+
+    def blur(t):
+        return F.conv2d(t, window, groups=channels)
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x ** 2
+    var_y = blur(y * y) - mu_y ** 2
+    cov = blur(x * y) - mu_x * mu_y
+    c1, c2 = K1 ** 2, K2 ** 2
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return ssim_map.flatten(1).mean(1).float()
 
 
 def _check_pair(restored: torch.Tensor, target: torch.Tensor) -> None:
@@ -63,13 +94,13 @@ def as_saved_8bit(image: torch.Tensor) -> torch.Tensor:
 def psnr_ssim_rgb(restored: torch.Tensor, target: torch.Tensor) -> Tuple[float, float]:
     _check_pair(restored, target)
     x, y = as_saved_8bit(restored).unsqueeze(0), target.double().unsqueeze(0)
-    return float(_psnr_clamped(x, y)), float(_ssim_clamped(x, y))
+    return float(batch_psnr(x, y)), float(batch_ssim(x, y))
 
 
 def psnr_ssim_y(restored: torch.Tensor, target: torch.Tensor) -> Tuple[float, float]:
     _check_pair(restored, target)
     x, y = rgb_to_y(as_saved_8bit(restored)).unsqueeze(0), rgb_to_y(target).unsqueeze(0)
-    return float(_psnr_clamped(x, y)), float(_ssim_clamped(x, y))
+    return float(batch_psnr(x, y)), float(batch_ssim(x, y))
 
 
 def official_luma(image: torch.Tensor) -> torch.Tensor:

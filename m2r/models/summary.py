@@ -14,6 +14,7 @@ import open_clip
 import torch
 from omegaconf import OmegaConf
 
+from m2r.cli import run_main
 from m2r.config import load_config
 from m2r.models.clip_prior import build_daclip, clip_architecture
 from m2r.models.config import ModelConfig
@@ -64,7 +65,7 @@ def format_summary(summary: Dict[str, object], clip_line: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="model config YAML (configs/model/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the model config")
@@ -77,7 +78,8 @@ def main(argv=None) -> None:
     except (ValueError, TypeError) as exc:  # an architecture open_clip cannot build from its config
         clip_line = f"frozen CLIP prior: not countable ({exc})"
     print(format_summary(summarize(cfg), clip_line))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
