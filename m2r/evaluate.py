@@ -32,12 +32,12 @@ from accelerate import Accelerator
 from m2r import dist
 from m2r.cli import run_main
 from m2r.config import ConfigError
-from m2r.engine.validate import to_unit_float
 from m2r.eval.datasets import (ALLWEATHER_PAPER_SETS, DATASETS, OFFICIAL_TEST_SIZES, Pair, check_pairs,
-                               evaluation_sets, read_pair, to_chw_uint8)
+                               evaluation_sets, read_pair)
+from m2r.eval.image_io import as_unit, save_png
 from m2r.eval.loading import (add_inference_arguments, load_inference_model, make_accelerator, non_negative_int,
                               parse_inference_arguments, precision_name)
-from m2r.eval.metrics import image_metrics, parse_protocols, to_uint8
+from m2r.eval.metrics import image_metrics, parse_protocols
 from m2r.eval.tiling import restore_image
 
 SET_TITLES = {"outdoor_rain": "Outdoor-Rain", "snow100k_s": "Snow100K-S", "snow100k_l": "Snow100K-L",
@@ -65,20 +65,6 @@ def parse_args(argv):
                         + " (input and target, bicubic) as the official test does; "
                           "default: every image at its own size")
     return parse_inference_arguments(parser, argv)
-
-
-def as_unit(image, device: torch.device) -> torch.Tensor:
-    """(H, W, 3) uint8 image -> float32 (1, 3, H, W) in [0, 1] on `device`."""
-    return to_unit_float(to_chw_uint8(image), device, torch.float32).unsqueeze(0)
-
-
-def save_png(image: torch.Tensor, path: Path) -> None:
-    """(3, H, W) float image -> 8-bit PNG at `path`: the image the rgb and y metrics measure."""
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    array = to_uint8(image).permute(1, 2, 0).cpu().numpy()
-    Image.fromarray(array).save(path)
 
 
 @torch.no_grad()

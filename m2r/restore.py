@@ -27,9 +27,9 @@ from m2r import dist
 from m2r.cli import run_main
 from m2r.config import ConfigError
 from m2r.data.images import IMAGE_SUFFIXES, list_image_files, read_rgb
+from m2r.eval.image_io import as_unit, save_png
 from m2r.eval.loading import add_inference_arguments, load_inference_model, make_accelerator, parse_inference_arguments
 from m2r.eval.tiling import restore_image
-from m2r.evaluate import as_unit, save_png
 
 
 def parse_args(argv):
@@ -92,7 +92,8 @@ def restore_files(model, jobs: Sequence[Tuple[Path, Path]], args, accelerator: A
 def main(argv=None) -> int:
     args = parse_args(argv)
     accelerator = accelerator_for(args)
-    jobs = collect_inputs(args.inputs)
+    # Process 0 lists the inputs for all, as m2r.evaluate does (a stale listing on one node).
+    jobs = dist.on_rank0(lambda: collect_inputs(args.inputs))
     model = load_inference_model(args.weights, accelerator.device, args.model_config, args.overrides)
     with accelerator.split_between_processes(jobs) as share:
         restore_files(model, share, args, accelerator)

@@ -108,6 +108,16 @@ def test_restore_keeps_the_input_sizes_and_folder_layout(tmp_path, tiny_weights)
         assert Image.open(restored).size == (w, h)
 
 
+def test_processes_restore_process_0s_listing_of_the_inputs(tmp_path, tiny_weights):
+    """A process listing fewer images would split the work otherwise and leave some unrestored."""
+    for name in ("a.png", "b.png", "c.png"):
+        write_image(tmp_path / "in" / name, (16, 16), seed=ord(name[0]))
+    run_cli(["-m", "torch.distributed.run", "--nproc_per_node", "2", "tests/stale_listing.py", "-m", "m2r.restore",
+             "--weights", str(tiny_weights), str(tmp_path / "in"), "--out", str(tmp_path / "out")],
+            REPO_ROOT, {"CUDA_VISIBLE_DEVICES": ""})
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.png", "c.png"]
+
+
 def test_inputs_differing_only_in_suffix_keep_it_instead_of_overwriting_each_other(tmp_path):
     for name in ("a.png", "a.jpg", "sub/a.png", "b.jpg"):
         write_image(tmp_path / "in" / name, (8, 8), seed=1)

@@ -66,7 +66,7 @@ def test_rgb_and_y_protocols_measure_the_prediction_rounded_to_8_bits():
 def test_rgb_and_y_protocols_score_exactly_the_png_that_evaluate_saves(tmp_path):
     from PIL import Image
 
-    from m2r.evaluate import save_png
+    from m2r.eval.image_io import save_png
 
     target = torch.from_numpy(saved_8bit(photo_pair("chelsea", seed=7)[0])).permute(2, 0, 1).float()
     # float32 values near the midpoints between 8-bit levels, where float32 and float64 rounding part

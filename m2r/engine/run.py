@@ -30,7 +30,7 @@ from m2r.engine.loss import restoration_loss
 from m2r.engine.monitor import NullMonitor, StepTimer, build_monitor
 from m2r.engine.optim import EMA, build_optimizer
 from m2r.engine.run_lock import hold_run_dir_lock
-from m2r.engine.validate import to_unit_float
+from m2r.eval.image_io import to_unit_float
 from m2r.models.config import require_same_network
 
 # Settings of one process, expected to differ between the runs that continue one another.

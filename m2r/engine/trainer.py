@@ -20,7 +20,8 @@ from m2r.engine.config import validate_pretrain_config
 from m2r.engine.monitor import StepTimer
 from m2r.engine.optim import learning_rate, set_learning_rate
 from m2r.engine.run import TrainingRun, micro_step
-from m2r.engine.validate import evaluate, image_grid, to_unit_float
+from m2r.engine.validate import evaluate, image_grid
+from m2r.eval.image_io import to_unit_float
 from m2r.eval.metrics import batch_psnr
 
 

@@ -11,12 +11,8 @@ from typing import Dict, List, Sequence
 import torch
 
 from m2r import dist
+from m2r.eval.image_io import to_unit_float
 from m2r.eval.metrics import batch_psnr, batch_ssim
-
-
-def to_unit_float(images_uint8: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 batches travel to the device, the /255 happens there."""
-    return images_uint8.to(device, non_blocking=True).to(dtype) / 255.0
 
 
 @torch.no_grad()
