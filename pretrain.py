@@ -8,7 +8,8 @@
 
 `key=value` overrides any config key, e.g. `train.steps=100 model.moe.ep_size=2 run.resume=none`.
 A run resumes from its newest checkpoint by default; SIGTERM or SIGUSR1 saves a checkpoint and
-exits 0. See m2r/engine/trainer.py for the loop and m2r/engine/config.py for every key.
+exits 0. See m2r/engine/trainer.py for the loop; the keys: m2r/engine/config.py (train, run),
+m2r/models/config.py (model), m2r/data/config.py (data).
 """
 import sys
 

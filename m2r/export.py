@@ -10,8 +10,8 @@ DeepSpeed's `zero_to_fp32.py` cannot read MoE checkpoints, so the merge is ours:
   optimizer shards, whose per-rank fragments are stitched back together (rank order within each
   parameter's data-parallel group) and replace them;
 - `--ema` writes the EMA weights instead (merged from the tag's `ema_rank<R>.pt` files).
-The resolved config is written beside the weights (`<out>.yaml`, e.g. model.yaml), and
-`load_exported_model(path)` rebuilds the network from both with ep_size 1.
+The resolved config is written beside the weights (`<out>.yaml`, e.g. model.yaml), from which
+`m2r.eval.loading.load_inference_model(path, device)` rebuilds the network with ep_size 1.
 """
 from __future__ import annotations
 
@@ -134,20 +134,6 @@ def export(checkpoint: str, out: str, use_ema: bool = False) -> Path:
         os.chmod(tmp, default_file_mode())   # safetensors writes 0600 files, unreadable to teammates
     save_config(OmegaConf.create(config), config_path_for(out_path))
     return out_path
-
-
-def load_exported_model(weights_path: str, device: str = "cpu"):
-    """M2Restore with the exported weights, for one process (all experts local: ep_size 1), in eval mode."""
-    from safetensors.torch import load_file
-
-    from m2r.models.config import ModelConfig
-    from m2r.models.m2restore import build_model
-
-    config = OmegaConf.load(config_path_for(Path(weights_path)))
-    model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), config.model, {"moe": {"ep_size": 1}})
-    model = build_model(model_cfg)
-    model.load_state_dict(load_file(weights_path), strict=True)
-    return model.to(device).eval()
 
 
 def main(argv=None) -> int:

@@ -122,12 +122,13 @@ def test_export_then_single_process_load_gives_the_engine_outputs(parity_runs, t
     from m2r.data.presets import type_names
     from m2r.engine.validate import evaluate
     from m2r.atomic import default_file_mode
-    from m2r.export import export, load_exported_model
+    from m2r.eval.loading import load_inference_model
+    from m2r.export import export
 
     run = parity_runs[2, 2]   # with an EMA, which validation saw and --ema exports
     out = export(str(run / "checkpoints"), str(tmp_path / "model.safetensors"), use_ema=True)
     assert stat.S_IMODE(out.stat().st_mode) == default_file_mode()   # readable by teammates, as any new file
-    model = load_exported_model(str(out))
+    model = load_inference_model(str(out), torch.device("cpu"))
     cfg = load_config(PretrainConfig, run / "config.yaml")
     metrics = evaluate(model, build_val_set(cfg.data, cfg.train.crop), torch.device("cpu"), torch.float32,
                        type_names(cfg.data.preset))

@@ -16,7 +16,7 @@ from m2r.engine.checkpoint import CheckpointManager, Topology, checkpoint_at, re
 from m2r.engine.config import PretrainConfig, validate_pretrain_config
 from m2r.engine.deepspeed_config import build_deepspeed_config
 from m2r.engine.loss import pixel_loss
-from m2r.engine.monitor import build_monitor
+from m2r.engine.monitor import Monitor, NullMonitor, build_monitor
 from m2r.engine.optim import EMA, learning_rate
 from m2r.eval.metrics import batch_psnr as psnr
 from m2r.eval.metrics import batch_ssim as ssim
@@ -427,11 +427,19 @@ def test_a_recomputed_adapter_recomputes_its_experts_but_not_its_router(repo_roo
 
 
 # ----------------------------------------------------------------------------------- monitor
+def test_other_ranks_null_monitor_takes_the_same_calls_as_rank_0s():
+    import inspect
+
+    public = [name for name in vars(NullMonitor) if not name.startswith("_")]
+    assert public and all(inspect.signature(getattr(NullMonitor, name)) == inspect.signature(getattr(Monitor, name))
+                          for name in public)
+
+
 @pytest.mark.parametrize("tensorboard", [True, False])
 def test_metrics_file_always_and_tensorboard_only_when_asked(tmp_path, tensorboard):
     monitor = build_monitor(True, tmp_path, total_steps=2, start_step=0, world_size=1, progress_bar=False,
                             tensorboard=tensorboard)
-    monitor.log_train(1, {"loss": 0.5, "pixel_loss": 0.4, "balance_loss": 1.0, "lr": 1e-3})
+    monitor.log_train(1, {"loss": 0.5, "pixel_loss": 0.4, "balance_loss": 1.0, "lr": 1e-3}, log_step=False)
     monitor.log_val(1, {"psnr": 20.0, "ssim": 0.5})
     monitor.log_images(1, torch.zeros(3, 8, 8))
     monitor.log_data_stats(1, {"rain": 3, "haze": 1}, corrupt_samples=2)
@@ -451,7 +459,7 @@ def test_a_resumed_runs_metrics_file_reads_as_an_uninterrupted_runs(tmp_path):
                                             + '{"step": 4, "loss": 9.0}\n{"step": 5, "lo')
     monitor = build_monitor(True, tmp_path, total_steps=6, start_step=3, world_size=1, progress_bar=False,
                             tensorboard=False)
-    monitor.log_train(4, {"loss": 4.0, "pixel_loss": 4.0, "balance_loss": 0.0, "lr": 1e-3})
+    monitor.log_train(4, {"loss": 4.0, "pixel_loss": 4.0, "balance_loss": 0.0, "lr": 1e-3}, log_step=False)
     monitor.close()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records == kept + [{"step": 4, "loss": 4.0, "pixel_loss": 4.0, "balance_loss": 0.0, "lr": 1e-3,
@@ -466,7 +474,7 @@ def test_tensorboard_forgets_the_steps_a_resumed_run_logs_again(tmp_path):
         monitor = build_monitor(True, tmp_path, total_steps=3, start_step=start_step, world_size=1,
                                 progress_bar=False)
         for step, loss in losses.items():
-            monitor.log_train(step, dict(scalars, loss=loss))
+            monitor.log_train(step, dict(scalars, loss=loss), log_step=True)
         monitor.close()
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()

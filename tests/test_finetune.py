@@ -56,7 +56,7 @@ def test_invalid_settings_name_their_key(repo_root, overrides, key):
 @pytest.mark.parametrize("key", ["train.steps", "train.warmup_steps"])
 def test_step_counts_are_refused_as_finetuning_counts_epochs(repo_root, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_config(FinetuneConfig, Path(repo_root) / "configs/finetune/tiny-test.yaml", ["data.root=/data", f"{key}=5"])
+        load_config(FinetuneConfig, Path(repo_root) / "configs/finetune/tiny-test.yaml", [f"{key}=5"])
 
 
 def test_validation_crops_larger_than_an_image_are_refused_not_upscaled(repo_root, tmp_path):

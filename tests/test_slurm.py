@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Dict
 
 import pytest
+import torch
 
 from finetune_layouts import build_allweather
-from m2r.export import load_exported_model
+from m2r.eval.loading import load_inference_model
 from slurm.cluster import SlurmCluster, SlurmUnavailable
 
 pytestmark = pytest.mark.dist
@@ -124,7 +125,7 @@ def test_pretrain_sbatch_trains_on_two_nodes_to_the_configured_step(uninterrupte
     fields = uninterrupted.cluster.job_fields(uninterrupted.job_id)
     assert fields["NodeList"] == "node[1-2]" and fields["Requeue"] == "1"
     log = uninterrupted.restart_log(0)
-    assert "world size 2" in log
+    assert "world size 2" in log and "launcher srun" in log
     assert f"stopping at step {STEPS}: finished" in log
     assert sorted(uninterrupted.losses()) == list(range(1, STEPS + 1))
     assert (uninterrupted.run_dir / "checkpoints" / f"step{STEPS:08d}").is_dir()
@@ -159,6 +160,7 @@ def test_deepspeed_launcher_alternative_matches_srun(cluster, uninterrupted, tmp
     assert_completed(job, job.wait_until_final(timeout=150))
     assert re.fullmatch(r"node[12] slots=2\n", (job.work / "logs" / f"m2r-pretrain-{job.job_id}.hostfile").read_text())
     assert job.losses() == uninterrupted.losses()
+    assert "launcher torchrun/deepspeed" in job.restart_log(0)
 
 
 
@@ -179,4 +181,4 @@ def test_finetune_sbatch_continues_the_pretraining_job_and_exports_the_best_weig
     for metric in ("psnr", "ssim"):
         assert json.loads((job.run_dir / f"best_{metric}.json").read_text())["epoch"] in (1, 2)
         # Both ranks' experts merged into one file that a single process loads strictly.
-        load_exported_model(str(job.run_dir / f"best_{metric}.safetensors"))
+        load_inference_model(str(job.run_dir / f"best_{metric}.safetensors"), torch.device("cpu"))

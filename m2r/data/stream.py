@@ -32,7 +32,7 @@ from m2r.data.builtin import TRAIN_PHOTOS, VAL_PHOTOS, load_photo
 from m2r.data.presets import Degrader, type_names
 from m2r.data.shard_format import CorruptSample, decode_record, read_shard
 from m2r.data.shard_list import read_manifest, resolve_shards
-from m2r.dist import ignore_stop_signals, on_rank0, shut_down_workers
+from m2r.dist import ignore_stop_signals, on_rank0, print0, shut_down_workers
 
 STREAM_TAG = 1          # first seed word after the run seed: training stream
 ROUND_TAG = 2           # shard/photo choice of a round
@@ -278,7 +278,7 @@ class TrainStream:
         self._type_counts, self._corrupt = [0] * len(self.names), 0
 
     def state_dict(self) -> dict:
-        return dict(version=1, plan=_fingerprint(self.plan), batches=self._batches,
+        return dict(plan=_fingerprint(self.plan), batches=self._batches,
                     cursors=[list(c) for c in self._cursors], type_counts=list(self._type_counts),
                     corrupt=self._corrupt, fresh_from=self._fresh_from)
 
@@ -370,10 +370,9 @@ def build_train_stream(cfg, *, seed: int, rank: int, world_size: int, micro_batc
                       seed=int(seed) + int(cfg.seed_offset), rank=rank, world_size=world_size, workers=workers,
                       micro_batch=micro_batch, crop=crop, shuffle_buffer=int(cfg.shuffle_buffer), scale_range=scale)
     Degrader(plan.preset, dict(plan.weights))  # validate preset and weights before workers start
-    if rank == 0:
-        where = f"{len(shards)} shards from {cfg.shards}" if shards else "builtin sample photos"
-        print(f"data: {where}, preset {cfg.preset}, {world_size} ranks x {workers} workers, "
-              f"micro batch {micro_batch}, crop {crop}")
+    where = f"{len(shards)} shards from {cfg.shards}" if shards else "builtin sample photos"
+    print0(f"data: {where}, preset {cfg.preset}, {world_size} ranks x {workers} workers, "
+           f"micro batch {micro_batch}, crop {crop}")
     return TrainStream(plan, num_workers=int(cfg.workers))
 
 

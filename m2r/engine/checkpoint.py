@@ -146,7 +146,7 @@ def newest_checkpoint(root: Path) -> Optional[CheckpointRef]:
                                     f"run.dir or remove {root}")
         return None
     problem = f"names {named!r}, which is not a complete checkpoint" if named else "is missing or empty"
-    print(f"WARNING: {pointer} {problem}; resuming from the newest complete checkpoint, {complete[-1]}", flush=True)
+    dist.print0(f"WARNING: {pointer} {problem}; resuming from the newest complete checkpoint, {complete[-1]}")
     return CheckpointRef(root, complete[-1])
 
 

@@ -261,7 +261,8 @@ class Finetuner(TrainingRun):
         train, world = self.cfg.train, self.topology.world_size
         return "\n".join([
             f"finetune: {self.cfg.run.dir} | {self.cfg.data.dataset} {self.cfg.data.root} | "
-            f"{len(self.train_set)} training pairs | world size {world} | ep_size {self.topology.ep_size}",
+            f"{len(self.train_set)} training pairs | world size {world} | ep_size {self.topology.ep_size} | "
+            f"launcher {self.launcher}",
             f"  batch micro {train.micro_batch} x accum {train.grad_accum} x {world} ranks | crop {train.crop} | "
             f"{self.steps_per_epoch} steps/epoch x {train.epochs} epochs = {self.total_steps} steps | "
             f"warmup {self.schedule.warmup_steps}, cosine until step {self.schedule.steps}",

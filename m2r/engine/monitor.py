@@ -3,9 +3,9 @@
 Other ranks get a `NullMonitor` with the same methods, so the training loop has no rank checks.
 TensorBoard tags (balance_loss before its weight model.moe.balance_loss_weight; loss = pixel + weight x
 balance; data_wait_share of the rank that waited most): train/{loss,loss_avg,pixel_loss,balance_loss,lr,
-grad_norm,img_per_s,img_per_s_per_gpu,data_wait_share,gpu_mem_gib (CUDA only)}, moe/level<L>/expert<E> (load fractions),
-data/samples_<type> (samples seen per degradation type), val/{psnr,ssim,psnr_<type>} (finetuning:
-psnr_<set name>), images/val (degraded | restored | clean).
+grad_norm,img_per_s,img_per_s_per_gpu,data_wait_share,gpu_mem_gib (CUDA only)}, moe/level<L>/expert<E> (load
+fractions), data/samples_<type> (samples seen per degradation type), data/corrupt_samples (damaged samples
+skipped), val/{psnr,ssim,psnr_<type>} (finetuning: psnr_<set name>), images/val (degraded | restored | clean).
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def gpu_memory_gib() -> float:
 
 
 class NullMonitor:
-    def log_train(self, step: int, scalars: Dict[str, float]) -> None: ...
+    def log_train(self, step: int, scalars: Dict[str, float], log_step: bool) -> None: ...
     def log_expert_load(self, step: int, loads: List[torch.Tensor]) -> None: ...
     def log_data_stats(self, step: int, counts: Dict[str, int], corrupt_samples: int) -> None: ...
     def log_val(self, step: int, metrics: Dict[str, float]) -> None: ...
@@ -155,12 +155,13 @@ class Monitor(NullMonitor):
         seconds = (time.perf_counter() - start_time) / done * (self.total_steps - step)
         return str(datetime.timedelta(seconds=int(seconds)))
 
-    def log_train(self, step: int, scalars: Dict[str, float]) -> None:
-        """Every step: the loss joins the running average and metrics.jsonl; console/TensorBoard on log steps."""
+    def log_train(self, step: int, scalars: Dict[str, float], log_step: bool) -> None:
+        """Every step: the loss joins the running average and metrics.jsonl; a log step (whose scalars hold
+        the throughput too) also reaches the console and TensorBoard."""
         self.recent_losses.append(scalars["loss"])
         scalars = dict(scalars, loss_avg=sum(self.recent_losses) / len(self.recent_losses))
         self._write({"step": step, **scalars})
-        if "img_per_s" not in scalars:  # not a log step
+        if not log_step:
             return
         scalars["img_per_s_per_gpu"] = scalars["img_per_s"] / self.world_size
         if torch.cuda.is_available():

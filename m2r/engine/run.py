@@ -79,6 +79,7 @@ class TrainingRun:
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32_matmul
         self.topology = Topology.of_run(env.world_size, cfg)
+        self.launcher = env.launcher
         self.run_dir = Path(cfg.run.dir)
         dist.on_rank0(self._lock_run_dir)
         self.input_dtype = PRECISION_DTYPES[cfg.train.precision]
@@ -287,5 +288,5 @@ class TrainingRun:
             # The slowest rank's data loading holds every rank back: report the largest share of waiting.
             throughput["data_wait_share"] = dist.max_over_ranks(throughput["data_wait_share"])
             scalars.update(throughput)
-        self.monitor.log_train(self.step, scalars)
+        self.monitor.log_train(self.step, scalars, log_step)
         self.monitor.advance(self.step)

@@ -18,6 +18,7 @@ import socket
 from pathlib import Path
 from typing import IO, Optional
 
+from m2r import dist
 from m2r.config import ConfigError
 
 RUN_LOCK_FILE = ".lock"
@@ -38,13 +39,13 @@ def hold_run_dir_lock(run_dir: Path) -> Optional[IO]:
             holder = _read(handle)
             handle.close()
             if error.errno not in (errno.EACCES, errno.EAGAIN):   # a filesystem without locks
-                print(f"WARNING: cannot lock {lock_path} ({error}); nothing stops a second run on {run_dir}")
+                dist.print0(f"WARNING: cannot lock {lock_path} ({error}); nothing stops a second run on {run_dir}")
                 return None
             if not _earlier_run_of_this_job(holder):
                 raise ConfigError(f"config error: key 'run.dir': {run_dir} is in use by another run ({holder}); "
                                   f"wait for it to end (or kill its ranks), or choose another run.dir; if that "
                                   f"process is gone (its node crashed), delete {lock_path}") from None
-            print(f"WARNING: {lock_path} was left locked by an earlier run of this job ({holder}): replaced")
+            dist.print0(f"WARNING: {lock_path} was left locked by an earlier run of this job ({holder}): replaced")
             lock_path.unlink(missing_ok=True)   # the new file is another inode, free to lock
             continue
         if _is_the_file_at(handle, lock_path):   # not replaced by another requeue meanwhile

@@ -57,7 +57,8 @@ class Trainer(TrainingRun):
         params = sum(p.numel() for p in self.engine.module.parameters())
         global_batch = train.micro_batch * train.grad_accum * world
         return "\n".join([
-            f"pretrain: {cfg.run.dir} | world size {world} | ep_size {ep} | expert data parallel {world // ep}",
+            f"pretrain: {cfg.run.dir} | world size {world} | ep_size {ep} | expert data parallel {world // ep}"
+            f" | launcher {self.launcher}",
             f"  batch: micro {train.micro_batch} x accum {train.grad_accum} x {world} ranks = global {global_batch}"
             f" | crop {train.crop} | steps {self.step}->{train.steps}",
             f"  experts: {moe.num_experts} per adapter, {moe.num_experts // ep} per rank, top-{moe.top_k}"

@@ -34,7 +34,8 @@ def evaluate(model, val_batches: Sequence[Dict[str, torch.Tensor]], device: torc
         if not counted:
             continue
         target = to_unit_float(batch["gt"], device, torch.float32)
-        image_psnr, image_ssim = batch_psnr(restored, target).double().cpu(), batch_ssim(restored, target).double().cpu()
+        image_psnr = batch_psnr(restored, target).double().cpu()
+        image_ssim = batch_ssim(restored, target).double().cpu()
         sums[0] += image_psnr.sum()
         sums[1] += image_ssim.sum()
         sums[2] += len(image_psnr)

@@ -233,8 +233,7 @@ class ExpertDispatch(nn.Module):
             return self._run_local_experts(rows, counts_per_expert.tolist())
         if self.ep_group is None:
             raise RuntimeError("DDER with ep_size > 1 has no expert-parallel group: deepspeed.initialize creates "
-                               "it, or call m2r.models.moe.setup_expert_parallel(model) after "
-                               "deepspeed.init_distributed()")
+                               "it (for inference in one process, build the model with ep_size 1)")
         return self._exchange_and_run(rows, counts_per_expert)
 
     def _exchange_and_run(self, rows, counts_per_expert):
@@ -499,13 +498,3 @@ class DDER(MoE):
         """Fraction of this rank's top-k assignments that chose each expert (before any capacity drop)."""
         ids = routing.expert_ids.detach()
         return _count_per_expert(ids, self.num_experts) / ids.numel()
-
-
-def setup_expert_parallel(model: nn.Module) -> None:
-    """Attach DeepSpeed's expert-parallel groups to every DDER, for use without a DeepSpeed engine.
-
-    Needs deepspeed.init_distributed() first; deepspeed.initialize does the same by itself.
-    """
-    for module in model.modules():
-        if isinstance(module, DDER):
-            module.set_deepspeed_parallelism()
