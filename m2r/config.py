@@ -26,6 +26,17 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and the source."""
 
 
+def config_error(key: str, message: str) -> ConfigError:
+    """The error for a bad value of config key `key` (dotted, e.g. 'train.crop')."""
+    return ConfigError(f"config error: key '{key}': {message}")
+
+
+def require(ok: bool, key: str, value, rule: str) -> None:
+    """Raise the ConfigError naming `key` and `value` unless `ok`."""
+    if not ok:
+        raise config_error(key, f"value {value!r} {rule}")
+
+
 def choice(default: str, *options: str):
     """A schema field restricted to a few strings; `load_config` rejects any other value."""
     return dataclasses.field(default=default, metadata={"choices": (default,) + tuple(options)})
@@ -37,7 +48,7 @@ def _check_choices(schema: Type, cfg: DictConfig, prefix: str = "") -> None:
         value = cfg[f.name]
         choices = f.metadata.get("choices")
         if choices and value not in choices:
-            raise ConfigError(f"config error: key '{prefix}{f.name}': '{value}' is not one of {list(choices)}")
+            raise config_error(f"{prefix}{f.name}", f"'{value}' is not one of {list(choices)}")
         if dataclasses.is_dataclass(types[f.name]) and isinstance(value, DictConfig):
             _check_choices(types[f.name], value, f"{prefix}{f.name}.")
 
@@ -105,7 +116,7 @@ def load_config(schema: Type, path: str | os.PathLike | None = None,
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
-        raise ConfigError(f"config error: key '{key}': {str(exc).splitlines()[0]}") from None
+        raise config_error(f"{key}", f"{str(exc).splitlines()[0]}") from None
     _check_choices(schema, cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg

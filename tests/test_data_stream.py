@@ -169,7 +169,7 @@ def test_corrupt_samples_are_counted_and_skipped(shard_dir, tmp_path):
 
 def test_a_shuffle_buffer_below_one_is_refused(shard_dir):
     cfg = DataConfig(source="shards", shards=str(shard_dir), workers=0, shuffle_buffer=0)
-    with pytest.raises(ConfigError, match="data.shuffle_buffer must be at least 1"):
+    with pytest.raises(ConfigError, match=r"key 'data\.shuffle_buffer': value 0 must be at least 1"):
         build_train_stream(cfg, seed=0, rank=0, world_size=1, micro_batch=1, crop=CROP)
 
 

@@ -116,7 +116,11 @@ def test_zero_stage_3_is_refused_with_the_reason(repo_root):
                                                   ("train.warmup_steps=-5", 1, "train.warmup_steps"),
                                                   ("data.workers=-1", 1, "data.workers"),
                                                   ("data.val_batch_size=0", 1, "data.val_batch_size"),
-                                                  ("data.val_samples_per_type=-1", 1, "val_samples_per_type")])
+                                                  ("data.val_samples_per_type=-1", 1, "val_samples_per_type"),
+                                                  ("data.scale_range=[0.5]", 1, "data.scale_range"),
+                                                  ("data.shuffle_buffer=0", 1, "data.shuffle_buffer"),
+                                                  ("data.weights={fog:1}", 1, "data.weights"),
+                                                  ("data.source=shards", 1, "data.shards")])
 def test_invalid_combinations_name_their_key(repo_root, override, world, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate_pretrain_config(tiny_config(repo_root, override), world_size=world)

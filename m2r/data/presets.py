@@ -11,7 +11,7 @@ from typing import Dict, List, Mapping, Tuple
 
 import numpy as np
 
-from m2r.config import ConfigError
+from m2r.config import config_error
 from m2r.data.degradations import Step, apply_planar_steps, from_planes, in_physical_order, to_float, to_uint8
 
 
@@ -48,7 +48,7 @@ PRESETS: Dict[str, Tuple[DegradationType, ...]] = {
 
 def preset_types(preset: str) -> Tuple[DegradationType, ...]:
     if preset not in PRESETS:
-        raise ConfigError(f"data.preset '{preset}' is unknown; choose one of {sorted(PRESETS)}")
+        raise config_error("data.preset", f"'{preset}' is unknown; choose one of {sorted(PRESETS)}")
     return PRESETS[preset]
 
 
@@ -63,10 +63,10 @@ def mixture_probabilities(preset: str, weights: Mapping[str, float]) -> np.ndarr
         return np.full(len(names), 1.0 / len(names))
     unknown = sorted(set(weights) - set(names))
     if unknown:
-        raise ConfigError(f"data.weights: types {unknown} are not in preset '{preset}' ({names})")
+        raise config_error("data.weights", f"types {unknown} are not in preset '{preset}' ({names})")
     raw = np.array([float(weights.get(n, 0.0)) for n in names])
     if (raw < 0).any() or raw.sum() <= 0:
-        raise ConfigError(f"data.weights must be >= 0 with a positive sum, got {dict(weights)}")
+        raise config_error("data.weights", f"value {dict(weights)} must be >= 0 with a positive sum")
     return raw / raw.sum()
 
 

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from m2r.config import ConfigError
 from m2r.data.augment import random_crop, random_dihedral
 from m2r.data.builtin import TRAIN_PHOTOS, VAL_PHOTOS, load_photo
+from m2r.data.config import check_data_settings
 from m2r.data.presets import Degrader, type_names
 from m2r.data.shard_format import CorruptSample, decode_record, read_shard
 from m2r.data.shard_list import read_manifest, resolve_shards
@@ -47,9 +48,6 @@ MAX_EMPTY_READS = 64    # consecutive shard reads without one sample before givi
 # by bad luck.
 MAX_BARREN_ROUNDS = 8
 MIN_FAILED_SAMPLES = 256
-SOURCES = ("builtin", "shards")
-
-
 @dataclasses.dataclass(frozen=True)
 class StreamPlan:
     """Everything a worker needs to produce its batches (picklable, no open files)."""
@@ -323,11 +321,6 @@ def _jsonish(value):
 
 # ----------------------------------------------------------------------------- builders
 
-def _check_source(cfg) -> None:
-    if cfg.source not in SOURCES:
-        raise ConfigError(f"data.source '{cfg.source}' is unknown; choose one of {SOURCES}")
-
-
 def _manifest_preset_check(cfg, shards: Sequence[str]) -> None:
     """Pre-degraded shards were made with one preset; streaming them under another is a config error.
     Checked here against the manifest of each folder holding shards (a directory or a brace
@@ -351,25 +344,16 @@ def _checked_shards(cfg) -> Tuple[str, ...]:
 def build_train_stream(cfg, *, seed: int, rank: int, world_size: int, micro_batch: int, crop: int) -> TrainStream:
     """The training stream of this rank (see the module docstring). Every rank calls it: rank 0 lists the
     shards for all (ranks listing a shared folder themselves could draw from different corpora)."""
-    _check_source(cfg)
-    if int(cfg.shuffle_buffer) < 1:
-        raise ConfigError(f"data.shuffle_buffer must be at least 1 (samples shuffled per round), "
-                          f"got {cfg.shuffle_buffer}")
+    check_data_settings(cfg)
     workers = max(1, int(cfg.workers))
     shards: Tuple[str, ...] = ()
     if cfg.source == "shards":
-        if not cfg.shards:
-            raise ConfigError("data.shards must name a shard directory or pattern when data.source=shards")
         shards = on_rank0(lambda: _checked_shards(cfg))
     scale = tuple(float(v) for v in cfg.scale_range)
-    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
-        raise ConfigError(f"data.scale_range must be [low, high] with 0 < low <= high <= 1, "
-                          f"got {list(cfg.scale_range)}")
     plan = StreamPlan(source=cfg.source, shards=shards, preset=cfg.preset,
                       weights=tuple(sorted((str(k), float(v)) for k, v in dict(cfg.weights).items())),
                       seed=int(seed) + int(cfg.seed_offset), rank=rank, world_size=world_size, workers=workers,
                       micro_batch=micro_batch, crop=crop, shuffle_buffer=int(cfg.shuffle_buffer), scale_range=scale)
-    Degrader(plan.preset, dict(plan.weights))  # validate preset and weights before workers start
     where = f"{len(shards)} shards from {cfg.shards}" if shards else "builtin sample photos"
     print0(f"data: {where}, preset {cfg.preset}, {world_size} ranks x {workers} workers, "
            f"micro batch {micro_batch}, crop {crop}")
@@ -393,7 +377,7 @@ def _val_images(cfg, count: int) -> List[Tuple[np.ndarray, Optional[np.ndarray],
 def build_val_set(cfg, crop: int) -> List[Dict[str, torch.Tensor]]:
     """Fixed held-out batches, identical on every rank: `val_samples_per_type` crops per type of
     the preset, each degraded with its type by a generator seeded from (VAL_TAG, index)."""
-    _check_source(cfg)
+    check_data_settings(cfg)
     degrader = Degrader(cfg.preset, dict(cfg.weights))
     count = int(cfg.val_samples_per_type) * len(degrader.types)
     lq, gt, type_ids = [], [], []

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from m2r import dist
 from m2r.atomic import fsync_directory, fsync_tree, write_json_atomically, write_text_atomically
-from m2r.config import ConfigError, save_config
+from m2r.config import config_error, save_config
 
 TAG_PATTERN = re.compile(r"^step(\d{8})$")
 PARTIAL_SUFFIX = ".partial"     # a tag being written
@@ -156,7 +156,7 @@ def resolve_resume(resume: str, run_checkpoints: Path) -> Optional[CheckpointRef
     that tag directory."""
     if resume == "none":
         if tags_in(run_checkpoints):
-            raise ConfigError(f"config error: key 'run.resume': 'none' starts a new run, but {run_checkpoints} "
+            raise config_error("run.resume", f"'none' starts a new run, but {run_checkpoints} "
                               f"holds this run's checkpoints ({tags_in(run_checkpoints)[-1]} the newest), which "
                               "the new one would mix with: choose a new run.dir, or remove them")
         return None

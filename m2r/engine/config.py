@@ -7,8 +7,8 @@ import datetime
 from dataclasses import dataclass, field
 from typing import List
 
-from m2r.config import ConfigError, choice
-from m2r.data.config import DataConfig
+from m2r.config import choice, require
+from m2r.data.config import DataConfig, check_data_settings
 from m2r.engine.deepspeed_config import build_deepspeed_config
 from m2r.models.config import ModelConfig
 
@@ -80,12 +80,6 @@ class PretrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-def require(ok: bool, key: str, value, rule: str) -> None:
-    """Raise the ConfigError that names `key` unless `ok`."""
-    if not ok:
-        raise ConfigError(f"config error: key '{key}': value {value!r} {rule}")
-
-
 def validate_pretrain_config(cfg, world_size: int) -> None:
     """Checks that need several keys or the world size; single-key types are checked by the schema."""
     train, run, moe = cfg.train, cfg.run, cfg.model.moe
@@ -99,8 +93,7 @@ def validate_pretrain_config(cfg, world_size: int) -> None:
     require(run.save_every > 0 and run.val_every > 0, "run.save_every/val_every", (run.save_every, run.val_every),
             "must both be positive")
     check_loader_settings(cfg.data)
-    require(cfg.data.val_samples_per_type > 0, "data.val_samples_per_type", cfg.data.val_samples_per_type,
-            "must be positive")
+    check_data_settings(cfg.data)
     check_expert_parallel(moe, world_size)
 
 

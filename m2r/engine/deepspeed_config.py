@@ -14,7 +14,7 @@ tests/test_engine_dist.py checks both settings against an fp32 run.
 """
 from typing import Any, Dict
 
-from m2r.config import ConfigError
+from m2r.config import config_error
 
 
 def gradient_accumulation_dtype(train) -> str:
@@ -31,10 +31,10 @@ def gradient_reduction_dtype(train) -> str:
 
 def build_deepspeed_config(train, world_size: int) -> Dict[str, Any]:
     if train.zero_stage == 3:
-        raise ConfigError("config error: key 'train.zero_stage': value 3 is not supported: DeepSpeed's native "
+        raise config_error("train.zero_stage", "value 3 is not supported: DeepSpeed's native "
                           "MoE layers refuse ZeRO stage 3; use 1 or 2 (optimizer state or gradients sharded)")
     if train.zero_stage not in (0, 1, 2):
-        raise ConfigError(f"config error: key 'train.zero_stage': value {train.zero_stage!r} must be 0, 1 or 2")
+        raise config_error("train.zero_stage", f"value {train.zero_stage!r} must be 0, 1 or 2")
     config: Dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.micro_batch,
         "gradient_accumulation_steps": train.grad_accum,
@@ -46,7 +46,7 @@ def build_deepspeed_config(train, world_size: int) -> Dict[str, Any]:
     }
     if train.precision == "bf16":
         if train.zero_stage == 0:
-            raise ConfigError("config error: key 'train.zero_stage': value 0 with train.precision=bf16: DeepSpeed's "
+            raise config_error("train.zero_stage", "value 0 with train.precision=bf16: DeepSpeed's "
                               "bf16 without ZeRO computes other gradients than fp32 training; use stage 1 or 2")
         config["bf16"] = {"enabled": True}
         config["communication_data_type"] = gradient_reduction_dtype(train)
@@ -57,6 +57,6 @@ def build_deepspeed_config(train, world_size: int) -> Dict[str, Any]:
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
                           "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
     elif train.precision != "fp32":
-        raise ConfigError(f"config error: key 'train.precision': value {train.precision!r} "
+        raise config_error("train.precision", f"value {train.precision!r} "
                           "must be fp32, bf16 or fp16")
     return config

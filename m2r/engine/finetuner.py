@@ -17,11 +17,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from m2r import dist
 from m2r.atomic import write_json_atomically
-from m2r.config import ConfigError, choice
+from m2r.config import ConfigError, choice, require
 from m2r.engine.checkpoint import (CheckpointManager, CheckpointRef, capture_rng_state, checkpoint_at,
                                    load_weights_only, rank_seed)
 from m2r.engine.config import (RunOutputConfig, TrainSettings, check_expert_parallel, check_loader_settings,
-                               check_optimizer_settings, check_run_output_settings, require)
+                               check_optimizer_settings, check_run_output_settings)
 from m2r.engine.experts import global_expert_names
 from m2r.engine.monitor import StepTimer
 from m2r.engine.optim import learning_rate, set_learning_rate

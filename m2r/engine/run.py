@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from m2r import dist
 from m2r.atomic import write_text_atomically
-from m2r.config import ConfigError, flatten, save_config
+from m2r.config import config_error, flatten, save_config
 from m2r.engine.checkpoint import (ABANDONED_DIR, CheckpointManager, CheckpointRef, Topology, agreed_resume,
                                    complete_tags, load_ema_states, load_weights_only, reseed, restore_rng_state,
                                    set_aside_newer_tags)
@@ -103,13 +103,13 @@ class TrainingRun:
     def _check_resumable(self, ref: CheckpointRef) -> None:
         """A checkpoint of this kind of run and of the same network; other changed settings are named."""
         if Path(ref.root).resolve() == (self.checkpoints.root / ABANDONED_DIR).resolve():
-            raise ConfigError(f"config error: key 'run.resume': {ref.path} is a checkpoint this run abandoned when it "
+            raise config_error("run.resume", f"{ref.path} is a checkpoint this run abandoned when it "
                               f"resumed an older one; to continue it, move the tags saved since to {ref.root} and "
                               f"it back to {self.checkpoints.root} (or train from its weights in a new run.dir)")
         saved = ref.saved_config()
         saved_kind = "finetune" if "init" in saved else "pretrain"   # only a finetune config has `init`
         if saved_kind != self.KIND:
-            raise ConfigError(f"config error: key 'run.resume': {ref.path} is a {saved_kind} checkpoint; a {self.KIND} "
+            raise config_error("run.resume", f"{ref.path} is a {saved_kind} checkpoint; a {self.KIND} "
                               "run resumes only its own kind (finetuning starts from pretraining weights with "
                               "init.weights=<checkpoint dir>)")
         require_same_network(saved["model"], self.cfg.model, "run.resume", str(ref.path),

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO, Optional
 
 from m2r import dist
-from m2r.config import ConfigError
+from m2r.config import config_error
 
 RUN_LOCK_FILE = ".lock"
 ATTEMPTS = 3   # a stale lock replaced, and perhaps replaced again by another requeue racing this one
@@ -42,7 +42,7 @@ def hold_run_dir_lock(run_dir: Path) -> Optional[IO]:
                 dist.print0(f"WARNING: cannot lock {lock_path} ({error}); nothing stops a second run on {run_dir}")
                 return None
             if not _earlier_run_of_this_job(holder):
-                raise ConfigError(f"config error: key 'run.dir': {run_dir} is in use by another run ({holder}); "
+                raise config_error("run.dir", f"{run_dir} is in use by another run ({holder}); "
                                   f"wait for it to end (or kill its ranks), or choose another run.dir; if that "
                                   f"process is gone (its node crashed), delete {lock_path}") from None
             dist.print0(f"WARNING: {lock_path} was left locked by an earlier run of this job ({holder}): replaced")
@@ -54,7 +54,7 @@ def hold_run_dir_lock(run_dir: Path) -> Optional[IO]:
             handle.flush()
             return handle
         handle.close()
-    raise ConfigError(f"config error: key 'run.dir': {lock_path} was replaced {ATTEMPTS} times while this run "
+    raise config_error("run.dir", f"{lock_path} was replaced {ATTEMPTS} times while this run "
                       "tried to lock it: is another run of this job starting?")
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from m2r.config import ConfigError
+from m2r.config import ConfigError, config_error
 from m2r.models.weights_io import load_weights_file, unwrap_state_dict
 
 # Weights only ever come from local files: without this a hub lookup retries for about 46 s.
@@ -42,7 +42,7 @@ TINY_PATCH_SIZE = 8
 
 
 def _config_error(key: str, message: str) -> ConfigError:
-    return ConfigError(f"config error: key 'model.clip.{key}': {message}")
+    return config_error(f"model.clip.{key}", message)
 
 
 # ----------------------------------------------------------------------------- DA-CLIP layout
@@ -250,7 +250,7 @@ class CLIPPrior(nn.Module):
     def __init__(self, cfg, input_range: str):
         super().__init__()
         if input_range not in INPUT_RANGES:
-            raise ConfigError(f"config error: key 'model.input_range': '{input_range}' is not one "
+            raise config_error("model.input_range", f"'{input_range}' is not one "
                               f"of {list(INPUT_RANGES)}")
         prompts = list(cfg.prompts)
         if not prompts:

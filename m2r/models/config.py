@@ -8,7 +8,7 @@ from typing import List, Mapping, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from m2r.config import ConfigError, choice, flatten
+from m2r.config import choice, config_error, flatten
 
 OFFICIAL_PROMPTS = ["hazy", "noisy", "raindrop", "rainy", "shadowed", "snowy"]
 
@@ -119,5 +119,5 @@ def require_same_network(saved_model: Mapping, run_model, key: str, source: str,
     something else with them (another input range, expert combine, mask...): refuse that here."""
     differences = network_differences(saved_model, run_model, allowed)
     if differences:
-        raise ConfigError(f"config error: key '{key}': {source} was saved from another network than this "
+        raise config_error(f"{key}", f"{source} was saved from another network than this "
                           f"run's: {'; '.join(differences)}. {remedy}")
