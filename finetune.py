@@ -2,8 +2,10 @@
 expert parallelism, ZeRO 1/2, bf16/fp16, activation checkpointing, sharded checkpoints).
 
     deepspeed --num_gpus 8 finetune.py --config configs/finetune/allweather.yaml data.root=/data/allweather \
-        init.weights=runs/pretrain/checkpoints
-    torchrun --nproc_per_node N finetune.py --config configs/finetune/cdd11-plus.yaml data.root=/data/CDD-11
+        init.weights=runs/m2restore/checkpoints model.clip.weights=/path/daclip_ViT-B-32.pt
+    torchrun --nproc_per_node 8 finetune.py --config configs/finetune/cdd11-plus.yaml data.root=/data/CDD-11 \
+        init.weights=runs/m2restore-plus/checkpoints model.clip.weights=/path/daclip_ViT-B-32.pt
+    python finetune.py --config configs/finetune/tiny-test.yaml data.root=/data/allweather   # one CPU process
 
 Starting weights (`init.weights`, used only when the run has no checkpoint of its own yet):
 a pretraining checkpoint directory of any world size / ep_size (weights only, experts by global id),

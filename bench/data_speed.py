@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,11 +21,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from m2r.data import DataConfig, build_train_stream
-from m2r.data.builtin import TRAIN_PHOTOS, load_photo
-from m2r.data.presets import PRESETS, Degrader
-from m2r.data.stream import planar
-from m2r.shards.build import BuildOptions, build
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))   # this checkout's m2r, whatever is installed
+
+from m2r.data import DataConfig, build_train_stream  # noqa: E402
+from m2r.data.builtin import TRAIN_PHOTOS, load_photo  # noqa: E402
+from m2r.data.presets import PRESETS, Degrader  # noqa: E402
+from m2r.data.stream import planar  # noqa: E402
+from m2r.shards.build import BuildOptions, build  # noqa: E402
 
 
 def per_type_speed(crop: int, pairs: int):
@@ -60,7 +64,7 @@ def stream_speed(shards: Path, preset: str, crop: int, pairs: int, batch: int = 
     iterator = iter(stream)
     next(iterator)  # first round's shard reads
     start = time.perf_counter()
-    steps = pairs // batch
+    steps = max(1, pairs // batch)   # at least one batch past the first
     for _ in itertools.islice(iterator, steps):
         pass
     return steps * batch / (time.perf_counter() - start)

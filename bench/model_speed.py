@@ -11,13 +11,18 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from m2r.config import load_config
-from m2r.models.config import ModelConfig
-from m2r.models.m2restore import build_model
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))   # this checkout's m2r, whatever is installed
+
+from m2r.config import load_config  # noqa: E402
+from m2r.models.config import ModelConfig  # noqa: E402
+from m2r.models.m2restore import build_model  # noqa: E402
 
 
 def median_ms(fn, repeats: int) -> float:

@@ -9,12 +9,17 @@ M2Restore's bottleneck (batch 4, d_inner 768, d_state 16, L = 28 * 28).
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from m2r.models.scan import resolve_scan_backend, selective_scan
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))   # this checkout's m2r, whatever is installed
+
+from m2r.models.scan import resolve_scan_backend, selective_scan  # noqa: E402
 
 SHAPES = {"cpu": (1, 64, 16, 784), "cuda": (4, 768, 16, 784)}  # (batch, d_inner, d_state, L)
 

@@ -10,7 +10,7 @@ DeepSpeed's `zero_to_fp32.py` cannot read MoE checkpoints, so the merge is ours:
   optimizer shards, whose per-rank fragments are stitched back together (rank order within each
   parameter's data-parallel group) and replace them;
 - `--ema` writes the EMA weights instead (merged from the tag's `ema_rank<R>.pt` files).
-The resolved config is written beside the weights (`<out>.yaml`, e.g. model.yaml), from which
+The resolved config is written beside the weights, suffix `.yaml` (model.safetensors -> model.yaml), from which
 `m2r.eval.loading.load_inference_model(path, device)` rebuilds the network with ep_size 1.
 """
 from __future__ import annotations
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m m2r.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="checkpoint directory (its `latest` tag) or one tag directory")
-    parser.add_argument("out", help="output .safetensors file; the config goes beside it as <out>.yaml")
+    parser.add_argument("out", help="output .safetensors file; the config goes beside it with suffix .yaml")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights instead of the trained ones")
     args = parser.parse_args(argv)
     out = export(args.checkpoint, args.out, args.ema)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv in the repo root and install m2r with its test tools.
-# The torch/torchvision pair is installed first and pinned: a bare `torch` requirement would pull
-# a multi-GB CUDA build that may not match torchvision (see docs/INSTALL notes in README).
+# The torch/torchvision pair is installed first and pinned, together: given torch alone, pip takes the
+# newest torchvision, which may require (and install) another torch. README, Install: TORCH_PAIR picks
+# another pair or index (e.g. the CPU-only wheels).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

@@ -80,3 +80,11 @@ def test_a_run_dir_in_use_by_another_run_is_refused(tmp_path):
     assert requeued.returncode == 0, requeued.stderr
     assert "was left locked by an earlier run of this job" in requeued.stdout
     assert (run_dir / ".lock").read_text().endswith("SLURM job 99 restart 1\n")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="fp16 runs on a GPU")
+def test_fp16_without_a_gpu_is_a_config_error_not_deepspeeds_traceback(tmp_path):
+    result = run_python(["pretrain.py", "--config", "configs/pretrain/tiny-test.yaml", "train.precision=fp16",
+                         f"run.dir={tmp_path / 'run'}"], REPO_ROOT)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: config error: key 'train.precision': value 'fp16' needs a CUDA GPU")

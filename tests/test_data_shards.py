@@ -246,3 +246,16 @@ def test_brace_patterns_and_missing_shards(clean_shards):
     with pytest.raises(FileNotFoundError, match=f"data.val_shards={out}-typo is neither a directory nor a .tar "
                                                 "file or brace pattern"):
         resolve_shards(f"{out}-typo", "data.val_shards")
+
+
+def test_the_webdataset_library_reads_the_shards_as_our_stream_does(clean_shards):
+    import webdataset
+
+    out, manifest = clean_shards
+    urls = [str(out / shard["name"]) for shard in manifest["shards"]]
+    theirs = list(webdataset.WebDataset(urls, shardshuffle=False, empty_check=False))
+    ours = [record for url in urls for record in read_shard(url)]
+    assert [s["__key__"] for s in theirs] == [r["__key__"] for r in ours] and len(ours) == PHOTOS
+    for sample, record in zip(theirs, ours):
+        clean, _, meta = decode_record(sample)
+        assert np.array_equal(clean, decode_record(record)[0]) and meta == json.loads(record["json"])

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from m2r.config import ConfigError
 from m2r.models import scan
 from m2r.models.mamba import DT_MAX, DT_MIN, Mamba
 
@@ -89,7 +90,7 @@ def test_scan_path_is_resolved_once_and_again_when_the_backend_changes(monkeypat
     assert [module.scan_path(torch.device("cpu")) for _ in range(3)] == ["torch"] * 3
     assert len(calls) == 1
     module.scan_backend = "mamba_ssm"
-    with pytest.raises(RuntimeError, match="cannot run: device is cpu"):
+    with pytest.raises(ConfigError, match="cannot run: device is cpu"):
         module.scan_path(torch.device("cpu"))
 
 

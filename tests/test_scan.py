@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from m2r import dist
+from m2r.config import ConfigError
 from m2r.models import scan
 from m2r.models.scan import parallel_linear_scan, resolve_scan_backend, selective_scan
 
@@ -157,7 +158,7 @@ def test_forcing_torch_is_honoured(fresh_announcements, capsys):
 
 
 def test_forcing_mamba_ssm_on_cpu_raises_naming_the_config_key():
-    with pytest.raises(RuntimeError, match=r"model.scan_backend='mamba_ssm' cannot run: device is cpu"):
+    with pytest.raises(ConfigError, match=r"key 'model.scan_backend': 'mamba_ssm' cannot run: device is cpu"):
         resolve_scan_backend("mamba_ssm", torch.device("cpu"))
 
 

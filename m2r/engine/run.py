@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from m2r import dist
 from m2r.atomic import write_text_atomically
-from m2r.config import config_error, flatten, save_config
+from m2r.config import config_error, flatten, require, save_config
 from m2r.engine.checkpoint import (ABANDONED_DIR, CheckpointManager, CheckpointRef, Topology, agreed_resume,
                                    complete_tags, load_ema_states, load_weights_only, reseed, restore_rng_state,
                                    set_aside_newer_tags)
@@ -76,6 +76,8 @@ class TrainingRun:
         warnings.filterwarnings("ignore", message=".*all_gather_into_tensor", category=FutureWarning)
         self.device = dist.init_distributed(env, collective_timeout(cfg.run))
         validate_config(cfg, env.world_size)
+        require(cfg.train.precision != "fp16" or self.device.type == "cuda", "train.precision", "fp16",
+                "needs a CUDA GPU (DeepSpeed's loss scaling); on CPU use bf16 or fp32")
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32_matmul
         self.topology = Topology.of_run(env.world_size, cfg)

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from m2r.config import config_error
 from m2r.dist import announce_once
 
 SCAN_BACKENDS = ("auto", "torch", "mamba_ssm")
@@ -38,7 +39,7 @@ def resolve_scan_backend(requested: str, device: torch.device) -> str:
     else:
         unavailable = mamba_ssm_unavailable_reason(device)
         if requested == "mamba_ssm" and unavailable:
-            raise RuntimeError(f"model.scan_backend='mamba_ssm' cannot run: {unavailable}. "
+            raise config_error("model.scan_backend", f"'mamba_ssm' cannot run: {unavailable}. "
                                "Use 'auto' (falls back to 'torch') or 'torch'.")
         if unavailable:
             backend, reason = "torch", unavailable
