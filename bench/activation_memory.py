@@ -28,8 +28,8 @@ sys.path.insert(0, str(REPO))
 
 from m2r.atomic import write_json_atomically  # noqa: E402
 from m2r.config import load_config  # noqa: E402
-from m2r.models.config import ModelConfig  # noqa: E402
-from m2r.models.m2restore import CHECKPOINT_MODES, build_model  # noqa: E402
+from m2r.models.config import CHECKPOINT_MODES, ModelConfig  # noqa: E402
+from m2r.models.m2restore import build_model  # noqa: E402
 
 ADAMW_BYTES_PER_PARAM = 4 + 4 + 8   # fp32 weight, its gradient, two moments
 

@@ -110,6 +110,7 @@ def test_zero_stage_3_is_refused_with_the_reason(repo_root):
                                                   ("model.moe.ep_size=2", 3, "model.moe.ep_size"),
                                                   ("train.precision=fp8", 1, "train.precision"),
                                                   ("train.crop=30", 1, "train.crop"),
+                                                  ("train.crop=8", 1, "train.crop"),
                                                   ("train.lr=-1", 1, "train.lr"),
                                                   ("train.min_lr=1", 1, "train.lr/min_lr"),
                                                   ("train.betas=[0.9]", 1, "train.betas"),

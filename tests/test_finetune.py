@@ -143,7 +143,8 @@ def test_ranks_train_on_rank_0s_listing_of_the_dataset(repo_root, tmp_path):
     """A rank listing fewer images would run fewer steps per epoch and wait for the others forever."""
     allweather = build_allweather(tmp_path / "allweather", size=(40, 48), train=8)
     log = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "tests/stale_listing.py",
-               "finetune.py", "--config", "configs/finetune/tiny-test.yaml", f"data.root={allweather}", "train.epochs=1",
+               "finetune.py", "--config", "configs/finetune/tiny-test.yaml", f"data.root={allweather}",
+               "train.epochs=1",
                "train.warmup_epochs=0", f"run.dir={tmp_path / 'run'}"], repo_root, timeout=120)
     assert "2 steps/epoch x 1 epochs = 2 steps" in log and "checkpoints/step00000002" in log
 
@@ -194,7 +195,7 @@ def test_every_shipped_recipe_loads_and_validates_on_8_gpus(path):
     if "finetune" in path:
         validate_finetune_config(load_config(FinetuneConfig, REPO / path, ["data.root=/data"]), world_size=8)
     else:
-        validate_pretrain_config(load_config(PretrainConfig, REPO / path), world_size=8)
+        validate_pretrain_config(load_config(PretrainConfig, REPO / path, ["data.shards=/data/shards"]), world_size=8)
 
 
 @pytest.mark.parametrize("name", ["allweather", "cdd11", "allweather-plus", "cdd11-plus"])

@@ -10,7 +10,7 @@ from typing import List
 from m2r.config import choice, require
 from m2r.data.config import DataConfig, check_data_settings
 from m2r.engine.deepspeed_config import build_deepspeed_config
-from m2r.models.config import ModelConfig
+from m2r.models.config import CHECKPOINT_MODES, ModelConfig, require_input_side
 
 
 @dataclass
@@ -18,7 +18,7 @@ class TrainSettings:
     """The `train` keys pretraining and finetuning share (finetuning counts its schedule in epochs)."""
     micro_batch: int = 4             # images per GPU per forward pass
     grad_accum: int = 1              # forward passes per optimizer step
-    crop: int = 224                  # training crop side (multiple of 8)
+    crop: int = 224                  # training crop side (multiple of 8, at least 16)
     lr: float = 2e-4                 # peak learning rate
     min_lr: float = 0.0              # cosine floor
     weight_decay: float = 0.01       # AdamW, torch default as in the official code
@@ -29,7 +29,7 @@ class TrainSettings:
     zero_stage: int = 1              # 0, 1 or 2; native DeepSpeed MoE cannot use stage 3
     loss: str = choice("l1", "charbonnier")  # l1 (official) | charbonnier
     charbonnier_eps: float = 1e-3
-    activation_checkpointing: str = choice("none", "bottleneck", "full_res", "levels_1_2", "all")  # see M2Restore.set_activation_checkpointing
+    activation_checkpointing: str = choice(*CHECKPOINT_MODES)  # see M2Restore.set_activation_checkpointing
     channels_last: bool = False      # NHWC feature maps (faster bf16 convolutions on GPU)
     compile: bool = False            # torch.compile the training forward (static shapes; first steps compile)
     compile_backend: str = choice("inductor", "aot_eager", "eager")  # aot_eager/eager: to debug a failing compile
@@ -83,7 +83,7 @@ class PretrainConfig:
 def validate_pretrain_config(cfg, world_size: int) -> None:
     """Checks that need several keys or the world size; single-key types are checked by the schema."""
     train, run, moe = cfg.train, cfg.run, cfg.model.moe
-    require(train.crop % 8 == 0, "train.crop", train.crop, "must be a multiple of 8")
+    require_input_side("train.crop", train.crop)
     require(train.steps > 0 and train.micro_batch > 0 and train.grad_accum > 0,
              "train.steps/micro_batch/grad_accum", (train.steps, train.micro_batch, train.grad_accum),
              "must all be positive")

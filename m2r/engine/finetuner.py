@@ -28,7 +28,7 @@ from m2r.engine.optim import learning_rate, set_learning_rate
 from m2r.engine.run import TrainingRun, micro_step
 from m2r.engine.validate import evaluate
 from m2r.export import config_path_for, export, stored_model_config
-from m2r.models.config import ModelConfig, model_keys, require_same_network
+from m2r.models.config import CHECKPOINT_MODES, ModelConfig, model_keys, require_input_side, require_same_network
 
 
 @dataclass
@@ -39,7 +39,7 @@ class FinetuneDataConfig:
     val_root: Optional[str] = None   # root of the validation sets; None = root
     val_sets: List[str] = field(default_factory=list)  # AllWeather test sets / CDD-11 types; empty = all
     val_images_per_set: int = 4      # first N images of each validation set
-    val_crop: int = 256              # validation centre crop (multiple of 8; same shape on every rank)
+    val_crop: int = 256              # validation centre crop (multiple of 8, at least 16; same shape on every rank)
     val_batch_size: int = 4
     workers: int = 2                 # DataLoader workers per rank
     augment: bool = False            # random flip + rot90 of training crops (official: off)
@@ -50,7 +50,7 @@ class FinetuneTrainConfig(TrainSettings):
     epochs: int = 200
     warmup_epochs: int = 15
     schedule_epochs: int = 0         # the cosine reaches min_lr here; 0 = epochs
-    activation_checkpointing: str = choice("auto", "none", "bottleneck", "full_res", "levels_1_2", "all")  # auto: bottleneck on GPU, none on CPU
+    activation_checkpointing: str = choice("auto", *CHECKPOINT_MODES)  # auto: bottleneck on GPU, none on CPU
 
 
 @dataclass
@@ -85,8 +85,8 @@ def validate_finetune_config(cfg, world_size: int) -> None:
              "must all be positive")
     require(0 <= train.warmup_epochs < max(train.epochs, train.schedule_epochs), "train.warmup_epochs",
              train.warmup_epochs, "must be >= 0 and below the schedule length")
-    require(train.crop % 8 == 0 and data.val_crop % 8 == 0, "train.crop/data.val_crop",
-             (train.crop, data.val_crop), "must be multiples of 8")
+    require_input_side("train.crop", train.crop)
+    require_input_side("data.val_crop", data.val_crop)
     check_optimizer_settings(train)
     check_loader_settings(data)
     require(data.val_images_per_set > 0, "data.val_images_per_set", data.val_images_per_set, "must be positive")

@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from omegaconf import DictConfig
 
 from m2r.config import ConfigError, load_config
+from m2r.models.config import MIN_SIZE, SIZE_MULTIPLE
 
 OFFICIAL_SUFFIXES = (".ckpt", ".pth", ".pt")
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # --precision -> Accelerate's mixed_precision
@@ -35,7 +36,7 @@ def non_negative_int(text: str) -> int:
 
 def tile_side(text: str) -> int:
     value = non_negative_int(text)
-    if value % 8:
+    if value % SIZE_MULTIPLE or 0 < value < MIN_SIZE:
         raise ValueError(text)
     return value
 
@@ -44,7 +45,8 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by `m2r.evaluate` and `m2r.restore`: weights, tiling, precision, model config."""
     parser.add_argument("--weights", required=True, help="checkpoint dir, .safetensors export or official .ckpt")
     parser.add_argument("--tile", type=tile_side, default=0,
-                        help="tile side for large images (a multiple of 8; 0 = whole)")
+                        help=f"tile side for large images (a multiple of {SIZE_MULTIPLE}, at least {MIN_SIZE}; "
+                             "0 = whole)")
     parser.add_argument("--overlap", type=non_negative_int, default=32,
                         help="tile overlap in pixels (below --tile)")
     parser.add_argument("--precision", default=None, choices=tuple(PRECISIONS),

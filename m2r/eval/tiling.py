@@ -10,8 +10,8 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-SIZE_MULTIPLE = 8
-MIN_SIZE = 16
+from m2r.models.config import MIN_SIZE, SIZE_MULTIPLE
+
 
 
 def padded_size(size: int) -> int:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from m2r.config import ConfigError, config_error
+from m2r.models.config import CLIP_KINDS, INPUT_RANGES
 from m2r.models.weights_io import load_weights_file, unwrap_state_dict
 
 # Weights only ever come from local files: without this a hub lookup retries for about 46 s.
@@ -34,8 +35,6 @@ import open_clip  # noqa: E402
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD  # noqa: E402
 from open_clip.transformer import VisionTransformer  # noqa: E402
 
-KINDS = ("daclip", "openclip", "tiny")
-INPUT_RANGES = ("minus_one_one", "zero_one")
 COSINE_SCALE = 100.0      # official temperature of the prompt softmax
 TINY_SEED = 0             # the tiny CLIP is random but identical in every process
 TINY_PATCH_SIZE = 8
@@ -142,8 +141,8 @@ def _tiny_architecture(image_size: int) -> Dict:
 
 def clip_architecture(cfg) -> Dict:
     """The open_clip model config (embed_dim, vision_cfg, text_cfg) that `cfg` (ClipConfig) names."""
-    if cfg.kind not in KINDS:
-        raise _config_error("kind", f"'{cfg.kind}' is not one of {list(KINDS)}")
+    if cfg.kind not in CLIP_KINDS:
+        raise _config_error("kind", f"'{cfg.kind}' is not one of {list(CLIP_KINDS)}")
     if cfg.kind == "tiny":
         return _tiny_architecture(int(cfg.image_size))
     architecture = open_clip.get_model_config(cfg.arch)

@@ -8,9 +8,24 @@ from typing import List, Mapping, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from m2r.config import choice, config_error, flatten
+from m2r.config import choice, config_error, flatten, require
 
 OFFICIAL_PROMPTS = ["hazy", "noisy", "raindrop", "rainy", "shadowed", "snowy"]
+# The allowed values of the string keys, first the official one; the model code checks against the same.
+COMBINE_MODES = ("log", "linear")
+DISPATCH_MODES = ("auto", "sparse", "dense")
+CLIP_KINDS = ("daclip", "openclip", "tiny")
+INPUT_RANGES = ("minus_one_one", "zero_one")
+SCAN_BACKENDS = ("auto", "torch", "mamba_ssm")
+CHECKPOINT_MODES = ("none", "bottleneck", "full_res", "levels_1_2", "all")   # train.activation_checkpointing
+SIZE_MULTIPLE = 8   # input sides: three 2x downsamplings
+MIN_SIZE = 16       # the task-prompt CondNet needs at least 9 px; 16 is the smallest multiple of 8
+
+
+def require_input_side(key: str, side: int) -> None:
+    """A training or validation crop the network takes as it is."""
+    require(side % SIZE_MULTIPLE == 0 and side >= MIN_SIZE, key, side,
+            f"must be a multiple of {SIZE_MULTIPLE} and at least {MIN_SIZE}")
 
 
 @dataclass
@@ -21,7 +36,7 @@ class MoEConfig:
     expert_hidden_factor: float = 2.66  # expert MLP hidden width = int(factor * C)
     noisy_gating: bool = True        # Shazeer noise on router logits, training only
     clip_bias_init: float = 0.5      # initial beta of the CLIP router bias
-    combine: str = choice("log", "linear")  # "log" (official log-sum-exp quirk) | "linear"
+    combine: str = choice(*COMBINE_MODES)  # "log" (official log-sum-exp quirk) | "linear"
     capacity_factor: float = 0.0     # 0 = no token dropped (official); >0 caps tokens per expert in training
     # The cap in evaluation (validation, export, inference). 0 keeps every token, so an image's output
     # does not depend on which other images share its batch.
@@ -31,7 +46,7 @@ class MoEConfig:
     # mode for ep_size > 1); "dense" runs every expert on every token and masks by the gates (same result,
     # static shapes and no host sync, so it compiles whole; E / top_k times the expert FLOPs);
     # "auto" = dense when ep_size is 1.
-    dispatch: str = choice("auto", "sparse", "dense")
+    dispatch: str = choice(*DISPATCH_MODES)
 
 
 @dataclass
@@ -48,7 +63,7 @@ class MambaConfig:
 
 @dataclass
 class ClipConfig:
-    kind: str = choice("daclip", "openclip", "tiny")  # "daclip" | "openclip" | "tiny"
+    kind: str = choice(*CLIP_KINDS)  # "daclip" | "openclip" | "tiny"
     arch: str = "ViT-B-32"           # open_clip architecture name (or tiny config name)
     weights: Optional[str] = None    # local checkpoint file; required for daclip/openclip
     prompts: List[str] = field(default_factory=lambda: list(OFFICIAL_PROMPTS))
@@ -70,8 +85,8 @@ class ModelConfig:
     cond_channels: int = 64          # task-prompt CondNet width
     aflb_heads: int = 4
     aflb_mask: str = choice("official", "fixed")  # "official" (degenerate h//128 box) | "fixed"
-    input_range: str = choice("minus_one_one", "zero_one")  # "minus_one_one" (official) | "zero_one" (true residual)
-    scan_backend: str = choice("auto", "torch", "mamba_ssm")  # "auto" | "torch" | "mamba_ssm"
+    input_range: str = choice(*INPUT_RANGES)  # "minus_one_one" (official) | "zero_one" (true residual)
+    scan_backend: str = choice(*SCAN_BACKENDS)  # "auto" | "torch" | "mamba_ssm"
     # 3x3 depthwise convolutions: "conv" (cuDNN) | "shifted" (nine shifted multiply-adds, same result;
     # for train.compile, which fuses them with their neighbours; slower eagerly)
     depthwise: str = choice("conv", "shifted")

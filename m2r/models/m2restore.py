@@ -27,15 +27,11 @@ from torch.utils.checkpoint import checkpoint
 
 from m2r.models.aflb import AFLB
 from m2r.models.bottleneck import MB
-from m2r.models.clip_prior import INPUT_RANGES, CLIPPrior, build_clip_prior, clip_architecture
+from m2r.models.clip_prior import CLIPPrior, build_clip_prior, clip_architecture
+from m2r.models.config import CHECKPOINT_MODES, INPUT_RANGES, MIN_SIZE, SIZE_MULTIPLE
 from m2r.models.moe import DDER
 from m2r.models.restormer import Downsample, OverlapPatchEmbed, TransformerBlock, Upsample, set_depthwise_mode
 from m2r.models.task_prompt import TaskPrompt
-
-SIZE_MULTIPLE = 8   # three 2x downsamplings
-MIN_SIZE = 16       # the task-prompt CondNet needs at least 9 px; 16 is the smallest multiple of 8
-# Activation checkpointing: which blocks are recomputed in backward (see set_activation_checkpointing).
-CHECKPOINT_MODES = ("none", "bottleneck", "full_res", "levels_1_2", "all")
 
 
 @dataclass

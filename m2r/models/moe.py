@@ -34,12 +34,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from m2r.dist import announce_once
+from m2r.models.config import COMBINE_MODES, DISPATCH_MODES
 
 NOISE_FLOOR = 1e-2          # added to softplus(noise logits): Shazeer's minimum noise std (official value)
 CV2_EPS = 1e-10             # keeps cv^2 finite when an expert vector sums to zero (official value)
 LOG_COMBINE_EPS = torch.finfo(torch.float64).eps  # official: numpy float eps replaces exact zeros before log
-COMBINE_MODES = ("log", "linear")
-DISPATCH_MODES = ("auto", "sparse", "dense")
 # cuBLASLt 13.x fails (CUBLAS_STATUS_EXECUTION_FAILED) on a GEMM whose operand spans 2^31 elements or
 # more (NVIDIA/raft#3097): the dense path runs its experts on chunks of tokens below that. One chunk
 # at training crops; several from about 2.8 M tokens (a 840 px crop at batch 4, a 2048x1400 image).

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from m2r.config import config_error
 from m2r.dist import announce_once
+from m2r.models.config import SCAN_BACKENDS
 
-SCAN_BACKENDS = ("auto", "torch", "mamba_ssm")
 
 
 def check_scan_backend_name(name: str) -> None:
