@@ -144,8 +144,7 @@ def test_ranks_train_on_rank_0s_listing_of_the_dataset(repo_root, tmp_path):
     allweather = build_allweather(tmp_path / "allweather", size=(40, 48), train=8)
     log = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "tests/stale_listing.py",
                "finetune.py", "--config", "configs/finetune/tiny-test.yaml", f"data.root={allweather}",
-               "train.epochs=1",
-               "train.warmup_epochs=0", f"run.dir={tmp_path / 'run'}"], repo_root, timeout=120)
+               "train.epochs=1", "train.warmup_epochs=0", f"run.dir={tmp_path / 'run'}"], repo_root, timeout=120)
     assert "2 steps/epoch x 1 epochs = 2 steps" in log and "checkpoints/step00000002" in log
 
 
