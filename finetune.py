@@ -20,17 +20,18 @@ mid-epoch; resuming at the same topology continues the epoch exactly.
 """
 import sys
 
-from m2r import dist
-from m2r.cli import run_main
+from m2r import dist, stop_signals
+from m2r.cli import parse_entry_args, run_main
 from m2r.config import load_config
 
 
 def main(argv=None) -> int:
-    args = dist.parse_entry_args(sys.argv[1:] if argv is None else argv, __doc__, "configs/finetune/<name>.yaml")
-    stop_request = dist.StopRequest()   # before the slow start-up, which a stop signal must not kill
+    args = parse_entry_args(sys.argv[1:] if argv is None else argv, __doc__, "configs/finetune/<name>.yaml")
+    stop_request = stop_signals.StopRequest()   # before the slow start-up, which a stop signal must not kill
     env = dist.discover_dist_env()
 
-    from m2r.engine.finetuner import FinetuneConfig, Finetuner
+    from m2r.engine.config import FinetuneConfig
+    from m2r.engine.finetuner import Finetuner
 
     cfg = load_config(FinetuneConfig, args.config, args.overrides)
     exit_code = Finetuner(cfg, env, stop_request).fit()

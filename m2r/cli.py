@@ -1,14 +1,26 @@
-"""What every command-line entry point shares: a user's mistake (a config key, a path, a dataset
-layout, an image or weights file it cannot use) ends in one line naming it and exit status 2, not a
-traceback. Anything else is a bug or a crash, and keeps its traceback.
+"""What the command-line entry points share: the training scripts' `--config FILE [key=value ...]`,
+and for every tool, a user's mistake (a config key, a path, a dataset layout, an image or weights file
+it cannot use) ends in one line naming it and exit status 2, not a traceback. Anything else is a bug or
+a crash, and keeps its traceback.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Callable, NoReturn, Optional, Sequence, Tuple
 
 USER_ERROR_EXIT = 2
+
+
+def parse_entry_args(argv, description: str, config_help: str) -> argparse.Namespace:
+    """`--config FILE [key=value ...]` for the training entry points; also accepts the `--local_rank`
+    argument the deepspeed launcher adds (the LOCAL_RANK variable is what `discover_dist_env` reads)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help=config_help)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return parser.parse_args(argv)
 
 
 def user_errors() -> Tuple[type, ...]:

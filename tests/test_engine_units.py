@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from m2r import dist
+from m2r import dist, stop_signals
 from m2r.config import ConfigError, load_config
 from m2r.engine.checkpoint import CheckpointManager, Topology, checkpoint_at, resolve_resume, tag_for
 from m2r.engine.config import PretrainConfig, validate_pretrain_config
@@ -520,9 +520,9 @@ def test_ctrl_c_asks_for_a_checkpoint_and_a_second_one_aborts(capfd):
     """Also when a launcher's SIGTERM comes between the two (DeepSpeed's passes Ctrl-C on as SIGTERM)."""
     import signal
 
-    saved_handlers = {sig: signal.getsignal(sig) for sig in dist.STOP_SIGNALS}
+    saved_handlers = {sig: signal.getsignal(sig) for sig in stop_signals.STOP_SIGNALS}
     try:
-        request = dist.StopRequest()
+        request = stop_signals.StopRequest()
         signal.raise_signal(signal.SIGINT)
         assert request.signal_name == "SIGINT" and "saving a checkpoint" in capfd.readouterr().out
         signal.raise_signal(signal.SIGTERM)
@@ -546,9 +546,9 @@ def test_compile_workers_block_the_stop_signals_slurm_sends_to_every_process(rep
         pytest.skip("no compile worker process here (one CPU, or workers forked from this process)")
     code = """
 import os, signal
-from m2r import dist
+from m2r import stop_signals
 signal.signal(signal.SIGUSR1, lambda *_: print("handled"))   # as StopRequest does
-dist.start_compile_workers()
+stop_signals.start_compile_workers()
 from torch._inductor.async_compile import AsyncCompile
 worker = AsyncCompile.process_pool().process.pid
 blocked = int(next(l for l in open(f"/proc/{worker}/status") if l.startswith("SigBlk:")).split()[1], 16)
@@ -590,7 +590,7 @@ def test_a_stop_signal_during_start_up_reaches_the_run_instead_of_killing_the_ra
     monkeypatch.setattr(run_class, RecordingRun)
     monkeypatch.setattr(module, "load_config", load_config_while_signalled)
     monkeypatch.setattr(dist, "discover_dist_env", lambda: "env")   # it would export RANK, MASTER_PORT...
-    saved_handlers = {sig: signal.getsignal(sig) for sig in dist.STOP_SIGNALS}
+    saved_handlers = {sig: signal.getsignal(sig) for sig in stop_signals.STOP_SIGNALS}
     try:
         assert module.main(["--config", f"configs/{entry}/tiny-test.yaml"]) == 0
     finally:

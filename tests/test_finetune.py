@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from finetune_layouts import build_allweather, build_cdd11
 from m2r.config import ConfigError, load_config
 from m2r.engine.checkpoint import resolve_resume
-from m2r.engine.finetuner import Finetuner, FinetuneConfig, validate_finetune_config
+from m2r.engine.config import FinetuneConfig, validate_finetune_config
+from m2r.engine.finetuner import Finetuner
 from m2r.eval.datasets import CDD11_TYPES, evaluation_sets
 from m2r.export import export_state_dict
 

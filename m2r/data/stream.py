@@ -33,7 +33,8 @@ from m2r.data.config import check_data_settings
 from m2r.data.presets import Degrader, type_names
 from m2r.data.shard_format import CorruptSample, decode_record, read_shard
 from m2r.data.shard_list import read_manifest, resolve_shards
-from m2r.dist import ignore_stop_signals, on_rank0, print0, shut_down_workers
+from m2r.dist import on_rank0, print0
+from m2r.stop_signals import ignore_stop_signals, shut_down_workers
 
 STREAM_TAG = 1          # first seed word after the run seed: training stream
 ROUND_TAG = 2           # shard/photo choice of a round

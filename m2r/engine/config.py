@@ -1,16 +1,17 @@
-"""Typed schema of a pretraining config: `model`, `data`, `train` and `run` sections.
+"""Typed schemas of the pretraining and finetuning configs (`model`, `data`, `train`, `run`, and
+finetuning's `init`) and the checks that need several keys.
 
-`configs/pretrain/*.yaml` override these defaults (and may mount a model file with
-`_base_: [../model/tiny.yaml@model]`); `key=value` arguments override the file.
+`configs/pretrain/*.yaml` and `configs/finetune/*.yaml` override these defaults (and may mount a model
+file with `_base_: [../model/tiny.yaml@model]`); `key=value` arguments override the file.
 """
 import datetime
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 from m2r.config import choice, require
 from m2r.data.config import DataConfig, check_data_settings
 from m2r.engine.deepspeed_config import build_deepspeed_config
-from m2r.models.config import CHECKPOINT_MODES, ModelConfig, require_input_side
+from m2r.models.config import CHECKPOINT_MODES, ModelConfig, model_keys, require_input_side
 
 
 @dataclass
@@ -136,3 +137,74 @@ def check_expert_parallel(moe, world_size: int) -> None:
             f"must divide the world size {world_size}")
     require(moe.num_experts % moe.ep_size == 0, "model.moe.ep_size", moe.ep_size,
             f"must divide model.moe.num_experts={moe.num_experts}")
+
+
+@dataclass
+class FinetuneDataConfig:
+    dataset: str = choice("allweather", "cdd11", "folder")
+    root: str = ""                   # dataset root; layouts in m2r/eval/datasets.py
+    list_file: Optional[str] = None  # AllWeather training list; None = the one found under root, if any
+    val_root: Optional[str] = None   # root of the validation sets; None = root
+    val_sets: List[str] = field(default_factory=list)  # AllWeather test sets / CDD-11 types; empty = all
+    val_images_per_set: int = 4      # first N images of each validation set
+    val_crop: int = 256              # validation centre crop (multiple of 8, at least 16; same shape on every rank)
+    val_batch_size: int = 4
+    workers: int = 2                 # DataLoader workers per rank
+    augment: bool = False            # random flip + rot90 of training crops (official: off)
+
+
+@dataclass
+class FinetuneTrainConfig(TrainSettings):
+    epochs: int = 200
+    warmup_epochs: int = 15
+    schedule_epochs: int = 0         # the cosine reaches min_lr here; 0 = epochs
+    activation_checkpointing: str = choice("auto", *CHECKPOINT_MODES)  # auto: bottleneck on GPU, none on CPU
+
+
+@dataclass
+class InitConfig:
+    weights: Optional[str] = None    # pretraining checkpoint dir | .safetensors | official .ckpt; None = scratch
+    # Model keys (e.g. [clip.prompts]) this run may set otherwise than the network the weights were
+    # saved from; any other difference that changes what the weights compute stops the run.
+    allow_model_changes: List[str] = field(default_factory=list)
+
+
+@dataclass
+class FinetuneRunConfig(RunOutputConfig):
+    dir: str = "runs/finetune"       # checkpoints are saved every epoch
+    best_metrics: List[str] = field(default_factory=lambda: ["psnr", "ssim"])
+    stop_after_epochs: int = 0       # leave after this many epochs in this process; 0 = never
+
+
+@dataclass
+class FinetuneConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    run: FinetuneRunConfig = field(default_factory=FinetuneRunConfig)
+
+
+def validate_finetune_config(cfg, world_size: int) -> None:
+    train, data, run = cfg.train, cfg.data, cfg.run
+    require(bool(data.root), "data.root", data.root, "must name the dataset root")
+    require(train.epochs > 0 and train.micro_batch > 0 and train.grad_accum > 0,
+             "train.epochs/micro_batch/grad_accum", (train.epochs, train.micro_batch, train.grad_accum),
+             "must all be positive")
+    require(0 <= train.warmup_epochs < max(train.epochs, train.schedule_epochs), "train.warmup_epochs",
+             train.warmup_epochs, "must be >= 0 and below the schedule length")
+    require_input_side("train.crop", train.crop)
+    require_input_side("data.val_crop", data.val_crop)
+    check_optimizer_settings(train)
+    check_loader_settings(data)
+    require(data.val_images_per_set > 0, "data.val_images_per_set", data.val_images_per_set, "must be positive")
+    check_run_output_settings(run)
+    require(set(run.best_metrics) <= {"psnr", "ssim"}, "run.best_metrics", list(run.best_metrics),
+             "may only hold psnr and ssim")
+    check_expert_parallel(cfg.model.moe, world_size)
+    unknown = sorted(set(allowed_model_changes(cfg.init)) - set(model_keys()))
+    require(not unknown, "init.allow_model_changes", unknown, f"must be keys of the model section: {model_keys()}")
+
+
+def allowed_model_changes(init) -> List[str]:
+    return [key.removeprefix("model.") for key in init.allow_model_changes]

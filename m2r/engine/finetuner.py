@@ -1,12 +1,12 @@
 """Finetuning on paired datasets (AllWeather, CDD-11, a folder) on the pretraining engine.
 
 The `finetune.py` entry point runs `Finetuner(cfg, env).fit()`; see its docstring for the commands.
-Config schema (`FinetuneConfig`), the resumable distributed sampler, and the epoch loop live here.
+The resumable distributed sampler and the epoch loop live here; the config schema (`FinetuneConfig`)
+in m2r/engine/config.py.
 """
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Tuple
@@ -15,91 +15,19 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, DistributedSampler
 
-from m2r import dist
+from m2r import dist, stop_signals
 from m2r.atomic import write_json_atomically
-from m2r.config import ConfigError, choice, require
+from m2r.config import ConfigError, require
 from m2r.engine.checkpoint import (CheckpointManager, CheckpointRef, capture_rng_state, checkpoint_at,
                                    load_weights_only, rank_seed)
-from m2r.engine.config import (RunOutputConfig, TrainSettings, check_expert_parallel, check_loader_settings,
-                               check_optimizer_settings, check_run_output_settings)
+from m2r.engine.config import allowed_model_changes, validate_finetune_config
 from m2r.engine.experts import global_expert_names
 from m2r.engine.monitor import StepTimer
 from m2r.engine.optim import learning_rate, set_learning_rate
 from m2r.engine.run import TrainingRun, micro_step
 from m2r.engine.validate import evaluate
 from m2r.export import config_path_for, export, stored_model_config
-from m2r.models.config import CHECKPOINT_MODES, ModelConfig, model_keys, require_input_side, require_same_network
-
-
-@dataclass
-class FinetuneDataConfig:
-    dataset: str = choice("allweather", "cdd11", "folder")
-    root: str = ""                   # dataset root; layouts in m2r/eval/datasets.py
-    list_file: Optional[str] = None  # AllWeather training list; None = the one found under root, if any
-    val_root: Optional[str] = None   # root of the validation sets; None = root
-    val_sets: List[str] = field(default_factory=list)  # AllWeather test sets / CDD-11 types; empty = all
-    val_images_per_set: int = 4      # first N images of each validation set
-    val_crop: int = 256              # validation centre crop (multiple of 8, at least 16; same shape on every rank)
-    val_batch_size: int = 4
-    workers: int = 2                 # DataLoader workers per rank
-    augment: bool = False            # random flip + rot90 of training crops (official: off)
-
-
-@dataclass
-class FinetuneTrainConfig(TrainSettings):
-    epochs: int = 200
-    warmup_epochs: int = 15
-    schedule_epochs: int = 0         # the cosine reaches min_lr here; 0 = epochs
-    activation_checkpointing: str = choice("auto", *CHECKPOINT_MODES)  # auto: bottleneck on GPU, none on CPU
-
-
-@dataclass
-class InitConfig:
-    weights: Optional[str] = None    # pretraining checkpoint dir | .safetensors | official .ckpt; None = scratch
-    # Model keys (e.g. [clip.prompts]) this run may set otherwise than the network the weights were
-    # saved from; any other difference that changes what the weights compute stops the run.
-    allow_model_changes: List[str] = field(default_factory=list)
-
-
-@dataclass
-class FinetuneRunConfig(RunOutputConfig):
-    dir: str = "runs/finetune"       # checkpoints are saved every epoch
-    best_metrics: List[str] = field(default_factory=lambda: ["psnr", "ssim"])
-    stop_after_epochs: int = 0       # leave after this many epochs in this process; 0 = never
-
-
-@dataclass
-class FinetuneConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
-    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
-    init: InitConfig = field(default_factory=InitConfig)
-    run: FinetuneRunConfig = field(default_factory=FinetuneRunConfig)
-
-
-def validate_finetune_config(cfg, world_size: int) -> None:
-    train, data, run = cfg.train, cfg.data, cfg.run
-    require(bool(data.root), "data.root", data.root, "must name the dataset root")
-    require(train.epochs > 0 and train.micro_batch > 0 and train.grad_accum > 0,
-             "train.epochs/micro_batch/grad_accum", (train.epochs, train.micro_batch, train.grad_accum),
-             "must all be positive")
-    require(0 <= train.warmup_epochs < max(train.epochs, train.schedule_epochs), "train.warmup_epochs",
-             train.warmup_epochs, "must be >= 0 and below the schedule length")
-    require_input_side("train.crop", train.crop)
-    require_input_side("data.val_crop", data.val_crop)
-    check_optimizer_settings(train)
-    check_loader_settings(data)
-    require(data.val_images_per_set > 0, "data.val_images_per_set", data.val_images_per_set, "must be positive")
-    check_run_output_settings(run)
-    require(set(run.best_metrics) <= {"psnr", "ssim"}, "run.best_metrics", list(run.best_metrics),
-             "may only hold psnr and ssim")
-    check_expert_parallel(cfg.model.moe, world_size)
-    unknown = sorted(set(allowed_model_changes(cfg.init)) - set(model_keys()))
-    require(not unknown, "init.allow_model_changes", unknown, f"must be keys of the model section: {model_keys()}")
-
-
-def allowed_model_changes(init) -> List[str]:
-    return [key.removeprefix("model.") for key in init.allow_model_changes]
+from m2r.models.config import require_same_network
 
 
 class ResumableSampler(DistributedSampler):
@@ -126,7 +54,7 @@ def local_state_from_global(model, state: Dict[str, torch.Tensor]) -> Dict[str, 
 class Finetuner(TrainingRun):
     KIND = "finetune"
 
-    def __init__(self, cfg, env: dist.DistEnv, stop_request: Optional[dist.StopRequest] = None):
+    def __init__(self, cfg, env: dist.DistEnv, stop_request: Optional[stop_signals.StopRequest] = None):
         super().__init__(cfg, env, validate_finetune_config, stop_request)
         self._build_data(env)
         self.checkpointing = self._checkpointing_mode()
@@ -160,7 +88,7 @@ class Finetuner(TrainingRun):
         # base seed from the global torch RNG, and a resumed run would draw it after restoring that RNG.
         self.loader = DataLoader(self.train_set, batch_size=train.micro_batch, sampler=self.sampler,
                                  num_workers=data.workers, drop_last=True, persistent_workers=False,
-                                 generator=torch.Generator(), worker_init_fn=dist.ignore_stop_signals)
+                                 generator=torch.Generator(), worker_init_fn=stop_signals.ignore_stop_signals)
         micro_batches = len(self.sampler) // train.micro_batch
         self.steps_per_epoch = micro_batches // train.grad_accum
         if self.steps_per_epoch == 0:
@@ -308,7 +236,7 @@ class Finetuner(TrainingRun):
                 if reason := self._stop_reason(self.steps_this_run):
                     return reason
         finally:
-            dist.shut_down_workers(batches)
+            stop_signals.shut_down_workers(batches)
         self.epoch += 1
         self.samples_into_epoch = 0
         return None

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from omegaconf import OmegaConf
 
-from m2r import dist
+from m2r import dist, stop_signals
 from m2r.atomic import write_text_atomically
 from m2r.config import config_error, flatten, require, save_config
 from m2r.engine.checkpoint import (ABANDONED_DIR, CheckpointManager, CheckpointRef, Topology, agreed_resume,
@@ -58,7 +58,7 @@ class TrainingRun:
     device: torch.device
     topology: Topology
     run_dir: Path
-    stop_request: dist.StopRequest
+    stop_request: stop_signals.StopRequest
     input_dtype: torch.dtype       # what the network's input is cast to (train.precision)
     checkpoints: CheckpointManager
     resume_ref: Optional[CheckpointRef]  # the checkpoint run.resume names, as rank 0 resolved it; None = fresh
@@ -69,9 +69,9 @@ class TrainingRun:
     ema: Optional[EMA]             # (from `_start_ema`)
 
     def __init__(self, cfg, env: dist.DistEnv, validate_config: Callable[[Any, int], None],
-                 stop_request: Optional[dist.StopRequest] = None):
+                 stop_request: Optional[stop_signals.StopRequest] = None):
         self.cfg = cfg
-        self.stop_request = stop_request or dist.StopRequest()
+        self.stop_request = stop_request or stop_signals.StopRequest()
         # ZeRO calls a collective that torch deprecates, every step: noise for our users.
         warnings.filterwarnings("ignore", message=".*all_gather_into_tensor", category=FutureWarning)
         self.device = dist.init_distributed(env, collective_timeout(cfg.run))
@@ -134,7 +134,7 @@ class TrainingRun:
             model.use_channels_last()
         if train.compile:
             if train.compile_backend == "inductor":
-                dist.start_compile_workers()
+                stop_signals.start_compile_workers()
             model.compile_training_forward(train.compile_backend)
         return model
 

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from omegaconf import OmegaConf
 
-from m2r import dist
+from m2r import dist, stop_signals
 from m2r.data.presets import type_names
 from m2r.engine.checkpoint import CheckpointRef, capture_rng_state
 from m2r.engine.config import validate_pretrain_config
@@ -33,7 +33,7 @@ class Trainer(TrainingRun):
     last_val: Dict[str, float]     # the latest validation's metrics (kept across resumes)
     last_val_step: Optional[int]   # and its step
 
-    def __init__(self, cfg, env: dist.DistEnv, stop_request: Optional[dist.StopRequest] = None):
+    def __init__(self, cfg, env: dist.DistEnv, stop_request: Optional[stop_signals.StopRequest] = None):
         from m2r.data import build_train_stream, build_val_set
 
         super().__init__(cfg, env, validate_pretrain_config, stop_request)
@@ -205,7 +205,7 @@ class Trainer(TrainingRun):
         try:
             return self._train()
         finally:
-            self._stream_iter.close()   # the stream shuts its data workers down (dist.shut_down_workers)
+            self._stream_iter.close()   # the stream shuts its data workers down (stop_signals.shut_down_workers)
 
     def _train(self) -> int:
         self.engine.train()

@@ -1,0 +1,99 @@
+"""Stop signals: SLURM's time-limit warning (USR1), scancel and preemption (TERM), Ctrl-C (INT).
+
+The training process only raises a flag (`StopRequest`) and checkpoints at a step boundary, on all
+ranks at once; its helper processes (data workers, compile workers) must survive the same signals,
+which SLURM sends to every process of a job step.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Optional
+
+from m2r.dist import is_rank0, max_over_ranks
+
+
+# SLURM's preemption, scancel and time-limit warning, and Ctrl-C (which a terminal sends to every
+# process of the job, data workers included): the trainer checkpoints, then exits.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`. SLURM signals every process of a job step, data workers too; a
+    worker killed by SIGTERM (or by USR1's or INT's default action) would crash the trainer's next batch fetch
+    before it can checkpoint. The trainer shuts its workers down itself (`shut_down_workers`)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def start_compile_workers() -> None:
+    """Start inductor's compile worker processes now, with the stop signals blocked, which they inherit
+    (a signal mask survives fork and exec): SLURM signals every process of a job step, and a worker
+    killed by USR1 or TERM while the first steps compile fails the run instead of letting it save.
+    Blocked, not ignored: a signal that comes meanwhile reaches this process once they are started.
+    (Inductor's default `subprocess` start method; with `fork` the workers start at the first compile.)"""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        from torch._inductor.async_compile import AsyncCompile   # some torch versions warm the pool on import
+
+        AsyncCompile.warm_pool()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _say(message: bytes) -> None:
+    """Write from a signal handler: os.write, as print() may be inside a write it would re-enter; a
+    stdout that cannot take it (replaced, closed) must not turn the stop request into a crash."""
+    try:
+        os.write(sys.stdout.fileno(), message)
+    except (OSError, ValueError):
+        pass
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 / SIGINT only raise a flag; the loop acts on it at a step boundary, on all
+    ranks at once. A second Ctrl-C aborts at once, without a checkpoint. The entry points create it
+    first thing, so that a signal during start-up (SLURM's warning may come while the ranks import,
+    rendezvous or load a checkpoint) stops the run before its first step instead of killing the rank."""
+
+    def __init__(self):
+        self.signal_name: Optional[str] = None   # the first stop signal received
+        self.agreed_signal: Optional[str] = None   # the one all ranks stop for, once they have agreed
+        self.interrupts = 0
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                raise KeyboardInterrupt
+            if is_rank0():
+                _say(b"SIGINT: saving a checkpoint at the end of this step, then stopping (Ctrl-C again to "
+                     b"abort without one)\n")
+        self.signal_name = self.signal_name or signal.Signals(signum).name
+
+    def agreed_reason(self) -> Optional[str]:
+        """Why every rank stops now, or None (a collective: every rank calls it at the same step). The
+        ranks agree on the signal too (the highest number of those received), in `agreed_signal`."""
+        received = signal.Signals[self.signal_name].value if self.signal_name else 0
+        agreed = int(max_over_ranks(received))
+        if not agreed:
+            return None
+        self.agreed_signal = signal.Signals(agreed).name
+        return f"received {self.agreed_signal}" + ("" if received == agreed else " (on another rank)")
+
+
+def shut_down_workers(batches) -> None:
+    """Stop a DataLoader iterator's worker processes now. They ignore SIGTERM, so when an exception
+    leaves with the iterator in its traceback, Python's exit would terminate them with SIGTERM and
+    wait forever."""
+    shutdown = getattr(batches, "_shutdown_workers", None)   # multi-process iterators only
+    if shutdown is None:
+        return
+    shutdown()
+    for worker in batches._workers:   # still busy after torch's wait: its last resort, SIGTERM, is ignored
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
