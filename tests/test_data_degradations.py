@@ -184,3 +184,15 @@ def test_mixture_weights_select_types_and_reject_unknown_names():
     assert {degrader(clean, rng(s))[1] for s in range(10)} == {1}
     with pytest.raises(ValueError, match="fog"):
         mixture_probabilities("allweather", {"fog": 1.0})
+
+
+def test_float_images_round_to_the_nearest_8_bit_level():
+    levels = np.arange(256, dtype=np.uint8).reshape(1, 16, 16)
+    assert np.array_equal(D.to_uint8(D.to_float(levels)), levels)
+    assert (D.to_uint8(np.full((3, 2, 2), 0.6 / 255, np.float32)) == 1).all()
+
+
+def test_noise_sigma_is_on_the_255_scale():
+    image = np.full((3, 512, 512), 0.5, np.float32)
+    noisy, _ = D.DEGRADATIONS["noise"](image, np.random.default_rng(0), sigma=20)
+    assert float((noisy - image).std()) == pytest.approx(20 / 255, rel=2e-3)

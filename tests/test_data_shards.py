@@ -259,3 +259,14 @@ def test_the_webdataset_library_reads_the_shards_as_our_stream_does(clean_shards
     for sample, record in zip(theirs, ours):
         clean, _, meta = decode_record(sample)
         assert np.array_equal(clean, decode_record(record)[0]) and meta == json.loads(record["json"])
+
+
+def test_each_pre_degraded_sample_has_a_draw_of_its_own(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "src").mkdir()
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "src" / f"{i}.png")
+    build(BuildOptions(src=[str(tmp_path / "src")], out=str(tmp_path / "out"), preset="allweather",
+                       samples_per_shard=6, encoding="png"), progress=False)
+    metas = [decode_record(record)[2] for record in read_shard(str(tmp_path / "out" / "shard-000000.tar"))]
+    assert len({json.dumps(meta["params"], sort_keys=True) for meta in metas}) == len(metas) == 6

@@ -265,3 +265,35 @@ def test_the_stream_never_draws_from_the_global_torch_rng():
     before = torch.get_rng_state()
     take(stream, 2)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_the_samples_of_one_round_get_degradations_of_their_own():
+    from m2r.data.stream import StreamPlan, worker_batches
+
+    plan = StreamPlan(source="builtin", shards=(), preset="five-task", weights=(), seed=0, rank=0, world_size=1,
+                      workers=1, micro_batch=16, crop=32, shuffle_buffer=8, scale_range=(1.0, 1.0))
+    assert len(set(next(worker_batches(plan, 0, (0, 0)))["type_id"].tolist())) > 1
+
+
+def test_pairs_are_flipped_left_right_only_when_not_rotated():
+    from m2r.data.augment import random_dihedral
+
+    image = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    unflipped = set()
+    for seed in range(16):
+        (out,) = random_dihedral([image], np.random.default_rng(seed), rotate=False)
+        assert np.array_equal(out, image) or np.array_equal(out, image[:, ::-1])
+        unflipped.add(np.array_equal(out, image))
+    assert unflipped == {True, False}
+
+
+def test_crops_reach_every_position_and_images_narrower_than_the_crop_are_upscaled():
+    from m2r.data.augment import random_crop
+
+    image = np.random.default_rng(0).integers(0, 255, (32, 40, 3), dtype=np.uint8)
+    lefts = set()
+    for seed in range(200):
+        (cut,) = random_crop([image], 32, np.random.default_rng(seed))
+        lefts.add(next(x for x in range(9) if np.array_equal(cut, image[:, x:x + 32])))
+    assert lefts == set(range(9))
+    assert random_crop([image[:, :20]], 32, np.random.default_rng(0))[0].shape == (32, 32, 3)

@@ -82,6 +82,18 @@ def test_expert_parallel_gives_the_same_losses_as_replicated_experts(parity_runs
     assert parallel == pytest.approx(replicated, rel=1e-6, abs=0)
 
 
+def test_each_step_trains_at_the_schedules_rate_for_its_index(parity_runs):
+    """Step n (1-based, as logged) is optimizer step n - 1 of `learning_rate`: warmup 2, then the cosine."""
+    from m2r.config import load_config
+    from m2r.engine.config import PretrainConfig
+    from m2r.engine.optim import learning_rate
+
+    cfg = load_config(PretrainConfig, parity_runs[1, 1] / "config.yaml")
+    logged = {r["step"]: r["lr"] for r in metric_records(parity_runs[1, 1]) if "lr" in r}
+    assert list(logged) == [1, 2, 3, 4, 5]
+    assert list(logged.values()) == pytest.approx([learning_rate(step - 1, cfg.train) for step in logged])
+
+
 def test_the_ema_is_saved_once_at_any_expert_parallel_size(parity_runs):
     """World 2: at ep_size 1 rank 0 alone holds every expert, at ep_size 2 each rank half of them; the
     merged EMA is the same network's either way."""

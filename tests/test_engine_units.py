@@ -71,6 +71,13 @@ def test_first_slurm_host(nodelist, first):
     assert dist.first_slurm_host(nodelist) == first
 
 
+def test_srun_master_port_stays_a_valid_port_for_large_job_ids():
+    env = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0", "SLURM_JOB_NODELIST": "n1",
+           "SLURM_JOB_ID": "9876543"}
+    dist.discover_dist_env(env)
+    assert 20000 <= int(env["MASTER_PORT"]) < 40000
+
+
 # ----------------------------------------------------------------------------------- configs
 def test_deepspeed_config_follows_the_train_section(repo_root):
     train = tiny_config(repo_root, "train.micro_batch=3", "train.grad_accum=2", "train.precision=bf16",
@@ -180,6 +187,31 @@ def test_ema_moves_a_decay_share_toward_the_weights():
     restored = EMA(model, decay=0.75)
     restored.load_state_dict(ema.state_dict())
     assert torch.equal(restored.shadow["weight"], ema.shadow["weight"])
+
+
+def test_ema_parts_split_the_dense_weights_from_this_ranks_experts(repo_root):
+    """Rank 0 saves the dense part, the first replica of each expert shard its experts (TrainingRun._ema_state)."""
+    from m2r.engine.experts import EXPERT_INFIX
+    from m2r.models.m2restore import build_model
+
+    ema = EMA(build_model(tiny_config(repo_root).model), decay=0.9)
+    experts, dense = ema.state_dict(dense=False), ema.state_dict(experts=False)
+    assert experts and all(EXPERT_INFIX in name for name in experts)
+    assert dense and not any(EXPERT_INFIX in name for name in dense)
+    assert {**experts, **dense}.keys() == ema.state_dict().keys()
+
+
+def test_after_its_schedule_the_learning_rate_stays_at_the_floor():
+    """Finetuning's cosine may end before the last epoch (train.schedule_epochs)."""
+    train = SimpleNamespace(lr=1e-3, min_lr=1e-5, warmup_steps=4, steps=104)
+    assert [learning_rate(step, train) for step in (104, 150, 204)] == pytest.approx([1e-5] * 3)
+
+
+def test_bf16_micro_batch_sums_are_bf16_at_zero_1_and_fp32_at_zero_2():
+    from m2r.engine.deepspeed_config import gradient_accumulation_dtype
+
+    assert gradient_accumulation_dtype(SimpleNamespace(precision="bf16", zero_stage=1)) == "bf16"
+    assert gradient_accumulation_dtype(SimpleNamespace(precision="bf16", zero_stage=2)) == "fp32"
 
 
 # ----------------------------------------------------------------------------------- checkpoints
@@ -350,6 +382,40 @@ def test_export_renames_local_experts_to_global_ids():
     assert _global_name("dder2.router.w_g", ep_rank=2, num_local_experts=3) == "dder2.router.w_g"
 
 
+# ----------------------------------------------------------------------------------- random generators
+def test_rng_state_round_trips_python_numpy_and_torch():
+    import random
+
+    import numpy as np
+
+    from m2r.engine.rng import capture_rng_state, restore_rng_state
+
+    state = capture_rng_state()
+    first = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    random.random(), np.random.rand(), torch.rand(())
+    restore_rng_state(state)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == first
+
+
+def test_rank_seeds_differ_per_rank_and_per_counter():
+    from m2r.engine.rng import rank_seed
+
+    assert len({rank_seed(7, rank, counter) for rank in range(4) for counter in range(4)}) == 16
+
+
+@pytest.mark.parametrize("step", [0, 7])
+def test_a_reseeded_run_draws_other_gate_noise_on_each_rank(monkeypatch, step):
+    """A fresh start or a topology change reseeds: the same noise on every rank would correlate the routers."""
+    from m2r.engine import run
+
+    draws = []
+    for rank in (0, 1):
+        monkeypatch.setattr(run.dist, "rank", lambda rank=rank: rank)
+        run.TrainingRun._seed_rng(SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(seed=3)), step=step), None)
+        draws.append(torch.rand(4))
+    assert not torch.equal(draws[0], draws[1])
+
+
 # ----------------------------------------------------------------------------------- metrics, loss
 def test_psnr_and_ssim_on_known_images():
     clean = torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(0))
@@ -380,6 +446,35 @@ def test_ema_weights_are_applied_for_the_duration_and_the_trained_ones_come_back
         for param, shadow, trained_param in zip(model.parameters(), ema.shadow.values(), trained):
             assert torch.equal(param, shadow.to(param.dtype)) and not torch.equal(param, trained_param)
     assert all(torch.equal(p, t) for p, t in zip(model.parameters(), trained))
+
+
+def test_the_total_loss_adds_the_weighted_balance_loss_to_the_pixel_loss():
+    from m2r.engine.loss import restoration_loss
+
+    out = SimpleNamespace(restored=torch.zeros(1, 3, 4, 4), balance_loss=torch.tensor(2.0))
+    terms = restoration_loss(out, torch.full((1, 3, 4, 4), 0.5), SimpleNamespace(loss="l1", charbonnier_eps=1e-3),
+                             balance_weight=0.01)
+    assert float(terms.total) == pytest.approx(0.5 + 0.01 * 2.0)
+
+
+def test_validation_psnr_per_type_averages_that_types_images_only():
+    from m2r.engine.validate import evaluate
+
+    class Identity(torch.nn.Module):
+        def forward(self, x):
+            return SimpleNamespace(restored=x)
+
+    gt = torch.full((1, 3, 16, 16), 128, dtype=torch.uint8)
+    batches = [dict(lq=gt + 1, gt=gt, type_id=torch.tensor([0])), dict(lq=gt + 4, gt=gt, type_id=torch.tensor([1])),
+               dict(lq=gt + 4, gt=gt, type_id=torch.tensor([1]))]
+    metrics = evaluate(Identity(), batches, torch.device("cpu"), torch.float32, ["a", "b"])
+    assert metrics["psnr_a"] == pytest.approx(20 * math.log10(255), abs=1e-3)
+    assert metrics["psnr_b"] == pytest.approx(20 * math.log10(255 / 4), abs=1e-3)
+
+
+def test_validation_psnr_clamps_the_prediction_to_the_image_range():
+    target = torch.ones(1, 3, 8, 8)
+    assert float(psnr(target * 1.5, target)) == pytest.approx(100.0)
 
 
 # ----------------------------------------------------------------------------------- activation checkpointing

@@ -154,12 +154,12 @@ def test_a_finetune_stopped_mid_epoch_and_at_an_epoch_end_continues_exactly(repo
     epoch's end is saved again after the resumed validation (replaced only once complete)."""
     allweather = build_allweather(tmp_path / "allweather", size=(40, 48), train=8)
     base = [sys.executable, "finetune.py", "--config", "configs/finetune/tiny-test.yaml", f"data.root={allweather}",
-            "model.moe.ep_size=1"]   # 4 steps per epoch, 2 epochs, gate noise on
+            "model.moe.ep_size=1", "train.grad_accum=2", "train.epochs=4"]   # 2 steps per epoch, gate noise on
     run([*base, f"run.dir={tmp_path / 'straight'}"], repo_root)
     split = tmp_path / "split"
-    assert "run.stop_after_steps=3 reached in epoch 1 of 2 at step 3" in run(
+    assert "run.stop_after_steps=3 reached in epoch 2 of 4 at step 3" in run(
         [*base, f"run.dir={split}", "run.stop_after_steps=3"], repo_root)
-    assert "run.stop_after_steps=1 reached in epoch 1 of 2 at step 4" in run(
+    assert "run.stop_after_steps=1 reached in epoch 2 of 4 at step 4" in run(
         [*base, f"run.dir={split}", "run.stop_after_steps=1"], repo_root)
     run([*base, f"run.dir={split}"], repo_root)
 
@@ -169,7 +169,7 @@ def test_a_finetune_stopped_mid_epoch_and_at_an_epoch_end_continues_exactly(repo
                 for r in lines if kind in r]
     for kind in ("pixel_loss", "val_psnr"):
         assert records(tmp_path / "straight", kind) == records(split, kind)
-    assert sorted(p.name for p in (split / "checkpoints").iterdir() if p.is_dir()) == ["step00000004", "step00000008"]
+    assert sorted(p.name for p in (split / "checkpoints").iterdir() if p.is_dir()) == ["step00000006", "step00000008"]
 
 
 def test_a_data_error_mid_epoch_with_workers_running_ends_the_run_with_the_error(repo_root, tmp_path):

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 
@@ -34,6 +32,7 @@ REPLACED_SUFFIX = ".replaced"   # a tag being replaced by a new save of the same
 DENSE_FILE = "mp_rank_00_model_states.pt"
 META_FILE = "meta.json"
 CONFIG_FILE = "config.yaml"
+ABANDONED_DIR = "abandoned"   # newer checkpoints set aside when a run resumes an older one
 DEEPSPEED_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")   # copied beside the tags by every ZeRO save
 
 
@@ -88,36 +87,9 @@ class CheckpointRef:
         return Topology(meta["world_size"], meta["ep_size"], train["precision"], train["zero_stage"])
 
 
-def capture_rng_state() -> Dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng_state(state: Dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def rank_seed(seed: int, rank: int, counter: int) -> int:
-    """A seed distinct per rank and per counter (a starting step, an epoch)."""
-    return seed * 1000 + rank + 7919 * counter
-
-
-def reseed(seed: int, rank: int, step: int) -> None:
-    """Fresh torch RNG when no saved state applies: distinct per rank (gate noise) and per starting step."""
-    torch.manual_seed(rank_seed(seed, rank, step))
-
-
 def is_complete(tag_dir: Path) -> bool:
     return (tag_dir / META_FILE).is_file()
 
-
-ABANDONED_DIR = "abandoned"   # newer checkpoints set aside when a run resumes an older one
 
 
 def tags_in(root: Path) -> List[str]:

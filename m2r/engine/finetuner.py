@@ -18,12 +18,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 from m2r import dist, stop_signals
 from m2r.atomic import write_json_atomically
 from m2r.config import ConfigError, require
-from m2r.engine.checkpoint import (CheckpointManager, CheckpointRef, capture_rng_state, checkpoint_at,
-                                   load_weights_only, rank_seed)
+from m2r.engine.checkpoint import CheckpointManager, CheckpointRef, checkpoint_at, load_weights_only
 from m2r.engine.config import allowed_model_changes, validate_finetune_config
 from m2r.engine.experts import global_expert_names
 from m2r.engine.monitor import StepTimer
 from m2r.engine.optim import learning_rate, set_learning_rate
+from m2r.engine.rng import capture_rng_state, rank_seed
 from m2r.engine.run import TrainingRun, micro_step
 from m2r.engine.validate import evaluate
 from m2r.export import config_path_for, export, stored_model_config

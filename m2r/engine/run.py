@@ -21,14 +21,14 @@ from m2r import dist, stop_signals
 from m2r.atomic import write_text_atomically
 from m2r.config import config_error, flatten, require, save_config
 from m2r.engine.checkpoint import (ABANDONED_DIR, CheckpointManager, CheckpointRef, Topology, agreed_resume,
-                                   complete_tags, load_ema_states, load_weights_only, reseed, restore_rng_state,
-                                   set_aside_newer_tags)
+                                   complete_tags, load_ema_states, load_weights_only, set_aside_newer_tags)
 from m2r.engine.config import collective_timeout
 from m2r.engine.deepspeed_config import (build_deepspeed_config, gradient_accumulation_dtype,
                                          gradient_reduction_dtype)
 from m2r.engine.loss import restoration_loss
 from m2r.engine.monitor import NullMonitor, StepTimer, build_monitor
 from m2r.engine.optim import EMA, build_optimizer
+from m2r.engine.rng import reseed, restore_rng_state
 from m2r.engine.run_lock import hold_run_dir_lock
 from m2r.eval.image_io import to_unit_float
 from m2r.models.config import require_same_network

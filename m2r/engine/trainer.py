@@ -15,10 +15,11 @@ from omegaconf import OmegaConf
 
 from m2r import dist, stop_signals
 from m2r.data.presets import type_names
-from m2r.engine.checkpoint import CheckpointRef, capture_rng_state
+from m2r.engine.checkpoint import CheckpointRef
 from m2r.engine.config import validate_pretrain_config
 from m2r.engine.monitor import StepTimer
 from m2r.engine.optim import learning_rate, set_learning_rate
+from m2r.engine.rng import capture_rng_state
 from m2r.engine.run import TrainingRun, micro_step
 from m2r.engine.validate import evaluate, image_grid
 from m2r.eval.image_io import to_unit_float
