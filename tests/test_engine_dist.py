@@ -294,7 +294,7 @@ def test_bf16_resumes_exactly_and_a_precision_change_loads_weights(tmp_path):
     assert "TOPOLOGY CHANGE" in changed
     assert "ep_size 2, bf16, ZeRO 1; this run has world size 2, ep_size 2, fp32, ZeRO 1" in changed
     assert "the fp32 master weights" in changed and "stopping at step 5: finished" in changed
-    assert "resume: settings changed since step00000004: train.steps 4 -> 5; train.precision 'bf16' -> 'fp32'" \
+    assert "resume: settings changed since step00000004: train.precision 'bf16' -> 'fp32'; train.steps 4 -> 5" \
         in changed
 
     dense = tmp_path / "split" / "checkpoints" / "step00000005" / "mp_rank_00_model_states.pt"

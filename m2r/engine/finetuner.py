@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -22,9 +22,8 @@ from m2r.engine.checkpoint import CheckpointManager, CheckpointRef, checkpoint_a
 from m2r.engine.config import allowed_model_changes, validate_finetune_config
 from m2r.engine.experts import global_expert_names
 from m2r.engine.monitor import StepTimer
-from m2r.engine.optim import learning_rate, set_learning_rate
 from m2r.engine.rng import capture_rng_state, rank_seed
-from m2r.engine.run import TrainingRun, micro_step
+from m2r.engine.run import StepResult, TrainingRun
 from m2r.engine.validate import evaluate
 from m2r.export import config_path_for, export, stored_model_config
 from m2r.models.config import require_same_network
@@ -199,22 +198,12 @@ class Finetuner(TrainingRun):
         ])
 
     # ----------------------------------------------------------------------------- training
-    def train_step(self, micro_batches) -> Tuple[torch.Tensor, float]:
-        """One optimizer step over grad_accum micro-batches: this rank's mean [total, pixel, balance], and the LR."""
-        lr = learning_rate(self.step, self.schedule)
-        set_learning_rate(self.optimizer, lr)
-        totals = 0.0
-        for batch in micro_batches:
-            totals = totals + micro_step(self.engine, batch, self.device, self.input_dtype, self.cfg.train,
-                                         self.cfg.model.moe.balance_loss_weight)[1]
-        if self.ema is not None:
-            self.ema.update()
-        self.step += 1
-        return (totals / len(micro_batches)).to("cpu", torch.float64), lr
+    def train_step(self, micro_batches) -> StepResult:
+        return self._optimizer_step(micro_batches, self.schedule)
 
-    def _report_step(self, terms: torch.Tensor, lr: float, timer: StepTimer) -> None:
-        mean_terms = dist.all_reduce_sum(terms) / dist.world_size()
-        self._log_train_step(mean_terms, lr, timer, log_step=self.step % self.cfg.run.log_every == 0)
+    def _report_step(self, result: StepResult, timer: StepTimer) -> None:
+        self._log_train_step(dist.mean_over_ranks(result.terms), result.lr, timer,
+                             log_step=self.step % self.cfg.run.log_every == 0)
 
     def run_epoch(self) -> Optional[str]:
         """Train one epoch (or its rest); returns why it stopped early, None when it finished."""
@@ -228,10 +217,10 @@ class Finetuner(TrainingRun):
         steps_left = (len(self.sampler) // train.micro_batch) // train.grad_accum
         try:
             for _ in range(steps_left):
-                terms, lr = self.train_step([next(batches) for _ in range(train.grad_accum)])
+                result = self.train_step(next(batches) for _ in range(train.grad_accum))
                 self.samples_into_epoch += train.micro_batch * train.grad_accum
                 timer.end_step(train.micro_batch * train.grad_accum * dist.world_size())
-                self._report_step(terms, lr, timer)
+                self._report_step(result, timer)
                 self.steps_this_run += 1
                 if reason := self._stop_reason(self.steps_this_run):
                     return reason

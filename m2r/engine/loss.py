@@ -10,6 +10,12 @@ class LossTerms:
     pixel: torch.Tensor
     balance: torch.Tensor
 
+    NAMES = ("loss", "pixel_loss", "balance_loss")   # as logged, in the order of `stacked`
+
+    def stacked(self) -> torch.Tensor:
+        """The three terms as one detached fp32 tensor, for a single copy or all-reduce."""
+        return torch.stack([self.total, self.pixel, self.balance]).detach().float()
+
 
 def pixel_loss(restored: torch.Tensor, target: torch.Tensor, kind: str, charbonnier_eps: float) -> torch.Tensor:
     diff = restored.float() - target.float()

@@ -12,7 +12,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import torch
 from omegaconf import OmegaConf
@@ -25,9 +25,9 @@ from m2r.engine.checkpoint import (ABANDONED_DIR, CheckpointManager, CheckpointR
 from m2r.engine.config import collective_timeout
 from m2r.engine.deepspeed_config import (build_deepspeed_config, gradient_accumulation_dtype,
                                          gradient_reduction_dtype)
-from m2r.engine.loss import restoration_loss
+from m2r.engine.loss import LossTerms, restoration_loss
 from m2r.engine.monitor import NullMonitor, StepTimer, build_monitor
-from m2r.engine.optim import EMA, build_optimizer
+from m2r.engine.optim import EMA, build_optimizer, learning_rate, set_learning_rate
 from m2r.engine.rng import reseed, restore_rng_state
 from m2r.engine.run_lock import hold_run_dir_lock
 from m2r.eval.image_io import to_unit_float
@@ -43,13 +43,21 @@ PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch
 def micro_step(engine, batch: Dict[str, torch.Tensor], device: torch.device, input_dtype: torch.dtype,
                train, balance_weight: float):
     """Forward, loss, backward and DeepSpeed step on one uint8 micro-batch (DeepSpeed applies the
-    optimizer at the accumulation boundary). Returns the network output and [total, pixel, balance]
-    as an fp32 tensor on the device: callers copy once per optimizer step, not per micro-batch."""
+    optimizer at the accumulation boundary). Returns the network output and the loss terms
+    (`LossTerms.stacked`) on the device: callers copy once per optimizer step, not per micro-batch."""
     output = engine(to_unit_float(batch["lq"], device, input_dtype))
     terms = restoration_loss(output, to_unit_float(batch["gt"], device, torch.float32), train, balance_weight)
     engine.backward(terms.total)
     engine.step()
-    return output, torch.stack([terms.total, terms.pixel, terms.balance]).detach().float()
+    return output, terms.stacked()
+
+
+class StepResult(NamedTuple):
+    """One optimizer step on this rank, on the host: mean loss terms (`LossTerms.NAMES`), mean expert
+    loads (adapter level x expert), and the learning rate it ran at."""
+    terms: torch.Tensor
+    loads: torch.Tensor
+    lr: float
 
 
 class TrainingRun:
@@ -276,12 +284,31 @@ class TrainingRun:
         self.monitor = build_monitor(dist.is_rank0(), self.run_dir, total_steps, self.step,
                                      self.topology.world_size, self.cfg.run.progress_bar, self.cfg.run.tensorboard)
 
+    def _optimizer_step(self, micro_batches: Iterable[Dict[str, torch.Tensor]], schedule) -> StepResult:
+        """One optimizer step over the micro-batches (pulled one at a time): the learning rate of this
+        step from `schedule` (see optim.learning_rate), forward and backward of each, the EMA. One
+        device-to-host copy (one synchronisation) per step for everything reported."""
+        lr = learning_rate(self.step, schedule)
+        set_learning_rate(self.optimizer, lr)
+        terms, loads, count = 0.0, 0.0, 0
+        for batch in micro_batches:
+            output, values = micro_step(self.engine, batch, self.device, self.input_dtype, self.cfg.train,
+                                        self.cfg.model.moe.balance_loss_weight)
+            terms = terms + values
+            loads = loads + torch.stack([load.float() for load in output.expert_load])
+            count += 1
+        if self.ema is not None:
+            self.ema.update()
+        self.step += 1
+        means = (torch.cat([terms, loads.flatten()]) / count).to("cpu", torch.float64)
+        names = len(LossTerms.NAMES)
+        return StepResult(means[:names], means[names:].view(loads.shape), lr)
+
     def _log_train_step(self, mean_terms: torch.Tensor, lr: float, timer: StepTimer, log_step: bool) -> None:
-        """`mean_terms`: [total, pixel, balance] averaged over ranks. Every step goes to metrics.jsonl;
-        a log step adds the grad norm and the throughput since the last one, and reaches the console
-        (a collective then: every rank calls it with the same `log_step`)."""
-        scalars = {"loss": float(mean_terms[0]), "pixel_loss": float(mean_terms[1]),
-                   "balance_loss": float(mean_terms[2]), "lr": lr}
+        """`mean_terms`: the loss terms (`LossTerms.NAMES`) averaged over ranks. Every step goes to
+        metrics.jsonl; a log step adds the grad norm and the throughput since the last one, and reaches
+        the console (a collective then: every rank calls it with the same `log_step`)."""
+        scalars = {**dict(zip(LossTerms.NAMES, mean_terms.tolist())), "lr": lr}
         if log_step:
             grad_norm = self.engine.get_global_grad_norm()
             if grad_norm is not None:   # None at ZeRO stage 0 in fp32: DeepSpeed clips without keeping it

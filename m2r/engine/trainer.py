@@ -18,9 +18,8 @@ from m2r.data.presets import type_names
 from m2r.engine.checkpoint import CheckpointRef
 from m2r.engine.config import validate_pretrain_config
 from m2r.engine.monitor import StepTimer
-from m2r.engine.optim import learning_rate, set_learning_rate
 from m2r.engine.rng import capture_rng_state
-from m2r.engine.run import TrainingRun, micro_step
+from m2r.engine.run import StepResult, TrainingRun
 from m2r.engine.validate import evaluate, image_grid
 from m2r.eval.image_io import to_unit_float
 from m2r.eval.metrics import batch_psnr
@@ -133,23 +132,9 @@ class Trainer(TrainingRun):
         timer.add_data_wait(time.perf_counter() - start)
         return batch
 
-    def train_step(self, timer: StepTimer) -> Dict[str, Any]:
-        """One optimizer step over grad_accum micro-batches; returns this rank's loss terms and expert loads."""
-        train = self.cfg.train
-        lr = learning_rate(self.step, train)
-        set_learning_rate(self.optimizer, lr)
-        totals, loads = 0.0, 0.0
-        for _ in range(train.grad_accum):
-            output, values = micro_step(self.engine, self._next_batch(timer), self.device, self.input_dtype, train,
-                                        self.cfg.model.moe.balance_loss_weight)
-            totals = totals + values
-            loads = loads + torch.stack([load.float() for load in output.expert_load])
-        if self.ema is not None:
-            self.ema.update()
-        self.step += 1
-        # One device-to-host copy (one synchronisation) per optimizer step for everything reported.
-        means = (torch.cat([totals, loads.flatten()]) / train.grad_accum).to("cpu", torch.float64)
-        return {"terms": means[:3], "loads": means[3:].view(loads.shape), "lr": lr}
+    def train_step(self, timer: StepTimer) -> StepResult:
+        micro_batches = (self._next_batch(timer) for _ in range(self.cfg.train.grad_accum))
+        return self._optimizer_step(micro_batches, self.cfg.train)
 
     def _log_data_stats(self) -> None:
         """Per-type counts and skipped damaged samples of the data stream, summed over ranks (a
@@ -160,15 +145,15 @@ class Trainer(TrainingRun):
         *counts, corrupt = (int(c) for c in totals.tolist())
         self.monitor.log_data_stats(self.step, dict(zip(seen, counts)), corrupt)
 
-    def _report_step(self, result: Dict[str, Any], timer: StepTimer) -> None:
-        terms, loads = result["terms"], result["loads"]
+    def _report_step(self, result: StepResult, timer: StepTimer) -> None:
         # One all-reduce averages the loss terms and the expert loads over ranks.
-        packed = dist.all_reduce_sum(torch.cat([terms, loads.flatten().double()])) / dist.world_size()
+        terms = len(result.terms)
+        means = dist.mean_over_ranks(torch.cat([result.terms, result.loads.flatten()]))
         log_step = self.step % self.cfg.run.log_every == 0 or self.step == self.cfg.train.steps
         if log_step:
-            self.monitor.log_expert_load(self.step, list(packed[3:].view_as(loads).float()))
+            self.monitor.log_expert_load(self.step, list(means[terms:].view_as(result.loads).float()))
             self._log_data_stats()
-        self._log_train_step(packed[:3], result["lr"], timer, log_step)
+        self._log_train_step(means[:terms], result.lr, timer, log_step)
 
     def validate(self) -> None:
         with self._validation_weights():
