@@ -121,37 +121,21 @@ def test_standard_normal_is_gaussian_and_reproducible():
     assert np.array_equal(z, D.standard_normal(rng(4), (1000, 1000)))
 
 
-def _blockiness(img: np.ndarray) -> float:
-    """Mean horizontal step across 8x8 block borders over the mean step inside blocks."""
-    steps = np.abs(np.diff(img.mean(axis=2), axis=1))
-    border = np.zeros(steps.shape[1], bool)
-    border[7::8] = True
-    return steps[:, border].mean() / steps[:, ~border].mean()
-
-
-def test_jpeg_adds_8x8_blockiness(photo):
-    compressed, p = D.jpeg(photo, rng(), quality=10)
-    assert p["quality"] == 10
-    assert _blockiness(photo) < 1.1
-    assert _blockiness(compressed) > 1.3
-
-
-def test_blurs_remove_high_frequencies(photo):
+def test_motion_blur_removes_high_frequencies_along_its_direction(photo):
     def detail(img):
         return np.abs(np.diff(img, axis=1)).mean()
-    assert detail(D.gaussian_blur(photo, rng(), sigma=2.0)[0]) < 0.6 * detail(photo)
     assert detail(D.motion_blur(photo, rng(), length=15, angle=0.0)[0]) < 0.6 * detail(photo)
 
 
 def test_composites_apply_in_physical_order_whatever_the_listing(photo):
-    listed = [("jpeg", {"quality": 30}), ("low_light", {}), ("haze", {})]
-    assert [name for name, _ in D.in_physical_order(listed)] == ["haze", "low_light", "jpeg"]
+    listed = [("noise", {"sigma": 15}), ("low_light", {}), ("haze", {})]
+    assert [name for name, _ in D.in_physical_order(listed)] == ["haze", "low_light", "noise"]
     out, params = D.apply_steps(photo, rng(7), listed)
-    assert [p["name"] for p in params] == ["haze", "low_light", "jpeg"]
+    assert [p["name"] for p in params] == ["haze", "low_light", "noise"]
     # the same chain by hand: each step gets a child generator drawn from the parent in order
     parent = rng(7)
     manual = photo
-    for fn, fixed in ((D.haze, {}), (D.low_light, {}), (D.jpeg, {"quality": 30})):
+    for fn, fixed in ((D.haze, {}), (D.low_light, {}), (D.noise, {"sigma": 15})):
         manual, _ = fn(manual, np.random.default_rng(int(parent.integers(2 ** 63))), **fixed)
     assert np.array_equal(out, np.clip(manual, 0, 1))
 

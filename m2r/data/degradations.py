@@ -15,13 +15,11 @@ and scale with the image.
 from __future__ import annotations
 
 import functools
-import io
 import math
 from statistics import NormalDist
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import Image
 
 DEGRADATIONS: Dict[str, Callable] = {}   # name -> planar implementation
 
@@ -322,15 +320,6 @@ def noise(img, rng, *, sigma=None):
 
 
 @degradation
-def gaussian_blur(img, rng, *, sigma=None):
-    """Isotropic Gaussian blur, `sigma` [0.8, 3.0] px."""
-    from scipy import ndimage   # here, not at import: the other degradations run without scipy
-
-    p = dict(sigma=_draw(rng, sigma, _scale_px(img, 0.8), _scale_px(img, 3.0)))
-    return ndimage.gaussian_filter(img, (0, p["sigma"], p["sigma"]), mode="reflect"), p
-
-
-@degradation
 def motion_blur(img, rng, *, length=None, angle=None):
     """Linear motion blur: mean of the image shifted along a segment of `length` [5, 21] px at
     `angle` [0, 180) deg (from the x axis), edges replicated."""
@@ -349,22 +338,13 @@ def motion_blur(img, rng, *, length=None, angle=None):
     return out, p
 
 
-@degradation
-def jpeg(img, rng, *, quality=None):
-    """JPEG compression at `quality` [10, 50] (4:2:0 chroma, PIL/libjpeg)."""
-    p = dict(quality=int(quality) if quality is not None else int(rng.integers(10, 51)))
-    buf = io.BytesIO()
-    Image.fromarray(from_planes(to_uint8(img))).save(buf, format="JPEG", quality=p["quality"])
-    return to_float(np.asarray(Image.open(buf)).transpose(2, 0, 1)), p
-
-
 # ----------------------------------------------------------------------------- composition
 
 # Physical order of image formation: the atmosphere attenuates the scene (haze), particles fall in
-# front of it (rain, snow), drops sit on the lens, the camera moves or defocuses (blur), the sensor
-# integrates little light (low light), adds read noise, and the file is compressed last.
-PHYSICAL_ORDER: Tuple[str, ...] = ("haze", "rain_fog", "rain", "snow", "raindrop", "motion_blur",
-                                   "gaussian_blur", "low_light", "noise", "jpeg")
+# front of it (rain, snow), drops sit on the lens, the camera moves (blur), the sensor integrates
+# little light (low light) and adds read noise.
+PHYSICAL_ORDER: Tuple[str, ...] = ("haze", "rain_fog", "rain", "snow", "raindrop", "motion_blur", "low_light",
+                                   "noise")
 Step = Tuple[str, Dict[str, object]]
 
 
