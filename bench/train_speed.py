@@ -8,8 +8,9 @@ optimizer step per batch, L1 + weighted balance loss, and reports ms/step, img/s
 memory and MFU. FLOPs are counted once per config with `torch.utils.flop_counter.FlopCounterMode` over
 the forward pass (convolutions and matrix products, which is where the work is; the elementwise ops it
 leaves out make the MFU a slight underestimate), as 3x the trainable network's forward plus the frozen
-CLIP's forward; MFU is that count times steps/s over the GPU's dense bf16 peak. The official recipe's figures (8.54 img/s, 42.1 GB, H100, fp32 eager) were
-measured by running the official code; ratios below are against them.
+CLIP's forward; MFU is that count times steps/s over the GPU's dense bf16 peak. The official recipe's
+figures (8.54 img/s, 42.1 GB, H100, fp32 eager) were measured by running the official code; ratios
+below are against them.
 """
 from __future__ import annotations
 
@@ -124,7 +125,7 @@ def random_pair(batch: int, crop: int, seed: int = 0):
     return lq, gt
 
 
-class Trainer:
+class VariantRunner:
     """One variant: model, optimizer and a timed training step on fixed data."""
 
     def __init__(self, variant: Variant, cfg: ModelConfig, device: torch.device, batch: int, crop: int,
@@ -205,17 +206,17 @@ def run_variant(variant: Variant, args, device, clip_weights) -> dict:
     as_convolutions = tuple(o for o in variant.overrides if not o.startswith("depthwise=")) + ("depthwise=conv",)
     flops_per_step = variant_flops(variant.config, as_convolutions, clip_weights, device, args.batch, args.crop)
     reset_peak(device)
-    trainer = Trainer(variant, cfg, device, args.batch, args.crop)
-    seconds = trainer.time_steps(args.warmup + (2 if variant.compile else 0), args.steps)
+    runner = VariantRunner(variant, cfg, device, args.batch, args.crop)
+    seconds = runner.time_steps(args.warmup + (2 if variant.compile else 0), args.steps)
     img_per_s = args.batch / seconds
     tflops = flops_per_step / seconds / 1e12
     row = {"variant": variant.name, "ms_per_step": 1e3 * seconds, "img_per_s": img_per_s,
            "x_official": img_per_s / OFFICIAL_IMG_PER_S, "peak_gb": peak_gb(device),
            "flops_per_step": flops_per_step, "tflops": tflops, "mfu_pct": 100 * tflops / args.peak_tflops,
-           "scan_path": scan_path(trainer.model, device), **asdict(variant)}
+           "scan_path": scan_path(runner.model, device), **asdict(variant)}
     print(f"  {variant.name}: {row['ms_per_step']:.1f} ms/step, {img_per_s:.2f} img/s, "
           f"peak {row['peak_gb']:.2f} GB, MFU {row['mfu_pct']:.2f}%", flush=True)
-    del trainer
+    del runner
     return row
 
 
@@ -234,7 +235,7 @@ def largest_crop(variant: Variant, args, device, clip_weights, report) -> dict:
     peaks = {}
     for crop in (224, 320):   # cuDNN's algorithm timing at every new size would cost minutes: off
         reset_peak(device)
-        Trainer(variant, cfg, device, args.batch, crop, cudnn_benchmark=False).time_steps(1, 1)
+        VariantRunner(variant, cfg, device, args.batch, crop, cudnn_benchmark=False).time_steps(1, 1)
         peaks[crop] = peak_gb(device)
     slope = (peaks[320] - peaks[224]) / (320 ** 2 - 224 ** 2)
     predicted = int(math.sqrt(max(224 ** 2, (budget - peaks[224]) / slope + 224 ** 2)) // 8 * 8)
@@ -243,7 +244,7 @@ def largest_crop(variant: Variant, args, device, clip_weights, report) -> dict:
     for crop in sorted({min(768, predicted), min(predicted, MAX_CROP)}):
         try:
             reset_peak(device)
-            Trainer(variant, cfg, device, args.batch, crop, cudnn_benchmark=False).time_steps(1, 1)
+            VariantRunner(variant, cfg, device, args.batch, crop, cudnn_benchmark=False).time_steps(1, 1)
             result["largest_crop"], result["peak_gb_at"][crop] = crop, peak_gb(device)
         except RuntimeError as exc:   # out of memory, or a library failing on huge shapes (cuBLAS did once)
             result["failed"] = {"crop": crop, "error": f"{type(exc).__name__}: {exc}"[:300]}
@@ -314,10 +315,10 @@ def loss_trajectories(variants, args, device, clip_weights, steps: int) -> dict:
     relative difference of each against the first (the reference recipe)."""
     losses = {}
     for variant in variants:
-        trainer = Trainer(variant, model_config(variant.config, clip_weights, variant.overrides), device,
+        runner = VariantRunner(variant, model_config(variant.config, clip_weights, variant.overrides), device,
                           args.batch, args.crop)
-        losses[variant.name] = torch.stack([trainer.step() for _ in range(steps)]).float().cpu().tolist()
-        del trainer
+        losses[variant.name] = torch.stack([runner.step() for _ in range(steps)]).float().cpu().tolist()
+        del runner
     reference = torch.tensor(losses[variants[0].name])
     max_rel = {name: float(((torch.tensor(values) - reference).abs() / reference.abs()).max())
                for name, values in losses.items()}
@@ -329,13 +330,13 @@ def profile_step(variant: Variant, args, device, clip_weights, out_dir: Path) ->
     """torch.profiler over a few steps of `variant`: the top operators by device time, as text."""
     from torch.profiler import ProfilerActivity, profile
 
-    trainer = Trainer(variant, model_config(variant.config, clip_weights, variant.overrides), device,
+    runner = VariantRunner(variant, model_config(variant.config, clip_weights, variant.overrides), device,
                       args.batch, args.crop)
-    trainer.time_steps(args.warmup + (2 if variant.compile else 0), 1)
+    runner.time_steps(args.warmup + (2 if variant.compile else 0), 1)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(3):
-            trainer.step()
+            runner.step()
         sync(device)
     sort_key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     table = prof.key_averages().table(sort_by=sort_key, row_limit=40)

@@ -225,11 +225,12 @@ class _WorkerStream(IterableDataset):
 class TrainStream:
     """Iterable of dict(lq, gt uint8 (B,3,H,W), type_id int64 (B,)), endless, resumable."""
 
-    def __init__(self, plan: StreamPlan, num_workers: int):
+    def __init__(self, plan: StreamPlan, loader_processes: int):
         self.plan = plan
         self._run_seed = plan.seed
         self._fresh_from: Optional[int] = None
-        self.num_workers = num_workers
+        # DataLoader processes (0: batches made in this one); plan.workers are the logical streams they serve
+        self.loader_processes = loader_processes
         self.names = type_names(plan.preset)
         self._batches = 0
         self._cursors: List[Tuple[int, int]] = [(0, 0)] * plan.workers
@@ -238,8 +239,8 @@ class TrainStream:
 
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
         dataset = _WorkerStream(self.plan, self._batches, tuple(self._cursors))
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                            prefetch_factor=4 if self.num_workers else None, generator=self._loader_generator(),
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.loader_processes,
+                            prefetch_factor=4 if self.loader_processes else None, generator=self._loader_generator(),
                             worker_init_fn=ignore_stop_signals)
         batches = iter(loader)
         try:
@@ -358,7 +359,7 @@ def build_train_stream(cfg, *, seed: int, rank: int, world_size: int, micro_batc
     where = f"{len(shards)} shards from {cfg.shards}" if shards else "builtin sample photos"
     print0(f"data: {where}, preset {cfg.preset}, {world_size} ranks x {workers} workers, "
            f"micro batch {micro_batch}, crop {crop}")
-    return TrainStream(plan, num_workers=int(cfg.workers))
+    return TrainStream(plan, loader_processes=int(cfg.workers))
 
 
 def _val_images(cfg, count: int) -> List[Tuple[np.ndarray, Optional[np.ndarray], dict]]:

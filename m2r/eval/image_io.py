@@ -8,7 +8,7 @@ import torch
 
 from m2r.atomic import atomic_path
 from m2r.eval.datasets import to_chw_uint8
-from m2r.eval.metrics import to_uint8
+from m2r.eval.metrics import as_saved_uint8
 
 
 def to_unit_float(images_uint8: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -27,6 +27,6 @@ def save_png(image: torch.Tensor, path: Path) -> None:
     from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    array = to_uint8(image).permute(1, 2, 0).cpu().numpy()
+    array = as_saved_uint8(image).permute(1, 2, 0).cpu().numpy()
     with atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")

@@ -80,7 +80,7 @@ def rgb_to_y(image: torch.Tensor) -> torch.Tensor:
     return ((16.0 + wr * r + wg * g + wb * b) / 255.0).unsqueeze(0)
 
 
-def to_uint8(image: torch.Tensor) -> torch.Tensor:
+def as_saved_uint8(image: torch.Tensor) -> torch.Tensor:
     """A float image in [0, 1] as the 8-bit file holds it: clamped, scaled and rounded in fp32, like
     BasicSR's tensor2img (rounding in float64 moves one value in ~10^5 by a level)."""
     return (image.float().clamp(0, 1) * 255.0).round().to(torch.uint8)
@@ -88,7 +88,7 @@ def to_uint8(image: torch.Tensor) -> torch.Tensor:
 
 def as_saved_8bit(image: torch.Tensor) -> torch.Tensor:
     """The prediction as its saved 8-bit image reads back, in float64 [0, 1]."""
-    return to_uint8(image).double() / 255.0
+    return as_saved_uint8(image).double() / 255.0
 
 
 def psnr_ssim_rgb(restored: torch.Tensor, target: torch.Tensor) -> Tuple[float, float]:

@@ -52,7 +52,7 @@ class BuildOptions:
     seed: int = 0
 
 
-def list_images(sources: Sequence[str]) -> List[str]:
+def list_source_images(sources: Sequence[str]) -> List[str]:
     """Every image under each source folder, recursively: sources in the given order, files sorted."""
     files = []
     for src in sources:
@@ -168,7 +168,7 @@ def build(opts: BuildOptions, progress: bool = True) -> dict:
     shows a progress bar and says how many shards an earlier run had finished."""
     if opts.preset:
         Degrader(opts.preset)  # unknown presets fail before any work
-    files = list_images(opts.src)
+    files = list_source_images(opts.src)
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {opts.src}")
     out = Path(opts.out)
