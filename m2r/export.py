@@ -31,6 +31,7 @@ from m2r.config import ConfigError, save_config
 from m2r.engine.checkpoint import DENSE_FILE, CheckpointRef, checkpoint_at, load_ema_states
 from m2r.engine.experts import with_global_expert_id
 from m2r.models.convert import CheckpointMismatch, read_checkpoint
+from m2r.models.moe import expert_parallel_rank
 
 EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
 ZERO_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
@@ -77,8 +78,7 @@ def fp32_master_weights(ref: CheckpointRef, ep_size: int, num_experts: int) -> D
         shard = _load(path)["optimizer_state_dict"]
         if "param_slice_mappings" not in shard:
             raise ValueError(f"{path}: no param_slice_mappings (not a ZeRO 1/2 shard this exporter can read)")
-        # DeepSpeed's default layout: consecutive ranks form an expert-parallel group.
-        ep_rank = rank % ep_size
+        ep_rank = expert_parallel_rank(rank, ep_size)
         for flat, mapping in zip(shard["single_partition_of_fp32_groups"], shard["param_slice_mappings"]):
             for name, address in mapping.items():
                 piece = flat.narrow(0, address.start, address.numel)

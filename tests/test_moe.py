@@ -410,3 +410,10 @@ def assert_dense_matches_sparse(device, dim, side):
     with torch.no_grad():   # fp32 matmuls stay fp32 (torch's default: no TF32)
         y_dense, y_sparse = dense(x, prompt, probs)[0], sparse(x, prompt, probs)[0]
     torch.testing.assert_close(y_dense, y_sparse, rtol=1e-4, atol=1e-4)
+
+
+def test_consecutive_ranks_form_an_expert_parallel_group_and_the_first_group_saves_the_experts():
+    from m2r.models.moe import expert_parallel_rank, is_first_expert_replica
+
+    assert [expert_parallel_rank(rank, 2) for rank in range(6)] == [0, 1, 0, 1, 0, 1]
+    assert [is_first_expert_replica(rank, 2) for rank in range(6)] == [True, True, False, False, False, False]

@@ -177,12 +177,10 @@ class TrainingRun:
         weight once whatever the world size; other ranks save none (an empty dict)."""
         if self.ema is None:
             return None
-        from deepspeed.utils import groups
+        from m2r.models.moe import is_first_expert_replica
 
-        from m2r.models.moe import expert_group_name
-
-        first_replica = groups._get_expert_data_parallel_rank(expert_group_name(self.topology.ep_size)) == 0
-        return self.ema.state_dict(dense=dist.rank() == 0, experts=first_replica)
+        return self.ema.state_dict(dense=dist.rank() == 0,
+                                   experts=is_first_expert_replica(dist.rank(), self.topology.ep_size))
 
     def _validation_weights(self):
         """Validation and images see the EMA weights when there is an EMA (they are what gets exported)."""

@@ -388,8 +388,20 @@ def expert_group_name(ep_size: int) -> str:
     return f"ep_size_{ep_size}"
 
 
+# DeepSpeed's default layout, the one supported (DDER.set_deepspeed_parallelism checks it): consecutive
+# ranks form an expert-parallel group, ranks r, r + ep_size, r + 2 ep_size, ... hold the same experts.
+def expert_parallel_rank(rank: int, ep_size: int) -> int:
+    """The index of global rank `rank` in its expert-parallel group: which expert shard it holds."""
+    return rank % ep_size
+
+
+def is_first_expert_replica(rank: int, ep_size: int) -> bool:
+    """Whether `rank` is the first of the ranks holding its expert shard (the one that saves it)."""
+    return rank < ep_size
+
+
 def _expert_parallel_rank(ep_size: int) -> int:
-    """This rank's index in its expert-parallel group under DeepSpeed's default layout (consecutive ranks)."""
+    """This process's index in its expert-parallel group (`expert_parallel_rank`)."""
     if ep_size == 1:
         return 0
     if not torch_dist.is_initialized():
@@ -398,7 +410,7 @@ def _expert_parallel_rank(ep_size: int) -> int:
     world_size = torch_dist.get_world_size()
     if world_size % ep_size != 0:
         raise ValueError(f"model.moe.ep_size={ep_size} must divide the world size {world_size}")
-    return torch_dist.get_rank() % ep_size
+    return expert_parallel_rank(torch_dist.get_rank(), ep_size)
 
 
 class DDER(MoE):
