@@ -151,6 +151,8 @@ def rank() -> int:
 
 
 def world_size() -> int:
+    """The ranks in the process group; 1 until it starts (collectives are no-ops then), unlike `rank`,
+    which reads the launcher's variables so that start-up prints come from rank 0 alone."""
     return torch_dist.get_world_size() if is_initialized() else 1
 
 
