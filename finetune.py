@@ -5,7 +5,7 @@ expert parallelism, ZeRO 1/2, bf16/fp16, activation checkpointing, sharded check
         init.weights=runs/m2restore/checkpoints model.clip.weights=/path/daclip_ViT-B-32.pt
     torchrun --nproc_per_node 8 finetune.py --config configs/finetune/cdd11-plus.yaml data.root=/data/CDD-11 \
         init.weights=runs/m2restore-plus/checkpoints model.clip.weights=/path/daclip_ViT-B-32.pt
-    python finetune.py --config configs/finetune/tiny-test.yaml data.root=/data/allweather   # one CPU process
+    python finetune.py --config configs/finetune/tiny-test.yaml data.root=/data/allweather model.moe.ep_size=1
 
 Starting weights (`init.weights`, used only when the run has no checkpoint of its own yet):
 a pretraining checkpoint directory of any world size / ep_size (weights only, experts by global id),

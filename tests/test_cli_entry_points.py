@@ -88,3 +88,12 @@ def test_fp16_without_a_gpu_is_a_config_error_not_deepspeeds_traceback(tmp_path)
                          f"run.dir={tmp_path / 'run'}"], REPO_ROOT)
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: config error: key 'train.precision': value 'fp16' needs a CUDA GPU")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the kernels may run on a GPU")
+def test_the_mamba_ssm_scan_without_a_gpu_is_refused_before_the_run_writes_anything(tmp_path):
+    result = run_python(["pretrain.py", "--config", "configs/pretrain/tiny-test.yaml", "model.scan_backend=mamba_ssm",
+                         "model.moe.ep_size=1", f"run.dir={tmp_path / 'run'}"], REPO_ROOT)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: config error: key 'model.scan_backend': 'mamba_ssm' cannot run")
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

@@ -32,6 +32,7 @@ from m2r.engine.rng import reseed, restore_rng_state
 from m2r.engine.run_lock import hold_run_dir_lock
 from m2r.eval.image_io import to_unit_float
 from m2r.models.config import require_same_network
+from m2r.models.scan import resolve_scan_backend
 
 # Settings of one process, expected to differ between the runs that continue one another.
 PER_PROCESS_KEYS = frozenset({"run.resume", "run.stop_after_steps", "run.stop_after_epochs",
@@ -86,6 +87,7 @@ class TrainingRun:
         validate_config(cfg, env.world_size)
         require(cfg.train.precision != "fp16" or self.device.type == "cuda", "train.precision", "fp16",
                 "needs a CUDA GPU (DeepSpeed's loss scaling); on CPU use bf16 or fp32")
+        resolve_scan_backend(cfg.model.scan_backend, self.device)   # refuses mamba_ssm where it cannot run
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32_matmul
         self.topology = Topology.of_run(env.world_size, cfg)
