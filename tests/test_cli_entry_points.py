@@ -97,3 +97,19 @@ def test_the_mamba_ssm_scan_without_a_gpu_is_refused_before_the_run_writes_anyth
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: config error: key 'model.scan_backend': 'mamba_ssm' cannot run")
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+@pytest.mark.parametrize("holder, job, restart, replace", [
+    ("pid 7 on n1, SLURM job 111 restart 0", "111", "1", True),    # this job's earlier run: stale
+    ("pid 7 on n1, SLURM job 111 restart 0", "222", "1", False),   # another job's run: never taken over
+    ("pid 7 on n1, SLURM job 111 restart 1", "111", "1", False),   # this very restart (a duplicate launch)
+    ("pid 7 on n1, not under SLURM", "111", "1", False),
+])
+def test_only_an_earlier_restart_of_this_job_counts_as_a_stale_lock(monkeypatch, holder, job, restart, replace):
+    """Taking over another job's (or a concurrent duplicate's) live run.dir lock would let two runs prune
+    and overwrite each other's checkpoints."""
+    from m2r.engine import run_lock
+
+    monkeypatch.setenv("SLURM_JOB_ID", job)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", restart)
+    assert run_lock._earlier_run_of_this_job(holder) is replace

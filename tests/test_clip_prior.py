@@ -242,3 +242,23 @@ def test_prior_moves_to_cuda_with_its_prompts_and_runs_in_half_precision():
     half_probs, half_embed = prior.half()(images().cuda())
     assert half_probs.dtype == half_embed.dtype == torch.float32
     assert torch.isfinite(half_probs).all() and torch.isfinite(half_embed).all()
+
+
+def test_prior_returns_the_steered_image_embedding_and_scores_the_controllers_one():
+    """With a trained controller the two DA-CLIP embeddings differ; the prior must return the
+    main tower's (image) embedding and score prompts with the controller's (degradation) one."""
+    import torch.nn.functional as F
+
+    from m2r.models.clip_prior import COSINE_SCALE
+
+    prior = build_clip_prior(OmegaConf.structured(tiny_cfg()), "minus_one_one")
+    randomise_(prior.model.visual_control, seed=1)
+    x = images()
+    with torch.no_grad():
+        probs, embed = prior(x)
+        image_features, degra_features = prior.model.encode_image(prior.preprocess(x), control=True)
+        text = prior.model.encode_text(prior.prompt_tokens)
+    assert not torch.allclose(image_features, degra_features)
+    torch.testing.assert_close(embed, image_features.float())
+    cosine = F.normalize(degra_features, dim=-1) @ F.normalize(text, dim=-1).T
+    torch.testing.assert_close(probs, (COSINE_SCALE * cosine).softmax(-1))

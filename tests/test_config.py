@@ -126,3 +126,22 @@ def test_weights_are_refused_by_a_network_that_would_compute_something_else_with
     with pytest.raises(ConfigError, match=r"key 'run.resume': ckpt/step9 was saved from another network .*"
                                           r"model.input_range: checkpoint 'zero_one'.*Start over\."):
         require_same_network(saved, run, "run.resume", "ckpt/step9", "Start over.")
+
+
+def test_later_bases_override_earlier_ones_and_the_file_overrides_its_bases(tmp_path):
+    """A `*-plus` recipe builds on its paper recipe: later bases win over earlier ones, the file over its bases."""
+    from m2r.engine.config import PretrainConfig
+
+    (tmp_path / "a.yaml").write_text("train:\n  lr: 1.0\n  min_lr: 0.5\n  steps: 7\n")
+    (tmp_path / "b.yaml").write_text("train:\n  lr: 2.0\n  min_lr: 0.25\n")
+    (tmp_path / "top.yaml").write_text("_base_: [a.yaml, b.yaml]\ntrain:\n  min_lr: 0.125\n")
+    cfg = load_config(PretrainConfig, tmp_path / "top.yaml")
+    assert (cfg.train.lr, cfg.train.min_lr, cfg.train.steps) == (2.0, 0.125, 7)
+
+
+def test_the_last_of_repeated_overrides_wins():
+    """`key=a key=b` on the command line (e.g. a script's defaults followed by the user's) gives b."""
+    from m2r.engine.config import PretrainConfig
+
+    cfg = load_config(PretrainConfig, None, ["train.lr=0.1", "train.lr=0.2"])
+    assert cfg.train.lr == 0.2

@@ -270,3 +270,31 @@ def test_each_pre_degraded_sample_has_a_draw_of_its_own(tmp_path):
                        samples_per_shard=6, encoding="png"), progress=False)
     metas = [decode_record(record)[2] for record in read_shard(str(tmp_path / "out" / "shard-000000.tar"))]
     assert len({json.dumps(meta["params"], sort_keys=True) for meta in metas}) == len(metas) == 6
+
+
+def test_inspect_reports_a_shard_whose_sample_count_differs_from_the_manifest(tmp_path):
+    """A shard with its recorded checksum but another sample count than the manifest says."""
+    import tarfile
+
+    from m2r.data.shard_format import add_member
+    from m2r.shards.build import sha256_file
+
+    shard = tmp_path / "shard-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for key in ("s0", "s1"):
+            ext, data = encode_image(np.zeros((8, 8, 3), np.uint8))
+            add_member(tar, f"{key}.clean.{ext}", data)
+            add_member(tar, f"{key}.json", json.dumps({"type": "clean"}).encode())
+    manifest = {"mode": "clean", "preset": None,
+                "shards": [{"name": shard.name, "samples": 3, "sha256": sha256_file(shard)}]}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    report = inspect_shards(str(tmp_path))
+    assert not report["ok"] and report["shards"][0]["problem"] == "2 samples, manifest says 3"
+
+
+def test_raw_images_are_written_with_zstds_content_checksum():
+    """Without the frame checksum a flipped bit in the pixel payload decodes to wrong pixels silently."""
+    import zstandard
+
+    _, payload = encode_image(np.zeros((8, 8, 3), np.uint8))
+    assert zstandard.get_frame_parameters(payload).has_checksum

@@ -692,3 +692,47 @@ def test_a_stop_signal_during_start_up_reaches_the_run_instead_of_killing_the_ra
         for sig, handler in saved_handlers.items():
             signal.signal(sig, handler)
     assert seen["signal"] == "SIGUSR1"
+
+
+def test_a_step_reports_the_mean_of_its_micro_batches_loss_and_load(monkeypatch):
+    """With grad_accum > 1 (every shipped finetune recipe) the logged loss, balance loss and
+    expert loads must be per-micro-batch means, not sums that scale with grad_accum."""
+    from m2r.engine import run
+
+    values = iter([torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0, 4.0, 5.0])])
+    loads = iter([[torch.tensor([1.0, 0.0])], [torch.tensor([0.0, 1.0])]])
+
+    def fake_micro_step(*args):
+        return SimpleNamespace(expert_load=next(loads)), next(values)
+    monkeypatch.setattr(run, "micro_step", fake_micro_step)
+    stub = SimpleNamespace(step=0, optimizer=torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.0),
+                           engine=None, device=torch.device("cpu"), input_dtype=torch.float32, ema=None,
+                           cfg=SimpleNamespace(train=None, model=SimpleNamespace(moe=SimpleNamespace(
+                               balance_loss_weight=0.01))))
+    schedule = SimpleNamespace(lr=1.0, min_lr=0.0, warmup_steps=0, steps=10)
+    result = run.TrainingRun._optimizer_step(stub, [{}, {}], schedule)
+    assert result.terms.tolist() == [2.0, 3.0, 4.0]
+    assert result.loads.tolist() == [[0.5, 0.5]] and stub.step == 1 and result.lr == 1.0
+
+
+def test_zero_fragments_are_stitched_in_rank_order_and_experts_renamed_per_ep_rank(tmp_path):
+    """The fp32 master weights of a ZeRO run come from every rank's fragments, joined in rank order (another
+    order would export a silently permuted weight), experts renamed by their expert-parallel rank."""
+    from m2r.engine.checkpoint import CheckpointRef
+    from m2r.export import fp32_master_weights
+
+    tag = tmp_path / "step00000001"
+    tag.mkdir()
+    expert = "dder1.deepspeed_moe.experts.deepspeed_experts.0.fc1.weight"
+    # world 4, ep_size 2: ranks 0 and 2 hold ep_rank 0 (expert 0), ranks 1 and 3 ep_rank 1 (expert 1);
+    # the dense weight is split over all 4 ranks, the expert over its data-parallel pair.
+    for rank in range(4):
+        flat = torch.arange(4.0) + 10 * rank
+        mapping = {"dense.weight": SimpleNamespace(start=0, numel=2), expert: SimpleNamespace(start=2, numel=2)}
+        torch.save({"optimizer_state_dict": {"single_partition_of_fp32_groups": [flat],
+                                             "param_slice_mappings": [mapping]}},
+                   tag / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+    weights = fp32_master_weights(CheckpointRef(tmp_path, tag.name), ep_size=2, num_experts=2)
+    assert weights["dense.weight"].tolist() == [0, 1, 10, 11, 20, 21, 30, 31]
+    assert weights[expert].tolist() == [2, 3, 22, 23]
+    assert weights[expert.replace(".0.", ".1.")].tolist() == [12, 13, 32, 33]

@@ -114,3 +114,36 @@ def test_tiles_cover_the_image_and_blend_back_to_it():
     assert tile_starts(100, 32, 8) == [0, 24, 48, 68]
     image = torch.rand(1, 3, 61, 90)
     np.testing.assert_allclose(restore_image(Identity(), image, tile=32, overlap=8), image, atol=1e-6)
+
+
+def _png(path, seed, size=(40, 48)):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+
+
+def test_a_target_with_the_inputs_exact_name_wins_over_one_with_another_suffix(tmp_path):
+    """Gt/a.png is a.png's target even when gt/a.jpg exists (sorted suffixes put .jpg first)."""
+    from m2r.eval.datasets import folder_pairs
+
+    _png(tmp_path / "input/a.png", 0)
+    _png(tmp_path / "gt/a.png", 1)
+    _png(tmp_path / "gt/a.jpg", 2)
+    assert [p.gt.name for p in folder_pairs(tmp_path)["folder"]] == ["a.png"]
+
+
+def test_finetuning_crops_are_drawn_again_every_epoch(tmp_path):
+    """The random crop (and flip) of an image depends on the epoch, or every epoch trains on the
+    same windows of every image."""
+    from m2r.eval.datasets import Pair, PairedImages
+
+    pairs = []
+    for i in range(4):
+        _png(tmp_path / f"lq{i}.png", i, (64, 64))
+        pairs.append(Pair(tmp_path / f"lq{i}.png", tmp_path / f"lq{i}.png", "g"))
+    data = PairedImages(pairs, ["g"], crop=16, seed=0, augment=True)
+    first = [data[i]["lq"] for i in range(4)]
+    data.set_epoch(1)
+    second = [data[i]["lq"] for i in range(4)]
+    assert any(not torch.equal(a, b) for a, b in zip(first, second))

@@ -213,3 +213,31 @@ def test_each_finetune_recipe_starts_from_the_pretraining_recipe_of_its_network(
     assert len(pretraining) == 1, run_dir
     finetune = load_config(FinetuneConfig, path, ["data.root=/data"])
     assert network_differences(OmegaConf.to_container(pretraining[0].model), finetune.model) == []
+
+
+def test_an_exact_finetune_resume_restores_the_best_metrics_so_far(capsys):
+    """Forgetting `best` makes the first validation after a resume a 'new best' whatever its value:
+    best_<metric>.safetensors/.json are overwritten with worse weights."""
+    best = {"psnr": {"value": 30.0, "epoch": 1, "step": 4}}
+    client = {"step": 5, "epoch": 2, "samples_into_epoch": 4, "best": best}
+    stub = SimpleNamespace(step=0, epoch=0, samples_into_epoch=0, best={},
+                           cfg=SimpleNamespace(train=SimpleNamespace(epochs=4)))
+    stub._load_checkpoint = lambda ref: (stub.__dict__.update(step=client["step"]) or client, {"rng": 1})
+    stub._restore_ema = lambda ref: None
+    stub._epoch_name = lambda: Finetuner._epoch_name(stub)
+    Finetuner._resume(stub, SimpleNamespace(path="ckpt"))
+    assert (stub.epoch, stub.samples_into_epoch, stub.best) == (2, 4, best)
+
+
+def test_the_finetune_cosine_ends_at_schedule_epochs_and_warms_up_over_warmup_epochs(tmp_path):
+    """Train.schedule_epochs (the paper recipes' cosine end, before the last epoch) must reach the schedule."""
+    from m2r import dist
+
+    root = build_allweather(tmp_path / "aw", size=(40, 48), train=8)
+    cfg = load_config(FinetuneConfig, REPO / "configs/finetune/tiny-test.yaml",
+                      [f"data.root={root}", "train.epochs=4", "train.schedule_epochs=2", "train.warmup_epochs=1"])
+    stub = SimpleNamespace(cfg=cfg)
+    stub._val_batches = lambda sets: []
+    Finetuner._build_data(stub, dist.DistEnv(0, 1, 0, "none"))
+    assert stub.steps_per_epoch == 4 and stub.total_steps == 16
+    assert (stub.schedule.warmup_steps, stub.schedule.steps) == (4, 8)

@@ -488,3 +488,135 @@ def test_depthwise_mode_changes_no_weight_and_no_output():
     assert list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
     lq = images(1, 3, 32, 32).double()
     torch.testing.assert_close(shifted(lq).restored, reference(lq).restored, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------- forward arithmetic
+# Wiring that keeps every shape, gradient and parameter count when wrong: an official checkpoint would
+# compute another function.
+def test_skip_connections_concatenate_the_upsampled_features_first_then_the_encoders():
+    """Official AdaIR/M2Restore order torch.cat([up(d), e], 1); a swapped or dropped skip keeps
+    every shape and every gradient, but official checkpoints would then compute something else."""
+    model = build_model(model_config("tiny")).eval()
+    seen = {}
+
+    def keep(name, inputs=False):
+        def hook(_module, args, out):
+            seen[name] = (args[0] if inputs else out).detach().clone()
+        return hook
+    for name in ("up4_3", "up3_2", "up2_1"):
+        getattr(model, name).register_forward_hook(keep(name))
+    for name in ("encoder_level1", "encoder_level2", "encoder_level3"):
+        getattr(model, name)[-1].register_forward_hook(keep(name))
+    model.reduce_chan_level3.register_forward_hook(keep("in3", inputs=True))
+    model.reduce_chan_level2.register_forward_hook(keep("in2", inputs=True))
+    model.decoder_level1[0].register_forward_hook(keep("in1", inputs=True))
+    with torch.no_grad():
+        model(images(1, 3, 16, 24))
+    torch.testing.assert_close(seen["in3"], torch.cat([seen["up4_3"], seen["encoder_level3"]], 1))
+    torch.testing.assert_close(seen["in2"], torch.cat([seen["up3_2"], seen["encoder_level2"]], 1))
+    torch.testing.assert_close(seen["in1"], torch.cat([seen["up2_1"], seen["encoder_level1"]], 1))
+
+
+def test_task_prompt_is_gelu_of_a_per_image_softmax_mix_of_the_dictionary():
+    """The softmax is per image, over the dictionary's atoms: over the batch, each image's prompt would
+    depend on the other images of its batch (results would change with batch size, tiling, processes)."""
+    import torch.nn.functional as F
+
+    from m2r.models.task_prompt import TaskPrompt
+
+    torch.manual_seed(0)
+    prompt = TaskPrompt(3, cond_channels=16, atoms=8, prompt_dim=12).eval()
+    x = images(3, 3, 27, 36)
+    with torch.no_grad():
+        batched = prompt(x)
+        alone = torch.cat([prompt(x[i:i + 1]) for i in range(3)])
+        weights = prompt.lastOut(prompt.CondNet(x).mean((2, 3))).softmax(dim=-1)
+    torch.testing.assert_close(batched, alone)
+    torch.testing.assert_close(batched, F.gelu(weights @ prompt.dictionary))
+
+
+def test_transposed_attention_scales_each_heads_cosines_by_its_temperature():
+    """Each head (a contiguous block of channels) multiplies its cosines by its own temperature (learned:
+    dividing would agree only at its initial value 1)."""
+    import torch.nn.functional as F
+
+    from m2r.models.restormer import transposed_attention
+
+    b, c, h, w, heads = 2, 6, 3, 4, 2
+    q, k, v = (images(b, c, h, w, seed=s) - 0.5 for s in (1, 2, 3))
+    temperature = torch.tensor([2.0, 0.5]).view(heads, 1, 1)
+    outs = []
+    for head in range(heads):
+        channels = slice(head * c // heads, (head + 1) * c // heads)
+        qh, kh, vh = (t[:, channels].flatten(2) for t in (q, k, v))
+        attn = F.normalize(qh, dim=-1) @ F.normalize(kh, dim=-1).transpose(1, 2) * temperature[head]
+        outs.append((attn.softmax(-1) @ vh).view(b, -1, h, w))
+    torch.testing.assert_close(transposed_attention(q, k, v, heads, temperature), torch.cat(outs, 1))
+
+
+def _randomised(module, seed, scale):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def _mamba_layer(scan="raster"):
+    from m2r.models.bottleneck import MambaLayer
+
+    torch.manual_seed(0)
+    layer = MambaLayer(8, 4, d_state=4, scan=scan, scan_backend="torch").eval()
+    _randomised(layer.norm, 1, 0.5)
+    with torch.no_grad():
+        layer.norm.weight.add_(1)
+    return layer
+
+
+def test_the_dgf_gate_weighs_the_mamba_branch_and_its_complement_the_conv_branch():
+    """G * global + (1 - G) * local, not the other way round."""
+    layer = _mamba_layer()
+    x, embed = images(2, 8, 4, 5) - 0.5, images(2, 4)
+    with torch.no_grad():
+        for bias, expected in ((30.0, layer.global_branch(x)), (-30.0, layer.conv_path(x))):
+            layer.gate_net[2].bias.fill_(bias)
+            torch.testing.assert_close(layer(x, embed), expected)
+
+
+@pytest.mark.parametrize("scan", ["bidirectional", "four_way"])
+def test_multi_direction_scans_average_every_directions_output(scan):
+    """Every direction's scan, mapped back to row-major order, is averaged (not only the raster one)."""
+    from m2r.models.bottleneck import SCAN_ORDERS, from_scan_order, to_scan_order
+
+    layer = _mamba_layer(scan)
+    x = images(1, 8, 4, 5) - 0.5
+    with torch.no_grad():
+        grid = layer.norm(x.permute(0, 2, 3, 1))
+        grids = [from_scan_order(layer.mamba(to_scan_order(grid, order)), order, 4, 5)
+                 for order in SCAN_ORDERS[scan]]
+        expected = layer.norm2(torch.stack(grids).mean(0)).permute(0, 3, 1, 2)
+        torch.testing.assert_close(layer.global_branch(x), expected)
+        assert not torch.allclose(grids[0], grids[1], atol=1e-4)
+
+
+def test_mb_block_adds_the_mamba_layer_and_the_ffn_as_residuals():
+    """X + MambaLayer(LN(x)), then + GDFN(LN(.)); a dropped residual keeps every shape and gradient."""
+    from m2r.models.bottleneck import MB
+
+    torch.manual_seed(0)
+    block = MB(8, 4, 2.0, False, d_state=4, scan_backend="torch").eval()
+    x, embed = images(2, 8, 4, 5) - 0.5, images(2, 4)
+    with torch.no_grad():
+        y = x + block.ssm(block.norm1(x), embed)
+        torch.testing.assert_close(block(x, embed), y + block.ffn(block.norm2(y)))
+
+
+def test_global_expert_names_renumber_the_experts_of_a_later_expert_parallel_rank():
+    """Topology-independent names (EMA save and load, finetune init from an export) at ep_rank 1."""
+    from m2r.engine.experts import global_expert_names
+
+    model = build_model(model_config("tiny"), with_clip_prior=False)
+    model.dder1.ep_rank = 1     # as rank 1 of ep_size 2 would have it (no process group needed)
+    names = global_expert_names(model)
+    local = "dder1.deepspeed_moe.experts.deepspeed_experts.0.fc1.weight"
+    assert names[local] == local.replace(".0.", f".{model.dder1.num_local_experts}.")
+    assert names["dder1.router.w_g"] == "dder1.router.w_g"
