@@ -140,6 +140,12 @@ def test_composites_apply_in_physical_order_whatever_the_listing(photo):
     assert np.array_equal(out, np.clip(manual, 0, 1))
 
 
+def test_the_configs_preset_choices_are_the_presets_defined():
+    from m2r.data.config import PRESET_NAMES
+
+    assert PRESET_NAMES == tuple(PRESETS)
+
+
 def test_cdd11_composite_types_are_built_from_their_parts():
     steps = {t.name: [name for name, _ in t.steps] for t in PRESETS["cdd11"]}
     assert steps["low_haze_rain"] == ["haze", "rain", "low_light"]

@@ -102,9 +102,16 @@ def test_two_rank_finetune_from_a_one_rank_pretraining_checkpoint_then_evaluatio
                    f"run.dir={tmp_path / 'refused'}"], repo_root, expect_failure=True)
     assert "is a pretrain checkpoint; a finetune run resumes only its own kind" in refused
     log = run([python, "-m", "torch.distributed.run", "--nproc_per_node", "2", *finetune[1:],
-               f"run.dir={finetune_dir}"], repo_root)
+               f"run.dir={finetune_dir}", "run.log_every=3"], repo_root)
     assert "saved with world size 1, ep_size 1" in log
     assert "2 steps/epoch x 2 epochs = 4 steps" in log
+    assert "step 3/4 |" in log and "step 4/4 |" in log and "step 2/4 |" not in log   # log steps and the last
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(finetune_dir / "tensorboard"))
+    events.Reload()
+    loads = [[events.Scalars(f"moe/level{level}/expert{e}")[-1].value for e in range(4)] for level in (1, 2, 3)]
+    assert all(sum(level) == pytest.approx(1.0) for level in loads)   # assignment fractions of each adapter
     meta = json.loads((finetune_dir / "checkpoints/step00000004/meta.json").read_text())
     assert (meta["world_size"], meta["ep_size"]) == (2, 2)
     best = json.loads((finetune_dir / "best_psnr.json").read_text())

@@ -5,6 +5,7 @@ from typing import Dict, List, Optional
 from m2r.config import choice, require
 
 SOURCES = ("builtin", "shards")
+PRESET_NAMES = ("cdd11", "allweather", "five-task")   # the keys of m2r.data.presets.PRESETS (a test checks)
 
 
 @dataclass
@@ -12,7 +13,7 @@ class DataConfig:
     source: str = choice(*SOURCES)   # "builtin" (scikit-image sample photos, no files) | "shards"
     shards: Optional[str] = None     # shard directory (with manifest.json) or brace pattern of .tar files
     val_shards: Optional[str] = None  # held-out shards; None = the builtin held-out photos
-    preset: str = choice("cdd11", "allweather", "five-task")  # "cdd11" | "allweather" | "five-task"
+    preset: str = choice(*PRESET_NAMES)  # degradation types and their mixture: m2r/data/presets.py
     weights: Dict[str, float] = field(default_factory=dict)  # mixture weight per type; empty = uniform
     workers: int = 2                 # DataLoader worker processes per rank (0 = in the main process)
     shuffle_buffer: int = 512        # undecoded samples shuffled together per round

@@ -26,6 +26,8 @@ def _type(name: str, *steps) -> DegradationType:
     return DegradationType(name, in_physical_order(normalised))
 
 
+# A new preset: add it here and its name to PRESET_NAMES (m2r/data/config.py, the config's choices); the
+# shard builder, the training stream, validation per type and the gallery then know it.
 PRESETS: Dict[str, Tuple[DegradationType, ...]] = {
     # CDD-11 (OneRestore): low light, haze, rain, snow and their physically plausible composites.
     "cdd11": (

@@ -14,6 +14,9 @@ from m2r.engine.deepspeed_config import build_deepspeed_config
 from m2r.models.config import CHECKPOINT_MODES, ModelConfig, model_keys, require_input_side
 
 
+PIXEL_LOSSES = ("l1", "charbonnier")   # train.loss; m2r/engine/loss.py computes each
+
+
 @dataclass
 class TrainSettings:
     """The `train` keys pretraining and finetuning share (finetuning counts its schedule in epochs)."""
@@ -28,7 +31,7 @@ class TrainSettings:
     grad_clip: float = 0.0           # max global grad norm; 0 disables clipping
     precision: str = choice("fp32", "bf16", "fp16")  # fp32 | bf16 | fp16 (dynamic loss scaling, GPU only)
     zero_stage: int = 1              # 0, 1 or 2; native DeepSpeed MoE cannot use stage 3
-    loss: str = choice("l1", "charbonnier")  # l1 (official) | charbonnier
+    loss: str = choice(*PIXEL_LOSSES)  # l1 (official) | charbonnier: m2r/engine/loss.py
     charbonnier_eps: float = 1e-3
     activation_checkpointing: str = choice(*CHECKPOINT_MODES)  # see M2Restore.set_activation_checkpointing
     channels_last: bool = False      # NHWC feature maps (faster bf16 convolutions on GPU)
@@ -192,7 +195,8 @@ def validate_finetune_config(cfg, world_size: int) -> None:
              "train.epochs/micro_batch/grad_accum", (train.epochs, train.micro_batch, train.grad_accum),
              "must all be positive")
     require(0 <= train.warmup_epochs < max(train.epochs, train.schedule_epochs), "train.warmup_epochs",
-             train.warmup_epochs, "must be >= 0 and below the schedule length")
+            train.warmup_epochs, f"must be >= 0 and below the schedule's length (train.epochs {train.epochs}, "
+            f"train.schedule_epochs {train.schedule_epochs})")
     require_input_side("train.crop", train.crop)
     require_input_side("data.val_crop", data.val_crop)
     check_optimizer_settings(train)

@@ -201,10 +201,6 @@ class Finetuner(TrainingRun):
     def train_step(self, micro_batches) -> StepResult:
         return self._optimizer_step(micro_batches, self.schedule)
 
-    def _report_step(self, result: StepResult, timer: StepTimer) -> None:
-        self._log_train_step(dist.mean_over_ranks(result.terms), result.lr, timer,
-                             log_step=self.step % self.cfg.run.log_every == 0)
-
     def run_epoch(self) -> Optional[str]:
         """Train one epoch (or its rest); returns why it stopped early, None when it finished."""
         train = self.cfg.train

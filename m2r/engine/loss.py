@@ -3,6 +3,8 @@ from dataclasses import dataclass
 
 import torch
 
+from m2r.engine.config import PIXEL_LOSSES
+
 
 @dataclass
 class LossTerms:
@@ -23,7 +25,7 @@ def pixel_loss(restored: torch.Tensor, target: torch.Tensor, kind: str, charbonn
         return diff.abs().mean()
     if kind == "charbonnier":
         return torch.sqrt(diff * diff + charbonnier_eps ** 2).mean()
-    raise ValueError(f"train.loss={kind!r}: expected 'l1' or 'charbonnier'")
+    raise ValueError(f"train.loss={kind!r}: expected one of {PIXEL_LOSSES}")
 
 
 def restoration_loss(output, target: torch.Tensor, train, balance_weight: float) -> LossTerms:

@@ -74,6 +74,7 @@ class TrainingRun:
     engine: Any                    # deepspeed.DeepSpeedEngine around M2Restore (from `_start_engine`)
     optimizer: torch.optim.Optimizer
     step: int                      # optimizer steps completed
+    total_steps: int               # steps of the whole run (from `_open_monitor`)
     monitor: NullMonitor           # (from `_open_monitor`)
     ema: Optional[EMA]             # (from `_start_ema`)
 
@@ -278,6 +279,7 @@ class TrainingRun:
 
     def _open_monitor(self, total_steps: int) -> None:
         """Rank 0 writes the resolved config.yaml into the run directory and reports; other ranks stay silent."""
+        self.total_steps = total_steps
         if dist.is_rank0():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir / "config.yaml")
@@ -303,6 +305,21 @@ class TrainingRun:
         means = (torch.cat([terms, loads.flatten()]) / count).to("cpu", torch.float64)
         names = len(LossTerms.NAMES)
         return StepResult(means[:names], means[names:].view(loads.shape), lr)
+
+    def _report_step(self, result: StepResult, timer: StepTimer) -> None:
+        """Every step: its loss terms averaged over ranks (one all-reduce, the expert loads with them).
+        Every `run.log_every` steps and at the last: also the expert loads, `_log_run_stats`, the grad
+        norm and the throughput. A collective: every rank calls it at every step."""
+        terms = len(result.terms)
+        means = dist.mean_over_ranks(torch.cat([result.terms, result.loads.flatten()]))
+        log_step = self.step % self.cfg.run.log_every == 0 or self.step == self.total_steps
+        if log_step:
+            self.monitor.log_expert_load(self.step, list(means[terms:].view_as(result.loads).float()))
+            self._log_run_stats()
+        self._log_train_step(means[:terms], result.lr, timer, log_step)
+
+    def _log_run_stats(self) -> None:
+        """What a kind of run reports on log steps besides the losses and loads (a collective)."""
 
     def _log_train_step(self, mean_terms: torch.Tensor, lr: float, timer: StepTimer, log_step: bool) -> None:
         """`mean_terms`: the loss terms (`LossTerms.NAMES`) averaged over ranks. Every step goes to

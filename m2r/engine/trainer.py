@@ -136,7 +136,7 @@ class Trainer(TrainingRun):
         micro_batches = (self._next_batch(timer) for _ in range(self.cfg.train.grad_accum))
         return self._optimizer_step(micro_batches, self.cfg.train)
 
-    def _log_data_stats(self) -> None:
+    def _log_run_stats(self) -> None:
         """Per-type counts and skipped damaged samples of the data stream, summed over ranks (a
         collective: every rank calls it)."""
         stats = self.stream.stats()
@@ -144,16 +144,6 @@ class Trainer(TrainingRun):
         totals = dist.all_reduce_sum(torch.tensor([*seen.values(), stats["corrupt_samples"]], dtype=torch.float64))
         *counts, corrupt = (int(c) for c in totals.tolist())
         self.monitor.log_data_stats(self.step, dict(zip(seen, counts)), corrupt)
-
-    def _report_step(self, result: StepResult, timer: StepTimer) -> None:
-        # One all-reduce averages the loss terms and the expert loads over ranks.
-        terms = len(result.terms)
-        means = dist.mean_over_ranks(torch.cat([result.terms, result.loads.flatten()]))
-        log_step = self.step % self.cfg.run.log_every == 0 or self.step == self.cfg.train.steps
-        if log_step:
-            self.monitor.log_expert_load(self.step, list(means[terms:].view_as(result.loads).float()))
-            self._log_data_stats()
-        self._log_train_step(means[:terms], result.lr, timer, log_step)
 
     def validate(self) -> None:
         with self._validation_weights():
