@@ -113,3 +113,16 @@ def test_only_an_earlier_restart_of_this_job_counts_as_a_stale_lock(monkeypatch,
     monkeypatch.setenv("SLURM_JOB_ID", job)
     monkeypatch.setenv("SLURM_RESTART_COUNT", restart)
     assert run_lock._earlier_run_of_this_job(holder) is replace
+
+
+@pytest.mark.parametrize("holder, job, restart, replace", [
+    ("pid 7 on n1, SLURM job 111 restart 9", "111", "10", True),
+    ("pid 7 on n1, SLURM job 111 restart 10", "111", "11", True),    # requeued ten times and more
+    ("pid 7 on n1, SLURM job 111 restart 11", "111", "11", False),
+])
+def test_a_stale_lock_is_recognised_after_any_number_of_restarts(monkeypatch, holder, job, restart, replace):
+    from m2r.engine import run_lock
+
+    monkeypatch.setenv("SLURM_JOB_ID", job)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", restart)
+    assert run_lock._earlier_run_of_this_job(holder) is replace

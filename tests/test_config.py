@@ -145,3 +145,25 @@ def test_the_last_of_repeated_overrides_wins():
 
     cfg = load_config(PretrainConfig, None, ["train.lr=0.1", "train.lr=0.2"])
     assert cfg.train.lr == 0.2
+
+
+def test_a_saved_config_holds_values_not_interpolations(tmp_path, monkeypatch):
+    """config.yaml beside a checkpoint is read on other machines (export, evaluate, resume): an
+    `${oc.env:...}` or `${train.lr}` must be saved as the value it had in this run."""
+    monkeypatch.setenv("M2R_TEST_LR", "0.25")
+    path = tmp_path / "run.yaml"
+    path.write_text("name: ${oc.env:M2R_TEST_LR}\ntrain:\n  lr: ${oc.env:M2R_TEST_LR}\n")
+    cfg = load_config(Outer, path)
+    save_config(cfg, tmp_path / "saved" / "config.yaml")
+    assert "${" not in (tmp_path / "saved" / "config.yaml").read_text()
+    monkeypatch.delenv("M2R_TEST_LR")
+    again = load_config(Outer, tmp_path / "saved" / "config.yaml")
+    assert again.train.lr == 0.25 and again.name == "0.25"
+
+
+def test_flatten_names_every_level_of_a_nested_mapping():
+    """The settings-change line of a resumed run names keys like model.moe.ep_size in full."""
+    from m2r.config import flatten
+
+    nested = {"model": {"moe": {"ep_size": 2, "top_k": 1}, "dim": 8}, "train": {"lr": 0.5}}
+    assert flatten(nested) == {"model.moe.ep_size": 2, "model.moe.top_k": 1, "model.dim": 8, "train.lr": 0.5}

@@ -1,6 +1,7 @@
 """Official checkpoint conversion, against the official key layout in tests/official_keys.json
 (written by tests/make_official_keys.py from the official module definitions)."""
 import json
+import re
 import os
 
 import pytest
@@ -112,3 +113,17 @@ def test_a_missing_or_misshapen_key_is_named(tmp_path, tiny_official_checkpoint)
     expected = r"missing \(1\): aflb2\.para1.*wrong shape \(1\): output\.weight"
     with pytest.raises(CheckpointMismatch, match=expected):
         load_official_checkpoint(target, path)
+
+
+def test_weights_whose_only_fault_is_a_wrong_shape_are_named_as_a_mismatch():
+    """Also when no key is missing or unexpected: a one-line CheckpointMismatch (exit 2 from the CLIs),
+    not torch's load_state_dict RuntimeError."""
+    from m2r.models.convert import CheckpointMismatch, check_fits
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 3, 1))
+    state = dict(model.state_dict())
+    state["1.weight"] = torch.zeros(3, 2, 1, 1)
+    with pytest.raises(CheckpointMismatch, match=re.escape("w.safetensors does not fit the model; wrong shape (1): "
+                                                           "1.weight: (3, 2, 1, 1) vs model (3, 4, 1, 1)")):
+        check_fits(model, state, source="w.safetensors")
+    check_fits(model, model.state_dict(), source="w.safetensors")   # a fitting state passes

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from m2r.config import ConfigError
 from m2r.data import degradations as D
 from m2r.data.builtin import load_photo
 from m2r.data.presets import PRESETS, Degrader, mixture_probabilities
@@ -186,3 +187,13 @@ def test_noise_sigma_is_on_the_255_scale():
     image = np.full((3, 512, 512), 0.5, np.float32)
     noisy, _ = D.DEGRADATIONS["noise"](image, np.random.default_rng(0), sigma=20)
     assert float((noisy - image).std()) == pytest.approx(20 / 255, rel=2e-3)
+
+
+@pytest.mark.parametrize("weights", [{"snow": 0.0}, {"snow": 0.0, "raindrop": 0.0, "rain_fog": 0.0},
+                                     {"snow": -1.0, "raindrop": 2.0}])
+def test_mixture_weights_that_select_nothing_or_are_negative_are_refused(weights):
+    """All-zero weights would give NaN probabilities (numpy: 'probabilities contain NaN' at the first draw)."""
+    from m2r.data.presets import mixture_probabilities
+
+    with pytest.raises(ConfigError, match=r"key 'data\.weights'.*must be >= 0 with a positive sum"):
+        mixture_probabilities("allweather", weights)

@@ -298,3 +298,15 @@ def test_raw_images_are_written_with_zstds_content_checksum():
 
     _, payload = encode_image(np.zeros((8, 8, 3), np.uint8))
     assert zstandard.get_frame_parameters(payload).has_checksum
+
+
+def test_a_damaged_manifest_is_named_by_inspect_and_by_the_shard_listing(tmp_path):
+    """A manifest cut short (a full disk, an interrupted copy) is named, not a bare JSONDecodeError."""
+    from m2r.data.shard_list import resolve_shards
+    from m2r.shards.inspect import inspect_shards
+
+    (tmp_path / "shard-000000.tar").write_bytes(b"")
+    (tmp_path / "manifest.json").write_text('{"format": "m2r-shards/1", "shards": [{"name": "sha')
+    for read in (inspect_shards, resolve_shards):
+        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'manifest.json'}: not valid json")):
+            read(str(tmp_path))

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import shutil
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,7 +13,7 @@ import torch
 
 from m2r import dist, stop_signals
 from m2r.config import ConfigError, load_config
-from m2r.engine.checkpoint import CheckpointManager, Topology, checkpoint_at, resolve_resume, tag_for
+from m2r.engine.checkpoint import CheckpointManager, CheckpointRef, Topology, checkpoint_at, resolve_resume, tag_for
 from m2r.engine.config import PretrainConfig, validate_pretrain_config
 from m2r.engine.deepspeed_config import build_deepspeed_config
 from m2r.engine.loss import pixel_loss
@@ -613,8 +614,6 @@ def test_a_lock_file_replaced_right_after_it_was_locked_is_locked_again(tmp_path
 # ----------------------------------------------------------------------------------- stop signals
 def test_ctrl_c_asks_for_a_checkpoint_and_a_second_one_aborts(capfd):
     """Also when a launcher's SIGTERM comes between the two (DeepSpeed's passes Ctrl-C on as SIGTERM)."""
-    import signal
-
     saved_handlers = {sig: signal.getsignal(sig) for sig in stop_signals.STOP_SIGNALS}
     try:
         request = stop_signals.StopRequest()
@@ -664,7 +663,6 @@ def test_a_stop_signal_during_start_up_reaches_the_run_instead_of_killing_the_ra
     """SLURM's warning may come while the ranks still import, rendezvous or load a checkpoint: the run
     is built knowing it (what it then does: test_engine_dist.py, a warning during start-up)."""
     import importlib.util
-    import signal
 
     spec = importlib.util.spec_from_file_location(entry, Path(__file__).resolve().parent.parent / f"{entry}.py")
     module = importlib.util.module_from_spec(spec)
@@ -736,3 +734,161 @@ def test_zero_fragments_are_stitched_in_rank_order_and_experts_renamed_per_ep_ra
     assert weights["dense.weight"].tolist() == [0, 1, 10, 11, 20, 21, 30, 31]
     assert weights[expert].tolist() == [2, 3, 22, 23]
     assert weights[expert.replace(".0.", ".1.")].tolist() == [12, 13, 32, 33]
+
+
+def test_resuming_from_another_runs_checkpoint_leaves_that_runs_newer_checkpoints_in_place(tmp_path):
+    """run.resume=<other run>/checkpoints/step10 must not reorganise the other run's directory."""
+    from m2r.engine.checkpoint import set_aside_newer_tags
+
+    other, mine = tmp_path / "other" / "checkpoints", tmp_path / "mine" / "checkpoints"
+    manager, config = CheckpointManager(other, keep_last=3), load_config(PretrainConfig)
+    for step in (10, 20, 30):
+        manager.save(FakeEngine(), step, Topology(1, 1, "fp32", 1), {"step": step}, config)
+    assert set_aside_newer_tags(CheckpointRef(other, tag_for(10)), mine) == []
+    assert manager.tags() == [tag_for(10), tag_for(20), tag_for(30)] and not (other / "abandoned").exists()
+
+
+def test_a_step_abandoned_twice_keeps_both_copies(tmp_path):
+    """Resume step 20, train to 30 again, resume step 20 again: both abandoned step-30 tags stay."""
+    from m2r.engine.checkpoint import set_aside_newer_tags
+
+    manager, config = CheckpointManager(tmp_path, keep_last=3), load_config(PretrainConfig)
+    for step in (10, 20, 30):
+        manager.save(FakeEngine(), step, Topology(1, 1, "fp32", 1), {"step": step, "branch": 1}, config)
+    assert set_aside_newer_tags(CheckpointRef(tmp_path, tag_for(20)), tmp_path) == [tag_for(30)]
+    manager.save(FakeEngine(), 30, Topology(1, 1, "fp32", 1), {"step": 30, "branch": 2}, config)
+    assert set_aside_newer_tags(CheckpointRef(tmp_path, tag_for(20)), tmp_path) == [tag_for(30)]
+    abandoned = tmp_path / "abandoned"
+    assert sorted(p.name for p in abandoned.iterdir()) == [tag_for(30), tag_for(30) + "+"]
+    branches = {p.name: torch.load(p / "mp_rank_00_model_states.pt")["branch"] for p in abandoned.iterdir()}
+    assert branches == {tag_for(30): 1, tag_for(30) + "+": 2}
+    assert manager.tags() == [tag_for(10), tag_for(20)]
+
+
+def test_the_ema_files_of_an_expert_parallel_group_merge_into_every_weight_once(tmp_path):
+    """Rank 0 holds the dense weights and its experts, rank 1 only its experts (global ids)."""
+    from m2r.engine.checkpoint import load_ema_states
+
+    tag = tmp_path / tag_for(5)
+    tag.mkdir()
+    rank0 = {"conv.weight": torch.ones(2), "dder1.experts.0.w": torch.full((2,), 0.0)}
+    rank1 = {"dder1.experts.1.w": torch.full((2,), 1.0)}
+    torch.save(rank0, tag / "ema_rank00000.pt")
+    torch.save(rank1, tag / "ema_rank00001.pt")
+    merged = load_ema_states(CheckpointRef(tmp_path, tag_for(5)))
+    assert sorted(merged) == ["conv.weight", "dder1.experts.0.w", "dder1.experts.1.w"]
+    assert torch.equal(merged["dder1.experts.1.w"], rank1["dder1.experts.1.w"])
+
+
+def test_a_local_rank_equal_to_the_gpu_count_is_refused_with_the_reason(monkeypatch):
+    """Ranks 0-3 on a node showing 4 GPUs are fine; a fifth rank (local rank 4) has none."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    assert dist.device_for(dist.DistEnv(3, 8, 3, "srun")) == torch.device("cuda", 3)
+    with pytest.raises(RuntimeError, match="local rank 4 has no GPU: 4 visible"):
+        dist.device_for(dist.DistEnv(4, 8, 4, "srun"))
+
+
+def _two_rank_worker(rank, store_path, out_dir, job):
+    """One of two gloo ranks (torch.multiprocessing.spawn calls it with its rank)."""
+    import torch.distributed as torch_dist
+
+    from m2r.engine.checkpoint import agreed_resume
+
+    torch_dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
+    out = {}
+    try:
+        if job == "collectives":
+            out["max"] = dist.max_over_ranks(float([3, 7][rank]))
+            out["broadcast"] = dist.broadcast_object(f"rank {rank}'s value")
+            # rank 1 lags: its view of the shared run directory is still empty
+            view = Path(out_dir) / ("run" if rank == 0 else "lagging_view")
+            out["resume"] = getattr(agreed_resume("latest", view), "tag", None)
+            try:
+                agreed_resume("none", view)
+                out["refusal"] = None
+            except ConfigError as error:
+                out["refusal"] = str(error)
+            def refuse():
+                raise ValueError("refused on rank 0")
+            try:
+                dist.on_rank0(refuse)
+                out["error"] = None
+            except ValueError as error:
+                out["error"] = str(error)
+            saved = {sig: signal.getsignal(sig) for sig in stop_signals.STOP_SIGNALS}
+            try:
+                request = stop_signals.StopRequest()
+                if rank == 1:
+                    signal.raise_signal(signal.SIGUSR1)
+                out["stop"] = request.agreed_reason()
+                out["agreed_signal"] = request.agreed_signal
+            finally:
+                for sig, handler in saved.items():
+                    signal.signal(sig, handler)
+        torch_dist.barrier()
+    finally:
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
+        torch_dist.destroy_process_group()
+
+
+def test_two_ranks_agree_on_rank_0s_resume_its_refusals_and_the_stop_signal(tmp_path):
+    """Rank 0 decides (its view of a shared filesystem may be ahead of rank 1's), its error is raised on
+    every rank, max_over_ranks is the maximum, and a stop signal seen on one rank stops both."""
+    import torch.multiprocessing as mp
+
+    manager = CheckpointManager(tmp_path / "run", keep_last=2)
+    manager.save(FakeEngine(), 7, Topology(2, 1, "fp32", 1), {"step": 7}, load_config(PretrainConfig))
+    (tmp_path / "lagging_view").mkdir()
+    mp.start_processes(_two_rank_worker, args=(str(tmp_path / "store"), str(tmp_path), "collectives"),
+                       nprocs=2, join=True, start_method="spawn")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank, out in enumerate(ranks):
+        assert out["max"] == 7.0
+        assert out["broadcast"] == "rank 0's value"
+        assert out["resume"] == tag_for(7)
+        assert "'none' starts a new run" in out["refusal"]
+        assert out["error"] == "refused on rank 0"
+        assert out["agreed_signal"] == "SIGUSR1"
+        assert out["stop"] == ("received SIGUSR1" + (" (on another rank)" if rank == 0 else ""))
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def test_step_timer_counts_each_steps_own_time_and_forgets_time_between_steps(monkeypatch):
+    """img/s and the data-wait share cover the training steps since the last report only."""
+    from m2r.engine import monitor as monitor_module
+
+    clock = _Clock()
+    monkeypatch.setattr(monitor_module, "time", clock)
+    timer = monitor_module.StepTimer()
+    clock.now = 1.0
+    timer.add_data_wait(0.25)
+    timer.end_step(4)
+    clock.now = 3.0
+    timer.end_step(4)
+    assert timer.take() == pytest.approx({"img_per_s": 8 / 3, "data_wait_share": 0.25 / 3})
+    clock.now = 13.0   # validation and a checkpoint
+    timer.restart()
+    clock.now = 14.0
+    timer.end_step(2)
+    assert timer.take() == pytest.approx({"img_per_s": 2.0, "data_wait_share": 0.0})
+
+
+def test_the_image_grid_shows_degraded_restored_clean_rows_with_the_restored_clamped():
+    from m2r.engine.validate import image_grid
+
+    lq, gt = torch.full((5, 3, 2, 4), 0.25), torch.full((5, 3, 2, 4), 0.75)
+    restored = torch.tensor([-1.0, 2.0]).repeat_interleave(4).reshape(1, 1, 2, 4).expand(5, 3, 2, 4)
+    grid = image_grid(lq, restored, gt, max_images=3)
+    assert grid.shape == (3, 3 * 2, 3 * 4) and grid.dtype == torch.float32
+    row = grid[:, :2]
+    assert torch.equal(row[..., :4], lq[0]) and torch.equal(row[..., 8:], gt[0])
+    assert torch.equal(row[:, 0, 4:8], torch.zeros(3, 4)) and torch.equal(row[:, 1, 4:8], torch.ones(3, 4))

@@ -12,9 +12,10 @@ from PIL import Image
 from conftest import REPO_ROOT
 from finetune_layouts import build_allweather, build_cdd11, export_tiny_model, write_image
 from m2r import evaluate, restore
-from m2r.config import ConfigError
+from m2r.config import ConfigError, load_config
 from m2r.eval.datasets import CDD11_TYPES
 from m2r.eval.loading import load_inference_model
+from m2r.models.config import ModelConfig
 from m2r.models.convert import m2r_to_official
 
 PROTOCOL_KEYS = {f"{m}_{p}" for m in ("psnr", "ssim") for p in ("rgb", "y", "official")}
@@ -172,3 +173,28 @@ def test_the_average_is_over_sets_not_over_images():
     summary = summarize(records, ["a", "b"], ["psnr_rgb"], ["a", "b"])
     assert summary["sets"]["a"]["count"] == 1 and summary["sets"]["b"]["count"] == 3
     assert summary["average"]["psnr_rgb"] == pytest.approx(20.0)
+
+
+def test_inference_builds_every_expert_locally_whatever_the_checkpoints_ep_size():
+    from m2r.eval.loading import inference_model_config
+
+    stored = {"dim": 8, "moe": {"ep_size": 2, "num_experts": 4}}
+    cfg = inference_model_config(stored, None, [], "ckpt")
+    assert cfg.moe.ep_size == 1 and cfg.moe.num_experts == 4 and cfg.dim == 8
+
+
+def test_a_model_config_file_replaces_the_stored_one_and_set_overrides_adjust_it(tmp_path):
+    """--model-config is the whole model description: keys it leaves out take the schema defaults,
+    not the checkpoint's (e.g. clip.weights, a path on the training machine)."""
+    from m2r.eval.loading import inference_model_config
+
+    stored = {"dim": 8, "moe": {"num_experts": 4}, "clip": {"weights": "/train/machine/daclip.pt"}}
+    model_yaml = tmp_path / "model.yaml"
+    model_yaml.write_text("dim: 16\n")
+    cfg = inference_model_config(stored, str(model_yaml), ["moe.top_k=1"], "ckpt")
+    defaults = load_config(ModelConfig)
+    assert cfg.dim == 16 and cfg.moe.top_k == 1
+    assert cfg.moe.num_experts == defaults.moe.num_experts and cfg.clip.weights == defaults.clip.weights
+    assert inference_model_config(stored, None, ["dim=24"], "ckpt").dim == 24
+    with pytest.raises(ConfigError, match="carries no model config: pass --model-config"):
+        inference_model_config(None, None, [], "official.ckpt")
