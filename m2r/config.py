@@ -116,7 +116,7 @@ def load_config(schema: Type, path: str | os.PathLike | None = None,
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
-        raise config_error(f"{key}", f"{str(exc).splitlines()[0]}") from None
+        raise config_error(key, str(exc).splitlines()[0]) from None
     _check_choices(schema, cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg

@@ -48,7 +48,6 @@ def test_docstring_examples_keep_their_line_continuations(module):
     assert " \\\n" in module.__doc__
 
 
-
 @pytest.mark.parametrize("args, message", [(["--tile", "12"], "argument --tile: invalid tile_side value: '12'"),
                                            (["--tile", "64", "--overlap", "64"],
                                             "--overlap 64 must be below --tile 64"),

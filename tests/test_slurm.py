@@ -163,7 +163,6 @@ def test_deepspeed_launcher_alternative_matches_srun(cluster, uninterrupted, tmp
     assert "launcher torchrun/deepspeed" in job.restart_log(0)
 
 
-
 def test_finetune_sbatch_continues_the_pretraining_job_and_exports_the_best_weights(cluster, uninterrupted, tmp_path):
     # 8 training pairs over 2 ranks x micro-batch 2: 2 steps per epoch, 4 steps in the config's 2 epochs.
     dataset = build_allweather(tmp_path / "allweather", train=8)

@@ -91,7 +91,6 @@ def is_complete(tag_dir: Path) -> bool:
     return (tag_dir / META_FILE).is_file()
 
 
-
 def tags_in(root: Path) -> List[str]:
     """The `step<N>` directories under root, oldest first (complete or not)."""
     if not root.is_dir():
@@ -129,8 +128,8 @@ def resolve_resume(resume: str, run_checkpoints: Path) -> Optional[CheckpointRef
     if resume == "none":
         if tags_in(run_checkpoints):
             raise config_error("run.resume", f"'none' starts a new run, but {run_checkpoints} "
-                              f"holds this run's checkpoints ({tags_in(run_checkpoints)[-1]} the newest), which "
-                              "the new one would mix with: choose a new run.dir, or remove them")
+                               f"holds this run's checkpoints ({tags_in(run_checkpoints)[-1]} the newest), which "
+                               "the new one would mix with: choose a new run.dir, or remove them")
         return None
     if resume == "latest":
         return newest_checkpoint(run_checkpoints)

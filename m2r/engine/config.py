@@ -89,8 +89,8 @@ def validate_pretrain_config(cfg, world_size: int) -> None:
     train, run, moe = cfg.train, cfg.run, cfg.model.moe
     require_input_side("train.crop", train.crop)
     require(train.steps > 0 and train.micro_batch > 0 and train.grad_accum > 0,
-             "train.steps/micro_batch/grad_accum", (train.steps, train.micro_batch, train.grad_accum),
-             "must all be positive")
+            "train.steps/micro_batch/grad_accum", (train.steps, train.micro_batch, train.grad_accum),
+            "must all be positive")
     require(train.warmup_steps >= 0, "train.warmup_steps", train.warmup_steps, "must be >= 0")
     check_optimizer_settings(train)
     check_run_output_settings(run)
@@ -192,8 +192,8 @@ def validate_finetune_config(cfg, world_size: int) -> None:
     train, data, run = cfg.train, cfg.data, cfg.run
     require(bool(data.root), "data.root", data.root, "must name the dataset root")
     require(train.epochs > 0 and train.micro_batch > 0 and train.grad_accum > 0,
-             "train.epochs/micro_batch/grad_accum", (train.epochs, train.micro_batch, train.grad_accum),
-             "must all be positive")
+            "train.epochs/micro_batch/grad_accum", (train.epochs, train.micro_batch, train.grad_accum),
+            "must all be positive")
     require(0 <= train.warmup_epochs < max(train.epochs, train.schedule_epochs), "train.warmup_epochs",
             train.warmup_epochs, f"must be >= 0 and below the schedule's length (train.epochs {train.epochs}, "
             f"train.schedule_epochs {train.schedule_epochs})")
@@ -204,7 +204,7 @@ def validate_finetune_config(cfg, world_size: int) -> None:
     require(data.val_images_per_set > 0, "data.val_images_per_set", data.val_images_per_set, "must be positive")
     check_run_output_settings(run)
     require(set(run.best_metrics) <= {"psnr", "ssim"}, "run.best_metrics", list(run.best_metrics),
-             "may only hold psnr and ssim")
+            "may only hold psnr and ssim")
     check_expert_parallel(cfg.model.moe, world_size)
     unknown = sorted(set(allowed_model_changes(cfg.init)) - set(model_keys()))
     require(not unknown, "init.allow_model_changes", unknown, f"must be keys of the model section: {model_keys()}")

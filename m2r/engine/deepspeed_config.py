@@ -32,7 +32,7 @@ def gradient_reduction_dtype(train) -> str:
 def build_deepspeed_config(train, world_size: int) -> Dict[str, Any]:
     if train.zero_stage == 3:
         raise config_error("train.zero_stage", "value 3 is not supported: DeepSpeed's native "
-                          "MoE layers refuse ZeRO stage 3; use 1 or 2 (optimizer state or gradients sharded)")
+                           "MoE layers refuse ZeRO stage 3; use 1 or 2 (optimizer state or gradients sharded)")
     if train.zero_stage not in (0, 1, 2):
         raise config_error("train.zero_stage", f"value {train.zero_stage!r} must be 0, 1 or 2")
     config: Dict[str, Any] = {
@@ -47,7 +47,7 @@ def build_deepspeed_config(train, world_size: int) -> Dict[str, Any]:
     if train.precision == "bf16":
         if train.zero_stage == 0:
             raise config_error("train.zero_stage", "value 0 with train.precision=bf16: DeepSpeed's "
-                              "bf16 without ZeRO computes other gradients than fp32 training; use stage 1 or 2")
+                               "bf16 without ZeRO computes other gradients than fp32 training; use stage 1 or 2")
         config["bf16"] = {"enabled": True}
         config["communication_data_type"] = gradient_reduction_dtype(train)
         if train.zero_stage == 2:
@@ -58,5 +58,5 @@ def build_deepspeed_config(train, world_size: int) -> Dict[str, Any]:
                           "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
     elif train.precision != "fp32":
         raise config_error("train.precision", f"value {train.precision!r} "
-                          "must be fp32, bf16 or fp16")
+                           "must be fp32, bf16 or fp16")
     return config

@@ -117,14 +117,14 @@ class TrainingRun:
         """A checkpoint of this kind of run and of the same network; other changed settings are named."""
         if Path(ref.root).resolve() == (self.checkpoints.root / ABANDONED_DIR).resolve():
             raise config_error("run.resume", f"{ref.path} is a checkpoint this run abandoned when it "
-                              f"resumed an older one; to continue it, move the tags saved since to {ref.root} and "
-                              f"it back to {self.checkpoints.root} (or train from its weights in a new run.dir)")
+                               f"resumed an older one; to continue it, move the tags saved since to {ref.root} and "
+                               f"it back to {self.checkpoints.root} (or train from its weights in a new run.dir)")
         saved = ref.saved_config()
         saved_kind = "finetune" if "init" in saved else "pretrain"   # only a finetune config has `init`
         if saved_kind != self.KIND:
             raise config_error("run.resume", f"{ref.path} is a {saved_kind} checkpoint; a {self.KIND} "
-                              "run resumes only its own kind (finetuning starts from pretraining weights with "
-                              "init.weights=<checkpoint dir>)")
+                               "run resumes only its own kind (finetuning starts from pretraining weights with "
+                               "init.weights=<checkpoint dir>)")
         require_same_network(saved["model"], self.cfg.model, "run.resume", str(ref.path),
                              "Resume with the checkpoint's values (its config.yaml), or start a new run.dir.")
         current = flatten(OmegaConf.to_container(self.cfg, resolve=True))

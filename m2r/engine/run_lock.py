@@ -43,8 +43,8 @@ def hold_run_dir_lock(run_dir: Path) -> Optional[IO]:
                 return None
             if not _earlier_run_of_this_job(holder):
                 raise config_error("run.dir", f"{run_dir} is in use by another run ({holder}); "
-                                  f"wait for it to end (or kill its ranks), or choose another run.dir; if that "
-                                  f"process is gone (its node crashed), delete {lock_path}") from None
+                                   f"wait for it to end (or kill its ranks), or choose another run.dir; if that "
+                                   f"process is gone (its node crashed), delete {lock_path}") from None
             dist.print0(f"WARNING: {lock_path} was left locked by an earlier run of this job ({holder}): replaced")
             lock_path.unlink(missing_ok=True)   # the new file is another inode, free to lock
             continue
@@ -55,7 +55,7 @@ def hold_run_dir_lock(run_dir: Path) -> Optional[IO]:
             return handle
         handle.close()
     raise config_error("run.dir", f"{lock_path} was replaced {ATTEMPTS} times while this run "
-                      "tried to lock it: is another run of this job starting?")
+                       "tried to lock it: is another run of this job starting?")
 
 
 def _read(handle: IO) -> str:

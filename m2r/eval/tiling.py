@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from m2r.models.config import MIN_SIZE, SIZE_MULTIPLE
 
 
-
 def padded_size(size: int) -> int:
     return max(MIN_SIZE, -(-size // SIZE_MULTIPLE) * SIZE_MULTIPLE)
 

@@ -250,7 +250,7 @@ class CLIPPrior(nn.Module):
         super().__init__()
         if input_range not in INPUT_RANGES:
             raise config_error("model.input_range", f"'{input_range}' is not one "
-                              f"of {list(INPUT_RANGES)}")
+                               f"of {list(INPUT_RANGES)}")
         prompts = list(cfg.prompts)
         if not prompts:
             raise _config_error("prompts", "needs at least one prompt")

@@ -134,5 +134,5 @@ def require_same_network(saved_model: Mapping, run_model, key: str, source: str,
     something else with them (another input range, expert combine, mask...): refuse that here."""
     differences = network_differences(saved_model, run_model, allowed)
     if differences:
-        raise config_error(f"{key}", f"{source} was saved from another network than this "
-                          f"run's: {'; '.join(differences)}. {remedy}")
+        raise config_error(key, f"{source} was saved from another network than this run's: "
+                                f"{'; '.join(differences)}. {remedy}")

@@ -24,7 +24,6 @@ from m2r.dist import announce_once
 from m2r.models.config import SCAN_BACKENDS
 
 
-
 def check_scan_backend_name(name: str) -> None:
     if name not in SCAN_BACKENDS:
         raise ValueError(f"model.scan_backend={name!r} is not one of {list(SCAN_BACKENDS)}")
@@ -89,7 +88,6 @@ def mamba_ssm_unavailable_reason(device: torch.device) -> Optional[str]:
     if error is not None:
         return f"mamba_ssm not importable: {type(error).__name__}: {error}"
     return None
-
 
 
 def _torch_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
