@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -29,12 +28,10 @@ from m2r.atomic import atomic_path, default_file_mode
 from m2r.cli import run_main
 from m2r.config import ConfigError, save_config
 from m2r.engine.checkpoint import DENSE_FILE, CheckpointRef, checkpoint_at, load_ema_states
-from m2r.engine.experts import with_global_expert_id
+from m2r.engine.zero_state import MASTER, stitched_zero_state
 from m2r.models.convert import CheckpointMismatch, read_checkpoint
-from m2r.models.moe import expert_parallel_rank
 
 EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
-ZERO_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 
 
 def _load(path: Path):
@@ -64,27 +61,9 @@ def _require_every_expert(ref: CheckpointRef, expert_files: Dict[Tuple[int, int]
                                  "the checkpoint is incomplete; export an older one")
 
 
-def _global_name(local_name: str, ep_rank: int, num_local_experts: int) -> str:
-    return with_global_expert_id(local_name, ep_rank * num_local_experts)
-
-
 def fp32_master_weights(ref: CheckpointRef, ep_size: int, num_experts: int) -> Dict[str, torch.Tensor]:
     """Flat fp32 parameters stitched from the ZeRO 1/2 shards, keyed by global name (shape not restored)."""
-    shard_files = sorted((int(m.group(1)), p) for p in ref.path.iterdir() if (m := ZERO_FILE.match(p.name)))
-    if not shard_files:
-        return {}
-    fragments: Dict[str, List[Tuple[int, torch.Tensor]]] = defaultdict(list)
-    for rank, path in shard_files:
-        shard = _load(path)["optimizer_state_dict"]
-        if "param_slice_mappings" not in shard:
-            raise ValueError(f"{path}: no param_slice_mappings (not a ZeRO 1/2 shard this exporter can read)")
-        ep_rank = expert_parallel_rank(rank, ep_size)
-        for flat, mapping in zip(shard["single_partition_of_fp32_groups"], shard["param_slice_mappings"]):
-            for name, address in mapping.items():
-                piece = flat.narrow(0, address.start, address.numel)
-                fragments[_global_name(name, ep_rank, num_experts // ep_size)].append((rank, piece))
-    return {name: torch.cat([piece for _, piece in sorted(pieces, key=lambda p: p[0])])
-            for name, pieces in fragments.items()}
+    return {name: state[MASTER] for name, state in stitched_zero_state(ref, ep_size, num_experts).items()}
 
 
 def export_state_dict(ref: CheckpointRef, use_ema: bool = False) -> Tuple[Dict[str, torch.Tensor], dict]:

@@ -1,4 +1,5 @@
-"""Test helper: build the trainer (which resumes), then save its weights keyed by global expert id.
+"""Test helper: build the trainer (which resumes), then save its weights keyed by global expert id and,
+under ZeRO 1/2, its optimizer's state as DeepSpeed writes it into a checkpoint (OUT.pt.zero.rank<R>).
 
     python tests/engine_dump_resumed.py OUT.pt --config CONFIG [key=value ...]
 """
@@ -23,6 +24,8 @@ def main(out: str, argv) -> None:
     module = trainer.engine.module
     names = global_expert_names(module)
     torch.save({names[key]: value for key, value in module.state_dict().items()}, f"{out}.rank{env.rank}")
+    if trainer.cfg.train.zero_stage > 0:
+        torch.save({"optimizer_state_dict": trainer.engine.optimizer.state_dict()}, f"{out}.zero.rank{env.rank}")
     dist.destroy_process_group()
 
 

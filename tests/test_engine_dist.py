@@ -248,7 +248,7 @@ def test_a_two_rank_ep2_checkpoint_resumes_on_one_rank_with_experts_by_global_id
     output = run_launch([sys.executable, "tests/engine_dump_resumed.py", str(dump), "--config", TINY,
                          f"run.dir={tmp_path / 'one-rank'}", f"run.resume={tag_dir}",
                          *[o for o in RESUME if not o.startswith("model.moe.ep_size")], "model.moe.ep_size=1"])
-    assert "TOPOLOGY CHANGE" in output and "world size 2, ep_size 2" in output and "optimizer restarts" in output
+    assert "TOPOLOGY CHANGE" in output and "world size 2, ep_size 2" in output and "(re-partitioned)" in output
     loaded = torch.load(f"{dump}.rank0")
     saved, _ = merged_module_state(resolve_resume(str(tag_dir), tag_dir.parent))
     experts = [name for name in saved if ".deepspeed_experts." in name]
@@ -256,6 +256,63 @@ def test_a_two_rank_ep2_checkpoint_resumes_on_one_rank_with_experts_by_global_id
     assert saved.keys() == loaded.keys()
     for name in saved:
         assert torch.equal(loaded[name], saved[name]), name
+
+
+def test_a_topology_change_re_partitions_the_optimizer_state(resume_runs, tmp_path):
+    """World size 2 -> 3, ep_size 2 -> 1, ZeRO 2 -> 1: the three ranks' new ZeRO partitions (parameters
+    split across them, padding at the end) hold every saved master weight, moment and step count, experts
+    by global id, and the bf16 weights are the masters rounded."""
+    from m2r.engine.checkpoint import CheckpointRef
+    from m2r.engine.zero_state import MASTER, MOMENTS, stitched_zero_state
+
+    tag_dir = resume_runs["split"] / "checkpoints" / "step00000003"
+    dump = tmp_path / "resumed.pt"
+    output = run_launch(torchrun_command(3, "tests/engine_dump_resumed.py", str(dump), "--config", TINY,
+                                         f"run.dir={tmp_path / 'three-ranks'}", f"run.resume={tag_dir}",
+                                         *[o for o in RESUME if not o.startswith(("model.moe.ep_size",
+                                                                                  "train.zero_stage"))],
+                                         "model.moe.ep_size=1", "train.zero_stage=1"))
+    assert "Loaded: model weights, fp32 master weights, AdamW moments and step counts (re-partitioned)" in output
+    live_tag = tmp_path / "live" / "step00000003"
+    live_tag.mkdir(parents=True)
+    for rank in range(3):
+        shutil.copy(f"{dump}.zero.rank{rank}", live_tag / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+    keys = (MASTER, *MOMENTS, "step")
+    saved = stitched_zero_state(CheckpointRef(tag_dir.parent, tag_dir.name), 2, 4, keys)
+    live = stitched_zero_state(CheckpointRef(live_tag.parent, live_tag.name), 1, 4, keys)
+    assert len([name for name in saved if ".deepspeed_experts." in name]) == 3 * 4 * 4
+    assert saved.keys() == live.keys()
+    for rank in range(3):
+        weights = torch.load(f"{dump}.rank{rank}")
+        for name, state in saved.items():
+            assert torch.equal(weights[name].flatten(), state[MASTER].bfloat16()), (rank, name)
+    for name, state in saved.items():
+        assert state.keys() == live[name].keys() == set(keys), name
+        assert float(live[name]["step"]) == 3.0
+        for key in (MASTER, *MOMENTS):
+            assert torch.equal(live[name][key], state[key]), (name, key)
+
+
+CARRY = ("train.precision=fp32", "train.zero_stage=2", "model.moe.ep_size=2", "model.moe.noisy_gating=false",
+         "run.val_every=100", "run.image_every=0")
+
+
+def test_after_a_topology_change_training_continues_as_from_an_exact_resume(tmp_path):
+    """Same weights, same batches (both resumes draw a fresh stream: data.workers changes): resuming at
+    ep_size 1 and ZeRO 1, every partition laid out anew, trains steps 4-6 as the resume at the saved
+    topology does. Restarting AdamW there, as topology changes did before, changes steps 5 and 6 by
+    percents."""
+    pretrain(tmp_path / "base", *CARRY, "data.workers=1", "train.steps=3")
+    checkpoint = f"run.resume={tmp_path / 'base' / 'checkpoints' / 'step00000003'}"
+    losses = {}
+    for name, changes in (("exact", ()), ("changed", ("model.moe.ep_size=1", "train.zero_stage=1"))):
+        settings = [s for s in CARRY if s.split("=")[0] not in {c.split("=")[0] for c in changes}]
+        output = pretrain(tmp_path / name, *settings, *changes, checkpoint, "data.workers=2", "train.steps=6")
+        assert ("TOPOLOGY CHANGE" in output) == (name == "changed")
+        losses[name] = train_losses(tmp_path / name)
+    assert sorted(losses["changed"]) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert losses["changed"][step] == pytest.approx(losses["exact"][step], rel=1e-4), step
 
 
 def first_gradient_norm(run_dir):
@@ -279,9 +336,9 @@ def test_bf16_follows_fp32_training_at_zero_1_and_2(tmp_path):
         assert train_losses(tmp_path / f"bf16-zero{stage}")[3] == pytest.approx(reference_loss, rel=0.002)
 
 
-def test_bf16_resumes_exactly_and_a_precision_change_loads_weights(tmp_path):
+def test_bf16_resumes_exactly_and_a_precision_change_loads_weights_and_optimizer(tmp_path):
     """bf16 and fp32 optimizer states are different DeepSpeed files: resuming under another precision
-    must load the weights, not crash."""
+    must carry the fp32 master weights and AdamW over, not crash or round the weights to bf16."""
     settings = ("train.precision=bf16", "train.zero_stage=1", "train.grad_accum=2", "model.moe.ep_size=2",
                 "data.workers=1", "train.steps=4", "run.val_every=100", "run.image_every=0")
     pretrain(tmp_path / "straight", *settings)
@@ -293,7 +350,8 @@ def test_bf16_resumes_exactly_and_a_precision_change_loads_weights(tmp_path):
                        "train.precision=fp32", "train.steps=5")
     assert "TOPOLOGY CHANGE" in changed
     assert "ep_size 2, bf16, ZeRO 1; this run has world size 2, ep_size 2, fp32, ZeRO 1" in changed
-    assert "the fp32 master weights" in changed and "stopping at step 5: finished" in changed
+    assert "Loaded: model weights, fp32 master weights, AdamW moments" in changed
+    assert "stopping at step 5: finished" in changed
     assert "resume: settings changed since step00000004: train.precision 'bf16' -> 'fp32'; train.steps 4 -> 5" \
         in changed
 

@@ -21,7 +21,6 @@ from m2r.engine.monitor import Monitor, NullMonitor, build_monitor
 from m2r.engine.optim import EMA, learning_rate
 from m2r.eval.metrics import batch_psnr as psnr
 from m2r.eval.metrics import batch_ssim as ssim
-from m2r.export import _global_name
 
 TINY = "configs/pretrain/tiny-test.yaml"
 
@@ -377,10 +376,12 @@ def test_resume_targets(tmp_path):
     assert checkpoint_at(str(tmp_path), "init.weights").tag == "step00000007"
 
 
-def test_export_renames_local_experts_to_global_ids():
+def test_local_experts_are_renamed_to_global_ids_from_their_ranks_first_expert():
+    from m2r.engine.experts import with_global_expert_id
+
     name = "dder2.deepspeed_moe.experts.deepspeed_experts.1.fc1.weight"
-    assert _global_name(name, ep_rank=2, num_local_experts=3) == name.replace(".1.", ".7.")
-    assert _global_name("dder2.router.w_g", ep_rank=2, num_local_experts=3) == "dder2.router.w_g"
+    assert with_global_expert_id(name, first_global_id=2 * 3) == name.replace(".1.", ".7.")
+    assert with_global_expert_id("dder2.router.w_g", first_global_id=6) == "dder2.router.w_g"
 
 
 # ----------------------------------------------------------------------------------- random generators
@@ -734,6 +735,59 @@ def test_zero_fragments_are_stitched_in_rank_order_and_experts_renamed_per_ep_ra
     assert weights["dense.weight"].tolist() == [0, 1, 10, 11, 20, 21, 30, 31]
     assert weights[expert].tolist() == [2, 3, 22, 23]
     assert weights[expert.replace(".0.", ".1.")].tolist() == [12, 13, 32, 33]
+
+
+def _partition_holding(tail_of_a: int, head_of_b: int):
+    """A fake ZeRO optimizer whose one flat partition holds the last `tail_of_a` values of a 4-value
+    parameter `a` and the first `head_of_b` of a 3-value `b`, then 1 value of padding."""
+    a, b = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(3))
+    a._hp_mapping = SimpleNamespace(lp_fragment_address=SimpleNamespace(start=4 - tail_of_a, numel=tail_of_a),
+                                    hp_fragment_address=SimpleNamespace(start=0, numel=tail_of_a))
+    b._hp_mapping = SimpleNamespace(lp_fragment_address=SimpleNamespace(start=0, numel=head_of_b),
+                                    hp_fragment_address=SimpleNamespace(start=tail_of_a, numel=head_of_b))
+    flat = torch.full((tail_of_a + head_of_b + 1,), -1.0)
+    zero = SimpleNamespace(bit16_groups=[[a, b]], single_partition_of_fp32_groups=[flat],
+                           optimizer=SimpleNamespace(state={}))
+    return zero, flat, {id(a): "a", id(b): "b"}
+
+
+def test_a_new_zero_partition_takes_each_parameters_fragment_of_the_saved_state():
+    """A resume at another topology: the masters and both AdamW moments of exactly the fragments this
+    rank's partition holds, at their offsets, and the saved step count (AdamW's bias correction)."""
+    from m2r.engine.zero_state import _fill_partition
+
+    zero, flat, names = _partition_holding(tail_of_a=1, head_of_b=2)
+    saved = {name: {"fp32": torch.arange(n) + base, "exp_avg": torch.arange(n) + base + 100,
+                    "exp_avg_sq": torch.arange(n) + base + 200, "step": torch.tensor(7.0)}
+             for name, n, base in (("a", 4, 0.0), ("b", 3, 10.0))}
+    _fill_partition(zero, 0, flat, saved, names)
+    assert flat.tolist() == [3, 10, 11, -1]   # padding left alone
+    state = zero.optimizer.state[flat]
+    assert state["exp_avg"].tolist() == [103, 110, 111, 0] and state["exp_avg_sq"].tolist() == [203, 210, 211, 0]
+    assert float(state["step"]) == 7.0
+
+
+def test_a_partition_saved_before_any_step_leaves_adamw_fresh_and_disagreeing_steps_are_refused():
+    from m2r.engine.zero_state import _fill_partition
+
+    zero, flat, names = _partition_holding(tail_of_a=2, head_of_b=1)
+    masters_only = {"a": {"fp32": torch.arange(4.0)}, "b": {"fp32": torch.arange(3.0)}}
+    _fill_partition(zero, 0, flat, masters_only, names)
+    assert flat.tolist() == [2, 3, 0, -1] and zero.optimizer.state == {}
+
+    disagreeing = {name: {"fp32": torch.zeros(n), "exp_avg": torch.zeros(n), "exp_avg_sq": torch.zeros(n),
+                          "step": torch.tensor(step)} for name, n, step in (("a", 4, 7.0), ("b", 3, 6.0))}
+    with pytest.raises(ValueError, match="parameter group 0: the saved step counts disagree"):
+        _fill_partition(zero, 0, flat, disagreeing, names)
+
+
+def test_the_optimizer_follows_a_topology_change_between_zero_stages_1_and_2_only():
+    from m2r.engine.zero_state import why_not_carried
+
+    assert why_not_carried(Topology(8, 8, "bf16", 2), Topology(4, 2, "fp32", 1)) is None
+    for saved, current in ((0, 1), (1, 0)):
+        reason = why_not_carried(Topology(2, 1, "fp32", saved), Topology(1, 1, "fp32", current))
+        assert "ZeRO stage 0" in reason
 
 
 def test_resuming_from_another_runs_checkpoint_leaves_that_runs_newer_checkpoints_in_place(tmp_path):

@@ -146,6 +146,11 @@ def test_two_rank_finetune_from_a_one_rank_pretraining_checkpoint_then_evaluatio
         assert list(results["sets"]) == names
         assert all(PROTOCOL_KEYS <= set(summary) for summary in results["sets"].values())
 
+    # The two-rank run continued on one rank at ep_size 1: the optimizer follows, re-partitioned.
+    log = run([*finetune, "model.moe.ep_size=1", "train.epochs=3", f"run.dir={finetune_dir}"], repo_root)
+    assert "saved with world size 2, ep_size 2" in log and "AdamW moments and step counts (re-partitioned)" in log
+    assert "resumed from" in log and (finetune_dir / "checkpoints/latest").read_text() == "step00000008"  # 4 a epoch
+
 
 def test_ranks_train_on_rank_0s_listing_of_the_dataset(repo_root, tmp_path):
     """A rank listing fewer images would run fewer steps per epoch and wait for the others forever."""

@@ -42,8 +42,9 @@ def tag_for(step: int) -> str:
 
 @dataclass(frozen=True)
 class Topology:
-    """What a checkpoint's optimizer state is laid out for: it loads only into a run with the same
-    four (ZeRO partitions follow the ranks and expert groups, precision decides DeepSpeed's files)."""
+    """What a checkpoint's optimizer state is laid out for: DeepSpeed loads it only into a run with the
+    same four (ZeRO partitions follow the ranks and expert groups, precision decides its files); into
+    another, m2r/engine/zero_state.py re-partitions it."""
     world_size: int
     ep_size: int
     precision: str

@@ -30,6 +30,7 @@ from m2r.engine.monitor import NullMonitor, StepTimer, build_monitor
 from m2r.engine.optim import EMA, build_optimizer, learning_rate, set_learning_rate
 from m2r.engine.rng import reseed, restore_rng_state
 from m2r.engine.run_lock import hold_run_dir_lock
+from m2r.engine.zero_state import load_resharded_optimizer_state, why_not_carried
 from m2r.eval.image_io import to_unit_float
 from m2r.models.config import require_same_network
 from m2r.models.scan import resolve_scan_backend
@@ -77,6 +78,7 @@ class TrainingRun:
     total_steps: int               # steps of the whole run (from `_open_monitor`)
     monitor: NullMonitor           # (from `_open_monitor`)
     ema: Optional[EMA]             # (from `_start_ema`)
+    optimizer_not_carried: Optional[str]  # after a resume at another topology: why AdamW restarted, or None
 
     def __init__(self, cfg, env: dist.DistEnv, validate_config: Callable[[Any, int], None],
                  stop_request: Optional[stop_signals.StopRequest] = None):
@@ -201,13 +203,17 @@ class TrainingRun:
     # ----------------------------------------------------------------------------- resume
     def _load_checkpoint(self, ref: CheckpointRef) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:
         """Load `ref` into the engine and take its step. Saved at this run's topology, everything loads
-        (an exact resume); at another, the model weights only (experts by global id).
+        (an exact resume); at another, the model weights (experts by global id) and, between ZeRO 1/2
+        runs, the optimizer re-partitioned (m2r/engine/zero_state.py).
 
         Returns the client state and this rank's saved RNG state, None unless the resume is exact.
         """
         try:
             if ref.topology() != self.topology:
                 client = load_weights_only(self.engine, ref)
+                self.optimizer_not_carried = why_not_carried(ref.topology(), self.topology)
+                if self.optimizer_not_carried is None:
+                    load_resharded_optimizer_state(self.engine, ref)
                 saved_rng = None
             else:
                 _, client = self.engine.load_checkpoint(str(ref.root), tag=ref.tag)
@@ -221,18 +227,23 @@ class TrainingRun:
         return client, saved_rng
 
     def _warn_topology_change(self, ref: CheckpointRef, lost_position: str) -> None:
-        """After a weights-only resume: what was kept and what was lost (`lost_position`: where the run
+        """After a resume at another topology: what was kept and what was lost (`lost_position`: where the run
         was in its data)."""
-        lost = ["AdamW moments and step counts (the optimizer restarts)", lost_position,
-                "the per-rank RNG states (reseeded from seed, rank and step)"]
-        if {ref.topology().precision, self.topology.precision} != {"fp32"}:
-            lost.append("the fp32 master weights (rebuilt from the low-precision module weights)")
+        loaded, lost = "model weights", [lost_position, "the per-rank RNG states (reseeded from seed, rank and step)"]
+        if self.optimizer_not_carried is None:
+            loaded = "model weights, fp32 master weights, AdamW moments and step counts (re-partitioned)"
+            if ref.topology().precision == "fp16":
+                lost.append("the fp16 loss scale (starts again from its initial value)")
+        else:
+            lost.insert(0, f"AdamW moments and step counts (the optimizer restarts: {self.optimizer_not_carried})")
+            if {ref.topology().precision, self.topology.precision} != {"fp32"}:
+                lost.append("the fp32 master weights (rebuilt from the low-precision module weights)")
         bar = "!" * 100
         dist.print0("\n".join([
             bar,
             f"WARNING: TOPOLOGY CHANGE: {ref.path} was saved with {ref.topology().describe()}; this run has "
             f"{self.topology.describe()}.",
-            "  Loaded: model weights, experts mapped by global id. LOST: " + "; ".join(lost) + ".",
+            f"  Loaded: {loaded}, experts mapped by global id. LOST: " + "; ".join(lost) + ".",
             bar]))
 
     def _seed_rng(self, saved_rng: Optional[Dict[str, Any]]) -> None:
