@@ -77,7 +77,8 @@ def stitched_zero_state(ref: CheckpointRef, ep_size: int, num_experts: int, keys
                     if key == "step":
                         steps[name] = flat
                     else:
-                        fragments[name, key].append((rank, flat.narrow(0, address.start, address.numel)))
+                        # a copy: a view would keep the whole shard in memory until the end
+                        fragments[name, key].append((rank, flat.narrow(0, address.start, address.numel).clone()))
     state: Dict[str, ParameterState] = defaultdict(dict)
     for (name, key), pieces in fragments.items():
         state[name][key] = torch.cat([piece for _, piece in sorted(pieces, key=lambda p: p[0])])
