@@ -760,7 +760,7 @@ def test_a_new_zero_partition_takes_each_parameters_fragment_of_the_saved_state(
     saved = {name: {"fp32": torch.arange(n) + base, "exp_avg": torch.arange(n) + base + 100,
                     "exp_avg_sq": torch.arange(n) + base + 200, "step": torch.tensor(7.0)}
              for name, n, base in (("a", 4, 0.0), ("b", 3, 10.0))}
-    _fill_partition(zero, 0, flat, saved, names)
+    assert _fill_partition(zero, 0, flat, saved, names) is True
     assert flat.tolist() == [3, 10, 11, -1]   # padding left alone
     state = zero.optimizer.state[flat]
     assert state["exp_avg"].tolist() == [103, 110, 111, 0] and state["exp_avg_sq"].tolist() == [203, 210, 211, 0]
@@ -772,7 +772,7 @@ def test_a_partition_saved_before_any_step_leaves_adamw_fresh_and_disagreeing_st
 
     zero, flat, names = _partition_holding(tail_of_a=2, head_of_b=1)
     masters_only = {"a": {"fp32": torch.arange(4.0)}, "b": {"fp32": torch.arange(3.0)}}
-    _fill_partition(zero, 0, flat, masters_only, names)
+    assert _fill_partition(zero, 0, flat, masters_only, names) is False
     assert flat.tolist() == [2, 3, 0, -1] and zero.optimizer.state == {}
 
     disagreeing = {name: {"fp32": torch.zeros(n), "exp_avg": torch.zeros(n), "exp_avg_sq": torch.zeros(n),

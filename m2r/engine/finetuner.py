@@ -52,6 +52,7 @@ def local_state_from_global(model, state: Dict[str, torch.Tensor]) -> Dict[str, 
 
 class Finetuner(TrainingRun):
     KIND = "finetune"
+    POSITION = "the position in the epoch"
 
     def __init__(self, cfg, env: dist.DistEnv, stop_request: Optional[stop_signals.StopRequest] = None):
         super().__init__(cfg, env, validate_finetune_config, stop_request)
@@ -173,12 +174,11 @@ class Finetuner(TrainingRun):
                              allowed=allowed_model_changes(self.cfg.init))
 
     def _resume(self, ref: CheckpointRef) -> Optional[Dict[str, Any]]:
-        """Continue from `ref`; returns this rank's saved RNG state on an exact resume, None otherwise."""
+        """Continue from `ref`; returns this rank's saved RNG state when the ranks are laid out as they
+        were (same world size and ep_size), None otherwise (the epoch then restarts)."""
         client, saved_rng = self._load_checkpoint(ref)
-        if saved_rng is not None:  # exact: the epoch continues where it stopped
+        if saved_rng is not None:  # the epoch continues where it stopped
             self.samples_into_epoch = client["samples_into_epoch"]
-        else:
-            self._warn_topology_change(ref, "the position in the epoch (the epoch restarts)")
         self._restore_ema(ref)
         self.epoch, self.best = client["epoch"], client["best"]
         dist.print0(f"resumed from {ref.path}: {self._epoch_name()}, step {self.step}")

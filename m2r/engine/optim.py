@@ -31,6 +31,12 @@ def learning_rate(step: int, train) -> float:
     return train.min_lr + 0.5 * (train.lr - train.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+def apply_optimizer_settings(optimizer: torch.optim.Optimizer, train) -> None:
+    """This run's AdamW settings in every group (loading an optimizer state restores the saved ones)."""
+    for group in optimizer.param_groups:
+        group.update(betas=tuple(train.betas), eps=train.eps, weight_decay=train.weight_decay)
+
+
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

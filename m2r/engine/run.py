@@ -27,7 +27,7 @@ from m2r.engine.deepspeed_config import (build_deepspeed_config, gradient_accumu
                                          gradient_reduction_dtype)
 from m2r.engine.loss import LossTerms, restoration_loss
 from m2r.engine.monitor import NullMonitor, StepTimer, build_monitor
-from m2r.engine.optim import EMA, build_optimizer, learning_rate, set_learning_rate
+from m2r.engine.optim import EMA, apply_optimizer_settings, build_optimizer, learning_rate, set_learning_rate
 from m2r.engine.rng import reseed, restore_rng_state
 from m2r.engine.run_lock import hold_run_dir_lock
 from m2r.engine.zero_state import load_resharded_optimizer_state, why_not_carried
@@ -64,6 +64,7 @@ class StepResult(NamedTuple):
 
 class TrainingRun:
     KIND: str                      # "pretrain" | "finetune": which checkpoints it may resume
+    POSITION: str                  # the run's place in its data, as the topology warning names it
     cfg: Any                       # PretrainConfig or FinetuneConfig (OmegaConf, read-only)
     device: torch.device
     topology: Topology
@@ -104,6 +105,7 @@ class TrainingRun:
             dist.on_rank0(lambda: self._check_resumable(self.resume_ref))
             self._set_aside_newer_checkpoints(self.resume_ref)
         self.step = 0
+        self.optimizer_not_carried = None
 
     def _lock_run_dir(self) -> None:
         """Rank 0 holds the run.dir lock for the whole run (m2r/engine/run_lock.py)."""
@@ -203,51 +205,66 @@ class TrainingRun:
     # ----------------------------------------------------------------------------- resume
     def _load_checkpoint(self, ref: CheckpointRef) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:
         """Load `ref` into the engine and take its step. Saved at this run's topology, everything loads
-        (an exact resume); at another, the model weights (experts by global id) and, between ZeRO 1/2
-        runs, the optimizer re-partitioned (m2r/engine/zero_state.py).
+        (an exact resume); at another, the model weights (experts by global id) and, when both runs use
+        ZeRO 1 or 2, the optimizer re-partitioned (m2r/engine/zero_state.py). The optimizer's settings
+        are this run's either way (an exact load would bring back the checkpoint's).
 
-        Returns the client state and this rank's saved RNG state, None unless the resume is exact.
+        Returns the client state and this rank's saved RNG state; None when the ranks are laid out
+        otherwise (world size or ep_size changed): the place in the data and the RNGs then start afresh.
         """
+        saved = ref.topology()
+        same_ranks = (saved.world_size, saved.ep_size) == (self.topology.world_size, self.topology.ep_size)
         try:
-            if ref.topology() != self.topology:
+            if saved != self.topology:
                 client = load_weights_only(self.engine, ref)
-                self.optimizer_not_carried = why_not_carried(ref.topology(), self.topology)
-                if self.optimizer_not_carried is None:
-                    load_resharded_optimizer_state(self.engine, ref)
-                saved_rng = None
+                self._carry_optimizer(ref)
             else:
                 _, client = self.engine.load_checkpoint(str(ref.root), tag=ref.tag)
-                saved_rng = client["rng_states"][dist.rank()]
         except Exception as error:
             older = [tag for tag in complete_tags(ref.root) if tag < ref.tag]
             advice = f"resume an older one with run.resume={ref.root / older[-1]}" if older else "no older one is kept"
             raise RuntimeError(f"loading {ref.path} failed ({type(error).__name__}: {error}); if its files are "
                                f"damaged, {advice}") from error
+        apply_optimizer_settings(self.optimizer, self.cfg.train)
         self.step = client["step"]
-        return client, saved_rng
+        if saved != self.topology:
+            self._warn_topology_change(ref, same_ranks)
+        return client, client["rng_states"][dist.rank()] if same_ranks else None
 
-    def _warn_topology_change(self, ref: CheckpointRef, lost_position: str) -> None:
-        """After a resume at another topology: what was kept and what was lost (`lost_position`: where the run
-        was in its data)."""
-        loaded, lost = "model weights", [lost_position, "the per-rank RNG states (reseeded from seed, rank and step)"]
+    def _carry_optimizer(self, ref: CheckpointRef) -> None:
+        """After a weights-only load: the saved optimizer re-partitioned, where both runs use ZeRO 1/2."""
+        self.optimizer_not_carried = why_not_carried(ref.topology(), self.topology)
         if self.optimizer_not_carried is None:
-            loaded = "model weights, fp32 master weights, AdamW moments and step counts (re-partitioned)"
-            if ref.topology().precision == "fp16":
-                lost.append("the fp16 loss scale (starts again from its initial value)")
+            if not load_resharded_optimizer_state(self.engine, ref):
+                self.optimizer_not_carried = "none saved (the checkpoint precedes the first optimizer step)"
+
+    def _warn_topology_change(self, ref: CheckpointRef, same_ranks: bool) -> None:
+        """What a resume at another topology kept and lost."""
+        saved = ref.topology()
+        loaded, lost = ["model weights"], []
+        if self.optimizer_not_carried is None:
+            loaded.append("fp32 master weights, AdamW moments and step counts (re-partitioned)")
         else:
-            lost.insert(0, f"AdamW moments and step counts (the optimizer restarts: {self.optimizer_not_carried})")
-            if {ref.topology().precision, self.topology.precision} != {"fp32"}:
+            lost.append(f"AdamW moments and step counts (the optimizer restarts: {self.optimizer_not_carried})")
+            if {saved.precision, self.topology.precision} != {"fp32"}:
                 lost.append("the fp32 master weights (rebuilt from the low-precision module weights)")
+        if saved.precision == self.topology.precision == "fp16":
+            lost.append("the fp16 loss scale (starts again from its initial value)")
+        if same_ranks:
+            loaded.append(f"{self.POSITION} and the per-rank RNG states (same world size and ep_size)")
+        else:
+            lost += [f"{self.POSITION} (started afresh)", "the per-rank RNG states (reseeded from seed, rank and step)"]
         bar = "!" * 100
         dist.print0("\n".join([
             bar,
-            f"WARNING: TOPOLOGY CHANGE: {ref.path} was saved with {ref.topology().describe()}; this run has "
+            f"WARNING: TOPOLOGY CHANGE: {ref.path} was saved with {saved.describe()}; this run has "
             f"{self.topology.describe()}.",
-            f"  Loaded: {loaded}, experts mapped by global id. LOST: " + "; ".join(lost) + ".",
+            f"  Loaded: {'; '.join(loaded)}; experts mapped by global id. LOST: {'; '.join(lost) or 'nothing'}.",
             bar]))
 
     def _seed_rng(self, saved_rng: Optional[Dict[str, Any]]) -> None:
-        """The saved state on an exact resume; else a seed from (seed, rank, step): gate noise differs per rank."""
+        """The saved state when the ranks are laid out as saved; else a seed from (seed, rank, step): gate
+        noise differs per rank."""
         if saved_rng is not None:
             restore_rng_state(saved_rng)
         else:

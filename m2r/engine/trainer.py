@@ -27,6 +27,7 @@ from m2r.eval.metrics import batch_psnr
 
 class Trainer(TrainingRun):
     KIND = "pretrain"
+    POSITION = "the data stream position"
     stream: Any                    # iterable of uint8 batches with state_dict()/load_state_dict()
     val_batches: List[Dict[str, torch.Tensor]]
     first_val_psnr: Optional[float]  # validation PSNR before any training (kept across resumes)
@@ -90,14 +91,13 @@ class Trainer(TrainingRun):
 
     # ----------------------------------------------------------------------------- resume
     def _resume(self, ref: CheckpointRef) -> Optional[Dict[str, Any]]:
-        """Continue from `ref`; returns this rank's saved RNG state on an exact resume (same world size
-        and ep_size), None otherwise."""
+        """Continue from `ref`; returns this rank's saved RNG state when the ranks are laid out as they
+        were (same world size and ep_size), None otherwise."""
         client, saved_rng = self._load_checkpoint(ref)
-        if saved_rng is not None:  # exact: the data stream continues where it stopped
+        if saved_rng is not None:  # the data stream continues where it stopped
             self._continue_stream(client["stream_states"][dist.rank()], ref)
         else:
-            self.stream.start_fresh(self.step)
-            self._warn_topology_change(ref, "the data stream position (a fresh stream is drawn, seeded by the step)")
+            self.stream.start_fresh(self.step)   # seeded by the step
         self._restore_ema(ref)
         if self._finished():
             dist.print0(f"train.steps={self.cfg.train.steps} is reached already (the checkpoint is at step "

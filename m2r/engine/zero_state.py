@@ -18,6 +18,7 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 import torch
 
+from m2r import dist
 from m2r.engine.checkpoint import CheckpointRef, Topology
 from m2r.engine.experts import global_expert_names, with_global_expert_id
 from m2r.models.convert import read_checkpoint
@@ -87,10 +88,11 @@ def stitched_zero_state(ref: CheckpointRef, ep_size: int, num_experts: int, keys
     return dict(state)
 
 
-def load_resharded_optimizer_state(engine, ref: CheckpointRef) -> None:
+def load_resharded_optimizer_state(engine, ref: CheckpointRef) -> bool:
     """Give this rank's ZeRO optimizer the fp32 master weights, AdamW moments and step counts `ref` saved
     at another topology, and its module the masters cast to its dtype. Call after the weights are loaded
-    (`load_weights_only`): the module then matches the masters exactly, as after an optimizer step."""
+    (`load_weights_only`): the module then matches the masters exactly, as after an optimizer step.
+    Returns whether AdamW state was saved (not when the checkpoint precedes the first step). Collective."""
     zero = engine.optimizer
     saved_moe = ref.saved_config()["model"]["moe"]
     local_to_global = global_expert_names(engine.module)
@@ -107,13 +109,15 @@ def load_resharded_optimizer_state(engine, ref: CheckpointRef) -> None:
                 raise ValueError(f"{ref.path}: {local_to_global[name]} has {master.numel()} values, this network "
                                  f"{param.numel()}")
             param.copy_(master.view(param.shape))
-        for group, flat in enumerate(zero.single_partition_of_fp32_groups):
-            _fill_partition(zero, group, flat, state, param_names)
+        stepped = [_fill_partition(zero, group, flat, state, param_names)
+                   for group, flat in enumerate(zero.single_partition_of_fp32_groups)]
+    return dist.max_over_ranks(float(any(stepped))) > 0   # a rank may hold no fragment of a stepped group
 
 
 def _fill_partition(zero, group: int, flat: torch.Tensor, state: Dict[str, ParameterState],
-                    param_names: Dict[int, str]) -> None:
-    """One group's flat fp32 partition and, if the saved optimizer had stepped, its AdamW state."""
+                    param_names: Dict[int, str]) -> bool:
+    """One group's flat fp32 partition and, if the saved optimizer had stepped, its AdamW state;
+    returns whether it had."""
     moments = {key: torch.zeros_like(flat) for key in MOMENTS}
     steps = set()
     for param in zero.bit16_groups[group]:
@@ -127,7 +131,8 @@ def _fill_partition(zero, group: int, flat: torch.Tensor, state: Dict[str, Param
                 buffer.narrow(0, target.start, target.numel).copy_(saved[key].narrow(0, source.start, source.numel))
         steps.add(float(saved["step"]) if "step" in saved else None)
     if steps == {None} or not steps:
-        return   # saved before its first optimizer step: AdamW starts fresh, as it would have
+        return False   # saved before its first optimizer step: AdamW starts fresh, as it would have
     if len(steps) != 1 or None in steps:
         raise ValueError(f"parameter group {group}: the saved step counts disagree ({sorted(map(str, steps))})")
     zero.optimizer.state[flat] = {"step": torch.tensor(steps.pop(), dtype=torch.float32), **moments}
+    return True
