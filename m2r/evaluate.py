@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
@@ -34,7 +34,7 @@ from m2r.cli import run_main
 from m2r.config import ConfigError
 from m2r.eval.datasets import (ALLWEATHER_PAPER_SETS, DATASETS, OFFICIAL_TEST_SIZES, Pair, check_pairs,
                                evaluation_sets, read_pair)
-from m2r.eval.image_io import as_unit, save_png
+from m2r.eval.image_io import as_unit, save_png, with_png_names
 from m2r.eval.loading import (add_inference_arguments, load_inference_model, make_accelerator, non_negative_int,
                               parse_inference_arguments, precision_name)
 from m2r.eval.metrics import image_metrics, parse_protocols
@@ -68,11 +68,12 @@ def parse_args(argv):
 
 
 @torch.no_grad()
-def evaluate_pairs(model, jobs: Sequence[Pair], protocols: Sequence[str], args,
+def evaluate_pairs(model, jobs: Sequence[Tuple[Pair, Path]], protocols: Sequence[str], args,
                    accelerator: Accelerator) -> List[dict]:
-    """Metrics of this process's share of the images: one dict per image (computed on the CPU)."""
+    """Metrics of this process's share of the images: one dict per image (computed on the CPU); with
+    --save-images, each restored image under images/ at its job's path."""
     records = []
-    for pair in jobs:
+    for pair, output in jobs:
         lq, gt = read_pair(pair, official_sizes=args.official_sizes)
         lq, gt = as_unit(lq, accelerator.device), as_unit(gt, torch.device("cpu"))
         with accelerator.autocast():
@@ -80,7 +81,7 @@ def evaluate_pairs(model, jobs: Sequence[Pair], protocols: Sequence[str], args,
         records.append({"set": pair.group, "image": pair.lq.name,
                         **image_metrics(restored.cpu(), gt[0], protocols)})
         if args.save_images:
-            save_png(restored, Path(args.out) / "images" / pair.group / f"{pair.lq.stem}.png")
+            save_png(restored, Path(args.out) / "images" / output)
     return records
 
 
@@ -163,7 +164,10 @@ def main(argv=None) -> int:
     # Process 0 lists (and checks) the images for all: processes listing a shared folder themselves could
     # disagree (a stale NFS listing) and score some images twice or not at all.
     sets = dist.on_rank0(lambda: listed_sets(args))
-    jobs = [pair for pairs in sets.values() for pair in pairs]
+    pairs = [pair for pairs in sets.values() for pair in pairs]
+    # <set>/<input stem>.png, unless two inputs of a set share a stem (a.jpg, a.png): then a.jpg.png
+    jobs = [(pair, output) for pair, (_, output)
+            in zip(pairs, with_png_names([(pair.lq, Path(pair.group) / pair.lq.name) for pair in pairs]))]
     named = ", ".join(name + _size_note(name, args.official_sizes) for name in sets)
     accelerator.print(f"evaluate: {len(jobs)} images in {len(sets)} sets ({named}) on "
                       f"{accelerator.num_processes} process(es), metrics {','.join(protocols)}, "

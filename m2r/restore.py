@@ -16,7 +16,6 @@ Weight formats: m2r/eval/loading.py.
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 from pathlib import Path
 from typing import List, Sequence, Tuple
 
@@ -27,7 +26,7 @@ from m2r import dist
 from m2r.cli import run_main
 from m2r.config import ConfigError
 from m2r.data.images import IMAGE_SUFFIXES, list_image_files, read_rgb
-from m2r.eval.image_io import as_unit, save_png
+from m2r.eval.image_io import as_unit, save_png, with_png_names
 from m2r.eval.loading import add_inference_arguments, load_inference_model, make_accelerator, parse_inference_arguments
 from m2r.eval.tiling import restore_image
 
@@ -56,22 +55,6 @@ def collect_inputs(inputs: List[str]) -> List[Tuple[Path, Path]]:
     if not found:
         raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {inputs}")
     return with_png_names(found)
-
-
-def with_png_names(found: Sequence[Tuple[Path, Path]]) -> List[Tuple[Path, Path]]:
-    """a/b.jpg -> a/b.png, except where inputs share a/b: each keeps its suffix (a/b.jpg.png), so no
-    output overwrites another; inputs that still collide (the same name in two input folders) stop."""
-    suffixes_per_stem = Counter(relative.with_suffix("") for relative in {relative for _, relative in found})
-    jobs, writers = [], {}
-    for image, relative in found:
-        shared = suffixes_per_stem[relative.with_suffix("")] > 1
-        output = relative.with_name(relative.name + ".png") if shared else relative.with_suffix(".png")
-        if output in writers:
-            raise ConfigError(f"inputs {writers[output]} and {image} would both be restored to "
-                              f"{output} under --out: restore them in separate runs")
-        writers[output] = image
-        jobs.append((image, output))
-    return jobs
 
 
 def accelerator_for(args) -> Accelerator:

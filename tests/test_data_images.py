@@ -29,3 +29,28 @@ def test_an_undecodable_file_names_itself(tmp_path):
     path.write_bytes(b"not a jpeg")
     with pytest.raises(UnidentifiedImageError, match="corrupt.jpg"):
         read_rgb(path)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16_bit_grey_is_scaled_to_8_bits_not_clipped(tmp_path, suffix):
+    """PIL's own conversion clips 16-bit grey at 255: a gradient would come out black and white."""
+    path = tmp_path / f"grey16{suffix}"
+    Image.fromarray((np.arange(256, dtype=np.uint16) * 257).reshape(1, 256)).save(path)
+    image = read_rgb(path)
+    assert image.dtype == np.uint8 and image[0, :, 0].tolist() == list(range(256))
+    assert (image == image[..., :1]).all()
+
+
+def test_exif_orientation_turns_the_pixels_and_the_header_size_alike(tmp_path):
+    """A camera's portrait JPEG stored landscape with orientation 6 reads as viewers show it."""
+    from m2r.data.images import read_size
+
+    stored = np.zeros((20, 30, 3), np.uint8)
+    stored[:, :10] = 255   # the stored left third is white: after a 90-degree turn, the top third
+    exif = Image.new("RGB", (1, 1)).getexif()
+    exif[0x0112] = 6
+    path = tmp_path / "portrait.jpg"
+    Image.fromarray(stored).save(path, exif=exif.tobytes(), quality=100)
+    image = read_rgb(path)
+    assert image.shape == (30, 20, 3) and read_size(path) == (20, 30)
+    assert image[:8].mean() > 240 and image[-18:].mean() < 15

@@ -12,7 +12,7 @@ from PIL import Image
 
 from m2r.config import ConfigError
 from m2r.data.builtin import TRAIN_PHOTOS, load_photo
-from m2r.data.shard_format import CorruptSample, decode_image, decode_record, encode_image, read_shard
+from m2r.data.shard_format import MAX_SIDE, CorruptSample, decode_image, decode_record, encode_image, read_shard
 from m2r.data.shard_list import expand_braces, resolve_shards
 from m2r.shards import build as build_module
 from m2r.shards.__main__ import _build_options, _parser, _read_recipe, main
@@ -133,6 +133,24 @@ def test_only_unreadable_source_images_are_skipped_other_errors_stop_the_build(f
     monkeypatch.setattr(build_module, "encode_image", broken_encoder)
     with pytest.raises(ValueError, match="a bug in the encoder"):
         build(BuildOptions(src=[str(four_photos)], out=str(tmp_path)), progress=False)
+
+
+@pytest.mark.parametrize("encoding", ["zstd", "png"])
+def test_an_image_the_format_cannot_hold_is_skipped_and_named_unless_max_side_downscales_it(tmp_path, encoding):
+    """The stream refuses sides over MAX_SIDE; zstd's header holds at most 65535: neither is ever written."""
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGB", (MAX_SIDE + 1, 2)).save(src / "panorama.png")
+    Image.new("RGB", (8, 8)).save(src / "small.png")
+    manifest = build(BuildOptions(src=[str(src)], out=str(tmp_path / "out"), encoding=encoding), progress=False)
+    [skipped] = manifest["skipped"]
+    assert manifest["samples"] == 1 and skipped["path"].endswith("panorama.png")
+    assert f"{MAX_SIDE + 1}x2 exceeds the shard format's {MAX_SIDE} px per side; --max-side" in skipped["error"]
+    capped = build(BuildOptions(src=[str(src)], out=str(tmp_path / "capped"), encoding=encoding, max_side=MAX_SIDE),
+                   progress=False)
+    assert capped["samples"] == 2 and not capped["skipped"]
+    with pytest.raises(ValueError, match=f"exceeds the shard format's {MAX_SIDE} px per side"):
+        encode_image(np.zeros((2, MAX_SIDE + 1, 3), np.uint8), encoding)
 
 
 @pytest.mark.parametrize("recipe, flag, preset", [("clean_only: true", ["--degradations", "cdd11"], "cdd11"),

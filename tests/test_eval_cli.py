@@ -45,6 +45,20 @@ def test_allweather_results_hold_every_metric_for_every_test_set(tmp_path, tiny_
     assert Image.open(out / "images/raindrop_a/0_rain.png").size == (44, 36)
 
 
+def test_saved_images_of_inputs_sharing_a_stem_keep_both(tmp_path, tiny_weights):
+    """input/a.jpg and input/a.png would both be saved as a.png: each keeps its suffix, as m2r.restore does."""
+    for folder in ("input", "gt"):
+        (tmp_path / "pairs" / folder).mkdir(parents=True)
+        for suffix, value in ((".jpg", 40), (".png", 200), (".bmp", 120)):
+            name = "b.bmp" if suffix == ".bmp" else f"a{suffix}"
+            Image.new("RGB", (24, 16), (value,) * 3).save(tmp_path / "pairs" / folder / name)
+    out = tmp_path / "out"
+    evaluate.main(["--weights", str(tiny_weights), "--dataset", "folder", "--root", str(tmp_path / "pairs"),
+                   "--out", str(out), "--metrics", "rgb", "--save-images"])
+    assert json.loads((out / "results.json").read_text())["sets"]["folder"]["count"] == 3
+    assert sorted(p.name for p in (out / "images/folder").iterdir()) == ["a.jpg.png", "a.png.png", "b.png"]
+
+
 def test_official_sizes_resize_raindrop_and_the_table_says_so(tmp_path, tiny_weights, capsys):
     root = build_allweather(tmp_path / "aw", size=(36, 44), per_set=1)
     out = tmp_path / "out"

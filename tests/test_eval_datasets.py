@@ -133,6 +133,21 @@ def test_a_target_with_the_inputs_exact_name_wins_over_one_with_another_suffix(t
     assert [p.gt.name for p in folder_pairs(tmp_path)["folder"]] == ["a.png"]
 
 
+def test_inputs_sharing_a_stem_never_take_each_others_target(tmp_path):
+    """input/a.jpg and input/a.png with only gt/a.png: a.jpg has no target (gt/a.png is a.png's); a
+    lone input still finds its target under another suffix."""
+    from m2r.eval.datasets import folder_pairs
+
+    for name in ("input/a.jpg", "input/a.png", "gt/a.png", "input/b.jpg", "gt/b.png"):
+        _png(tmp_path / name, 0)
+    with pytest.raises(DatasetLayoutError, match=r"no target for .*input/a\.jpg .*with the suffix \.jpg "
+                                                 r"\(another input shares its stem\)"):
+        folder_pairs(tmp_path)
+    _png(tmp_path / "gt/a.jpg", 0)
+    assert [(p.lq.name, p.gt.name) for p in folder_pairs(tmp_path)["folder"]] == [
+        ("a.jpg", "a.jpg"), ("a.png", "a.png"), ("b.jpg", "b.png")]
+
+
 def test_finetuning_crops_are_drawn_again_every_epoch(tmp_path):
     """The random crop (and flip) of an image depends on the epoch, or every epoch trains on the
     same windows of every image."""

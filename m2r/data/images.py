@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator, List, Tuple
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 # What PIL raises for a damaged file: truncated data (OSError), malformed chunks (ValueError,
@@ -50,17 +50,42 @@ def _naming(path: Path) -> Iterator[None]:
         raise UnreadableImage(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
 
 
+# PIL's modes for one channel of more than 8 bits (16-bit grey PNG and TIFF): its convert("RGB")
+# clips them at 255 instead of scaling them.
+_WIDE_GREY_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+# EXIF orientations that turn the stored image by 90 degrees (5-8): width and height trade places.
+_TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+_EXIF_ORIENTATION = 0x0112
+# Formats whose EXIF precedes the pixels (a PNG's may follow them: PIL would decode the image to find it).
+_HEADER_EXIF_FORMATS = frozenset({"JPEG", "MPO", "TIFF", "WEBP"})
+
+
 def open_rgb(path: Path) -> Image.Image:
-    """The image at `path` as a PIL RGB image; PIL converts grey, palette and 16-bit images and
-    drops alpha."""
+    """The image at `path` as a PIL RGB image, turned as its EXIF orientation says (as viewers show
+    it); grey and palette images are expanded, 16-bit ones scaled to 8 bits, alpha dropped."""
     with _naming(path), Image.open(path) as image:
+        ImageOps.exif_transpose(image, in_place=True)
+        if image.mode in _WIDE_GREY_MODES:
+            return Image.fromarray(_grey_to_8_bits(np.asarray(image), path)).convert("RGB")
         return image.convert("RGB")
 
 
+def _grey_to_8_bits(grey: np.ndarray, path: Path) -> np.ndarray:
+    """16-bit grey values (0..65535) to 8 bits, 65535 -> 255."""
+    if grey.size and (grey.min() < 0 or grey.max() > 65535):
+        raise UnreadableImage(f"{path}: grey values span {grey.min()}..{grey.max()}, beyond 16 bits")
+    return np.round(grey.astype(np.float32) / 257.0).astype(np.uint8)
+
+
 def read_size(path: Path) -> Tuple[int, int]:
-    """(width, height) of the image at `path`, from its header alone: the pixels are not decoded."""
+    """(width, height) of the image at `path` as `open_rgb` gives it, from its header alone: the pixels
+    are not decoded (a PNG's rare EXIF orientation is not looked for; reading the pair then names the
+    sizes that differ)."""
     with _naming(path), Image.open(path) as image:
-        return image.size
+        width, height = image.size
+        turned = (image.format in _HEADER_EXIF_FORMATS
+                  and image.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSING_ORIENTATIONS)
+        return (height, width) if turned else (width, height)
 
 
 def read_rgb(path: Path) -> np.ndarray:

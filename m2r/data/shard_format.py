@@ -24,7 +24,7 @@ RAW_MAGIC = b"M2RI"
 RAW_HEADER = struct.Struct("<4sHHB")
 IMAGE_EXTENSIONS = {"zstd": "rgb.zst", "png": "png"}
 ROLES = ("clean", "lq")
-MAX_SIDE = 16384
+MAX_SIDE = 16384   # px per side, both encodings (the decoder's bound against decompression bombs)
 
 
 class CorruptSample(ValueError):
@@ -35,6 +35,8 @@ def encode_image(img: np.ndarray, encoding: str = "zstd", level: int = 3) -> Tup
     """uint8 (H, W, 3) -> (field extension, bytes)."""
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"expected uint8 (H, W, 3), got {img.dtype} {img.shape}")
+    if max(img.shape[:2]) > MAX_SIDE:   # what decode_image would refuse is never written
+        raise ValueError(f"an image of {img.shape[1]}x{img.shape[0]} exceeds the shard format's {MAX_SIDE} px per side")
     if encoding == "zstd":
         header = RAW_HEADER.pack(RAW_MAGIC, img.shape[0], img.shape[1], 3)
         compressor = zstandard.ZstdCompressor(level=level, write_checksum=True)

@@ -22,6 +22,7 @@ drawn.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -78,14 +79,17 @@ def _first_dir(parent: Path, names: Sequence[str]) -> Path:
     raise DatasetLayoutError(f"{parent} has none of the folders {list(names)}")
 
 
-def _target_for(lq: Path, gt_dir: Path) -> Path:
-    """Same name in gt_dir; for RainDrop's <id>_rain, <id>_clean; else the same stem with another suffix."""
+def _target_for(lq: Path, gt_dir: Path, stem_shared: bool = False) -> Path:
+    """Same name in gt_dir; for RainDrop's <id>_rain, <id>_clean; else the same stem with another
+    suffix, unless another input shares the stem (a.jpg and a.png): the other's target is not this one's."""
     stems = [lq.stem] + ([lq.stem[: -len("_rain")] + "_clean"] if lq.stem.endswith("_rain") else [])
-    candidates = [gt_dir / lq.name] + [gt_dir / (stem + suffix) for stem in stems for suffix in sorted(IMAGE_SUFFIXES)]
+    suffixes = [lq.suffix] if stem_shared else sorted(IMAGE_SUFFIXES)
+    candidates = [gt_dir / lq.name] + [gt_dir / (stem + suffix) for stem in stems for suffix in suffixes]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise DatasetLayoutError(f"no target for {lq} in {gt_dir} (looked for {' or '.join(stems)} with an image suffix)")
+    looked_for = f"with the suffix {lq.suffix} (another input shares its stem)" if stem_shared else "with an image suffix"
+    raise DatasetLayoutError(f"no target for {lq} in {gt_dir} (looked for {' or '.join(stems)} {looked_for})")
 
 
 def paired_folder(folder: Path, group: str, names: Optional[Sequence[str]] = None) -> List[Pair]:
@@ -93,16 +97,17 @@ def paired_folder(folder: Path, group: str, names: Optional[Sequence[str]] = Non
     if not folder.is_dir():
         raise DatasetLayoutError(f"missing folder {folder}")
     lq_dir, gt_dir = _first_dir(folder, INPUT_DIRS), _first_dir(folder, TARGET_DIRS)
-    images = list_images(lq_dir)
+    images = in_folder = list_images(lq_dir)
     if names is not None:
-        by_name = {p.name: p for p in images}
+        by_name = {p.name: p for p in in_folder}
         absent = [name for name in names if name not in by_name]
         if absent:
             raise DatasetLayoutError(f"{len(absent)} listed images are not in {lq_dir}, e.g. {absent[:3]}")
         images = [by_name[name] for name in names]
     if not images:
         raise DatasetLayoutError(f"no images in {lq_dir}")
-    return [Pair(lq, _target_for(lq, gt_dir), group) for lq in images]
+    stems = Counter(lq.stem for lq in in_folder)
+    return [Pair(lq, _target_for(lq, gt_dir, stems[lq.stem] > 1), group) for lq in images]
 
 
 def read_list_file(path: Path) -> List[str]:

@@ -26,7 +26,7 @@ from m2r.atomic import atomic_path, write_json_atomically
 from m2r.config import ConfigError
 from m2r.data.images import IMAGE_SUFFIXES, list_image_files, open_rgb
 from m2r.data.presets import Degrader
-from m2r.data.shard_format import add_member, encode_image
+from m2r.data.shard_format import MAX_SIDE, add_member, encode_image
 from m2r.data.shard_list import MANIFEST_NAME
 
 FORMAT = "m2r-shards/1"
@@ -64,11 +64,15 @@ def list_source_images(sources: Sequence[str]) -> List[str]:
 
 
 def load_image(path: str, max_side: int) -> np.ndarray:
-    """RGB uint8, its longer side capped at `max_side` (0 = no cap)."""
+    """RGB uint8, its longer side capped at `max_side` (0 = no cap); a side the shard format cannot
+    hold is a ValueError naming the file (the builder skips and records it)."""
     rgb = open_rgb(Path(path))
     if max_side and max(rgb.size) > max_side:
         scale = max_side / max(rgb.size)
         rgb = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))), Image.LANCZOS)
+    if max(rgb.size) > MAX_SIDE:
+        raise ValueError(f"{path}: {rgb.width}x{rgb.height} exceeds the shard format's {MAX_SIDE} px per side; "
+                         f"--max-side {MAX_SIDE} or less downscales such images")
     return np.asarray(rgb)
 
 
