@@ -260,7 +260,18 @@ class TrainingRun:
             f"WARNING: TOPOLOGY CHANGE: {ref.path} was saved with {saved.describe()}; this run has "
             f"{self.topology.describe()}.",
             f"  Loaded: {'; '.join(loaded)}; experts mapped by global id. LOST: {'; '.join(lost) or 'nothing'}.",
+            *self._global_batch_change(ref),
             bar]))
+
+    def _global_batch_change(self, ref: CheckpointRef) -> List[str]:
+        """A line when the images per optimizer step differ from the checkpoint's (the LR stays as set)."""
+        saved_train, train = ref.saved_config()["train"], self.cfg.train
+        before = saved_train["micro_batch"] * saved_train["grad_accum"] * ref.topology().world_size
+        now = train.micro_batch * train.grad_accum * self.topology.world_size
+        if before == now:
+            return []
+        return [f"  The global batch changes from {before} to {now} images per step; train.lr is not rescaled "
+                "(set it, and train.grad_accum, as this batch needs)."]
 
     def _seed_rng(self, saved_rng: Optional[Dict[str, Any]]) -> None:
         """The saved state when the ranks are laid out as saved; else a seed from (seed, rank, step): gate
