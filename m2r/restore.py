@@ -9,6 +9,8 @@ Outputs are RGB PNGs named after the inputs (folders keep their relative layout)
 images are reflect-padded to a multiple of 8 and cropped back, or tiled with overlap blending. Inputs
 whose names differ only in their suffix keep it (a.jpg and a.png -> a.jpg.png and a.png.png); two
 inputs that would still write one output stop the run. Grey images come out as RGB, alpha is dropped.
+An input that cannot be read is skipped and named at the end (exit status 1); `--skip-existing` leaves
+the inputs already restored, so a rerun finishes an interrupted folder.
 Under Accelerate (see m2r.evaluate) every process holds the whole model on `accelerator.device`,
 restores a contiguous share of the images under `accelerator.autocast()` and writes its own outputs.
 Weight formats: m2r/eval/loading.py.
@@ -21,6 +23,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 
 from m2r import dist
 from m2r.cli import run_main
@@ -39,6 +42,9 @@ def parse_args(argv):
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="auto: this process's GPU when there is one (pick GPUs with CUDA_VISIBLE_DEVICES)")
+    parser.add_argument("--skip-existing", action="store_true",
+                        help="leave the inputs whose output exists (outputs are written whole, so one that "
+                             "exists is complete): a rerun finishes an interrupted folder; not after changing weights")
     return parse_inference_arguments(parser, argv)
 
 
@@ -64,27 +70,48 @@ def accelerator_for(args) -> Accelerator:
 
 
 @torch.no_grad()
-def restore_files(model, jobs: Sequence[Tuple[Path, Path]], args, accelerator: Accelerator) -> None:
+def restore_files(model, jobs: Sequence[Tuple[Path, Path]], args, accelerator: Accelerator) -> List[str]:
+    """Restore this process's share; returns why each unreadable input was skipped (naming it)."""
+    unreadable = []
     for source, relative in jobs:
-        lq = as_unit(read_rgb(source), accelerator.device)
+        try:
+            image = read_rgb(source)
+        except OSError as error:   # undecodable, or gone since the listing: the rest of the folder goes on
+            unreadable.append(str(error))
+            continue
         with accelerator.autocast():
-            restored = restore_image(model, lq, tile=args.tile or None, overlap=args.overlap)[0]
+            restored = restore_image(model, as_unit(image, accelerator.device), tile=args.tile or None,
+                                     overlap=args.overlap)[0]
         save_png(restored, Path(args.out) / relative)
+    return unreadable
+
+
+def inputs_to_restore(args) -> Tuple[List[Tuple[Path, Path]], int]:
+    """(image, output) jobs, and how many were left because their output exists (--skip-existing)."""
+    jobs = collect_inputs(args.inputs)
+    if not args.skip_existing:
+        return jobs, 0
+    remaining = [(image, output) for image, output in jobs if not (Path(args.out) / output).is_file()]
+    return remaining, len(jobs) - len(remaining)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     accelerator = accelerator_for(args)
     # Process 0 lists the inputs for all, as m2r.evaluate does (a stale listing on one node).
-    jobs = dist.on_rank0(lambda: collect_inputs(args.inputs))
+    jobs, existing = dist.on_rank0(lambda: inputs_to_restore(args))
     model = load_inference_model(args.weights, accelerator.device, args.model_config, args.overrides)
     with accelerator.split_between_processes(jobs) as share:
-        restore_files(model, share, args, accelerator)
+        unreadable = gather_object(restore_files(model, share, args, accelerator))
     accelerator.wait_for_everyone()
-    accelerator.print(f"restored {len(jobs)} images into {args.out} on {accelerator.num_processes} process(es)",
-                      flush=True)
+    left = f" ({existing} restored before: --skip-existing)" if existing else ""
+    accelerator.print(f"restored {len(jobs) - len(unreadable)} images into {args.out}{left} on "
+                      f"{accelerator.num_processes} process(es)", flush=True)
+    if unreadable:
+        accelerator.print(f"{len(unreadable)} inputs could not be read and were skipped:\n  " + "\n  ".join(unreadable),
+                          flush=True)
     dist.destroy_process_group()
-    return 0
+    return 1 if unreadable else 0
 
 
 if __name__ == "__main__":

@@ -133,6 +133,32 @@ def test_processes_restore_process_0s_listing_of_the_inputs(tmp_path, tiny_weigh
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.png", "c.png"]
 
 
+def test_unreadable_inputs_are_skipped_and_named_and_a_rerun_can_leave_what_was_restored(tmp_path, tiny_weights):
+    """Two processes, one damaged image in each share: the others are restored, both bad ones named on
+    process 0, exit status 1; --skip-existing then restores only what is missing."""
+    for name in ("a.png", "b.png", "c.png", "d.png"):
+        write_image(tmp_path / "in" / name, (16, 16), seed=ord(name[0]))
+    for name in ("b.png", "d.png"):
+        (tmp_path / "in" / name).write_bytes((tmp_path / "in" / name).read_bytes()[:60])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "m2r.restore",
+               "--weights", str(tiny_weights), str(tmp_path / "in"), "--out", str(tmp_path / "out")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "restored 2 images" in result.stdout
+    assert "2 inputs could not be read and were skipped:" in result.stdout
+    assert all(f"{tmp_path / 'in' / name}: cannot read image" in result.stdout for name in ("b.png", "d.png"))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "c.png"]
+
+    restored_a = (tmp_path / "out/a.png").stat().st_mtime_ns
+    for name in ("b.png", "d.png"):
+        write_image(tmp_path / "in" / name, (16, 16), seed=1)
+    output = run_cli(["-m", "m2r.restore", "--weights", str(tiny_weights), str(tmp_path / "in"), "--out",
+                      str(tmp_path / "out"), "--skip-existing"], REPO_ROOT, {"CUDA_VISIBLE_DEVICES": ""})
+    assert "restored 2 images into" in output and "(2 restored before: --skip-existing)" in output
+    assert (tmp_path / "out/a.png").stat().st_mtime_ns == restored_a
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.png", "c.png", "d.png"]
+
+
 def test_inputs_differing_only_in_suffix_keep_it_instead_of_overwriting_each_other(tmp_path):
     for name in ("a.png", "a.jpg", "sub/a.png", "b.jpg"):
         write_image(tmp_path / "in" / name, (8, 8), seed=1)
