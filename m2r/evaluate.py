@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -68,7 +68,7 @@ def parse_args(argv):
 
 
 @torch.no_grad()
-def evaluate_pairs(model, jobs: Sequence[Tuple[Pair, Path]], protocols: Sequence[str], args,
+def evaluate_pairs(model, jobs: Sequence[Tuple[Pair, Optional[Path]]], protocols: Sequence[str], args,
                    accelerator: Accelerator) -> List[dict]:
     """Metrics of this process's share of the images: one dict per image (computed on the CPU); with
     --save-images, each restored image under images/ at its job's path."""
@@ -166,8 +166,9 @@ def main(argv=None) -> int:
     sets = dist.on_rank0(lambda: listed_sets(args))
     pairs = [pair for pairs in sets.values() for pair in pairs]
     # <set>/<input stem>.png, unless two inputs of a set share a stem (a.jpg, a.png): then a.jpg.png
-    jobs = [(pair, output) for pair, (_, output)
-            in zip(pairs, with_png_names([(pair.lq, Path(pair.group) / pair.lq.name) for pair in pairs]))]
+    outputs = ([output for _, output in with_png_names([(pair.lq, Path(pair.group) / pair.lq.name) for pair in pairs])]
+               if args.save_images else [None] * len(pairs))
+    jobs = list(zip(pairs, outputs))
     named = ", ".join(name + _size_note(name, args.official_sizes) for name in sets)
     accelerator.print(f"evaluate: {len(jobs)} images in {len(sets)} sets ({named}) on "
                       f"{accelerator.num_processes} process(es), metrics {','.join(protocols)}, "

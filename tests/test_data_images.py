@@ -41,16 +41,31 @@ def test_16_bit_grey_is_scaled_to_8_bits_not_clipped(tmp_path, suffix):
     assert (image == image[..., :1]).all()
 
 
-def test_exif_orientation_turns_the_pixels_and_the_header_size_alike(tmp_path):
-    """A camera's portrait JPEG stored landscape with orientation 6 reads as viewers show it."""
+@pytest.mark.parametrize("suffix", [".jpg", ".webp", ".tif"])
+def test_exif_orientation_turns_the_pixels_and_the_header_size_alike(tmp_path, suffix):
+    """A camera's portrait photo stored landscape with orientation 6 reads as viewers show it (PIL
+    reports a TIFF's header size turned already, a JPEG's or WebP's as stored)."""
     from m2r.data.images import read_size
 
     stored = np.zeros((20, 30, 3), np.uint8)
     stored[:, :10] = 255   # the stored left third is white: after a 90-degree turn, the top third
     exif = Image.new("RGB", (1, 1)).getexif()
     exif[0x0112] = 6
-    path = tmp_path / "portrait.jpg"
+    path = tmp_path / f"portrait{suffix}"
     Image.fromarray(stored).save(path, exif=exif.tobytes(), quality=100)
     image = read_rgb(path)
     assert image.shape == (30, 20, 3) and read_size(path) == (20, 30)
     assert image[:8].mean() > 240 and image[-18:].mean() < 15
+
+
+def test_float_pixels_and_images_over_pils_pixel_limit_are_refused_naming_the_file(tmp_path, monkeypatch):
+    from m2r.data.images import UnreadableImage
+
+    path = tmp_path / "float.tif"
+    Image.fromarray(np.full((4, 4), 0.5, np.float32)).save(path)
+    with pytest.raises(UnreadableImage, match="float.tif: 32-bit float pixels"):
+        read_rgb(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)   # PIL raises past twice this
+    Image.new("RGB", (8, 8)).save(tmp_path / "large.png")
+    with pytest.raises(UnreadableImage, match="large.png: cannot read image .DecompressionBombError"):
+        read_rgb(tmp_path / "large.png")

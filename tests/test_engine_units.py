@@ -781,6 +781,21 @@ def test_a_partition_saved_before_any_step_leaves_adamw_fresh_and_disagreeing_st
         _fill_partition(zero, 0, flat, disagreeing, names)
 
 
+def test_a_rank_that_fails_to_re_partition_makes_every_rank_raise(monkeypatch):
+    """Otherwise the others would wait for it in their next collective until the timeout."""
+    from m2r.engine import zero_state
+
+    def fails(engine, ref):
+        raise OSError("shard-3 unreadable")
+    monkeypatch.setattr(zero_state, "_load_resharded", fails)
+    with pytest.raises(OSError, match="shard-3 unreadable"):
+        zero_state.load_resharded_optimizer_state(None, None)
+    monkeypatch.setattr(zero_state, "_load_resharded", lambda engine, ref: True)
+    monkeypatch.setattr(dist, "max_over_ranks", lambda value: max(value, zero_state._FAILED))  # another rank failed
+    with pytest.raises(RuntimeError, match="another rank could not re-partition the optimizer state"):
+        zero_state.load_resharded_optimizer_state(None, None)
+
+
 def test_the_optimizer_follows_a_topology_change_between_zero_stages_1_and_2_only():
     from m2r.engine.zero_state import why_not_carried
 

@@ -172,7 +172,7 @@ def test_two_inputs_restored_to_one_output_stop_the_run_naming_both(tmp_path):
     for folder in ("day", "night"):
         write_image(tmp_path / folder / "street.png", (8, 8), seed=1)
     with pytest.raises(ConfigError, match=f"inputs {tmp_path}/day/street.png and {tmp_path}/night/street.png "
-                                          "would both be restored to street.png under --out"):
+                                          "would both be written to street.png under --out"):
         restore.collect_inputs([str(tmp_path / "day"), str(tmp_path / "night")])
 
 

@@ -148,6 +148,15 @@ def test_inputs_sharing_a_stem_never_take_each_others_target(tmp_path):
         ("a.jpg", "a.jpg"), ("a.png", "a.png"), ("b.jpg", "b.png")]
 
 
+def test_cdd11_inputs_sharing_a_stem_never_take_each_others_target(tmp_path):
+    from m2r.eval.datasets import cdd11_pairs
+
+    for name in ("test/low/a.jpg", "test/low/a.png", "test/clear/a.png"):
+        _png(tmp_path / name, 0)
+    with pytest.raises(DatasetLayoutError, match=r"no target for .*low/a\.jpg .*another input shares its stem"):
+        cdd11_pairs(tmp_path, "test", types=["low"])
+
+
 def test_finetuning_crops_are_drawn_again_every_epoch(tmp_path):
     """The random crop (and flip) of an image depends on the epoch, or every epoch trains on the
     same windows of every image."""

@@ -2,9 +2,9 @@
 
 Shared by the shard builder (source folders), the benchmark datasets (paired folders) and
 `m2r.restore` (input folders). A missing or unidentifiable file raises PIL's own error, which names
-it; any other failure to read one (truncated data, malformed chunks) raises UnreadableImage naming
-it. Both are OSErrors. Callers that need a stricter vocabulary (a missing folder, a skipped sample)
-raise or record their own.
+it; any other failure to read one (truncated data, malformed chunks, more pixels than PIL's
+decompression-bomb limit, float pixels) raises UnreadableImage naming it. Both are OSErrors.
+Callers that need a stricter vocabulary (a missing folder, a skipped sample) raise or record their own.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def _naming(path: Path) -> Iterator[None]:
         yield
     except (FileNotFoundError, UnidentifiedImageError):
         raise   # PIL names the file in these
-    except _DECODE_ERRORS as exc:
+    except (*_DECODE_ERRORS, Image.DecompressionBombError) as exc:
         raise UnreadableImage(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
 
 
@@ -56,8 +56,9 @@ _WIDE_GREY_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
 # EXIF orientations that turn the stored image by 90 degrees (5-8): width and height trade places.
 _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 _EXIF_ORIENTATION = 0x0112
-# Formats whose EXIF precedes the pixels (a PNG's may follow them: PIL would decode the image to find it).
-_HEADER_EXIF_FORMATS = frozenset({"JPEG", "MPO", "TIFF", "WEBP"})
+# Formats whose header size PIL leaves as stored and whose EXIF precedes the pixels (PIL reports a
+# TIFF's size already turned; a PNG's EXIF may follow the pixels: PIL would decode the image to find it).
+_HEADER_EXIF_FORMATS = frozenset({"JPEG", "MPO", "WEBP"})
 
 
 def open_rgb(path: Path) -> Image.Image:
@@ -67,6 +68,8 @@ def open_rgb(path: Path) -> Image.Image:
         ImageOps.exif_transpose(image, in_place=True)
         if image.mode in _WIDE_GREY_MODES:
             return Image.fromarray(_grey_to_8_bits(np.asarray(image), path)).convert("RGB")
+        if image.mode == "F":   # no agreed range: PIL would clip it at 255, mostly to black
+            raise UnreadableImage(f"{path}: 32-bit float pixels; save it with 8 or 16 bits per channel")
         return image.convert("RGB")
 
 

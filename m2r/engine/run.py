@@ -62,6 +62,13 @@ class StepResult(NamedTuple):
     lr: float
 
 
+class OptimizerCarry(NamedTuple):
+    """What a resume at another topology brought of the saved optimizer."""
+    masters: bool      # the fp32 master weights
+    adamw: bool        # AdamW's moments and step counts
+    why_not: str = ""  # why AdamW's state did not come
+
+
 class TrainingRun:
     KIND: str                      # "pretrain" | "finetune": which checkpoints it may resume
     POSITION: str                  # the run's place in its data, as the topology warning names it
@@ -79,7 +86,6 @@ class TrainingRun:
     total_steps: int               # steps of the whole run (from `_open_monitor`)
     monitor: NullMonitor           # (from `_open_monitor`)
     ema: Optional[EMA]             # (from `_start_ema`)
-    optimizer_not_carried: Optional[str]  # after a resume at another topology: why AdamW restarted, or None
 
     def __init__(self, cfg, env: dist.DistEnv, validate_config: Callable[[Any, int], None],
                  stop_request: Optional[stop_signals.StopRequest] = None):
@@ -105,7 +111,6 @@ class TrainingRun:
             dist.on_rank0(lambda: self._check_resumable(self.resume_ref))
             self._set_aside_newer_checkpoints(self.resume_ref)
         self.step = 0
-        self.optimizer_not_carried = None
 
     def _lock_run_dir(self) -> None:
         """Rank 0 holds the run.dir lock for the whole run (m2r/engine/run_lock.py)."""
@@ -214,10 +219,11 @@ class TrainingRun:
         """
         saved = ref.topology()
         same_ranks = (saved.world_size, saved.ep_size) == (self.topology.world_size, self.topology.ep_size)
+        carry = None
         try:
             if saved != self.topology:
                 client = load_weights_only(self.engine, ref)
-                self._carry_optimizer(ref)
+                carry = self._carry_optimizer(ref, saved)
             else:
                 _, client = self.engine.load_checkpoint(str(ref.root), tag=ref.tag)
         except Exception as error:
@@ -227,27 +233,31 @@ class TrainingRun:
                                f"damaged, {advice}") from error
         apply_optimizer_settings(self.optimizer, self.cfg.train)
         self.step = client["step"]
-        if saved != self.topology:
-            self._warn_topology_change(ref, same_ranks)
+        if carry is not None:
+            self._warn_topology_change(ref, saved, same_ranks, carry)
         return client, client["rng_states"][dist.rank()] if same_ranks else None
 
-    def _carry_optimizer(self, ref: CheckpointRef) -> None:
+    def _carry_optimizer(self, ref: CheckpointRef, saved: Topology) -> OptimizerCarry:
         """After a weights-only load: the saved optimizer re-partitioned, where both runs use ZeRO 1/2."""
-        self.optimizer_not_carried = why_not_carried(ref.topology(), self.topology)
-        if self.optimizer_not_carried is None:
-            if not load_resharded_optimizer_state(self.engine, ref):
-                self.optimizer_not_carried = "none saved (the checkpoint precedes the first optimizer step)"
+        why_not = why_not_carried(saved, self.topology)
+        if why_not is not None:
+            return OptimizerCarry(masters=False, adamw=False, why_not=f"the optimizer restarts: {why_not}")
+        if load_resharded_optimizer_state(self.engine, ref):
+            return OptimizerCarry(masters=True, adamw=True)
+        return OptimizerCarry(masters=True, adamw=False,
+                              why_not="none saved: the checkpoint precedes the first optimizer step")
 
-    def _warn_topology_change(self, ref: CheckpointRef, same_ranks: bool) -> None:
+    def _warn_topology_change(self, ref: CheckpointRef, saved: Topology, same_ranks: bool,
+                              carry: OptimizerCarry) -> None:
         """What a resume at another topology kept and lost."""
-        saved = ref.topology()
         loaded, lost = ["model weights"], []
-        if self.optimizer_not_carried is None:
-            loaded.append("fp32 master weights, AdamW moments and step counts (re-partitioned)")
-        else:
-            lost.append(f"AdamW moments and step counts (the optimizer restarts: {self.optimizer_not_carried})")
-            if {saved.precision, self.topology.precision} != {"fp32"}:
-                lost.append("the fp32 master weights (rebuilt from the low-precision module weights)")
+        if carry.masters:
+            loaded.append(f"fp32 master weights{', AdamW moments and step counts' if carry.adamw else ''} "
+                          "(re-partitioned)")
+        elif {saved.precision, self.topology.precision} != {"fp32"}:
+            lost.append("the fp32 master weights (rebuilt from the low-precision module weights)")
+        if not carry.adamw:
+            lost.insert(0, f"AdamW moments and step counts ({carry.why_not})")
         if saved.precision == self.topology.precision == "fp16":
             lost.append("the fp16 loss scale (starts again from its initial value)")
         if same_ranks:
@@ -260,13 +270,13 @@ class TrainingRun:
             f"WARNING: TOPOLOGY CHANGE: {ref.path} was saved with {saved.describe()}; this run has "
             f"{self.topology.describe()}.",
             f"  Loaded: {'; '.join(loaded)}; experts mapped by global id. LOST: {'; '.join(lost) or 'nothing'}.",
-            *self._global_batch_change(ref),
+            *self._global_batch_change(ref, saved),
             bar]))
 
-    def _global_batch_change(self, ref: CheckpointRef) -> List[str]:
+    def _global_batch_change(self, ref: CheckpointRef, saved: Topology) -> List[str]:
         """A line when the images per optimizer step differ from the checkpoint's (the LR stays as set)."""
         saved_train, train = ref.saved_config()["train"], self.cfg.train
-        before = saved_train["micro_batch"] * saved_train["grad_accum"] * ref.topology().world_size
+        before = saved_train["micro_batch"] * saved_train["grad_accum"] * saved.world_size
         now = train.micro_batch * train.grad_accum * self.topology.world_size
         if before == now:
             return []

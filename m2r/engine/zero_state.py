@@ -88,11 +88,31 @@ def stitched_zero_state(ref: CheckpointRef, ep_size: int, num_experts: int, keys
     return dict(state)
 
 
+_FAILED = 2.0   # beside 0 and 1 (AdamW state saved or not) in the ranks' agreement
+
+
 def load_resharded_optimizer_state(engine, ref: CheckpointRef) -> bool:
     """Give this rank's ZeRO optimizer the fp32 master weights, AdamW moments and step counts `ref` saved
     at another topology, and its module the masters cast to its dtype. Call after the weights are loaded
     (`load_weights_only`): the module then matches the masters exactly, as after an optimizer step.
-    Returns whether AdamW state was saved (not when the checkpoint precedes the first step). Collective."""
+    Returns whether AdamW state was saved (not when the checkpoint precedes the first step).
+
+    Collective: every rank learns whether any failed (a damaged shard read on one node) and raises,
+    rather than waiting for it in the next collective until the timeout."""
+    failure: Optional[Exception] = None
+    try:
+        stepped = _load_resharded(engine, ref)
+    except Exception as error:   # whatever it is, the other ranks must hear of it
+        stepped, failure = False, error
+    outcome = dist.max_over_ranks(_FAILED if failure else float(stepped))
+    if outcome == _FAILED:
+        raise failure or RuntimeError("another rank could not re-partition the optimizer state (its error "
+                                      "names the cause)")
+    return outcome > 0
+
+
+def _load_resharded(engine, ref: CheckpointRef) -> bool:
+    """This rank's part of `load_resharded_optimizer_state`; whether the saved optimizer had stepped here."""
     zero = engine.optimizer
     saved_moe = ref.saved_config()["model"]["moe"]
     local_to_global = global_expert_names(engine.module)
@@ -111,7 +131,7 @@ def load_resharded_optimizer_state(engine, ref: CheckpointRef) -> bool:
             param.copy_(master.view(param.shape))
         stepped = [_fill_partition(zero, group, flat, state, param_names)
                    for group, flat in enumerate(zero.single_partition_of_fp32_groups)]
-    return dist.max_over_ranks(float(any(stepped))) > 0   # a rank may hold no fragment of a stepped group
+    return any(stepped)   # a rank may hold no fragment of a stepped group: the caller agrees over ranks
 
 
 def _fill_partition(zero, group: int, flat: torch.Tensor, state: Dict[str, ParameterState],
@@ -130,9 +150,9 @@ def _fill_partition(zero, group: int, flat: torch.Tensor, state: Dict[str, Param
             if key in saved:
                 buffer.narrow(0, target.start, target.numel).copy_(saved[key].narrow(0, source.start, source.numel))
         steps.add(float(saved["step"]) if "step" in saved else None)
-    if steps == {None} or not steps:
+    if not steps or steps == {None}:
         return False   # saved before its first optimizer step: AdamW starts fresh, as it would have
-    if len(steps) != 1 or None in steps:
+    if len(steps) > 1:   # fragments at different counts, or some never stepped
         raise ValueError(f"parameter group {group}: the saved step counts disagree ({sorted(map(str, steps))})")
     zero.optimizer.state[flat] = {"step": torch.tensor(steps.pop(), dtype=torch.float32), **moments}
     return True

@@ -106,6 +106,12 @@ def paired_folder(folder: Path, group: str, names: Optional[Sequence[str]] = Non
         images = [by_name[name] for name in names]
     if not images:
         raise DatasetLayoutError(f"no images in {lq_dir}")
+    return _with_targets(images, in_folder, gt_dir, group)
+
+
+def _with_targets(images: Sequence[Path], in_folder: Sequence[Path], gt_dir: Path, group: str) -> List[Pair]:
+    """`images` paired with their targets in `gt_dir`; `in_folder`: every input beside them (whose stems
+    decide whether a target may differ in suffix)."""
     stems = Counter(lq.stem for lq in in_folder)
     return [Pair(lq, _target_for(lq, gt_dir, stems[lq.stem] > 1), group) for lq in images]
 
@@ -170,7 +176,7 @@ def cdd11_pairs(root: Path, split: str, types: Sequence[str] = CDD11_TYPES) -> D
         images = list_images(split_dir / kind)
         if not images:
             raise DatasetLayoutError(f"no images in {split_dir / kind}")
-        sets[kind] = [Pair(lq, _target_for(lq, clear_dir), kind) for lq in images]
+        sets[kind] = _with_targets(images, images, clear_dir, kind)
     return sets
 
 

@@ -44,8 +44,8 @@ def with_png_names(found: Sequence[Tuple[Path, Path]]) -> List[Tuple[Path, Path]
         shared = suffixes_per_stem[relative.with_suffix("")] > 1
         output = relative.with_name(relative.name + ".png") if shared else relative.with_suffix(".png")
         if output in writers:
-            raise ConfigError(f"inputs {writers[output]} and {image} would both be restored to "
-                              f"{output} under --out: restore them in separate runs")
+            raise ConfigError(f"inputs {writers[output]} and {image} would both be written to "
+                              f"{output} under --out: give them separate runs")
         writers[output] = image
         jobs.append((image, output))
     return jobs
