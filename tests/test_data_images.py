@@ -69,3 +69,32 @@ def test_float_pixels_and_images_over_pils_pixel_limit_are_refused_naming_the_fi
     Image.new("RGB", (8, 8)).save(tmp_path / "large.png")
     with pytest.raises(UnreadableImage, match="large.png: cannot read image .DecompressionBombError"):
         read_rgb(tmp_path / "large.png")
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16_bit_grey_rounds_to_the_nearest_8_bit_value(tmp_path, suffix):
+    from m2r.data.images import read_rgb
+
+    path = tmp_path / f"g{suffix}"
+    Image.fromarray(np.array([[128, 129, 385, 386, 65535 - 128]], np.uint16)).save(path)
+    assert read_rgb(path)[0, :, 0].tolist() == [0, 1, 1, 2, 255]
+
+
+def test_grey_values_beyond_16_bits_are_refused_naming_the_file(tmp_path):
+    from m2r.data.images import UnreadableImage, read_rgb
+
+    path = tmp_path / "wide.tif"
+    Image.fromarray(np.array([[0, 70000]], np.int32)).save(path)
+    with pytest.raises(UnreadableImage, match="wide.tif: grey values span 0..70000, beyond 16 bits"):
+        read_rgb(path)
+
+
+@pytest.mark.parametrize("orientation", [5, 7, 8])
+def test_every_transposing_exif_orientation_swaps_the_header_size(tmp_path, orientation):
+    from m2r.data.images import read_rgb, read_size
+
+    exif = Image.new("RGB", (1, 1)).getexif()
+    exif[0x0112] = orientation
+    path = tmp_path / "p.jpg"
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(path, exif=exif.tobytes())
+    assert read_rgb(path).shape == (30, 20, 3) and read_size(path) == (20, 30)

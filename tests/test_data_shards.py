@@ -153,6 +153,16 @@ def test_an_image_the_format_cannot_hold_is_skipped_and_named_unless_max_side_do
         encode_image(np.zeros((2, MAX_SIDE + 1, 3), np.uint8), encoding)
 
 
+def test_a_tall_image_the_format_cannot_hold_is_named_with_the_max_side_advice(tmp_path):
+    from m2r.data.shard_format import MAX_SIDE
+    from m2r.shards.build import load_image
+
+    Image.new("RGB", (2, MAX_SIDE + 1)).save(tmp_path / "tall.png")
+    with pytest.raises(ValueError, match=f"tall.png: 2x{MAX_SIDE + 1} exceeds .* --max-side"):
+        load_image(str(tmp_path / "tall.png"), 0)
+    assert load_image(str(tmp_path / "tall.png"), MAX_SIDE).shape == (MAX_SIDE, 2, 3)
+
+
 @pytest.mark.parametrize("recipe, flag, preset", [("clean_only: true", ["--degradations", "cdd11"], "cdd11"),
                                                   ("degradations: allweather", ["--clean-only"], None)])
 def test_a_mode_on_the_command_line_replaces_the_recipes(tmp_path, recipe, flag, preset):

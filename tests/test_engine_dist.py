@@ -328,6 +328,27 @@ def test_after_a_topology_change_training_continues_as_from_an_exact_resume(tmp_
     assert losses["exact-fresh"][5] != pytest.approx(losses["exact"][5], rel=1e-3)   # the streams differ
 
 
+PRECISION_CHANGE = ("train.zero_stage=1", "model.moe.ep_size=1", "run.val_every=100", "run.image_every=0")
+
+
+def test_a_bf16_checkpoint_resumed_in_fp32_gives_the_module_the_fp32_masters_not_their_bf16_rounding(tmp_path):
+    from m2r.engine.checkpoint import CheckpointRef
+    from m2r.engine.zero_state import MASTER, stitched_zero_state
+
+    pretrain(tmp_path / "bf16", *PRECISION_CHANGE, "train.precision=bf16", "train.steps=2", nproc=1)
+    tag = tmp_path / "bf16" / "checkpoints" / "step00000002"
+    dump = tmp_path / "resumed.pt"
+    run_launch(torchrun_command(1, "tests/engine_dump_resumed.py", str(dump), "--config", TINY,
+                                f"run.dir={tmp_path / 'fp32'}", f"run.resume={tag}", *PRECISION_CHANGE,
+                                "train.precision=fp32", "train.steps=3"))
+    saved = stitched_zero_state(CheckpointRef(tag.parent, tag.name), 1, 4, (MASTER,))
+    weights = torch.load(f"{dump}.rank0")
+    assert saved.keys() <= weights.keys()
+    assert any(not torch.equal(s[MASTER].bfloat16().float(), s[MASTER]) for s in saved.values())  # rounding shows
+    for name, state in saved.items():
+        assert weights[name].dtype == torch.float32 and torch.equal(weights[name].flatten(), state[MASTER]), name
+
+
 def first_gradient_norm(run_dir):
     return next(r["grad_norm"] for r in metric_records(run_dir) if r.get("step") == 1 and "grad_norm" in r)
 

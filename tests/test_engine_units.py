@@ -796,6 +796,107 @@ def test_a_rank_that_fails_to_re_partition_makes_every_rank_raise(monkeypatch):
         zero_state.load_resharded_optimizer_state(None, None)
 
 
+def test_every_resume_takes_this_runs_eps_and_weight_decay_too():
+    from m2r.engine.optim import apply_optimizer_settings
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
+    apply_optimizer_settings(opt, SimpleNamespace(betas=[0.5, 0.9], eps=1e-6, weight_decay=0.0))
+    group = opt.param_groups[0]
+    assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.5, 0.9), 1e-6, 0.0)
+
+
+def test_moments_and_steps_are_stitched_from_their_own_parameter_group(tmp_path):
+    from m2r.engine.checkpoint import CheckpointRef
+    from m2r.engine.zero_state import stitched_zero_state
+
+    tag = tmp_path / "step00000001"
+    tag.mkdir()
+    for rank in range(2):
+        groups = [torch.arange(2.0) + 10 * rank, torch.arange(2.0) + 100 + 10 * rank]
+        state = {g: {"exp_avg": groups[g] + 1000, "exp_avg_sq": groups[g] + 2000, "step": torch.tensor(5.0 + g)}
+                 for g in range(2)}
+        torch.save({"optimizer_state_dict": {
+            "single_partition_of_fp32_groups": groups,
+            "base_optimizer_state": {"state": state},
+            "param_slice_mappings": [{"dense.weight": SimpleNamespace(start=0, numel=2)},
+                                     {"other.weight": SimpleNamespace(start=0, numel=2)}]}},
+                   tag / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+    got = stitched_zero_state(CheckpointRef(tmp_path, tag.name), 1, 4, ("fp32", "exp_avg", "exp_avg_sq", "step"))
+    assert got["other.weight"]["fp32"].tolist() == [100, 101, 110, 111]
+    assert got["other.weight"]["exp_avg"].tolist() == [1100, 1101, 1110, 1111]
+    assert got["other.weight"]["exp_avg_sq"].tolist() == [2100, 2101, 2110, 2111]
+    assert float(got["other.weight"]["step"]) == 6.0 and float(got["dense.weight"]["step"]) == 5.0
+    only = stitched_zero_state(CheckpointRef(tmp_path, tag.name), 1, 4, ("fp32",), wanted={"other.weight"})
+    assert list(only) == ["other.weight"]
+
+
+def test_a_rank_holding_no_stepped_fragment_reports_what_the_others_saved(monkeypatch):
+    """Every rank's answer is the agreement over ranks, not its own (a rank may hold no fragment)."""
+    from m2r.engine import zero_state
+
+    monkeypatch.setattr(zero_state, "_load_resharded", lambda engine, ref: False)
+    monkeypatch.setattr(dist, "max_over_ranks", lambda value: max(value, 1.0))   # another rank had stepped
+    assert zero_state.load_resharded_optimizer_state(None, None) is True
+
+
+def _stub(topology, train, saved_train):
+    from m2r.engine import run
+
+    ref = SimpleNamespace(path=Path("/ck/step3"), saved_config=lambda: {"train": saved_train})
+    stub = SimpleNamespace(topology=topology, POSITION="the data stream position", engine=None,
+                           cfg=SimpleNamespace(train=train))
+    stub._global_batch_change = lambda r, s: run.TrainingRun._global_batch_change(stub, r, s)
+    return run, stub, ref
+
+
+def _warning(capsys, saved, current, same_ranks, carry, train=None, saved_train=None):
+    train = train or SimpleNamespace(micro_batch=1, grad_accum=1)
+    saved_train = saved_train or {"micro_batch": 1, "grad_accum": 1}
+    run, stub, ref = _stub(current, train, saved_train)
+    run.TrainingRun._warn_topology_change(stub, ref, saved, same_ranks, carry)
+    return capsys.readouterr().out
+
+
+def test_a_checkpoint_saved_before_the_first_step_still_carries_the_masters(monkeypatch):
+    from m2r.engine import run
+
+    monkeypatch.setattr(run, "load_resharded_optimizer_state", lambda engine, ref: False)
+    _, stub, ref = _stub(Topology(2, 1, "bf16", 1), None, None)
+    carry = run.TrainingRun._carry_optimizer(stub, ref, Topology(1, 1, "bf16", 2))
+    assert carry.masters and not carry.adamw and "precedes the first optimizer step" in carry.why_not
+
+
+def test_the_loss_scale_is_named_only_between_fp16_runs(capsys):
+    from m2r.engine.run import OptimizerCarry
+
+    carried = OptimizerCarry(masters=True, adamw=True)
+    assert "loss scale" not in _warning(capsys, Topology(2, 2, "fp16", 1), Topology(2, 2, "bf16", 1), True, carried)
+    assert "the fp16 loss scale" in _warning(capsys, Topology(2, 2, "fp16", 1), Topology(2, 2, "fp16", 2), True, carried)
+
+
+def test_the_masters_are_named_lost_only_when_a_low_precision_run_is_involved(capsys):
+    from m2r.engine.run import OptimizerCarry
+
+    restart = OptimizerCarry(masters=False, adamw=False, why_not="the optimizer restarts: ZeRO stage 0")
+    low = _warning(capsys, Topology(2, 2, "bf16", 0), Topology(2, 2, "bf16", 1), True, restart)
+    assert "the fp32 master weights (rebuilt from the low-precision module weights)" in low
+    assert "fp32 master weights" not in _warning(capsys, Topology(2, 2, "fp32", 0), Topology(2, 2, "fp32", 1), True,
+                                                 restart)
+
+
+def test_the_global_batch_line_uses_the_checkpoints_own_batch_settings(capsys):
+    from m2r.engine.run import OptimizerCarry
+
+    out = _warning(capsys, Topology(2, 2, "fp32", 2), Topology(2, 2, "fp32", 1), True,
+                   OptimizerCarry(masters=True, adamw=True), train=SimpleNamespace(micro_batch=2, grad_accum=1),
+                   saved_train={"micro_batch": 1, "grad_accum": 2})
+    assert "global batch" not in out   # 1*2*2 == 2*1*2
+    out = _warning(capsys, Topology(2, 2, "fp32", 2), Topology(4, 2, "fp32", 2), False,
+                   OptimizerCarry(masters=True, adamw=True), train=SimpleNamespace(micro_batch=1, grad_accum=1),
+                   saved_train={"micro_batch": 1, "grad_accum": 4})
+    assert "The global batch changes from 8 to 4 images per step" in out
+
+
 def test_the_optimizer_follows_a_topology_change_between_zero_stages_1_and_2_only():
     from m2r.engine.zero_state import why_not_carried
 

@@ -4,6 +4,8 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -157,6 +159,28 @@ def test_unreadable_inputs_are_skipped_and_named_and_a_rerun_can_leave_what_was_
     assert "restored 2 images into" in output and "(2 restored before: --skip-existing)" in output
     assert (tmp_path / "out/a.png").stat().st_mtime_ns == restored_a
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.png", "c.png", "d.png"]
+
+
+def test_an_input_gone_since_the_listing_is_skipped_and_named(tmp_path):
+    from m2r import restore
+
+    args = SimpleNamespace(out=str(tmp_path / "out"), tile=0, overlap=0)
+    unreadable = restore.restore_files(None, [(tmp_path / "gone.png", Path("gone.png"))], args,
+                                       SimpleNamespace(device=torch.device("cpu")))
+    assert len(unreadable) == 1 and "gone.png" in unreadable[0]
+
+
+def test_skip_existing_counts_the_outputs_left(tmp_path):
+    from m2r import restore
+
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (4, 4)).save(tmp_path / f"{name}.png")
+    (tmp_path / "out").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "out" / "a.png")
+    args = SimpleNamespace(inputs=[str(tmp_path / n) for n in ("a.png", "b.png", "c.png")],
+                           out=str(tmp_path / "out"), skip_existing=True)
+    jobs, existing = restore.inputs_to_restore(args)
+    assert [output.name for _, output in jobs] == ["b.png", "c.png"] and existing == 1
 
 
 def test_inputs_differing_only_in_suffix_keep_it_instead_of_overwriting_each_other(tmp_path):

@@ -157,6 +157,16 @@ def test_cdd11_inputs_sharing_a_stem_never_take_each_others_target(tmp_path):
         cdd11_pairs(tmp_path, "test", types=["low"])
 
 
+def test_a_listed_input_whose_stem_another_input_shares_keeps_its_suffix(tmp_path):
+    """names=['a.jpg'] with input/a.png beside it: gt/a.png is a.png's target, not a.jpg's."""
+    from m2r.eval.datasets import paired_folder
+
+    for name in ("input/a.jpg", "input/a.png", "gt/a.png"):
+        _png(tmp_path / name, 0)
+    with pytest.raises(DatasetLayoutError, match="another input shares its stem"):
+        paired_folder(tmp_path, "set", names=["a.jpg"])
+
+
 def test_finetuning_crops_are_drawn_again_every_epoch(tmp_path):
     """The random crop (and flip) of an image depends on the epoch, or every epoch trains on the
     same windows of every image."""
