@@ -866,12 +866,61 @@ def test_a_checkpoint_saved_before_the_first_step_still_carries_the_masters(monk
     assert carry.masters and not carry.adamw and "precedes the first optimizer step" in carry.why_not
 
 
-def test_the_loss_scale_is_named_only_between_fp16_runs(capsys):
+def test_the_loss_scale_is_named_only_between_fp16_runs_and_lost_only_with_the_optimizer(capsys):
     from m2r.engine.run import OptimizerCarry
 
     carried = OptimizerCarry(masters=True, adamw=True)
+    restart = OptimizerCarry(masters=False, adamw=False, why_not="the optimizer restarts: ZeRO stage 0")
     assert "loss scale" not in _warning(capsys, Topology(2, 2, "fp16", 1), Topology(2, 2, "bf16", 1), True, carried)
-    assert "the fp16 loss scale" in _warning(capsys, Topology(2, 2, "fp16", 1), Topology(2, 2, "fp16", 2), True, carried)
+    kept = _warning(capsys, Topology(2, 2, "fp16", 1), Topology(4, 2, "fp16", 2), False, carried)
+    assert "the fp16 loss scale" in kept.split("LOST")[0] and "loss scale" not in kept.split("LOST")[1]
+    lost = _warning(capsys, Topology(2, 2, "fp16", 0), Topology(2, 2, "fp16", 1), True, restart)
+    assert "the fp16 loss scale (starts again from its initial value)" in lost.split("LOST")[1]
+
+
+def _fp16_shard_with_scaler(tmp_path, scaler, precision="fp16") -> "CheckpointRef":
+    tag = tmp_path / "step00000400"
+    tag.mkdir(parents=True)
+    (tag / "meta.json").write_text(json.dumps({"world_size": 2, "ep_size": 1, "precision": precision,
+                                               "zero_stage": 1}))
+    torch.save({"optimizer_state_dict": {"loss_scaler": scaler, "param_slice_mappings": [{}]}},
+               tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    return CheckpointRef(tmp_path, tag.name)
+
+
+def _dynamic_scaler(scale_window=1000):
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+    return DynamicLossScaler(init_scale=2.0 ** 16, scale_window=scale_window, min_scale=1, delayed_shift=2,
+                             consecutive_hysteresis=False)
+
+
+def test_an_fp16_run_on_another_topology_continues_from_the_saved_loss_scale_with_its_own_settings(tmp_path):
+    """Restarting at 2^16 would skip steps on overflows until the scale found its level again; the saved
+    progress comes, the window (a setting) stays this run's."""
+    from m2r.engine.zero_state import carry_loss_scale
+
+    saved = _dynamic_scaler()
+    saved.cur_scale, saved.cur_iter, saved.last_overflow_iter, saved.cur_hysteresis = 512.0, 4000, 3990, 1
+    live = SimpleNamespace(loss_scaler=_dynamic_scaler(scale_window=50))
+    assert carry_loss_scale(live, _fp16_shard_with_scaler(tmp_path, saved))
+    scaler = live.loss_scaler
+    assert (scaler.cur_scale, scaler.cur_iter, scaler.last_overflow_iter, scaler.cur_hysteresis) == (512.0, 4000, 3990, 1)
+    assert scaler.scale_window == 50
+
+
+def test_a_loss_scale_comes_only_from_an_fp16_checkpoint_into_an_fp16_run(tmp_path):
+    from m2r.engine.zero_state import carry_loss_scale
+
+    saved = _dynamic_scaler()
+    saved.cur_scale = 512.0
+    bf16_ref = _fp16_shard_with_scaler(tmp_path / "bf16", saved, precision="bf16")
+    live = SimpleNamespace(loss_scaler=_dynamic_scaler())
+    assert not carry_loss_scale(live, bf16_ref) and live.loss_scaler.cur_scale == 2.0 ** 16
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    static = SimpleNamespace(loss_scaler=LossScaler(1.0))   # what a bf16 or fp32 ZeRO optimizer holds
+    assert not carry_loss_scale(static, _fp16_shard_with_scaler(tmp_path / "fp16", saved))
+    assert static.loss_scaler.cur_scale == 1.0
 
 
 def test_the_masters_are_named_lost_only_when_a_low_precision_run_is_involved(capsys):

@@ -64,7 +64,7 @@ class StepResult(NamedTuple):
 
 class OptimizerCarry(NamedTuple):
     """What a resume at another topology brought of the saved optimizer."""
-    masters: bool      # the fp32 master weights
+    masters: bool      # the fp32 master weights (and, between fp16 runs, the loss scale)
     adamw: bool        # AdamW's moments and step counts
     why_not: str = ""  # why AdamW's state did not come
 
@@ -259,7 +259,10 @@ class TrainingRun:
         if not carry.adamw:
             lost.insert(0, f"AdamW moments and step counts ({carry.why_not})")
         if saved.precision == self.topology.precision == "fp16":
-            lost.append("the fp16 loss scale (starts again from its initial value)")
+            if carry.masters:
+                loaded.append("the fp16 loss scale")
+            else:
+                lost.append("the fp16 loss scale (starts again from its initial value)")
         if same_ranks:
             loaded.append(f"{self.POSITION} and the per-rank RNG states (same world size and ep_size)")
         else:

@@ -27,6 +27,8 @@ from m2r.models.moe import expert_parallel_rank
 ZERO_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 MASTER = "fp32"                        # the fp32 master weights' key beside the optimizer's own
 MOMENTS = ("exp_avg", "exp_avg_sq")    # torch AdamW's per-element state
+# DeepSpeed's dynamic fp16 loss scaler: where it stands (its settings, e.g. the window, stay the run's own)
+LOSS_SCALE_PROGRESS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
 ParameterState = Dict[str, torch.Tensor]   # MASTER and, once the optimizer has stepped, MOMENTS and "step"
 
 
@@ -131,7 +133,23 @@ def _load_resharded(engine, ref: CheckpointRef) -> bool:
             param.copy_(master.view(param.shape))
         stepped = [_fill_partition(zero, group, flat, state, param_names)
                    for group, flat in enumerate(zero.single_partition_of_fp32_groups)]
+    carry_loss_scale(zero, ref)
     return any(stepped)   # a rank may hold no fragment of a stepped group: the caller agrees over ranks
+
+
+def carry_loss_scale(zero, ref: CheckpointRef) -> bool:
+    """Between fp16 runs: the saved dynamic loss scale and its counters into this rank's scaler, which
+    would otherwise start again from 2^16 and skip steps on overflow until it finds its level. Every rank
+    saves the same scaler: the first shard's is read. Returns whether it was carried."""
+    live = getattr(zero, "loss_scaler", None)
+    if not getattr(live, "dynamic", False) or ref.topology().precision != "fp16":
+        return False
+    saved = _shard_state(zero_shard_files(ref.path)[0][1]).get("loss_scaler")
+    if not getattr(saved, "dynamic", False):
+        return False
+    for attribute in LOSS_SCALE_PROGRESS:
+        setattr(live, attribute, getattr(saved, attribute))
+    return True
 
 
 def _fill_partition(zero, group: int, flat: torch.Tensor, state: Dict[str, ParameterState],
