@@ -167,3 +167,45 @@ def test_flatten_names_every_level_of_a_nested_mapping():
 
     nested = {"model": {"moe": {"ep_size": 2, "top_k": 1}, "dim": 8}, "train": {"lr": 0.5}}
     assert flatten(nested) == {"model.moe.ep_size": 2, "model.moe.top_k": 1, "model.dim": 8, "train.lr": 0.5}
+
+
+@pytest.mark.parametrize("override, key", [
+    ("moe.top_k=9", "model.moe.top_k"),
+    ("moe.ep_size=4", "model.moe.ep_size"),              # does not divide the 6 experts
+    ("heads=[1,2,5,8]", "model.heads"),                   # 192 channels at level 3 into 5 heads
+    ("heads=[1,2]", "model.heads"),
+    ("num_blocks=[4,6,6]", "model.num_blocks"),
+    ("aflb_heads=5", "model.aflb_heads"),
+    ("dim=0", "model.dim"),
+    ("moe.capacity_factor=-1", "model.moe.capacity_factor"),
+    ("moe.dispatch=dense", "model.moe.dispatch"),         # with ep_size 2
+    ("clip.prompts=[]", "model.clip.prompts"),
+])
+def test_model_keys_that_do_not_fit_together_are_named_before_a_network_is_built(override, key):
+    """Checked with the config (every entry point, on one process), not by a rank building the network."""
+    from m2r.models.config import check_model_settings
+
+    overrides = [override, "moe.ep_size=2"] if override == "moe.dispatch=dense" else [override]
+    cfg = load_config(ModelConfig, None, overrides)
+    with pytest.raises(ConfigError, match=f"key '{key}'"):
+        check_model_settings(cfg)
+
+
+def test_every_shipped_network_fits_its_own_keys():
+    from pathlib import Path
+
+    from m2r.models.config import check_model_settings
+
+    for path in sorted((Path(__file__).parents[1] / "configs/model").glob("*.yaml")):
+        check_model_settings(load_config(ModelConfig, path))
+
+
+def test_pretraining_and_finetuning_check_the_model_keys_with_their_config():
+    from m2r.engine.config import FinetuneConfig, PretrainConfig, validate_finetune_config, validate_pretrain_config
+
+    pretrain = load_config(PretrainConfig, None, ["model.moe.top_k=9", "data.shards=/data"])
+    with pytest.raises(ConfigError, match="key 'model.moe.top_k'"):
+        validate_pretrain_config(pretrain, world_size=1)
+    finetune = load_config(FinetuneConfig, None, ["model.heads=[1,2,5,8]", "data.root=/data"])
+    with pytest.raises(ConfigError, match="key 'model.heads'"):
+        validate_finetune_config(finetune, world_size=1)

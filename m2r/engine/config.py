@@ -11,7 +11,7 @@ from typing import List, Optional
 from m2r.config import choice, require
 from m2r.data.config import DataConfig, check_data_settings
 from m2r.engine.deepspeed_config import build_deepspeed_config
-from m2r.models.config import CHECKPOINT_MODES, ModelConfig, model_keys, require_input_side
+from m2r.models.config import CHECKPOINT_MODES, ModelConfig, check_model_settings, model_keys, require_input_side
 
 
 PIXEL_LOSSES = ("l1", "charbonnier")   # train.loss; m2r/engine/loss.py computes each
@@ -86,7 +86,7 @@ class PretrainConfig:
 
 def validate_pretrain_config(cfg, world_size: int) -> None:
     """Checks that need several keys or the world size; single-key types are checked by the schema."""
-    train, run, moe = cfg.train, cfg.run, cfg.model.moe
+    train, run = cfg.train, cfg.run
     require_input_side("train.crop", train.crop)
     require(train.steps > 0 and train.micro_batch > 0 and train.grad_accum > 0,
             "train.steps/micro_batch/grad_accum", (train.steps, train.micro_batch, train.grad_accum),
@@ -98,7 +98,7 @@ def validate_pretrain_config(cfg, world_size: int) -> None:
             "must both be positive")
     check_loader_settings(cfg.data)
     check_data_settings(cfg.data)
-    check_expert_parallel(moe, world_size)
+    check_network_for_world(cfg.model, world_size)
 
 
 def collective_timeout(run) -> datetime.timedelta:
@@ -134,12 +134,11 @@ def check_optimizer_settings(train) -> None:
     require(0.0 <= train.ema_decay < 1.0, "train.ema_decay", train.ema_decay, "must be in [0, 1)")
 
 
-def check_expert_parallel(moe, world_size: int) -> None:
-    """ep_size must divide both the world size and the number of experts."""
-    require(world_size % moe.ep_size == 0, "model.moe.ep_size", moe.ep_size,
+def check_network_for_world(model, world_size: int) -> None:
+    """The model keys together, and ep_size dividing the world size."""
+    check_model_settings(model)
+    require(world_size % model.moe.ep_size == 0, "model.moe.ep_size", model.moe.ep_size,
             f"must divide the world size {world_size}")
-    require(moe.num_experts % moe.ep_size == 0, "model.moe.ep_size", moe.ep_size,
-            f"must divide model.moe.num_experts={moe.num_experts}")
 
 
 @dataclass
@@ -205,7 +204,7 @@ def validate_finetune_config(cfg, world_size: int) -> None:
     check_run_output_settings(run)
     require(set(run.best_metrics) <= {"psnr", "ssim"}, "run.best_metrics", list(run.best_metrics),
             "may only hold psnr and ssim")
-    check_expert_parallel(cfg.model.moe, world_size)
+    check_network_for_world(cfg.model, world_size)
     unknown = sorted(set(allowed_model_changes(cfg.init)) - set(model_keys()))
     require(not unknown, "init.allow_model_changes", unknown, f"must be keys of the model section: {model_keys()}")
 

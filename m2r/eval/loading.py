@@ -102,12 +102,14 @@ def _stored_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[dict]
 
 def inference_model_config(stored: Optional[dict], model_config: Optional[str],
                            overrides: Sequence[str], source: str) -> DictConfig:
-    from m2r.models.config import ModelConfig
+    from m2r.models.config import ModelConfig, check_model_settings
 
     if model_config is None and stored is None:
         raise ConfigError(f"{source} carries no model config: pass --model-config configs/model/<name>.yaml")
     every_expert_local = [*overrides, "moe.ep_size=1"]
-    return load_config(ModelConfig, model_config, every_expert_local, base=None if model_config else stored)
+    model = load_config(ModelConfig, model_config, every_expert_local, base=None if model_config else stored)
+    check_model_settings(model)
+    return model
 
 
 def load_inference_model(weights: str, device: torch.device, model_config: Optional[str] = None,

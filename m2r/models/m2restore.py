@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from m2r.models.aflb import AFLB
 from m2r.models.bottleneck import MB
 from m2r.models.clip_prior import CLIPPrior, build_clip_prior, clip_architecture
-from m2r.models.config import CHECKPOINT_MODES, INPUT_RANGES, MIN_SIZE, SIZE_MULTIPLE
+from m2r.models.config import CHECKPOINT_MODES, INPUT_RANGES, MIN_SIZE, SIZE_MULTIPLE, check_model_settings
 from m2r.models.moe import DDER
 from m2r.models.restormer import Downsample, OverlapPatchEmbed, TransformerBlock, Upsample, set_depthwise_mode
 from m2r.models.task_prompt import TaskPrompt
@@ -49,9 +49,7 @@ class M2Restore(nn.Module):
         super().__init__()
         if cfg.input_range not in INPUT_RANGES:
             raise ValueError(f"model.input_range must be one of {INPUT_RANGES}, got {cfg.input_range!r}")
-        if len(cfg.num_blocks) != 4 or len(cfg.heads) < 3:
-            raise ValueError(f"model.num_blocks needs 4 entries and model.heads at least 3, got "
-                             f"{list(cfg.num_blocks)} and {list(cfg.heads)}")
+        check_model_settings(cfg)
         self.input_range = cfg.input_range
         self._compiled_forward = None
         self._memory_format = torch.contiguous_format
