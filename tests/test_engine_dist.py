@@ -407,9 +407,10 @@ def test_bf16_resumes_exactly_and_a_precision_change_loads_weights_and_optimizer
     assert "is a checkpoint this run abandoned" in str(refused.value)
 
 
-def test_every_rank_streams_rank_0s_listing_of_the_shards(tmp_path):
+def test_every_rank_streams_and_validates_on_rank_0s_listing_of_the_shards(tmp_path):
     """A rank listing a shared folder itself (a stale NFS listing: one shard missing here) would draw
-    from another corpus, and a resume would not notice."""
+    from another corpus, and a resume would not notice; one finding no validation shard would fail
+    alone while the other waited for it."""
     from PIL import Image
 
     from m2r.data.builtin import TRAIN_PHOTOS, load_photo
@@ -422,9 +423,11 @@ def test_every_rank_streams_rank_0s_listing_of_the_shards(tmp_path):
     build(BuildOptions(src=[str(photos)], out=str(tmp_path / "shards"), samples_per_shard=2), progress=False)
     run_launch(torchrun_command(2, "tests/stale_listing.py", "pretrain.py", "--config", TINY,
                                 f"run.dir={tmp_path / 'run'}", "data.source=shards",
-                                f"data.shards={tmp_path / 'shards'}", "train.steps=2", "run.image_every=0"))
+                                f"data.shards={tmp_path / 'shards'}", "train.steps=2", "run.image_every=0",
+                                f"data.val_shards={tmp_path / 'shards/shard-000000.tar'}", "run.val_every=2"))
     client = torch.load(tmp_path / "run/checkpoints/step00000002/mp_rank_00_model_states.pt", weights_only=False)
     assert [state["plan"]["shards"] for state in client["stream_states"]] == [4, 4]
+    assert any("val_psnr" in json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines())
 
 
 # ----------------------------------------------------------------------------------- preemption

@@ -366,7 +366,9 @@ def _val_images(cfg, count: int) -> List[Tuple[np.ndarray, Optional[np.ndarray],
     if not cfg.val_shards:
         return [(load_photo(VAL_PHOTOS[i % len(VAL_PHOTOS)]), None, {}) for i in range(count)]
     images = []
-    for path in resolve_shards(cfg.val_shards, "data.val_shards"):
+    # listed by rank 0 for all, as the training shards are: a rank whose listing lagged would otherwise
+    # fail (or read other samples) alone, and the others would wait for it in the next collective
+    for path in on_rank0(lambda: resolve_shards(cfg.val_shards, "data.val_shards")):
         for record in read_shard(path):
             images.append(_decode_shard_sample(path, record, cfg.preset))
             if len(images) == count:
