@@ -138,8 +138,3 @@ def flatten(node: Mapping, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
-
-
-def to_object(cfg: DictConfig) -> Any:
-    """The dataclass instance behind a structured config (typed attribute access)."""
-    return OmegaConf.to_object(cfg)

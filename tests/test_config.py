@@ -209,3 +209,14 @@ def test_pretraining_and_finetuning_check_the_model_keys_with_their_config():
     finetune = load_config(FinetuneConfig, None, ["model.heads=[1,2,5,8]", "data.root=/data"])
     with pytest.raises(ConfigError, match="key 'model.heads'"):
         validate_finetune_config(finetune, world_size=1)
+
+
+def test_the_code_reading_a_choice_knows_every_value_the_schema_allows():
+    """A value added to a schema's choices but not to the code that reads it passes the config check
+    and fails mid-run (or the other way round: a mode the code has, refused by the config)."""
+    from m2r.engine.config import FINETUNE_DATASETS, PRECISIONS
+    from m2r.eval.datasets import DATASETS
+    from m2r.eval.loading import PRECISIONS as EVALUATION_PRECISIONS
+
+    assert DATASETS == FINETUNE_DATASETS
+    assert tuple(EVALUATION_PRECISIONS) == PRECISIONS

@@ -15,6 +15,8 @@ from m2r.models.config import CHECKPOINT_MODES, ModelConfig, check_model_setting
 
 
 PIXEL_LOSSES = ("l1", "charbonnier")   # train.loss; m2r/engine/loss.py computes each
+PRECISIONS = ("fp32", "bf16", "fp16")  # train.precision; m2r/engine/run.py has their dtypes
+FINETUNE_DATASETS = ("allweather", "cdd11", "folder")   # data.dataset; m2r/eval/datasets.py reads each
 
 
 @dataclass
@@ -29,7 +31,7 @@ class TrainSettings:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     grad_clip: float = 0.0           # max global grad norm; 0 disables clipping
-    precision: str = choice("fp32", "bf16", "fp16")  # fp32 | bf16 | fp16 (dynamic loss scaling, GPU only)
+    precision: str = choice(*PRECISIONS)  # fp32 | bf16 | fp16 (dynamic loss scaling, GPU only)
     zero_stage: int = 1              # 0, 1 or 2; native DeepSpeed MoE cannot use stage 3
     loss: str = choice(*PIXEL_LOSSES)  # l1 (official) | charbonnier: m2r/engine/loss.py
     charbonnier_eps: float = 1e-3
@@ -143,7 +145,7 @@ def check_network_for_world(model, world_size: int) -> None:
 
 @dataclass
 class FinetuneDataConfig:
-    dataset: str = choice("allweather", "cdd11", "folder")
+    dataset: str = choice(*FINETUNE_DATASETS)  # layouts: m2r/eval/datasets.py (DATASETS)
     root: str = ""                   # dataset root; layouts in m2r/eval/datasets.py
     list_file: Optional[str] = None  # AllWeather training list; None = the one found under root, if any
     val_root: Optional[str] = None   # root of the validation sets; None = root

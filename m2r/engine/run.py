@@ -2,8 +2,9 @@
 
 `TrainingRun.__init__` starts the process group, checks the config and agrees on the checkpoint to
 resume. A subclass then builds, in its own order, its data and `_build_model` -> `_start_engine` ->
-its resume through `_load_checkpoint` -> `_seed_rng` -> `_open_monitor`; its loop runs `micro_step`
-and reports each optimizer step through `_log_train_step`.
+`_start_ema` -> its resume through `_load_checkpoint` (and `_restore_ema`) -> `_seed_rng` ->
+`_open_monitor`; its loop's `train_step` runs `_optimizer_step` (forward and backward of each
+micro-batch, the optimizer step, the EMA) and reports each step through `_report_step`.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import IO, Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import torch
 from omegaconf import OmegaConf
@@ -22,7 +23,7 @@ from m2r.atomic import write_text_atomically
 from m2r.config import config_error, flatten, require, save_config
 from m2r.engine.checkpoint import (ABANDONED_DIR, CheckpointManager, CheckpointRef, Topology, agreed_resume,
                                    complete_tags, load_ema_states, load_weights_only, set_aside_newer_tags)
-from m2r.engine.config import collective_timeout
+from m2r.engine.config import PRECISIONS, collective_timeout
 from m2r.engine.deepspeed_config import (build_deepspeed_config, gradient_accumulation_dtype,
                                          gradient_reduction_dtype)
 from m2r.engine.loss import LossTerms, restoration_loss
@@ -40,6 +41,7 @@ PER_PROCESS_KEYS = frozenset({"run.resume", "run.stop_after_steps", "run.stop_af
                               "run.collective_timeout_minutes"})
 STOP_FILE_VARIABLE = "M2R_STOP_FILE"   # see TrainingRun._tell_the_job_script
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+assert tuple(PRECISION_DTYPES) == PRECISIONS, "train.precision's choices and their dtypes must agree"
 
 
 def micro_step(engine, batch: Dict[str, torch.Tensor], device: torch.device, input_dtype: torch.dtype,
@@ -86,6 +88,8 @@ class TrainingRun:
     total_steps: int               # steps of the whole run (from `_open_monitor`)
     monitor: NullMonitor           # (from `_open_monitor`)
     ema: Optional[EMA]             # (from `_start_ema`)
+    launcher: str                  # what started the ranks (m2r.dist.DistEnv.launcher)
+    _run_lock: Optional[IO]        # rank 0 only: the run.dir lock file, open for the whole run (None: no locks)
 
     def __init__(self, cfg, env: dist.DistEnv, validate_config: Callable[[Any, int], None],
                  stop_request: Optional[stop_signals.StopRequest] = None):
@@ -191,7 +195,7 @@ class TrainingRun:
             return None
         from m2r.models.moe import is_first_expert_replica
 
-        return self.ema.state_dict(dense=dist.rank() == 0,
+        return self.ema.state_dict(dense=dist.is_rank0(),
                                    experts=is_first_expert_replica(dist.rank(), self.topology.ep_size))
 
     def _validation_weights(self):

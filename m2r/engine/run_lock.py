@@ -50,7 +50,7 @@ def hold_run_dir_lock(run_dir: Path) -> Optional[IO]:
             continue
         if _is_the_file_at(handle, lock_path):   # not replaced by another requeue meanwhile
             handle.truncate(0)
-            handle.write(f"pid {os.getpid()} on {socket.gethostname()}, {_slurm_job_name()}\n")
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}, {_job_and_restart()}\n")
             handle.flush()
             return handle
         handle.close()
@@ -72,7 +72,7 @@ def _is_the_file_at(handle: IO, path: Path) -> bool:
     return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
-def _slurm_job_name() -> str:
+def _job_and_restart() -> str:
     job = os.environ.get("SLURM_JOB_ID")
     return f"SLURM job {job} restart {os.environ.get('SLURM_RESTART_COUNT', '0')}" if job else "not under SLURM"
 

@@ -21,12 +21,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from m2r.models.config import AFLB_MASKS
 from m2r.models.restormer import DepthwiseConv3x3, memory_layout, transposed_attention
 
 OFFICIAL_MASK_STEP = 128  # the official code divides the feature size by this before scaling
-AFLB_MASK_RULES = ("official", "fixed")
-
-
 class ChannelCrossAttention(nn.Module):
     """Transposed attention whose queries come from `x` and keys/values from `y` (same shape)."""
 
@@ -121,8 +119,8 @@ class AFLB(nn.Module):
     def __init__(self, dim: int, num_heads: int, bias: bool, mask: str = "official",
                  in_channels: int = 3):
         super().__init__()
-        if mask not in AFLB_MASK_RULES:
-            raise ValueError(f"model.aflb_mask must be one of {AFLB_MASK_RULES}, got {mask!r}")
+        if mask not in AFLB_MASKS:
+            raise ValueError(f"model.aflb_mask must be one of {AFLB_MASKS}, got {mask!r}")
         self.mask_rule = mask
         self.conv = nn.Conv2d(in_channels, dim, kernel_size=3, padding=1, bias=False)  # unused
         self.conv1 = nn.Conv2d(in_channels, dim, kernel_size=3, padding=1, bias=False)

@@ -15,6 +15,7 @@ Names follow the official code (`ssm`, `prompt_proj`, `gate_net`, `conv_path`, `
 import torch
 import torch.nn as nn
 
+from m2r.models.config import SCAN_MODES
 from m2r.models.mamba import Mamba
 from m2r.models.restormer import ChannelLayerNorm, DepthwiseConv3x3, GatedDconvFeedForward
 
@@ -23,6 +24,7 @@ SCAN_ORDERS = {
     "bidirectional": ("row", "row_reversed"),
     "four_way": ("row", "row_reversed", "column", "column_reversed"),
 }
+assert tuple(SCAN_ORDERS) == SCAN_MODES, "model.mamba.scan's choices and the scan orders must agree"
 
 
 def to_scan_order(grid, order: str):

@@ -17,6 +17,9 @@ DISPATCH_MODES = ("auto", "sparse", "dense")
 CLIP_KINDS = ("daclip", "openclip", "tiny")
 INPUT_RANGES = ("minus_one_one", "zero_one")
 SCAN_BACKENDS = ("auto", "torch", "mamba_ssm")
+SCAN_MODES = ("raster", "bidirectional", "four_way")   # the orders of each: models/bottleneck.SCAN_ORDERS
+AFLB_MASKS = ("official", "fixed")
+DEPTHWISE_MODES = ("conv", "shifted")
 CHECKPOINT_MODES = ("none", "bottleneck", "full_res", "levels_1_2", "all")   # train.activation_checkpointing
 SIZE_MULTIPLE = 8   # input sides: three 2x downsamplings
 MIN_SIZE = 16       # the task-prompt CondNet needs at least 9 px; 16 is the smallest multiple of 8
@@ -54,7 +57,7 @@ class MambaConfig:
     d_state: int = 16
     d_conv: int = 4
     expand: int = 2
-    scan: str = choice("raster", "bidirectional", "four_way")  # "raster" (official) | "bidirectional" | "four_way"
+    scan: str = choice(*SCAN_MODES)  # "raster" (official) | "bidirectional" | "four_way"
     # Only matters under torch.autocast (benchmarks, evaluation with --bf16; the training engine's bf16
     # is DeepSpeed's bf16 weights, which every layer follows). False (official recipe): the Mamba layers
     # run in fp32 even under autocast. True: they follow it; the scan's state stays fp32 either way.
@@ -84,12 +87,12 @@ class ModelConfig:
     prompt_atoms: int = 32           # task-prompt dictionary size
     cond_channels: int = 64          # task-prompt CondNet width
     aflb_heads: int = 4
-    aflb_mask: str = choice("official", "fixed")  # "official" (degenerate h//128 box) | "fixed"
+    aflb_mask: str = choice(*AFLB_MASKS)  # "official" (degenerate h//128 box) | "fixed"
     input_range: str = choice(*INPUT_RANGES)  # "minus_one_one" (official) | "zero_one" (true residual)
     scan_backend: str = choice(*SCAN_BACKENDS)  # "auto" | "torch" | "mamba_ssm"
     # 3x3 depthwise convolutions: "conv" (cuDNN) | "shifted" (nine shifted multiply-adds, same result;
     # for train.compile, which fuses them with their neighbours; slower eagerly)
-    depthwise: str = choice("conv", "shifted")
+    depthwise: str = choice(*DEPTHWISE_MODES)
     seed: int = 0                    # init seed; experts also use their global id
     moe: MoEConfig = field(default_factory=MoEConfig)
     mamba: MambaConfig = field(default_factory=MambaConfig)

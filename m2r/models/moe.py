@@ -33,6 +33,7 @@ from deepspeed.utils import groups
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from m2r import dist
 from m2r.dist import announce_once
 from m2r.models.config import COMBINE_MODES, DISPATCH_MODES
 
@@ -404,13 +405,12 @@ def _expert_parallel_rank(ep_size: int) -> int:
     """This process's index in its expert-parallel group (`expert_parallel_rank`)."""
     if ep_size == 1:
         return 0
-    if not torch_dist.is_initialized():
+    if not dist.is_initialized():
         raise RuntimeError(f"model.moe.ep_size={ep_size} needs torch.distributed initialised before the model is "
                            "built (deepspeed.init_distributed())")
-    world_size = torch_dist.get_world_size()
-    if world_size % ep_size != 0:
-        raise ValueError(f"model.moe.ep_size={ep_size} must divide the world size {world_size}")
-    return expert_parallel_rank(torch_dist.get_rank(), ep_size)
+    if dist.world_size() % ep_size != 0:
+        raise ValueError(f"model.moe.ep_size={ep_size} must divide the world size {dist.world_size()}")
+    return expert_parallel_rank(dist.rank(), ep_size)
 
 
 class DDER(MoE):

@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from m2r.models.config import DEPTHWISE_MODES
+
 LAYER_NORM_EPS = 1e-5
 
 
@@ -36,9 +38,6 @@ class ChannelLayerNorm(nn.Module):
 
     def forward(self, x):
         return self.body(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
-DEPTHWISE_MODES = ("conv", "shifted")
 
 
 class DepthwiseConv3x3(nn.Conv2d):
