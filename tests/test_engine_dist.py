@@ -86,12 +86,13 @@ def test_each_step_trains_at_the_schedules_rate_for_its_index(parity_runs):
     """Step n (1-based, as logged) is optimizer step n - 1 of `learning_rate`: warmup 2, then the cosine."""
     from m2r.config import load_config
     from m2r.engine.config import PretrainConfig
-    from m2r.engine.optim import learning_rate
+    from m2r.engine.optim import LRSchedule, learning_rate
 
     cfg = load_config(PretrainConfig, parity_runs[1, 1] / "config.yaml")
     logged = {r["step"]: r["lr"] for r in metric_records(parity_runs[1, 1]) if "lr" in r}
     assert list(logged) == [1, 2, 3, 4, 5]
-    assert list(logged.values()) == pytest.approx([learning_rate(step - 1, cfg.train) for step in logged])
+    schedule = LRSchedule.of_steps(cfg.train)
+    assert list(logged.values()) == pytest.approx([learning_rate(step - 1, schedule) for step in logged])
 
 
 def test_the_ema_is_saved_once_at_any_expert_parallel_size(parity_runs):
@@ -132,7 +133,7 @@ def test_export_then_single_process_load_gives_the_engine_outputs(parity_runs, t
     from m2r.data import build_val_set
     from m2r.engine.config import PretrainConfig
     from m2r.data.presets import type_names
-    from m2r.engine.validate import evaluate
+    from m2r.engine.validate import validation_metrics
     from m2r.atomic import default_file_mode
     from m2r.eval.loading import load_inference_model
     from m2r.export import export
@@ -142,8 +143,8 @@ def test_export_then_single_process_load_gives_the_engine_outputs(parity_runs, t
     assert stat.S_IMODE(out.stat().st_mode) == default_file_mode()   # readable by teammates, as any new file
     model = load_inference_model(str(out), torch.device("cpu"))
     cfg = load_config(PretrainConfig, run / "config.yaml")
-    metrics = evaluate(model, build_val_set(cfg.data, cfg.train.crop), torch.device("cpu"), torch.float32,
-                       type_names(cfg.data.preset))
+    metrics = validation_metrics(model, build_val_set(cfg.data, cfg.train.crop), torch.device("cpu"),
+                                 torch.float32, type_names(cfg.data.preset))
     engine_metrics = val_records(run)[5]
     assert metrics["psnr"] == pytest.approx(engine_metrics["val_psnr"], abs=1e-4)
     assert metrics["ssim"] == pytest.approx(engine_metrics["val_ssim"], abs=1e-5)

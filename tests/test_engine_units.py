@@ -18,7 +18,7 @@ from m2r.engine.config import PretrainConfig, validate_pretrain_config
 from m2r.engine.deepspeed_config import build_deepspeed_config
 from m2r.engine.loss import pixel_loss
 from m2r.engine.monitor import Monitor, NullMonitor, build_monitor
-from m2r.engine.optim import EMA, learning_rate
+from m2r.engine.optim import EMA, LRSchedule, learning_rate
 from m2r.eval.metrics import batch_psnr as psnr
 from m2r.eval.metrics import batch_ssim as ssim
 
@@ -168,7 +168,7 @@ for group in (groups._get_expert_parallel_group("ep_size_1"), groups._get_expert
 
 # ----------------------------------------------------------------------------------- schedule
 def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_the_floor():
-    train = SimpleNamespace(lr=1e-3, min_lr=1e-5, warmup_steps=4, steps=104)
+    train = LRSchedule(lr=1e-3, min_lr=1e-5, warmup_steps=4, steps=104)
     assert [learning_rate(s, train) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
     assert learning_rate(54, train) == pytest.approx((1e-3 + 1e-5) / 2)
     assert learning_rate(103, train) == pytest.approx(1e-5, abs=1e-6)
@@ -203,7 +203,7 @@ def test_ema_parts_split_the_dense_weights_from_this_ranks_experts(repo_root):
 
 def test_after_its_schedule_the_learning_rate_stays_at_the_floor():
     """Finetuning's cosine may end before the last epoch (train.schedule_epochs)."""
-    train = SimpleNamespace(lr=1e-3, min_lr=1e-5, warmup_steps=4, steps=104)
+    train = LRSchedule(lr=1e-3, min_lr=1e-5, warmup_steps=4, steps=104)
     assert [learning_rate(step, train) for step in (104, 150, 204)] == pytest.approx([1e-5] * 3)
 
 
@@ -460,7 +460,7 @@ def test_the_total_loss_adds_the_weighted_balance_loss_to_the_pixel_loss():
 
 
 def test_validation_psnr_per_type_averages_that_types_images_only():
-    from m2r.engine.validate import evaluate
+    from m2r.engine.validate import validation_metrics
 
     class Identity(torch.nn.Module):
         def forward(self, x):
@@ -469,7 +469,7 @@ def test_validation_psnr_per_type_averages_that_types_images_only():
     gt = torch.full((1, 3, 16, 16), 128, dtype=torch.uint8)
     batches = [dict(lq=gt + 1, gt=gt, type_id=torch.tensor([0])), dict(lq=gt + 4, gt=gt, type_id=torch.tensor([1])),
                dict(lq=gt + 4, gt=gt, type_id=torch.tensor([1]))]
-    metrics = evaluate(Identity(), batches, torch.device("cpu"), torch.float32, ["a", "b"])
+    metrics = validation_metrics(Identity(), batches, torch.device("cpu"), torch.float32, ["a", "b"])
     assert metrics["psnr_a"] == pytest.approx(20 * math.log10(255), abs=1e-3)
     assert metrics["psnr_b"] == pytest.approx(20 * math.log10(255 / 4), abs=1e-3)
 
@@ -708,7 +708,7 @@ def test_a_step_reports_the_mean_of_its_micro_batches_loss_and_load(monkeypatch)
                            engine=None, device=torch.device("cpu"), input_dtype=torch.float32, ema=None,
                            cfg=SimpleNamespace(train=None, model=SimpleNamespace(moe=SimpleNamespace(
                                balance_loss_weight=0.01))))
-    schedule = SimpleNamespace(lr=1.0, min_lr=0.0, warmup_steps=0, steps=10)
+    schedule = LRSchedule(lr=1.0, min_lr=0.0, warmup_steps=0, steps=10)
     result = run.TrainingRun._optimizer_step(stub, [{}, {}], schedule)
     assert result.terms.tolist() == [2.0, 3.0, 4.0]
     assert result.loads.tolist() == [[0.5, 0.5]] and stub.step == 1 and result.lr == 1.0

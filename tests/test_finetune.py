@@ -106,6 +106,7 @@ def test_two_rank_finetune_from_a_one_rank_pretraining_checkpoint_then_evaluatio
     assert "saved with world size 1, ep_size 1" in log
     assert "2 steps/epoch x 2 epochs = 4 steps" in log
     assert "step 3/4 |" in log and "step 4/4 |" in log and "step 2/4 |" not in log   # log steps and the last
+    assert "stopping at step 4: finished" in log
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(finetune_dir / "tensorboard"))
@@ -147,7 +148,9 @@ def test_two_rank_finetune_from_a_one_rank_pretraining_checkpoint_then_evaluatio
         assert all(PROTOCOL_KEYS <= set(summary) for summary in results["sets"].values())
 
     # The two-rank run continued on one rank at ep_size 1: the optimizer follows, re-partitioned.
-    log = run([*finetune, "model.moe.ep_size=1", "train.epochs=3", f"run.dir={finetune_dir}"], repo_root)
+    log = run([*finetune, "model.moe.ep_size=1", "train.epochs=4", "run.stop_after_epochs=1",
+               f"run.dir={finetune_dir}"], repo_root)
+    assert "stopping at step 8: run.stop_after_epochs=1 reached" in log
     assert "saved with world size 2, ep_size 2" in log and "AdamW moments and step counts (re-partitioned)" in log
     assert "resumed from" in log and (finetune_dir / "checkpoints/latest").read_text() == "step00000008"  # 4 a epoch
 
@@ -169,9 +172,9 @@ def test_a_finetune_stopped_mid_epoch_and_at_an_epoch_end_continues_exactly(repo
             "model.moe.ep_size=1", "train.grad_accum=2", "train.epochs=4"]   # 2 steps per epoch, gate noise on
     run([*base, f"run.dir={tmp_path / 'straight'}"], repo_root)
     split = tmp_path / "split"
-    assert "run.stop_after_steps=3 reached in epoch 2 of 4 at step 3" in run(
+    assert "stopping at step 3: run.stop_after_steps=3 reached in epoch 2 of 4" in run(
         [*base, f"run.dir={split}", "run.stop_after_steps=3"], repo_root)
-    assert "run.stop_after_steps=1 reached in epoch 2 of 4 at step 4" in run(
+    assert "stopping at step 4: run.stop_after_steps=1 reached in epoch 2 of 4" in run(
         [*base, f"run.dir={split}", "run.stop_after_steps=1"], repo_root)
     run([*base, f"run.dir={split}"], repo_root)
 

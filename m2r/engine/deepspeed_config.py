@@ -29,6 +29,11 @@ def gradient_reduction_dtype(train) -> str:
     return "fp32" if train.precision == "bf16" else train.precision
 
 
+def images_per_step(train, world_size: int) -> int:
+    """The global batch (DeepSpeed's train_batch_size): images per optimizer step over all ranks."""
+    return train.micro_batch * train.grad_accum * world_size
+
+
 def build_deepspeed_config(train, world_size: int) -> Dict[str, Any]:
     if train.zero_stage == 3:
         raise config_error("train.zero_stage", "value 3 is not supported: DeepSpeed's native "
@@ -38,7 +43,7 @@ def build_deepspeed_config(train, world_size: int) -> Dict[str, Any]:
     config: Dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.micro_batch,
         "gradient_accumulation_steps": train.grad_accum,
-        "train_batch_size": train.micro_batch * train.grad_accum * world_size,
+        "train_batch_size": images_per_step(train, world_size),
         "gradient_clipping": float(train.grad_clip),
         "zero_optimization": {"stage": train.zero_stage},
         "steps_per_print": 2**31 - 1,  # our own logger reports progress

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -20,11 +19,13 @@ from m2r.atomic import write_json_atomically
 from m2r.config import ConfigError, require
 from m2r.engine.checkpoint import CheckpointManager, CheckpointRef, checkpoint_at, load_weights_only
 from m2r.engine.config import allowed_model_changes, validate_finetune_config
+from m2r.engine.deepspeed_config import images_per_step
 from m2r.engine.experts import global_expert_names
 from m2r.engine.monitor import StepTimer
+from m2r.engine.optim import LRSchedule
 from m2r.engine.rng import capture_rng_state, rank_seed
 from m2r.engine.run import StepResult, TrainingRun
-from m2r.engine.validate import evaluate
+from m2r.engine.validate import validation_metrics
 from m2r.export import config_path_for, export, stored_model_config
 from m2r.models.config import require_same_network
 
@@ -96,10 +97,8 @@ class Finetuner(TrainingRun):
                               f"epoch at {env.world_size} ranks x micro_batch {train.micro_batch} x grad_accum "
                               f"{train.grad_accum}")
         self.total_steps = train.epochs * self.steps_per_epoch
-        # What optim.learning_rate reads: its `steps` is where the cosine reaches min_lr.
-        self.schedule = SimpleNamespace(lr=train.lr, min_lr=train.min_lr,
-                                        warmup_steps=train.warmup_epochs * self.steps_per_epoch,
-                                        steps=(train.schedule_epochs or train.epochs) * self.steps_per_epoch)
+        self.schedule = LRSchedule(train.lr, train.min_lr, warmup_steps=train.warmup_epochs * self.steps_per_epoch,
+                                   steps=(train.schedule_epochs or train.epochs) * self.steps_per_epoch)
         val_sets = dist.on_rank0(lambda: evaluation_sets(data.dataset, data.val_root or data.root,
                                                          list(data.val_sets) or None))
         self.val_names = list(val_sets)
@@ -215,7 +214,7 @@ class Finetuner(TrainingRun):
             for _ in range(steps_left):
                 result = self.train_step(next(batches) for _ in range(train.grad_accum))
                 self.samples_into_epoch += train.micro_batch * train.grad_accum
-                timer.end_step(train.micro_batch * train.grad_accum * dist.world_size())
+                timer.end_step(images_per_step(train, dist.world_size()))
                 self._report_step(result, timer)
                 self.steps_this_run += 1
                 if reason := self._stop_reason(self.steps_this_run):
@@ -229,7 +228,8 @@ class Finetuner(TrainingRun):
     # ----------------------------------------------------------------------------- validation, checkpoints
     def validate(self) -> Dict[str, float]:
         with self._validation_weights():
-            metrics = evaluate(self.engine, self.val_batches, self.device, self.input_dtype, self.val_names)
+            metrics = validation_metrics(self.engine, self.val_batches, self.device, self.input_dtype,
+                                         self.val_names)
         self.monitor.log_val(self.step, metrics)
         return metrics
 
@@ -260,24 +260,23 @@ class Finetuner(TrainingRun):
         return f"epoch {self.epoch + 1} of {self.cfg.train.epochs}"
 
     def fit(self) -> int:
-        if reason := self.stop_request.agreed_reason():   # during start-up: nothing new to save
-            self._tell_the_job_script(finished=self.epoch >= self.cfg.train.epochs)
-            self.monitor.print(f"stopping at step {self.step}: {reason}")
-            self.monitor.close()
-            return 0
+        """Train until the last epoch, a stop signal or a run.stop_after_* limit; the last step trained is
+        always in a checkpoint. Returns the exit code (0)."""
+        # A stop signal received during start-up stops the run here: it holds nothing new to save.
+        reason = self.stop_request.agreed_reason() or self._train_epochs()
+        self._finish(reason, finished=self.epoch >= self.cfg.train.epochs)
+        return 0
+
+    def _train_epochs(self) -> str:
+        """Epochs, each validated and saved at its end; why they stopped."""
         epochs_this_run = 0
         while self.epoch < self.cfg.train.epochs:
             if reason := self.run_epoch():
                 self.save_checkpoint()
-                self._tell_the_job_script(finished=False)
-                self.monitor.print(f"{reason} in {self._epoch_name()} at step {self.step}")
-                break
-            metrics = self.validate()
-            self.keep_best(metrics)
+                return f"{reason} in {self._epoch_name()}"
+            self.keep_best(self.validate())
             self.save_checkpoint()
             epochs_this_run += 1
             if self.cfg.run.stop_after_epochs and epochs_this_run >= self.cfg.run.stop_after_epochs:
-                self.monitor.print(f"run.stop_after_epochs={self.cfg.run.stop_after_epochs} reached")
-                break
-        self.monitor.close()
-        return 0
+                return f"run.stop_after_epochs={self.cfg.run.stop_after_epochs} reached"
+        return "finished"

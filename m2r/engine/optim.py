@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from typing import Dict, Iterator, Mapping
 
 import torch
@@ -22,13 +23,28 @@ def build_optimizer(model: nn.Module, train) -> torch.optim.Optimizer:
                              weight_decay=train.weight_decay)
 
 
-def learning_rate(step: int, train) -> float:
+@dataclass(frozen=True)
+class LRSchedule:
+    """Linear warmup over `warmup_steps`, then a cosine from `lr` that reaches `min_lr` at `steps` (in
+    optimizer steps; finetuning converts its epochs) and stays there."""
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    steps: int
+
+    @classmethod
+    def of_steps(cls, train) -> "LRSchedule":
+        """Pretraining's: the `train` section counts in steps."""
+        return cls(train.lr, train.min_lr, train.warmup_steps, train.steps)
+
+
+def learning_rate(step: int, schedule: LRSchedule) -> float:
     """LR of optimizer step `step` (0-based): linear warmup from 0, then cosine from lr to min_lr."""
-    if step < train.warmup_steps:
-        return train.lr * (step + 1) / train.warmup_steps
-    decay_steps = max(1, train.steps - train.warmup_steps)
-    progress = min(1.0, (step - train.warmup_steps) / decay_steps)
-    return train.min_lr + 0.5 * (train.lr - train.min_lr) * (1.0 + math.cos(math.pi * progress))
+    if step < schedule.warmup_steps:
+        return schedule.lr * (step + 1) / schedule.warmup_steps
+    decay_steps = max(1, schedule.steps - schedule.warmup_steps)
+    progress = min(1.0, (step - schedule.warmup_steps) / decay_steps)
+    return schedule.min_lr + 0.5 * (schedule.lr - schedule.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
 def apply_optimizer_settings(optimizer: torch.optim.Optimizer, train) -> None:

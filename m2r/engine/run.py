@@ -13,7 +13,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import IO, Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import OmegaConf
@@ -25,10 +25,11 @@ from m2r.engine.checkpoint import (ABANDONED_DIR, CheckpointManager, CheckpointR
                                    complete_tags, load_ema_states, load_weights_only, set_aside_newer_tags)
 from m2r.engine.config import PRECISIONS, collective_timeout
 from m2r.engine.deepspeed_config import (build_deepspeed_config, gradient_accumulation_dtype,
-                                         gradient_reduction_dtype)
+                                         gradient_reduction_dtype, images_per_step)
 from m2r.engine.loss import LossTerms, restoration_loss
 from m2r.engine.monitor import NullMonitor, StepTimer, build_monitor
-from m2r.engine.optim import EMA, apply_optimizer_settings, build_optimizer, learning_rate, set_learning_rate
+from m2r.engine.optim import (EMA, LRSchedule, apply_optimizer_settings, build_optimizer, learning_rate,
+                              set_learning_rate)
 from m2r.engine.rng import reseed, restore_rng_state
 from m2r.engine.run_lock import hold_run_dir_lock
 from m2r.engine.zero_state import load_resharded_optimizer_state, why_not_carried
@@ -282,9 +283,8 @@ class TrainingRun:
 
     def _global_batch_change(self, ref: CheckpointRef, saved: Topology) -> List[str]:
         """A line when the images per optimizer step differ from the checkpoint's (the LR stays as set)."""
-        saved_train, train = ref.saved_config()["train"], self.cfg.train
-        before = saved_train["micro_batch"] * saved_train["grad_accum"] * saved.world_size
-        now = train.micro_batch * train.grad_accum * self.topology.world_size
+        before = images_per_step(OmegaConf.create(ref.saved_config()["train"]), saved.world_size)
+        now = images_per_step(self.cfg.train, self.topology.world_size)
         if before == now:
             return []
         return [f"  The global batch changes from {before} to {now} images per step; train.lr is not rescaled "
@@ -304,6 +304,14 @@ class TrainingRun:
         training (`finished`), or `run.stop_after_steps` steps in this process. A collective (the
         signal flag is agreed through all_reduce): every rank calls it at the same step."""
         return self.stop_request.agreed_reason() or self._planned_stop_reason(steps_this_run, finished)
+
+    def _finish(self, reason: str, finished: bool, closing_lines: Sequence[str] = ()) -> None:
+        """The end of `fit`, once the last step is saved: the job script told of a signal (unless the run
+        `finished`), "stopping at step N: <reason>" and `closing_lines` printed, the monitor closed."""
+        self._tell_the_job_script(finished)
+        for line in (f"stopping at step {self.step}: {reason}", *closing_lines):
+            self.monitor.print(line)
+        self.monitor.close()
 
     def _tell_the_job_script(self, finished: bool) -> None:
         """Under launch/train_job.sh (which sets M2R_STOP_FILE), rank 0 writes the signal that stopped an
@@ -342,7 +350,7 @@ class TrainingRun:
         self.monitor = build_monitor(dist.is_rank0(), self.run_dir, total_steps, self.step,
                                      self.topology.world_size, self.cfg.run.progress_bar, self.cfg.run.tensorboard)
 
-    def _optimizer_step(self, micro_batches: Iterable[Dict[str, torch.Tensor]], schedule) -> StepResult:
+    def _optimizer_step(self, micro_batches: Iterable[Dict[str, torch.Tensor]], schedule: LRSchedule) -> StepResult:
         """One optimizer step over the micro-batches (pulled one at a time): the learning rate of this
         step from `schedule` (see optim.learning_rate), forward and backward of each, the EMA. One
         device-to-host copy (one synchronisation) per step for everything reported."""

@@ -17,10 +17,12 @@ from m2r import dist, stop_signals
 from m2r.data.presets import type_names
 from m2r.engine.checkpoint import CheckpointRef
 from m2r.engine.config import validate_pretrain_config
+from m2r.engine.deepspeed_config import images_per_step
 from m2r.engine.monitor import StepTimer
+from m2r.engine.optim import LRSchedule
 from m2r.engine.rng import capture_rng_state
 from m2r.engine.run import StepResult, TrainingRun
-from m2r.engine.validate import evaluate, image_grid
+from m2r.engine.validate import image_grid, validation_metrics
 from m2r.eval.image_io import to_unit_float
 from m2r.eval.metrics import batch_psnr
 
@@ -56,7 +58,7 @@ class Trainer(TrainingRun):
         cfg, train, moe = self.cfg, self.cfg.train, self.cfg.model.moe
         world, ep = self.topology.world_size, moe.ep_size
         params = sum(p.numel() for p in self.engine.module.parameters())
-        global_batch = train.micro_batch * train.grad_accum * world
+        global_batch = images_per_step(train, world)
         return "\n".join([
             f"pretrain: {cfg.run.dir} | world size {world} | ep_size {ep} | expert data parallel {world // ep}"
             f" | launcher {self.launcher}",
@@ -134,7 +136,7 @@ class Trainer(TrainingRun):
 
     def train_step(self, timer: StepTimer) -> StepResult:
         micro_batches = (self._next_batch(timer) for _ in range(self.cfg.train.grad_accum))
-        return self._optimizer_step(micro_batches, self.cfg.train)
+        return self._optimizer_step(micro_batches, LRSchedule.of_steps(self.cfg.train))
 
     def _log_run_stats(self) -> None:
         """Per-type counts and skipped damaged samples of the data stream, summed over ranks (a
@@ -147,8 +149,8 @@ class Trainer(TrainingRun):
 
     def validate(self) -> None:
         with self._validation_weights():
-            self.last_val = evaluate(self.engine, self.val_batches, self.device, self.input_dtype,
-                                     type_names(self.cfg.data.preset))
+            self.last_val = validation_metrics(self.engine, self.val_batches, self.device, self.input_dtype,
+                                               type_names(self.cfg.data.preset))
         self.last_val_step = self.step
         if self.first_val_psnr is None:
             self.first_val_psnr = self.last_val["psnr"]
@@ -193,7 +195,7 @@ class Trainer(TrainingRun):
         while reason is None:
             result = self.train_step(timer)
             steps_this_run += 1
-            timer.end_step(self.cfg.train.micro_batch * self.cfg.train.grad_accum * dist.world_size())
+            timer.end_step(images_per_step(self.cfg.train, dist.world_size()))
             self._report_step(result, timer)
             # After a stop signal the time left (SLURM's warning margin, or its kill wait after a
             # SIGTERM) goes to the checkpoint alone: the resumed run validates first if one was due.
@@ -204,10 +206,8 @@ class Trainer(TrainingRun):
             timer.restart()
         if last_saved != self.step:
             self.save_checkpoint()
-        self._tell_the_job_script(finished=self._finished() and self.last_val_step == self.step)
-        self.monitor.print(f"stopping at step {self.step}: {reason}")
-        self._print_demo_summary()
-        self.monitor.close()
+        self._finish(reason, finished=self._finished() and self.last_val_step == self.step,
+                     closing_lines=self._demo_summary())
         return 0
 
     def _start_of_run_work(self) -> bool:
@@ -240,14 +240,14 @@ class Trainer(TrainingRun):
             return True
         return False
 
-    def _print_demo_summary(self) -> None:
+    def _demo_summary(self) -> List[str]:
+        """run.demo_summary's last lines: validation PSNR at the first and last step."""
         if not (self.cfg.run.demo_summary and self._finished()):
-            return
+            return []
         if self.last_val_step != self.step:   # a stop signal came at the last step
-            dist.print0("demo: stopped before the final validation; run the same command again to report it")
-            return
-        dist.print0(f"demo: val PSNR before {self.first_val_psnr:.2f} dB, after {self.last_val['psnr']:.2f} dB")
-        dist.print0(f"demo: (the degraded inputs themselves score {self._input_psnr():.2f} dB)")
+            return ["demo: stopped before the final validation; run the same command again to report it"]
+        return [f"demo: val PSNR before {self.first_val_psnr:.2f} dB, after {self.last_val['psnr']:.2f} dB",
+                f"demo: (the degraded inputs themselves score {self._input_psnr():.2f} dB)"]
 
     def _input_psnr(self) -> float:
         """Mean PSNR of the validation inputs against their targets: what an identity network would score."""

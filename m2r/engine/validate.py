@@ -16,8 +16,8 @@ from m2r.eval.metrics import batch_psnr, batch_ssim
 
 
 @torch.no_grad()
-def evaluate(model, val_batches: Sequence[Dict[str, torch.Tensor]], device: torch.device,
-             dtype: torch.dtype, type_names: Sequence[str]) -> Dict[str, float]:
+def validation_metrics(model, val_batches: Sequence[Dict[str, torch.Tensor]], device: torch.device,
+                       dtype: torch.dtype, type_names: Sequence[str]) -> Dict[str, float]:
     """Mean PSNR/SSIM over the whole set, plus PSNR per degradation type (`psnr_<type name>`, the
     batches' type_id indexing `type_names`); same on all ranks."""
     was_training = model.training
