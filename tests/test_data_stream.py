@@ -14,6 +14,7 @@ from m2r.data import DataConfig, build_train_stream, build_val_set
 from m2r.data.builtin import TRAIN_PHOTOS, load_photo
 from m2r.data.presets import type_names
 from m2r.data.shard_format import CorruptSample, add_member
+from m2r.data.stream import _ShardSource
 from m2r.shards.build import BuildOptions, build
 
 CROP, BATCH = 32, 3
@@ -297,3 +298,59 @@ def test_crops_reach_every_position_and_images_narrower_than_the_crop_are_upscal
         lefts.add(next(x for x in range(9) if np.array_equal(cut, image[:, x:x + 32])))
     assert lefts == set(range(9))
     assert random_crop([image[:, :20]], 32, np.random.default_rng(0))[0].shape == (32, 32, 3)
+
+
+def round_shards(shard_dir, rank, worker, world_size=2):
+    stream = build_train_stream(DataConfig(source="shards", shards=str(shard_dir), workers=2, shuffle_buffer=20),
+                                seed=0, rank=rank, world_size=world_size, micro_batch=1, crop=CROP)
+    return [shard for shard, _ in _ShardSource(stream.plan, worker).round_records(0)[0]]
+
+
+def test_each_rank_and_worker_draws_its_rounds_shards_on_its_own(shard_dir):
+    """Ranks (or workers) reading the same shards in the same order would train on the same samples at
+    once, only their crops and degradations differing."""
+    orders = [round_shards(shard_dir, rank, worker) for rank in range(2) for worker in range(2)]
+    assert all(a != b for a, b in itertools.combinations(orders, 2))
+
+
+def test_a_round_serves_its_samples_shuffled_across_its_shards(shard_dir):
+    """Not shard after shard: the 20 samples of 4 shards are interleaved."""
+    shards = round_shards(shard_dir, rank=0, worker=0)
+    assert len(set(shards)) == 4
+    assert sum(a != b for a, b in zip(shards, shards[1:])) > 3
+
+
+def test_a_stream_resumed_from_a_fresh_start_and_started_afresh_again_resumes_exactly(shard_dir):
+    """Trainer._continue_stream: this rank loads a state saved after a fresh start, another rank's does
+    not match, so every rank starts afresh again. The new stream is seeded by (run seed, step) alone, or
+    the next resume (on a stream built from the run seed) would not find it and draw a third one."""
+    def make():
+        return build_train_stream(DataConfig(source="shards", shards=str(shard_dir), preset="five-task", workers=2,
+                                             shuffle_buffer=8), seed=5, rank=0, world_size=1, micro_batch=3, crop=CROP)
+    earlier = make()
+    earlier.start_fresh(step=100)
+    take(earlier, 1)
+    again = make()
+    again.load_state_dict(earlier.state_dict())
+    again.start_fresh(step=400)
+    take(again, 2)
+    resumed = make()
+    resumed.load_state_dict(again.state_dict())
+    reference = make()
+    reference.start_fresh(step=400)
+    assert same_batches(take(resumed, 2), take(reference, 4)[2:])
+
+
+def test_the_workers_of_a_rank_crop_augment_and_degrade_their_samples_each_with_its_own_draws():
+    """Sample j of round r is degraded with a generator of its own worker: two workers would otherwise
+    give their j-th samples the same crop position, symmetry and degradation type."""
+    import dataclasses
+
+    from m2r.data.stream import worker_batches
+
+    stream = build_train_stream(DataConfig(source="builtin", preset="five-task", workers=2), seed=3, rank=0,
+                                world_size=1, micro_batch=3, crop=CROP)
+    plan = dataclasses.replace(stream.plan)
+    types = [[int(t) for batch in itertools.islice(worker_batches(plan, worker, (0, 0)), 4) for t in batch["type_id"]]
+             for worker in range(2)]
+    assert types[0] != types[1]

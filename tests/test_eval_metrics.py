@@ -8,7 +8,8 @@ import skimage.data
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 import torch
 
-from m2r.eval.metrics import image_metrics, official_luma, parse_protocols, psnr_ssim_official
+from m2r.config import ConfigError
+from m2r.eval.metrics import batch_ssim, image_metrics, official_luma, parse_protocols, psnr_ssim_official
 
 PHOTOS = ("astronaut", "coffee", "chelsea")
 
@@ -150,3 +151,54 @@ def test_unknown_protocol_names_are_refused():
     assert parse_protocols("rgb, official") == ("rgb", "official")
     with pytest.raises(ValueError, match="rgb,y,official"):
         parse_protocols("rgb,lpips")
+
+
+def test_ssim_of_images_smaller_than_its_window_takes_a_window_of_their_size():
+    """An 8 x 6 image (a thin crop, a small validation image) is scored, not refused."""
+    image = torch.rand(2, 3, 8, 6, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(batch_ssim(image, image), torch.ones(2), atol=1e-6)
+    assert (batch_ssim((image + 0.2).clamp(0, 1), image) < 0.99).all()
+
+
+def test_ssim_clamps_the_prediction_to_the_image_range_as_psnr_does():
+    target = torch.ones(1, 3, 16, 16)
+    assert float(batch_ssim(target * 1.5, target)) == pytest.approx(1.0, abs=1e-6)
+    assert float(batch_ssim(-target, torch.zeros(1, 3, 16, 16))) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_official_ssim_takes_an_image_exactly_its_window_high():
+    """7 rows hold one full 7-sample window per column: scikit-image scores it, so do we."""
+    target = torch.rand(3, 7, 5, generator=torch.Generator().manual_seed(1))
+    assert psnr_ssim_official(target, target)[1] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="at least 7 rows"):
+        psnr_ssim_official(target[:, :6], target[:, :6])
+
+
+@pytest.mark.parametrize("text", ["", " , ", ","])
+def test_an_empty_protocol_list_is_refused(text):
+    with pytest.raises(ConfigError, match="rgb,y,official"):
+        parse_protocols(text)
+
+
+def test_rgb_and_y_protocols_round_only_the_prediction_not_a_16_bit_target():
+    """The prediction is measured as its saved 8-bit image; the target as loaded (16-bit PNGs keep
+    their precision): a prediction equal to a target 0.3 levels above 0 rounds to 0 and scores finite."""
+    target = torch.full((3, 16, 16), 0.3 / 255)
+    metrics = image_metrics(target, target, ["rgb", "y"])
+    assert metrics["psnr_rgb"] == pytest.approx(20 * math.log10(255 / 0.3), abs=1e-6)
+    assert metrics["psnr_y"] < 100
+
+
+def test_the_prediction_is_rounded_to_8_bits_in_float32_as_basicsrs_tensor2img_does():
+    """Near a midpoint float32 and float64 rounding part (about one value in 10^5): 0x1.9c9c9cp-1 * 255
+    is 205.5 in float32 arithmetic (-> 206) and just below it in float64 (-> 205). The saved PNG and the
+    metrics follow BasicSR, i.e. float32."""
+    import numpy as np
+
+    from m2r.eval.metrics import as_saved_uint8
+
+    values = torch.tensor([float.fromhex("0x1.9c9c9cp-1"), float.fromhex("0x1.f3f3f4p-2")], dtype=torch.float32)
+    basicsr = np.round(values.numpy().clip(0, 1) * 255.0)          # tensor2img: float32 numpy
+    assert as_saved_uint8(values).tolist() == basicsr.tolist() == [206, 124]
+    prediction, target = torch.full((3, 16, 16), values[0].item()), torch.full((3, 16, 16), 206 / 255)
+    assert image_metrics(prediction, target, ["rgb"])["psnr_rgb"] == pytest.approx(100.0)

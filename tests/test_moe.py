@@ -417,3 +417,23 @@ def test_consecutive_ranks_form_an_expert_parallel_group_and_the_first_group_sav
 
     assert [expert_parallel_rank(rank, 2) for rank in range(6)] == [0, 1, 0, 1, 0, 1]
     assert [is_first_expert_replica(rank, 2) for rank in range(6)] == [True, True, False, False, False, False]
+
+
+def test_top_k_equal_to_the_number_of_experts_trains_with_noisy_gating():
+    """top_k = num_experts is a valid config: no (k+1)-th logit exists, so the load counts assignments
+    (every expert takes every token) instead of Shazeer's estimator."""
+    for dispatch in ("dense", "sparse"):
+        dder = make_dder(num_experts=2, top_k=2, dispatch=dispatch).train()
+        y, balance_loss, expert_load = dder(*make_inputs())
+        assert torch.isfinite(y).all() and torch.isfinite(balance_loss)
+        assert expert_load.tolist() == [0.5, 0.5]
+
+
+def test_an_assignment_whose_gate_is_zero_takes_no_place_under_the_capacity():
+    """A gate that underflowed to 0 is dropped (as official) before the capacity counts, in both
+    dispatch paths: token 1 keeps its place at expert 1 although token 0 chose it first with gate 0."""
+    routing = Routing(torch.tensor([[0, 1], [0, 1]]), torch.tensor([[1.0, 0.0], [0.5, 0.5]]), torch.zeros(()))
+    kept = sort_assignments(routing, num_experts=2, capacity=1)
+    assert kept.token_ids.tolist() == [0, 1] and kept.gates.tolist() == [1.0, 0.5]
+    assert kept.counts_per_expert.tolist() == [1, 1]
+    assert dense_gate_matrix(routing, num_experts=2, capacity=1).tolist() == [[1.0, 0.0], [0.0, 0.5]]

@@ -1,0 +1,279 @@
+"""Checkpoint bookkeeping (m2r/engine/checkpoint.py): tags, `latest`, atomic saves, pruning, abandoned
+tags, resume targets, EMA files. Saving through DeepSpeed itself: test_engine_dist.py."""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from fake_engine import FakeEngine
+from m2r.config import ConfigError, load_config
+from m2r.engine.checkpoint import (CheckpointManager, CheckpointRef, Topology, checkpoint_at, resolve_resume,
+                                   set_aside_newer_tags, tag_for)
+from m2r.engine.config import PretrainConfig
+
+
+def saved_step(tag_dir: Path) -> int:
+    return torch.load(tag_dir / "mp_rank_00_model_states.pt")["step"]
+
+
+def test_checkpoints_keep_the_last_k_and_point_latest_at_the_newest(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    config = load_config(PretrainConfig, None, ["train.lr=0.125"])
+    for step in (10, 20, 30):
+        manager.save(FakeEngine(), step, Topology(2, 2, "bf16", 1), {"step": step}, config)
+    assert manager.tags() == [tag_for(20), tag_for(30)]
+    assert (tmp_path / "latest").read_text() == "step00000030"
+    meta = json.loads((tmp_path / "step00000030" / "meta.json").read_text())
+    assert meta == {"step": 30, "world_size": 2, "ep_size": 2, "precision": "bf16", "zero_stage": 1, "ema": False}
+    assert load_config(PretrainConfig, tmp_path / "step00000030" / "config.yaml") == config  # resolved, beside it
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, capsys):
+    """Else pruning would keep the abandoned branch's newest tag, and the `latest` fallback take it."""
+    from m2r.engine.checkpoint import CheckpointRef, set_aside_newer_tags
+
+    manager, config = CheckpointManager(tmp_path, keep_last=2), load_config(PretrainConfig)
+    for step in (20, 40, 60):
+        manager.save(FakeEngine(), step, Topology(1, 1, "fp32", 1), {"step": step}, config)
+    assert set_aside_newer_tags(CheckpointRef(tmp_path, tag_for(40)), tmp_path) == [tag_for(60)]
+    manager.save(FakeEngine(), 50, Topology(1, 1, "fp32", 1), {"step": 50}, config)
+    (tmp_path / "latest").unlink()
+    assert manager.tags() == [tag_for(40), tag_for(50)]
+    assert resolve_resume("latest", tmp_path).tag == tag_for(50)
+    assert "resuming from the newest complete checkpoint, step00000050" in capsys.readouterr().out
+    assert saved_step(tmp_path / "abandoned" / tag_for(60)) == 60
+    assert set_aside_newer_tags(CheckpointRef(tmp_path, tag_for(50)), tmp_path / "elsewhere") == []
+
+
+@pytest.mark.parametrize("settings", [["train.precision=fp32"], ["train.precision=bf16", "train.zero_stage=2"]])
+def test_a_checkpoint_saved_before_meta_recorded_precision_reads_it_from_its_config(tmp_path, settings):
+    """So a run requeued across that change still resumes exactly."""
+    config = load_config(PretrainConfig, None, settings)
+    ref = CheckpointManager(tmp_path, keep_last=2).save(FakeEngine(), 10, Topology.of_run(2, config), {}, config)
+    meta_path = ref.path / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["precision"], meta["zero_stage"]
+    meta_path.write_text(json.dumps(meta))
+    assert ref.topology() == Topology.of_run(2, config) == Topology(2, 1, config.train.precision,
+                                                                    config.train.zero_stage)
+
+
+def test_a_checkpoint_is_on_disk_before_it_counts_as_complete(tmp_path, monkeypatch):
+    """Every file of the tag is fsync'd before meta.json is written (a power loss must not leave a
+    'complete' tag with truncated shards)."""
+    import m2r.atomic
+
+    events = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(m2r.atomic.os, "fsync", lambda fd: events.append(os.readlink(f"/proc/self/fd/{fd}"))
+                        or real_fsync(fd))
+    CheckpointManager(tmp_path, keep_last=2).save(FakeEngine(), 10, Topology(1, 1, "fp32", 1), {"step": 10},
+                                                  load_config(PretrainConfig))
+    partial = str(tmp_path / (tag_for(10) + ".partial"))
+    shard = events.index(f"{partial}/mp_rank_00_model_states.pt")
+    assert shard < events.index(f"{partial}/meta.json.tmp")
+
+
+def test_a_save_cut_short_leaves_the_last_complete_checkpoint_in_use(tmp_path):
+    manager, config = CheckpointManager(tmp_path, keep_last=2), load_config(PretrainConfig)
+    manager.save(FakeEngine(), 10, Topology(1, 1, "fp32", 1), {"step": 10}, config)
+    with pytest.raises(OSError, match="killed"):
+        manager.save(FakeEngine(crash=True), 20, Topology(1, 1, "fp32", 1), {"step": 20}, config)
+    assert manager.tags() == [tag_for(10)] and resolve_resume("latest", tmp_path).tag == tag_for(10)
+    manager.save(FakeEngine(), 20, Topology(1, 1, "fp32", 1), {"step": 20}, config)
+    assert sorted(p.name for p in (tmp_path / tag_for(20)).iterdir()) == [
+        "config.yaml", "meta.json", "mp_rank_00_model_states.pt"]   # nothing left from the cut save
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", tag_for(10), tag_for(20)]
+
+
+def test_a_failure_while_publishing_is_raised_and_the_last_checkpoint_stays(tmp_path, monkeypatch):
+    """Rank 0 publishes alone; its error is broadcast, so that no rank waits for it at a barrier."""
+    from m2r.engine import checkpoint
+
+    manager, config = CheckpointManager(tmp_path, keep_last=2), load_config(PretrainConfig)
+    manager.save(FakeEngine(), 10, Topology(1, 1, "fp32", 1), {"step": 10}, config)
+    monkeypatch.setattr(checkpoint, "fsync_directory", lambda path: (_ for _ in ()).throw(OSError(28, "No space")))
+    with pytest.raises(OSError, match="No space"):
+        manager.save(FakeEngine(), 20, Topology(1, 1, "fp32", 1), {"step": 20}, config)
+    assert resolve_resume("latest", tmp_path).tag == tag_for(10)
+
+
+def test_saving_a_step_again_replaces_its_tag_only_once_the_new_one_is_complete(tmp_path):
+    """A finetune stopped on the last step of an epoch saves that step again after resuming."""
+    manager, config = CheckpointManager(tmp_path, keep_last=2), load_config(PretrainConfig)
+    manager.save(FakeEngine(), 10, Topology(1, 1, "fp32", 1), {"step": 10}, config)
+    manager.save(FakeEngine(), 20, Topology(1, 1, "fp32", 1), {"step": 20, "epoch": 0}, config)
+    with pytest.raises(OSError, match="killed"):
+        manager.save(FakeEngine(crash=True), 20, Topology(1, 1, "fp32", 1), {"step": 20, "epoch": 1}, config)
+    latest = resolve_resume("latest", tmp_path)
+    assert latest.tag == tag_for(20) and torch.load(latest.path / "mp_rank_00_model_states.pt")["epoch"] == 0
+    manager.save(FakeEngine(), 20, Topology(1, 1, "fp32", 1), {"step": 20, "epoch": 1}, config)
+    assert torch.load(latest.path / "mp_rank_00_model_states.pt")["epoch"] == 1
+    assert manager.tags() == [tag_for(10), tag_for(20)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", tag_for(10), tag_for(20)]
+
+
+def test_resume_falls_back_to_the_newest_complete_checkpoint(tmp_path, capsys):
+    manager, config = CheckpointManager(tmp_path, keep_last=2), load_config(PretrainConfig)
+    for step in (10, 20):
+        manager.save(FakeEngine(), step, Topology(1, 1, "fp32", 1), {"step": step}, config)
+    (tmp_path / tag_for(20)).rename(tmp_path / (tag_for(20) + ".replaced"))   # a crash between two renames
+    assert resolve_resume("latest", tmp_path).tag == tag_for(10)
+    assert ("WARNING: " f"{tmp_path / 'latest'} names 'step00000020', which is not a complete checkpoint; resuming "
+            "from the newest complete checkpoint, step00000010") in capsys.readouterr().out
+    (tmp_path / "latest").write_text("")   # a pointer lost with the page cache
+    (tmp_path / tag_for(30)).mkdir()       # and a step directory without meta.json
+    assert resolve_resume(str(tmp_path), Path("elsewhere")).tag == tag_for(10)
+    assert "latest is missing or empty" in capsys.readouterr().out
+    manager.save(FakeEngine(), 40, Topology(1, 1, "fp32", 1), {"step": 40}, config)
+    assert manager.tags() == [tag_for(10), tag_for(40)]   # incomplete directories neither count nor stay
+    assert not list(tmp_path.glob("*.replaced"))
+    for tag in manager.tags():
+        shutil.rmtree(tmp_path / tag)
+    with pytest.raises(FileNotFoundError, match="names 'step00000040', but .* holds no complete checkpoint"):
+        resolve_resume("latest", tmp_path)
+
+
+def test_keeping_a_single_checkpoint_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="keep_last"):
+        CheckpointManager(tmp_path, keep_last=1)
+
+
+def test_resume_targets(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    assert resolve_resume("latest", tmp_path) is None  # a fresh run
+    manager.save(FakeEngine(), 7, Topology(1, 1, "fp32", 1), {}, load_config(PretrainConfig))
+    assert resolve_resume("latest", tmp_path).path == tmp_path / "step00000007"
+    assert resolve_resume("none", tmp_path / "fresh") is None
+    with pytest.raises(ConfigError, match=r"key 'run.resume': 'none' starts a new run, but .* holds this run's"):
+        resolve_resume("none", tmp_path)   # a second run would mix its checkpoints and logs with these
+    assert resolve_resume(str(tmp_path / "step00000007"), Path("elsewhere")).tag == "step00000007"
+    assert resolve_resume(str(tmp_path), Path("elsewhere")).topology() == Topology(1, 1, "fp32", 1)
+    with pytest.raises(FileNotFoundError, match="run.resume"):
+        resolve_resume(str(tmp_path / "missing"), tmp_path)
+    with pytest.raises(FileNotFoundError, match="init.weights="):
+        checkpoint_at(str(tmp_path / "missing"), "init.weights")
+    assert checkpoint_at(str(tmp_path), "init.weights").tag == "step00000007"
+
+
+def test_local_experts_are_renamed_to_global_ids_from_their_ranks_first_expert():
+    from m2r.engine.experts import with_global_expert_id
+
+    name = "dder2.deepspeed_moe.experts.deepspeed_experts.1.fc1.weight"
+    assert with_global_expert_id(name, first_global_id=2 * 3) == name.replace(".1.", ".7.")
+    assert with_global_expert_id("dder2.router.w_g", first_global_id=6) == "dder2.router.w_g"
+
+
+def test_resuming_from_another_runs_checkpoint_leaves_that_runs_newer_checkpoints_in_place(tmp_path):
+    """run.resume=<other run>/checkpoints/step10 must not reorganise the other run's directory."""
+    from m2r.engine.checkpoint import set_aside_newer_tags
+
+    other, mine = tmp_path / "other" / "checkpoints", tmp_path / "mine" / "checkpoints"
+    manager, config = CheckpointManager(other, keep_last=3), load_config(PretrainConfig)
+    for step in (10, 20, 30):
+        manager.save(FakeEngine(), step, Topology(1, 1, "fp32", 1), {"step": step}, config)
+    assert set_aside_newer_tags(CheckpointRef(other, tag_for(10)), mine) == []
+    assert manager.tags() == [tag_for(10), tag_for(20), tag_for(30)] and not (other / "abandoned").exists()
+
+
+def test_a_step_abandoned_twice_keeps_both_copies(tmp_path):
+    """Resume step 20, train to 30 again, resume step 20 again: both abandoned step-30 tags stay."""
+    from m2r.engine.checkpoint import set_aside_newer_tags
+
+    manager, config = CheckpointManager(tmp_path, keep_last=3), load_config(PretrainConfig)
+    for step in (10, 20, 30):
+        manager.save(FakeEngine(), step, Topology(1, 1, "fp32", 1), {"step": step, "branch": 1}, config)
+    assert set_aside_newer_tags(CheckpointRef(tmp_path, tag_for(20)), tmp_path) == [tag_for(30)]
+    manager.save(FakeEngine(), 30, Topology(1, 1, "fp32", 1), {"step": 30, "branch": 2}, config)
+    assert set_aside_newer_tags(CheckpointRef(tmp_path, tag_for(20)), tmp_path) == [tag_for(30)]
+    abandoned = tmp_path / "abandoned"
+    assert sorted(p.name for p in abandoned.iterdir()) == [tag_for(30), tag_for(30) + "+"]
+    branches = {p.name: torch.load(p / "mp_rank_00_model_states.pt")["branch"] for p in abandoned.iterdir()}
+    assert branches == {tag_for(30): 1, tag_for(30) + "+": 2}
+    assert manager.tags() == [tag_for(10), tag_for(20)]
+
+
+def test_the_ema_files_of_an_expert_parallel_group_merge_into_every_weight_once(tmp_path):
+    """Rank 0 holds the dense weights and its experts, rank 1 only its experts (global ids)."""
+    from m2r.engine.checkpoint import load_ema_states
+
+    tag = tmp_path / tag_for(5)
+    tag.mkdir()
+    rank0 = {"conv.weight": torch.ones(2), "dder1.experts.0.w": torch.full((2,), 0.0)}
+    rank1 = {"dder1.experts.1.w": torch.full((2,), 1.0)}
+    torch.save(rank0, tag / "ema_rank00000.pt")
+    torch.save(rank1, tag / "ema_rank00001.pt")
+    merged = load_ema_states(CheckpointRef(tmp_path, tag_for(5)))
+    assert sorted(merged) == ["conv.weight", "dder1.experts.0.w", "dder1.experts.1.w"]
+    assert torch.equal(merged["dder1.experts.1.w"], rank1["dder1.experts.1.w"])
+
+
+def save(manager, step, **client):
+    return manager.save(FakeEngine(), step, Topology(1, 1, "fp32", 1), {"step": step, **client},
+                        load_config(PretrainConfig))
+
+
+def test_a_checkpoint_directory_whose_latest_is_gone_still_names_its_newest_complete_tag(tmp_path):
+    """`latest` deleted (not only emptied): the directory is still a checkpoint directory for
+    init.weights, run.resume, export and evaluate, not 'neither a checkpoint directory nor a tag'."""
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    for step in (10, 20):
+        save(manager, step)
+    (tmp_path / "latest").unlink()
+    assert checkpoint_at(str(tmp_path), "init.weights").tag == tag_for(20)
+    assert resolve_resume(str(tmp_path), Path("elsewhere")).tag == tag_for(20)
+
+
+def test_resuming_the_runs_own_older_checkpoint_by_its_absolute_path_sets_the_newer_ones_aside(tmp_path,
+                                                                                             monkeypatch):
+    """run.dir relative, run.resume absolute (or the other way round): still this run's checkpoints, so
+    the newer tags move to abandoned/ (else pruning and the `latest` fallback would take them)."""
+    monkeypatch.chdir(tmp_path)
+    run_checkpoints = Path("run") / "checkpoints"
+    manager = CheckpointManager(run_checkpoints, keep_last=3)
+    for step in (10, 20):
+        save(manager, step)
+    ref = resolve_resume(str(tmp_path / run_checkpoints / tag_for(10)), run_checkpoints)
+    assert set_aside_newer_tags(ref, run_checkpoints) == [tag_for(20)]
+    assert (run_checkpoints / "abandoned" / tag_for(20)).is_dir()
+
+
+def test_a_step_abandoned_three_times_keeps_every_copy(tmp_path):
+    """Resume step 20 and train to 30, three times over: three abandoned step-30 tags, none overwritten."""
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    save(manager, 20)
+    for branch in range(3):
+        save(manager, 30, branch=branch)
+        assert set_aside_newer_tags(CheckpointRef(tmp_path, tag_for(20)), tmp_path) == [tag_for(30)]
+    abandoned = tmp_path / "abandoned"
+    assert sorted(p.name for p in abandoned.iterdir()) == [tag_for(30), tag_for(30) + "+", tag_for(30) + "++"]
+    assert sorted(torch.load(p / "mp_rank_00_model_states.pt")["branch"] for p in abandoned.iterdir()) == [0, 1, 2]
+
+
+def test_a_save_cut_short_is_cleared_by_the_next_save_of_any_step(tmp_path):
+    """Cut short while saving step 30, resumed from step 20 and saving step 25 next (another
+    checkpoint interval): the half-written step 30 goes with that save, not only with a save of step 30."""
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    save(manager, 20)
+    try:
+        manager.save(FakeEngine(crash=True), 30, Topology(1, 1, "fp32", 1), {"step": 30}, load_config(PretrainConfig))
+    except OSError:
+        pass
+    assert (tmp_path / (tag_for(30) + ".partial")).is_dir()
+    save(manager, 25)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", tag_for(20), tag_for(25)]
+
+
+def test_latest_naming_a_tag_directory_without_meta_falls_back_to_the_newest_complete_one(tmp_path, capsys):
+    """A tag directory that exists but lacks meta.json (a copy of the run cut short, a file lost) is not
+    complete, even when `latest` names it."""
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    for step in (10, 20):
+        save(manager, step)
+    (tmp_path / tag_for(20) / "meta.json").unlink()
+    assert resolve_resume("latest", tmp_path).tag == tag_for(10)
+    assert "names 'step00000020', which is not a complete checkpoint" in capsys.readouterr().out

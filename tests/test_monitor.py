@@ -1,0 +1,148 @@
+"""What a run reports (m2r/engine/monitor.py): console, metrics.jsonl and TensorBoard, across resumes."""
+import json
+
+import pytest
+import torch
+
+from m2r.engine.monitor import Monitor, NullMonitor, build_monitor
+
+
+def test_other_ranks_null_monitor_takes_the_same_calls_as_rank_0s():
+    import inspect
+
+    public = [name for name in vars(NullMonitor) if not name.startswith("_")]
+    assert public and all(inspect.signature(getattr(NullMonitor, name)) == inspect.signature(getattr(Monitor, name))
+                          for name in public)
+
+
+@pytest.mark.parametrize("tensorboard", [True, False])
+def test_metrics_file_always_and_tensorboard_only_when_asked(tmp_path, tensorboard):
+    monitor = build_monitor(True, tmp_path, total_steps=2, start_step=0, world_size=1, progress_bar=False,
+                            tensorboard=tensorboard)
+    monitor.log_train(1, {"loss": 0.5, "pixel_loss": 0.4, "balance_loss": 1.0, "lr": 1e-3}, log_step=False)
+    monitor.log_val(1, {"psnr": 20.0, "ssim": 0.5})
+    monitor.log_images(1, torch.zeros(3, 8, 8))
+    monitor.log_data_stats(1, {"rain": 3, "haze": 1}, corrupt_samples=2)
+    monitor.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["loss"] == 0.5 and records[1]["val_psnr"] == 20.0
+    assert records[2] == {"step": 1, "samples_by_type": {"rain": 3, "haze": 1}, "corrupt_samples": 2}
+    assert (tmp_path / "tensorboard").is_dir() == tensorboard
+
+
+def test_a_resumed_runs_metrics_file_reads_as_an_uninterrupted_runs(tmp_path):
+    """Resumed at step 3: step 4, logged after the checkpoint, is logged again by the resumed run, and
+    a line cut off by a crash goes; the running average continues from the steps kept."""
+    kept = [{"step": 0, "val_psnr": 9.0}, {"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0},
+            {"step": 2, "val_psnr": 20.0}, {"step": 3, "loss": 3.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept)
+                                            + '{"step": 4, "loss": 9.0}\n{"step": 5, "lo')
+    monitor = build_monitor(True, tmp_path, total_steps=6, start_step=3, world_size=1, progress_bar=False,
+                            tensorboard=False)
+    monitor.log_train(4, {"loss": 4.0, "pixel_loss": 4.0, "balance_loss": 0.0, "lr": 1e-3}, log_step=False)
+    monitor.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records == kept + [{"step": 4, "loss": 4.0, "pixel_loss": 4.0, "balance_loss": 0.0, "lr": 1e-3,
+                               "loss_avg": 2.5}]
+
+
+def test_tensorboard_forgets_the_steps_a_resumed_run_logs_again(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = {"pixel_loss": 0.0, "balance_loss": 0.0, "lr": 1e-3, "img_per_s": 1.0, "data_wait_share": 0.0}
+    for start_step, losses in [(0, {1: 1.0, 2: 2.0, 3: 3.0}), (2, {3: 30.0})]:   # resumed at step 2
+        monitor = build_monitor(True, tmp_path, total_steps=3, start_step=start_step, world_size=1,
+                                progress_bar=False)
+        for step, loss in losses.items():
+            monitor.log_train(step, dict(scalars, loss=loss), log_step=True)
+        monitor.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def test_a_fresh_start_drops_what_a_run_killed_before_its_first_checkpoint_logged(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "val_psnr": 9.0}\n{"step": 1, "loss": 1.0}\n')
+    build_monitor(True, tmp_path, total_steps=6, start_step=0, world_size=1, progress_bar=False,
+                  tensorboard=False).close()
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def test_step_timer_counts_each_steps_own_time_and_forgets_time_between_steps(monkeypatch):
+    """img/s and the data-wait share cover the training steps since the last report only."""
+    from m2r.engine import monitor as monitor_module
+
+    clock = _Clock()
+    monkeypatch.setattr(monitor_module, "time", clock)
+    timer = monitor_module.StepTimer()
+    clock.now = 1.0
+    timer.add_data_wait(0.25)
+    timer.end_step(4)
+    clock.now = 3.0
+    timer.end_step(4)
+    assert timer.take() == pytest.approx({"img_per_s": 8 / 3, "data_wait_share": 0.25 / 3})
+    clock.now = 13.0   # validation and a checkpoint
+    timer.restart()
+    clock.now = 14.0
+    timer.end_step(2)
+    assert timer.take() == pytest.approx({"img_per_s": 2.0, "data_wait_share": 0.0})
+
+
+def test_the_image_grid_shows_degraded_restored_clean_rows_with_the_restored_clamped():
+    from m2r.engine.validate import image_grid
+
+    lq, gt = torch.full((5, 3, 2, 4), 0.25), torch.full((5, 3, 2, 4), 0.75)
+    restored = torch.tensor([-1.0, 2.0]).repeat_interleave(4).reshape(1, 1, 2, 4).expand(5, 3, 2, 4)
+    grid = image_grid(lq, restored, gt, max_images=3)
+    assert grid.shape == (3, 3 * 2, 3 * 4) and grid.dtype == torch.float32
+    row = grid[:, :2]
+    assert torch.equal(row[..., :4], lq[0]) and torch.equal(row[..., 8:], gt[0])
+    assert torch.equal(row[:, 0, 4:8], torch.zeros(3, 4)) and torch.equal(row[:, 1, 4:8], torch.ones(3, 4))
+
+
+SCALARS = {"pixel_loss": 0.0, "balance_loss": 0.0, "lr": 1e-3, "img_per_s": 8.0, "data_wait_share": 0.0}
+
+
+def test_the_loss_average_runs_over_the_last_100_steps(tmp_path):
+    monitor = build_monitor(True, tmp_path, total_steps=150, start_step=0, world_size=1, progress_bar=False,
+                            tensorboard=False)
+    for step in range(1, 151):
+        monitor.log_train(step, dict(SCALARS, loss=float(step)), log_step=False)
+    monitor.close()
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["loss_avg"] == pytest.approx(sum(range(51, 151)) / 100)
+
+
+def test_tensorboard_gets_per_gpu_throughput_and_expert_loads_by_level_from_1(tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monitor = build_monitor(True, tmp_path, total_steps=2, start_step=0, world_size=4, progress_bar=False)
+    monitor.log_train(1, dict(SCALARS, loss=1.0), log_step=True)
+    monitor.log_expert_load(1, [torch.tensor([0.25, 0.75]), torch.tensor([1.0, 0.0])])
+    monitor.close()
+    assert "8.0 img/s (2.0/GPU)" in capsys.readouterr().out
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("train/img_per_s_per_gpu")] == [2.0]
+    assert [e.value for e in events.Scalars("moe/level1/expert1")] == [0.75]
+    assert [e.value for e in events.Scalars("moe/level2/expert0")] == [1.0]
+
+
+def test_a_line_cut_off_by_a_crash_goes_before_the_resumed_run_appends(tmp_path):
+    """Only the cut line is extra (the crash came right after the checkpoint's step was logged): the
+    file is still rewritten, or the next record would be glued to the cut line."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo')
+    monitor = build_monitor(True, tmp_path, total_steps=3, start_step=1, world_size=1, progress_bar=False,
+                            tensorboard=False)
+    monitor.log_train(2, dict(SCALARS, loss=2.0), log_step=False)
+    monitor.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 2.0)]

@@ -1,0 +1,92 @@
+"""The learning-rate schedule, AdamW's parameter groups and the EMA weights (m2r/engine/optim.py)."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from m2r.config import load_config
+from m2r.engine.config import PretrainConfig
+from m2r.engine.optim import EMA, LRSchedule, build_optimizer, learning_rate, set_learning_rate
+
+
+TINY = "configs/pretrain/tiny-test.yaml"
+
+
+def tiny_config(repo_root, *overrides):
+    return load_config(PretrainConfig, Path(repo_root) / TINY, list(overrides))
+
+
+def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_the_floor():
+    train = LRSchedule(lr=1e-3, min_lr=1e-5, warmup_steps=4, steps=104)
+    assert [learning_rate(s, train) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert learning_rate(54, train) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert learning_rate(103, train) == pytest.approx(1e-5, abs=1e-6)
+    lrs = [learning_rate(s, train) for s in range(4, 104)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_ema_moves_a_decay_share_toward_the_weights():
+    model = torch.nn.Linear(2, 1)
+    ema = EMA(model, decay=0.75)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(4.0)
+    ema.update()
+    assert torch.allclose(ema.shadow["weight"], start + 1.0)
+    restored = EMA(model, decay=0.75)
+    restored.load_state_dict(ema.state_dict())
+    assert torch.equal(restored.shadow["weight"], ema.shadow["weight"])
+
+
+def test_ema_parts_split_the_dense_weights_from_this_ranks_experts(repo_root):
+    """Rank 0 saves the dense part, the first replica of each expert shard its experts (TrainingRun._ema_state)."""
+    from m2r.engine.experts import EXPERT_INFIX
+    from m2r.models.m2restore import build_model
+
+    ema = EMA(build_model(tiny_config(repo_root).model), decay=0.9)
+    experts, dense = ema.state_dict(dense=False), ema.state_dict(experts=False)
+    assert experts and all(EXPERT_INFIX in name for name in experts)
+    assert dense and not any(EXPERT_INFIX in name for name in dense)
+    assert {**experts, **dense}.keys() == ema.state_dict().keys()
+
+
+def test_after_its_schedule_the_learning_rate_stays_at_the_floor():
+    """Finetuning's cosine may end before the last epoch (train.schedule_epochs)."""
+    train = LRSchedule(lr=1e-3, min_lr=1e-5, warmup_steps=4, steps=104)
+    assert [learning_rate(step, train) for step in (104, 150, 204)] == pytest.approx([1e-5] * 3)
+
+
+def test_ema_weights_are_applied_for_the_duration_and_the_trained_ones_come_back_exactly():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)).bfloat16()
+    ema = EMA(model, decay=0.5)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.37)          # training moved the weights; the EMA is halfway
+    ema.update()
+    trained = [p.clone() for p in model.parameters()]
+    with ema.applied():
+        for param, shadow, trained_param in zip(model.parameters(), ema.shadow.values(), trained):
+            assert torch.equal(param, shadow.to(param.dtype)) and not torch.equal(param, trained_param)
+    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), trained))
+
+
+def test_the_first_step_after_warmup_runs_at_the_peak_learning_rate_and_none_exceeds_it():
+    train = LRSchedule(lr=1e-3, min_lr=1e-5, warmup_steps=4, steps=104)
+    assert learning_rate(4, train) == pytest.approx(1e-3)
+    assert max(learning_rate(step, train) for step in range(120)) == pytest.approx(1e-3)
+
+
+def test_every_parameter_group_experts_included_gets_this_runs_adamw_settings_and_learning_rate(repo_root):
+    """Expert parameters sit in their own groups (DeepSpeed's MoE reduction): the schedule and the
+    AdamW settings must reach them as they reach the dense ones."""
+    from m2r.models.m2restore import build_model
+
+    cfg = load_config(PretrainConfig, Path(repo_root) / "configs/pretrain/tiny-test.yaml",
+                      ["train.betas=[0.8,0.95]", "train.eps=1e-7", "train.weight_decay=0.03"])
+    optimizer = build_optimizer(build_model(cfg.model), cfg.train)
+    assert any(group.get("moe") for group in optimizer.param_groups)
+    assert any(not group.get("moe") for group in optimizer.param_groups)
+    for group in optimizer.param_groups:
+        assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.8, 0.95), 1e-7, 0.03)
+    set_learning_rate(optimizer, 0.0123)
+    assert [group["lr"] for group in optimizer.param_groups] == [0.0123] * len(optimizer.param_groups)
