@@ -76,8 +76,9 @@ class _Clock:
         return self.now
 
 
-def test_step_timer_counts_each_steps_own_time_and_forgets_time_between_steps(monkeypatch):
-    """img/s and the data-wait share cover the training steps since the last report only."""
+def test_step_timer_counts_the_steps_since_the_last_report_but_not_the_work_left_out(monkeypatch):
+    """img/s and the data-wait share cover the training steps since the last report only, reporting
+    and agreeing included, validation and checkpoints (`exclude_since`) not."""
     from m2r.engine import monitor as monitor_module
 
     clock = _Clock()
@@ -89,8 +90,10 @@ def test_step_timer_counts_each_steps_own_time_and_forgets_time_between_steps(mo
     clock.now = 3.0
     timer.end_step(4)
     assert timer.take() == pytest.approx({"img_per_s": 8 / 3, "data_wait_share": 0.25 / 3})
-    clock.now = 13.0   # validation and a checkpoint
-    timer.restart()
+    clock.now = 3.5    # the step's report and the stop agreement: step time
+    started = clock.now
+    clock.now = 13.5   # validation and a checkpoint
+    timer.exclude_since(started)
     clock.now = 14.0
     timer.end_step(2)
     assert timer.take() == pytest.approx({"img_per_s": 2.0, "data_wait_share": 0.0})

@@ -90,3 +90,18 @@ def test_every_parameter_group_experts_included_gets_this_runs_adamw_settings_an
         assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.8, 0.95), 1e-7, 0.03)
     set_learning_rate(optimizer, 0.0123)
     assert [group["lr"] for group in optimizer.param_groups] == [0.0123] * len(optimizer.param_groups)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_ema_update_is_each_weights_own_lerp_in_fp32(dtype):
+    """One multi-tensor update, bit for bit what lerping weight by weight gives (bf16 weights averaged in fp32)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Conv2d(3, 4, 3)).to(dtype)
+    ema = EMA(model, decay=0.9)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param))
+    expected = {name: shadow.clone().lerp_(dict(model.named_parameters())[name].float(), 0.1)
+                for name, shadow in ema.shadow.items()}
+    ema.update()
+    assert all(torch.equal(ema.shadow[name], expected[name]) for name in expected)

@@ -41,9 +41,10 @@ class StepTimer:
         self.images += images
         self._start = now
 
-    def restart(self) -> None:
-        """Forget time spent outside training steps (validation, checkpoints)."""
-        self._start = time.perf_counter()
+    def exclude_since(self, started: float) -> None:
+        """Leave the time since `started` (a perf_counter reading) out of the step under way: validation,
+        image grids and checkpoints are not training. What a step reports and agrees on stays in."""
+        self._start += time.perf_counter() - started
 
     def take(self) -> Dict[str, float]:
         """Throughput since the last call, then reset."""

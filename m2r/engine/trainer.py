@@ -200,10 +200,11 @@ class Trainer(TrainingRun):
             # After a stop signal the time left (SLURM's warning margin, or its kill wait after a
             # SIGTERM) goes to the checkpoint alone: the resumed run validates first if one was due.
             signalled = self.stop_request.agreed_reason()
+            periodic_work_started = time.perf_counter()
             if not signalled and self._periodic_work():
                 last_saved = self.step
+            timer.exclude_since(periodic_work_started)
             reason = signalled or self._planned_stop_reason(steps_this_run, self._finished())
-            timer.restart()
         if last_saved != self.step:
             self.save_checkpoint()
         self._finish(reason, finished=self._finished() and self.last_val_step == self.step,
