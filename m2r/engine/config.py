@@ -5,13 +5,15 @@ finetuning's `init`) and the checks that need several keys.
 file with `_base_: [../model/tiny.yaml@model]`); `key=value` arguments override the file.
 """
 import datetime
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 from m2r.config import choice, require
 from m2r.data.config import DataConfig, check_data_settings
 from m2r.engine.deepspeed_config import build_deepspeed_config
-from m2r.models.config import CHECKPOINT_MODES, ModelConfig, check_model_settings, model_keys, require_input_side
+from m2r.models.config import (CHECKPOINT_MODES, OFFICIAL_SUFFIXES, ModelConfig, check_model_settings, model_keys,
+                               require_input_side)
 
 
 PIXEL_LOSSES = ("l1", "charbonnier")   # train.loss; m2r/engine/loss.py computes each
@@ -207,8 +209,17 @@ def validate_finetune_config(cfg, world_size: int) -> None:
     require(set(run.best_metrics) <= {"psnr", "ssim"}, "run.best_metrics", list(run.best_metrics),
             "may only hold psnr and ssim")
     check_network_for_world(cfg.model, world_size)
+    check_init_weights_kind(cfg.init.weights)
     unknown = sorted(set(allowed_model_changes(cfg.init)) - set(model_keys()))
     require(not unknown, "init.allow_model_changes", unknown, f"must be keys of the model section: {model_keys()}")
+
+
+def check_init_weights_kind(weights: Optional[str]) -> None:
+    """init.weights names one of the three kinds finetuning loads (whether it exists is checked on loading)."""
+    if weights and not Path(weights).is_dir():
+        require(Path(weights).suffix in (".safetensors", *OFFICIAL_SUFFIXES), "init.weights", weights,
+                f"must be a pretraining run's checkpoint directory, a .safetensors file (m2r.export) or an official "
+                f"checkpoint ({', '.join(OFFICIAL_SUFFIXES)})")
 
 
 def allowed_model_changes(init) -> List[str]:

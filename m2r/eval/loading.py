@@ -20,9 +20,8 @@ from accelerate import Accelerator
 from omegaconf import DictConfig
 
 from m2r.config import ConfigError, load_config
-from m2r.models.config import MIN_SIZE, SIZE_MULTIPLE
+from m2r.models.config import MIN_SIZE, OFFICIAL_SUFFIXES, SIZE_MULTIPLE
 
-OFFICIAL_SUFFIXES = (".ckpt", ".pth", ".pt")
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # --precision -> Accelerate's mixed_precision
 
 

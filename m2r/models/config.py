@@ -21,6 +21,7 @@ SCAN_MODES = ("raster", "bidirectional", "four_way")   # the orders of each: mod
 AFLB_MASKS = ("official", "fixed")
 DEPTHWISE_MODES = ("conv", "shifted")
 CHECKPOINT_MODES = ("none", "bottleneck", "full_res", "levels_1_2", "all")   # train.activation_checkpointing
+OFFICIAL_SUFFIXES = (".ckpt", ".pth", ".pt")   # official M2Restore checkpoints (torch pickles)
 SIZE_MULTIPLE = 8   # input sides: three 2x downsamplings
 MIN_SIZE = 16       # the task-prompt CondNet needs at least 9 px; 16 is the smallest multiple of 8
 
