@@ -33,9 +33,10 @@ bench)
   # reuse its compiled graphs) and DA-CLIP's share; then the other variants, the memory-target
   # candidate first, then the eager ones, the shifted depthwise compile last.
   timeout "${BENCH_TIMEOUT:-250}" python3 bench/train_speed.py --only train,trajectory,profile,clip \
-      --variants 0,2 --steps 6 --warmup 2 --json "$OUT/train_speed.json" > "$OUT/train_speed.txt" 2>&1
+      --variants fp32-eager,bf16-compiled --steps 6 --warmup 2 --json "$OUT/train_speed.json" > "$OUT/train_speed.txt" 2>&1
   echo "train_speed exit $?" >> "$OUT/train_speed.txt"
-  timeout "${MORE_TIMEOUT:-220}" python3 bench/train_speed.py --only train --variants 4,1,5,3 \
+  timeout "${MORE_TIMEOUT:-220}" python3 bench/train_speed.py --only train \
+      --variants bf16-compiled-ac-full-res,bf16-eager,plus-bf16-ac-full-res,bf16-compiled-shifted \
       --steps 6 --warmup 2 --json "$OUT/train_speed_more.json" > "$OUT/train_speed_more.txt" 2>&1
   echo "train_speed exit $?" >> "$OUT/train_speed_more.txt"
   ;;

@@ -46,6 +46,7 @@ CROP_MEMORY_BUDGET = 0.9    # of the GPU's memory: cuDNN's workspaces come on to
 
 @dataclass
 class Variant:
+    key: str                    # what --variants names it by
     name: str
     config: str                 # model yaml under configs/model
     bf16: bool = False          # bf16 autocast (the FFT stays fp32; Mamba too unless mamba.autocast)
@@ -66,25 +67,36 @@ FAST_FAITHFUL = ("mamba.autocast=true", "clip.cache_text_features=true")
 # trajectories compare noiseless runs. The compiled faithful variants are timed noiseless too, so that
 # the trajectory and the profile find their compiled graphs in inductor's cache instead of compiling.
 DETERMINISTIC = ("moe.noisy_gating=false",)
-# `--variants` picks by index; bench/gpu_checks.sh runs 0, 2 (with the trajectory and profile), then 4, 1, 5, 3.
+# `--variants` picks by key, in the order given (bench/gpu_checks.sh runs the most wanted first).
 GPU_VARIANTS = [
-    Variant("faithful fp32 eager (official recipe)", "m2restore"),
-    Variant("faithful bf16 + channels_last + fused AdamW + cuDNN benchmark", "m2restore", **FAST),
-    Variant("faithful bf16 + compile + bf16 Mamba + cached text, no gate noise", "m2restore", **FAST,
-            compile="inductor", overrides=FAST_FAITHFUL + DETERMINISTIC),
-    Variant("faithful bf16 + compile + bf16 Mamba + cached text + shifted depthwise, no gate noise", "m2restore",
+    Variant("fp32-eager", "faithful fp32 eager (official recipe)", "m2restore"),
+    Variant("bf16-eager", "faithful bf16 + channels_last + fused AdamW + cuDNN benchmark", "m2restore", **FAST),
+    Variant("bf16-compiled", "faithful bf16 + compile + bf16 Mamba + cached text, no gate noise", "m2restore",
+            **FAST, compile="inductor", overrides=FAST_FAITHFUL + DETERMINISTIC),
+    Variant("bf16-compiled-shifted",
+            "faithful bf16 + compile + bf16 Mamba + cached text + shifted depthwise, no gate noise", "m2restore",
             **FAST, compile="inductor", overrides=FAST_FAITHFUL + ("depthwise=shifted",) + DETERMINISTIC),
-    Variant("faithful bf16 + compile + bf16 Mamba + cached text + AC(full_res), no gate noise", "m2restore", **FAST,
+    Variant("bf16-compiled-ac-full-res",
+            "faithful bf16 + compile + bf16 Mamba + cached text + AC(full_res), no gate noise", "m2restore", **FAST,
             compile="inductor", checkpointing="full_res", overrides=FAST_FAITHFUL + DETERMINISTIC),
-    Variant("plus bf16 + channels_last + fused AdamW + AC(full_res), eager", "m2restore-plus", **FAST,
-            checkpointing="full_res"),
+    Variant("plus-bf16-ac-full-res", "plus bf16 + channels_last + fused AdamW + AC(full_res), eager",
+            "m2restore-plus", **FAST, checkpointing="full_res"),
 ]
 # Largest-crop search: eager, so that each new crop size does not trigger a recompilation.
-CROP_VARIANT = Variant("plus bf16 + AC(all), eager", "m2restore-plus", **FAST, checkpointing="all")
-SMOKE_VARIANTS = [Variant("tiny fp32", "tiny"),
-                  Variant("tiny fp32 + channels_last + AC(full_res) + compile(aot_eager) + shifted depthwise", "tiny",
+CROP_VARIANT = Variant("plus-bf16-ac-all", "plus bf16 + AC(all), eager", "m2restore-plus", **FAST,
+                       checkpointing="all")
+SMOKE_VARIANTS = [Variant("tiny-fp32", "tiny fp32", "tiny"),
+                  Variant("tiny-compiled",
+                          "tiny fp32 + channels_last + AC(full_res) + compile(aot_eager) + shifted depthwise", "tiny",
                           channels_last=True, compile="aot_eager", checkpointing="full_res",
                           overrides=("depthwise=shifted",))]
+
+
+def variant_named(key: str, variants) -> Variant:
+    by_key = {variant.key: variant for variant in variants}
+    if key not in by_key:
+        raise SystemExit(f"--variants: no variant {key!r}; known: {', '.join(by_key)}")
+    return by_key[key]
 
 
 def deterministic(variant: Variant) -> Variant:
@@ -92,7 +104,7 @@ def deterministic(variant: Variant) -> Variant:
 
 
 # Loss trajectories: the official recipe against the compiled faithful variant, same data and init.
-TRAJECTORY = (deterministic(GPU_VARIANTS[0]), GPU_VARIANTS[2])
+TRAJECTORY = (deterministic(variant_named("fp32-eager", GPU_VARIANTS)), variant_named("bf16-compiled", GPU_VARIANTS))
 SMOKE_TRAJECTORY = tuple(map(deterministic, SMOKE_VARIANTS))
 TRAJECTORY_STEPS, SMOKE_TRAJECTORY_STEPS = 30, 4
 EVAL_SIZE, SMOKE_EVAL_SIZE = (480, 720), (64, 96)
@@ -377,7 +389,9 @@ def main() -> None:
     parser.add_argument("--only", default="",
                         help="comma-separated parts: train,trajectory,profile,crop,eval,scan,clip,flops")
     parser.add_argument("--variants", default="",
-                        help="comma-separated indices into the variant list (default: all), e.g. 0,2,3")
+                        help="comma-separated variant keys, run in that order (default: all): "
+                             f"{', '.join(v.key for v in GPU_VARIANTS)}; --smoke: "
+                             f"{', '.join(v.key for v in SMOKE_VARIANTS)}")
     parser.add_argument("--json", type=Path, help="write all results here")
     args = parser.parse_args()
 
@@ -395,7 +409,7 @@ def main() -> None:
 
     variants = SMOKE_VARIANTS if args.smoke else GPU_VARIANTS
     if args.variants:
-        variants = [variants[int(index)] for index in args.variants.split(",")]
+        variants = [variant_named(key, variants) for key in args.variants.split(",")]
 
     def save():
         if args.json:

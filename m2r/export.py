@@ -40,7 +40,8 @@ def _load(path: Path):
 
 
 def merged_module_state(ref: CheckpointRef) -> Tuple[Dict[str, torch.Tensor], dict]:
-    """Dense + every expert file, as saved (the module's dtype); also returns the run's client config."""
+    """Dense + every expert file, as saved (the module's dtype); also returns the run's resolved config
+    (its config.yaml)."""
     dense = _load(ref.path / DENSE_FILE)
     state = dict(dense["module"])
     expert_files = {tuple(map(int, match.groups())): path for path in ref.path.iterdir()
@@ -48,7 +49,7 @@ def merged_module_state(ref: CheckpointRef) -> Tuple[Dict[str, torch.Tensor], di
     _require_every_expert(ref, expert_files, dense["num_experts"])
     for _, path in sorted(expert_files.items()):
         state.update(_load(path))
-    return state, dense["config"]
+    return state, ref.saved_config()
 
 
 def _require_every_expert(ref: CheckpointRef, expert_files: Dict[Tuple[int, int], Path],
@@ -69,13 +70,12 @@ def fp32_master_weights(ref: CheckpointRef, ep_size: int, num_experts: int) -> D
 def export_state_dict(ref: CheckpointRef, use_ema: bool = False) -> Tuple[Dict[str, torch.Tensor], dict]:
     """The full fp32 state dict (experts by global id) and the run's resolved config."""
     state, config = merged_module_state(ref)
-    moe = config["model"]["moe"]
     if use_ema:
         replacements = load_ema_states(ref)
         if not replacements:
             raise FileNotFoundError(f"--ema: {ref.path} holds no ema_rank*.pt files (train.ema_decay was 0)")
     else:
-        replacements = fp32_master_weights(ref, moe["ep_size"], moe["num_experts"])
+        replacements = fp32_master_weights(ref, ref.topology().ep_size, config["model"]["moe"]["num_experts"])
     exported = {}
     for name, tensor in state.items():
         if name in replacements:

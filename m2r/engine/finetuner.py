@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, DistributedSampler
 
 from m2r import dist, stop_signals
@@ -235,8 +234,7 @@ class Finetuner(TrainingRun):
 
     def _client_state(self) -> Dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "samples_into_epoch": self.samples_into_epoch,
-                "best": self.best, "rng_states": dist.all_gather_object(capture_rng_state()),
-                "config": OmegaConf.to_container(self.cfg, resolve=True)}
+                "best": self.best, "rng_states": dist.all_gather_object(capture_rng_state())}
 
     def save_checkpoint(self):
         return self._save_checkpoint(self._client_state())

@@ -11,7 +11,6 @@ import time
 from typing import Any, Dict, List, Optional
 
 import torch
-from omegaconf import OmegaConf
 
 from m2r import dist, stop_signals
 from m2r.data.presets import type_names
@@ -173,8 +172,7 @@ class Trainer(TrainingRun):
         states = dist.all_gather_object({"rng": capture_rng_state(), "stream": self.stream.state_dict()})
         client = {"step": self.step, "rng_states": [s["rng"] for s in states],
                   "stream_states": [s["stream"] for s in states], "first_val_psnr": self.first_val_psnr,
-                  "last_val": self.last_val, "last_val_step": self.last_val_step,
-                  "config": OmegaConf.to_container(self.cfg, resolve=True)}
+                  "last_val": self.last_val, "last_val_step": self.last_val_step}
         return self._save_checkpoint(client)
 
     def fit(self) -> int:

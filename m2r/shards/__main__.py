@@ -7,6 +7,7 @@ there (`--clean-only` or `--degradations`) replaces the recipe's mode.
 from __future__ import annotations
 
 import argparse
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Callable
 
@@ -16,13 +17,15 @@ from omegaconf import OmegaConf
 from m2r.cli import run_main
 from m2r.config import ConfigError
 from m2r.data.presets import PRESETS
+from m2r.data.shard_format import IMAGE_EXTENSIONS
 from m2r.shards.build import DEFAULT_SAMPLES_PER_SHARD, BuildOptions, build
 from m2r.shards.inspect import inspect_shards, print_report
 
-BUILD_DEFAULTS = dict(src=None, out=None, clean_only=False, degradations=None, workers=1,
-                      samples_per_shard=DEFAULT_SAMPLES_PER_SHARD, encoding="zstd", max_side=0, seed=0)
+# BuildOptions' own defaults, and the command's keys that are not options (`preset` is --degradations there)
+BUILD_DEFAULTS = dict(src=None, out=None, clean_only=False, degradations=None,
+                      **{f.name: f.default for f in fields(BuildOptions) if f.default is not MISSING and f.name != "preset"})
 MODE_KEYS = ("clean_only", "degradations")
-ENCODINGS = ("zstd", "png")
+ENCODINGS = tuple(IMAGE_EXTENSIONS)
 LEAST_VALUES = dict(workers=1, samples_per_shard=1, max_side=0, seed=0)
 
 
