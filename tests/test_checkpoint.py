@@ -20,14 +20,15 @@ def saved_step(tag_dir: Path) -> int:
 
 
 def test_checkpoints_keep_the_last_k_and_point_latest_at_the_newest(tmp_path):
-    manager = CheckpointManager(tmp_path, keep_last=2)
+    manager = CheckpointManager(tmp_path, keep_last=2, kind="pretrain")
     config = load_config(PretrainConfig, None, ["train.lr=0.125"])
     for step in (10, 20, 30):
         manager.save(FakeEngine(), step, Topology(2, 2, "bf16", 1), {"step": step}, config)
     assert manager.tags() == [tag_for(20), tag_for(30)]
     assert (tmp_path / "latest").read_text() == "step00000030"
     meta = json.loads((tmp_path / "step00000030" / "meta.json").read_text())
-    assert meta == {"step": 30, "world_size": 2, "ep_size": 2, "precision": "bf16", "zero_stage": 1, "ema": False}
+    assert meta == {"step": 30, "world_size": 2, "ep_size": 2, "precision": "bf16", "zero_stage": 1, "ema": False,
+                    "kind": "pretrain"}
     assert load_config(PretrainConfig, tmp_path / "step00000030" / "config.yaml") == config  # resolved, beside it
     assert not list(tmp_path.rglob("*.tmp"))
 

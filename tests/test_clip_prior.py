@@ -262,3 +262,16 @@ def test_prior_returns_the_steered_image_embedding_and_scores_the_controllers_on
     torch.testing.assert_close(embed, image_features.float())
     cosine = F.normalize(degra_features, dim=-1) @ F.normalize(text, dim=-1).T
     torch.testing.assert_close(probs, (COSINE_SCALE * cosine).softmax(-1))
+
+
+def test_a_bf16_prior_resizes_an_input_of_another_size_than_clips():
+    """The CPU has no bf16 antialiased bilinear kernel: the resize runs in fp32 and gives the bf16
+    prior what a fp32 resize gives, rounded (a bf16 run at a crop other than clip.image_size stopped)."""
+    prior = build_clip_prior(tiny_cfg(), "minus_one_one").to(torch.bfloat16)
+    image = images(height=48, width=80)
+    seen = []
+    prior.model.visual.conv1.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    probs, _ = prior(image.to(torch.bfloat16))
+    expected = TF.center_crop(TF.resize(image.to(torch.bfloat16).float(), SIZE, antialias=True), SIZE)
+    assert seen[0].dtype == torch.bfloat16 and torch.equal(seen[0], expected.to(torch.bfloat16))
+    assert torch.isfinite(probs).all()

@@ -188,11 +188,12 @@ def load_weights_only(engine, ref: CheckpointRef) -> Dict[str, Any]:
 class CheckpointManager:
     """Save and prune under `root`; every rank calls `save` (DeepSpeed's save is collective)."""
 
-    def __init__(self, root: Path, keep_last: int):
+    def __init__(self, root: Path, keep_last: int, kind: Optional[str] = None):
         if keep_last < 2:
             raise ValueError(f"keep_last={keep_last}: keep at least 2 checkpoints")
         self.root = Path(root)
         self.keep_last = keep_last
+        self.kind = kind   # "pretrain" | "finetune", recorded in meta.json: which runs may resume it
 
     def save(self, engine, step: int, topology: Topology, client_state: Dict[str, Any], config,
              ema_state: Optional[Dict[str, torch.Tensor]] = None) -> CheckpointRef:
@@ -211,7 +212,8 @@ class CheckpointManager:
             fsync_tree(staging.path)
         dist.barrier()
         meta = {"step": step, "world_size": topology.world_size, "ep_size": topology.ep_size,
-                "precision": topology.precision, "zero_stage": topology.zero_stage, "ema": ema_state is not None}
+                "precision": topology.precision, "zero_stage": topology.zero_stage, "ema": ema_state is not None,
+                **({"kind": self.kind} if self.kind else {})}
         dist.on_rank0(lambda: self._complete(staging.path, ref, meta, config))
         return ref
 

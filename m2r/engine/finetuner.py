@@ -244,7 +244,7 @@ class Finetuner(TrainingRun):
             if metrics[name] <= self.best.get(name, {}).get("value", float("-inf")):
                 continue
             self.best[name] = {"value": metrics[name], "epoch": self.epoch, "step": self.step}
-            manager = CheckpointManager(self.run_dir / f"best_{name}", keep_last=2)
+            manager = CheckpointManager(self.run_dir / f"best_{name}", keep_last=2, kind=self.KIND)
             ref = manager.save(self.engine, self.step, self.topology, self._client_state(), self.cfg,
                                self._ema_state())
             if dist.is_rank0():   # the weights that were validated: the EMA ones when there is an EMA

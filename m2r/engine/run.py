@@ -110,7 +110,7 @@ class TrainingRun:
         self.run_dir = Path(cfg.run.dir)
         dist.on_rank0(self._lock_run_dir)
         self.input_dtype = PRECISION_DTYPES[cfg.train.precision]
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.run.keep_last)
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.run.keep_last, self.KIND)
         self.resume_ref = agreed_resume(cfg.run.resume, self.checkpoints.root)
         if self.resume_ref is not None:
             dist.on_rank0(lambda: self._check_resumable(self.resume_ref))
@@ -134,7 +134,8 @@ class TrainingRun:
                                f"resumed an older one; to continue it, move the tags saved since to {ref.root} and "
                                f"it back to {self.checkpoints.root} (or train from its weights in a new run.dir)")
         saved = ref.saved_config()
-        saved_kind = "finetune" if "init" in saved else "pretrain"   # only a finetune config has `init`
+        # meta.json names it since 2026-11-27; before, only a finetune config had `init`
+        saved_kind = ref.meta().get("kind") or ("finetune" if "init" in saved else "pretrain")
         if saved_kind != self.KIND:
             raise config_error("run.resume", f"{ref.path} is a {saved_kind} checkpoint; a {self.KIND} "
                                "run resumes only its own kind (finetuning starts from pretraining weights with "

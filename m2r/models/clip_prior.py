@@ -226,14 +226,16 @@ def _drop_text_tower(clip: open_clip.CLIP) -> None:
 
 
 def _resize_shorter_side(image: torch.Tensor, size: int) -> torch.Tensor:
-    """torchvision's Resize(size, antialias=True) on tensors: bilinear, longer side truncated."""
+    """torchvision's Resize(size, antialias=True) on tensors: bilinear, longer side truncated. In fp32
+    whatever the input's dtype: the CPU has no bf16 antialiased kernel (a bf16 run would stop there)."""
     height, width = image.shape[-2:]
     short, long = min(height, width), max(height, width)
     if short == size:
         return image
     scaled = (size, int(size * long / short))
     new_size = scaled if height <= width else scaled[::-1]
-    return F.interpolate(image, size=new_size, mode="bilinear", align_corners=False, antialias=True)
+    resized = F.interpolate(image.float(), size=new_size, mode="bilinear", align_corners=False, antialias=True)
+    return resized.to(image.dtype)
 
 
 def _center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
