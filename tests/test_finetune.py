@@ -163,6 +163,7 @@ def test_ranks_train_on_rank_0s_listing_of_the_dataset(repo_root, tmp_path):
                "finetune.py", "--config", "configs/finetune/tiny-test.yaml", f"data.root={allweather}",
                "train.epochs=1", "train.warmup_epochs=0", f"run.dir={tmp_path / 'run'}"], repo_root, timeout=120)
     assert "2 steps/epoch x 1 epochs = 2 steps" in log and "checkpoints/step00000002" in log
+    assert re.search(r"validation sets \(images of each, at most data.val_images_per_set=\d+\): outdoor_rain \d+, ", log)
 
 
 def test_a_finetune_stopped_mid_epoch_and_at_an_epoch_end_continues_exactly(repo_root, tmp_path):

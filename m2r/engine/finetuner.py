@@ -101,6 +101,8 @@ class Finetuner(TrainingRun):
         val_sets = dist.on_rank0(lambda: evaluation_sets(data.dataset, data.val_root or data.root,
                                                          list(data.val_sets) or None))
         self.val_names = list(val_sets)
+        # a set smaller than data.val_images_per_set validates on all it has: the summary says how many
+        self.val_counts = [min(len(pairs), data.val_images_per_set) for pairs in val_sets.values()]
         self.val_batches = self._val_batches(val_sets)
 
     def _val_batches(self, val_sets) -> List[Dict[str, torch.Tensor]]:
@@ -191,8 +193,11 @@ class Finetuner(TrainingRun):
             f"  batch micro {train.micro_batch} x accum {train.grad_accum} x {world} ranks | crop {train.crop} | "
             f"{self.steps_per_epoch} steps/epoch x {train.epochs} epochs = {self.total_steps} steps | "
             f"warmup {self.schedule.warmup_steps}, cosine until step {self.schedule.steps}",
-            *self._speed_settings(self.checkpointing),
-            f"  validation sets {', '.join(self.val_names)} (type ids in that order)",
+            *self._speed_settings(self.checkpointing + (f" (auto on {self.device.type})"
+                                                        if self.cfg.train.activation_checkpointing == "auto" else "")),
+            f"  validation sets (images of each, at most data.val_images_per_set={self.cfg.data.val_images_per_set}): "
+            f"{', '.join(f'{name} {count}' for name, count in zip(self.val_names, self.val_counts))} "
+            "(type ids in that order)",
         ])
 
     # ----------------------------------------------------------------------------- training

@@ -64,7 +64,7 @@ class Trainer(TrainingRun):
             f"  batch: micro {train.micro_batch} x accum {train.grad_accum} x {world} ranks = global {global_batch}"
             f" | crop {train.crop} | steps {self.step}->{train.steps}",
             f"  experts: {moe.num_experts} per adapter, {moe.num_experts // ep} per rank, top-{moe.top_k}"
-            f" | all-to-all per step ~{self.all_to_all_bytes_per_step() / 2**20:.1f} MiB per rank",
+            + (f" | all-to-all per step ~{self.all_to_all_bytes_per_step() / 2**20:.1f} MiB per rank" if ep > 1 else ""),
             *self._speed_settings(train.activation_checkpointing),
             f"  rank params {params:,}",
             *([f"  note: train.warmup_steps {train.warmup_steps} >= train.steps {train.steps}: the learning rate "
