@@ -181,23 +181,6 @@ def test_resuming_from_another_runs_checkpoint_leaves_that_runs_newer_checkpoint
     assert manager.tags() == [tag_for(10), tag_for(20), tag_for(30)] and not (other / "abandoned").exists()
 
 
-def test_a_step_abandoned_twice_keeps_both_copies(tmp_path):
-    """Resume step 20, train to 30 again, resume step 20 again: both abandoned step-30 tags stay."""
-    from m2r.engine.checkpoint import set_aside_newer_tags
-
-    manager, config = CheckpointManager(tmp_path, keep_last=3), load_config(PretrainConfig)
-    for step in (10, 20, 30):
-        manager.save(FakeEngine(), step, Topology(1, 1, "fp32", 1), {"step": step, "branch": 1}, config)
-    assert set_aside_newer_tags(CheckpointRef(tmp_path, tag_for(20)), tmp_path) == [tag_for(30)]
-    manager.save(FakeEngine(), 30, Topology(1, 1, "fp32", 1), {"step": 30, "branch": 2}, config)
-    assert set_aside_newer_tags(CheckpointRef(tmp_path, tag_for(20)), tmp_path) == [tag_for(30)]
-    abandoned = tmp_path / "abandoned"
-    assert sorted(p.name for p in abandoned.iterdir()) == [tag_for(30), tag_for(30) + "+"]
-    branches = {p.name: torch.load(p / "mp_rank_00_model_states.pt")["branch"] for p in abandoned.iterdir()}
-    assert branches == {tag_for(30): 1, tag_for(30) + "+": 2}
-    assert manager.tags() == [tag_for(10), tag_for(20)]
-
-
 def test_the_ema_files_of_an_expert_parallel_group_merge_into_every_weight_once(tmp_path):
     """Rank 0 holds the dense weights and its experts, rank 1 only its experts (global ids)."""
     from m2r.engine.checkpoint import load_ema_states

@@ -216,7 +216,7 @@ def test_the_code_reading_a_choice_knows_every_value_the_schema_allows():
     and fails mid-run (or the other way round: a mode the code has, refused by the config)."""
     from m2r.engine.config import FINETUNE_DATASETS, PRECISIONS
     from m2r.eval.datasets import DATASETS
-    from m2r.eval.loading import PRECISIONS as EVALUATION_PRECISIONS
+    from m2r.eval.loading import ACCELERATE_PRECISIONS
 
     assert DATASETS == FINETUNE_DATASETS
-    assert tuple(EVALUATION_PRECISIONS) == PRECISIONS
+    assert tuple(ACCELERATE_PRECISIONS) == PRECISIONS

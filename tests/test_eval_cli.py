@@ -262,3 +262,8 @@ def test_a_model_config_file_replaces_the_stored_one_and_set_overrides_adjust_it
     assert inference_model_config(stored, None, ["dim=24"], "ckpt").dim == 24
     with pytest.raises(ConfigError, match="carries no model config: pass --model-config"):
         inference_model_config(None, None, [], "official.ckpt")
+
+
+def test_model_keys_that_do_not_fit_together_are_named_as_set_takes_them(tiny_weights):
+    with pytest.raises(ConfigError, match=r"key 'heads': value \[1, 2, 5, 8\] does not divide"):
+        load_inference_model(str(tiny_weights), torch.device("cpu"), overrides=["heads=[1,2,5,8]"])

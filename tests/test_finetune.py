@@ -45,14 +45,26 @@ def test_configs_hold_the_paper_recipe(repo_root, name, dataset):
                                             (["init.allow_model_changes=[nope]"], "init.allow_model_changes"),
                                             (["train.lr=0"], "train.lr"),
                                             (["run.log_every=0"], "run.log_every"),
-                                            (["run.keep_last=1"], "run.keep_last"),
-                                            (["init.weights=/data/weights.bin"], "init.weights")])
+                                            (["run.keep_last=1"], "run.keep_last")])
 def test_invalid_settings_name_their_key(repo_root, overrides, key):
     root = ["data.root=/data"] if overrides else []  # the tiny config leaves data.root empty
     cfg = load_config(FinetuneConfig, Path(repo_root) / "configs/finetune/tiny-test.yaml",
                       root + overrides)
     with pytest.raises(ConfigError, match=key):
         validate_finetune_config(cfg, world_size=2)
+
+
+def test_init_weights_of_an_unknown_kind_are_refused_but_a_vanished_start_does_not_stop_a_resume(repo_root, tmp_path):
+    """A resumed run does not load init.weights: its pretraining checkpoints may have been pruned since."""
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"")
+    cfg = load_config(FinetuneConfig, Path(repo_root) / "configs/finetune/tiny-test.yaml",
+                      ["data.root=/data", f"init.weights={weights}"])
+    with pytest.raises(ConfigError, match="key 'init.weights'.*a .safetensors file"):
+        validate_finetune_config(cfg, world_size=2)
+    gone = load_config(FinetuneConfig, Path(repo_root) / "configs/finetune/tiny-test.yaml",
+                       ["data.root=/data", f"init.weights={tmp_path / 'pruned/checkpoints'}"])
+    validate_finetune_config(gone, world_size=2)
 
 
 @pytest.mark.parametrize("key", ["train.steps", "train.warmup_steps"])
@@ -163,7 +175,8 @@ def test_ranks_train_on_rank_0s_listing_of_the_dataset(repo_root, tmp_path):
                "finetune.py", "--config", "configs/finetune/tiny-test.yaml", f"data.root={allweather}",
                "train.epochs=1", "train.warmup_epochs=0", f"run.dir={tmp_path / 'run'}"], repo_root, timeout=120)
     assert "2 steps/epoch x 1 epochs = 2 steps" in log and "checkpoints/step00000002" in log
-    assert re.search(r"validation sets \(images of each, at most data.val_images_per_set=\d+\): outdoor_rain \d+, ", log)
+    assert re.search(r"validation sets \(images of each, at most data.val_images_per_set=\d+\): "
+                     r"outdoor_rain \d+, ", log)
 
 
 def test_a_finetune_stopped_mid_epoch_and_at_an_epoch_end_continues_exactly(repo_root, tmp_path):

@@ -17,11 +17,11 @@ def tiny_config(repo_root, *overrides):
 
 
 def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_the_floor():
-    train = LRSchedule(lr=1e-3, min_lr=1e-5, warmup_steps=4, steps=104)
-    assert [learning_rate(s, train) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
-    assert learning_rate(54, train) == pytest.approx((1e-3 + 1e-5) / 2)
-    assert learning_rate(103, train) == pytest.approx(1e-5, abs=1e-6)
-    lrs = [learning_rate(s, train) for s in range(4, 104)]
+    schedule = LRSchedule(lr=1e-3, min_lr=1e-5, warmup_steps=4, steps=104)
+    assert [learning_rate(s, schedule) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert learning_rate(54, schedule) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert learning_rate(103, schedule) == pytest.approx(1e-5, abs=1e-6)
+    lrs = [learning_rate(s, schedule) for s in range(4, 104)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
@@ -52,8 +52,8 @@ def test_ema_parts_split_the_dense_weights_from_this_ranks_experts(repo_root):
 
 def test_after_its_schedule_the_learning_rate_stays_at_the_floor():
     """Finetuning's cosine may end before the last epoch (train.schedule_epochs)."""
-    train = LRSchedule(lr=1e-3, min_lr=1e-5, warmup_steps=4, steps=104)
-    assert [learning_rate(step, train) for step in (104, 150, 204)] == pytest.approx([1e-5] * 3)
+    schedule = LRSchedule(lr=1e-3, min_lr=1e-5, warmup_steps=4, steps=104)
+    assert [learning_rate(step, schedule) for step in (104, 150, 204)] == pytest.approx([1e-5] * 3)
 
 
 def test_ema_weights_are_applied_for_the_duration_and_the_trained_ones_come_back_exactly():
@@ -71,9 +71,9 @@ def test_ema_weights_are_applied_for_the_duration_and_the_trained_ones_come_back
 
 
 def test_the_first_step_after_warmup_runs_at_the_peak_learning_rate_and_none_exceeds_it():
-    train = LRSchedule(lr=1e-3, min_lr=1e-5, warmup_steps=4, steps=104)
-    assert learning_rate(4, train) == pytest.approx(1e-3)
-    assert max(learning_rate(step, train) for step in range(120)) == pytest.approx(1e-3)
+    schedule = LRSchedule(lr=1e-3, min_lr=1e-5, warmup_steps=4, steps=104)
+    assert learning_rate(4, schedule) == pytest.approx(1e-3)
+    assert max(learning_rate(step, schedule) for step in range(120)) == pytest.approx(1e-3)
 
 
 def test_every_parameter_group_experts_included_gets_this_runs_adamw_settings_and_learning_rate(repo_root):

@@ -87,7 +87,7 @@ def test_a_rank_that_fails_to_re_partition_makes_every_rank_raise(monkeypatch):
     monkeypatch.setattr(zero_state, "_load_resharded", fails)
     with pytest.raises(OSError, match="shard-3 unreadable"):
         zero_state.load_resharded_optimizer_state(None, None)
-    monkeypatch.setattr(zero_state, "_load_resharded", lambda engine, ref: True)
+    monkeypatch.setattr(zero_state, "_load_resharded", lambda engine, ref: (True, False))
     monkeypatch.setattr(dist, "max_over_ranks", lambda value: max(value, zero_state._FAILED))  # another rank failed
     with pytest.raises(RuntimeError, match="another rank could not re-partition the optimizer state"):
         zero_state.load_resharded_optimizer_state(None, None)
@@ -131,9 +131,9 @@ def test_a_rank_holding_no_stepped_fragment_reports_what_the_others_saved(monkey
     """Every rank's answer is the agreement over ranks, not its own (a rank may hold no fragment)."""
     from m2r.engine import zero_state
 
-    monkeypatch.setattr(zero_state, "_load_resharded", lambda engine, ref: False)
+    monkeypatch.setattr(zero_state, "_load_resharded", lambda engine, ref: (False, False))
     monkeypatch.setattr(dist, "max_over_ranks", lambda value: max(value, 1.0))   # another rank had stepped
-    assert zero_state.load_resharded_optimizer_state(None, None) is True
+    assert zero_state.load_resharded_optimizer_state(None, None).adamw is True
 
 
 def _stub(topology, train, saved_train):
@@ -156,17 +156,30 @@ def _warning(capsys, saved, current, same_ranks, carry, train=None, saved_train=
 
 def test_a_checkpoint_saved_before_the_first_step_still_carries_the_masters(monkeypatch):
     from m2r.engine import run
+    from m2r.engine.zero_state import Resharded
 
-    monkeypatch.setattr(run, "load_resharded_optimizer_state", lambda engine, ref: False)
+    monkeypatch.setattr(run, "load_resharded_optimizer_state",
+                        lambda engine, ref: Resharded(adamw=False, loss_scale=False))
     _, stub, ref = _stub(Topology(2, 1, "bf16", 1), None, None)
     carry = run.TrainingRun._carry_optimizer(stub, ref, Topology(1, 1, "bf16", 2))
     assert carry.masters and not carry.adamw and "precedes the first optimizer step" in carry.why_not
 
 
+def test_the_carry_reports_the_loss_scale_the_re_partitioning_brought(monkeypatch):
+    from m2r.engine import run
+    from m2r.engine.zero_state import Resharded
+
+    monkeypatch.setattr(run, "load_resharded_optimizer_state",
+                        lambda engine, ref: Resharded(adamw=True, loss_scale=True))
+    _, stub, ref = _stub(Topology(2, 1, "fp16", 1), None, None)
+    carry = run.TrainingRun._carry_optimizer(stub, ref, Topology(1, 1, "fp16", 2))
+    assert carry == (True, True, "", True)
+
+
 def test_the_loss_scale_is_named_only_between_fp16_runs_and_lost_only_with_the_optimizer(capsys):
     from m2r.engine.run import OptimizerCarry
 
-    carried = OptimizerCarry(masters=True, adamw=True)
+    carried = OptimizerCarry(masters=True, adamw=True, loss_scale=True)
     restart = OptimizerCarry(masters=False, adamw=False, why_not="the optimizer restarts: ZeRO stage 0")
     assert "loss scale" not in _warning(capsys, Topology(2, 2, "fp16", 1), Topology(2, 2, "bf16", 1), True, carried)
     kept = _warning(capsys, Topology(2, 2, "fp16", 1), Topology(4, 2, "fp16", 2), False, carried)
@@ -202,7 +215,8 @@ def test_an_fp16_run_on_another_topology_continues_from_the_saved_loss_scale_wit
     live = SimpleNamespace(loss_scaler=_dynamic_scaler(scale_window=50))
     assert carry_loss_scale(live, _fp16_shard_with_scaler(tmp_path, saved))
     scaler = live.loss_scaler
-    assert (scaler.cur_scale, scaler.cur_iter, scaler.last_overflow_iter, scaler.cur_hysteresis) == (512.0, 4000, 3990, 1)
+    progress = (scaler.cur_scale, scaler.cur_iter, scaler.last_overflow_iter, scaler.cur_hysteresis)
+    assert progress == (512.0, 4000, 3990, 1)
     assert scaler.scale_window == 50
 
 

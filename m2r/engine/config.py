@@ -5,8 +5,8 @@ finetuning's `init`) and the checks that need several keys.
 file with `_base_: [../model/tiny.yaml@model]`); `key=value` arguments override the file.
 """
 import datetime
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import List, Optional
 
 from m2r.config import choice, require
@@ -215,8 +215,9 @@ def validate_finetune_config(cfg, world_size: int) -> None:
 
 
 def check_init_weights_kind(weights: Optional[str]) -> None:
-    """init.weights names one of the three kinds finetuning loads (whether it exists is checked on loading)."""
-    if weights and not Path(weights).is_dir():
+    """A file given as init.weights is of a kind finetuning loads. Whether it exists is checked when it is
+    loaded: a resumed run does not load it (its pretraining checkpoints may be gone by then)."""
+    if weights and Path(weights).is_file():
         require(Path(weights).suffix in (".safetensors", *OFFICIAL_SUFFIXES), "init.weights", weights,
                 f"must be a pretraining run's checkpoint directory, a .safetensors file (m2r.export) or an official "
                 f"checkpoint ({', '.join(OFFICIAL_SUFFIXES)})")

@@ -67,9 +67,10 @@ class StepResult(NamedTuple):
 
 class OptimizerCarry(NamedTuple):
     """What a resume at another topology brought of the saved optimizer."""
-    masters: bool      # the fp32 master weights (and, between fp16 runs, the loss scale)
+    masters: bool      # the fp32 master weights
     adamw: bool        # AdamW's moments and step counts
     why_not: str = ""  # why AdamW's state did not come
+    loss_scale: bool = False   # the fp16 loss scale
 
 
 class TrainingRun:
@@ -248,10 +249,10 @@ class TrainingRun:
         why_not = why_not_carried(saved, self.topology)
         if why_not is not None:
             return OptimizerCarry(masters=False, adamw=False, why_not=f"the optimizer restarts: {why_not}")
-        if load_resharded_optimizer_state(self.engine, ref):
-            return OptimizerCarry(masters=True, adamw=True)
-        return OptimizerCarry(masters=True, adamw=False,
-                              why_not="none saved: the checkpoint precedes the first optimizer step")
+        resharded = load_resharded_optimizer_state(self.engine, ref)
+        return OptimizerCarry(masters=True, adamw=resharded.adamw, loss_scale=resharded.loss_scale,
+                              why_not="" if resharded.adamw else "none saved: the checkpoint precedes the first "
+                                                                  "optimizer step")
 
     def _warn_topology_change(self, ref: CheckpointRef, saved: Topology, same_ranks: bool,
                               carry: OptimizerCarry) -> None:
@@ -265,7 +266,7 @@ class TrainingRun:
         if not carry.adamw:
             lost.insert(0, f"AdamW moments and step counts ({carry.why_not})")
         if saved.precision == self.topology.precision == "fp16":
-            if carry.masters:
+            if carry.loss_scale:
                 loaded.append("the fp16 loss scale")
             else:
                 lost.append("the fp16 loss scale (starts again from its initial value)")

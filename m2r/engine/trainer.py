@@ -64,7 +64,8 @@ class Trainer(TrainingRun):
             f"  batch: micro {train.micro_batch} x accum {train.grad_accum} x {world} ranks = global {global_batch}"
             f" | crop {train.crop} | steps {self.step}->{train.steps}",
             f"  experts: {moe.num_experts} per adapter, {moe.num_experts // ep} per rank, top-{moe.top_k}"
-            + (f" | all-to-all per step ~{self.all_to_all_bytes_per_step() / 2**20:.1f} MiB per rank" if ep > 1 else ""),
+            + (f" | all-to-all per step ~{self.all_to_all_bytes_per_step() / 2**20:.1f} MiB per rank"
+               if ep > 1 else ""),
             *self._speed_settings(train.activation_checkpointing),
             f"  rank params {params:,}",
             *([f"  note: train.warmup_steps {train.warmup_steps} >= train.steps {train.steps}: the learning rate "
@@ -185,11 +186,12 @@ class Trainer(TrainingRun):
 
     def _train(self) -> int:
         self.engine.train()
-        timer, steps_this_run, last_saved = StepTimer(), 0, self.step
+        steps_this_run, last_saved = 0, self.step
         # A stop signal received during start-up stops the run here: it holds nothing new to save.
         reason = self._stop_reason(steps_this_run, finished=self._finished())
         if not self.stop_request.agreed_signal and self._start_of_run_work():
             last_saved = None   # a checkpoint must record the validation redone
+        timer = StepTimer()   # after the first validation: the first steps' img/s is theirs alone
         while reason is None:
             result = self.train_step(timer)
             steps_this_run += 1

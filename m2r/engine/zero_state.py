@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Set, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
 import torch
 
@@ -93,28 +93,35 @@ def stitched_zero_state(ref: CheckpointRef, ep_size: int, num_experts: int, keys
 _FAILED = 2.0   # beside 0 and 1 (AdamW state saved or not) in the ranks' agreement
 
 
-def load_resharded_optimizer_state(engine, ref: CheckpointRef) -> bool:
+class Resharded(NamedTuple):
+    """What `load_resharded_optimizer_state` brought beside the fp32 master weights."""
+    adamw: bool         # AdamW's moments and step counts (none saved before the first step)
+    loss_scale: bool    # the fp16 loss scale (between fp16 runs)
+
+
+def load_resharded_optimizer_state(engine, ref: CheckpointRef) -> Resharded:
     """Give this rank's ZeRO optimizer the fp32 master weights, AdamW moments and step counts `ref` saved
-    at another topology, and its module the masters cast to its dtype. Call after the weights are loaded
-    (`load_weights_only`): the module then matches the masters exactly, as after an optimizer step.
-    Returns whether AdamW state was saved (not when the checkpoint precedes the first step).
+    at another topology (and, between fp16 runs, the loss scale), and its module the masters cast to its
+    dtype. Call after the weights are loaded (`load_weights_only`): the module then matches the masters
+    exactly, as after an optimizer step.
 
     Collective: every rank learns whether any failed (a damaged shard read on one node) and raises,
     rather than waiting for it in the next collective until the timeout."""
     failure: Optional[Exception] = None
     try:
-        stepped = _load_resharded(engine, ref)
+        stepped, loss_scale = _load_resharded(engine, ref)
     except Exception as error:   # whatever it is, the other ranks must hear of it
-        stepped, failure = False, error
+        stepped, loss_scale, failure = False, False, error
     outcome = dist.max_over_ranks(_FAILED if failure else float(stepped))
     if outcome == _FAILED:
         raise failure or RuntimeError("another rank could not re-partition the optimizer state (its error "
                                       "names the cause)")
-    return outcome > 0
+    return Resharded(adamw=outcome > 0, loss_scale=loss_scale)   # the loss scale is the same on every rank
 
 
-def _load_resharded(engine, ref: CheckpointRef) -> bool:
-    """This rank's part of `load_resharded_optimizer_state`; whether the saved optimizer had stepped here."""
+def _load_resharded(engine, ref: CheckpointRef) -> Tuple[bool, bool]:
+    """This rank's part of `load_resharded_optimizer_state`: whether the saved optimizer had stepped here,
+    and whether the loss scale was carried."""
     zero = engine.optimizer
     saved_moe = ref.saved_config()["model"]["moe"]
     local_to_global = global_expert_names(engine.module)
@@ -123,7 +130,8 @@ def _load_resharded(engine, ref: CheckpointRef) -> bool:
                                 wanted=set(param_names.values()))
     missing = sorted(set(param_names.values()) - set(state))
     if missing:
-        raise ValueError(f"{ref.path}: its ZeRO shards lack {len(missing)} parameters of this network, e.g. {missing[:3]}")
+        raise ValueError(f"{ref.path}: its ZeRO shards lack {len(missing)} parameters of this network, "
+                         f"e.g. {missing[:3]}")
     with torch.no_grad():
         for name, param in engine.module.named_parameters():
             master = state[local_to_global[name]][MASTER]
@@ -133,14 +141,14 @@ def _load_resharded(engine, ref: CheckpointRef) -> bool:
             param.copy_(master.view(param.shape))
         stepped = [_fill_partition(zero, group, flat, state, param_names)
                    for group, flat in enumerate(zero.single_partition_of_fp32_groups)]
-    carry_loss_scale(zero, ref)
-    return any(stepped)   # a rank may hold no fragment of a stepped group: the caller agrees over ranks
+    # a rank may hold no fragment of a stepped group: the caller agrees over ranks
+    return any(stepped), carry_loss_scale(zero, ref)
 
 
 def carry_loss_scale(zero, ref: CheckpointRef) -> bool:
     """Between fp16 runs: the saved dynamic loss scale and its counters into this rank's scaler, which
     would otherwise start again from 2^16 and skip steps on overflow until it finds its level. Every rank
-    saves the same scaler: the first shard's is read. Returns whether it was carried."""
+    saves the same scaler: the first shard's is read (a second time). Returns whether it was carried."""
     live = getattr(zero, "loss_scaler", None)
     if not getattr(live, "dynamic", False) or ref.topology().precision != "fp16":
         return False

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from m2r.config import ConfigError, load_config
 from m2r.models.config import MIN_SIZE, OFFICIAL_SUFFIXES, SIZE_MULTIPLE
 
-PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # --precision -> Accelerate's mixed_precision
+ACCELERATE_PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # --precision -> Accelerate's mixed_precision
 
 
 def non_negative_int(text: str) -> int:
@@ -48,7 +48,7 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
                              "0 = whole)")
     parser.add_argument("--overlap", type=non_negative_int, default=32,
                         help="tile overlap in pixels (below --tile)")
-    parser.add_argument("--precision", default=None, choices=tuple(PRECISIONS),
+    parser.add_argument("--precision", default=None, choices=tuple(ACCELERATE_PRECISIONS),
                         help="autocast dtype (default: `accelerate launch --mixed_precision`, else fp32); "
                              "fp16 is a GPU-only autocast, bf16 autocasts on CPU too")
     parser.add_argument("--model-config", default=None, help="model YAML (required for official checkpoints)")
@@ -67,12 +67,12 @@ def make_accelerator(precision: Optional[str], cpu: bool = False) -> Accelerator
     """This process's place in an `accelerate launch` world (a plain run is a world of one). Without CUDA
     the processes are CPU ones: Accelerate forms a multi-process CPU world (gloo) only when told cpu=True."""
     return Accelerator(cpu=cpu or not torch.cuda.is_available(),
-                       mixed_precision=None if precision is None else PRECISIONS[precision])
+                       mixed_precision=None if precision is None else ACCELERATE_PRECISIONS[precision])
 
 
 def precision_name(accelerator: Accelerator) -> str:
     """The --precision name of the accelerator's autocast (Accelerate calls fp32 'no')."""
-    names = {mixed: name for name, mixed in PRECISIONS.items()}
+    names = {mixed: name for name, mixed in ACCELERATE_PRECISIONS.items()}
     return names.get(accelerator.mixed_precision, accelerator.mixed_precision)
 
 
@@ -107,7 +107,7 @@ def inference_model_config(stored: Optional[dict], model_config: Optional[str],
         raise ConfigError(f"{source} carries no model config: pass --model-config configs/model/<name>.yaml")
     every_expert_local = [*overrides, "moe.ep_size=1"]
     model = load_config(ModelConfig, model_config, every_expert_local, base=None if model_config else stored)
-    check_model_settings(model)
+    check_model_settings(model, prefix="")   # --set takes the model keys bare
     return model
 
 

@@ -25,6 +25,8 @@ from m2r.models.config import AFLB_MASKS
 from m2r.models.restormer import DepthwiseConv3x3, memory_layout, transposed_attention
 
 OFFICIAL_MASK_STEP = 128  # the official code divides the feature size by this before scaling
+
+
 class ChannelCrossAttention(nn.Module):
     """Transposed attention whose queries come from `x` and keys/values from `y` (same shape)."""
 

@@ -108,34 +108,35 @@ RUNTIME_KEYS = frozenset({
     "moe.balance_loss_weight", "moe.clip_bias_init"})
 
 
-def check_model_settings(model) -> None:
+def check_model_settings(model, prefix: str = "model.") -> None:
     """What the network needs of its keys together (one key's type and choices are the schema's): every
     entry point calls this while it checks its config, so a mistake stops it with one error naming the
-    key, before any rank builds the network."""
+    key, before any rank builds the network. `prefix`: how the caller's user writes the model keys
+    (the inference tools take them bare: `--set heads=...`)."""
     blocks, heads, moe = list(model.num_blocks), list(model.heads), model.moe
-    require(len(blocks) == 4 and min(blocks) >= 0, "model.num_blocks", blocks,
+    require(len(blocks) == 4 and min(blocks) >= 0, f"{prefix}num_blocks", blocks,
             "needs 4 counts >= 0: encoder levels 1-3 (mirrored by the decoder) and the bottleneck")
-    require(len(heads) >= 3 and min(heads) > 0, "model.heads", heads,
+    require(len(heads) >= 3 and min(heads) > 0, f"{prefix}heads", heads,
             "needs a positive head count for each of the 3 attention levels")
-    require(model.dim > 0, "model.dim", model.dim, "must be positive")
+    require(model.dim > 0, f"{prefix}dim", model.dim, "must be positive")
     widths = [model.dim * 2 ** level for level in range(4)]
     # (width, heads) of every attention: encoder levels 1-3; decoder level 1 and refinement at width 2*dim
     for width, count in ((widths[0], heads[0]), (widths[1], heads[0]), (widths[1], heads[1]), (widths[2], heads[2])):
-        require(width % count == 0, "model.heads", heads,
-                f"does not divide the attention widths: {width} channels (from model.dim={model.dim}) "
+        require(width % count == 0, f"{prefix}heads", heads,
+                f"does not divide the attention widths: {width} channels (from {prefix}dim={model.dim}) "
                 f"cannot split into {count} heads")
-    require(model.aflb_heads > 0 and all(width % model.aflb_heads == 0 for width in widths[1:]), "model.aflb_heads",
-            model.aflb_heads, f"must divide the AFLB widths {widths[1:]}")
-    require(len(model.clip.prompts) > 0, "model.clip.prompts", list(model.clip.prompts), "must name at least one")
-    require(moe.num_experts >= 1, "model.moe.num_experts", moe.num_experts, "must be positive")
-    require(1 <= moe.top_k <= moe.num_experts, "model.moe.top_k", moe.top_k,
-            f"must be in [1, model.moe.num_experts={moe.num_experts}]")
-    require(moe.ep_size >= 1 and moe.num_experts % moe.ep_size == 0, "model.moe.ep_size", moe.ep_size,
-            f"must divide model.moe.num_experts={moe.num_experts}")
+    require(model.aflb_heads > 0 and all(width % model.aflb_heads == 0 for width in widths[1:]),
+            f"{prefix}aflb_heads", model.aflb_heads, f"must divide the AFLB widths {widths[1:]}")
+    require(len(model.clip.prompts) > 0, f"{prefix}clip.prompts", list(model.clip.prompts), "must name at least one")
+    require(moe.num_experts >= 1, f"{prefix}moe.num_experts", moe.num_experts, "must be positive")
+    require(1 <= moe.top_k <= moe.num_experts, f"{prefix}moe.top_k", moe.top_k,
+            f"must be in [1, {prefix}moe.num_experts={moe.num_experts}]")
+    require(moe.ep_size >= 1 and moe.num_experts % moe.ep_size == 0, f"{prefix}moe.ep_size", moe.ep_size,
+            f"must divide {prefix}moe.num_experts={moe.num_experts}")
     for key in ("capacity_factor", "eval_capacity_factor"):
-        require(getattr(moe, key) >= 0, f"model.moe.{key}", getattr(moe, key), "must be >= 0 (0: no token dropped)")
-    require(moe.dispatch != "dense" or moe.ep_size == 1, "model.moe.dispatch", moe.dispatch,
-            f"needs ep_size 1 (model.moe.ep_size={moe.ep_size}): expert parallelism exchanges tokens sparsely "
+        require(getattr(moe, key) >= 0, f"{prefix}moe.{key}", getattr(moe, key), "must be >= 0 (0: no token dropped)")
+    require(moe.dispatch != "dense" or moe.ep_size == 1, f"{prefix}moe.dispatch", moe.dispatch,
+            f"needs ep_size 1 ({prefix}moe.ep_size={moe.ep_size}): expert parallelism exchanges tokens sparsely "
             "('auto' picks that)")
 
 

@@ -23,7 +23,8 @@ from m2r.shards.inspect import inspect_shards, print_report
 
 # BuildOptions' own defaults, and the command's keys that are not options (`preset` is --degradations there)
 BUILD_DEFAULTS = dict(src=None, out=None, clean_only=False, degradations=None,
-                      **{f.name: f.default for f in fields(BuildOptions) if f.default is not MISSING and f.name != "preset"})
+                      **{f.name: f.default for f in fields(BuildOptions)
+                         if f.default is not MISSING and f.name != "preset"})
 MODE_KEYS = ("clean_only", "degradations")
 ENCODINGS = tuple(IMAGE_EXTENSIONS)
 LEAST_VALUES = dict(workers=1, samples_per_shard=1, max_side=0, seed=0)
@@ -48,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--encoding", choices=ENCODINGS,
                    help=f"lossless image encoding (default: {BUILD_DEFAULTS['encoding']})")
     b.add_argument("--max-side", type=int,
-                   help="downscale images whose long side exceeds this (default: 0, every image kept at its size)")
+                   help=f"downscale images whose long side exceeds this (default: {BUILD_DEFAULTS['max_side']}: every "
+                        "image kept at its size)")
     b.add_argument("--seed", type=int, help=f"seed of the pre-degraded inputs (default: {BUILD_DEFAULTS['seed']})")
     i = commands.add_parser("inspect", help="print counts and verify checksums")
     i.add_argument("dir")
