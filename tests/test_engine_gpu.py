@@ -1,6 +1,6 @@
 """The DeepSpeed engine on a GPU: nccl, bf16 with ZeRO 1 and 2, MoE parameter groups, mamba_ssm kernels,
-the AFLB FFT under bf16, a checkpoint round trip, and the pretraining entry point with every speed
-switch. One rank; skipped without CUDA."""
+the AFLB FFT under bf16, a checkpoint round trip, the pretraining entry point with every speed switch,
+and fp16 with its loss scale across a resume. One rank; skipped without CUDA."""
 import json
 import math
 import os
@@ -110,3 +110,33 @@ def test_pretrain_entry_point_with_every_speed_switch_on_gpu(tmp_path, repo_root
     assert any("val_psnr" in r for r in records)
     assert (run_dir / "checkpoints" / "latest").exists()
     assert "compile True" in result.stdout and "cudnn_benchmark True" in result.stdout
+
+
+def _pretrain_on_one_gpu(repo_root, run_dir, *overrides) -> str:
+    """pretrain.py on the tiny model and the built-in photos under torchrun, one GPU; its stdout."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
+               str(dist.free_port()), "pretrain.py", "--config", "configs/pretrain/tiny-test.yaml",
+               f"run.dir={run_dir}", "run.tensorboard=false", "model.moe.ep_size=1", "run.image_every=0",
+               "run.val_every=1000", *overrides]
+    python_path = os.pathsep.join(filter(None, [repo_root, env.get("PYTHONPATH")]))
+    result = subprocess.run(command, cwd=repo_root, env=dict(env, PYTHONPATH=python_path), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def test_fp16_trains_and_continues_its_loss_scale_at_another_zero_stage(tmp_path, repo_root):
+    """fp16 (DeepSpeed's dynamic loss scaling) trains and saves; resumed at ZeRO 2 from a ZeRO 1 checkpoint
+    (a topology change), the loss scaler's progress comes with the optimizer: its iteration count goes on
+    from 3 to 5 instead of starting again."""
+    run_dir = tmp_path / "run"
+    _pretrain_on_one_gpu(repo_root, run_dir, "train.precision=fp16", "train.zero_stage=1", "train.steps=3")
+    out = _pretrain_on_one_gpu(repo_root, run_dir, "train.precision=fp16", "train.zero_stage=2", "train.steps=5")
+    assert "the fp16 loss scale" in out.split("Loaded:")[1].split("LOST")[0]
+    (shard,) = (run_dir / "checkpoints/step00000005").glob("*zero_pp_rank_0_*optim_states.pt")
+    scaler = torch.load(shard, map_location="cpu", weights_only=False)["optimizer_state_dict"]["loss_scaler"]
+    assert scaler.cur_iter == 5
+    losses = [json.loads(line).get("loss") for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(loss) for loss in losses if loss is not None)
