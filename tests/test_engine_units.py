@@ -364,3 +364,14 @@ def test_a_local_rank_equal_to_the_gpu_count_is_refused_with_the_reason(monkeypa
         dist.device_for(dist.DistEnv(4, 8, 4, "srun"))
 
 
+
+
+def test_a_checkpoint_without_the_latest_validation_has_it_redone_at_its_step():
+    """Saved before the latest validation was kept: a finished demo run again had no PSNR to report."""
+    from m2r.engine.trainer import Trainer
+
+    stub = SimpleNamespace()
+    Trainer._restore_validation_record(stub, {"step": 300, "first_val_psnr": 13.5})
+    assert (stub.first_val_psnr, stub.last_val, stub.last_val_step) == (13.5, {}, None)
+    Trainer._restore_validation_record(stub, {"first_val_psnr": 13.5, "last_val": {"psnr": 22.0}, "last_val_step": 290})
+    assert (stub.last_val, stub.last_val_step) == ({"psnr": 22.0}, 290)

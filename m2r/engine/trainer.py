@@ -104,11 +104,17 @@ class Trainer(TrainingRun):
         if self._finished():
             dist.print0(f"train.steps={self.cfg.train.steps} is reached already (the checkpoint is at step "
                         f"{self.step})")
-        self.first_val_psnr = client.get("first_val_psnr")
-        # Checkpoints saved before last_val_step was: their step's validation, when due, ran before the save.
-        self.last_val, self.last_val_step = client.get("last_val") or {}, client.get("last_val_step", self.step)
+        self._restore_validation_record(client)
         dist.print0(f"resumed from {ref.path} at step {self.step}")
         return saved_rng
+
+    def _restore_validation_record(self, client: Dict[str, Any]) -> None:
+        """The first and the latest validation results. A checkpoint saved before the latest was kept
+        (2026-11-27) has its step's validation redone when due: what reports it (the demo's last lines,
+        after a finished demo is run again) would find nothing."""
+        self.first_val_psnr = client.get("first_val_psnr")
+        self.last_val = client.get("last_val") or {}
+        self.last_val_step = client.get("last_val_step") if self.last_val else None
 
     def _continue_stream(self, saved_state: Dict[str, Any], ref: CheckpointRef) -> None:
         """The stream where it stopped; if data settings changed since (data.workers on a node with other
