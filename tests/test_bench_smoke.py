@@ -1,6 +1,8 @@
 """The GPU benchmark runs end to end on CPU in --smoke mode (tiny model), so it cannot rot between GPU runs."""
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -43,3 +45,15 @@ def test_activation_memory_smoke_shrinks_with_each_checkpointing_mode(tmp_path, 
     saved = [run[f"saved_activations_gb/{mode}"] for mode in ("none", "bottleneck", "full_res", "levels_1_2", "all")]
     assert saved[0] > saved[1] > 0 and saved[0] > saved[2] > saved[3] > saved[4] > 0
     assert run["weights_grads_adamw_gb"] > 0 and run["frozen_clip_gb"] > 0
+
+
+def test_every_variant_key_gpu_checks_names_is_one_train_speed_knows(repo_root, monkeypatch):
+    spec = importlib.util.spec_from_file_location("train_speed", f"{repo_root}/bench/train_speed.py")
+    train_speed = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "train_speed", train_speed)   # its dataclasses look themselves up there
+    spec.loader.exec_module(train_speed)
+    script = open(f"{repo_root}/bench/gpu_checks.sh").read()
+    named = [key for keys in re.findall(r"--variants\s+(\S+)", script) for key in keys.split(",")]
+    assert named, "bench/gpu_checks.sh names no --variants"
+    for key in named:
+        train_speed.variant_named(key, train_speed.GPU_VARIANTS)   # SystemExit on an unknown key

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -261,3 +262,17 @@ def test_latest_naming_a_tag_directory_without_meta_falls_back_to_the_newest_com
     (tmp_path / tag_for(20) / "meta.json").unlink()
     assert resolve_resume("latest", tmp_path).tag == tag_for(10)
     assert "names 'step00000020', which is not a complete checkpoint" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("meta, saved, kind", [
+    ({"kind": "finetune"}, {"model": {}}, "finetune"),               # meta.json says it
+    ({}, {"model": {}, "init": {"weights": "/w"}}, "finetune"),      # older: only a finetune config has init
+])
+def test_the_kind_a_checkpoint_recorded_decides_which_runs_resume_it(tmp_path, meta, saved, kind):
+    from m2r.engine.run import TrainingRun
+
+    ref = SimpleNamespace(root=tmp_path / "other", path=tmp_path / "other/step00000001", meta=lambda: meta,
+                          saved_config=lambda: saved)
+    stub = SimpleNamespace(KIND="pretrain", checkpoints=SimpleNamespace(root=tmp_path / "checkpoints"))
+    with pytest.raises(ConfigError, match=f"is a {kind} checkpoint; a pretrain run resumes only its own kind"):
+        TrainingRun._check_resumable(stub, ref)

@@ -338,3 +338,10 @@ def test_a_damaged_manifest_is_named_by_inspect_and_by_the_shard_listing(tmp_pat
     for read in (inspect_shards, resolve_shards):
         with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'manifest.json'}: not valid json")):
             read(str(tmp_path))
+
+
+def test_a_recipe_naming_builds_preset_field_instead_of_degradations_is_refused(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"src: [{tmp_path}]\nout: {tmp_path / 'out'}\npreset: cdd11\n")
+    with pytest.raises(ConfigError, match=r"unknown keys \['preset'\]"):
+        _read_recipe(str(recipe))

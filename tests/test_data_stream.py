@@ -351,3 +351,22 @@ def test_the_workers_of_a_rank_draw_their_samples_degradations_each_with_its_own
     types = [[int(t) for batch in itertools.islice(worker_batches(stream.plan, worker, (0, 0)), 4)
               for t in batch["type_id"]] for worker in range(2)]
     assert types[0] != types[1]
+
+
+def test_val_shards_are_listed_by_rank_0_for_every_rank(shard_dir, monkeypatch):
+    from m2r.data import stream
+
+    cfg = DataConfig(source="shards", shards=str(shard_dir), val_shards=f"{shard_dir}/shard-{{000000..000001}}.tar",
+                     preset="five-task", val_samples_per_type=1)
+    expected = build_val_set(cfg, CROP)
+    fresh = stream.resolve_shards
+
+    def on_rank0(fn):   # rank 0's listing is fresh and reaches every rank
+        monkeypatch.setattr(stream, "resolve_shards", fresh)
+        try:
+            return fn()
+        finally:
+            monkeypatch.setattr(stream, "resolve_shards", lambda *args: [])
+    monkeypatch.setattr(stream, "on_rank0", on_rank0)
+    monkeypatch.setattr(stream, "resolve_shards", lambda *args: [])   # this rank's own listing: stale, empty
+    assert same_batches(build_val_set(cfg, CROP), expected)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from finetune_layouts import build_allweather, build_cdd11
 from m2r.config import ConfigError, load_config
 from m2r.engine.checkpoint import resolve_resume
-from m2r.engine.config import FinetuneConfig, validate_finetune_config
+from m2r.engine.config import FinetuneConfig, check_init_weights_kind, validate_finetune_config
 from m2r.engine.finetuner import Finetuner
 from m2r.eval.datasets import CDD11_TYPES, evaluation_sets
 from m2r.export import export_state_dict
@@ -128,6 +128,9 @@ def test_two_rank_finetune_from_a_one_rank_pretraining_checkpoint_then_evaluatio
     assert all(sum(level) == pytest.approx(1.0) for level in loads)   # assignment fractions of each adapter
     meta = json.loads((finetune_dir / "checkpoints/step00000004/meta.json").read_text())
     assert (meta["world_size"], meta["ep_size"]) == (2, 2)
+    assert meta["kind"] == "finetune"   # which runs may resume it (TrainingRun._check_resumable)
+    assert json.loads((pretrain_dir / "checkpoints/step00000001/meta.json").read_text())["kind"] == "pretrain"
+    assert resolve_resume("latest", finetune_dir / "best_psnr").meta()["kind"] == "finetune"
     best = json.loads((finetune_dir / "best_psnr.json").read_text())
     assert best["epoch"] in (1, 2)
     val_lines = [json.loads(line) for line in (finetune_dir / "metrics.jsonl").read_text().splitlines()
@@ -271,3 +274,65 @@ def test_the_finetune_cosine_ends_at_schedule_epochs_and_warms_up_over_warmup_ep
     Finetuner._build_data(stub, dist.DistEnv(0, 1, 0, "none"))
     assert stub.steps_per_epoch == 4 and stub.total_steps == 16
     assert (stub.schedule.warmup_steps, stub.schedule.steps) == (4, 8)
+
+
+def _finetuner_stub(epoch, epochs, signal=None, stop_after_epochs=0, stopped_in_epoch=None):
+    stub = SimpleNamespace(epoch=epoch, step=0, finished_calls=[], saves=0, validations=0,
+                           cfg=SimpleNamespace(train=SimpleNamespace(epochs=epochs),
+                                               run=SimpleNamespace(stop_after_epochs=stop_after_epochs)),
+                           stop_request=SimpleNamespace(agreed_reason=lambda: signal))
+
+    def run_epoch():
+        stub.step += 1
+        if stopped_in_epoch is not None:   # a signal or run.stop_after_steps after this step
+            return stopped_in_epoch
+        stub.step += 1
+        stub.epoch += 1
+    def validate():
+        stub.validations += 1
+        return {}
+    def save_checkpoint():
+        stub.saves += 1
+    stub.run_epoch, stub.validate, stub.save_checkpoint = run_epoch, validate, save_checkpoint
+    stub.keep_best = lambda metrics: None
+    stub._epoch_name = lambda: Finetuner._epoch_name(stub)
+    stub._train_epochs = lambda: Finetuner._train_epochs(stub)
+    stub._finish = lambda reason, finished, closing_lines=(): stub.finished_calls.append((reason, finished))
+    return stub
+
+
+@pytest.mark.parametrize("epoch, finished", [(1, False), (4, True)])
+def test_a_signal_during_start_up_stops_the_finetune_untrained_and_tells_the_job_script_unless_done(epoch, finished):
+    stub = _finetuner_stub(epoch, epochs=4, signal="received SIGUSR1")
+    assert Finetuner.fit(stub) == 0
+    assert stub.finished_calls == [("received SIGUSR1", finished)] and stub.saves == 0 and stub.epoch == epoch
+
+
+def test_run_stop_after_epochs_trains_validates_and_saves_exactly_that_many_epochs():
+    stub = _finetuner_stub(0, epochs=4, stop_after_epochs=1)
+    Finetuner.fit(stub)
+    assert stub.finished_calls == [("run.stop_after_epochs=1 reached", False)]
+    assert (stub.epoch, stub.validations, stub.saves) == (1, 1, 1)
+
+
+def test_the_last_epoch_finishes_the_finetune():
+    stub = _finetuner_stub(2, epochs=4)
+    Finetuner.fit(stub)
+    assert stub.finished_calls == [("finished", True)] and stub.saves == 2
+
+
+def test_a_stop_inside_an_epoch_is_saved_unvalidated_and_named_with_the_epoch():
+    stub = _finetuner_stub(1, epochs=4, stopped_in_epoch="run.stop_after_steps=1 reached")
+    Finetuner.fit(stub)
+    assert stub.finished_calls == [("run.stop_after_steps=1 reached in epoch 2 of 4", False)]
+    assert (stub.epoch, stub.validations, stub.saves) == (1, 0, 1)
+
+
+def test_each_kind_of_init_weights_passes_the_config_check_and_another_file_is_named(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    for name in ("best_psnr.safetensors", "m2restore.ckpt", "m2restore.pth", "m2restore.pt", "m2restore.yaml"):
+        (tmp_path / name).write_bytes(b"")
+    for weights in (None, "checkpoints", "best_psnr.safetensors", "m2restore.ckpt", "m2restore.pth", "m2restore.pt"):
+        check_init_weights_kind(weights and str(tmp_path / weights))
+    with pytest.raises(ConfigError, match="key 'init.weights'"):
+        check_init_weights_kind(str(tmp_path / "m2restore.yaml"))

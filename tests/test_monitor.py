@@ -1,5 +1,6 @@
 """What a run reports (m2r/engine/monitor.py): console, metrics.jsonl and TensorBoard, across resumes."""
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -149,3 +150,31 @@ def test_a_line_cut_off_by_a_crash_goes_before_the_resumed_run_appends(tmp_path)
     monitor.close()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 2.0)]
+
+
+def test_the_training_loop_reports_img_per_s_without_the_validation_and_checkpoint_time(monkeypatch):
+    from m2r.engine import monitor as monitor_module
+    from m2r.engine import trainer as trainer_module
+
+    clock = _Clock()
+    monkeypatch.setattr(monitor_module, "time", clock)
+    monkeypatch.setattr(trainer_module, "time", clock)
+    reported, stops = [], iter([None, "finished"])
+
+    def train_step(timer):
+        clock.now += 1.0            # a training step: 1 s
+    def periodic_work():
+        clock.now += 10.0           # validation and a checkpoint: 10 s
+        return True
+
+    stub = SimpleNamespace(
+        step=0, last_val_step=0, engine=SimpleNamespace(train=lambda: None),
+        cfg=SimpleNamespace(train=SimpleNamespace(micro_batch=2, grad_accum=2)),
+        stop_request=SimpleNamespace(agreed_signal=None, agreed_reason=lambda: None),
+        _stop_reason=lambda steps, finished=False: None, _finished=lambda: False,
+        _start_of_run_work=lambda: False, train_step=train_step,
+        _report_step=lambda result, timer: reported.append(timer.take()),
+        _periodic_work=periodic_work, _planned_stop_reason=lambda steps, finished: next(stops),
+        save_checkpoint=lambda: None, _finish=lambda *args, **kwargs: None, _demo_summary=lambda: [])
+    trainer_module.Trainer._train(stub)
+    assert [r["img_per_s"] for r in reported] == pytest.approx([4.0, 4.0])   # 4 images per 1 s step, both steps

@@ -105,3 +105,9 @@ def test_the_ema_update_is_each_weights_own_lerp_in_fp32(dtype):
                 for name, shadow in ema.shadow.items()}
     ema.update()
     assert all(torch.equal(ema.shadow[name], expected[name]) for name in expected)
+
+
+def test_pretrainings_schedule_counts_the_train_sections_steps(repo_root):
+    cfg = load_config(PretrainConfig, Path(repo_root) / "configs/pretrain/tiny-test.yaml",
+                      ["train.lr=1e-3", "train.min_lr=1e-5", "train.warmup_steps=4", "train.steps=104"])
+    assert LRSchedule.of_steps(cfg.train) == LRSchedule(lr=1e-3, min_lr=1e-5, warmup_steps=4, steps=104)

@@ -3,6 +3,7 @@ import json
 import os
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -11,6 +12,7 @@ from m2r import dist, stop_signals
 from m2r.config import ConfigError, load_config
 from m2r.engine.checkpoint import CheckpointManager, Topology, tag_for
 from m2r.engine.config import PretrainConfig
+from m2r.engine.run import STOP_FILE_VARIABLE, TrainingRun
 
 
 def test_ctrl_c_asks_for_a_checkpoint_and_a_second_one_aborts(capfd):
@@ -169,3 +171,20 @@ def test_a_rank_that_received_another_signal_than_the_agreed_one_says_it_came_fr
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+def _finishing_run(printed):
+    stub = SimpleNamespace(step=7, stop_request=SimpleNamespace(agreed_signal="SIGUSR1"),
+                           monitor=SimpleNamespace(print=printed.append, close=lambda: printed.append("<closed>")))
+    stub._tell_the_job_script = lambda finished: TrainingRun._tell_the_job_script(stub, finished)
+    return stub
+
+
+@pytest.mark.parametrize("finished, requeue", [(False, True), (True, False)])
+def test_the_job_script_requeues_only_a_run_a_signal_stopped_before_its_end(tmp_path, monkeypatch, finished, requeue):
+    stop_file = tmp_path / "job.stop"
+    monkeypatch.setenv(STOP_FILE_VARIABLE, str(stop_file))
+    printed = []
+    TrainingRun._finish(_finishing_run(printed), "received SIGUSR1", finished=finished, closing_lines=["demo: a", "demo: b"])
+    assert stop_file.exists() == requeue and (not requeue or stop_file.read_text() == "SIGUSR1\n")
+    assert printed == ["stopping at step 7: received SIGUSR1", "demo: a", "demo: b", "<closed>"]

@@ -264,3 +264,39 @@ def test_the_optimizer_follows_a_topology_change_between_zero_stages_1_and_2_onl
     for saved, current in ((0, 1), (1, 0)):
         reason = why_not_carried(Topology(2, 1, "fp32", saved), Topology(1, 1, "fp32", current))
         assert "ZeRO stage 0" in reason
+
+
+def test_a_resume_that_re_partitions_the_optimizer_also_carries_the_fp16_loss_scale(tmp_path, monkeypatch):
+    from m2r.engine import zero_state
+
+    saved = _dynamic_scaler()
+    saved.cur_scale, saved.cur_iter = 512.0, 4000
+    ref = _fp16_shard_with_scaler(tmp_path, saved)
+    (ref.path / "config.yaml").write_text("model:\n  moe:\n    num_experts: 1\n")
+    module = torch.nn.Linear(2, 1)
+    masters = {name: {"fp32": torch.full((p.numel(),), 0.5)} for name, p in module.named_parameters()}
+    monkeypatch.setattr(zero_state, "stitched_zero_state", lambda *args, **kwargs: masters)
+    zero = SimpleNamespace(single_partition_of_fp32_groups=[], loss_scaler=_dynamic_scaler())
+    zero_state._load_resharded(SimpleNamespace(optimizer=zero, module=module), ref)
+    assert (zero.loss_scaler.cur_scale, zero.loss_scaler.cur_iter) == (512.0, 4000)
+
+
+def test_a_static_saved_loss_scale_is_not_carried(tmp_path):
+    """DeepSpeed's static LossScaler has no counters: the live dynamic scaler keeps its own."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+    from m2r.engine.zero_state import carry_loss_scale
+
+    live = SimpleNamespace(loss_scaler=_dynamic_scaler())
+    assert not carry_loss_scale(live, _fp16_shard_with_scaler(tmp_path, LossScaler(128.0)))
+    assert live.loss_scaler.cur_scale == 2.0 ** 16
+
+
+def test_a_checkpoint_before_the_first_step_still_carries_the_loss_scale_with_the_masters(capsys):
+    """_load_resharded carries the scale whenever the masters come, stepped or not."""
+    from m2r.engine.run import OptimizerCarry
+
+    masters_only = OptimizerCarry(masters=True, adamw=False, loss_scale=True,
+                                  why_not="none saved: the checkpoint precedes the first optimizer step")
+    out = _warning(capsys, Topology(2, 2, "fp16", 1), Topology(4, 2, "fp16", 2), False, masters_only)
+    assert "the fp16 loss scale" in out.split("LOST")[0] and "loss scale" not in out.split("LOST")[1]
