@@ -223,14 +223,14 @@ def test_the_code_reading_a_choice_knows_every_value_the_schema_allows():
 
 
 @pytest.mark.parametrize("override, key", [
-    ("num_blocks=[4,-1,6,8]", "model.num_blocks"),          # a negative block count (M01)
-    ("heads=[0,2,4,8]", "model.heads"),                      # else ZeroDivisionError in the width check (M02)
-    ("aflb_heads=64", "model.aflb_heads"),                   # 96 channels (dim 48 x 2) into 64 heads; 192, 384 fit (M04)
-    ("aflb_heads=0", "model.aflb_heads"),                    # else ZeroDivisionError (M05)
-    ("moe.top_k=0", "model.moe.top_k"),                      # no expert per token (M06)
-    ("moe.ep_size=0", "model.moe.ep_size"),                  # else ZeroDivisionError (M07)
-    ("moe.eval_capacity_factor=-1", "model.moe.eval_capacity_factor"),   # (M08)
-    ("moe.num_experts=0", "model.moe.num_experts"),          # named by its own key, not top_k's (M09)
+    ("num_blocks=[4,-1,6,8]", "model.num_blocks"),          # a negative block count
+    ("heads=[0,2,4,8]", "model.heads"),                      # else ZeroDivisionError in the width check
+    ("aflb_heads=64", "model.aflb_heads"),                   # 96 channels (dim 48 x 2) into 64 heads
+    ("aflb_heads=0", "model.aflb_heads"),                    # else ZeroDivisionError
+    ("moe.top_k=0", "model.moe.top_k"),                      # no expert per token
+    ("moe.ep_size=0", "model.moe.ep_size"),                  # else ZeroDivisionError
+    ("moe.eval_capacity_factor=-1", "model.moe.eval_capacity_factor"),   #
+    ("moe.num_experts=0", "model.moe.num_experts"),          # named by its own key, not top_k's
 ])
 def test_more_model_keys_that_do_not_fit_together_are_named(override, key):
     from m2r.models.config import check_model_settings

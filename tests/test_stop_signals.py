@@ -185,6 +185,7 @@ def test_the_job_script_requeues_only_a_run_a_signal_stopped_before_its_end(tmp_
     stop_file = tmp_path / "job.stop"
     monkeypatch.setenv(STOP_FILE_VARIABLE, str(stop_file))
     printed = []
-    TrainingRun._finish(_finishing_run(printed), "received SIGUSR1", finished=finished, closing_lines=["demo: a", "demo: b"])
+    TrainingRun._finish(_finishing_run(printed), "received SIGUSR1", finished=finished,
+                        closing_lines=["demo: a", "demo: b"])
     assert stop_file.exists() == requeue and (not requeue or stop_file.read_text() == "SIGUSR1\n")
     assert printed == ["stopping at step 7: received SIGUSR1", "demo: a", "demo: b", "<closed>"]
