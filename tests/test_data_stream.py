@@ -370,3 +370,14 @@ def test_val_shards_are_listed_by_rank_0_for_every_rank(shard_dir, monkeypatch):
     monkeypatch.setattr(stream, "on_rank0", on_rank0)
     monkeypatch.setattr(stream, "resolve_shards", lambda *args: [])   # this rank's own listing: stale, empty
     assert same_batches(build_val_set(cfg, CROP), expected)
+
+
+def test_val_set_reads_the_val_shards_whatever_the_training_shards(shard_dir):
+    held_out = f"{shard_dir}/shard-{{000006..000007}}.tar"     # not a prefix of the training listing
+    with_training = DataConfig(source="shards", shards=str(shard_dir), val_shards=held_out, preset="five-task",
+                               val_samples_per_type=1)
+    alone = DataConfig(val_shards=held_out, preset="five-task", val_samples_per_type=1)
+    first = DataConfig(val_shards=f"{shard_dir}/shard-{{000000..000001}}.tar", preset="five-task",
+                       val_samples_per_type=1)
+    assert same_batches(build_val_set(with_training, CROP), build_val_set(alone, CROP))
+    assert not same_batches(build_val_set(with_training, CROP), build_val_set(first, CROP))

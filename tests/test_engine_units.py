@@ -375,3 +375,41 @@ def test_a_checkpoint_without_the_latest_validation_has_it_redone_at_its_step():
     assert (stub.first_val_psnr, stub.last_val, stub.last_val_step) == (13.5, {}, None)
     Trainer._restore_validation_record(stub, {"first_val_psnr": 13.5, "last_val": {"psnr": 22.0}, "last_val_step": 290})
     assert (stub.last_val, stub.last_val_step) == ({"psnr": 22.0}, 290)
+
+
+def test_validation_means_are_over_images_overall_and_per_type():
+    from m2r.engine.validate import validation_metrics
+
+    class Identity(torch.nn.Module):
+        def forward(self, x):
+            return SimpleNamespace(restored=x)
+
+    gt = torch.full((1, 3, 16, 16), 128, dtype=torch.uint8)
+    batches = [dict(lq=gt + 1, gt=gt, type_id=torch.tensor([0])),
+               dict(lq=torch.cat([gt + 4, gt + 16]), gt=torch.cat([gt, gt]), type_id=torch.tensor([1, 1]))]
+    metrics = validation_metrics(Identity(), batches, torch.device("cpu"), torch.float32, ["a", "b"])
+    psnr = [20 * math.log10(255 / d) for d in (1, 4, 16)]
+    c1 = 0.01 ** 2          # constant images: SSIM is the luminance term alone
+    ssim = [(2 * (128 / 255) * ((128 + d) / 255) + c1) / ((128 / 255) ** 2 + ((128 + d) / 255) ** 2 + c1)
+            for d in (1, 4, 16)]
+    assert metrics["psnr"] == pytest.approx(sum(psnr) / 3, abs=1e-3)
+    assert metrics["ssim"] == pytest.approx(sum(ssim) / 3, abs=1e-5)
+    assert metrics["psnr_a"] == pytest.approx(psnr[0], abs=1e-3)
+    assert metrics["psnr_b"] == pytest.approx((psnr[1] + psnr[2]) / 2, abs=1e-3)
+
+
+
+def test_a_step_trains_at_the_learning_rate_it_reports(monkeypatch):
+    from m2r.engine import run
+    from m2r.engine.optim import learning_rate
+
+    monkeypatch.setattr(run, "micro_step", lambda *args: (SimpleNamespace(expert_load=[torch.tensor([1.0, 0.0])]),
+                                                          torch.tensor([1.0, 2.0, 3.0])))
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.0)
+    stub = SimpleNamespace(step=3, optimizer=optimizer, engine=None, device=torch.device("cpu"),
+                           input_dtype=torch.float32, ema=None,
+                           cfg=SimpleNamespace(train=None, model=SimpleNamespace(moe=SimpleNamespace(
+                               balance_loss_weight=0.01))))
+    schedule = LRSchedule(lr=1.0, min_lr=0.0, warmup_steps=2, steps=10)
+    result = run.TrainingRun._optimizer_step(stub, [{}], schedule)
+    assert optimizer.param_groups[0]["lr"] == result.lr == learning_rate(3, schedule)

@@ -267,3 +267,13 @@ def test_a_model_config_file_replaces_the_stored_one_and_set_overrides_adjust_it
 def test_model_keys_that_do_not_fit_together_are_named_as_set_takes_them(tiny_weights):
     with pytest.raises(ConfigError, match=r"key 'heads': value \[1, 2, 5, 8\] does not divide"):
         load_inference_model(str(tiny_weights), torch.device("cpu"), overrides=["heads=[1,2,5,8]"])
+
+
+def test_each_sets_value_is_the_mean_of_its_images_and_the_average_the_mean_of_the_sets():
+    from m2r.evaluate import summarize
+
+    records = ([{"set": "a", "image": "1.png", "psnr_rgb": 10.0}]
+               + [{"set": "b", "image": f"{i}.png", "psnr_rgb": v} for i, v in enumerate((20.0, 30.0, 40.0))])
+    summary = summarize(records, ["a", "b"], ["psnr_rgb"], ["a", "b"])
+    assert summary["sets"]["b"] == {"count": 3, "psnr_rgb": pytest.approx(30.0)}
+    assert summary["average"]["psnr_rgb"] == pytest.approx(20.0)

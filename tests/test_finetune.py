@@ -336,3 +336,30 @@ def test_each_kind_of_init_weights_passes_the_config_check_and_another_file_is_n
         check_init_weights_kind(weights and str(tmp_path / weights))
     with pytest.raises(ConfigError, match="key 'init.weights'"):
         check_init_weights_kind(str(tmp_path / "m2restore.yaml"))
+
+
+def test_keep_best_replaces_the_best_only_on_an_improvement(monkeypatch, tmp_path):
+    from m2r.engine import finetuner
+
+    saved = []
+
+    class Manager:
+        def __init__(self, root, keep_last, kind):
+            self.root = root
+
+        def save(self, engine, step, topology, client, cfg, ema=None):
+            saved.append(step)
+            return SimpleNamespace(path=self.root / f"step{step}")
+    monkeypatch.setattr(finetuner, "CheckpointManager", Manager)
+    monkeypatch.setattr(finetuner, "export", lambda *args, **kwargs: None)
+    monkeypatch.setattr(finetuner, "write_json_atomically", lambda path, value: None)
+    monkeypatch.setattr(finetuner.dist, "barrier", lambda: None)
+    stub = SimpleNamespace(cfg=SimpleNamespace(run=SimpleNamespace(best_metrics=["psnr"])), best={}, run_dir=tmp_path,
+                           engine=None, topology=None, ema=None, KIND="finetune",
+                           monitor=SimpleNamespace(print=lambda line: None),
+                           _client_state=lambda: {}, _ema_state=lambda: None)
+    for epoch, psnr in enumerate([20.0, 25.0, 22.0, 25.0], start=1):
+        stub.epoch, stub.step = epoch, 2 * epoch
+        Finetuner.keep_best(stub, {"psnr": psnr})
+    assert stub.best == {"psnr": {"value": 25.0, "epoch": 2, "step": 4}}   # a tie does not replace it
+    assert saved == [2, 4]

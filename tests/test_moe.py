@@ -437,3 +437,14 @@ def test_an_assignment_whose_gate_is_zero_takes_no_place_under_the_capacity():
     assert kept.token_ids.tolist() == [0, 1] and kept.gates.tolist() == [1.0, 0.5]
     assert kept.counts_per_expert.tolist() == [1, 1]
     assert dense_gate_matrix(routing, num_experts=2, capacity=1).tolist() == [[1.0, 0.0], [0.0, 0.5]]
+
+
+def test_expert_load_is_the_fraction_of_top_k_assignments_per_expert():
+    dder = make_dder(top_k=2).eval()
+    x, prompt, probs = make_inputs(batch=2, height=4, width=6)
+    _, _, expert_load = dder(x, prompt, probs)
+    tokens = x.permute(0, 2, 3, 1).reshape(-1, DIM)
+    routing = dder.router(tokens, dder.prompt_proj(prompt), probs, tokens_per_image=24)
+    expected = torch.bincount(routing.expert_ids.flatten(), minlength=6).double() / routing.expert_ids.numel()
+    assert not torch.allclose(expected, torch.full((6,), 1 / 6, dtype=torch.float64))   # not a balanced example
+    torch.testing.assert_close(expert_load.double(), expected)
