@@ -9,7 +9,7 @@ expert parallelism, ZeRO 1/2, bf16/fp16, activation checkpointing, sharded check
 
 Starting weights (`init.weights`, used only when the run has no checkpoint of its own yet):
 a pretraining checkpoint directory of any world size / ep_size (weights only, experts by global id),
-an exported `.safetensors`, an official `.ckpt/.pth` (through m2r.models.convert), or nothing (scratch).
+an exported `.safetensors`, an official `.ckpt/.pth/.pt` (through m2r.models.convert), or nothing (scratch).
 Epochs: a DistributedSampler deals every rank the same number of distinct images (drop_last), crops
 are drawn from (seed, epoch, index). The learning rate warms up for `train.warmup_epochs` and follows a
 cosine to `train.min_lr` at `train.schedule_epochs`, stepped per optimizer step. After every epoch

@@ -1,7 +1,7 @@
 """Merge a sharded DeepSpeed MoE checkpoint into one safetensors file for single-process inference.
 
     python -m m2r.export runs/demo/checkpoints runs/demo/model.safetensors        # `latest` tag
-    python -m m2r.export runs/demo/checkpoints/step00000400 model.safetensors --ema
+    python -m m2r.export runs/m2restore/checkpoints/step00002000 runs/m2restore/ema.safetensors --ema   # a tag
 
 DeepSpeed's `zero_to_fp32.py` cannot read MoE checkpoints, so the merge is ours:
 - dense weights come from `mp_rank_00_model_states.pt`, each expert from its

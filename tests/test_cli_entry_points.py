@@ -24,6 +24,8 @@ def run_python(args, cwd, **env_extra):
     ("restore", ["--weights", "{tmp}/w.safetensors", "{tmp}/no-photo.png", "--out", "{tmp}/restored"],
      "error: input {tmp}/no-photo.png does not exist"),
     ("models.summary", ["--config", "configs/model/tiny.yaml", "dimm=3"], "error: config error in override 'dimm=3'"),
+    ("models.summary", ["--config", "configs/model/tiny.yaml", "moe.top_k=9"],
+     "error: config error: key 'moe.top_k': value 9 must be in [1, moe.num_experts=4]"),
     ("data.gallery", ["--image", "skimage:nope", "--out", "{tmp}/g.png"],
      "error: --image skimage:nope: scikit-image has no sample photo named 'nope'"),
 ])

@@ -169,7 +169,8 @@ class FinetuneTrainConfig(TrainSettings):
 
 @dataclass
 class InitConfig:
-    weights: Optional[str] = None    # pretraining checkpoint dir | .safetensors | official .ckpt; None = scratch
+    # pretraining checkpoint dir | .safetensors | official .ckpt/.pth/.pt; None = scratch
+    weights: Optional[str] = None
     # Model keys (e.g. [clip.prompts]) this run may set otherwise than the network the weights were
     # saved from; any other difference that changes what the weights compute stops the run.
     allow_model_changes: List[str] = field(default_factory=list)

@@ -42,7 +42,8 @@ def tile_side(text: str) -> int:
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by `m2r.evaluate` and `m2r.restore`: weights, tiling, precision, model config."""
-    parser.add_argument("--weights", required=True, help="checkpoint dir, .safetensors export or official .ckpt")
+    parser.add_argument("--weights", required=True,
+                        help="checkpoint dir, .safetensors export or official .ckpt/.pth/.pt")
     parser.add_argument("--tile", type=tile_side, default=0,
                         help=f"tile side for large images (a multiple of {SIZE_MULTIPLE}, at least {MIN_SIZE}; "
                              "0 = whole)")

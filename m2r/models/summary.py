@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from m2r.cli import run_main
 from m2r.config import load_config
 from m2r.models.clip_prior import build_daclip, clip_architecture
-from m2r.models.config import ModelConfig
+from m2r.models.config import ModelConfig, check_model_settings
 from m2r.models.m2restore import build_model
 
 
@@ -71,6 +71,7 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the model config")
     args = parser.parse_args(argv)
     cfg = load_config(ModelConfig, args.config, args.overrides)
+    check_model_settings(cfg, prefix="")   # the overrides name the model keys bare
     try:
         name = cfg.clip.kind if cfg.clip.kind == "tiny" else f"{cfg.clip.kind} {cfg.clip.arch}"
         clip_line = (f"frozen CLIP prior ({name}, not in the network's parameters): "
