@@ -34,12 +34,14 @@ class Trainer(TrainingRun):
     first_val_psnr: Optional[float]  # validation PSNR before any training (kept across resumes)
     last_val: Dict[str, float]     # the latest validation's metrics (kept across resumes)
     last_val_step: Optional[int]   # and its step
+    schedule: LRSchedule           # the learning rate per step, from the train section
 
     def __init__(self, cfg, env: dist.DistEnv, stop_request: Optional[stop_signals.StopRequest] = None):
         from m2r.data import build_train_stream, build_val_set
 
         super().__init__(cfg, env, validate_pretrain_config, stop_request)
         train = cfg.train
+        self.schedule = LRSchedule.of_steps(train)
         self._start_engine(self._build_model(train.activation_checkpointing))
         self.stream = build_train_stream(cfg.data, seed=train.seed, rank=env.rank, world_size=env.world_size,
                                          micro_batch=train.micro_batch, crop=train.crop)
@@ -142,7 +144,7 @@ class Trainer(TrainingRun):
 
     def train_step(self, timer: StepTimer) -> StepResult:
         micro_batches = (self._next_batch(timer) for _ in range(self.cfg.train.grad_accum))
-        return self._optimizer_step(micro_batches, LRSchedule.of_steps(self.cfg.train))
+        return self._optimizer_step(micro_batches, self.schedule)
 
     def _log_run_stats(self) -> None:
         """Per-type counts and skipped damaged samples of the data stream, summed over ranks (a
