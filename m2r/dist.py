@@ -221,6 +221,13 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return buffer.cpu()
 
 
+def all_reduce_in_group_(tensor: torch.Tensor, group: Any) -> None:
+    """In-place element-wise sum of a tensor on the collective device over `group` (a DeepSpeed data- or
+    expert-data-parallel group): call it on every rank of that group."""
+    if is_initialized() and torch_dist.get_world_size(group) > 1:
+        torch_dist.all_reduce(tensor, group=group)
+
+
 def all_gather_object(obj: Any) -> List[Any]:
     if not is_initialized():
         return [obj]

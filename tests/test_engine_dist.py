@@ -210,6 +210,24 @@ def test_the_ema_is_saved_once_and_resumes_exactly(resume_runs):
     assert all(torch.equal(resumed[name], uninterrupted[name]) for name in resumed)
 
 
+def test_a_bf16_runs_ema_averages_the_fp32_master_weights_not_their_bf16_copies(tmp_path):
+    """With a decay near 0 the EMA is the last fp32 masters (partitioned over both ranks at ZeRO 1, the
+    experts over ep_size 2), assembled for validation and the save; an average of the module's bf16
+    copies would be about 1e-3 away."""
+    from m2r.engine.checkpoint import CheckpointRef, load_ema_states
+    from m2r.export import export_state_dict
+
+    pretrain(tmp_path, "train.precision=bf16", "train.zero_stage=1", "model.moe.ep_size=2", "train.steps=2",
+             "run.val_every=2", "run.image_every=0", "train.ema_decay=1e-6")
+    ref = CheckpointRef(tmp_path / "checkpoints", "step00000002")
+    averaged, (masters, _) = load_ema_states(ref), export_state_dict(ref)
+    assert averaged and averaged.keys() <= masters.keys()
+    for name, weight in averaged.items():
+        torch.testing.assert_close(weight, masters[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert not all(torch.equal(master, master.bfloat16().float()) for master in masters.values())
+    assert 2 in val_records(tmp_path)
+
+
 def test_a_resume_with_other_data_settings_draws_a_fresh_stream_and_says_so(resume_runs, tmp_path):
     """data.workers changes when a requeued job lands on nodes with other CPU counts."""
     run_dir = tmp_path / "copy"

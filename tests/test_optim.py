@@ -107,6 +107,42 @@ def test_the_ema_update_is_each_weights_own_lerp_in_fp32(dtype):
     assert all(torch.equal(ema.shadow[name], expected[name]) for name in expected)
 
 
+def _linked_to_master(param, master, start):
+    """`param` as DeepSpeed's ZeRO 1/2 optimizer leaves it: its fp32 master fragment (`master`, the values
+    of the flattened parameter from `start`) held in this rank's partition, None when it holds none."""
+    from types import SimpleNamespace
+
+    param._dp_group = None
+    param._hp_mapping = None if master is None else SimpleNamespace(
+        hp_fragment=master, lp_fragment_address=SimpleNamespace(start=start, numel=master.numel()))
+    return param
+
+
+def test_under_zero_the_ema_follows_the_fp32_master_fragments_not_the_bf16_module_weights():
+    """A bf16 run's module holds rounded copies; the optimizer updates fp32 masters, partitioned over the
+    ranks. Each rank averages its fragments; in full, the other ranks' parts come as zeros to be summed."""
+    model = torch.nn.Linear(3, 2, bias=True).bfloat16()
+    weight_master = torch.tensor([0.1234567, -2.0000305, 7.654321])   # not bf16 numbers
+    _linked_to_master(model.weight, weight_master, start=2)                # this rank: values 2..4 of 6
+    _linked_to_master(model.bias, None, start=0)                           # another rank's partition
+    ema = EMA(model, decay=0.75)
+    assert ema.shadow["weight"].tolist() == weight_master.tolist() and ema.shadow["bias"].numel() == 0
+
+    expected = weight_master.lerp(weight_master + 4.0, 0.25)
+    weight_master += 4.0      # an optimizer step moves the masters; the bf16 copies round them
+    with torch.no_grad():
+        model.weight.add_(4.0)
+    ema.update()
+    assert torch.equal(ema.shadow["weight"], expected)
+    full = ema.state_dict()
+    assert full["weight"].flatten().tolist() == [0.0, 0.0, *expected.tolist(), 0.0]
+    assert full["bias"].tolist() == [0.0, 0.0]
+
+    restored = EMA(model, decay=0.75)
+    restored.load_state_dict({"weight": torch.arange(6.0).view(2, 3), "bias": torch.ones(2)})
+    assert restored.shadow["weight"].tolist() == [2.0, 3.0, 4.0] and restored.shadow["bias"].numel() == 0
+
+
 def test_pretrainings_schedule_counts_the_train_sections_steps(repo_root):
     cfg = load_config(PretrainConfig, Path(repo_root) / "configs/pretrain/tiny-test.yaml",
                       ["train.lr=1e-3", "train.min_lr=1e-5", "train.warmup_steps=4", "train.steps=104"])

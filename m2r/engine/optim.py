@@ -4,10 +4,12 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Dict, Iterator, Mapping
+from typing import Dict, Iterator, Mapping, Tuple
 
 import torch
 from torch import nn
+
+from m2r import dist
 
 from m2r.engine.experts import EXPERT_INFIX, global_expert_names
 
@@ -59,7 +61,14 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 class EMA:
-    """fp32 exponential moving average of this rank's trainable weights (dense + local experts).
+    """fp32 exponential moving average of the trainable weights, following what the optimizer updates.
+
+    Under DeepSpeed's ZeRO 1/2 (and its bf16 optimizer) the fp32 master of each weight is partitioned
+    over the parameter's data-parallel ranks and the module holds bf16/fp16 copies: each rank averages
+    the master fragments its partition holds (no communication per step), and the full weights are
+    assembled, one all-reduce per process group, only to apply or save them. Otherwise (fp32 without
+    ZeRO, or fp16 at ZeRO 0, whose masters DeepSpeed does not map to the module) the average follows the
+    module's weights.
 
     Keys are topology independent (experts by global id), so the parts the ranks save (see
     `state_dict`) merge for export and reload at another world size or ep_size.
@@ -69,16 +78,17 @@ class EMA:
         self.decay = decay
         names = global_expert_names(model)
         self._params = {names[name]: param for name, param in model.named_parameters() if param.requires_grad}
-        self.shadow = {name: param.detach().float().clone() for name, param in self._params.items()}
+        self.shadow = {name: _master_of(param).clone() for name, param in self._params.items()}
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
         """The EMA weights in the model for the duration (validation, image logging); the trained
-        weights are copied back exactly afterwards, in their own dtype."""
+        weights are copied back exactly afterwards, in their own dtype. Call it on every rank."""
+        averaged = self._full_weights()
         trained = {name: param.detach().clone() for name, param in self._params.items()}
         with torch.no_grad():
             for name, param in self._params.items():
-                param.copy_(self.shadow[name])
+                param.copy_(averaged[name])
         try:
             yield
         finally:
@@ -89,17 +99,62 @@ class EMA:
     @torch.no_grad()
     def update(self) -> None:
         """One multi-tensor lerp over every weight (about 850 tensors in M2Restore: a kernel each, one by one)."""
-        weights = [param.detach().float() for param in self._params.values()]   # .float(): a no-op for fp32
-        torch._foreach_lerp_([self.shadow[name] for name in self._params], weights, 1.0 - self.decay)
+        masters = {name: _master_of(param) for name, param in self._params.items()}
+        names = [name for name, master in masters.items() if master.numel()]
+        torch._foreach_lerp_([self.shadow[name] for name in names], [masters[name] for name in names],
+                             1.0 - self.decay)
 
     def state_dict(self, dense: bool = True, experts: bool = True) -> Dict[str, torch.Tensor]:
-        """The averaged weights, or only the dense ones or only this rank's experts."""
-        return {name: tensor.clone() for name, tensor in self.shadow.items()
+        """The averaged weights, or only the dense ones or only this rank's experts. Call it on every rank
+        (partitioned weights are assembled across ranks)."""
+        return {name: tensor.clone() for name, tensor in self._full_weights().items()
                 if (experts if EXPERT_INFIX in name else dense)}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         missing = sorted(set(self.shadow) - set(state))
         if missing:
             raise KeyError(f"EMA state lacks {len(missing)} weights, e.g. {missing[:3]}")
-        for name in self.shadow:
-            self.shadow[name].copy_(state[name])
+        for name, param in self._params.items():
+            start, numel = _fragment_of(param)
+            self.shadow[name].copy_(state[name].reshape(-1)[start:start + numel].view_as(self.shadow[name]))
+
+    def _full_weights(self) -> Dict[str, torch.Tensor]:
+        """Every averaged weight in full: partitioned ones summed over their group, where the other ranks
+        contribute zeros outside their fragments."""
+        full = {name: self.shadow[name] for name, param in self._params.items() if not _is_partitioned(param)}
+        by_group: Dict[int, list] = {}
+        for name, param in self._params.items():
+            if _is_partitioned(param):
+                by_group.setdefault(id(param._dp_group), []).append(name)
+        for names in by_group.values():   # in parameter order, the same on every rank
+            params = [self._params[name] for name in names]
+            flat = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=params[0].device)
+            pieces = flat.split([p.numel() for p in params])
+            for name, param, piece in zip(names, params, pieces):
+                start, numel = _fragment_of(param)
+                piece[start:start + numel] = self.shadow[name]
+            dist.all_reduce_in_group_(flat, params[0]._dp_group)
+            full.update({name: piece.view(param.shape) for name, param, piece in zip(names, params, pieces)})
+        return {name: full[name] for name in self._params}
+
+
+def _is_partitioned(param: torch.Tensor) -> bool:
+    """DeepSpeed links each parameter of a ZeRO 1/2 or bf16 optimizer to its fp32 master fragment."""
+    return hasattr(param, "_hp_mapping")
+
+
+def _fragment_of(param: torch.Tensor) -> Tuple[int, int]:
+    """(start, numel) of the part of the flattened parameter whose master this rank holds."""
+    if not _is_partitioned(param):
+        return 0, param.numel()
+    mapping = param._hp_mapping   # None where this rank's partition holds none of the parameter
+    return (mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel) if mapping else (0, 0)
+
+
+def _master_of(param: torch.Tensor) -> torch.Tensor:
+    """The fp32 values the optimizer updates for the part of `param` this rank holds. Read anew each
+    time: loading a checkpoint re-links DeepSpeed's fragments."""
+    if not _is_partitioned(param):
+        return param.detach().float()   # a no-op for fp32
+    mapping = param._hp_mapping
+    return mapping.hp_fragment.detach() if mapping else param.new_zeros(0, dtype=torch.float32)
