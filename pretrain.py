@@ -28,6 +28,9 @@ def main(argv=None) -> int:
 
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     exit_code = Trainer(cfg, env, stop_request).fit()
+    # SLURM's job script resends its warning until the step ends, and Python's shutdown gives USR1 back its
+    # default action (end the process): a resend then would fail a run that stopped cleanly.
+    stop_signals.ignore_stop_signals()
     dist.destroy_process_group()
     return exit_code
 

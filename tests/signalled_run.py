@@ -1,11 +1,14 @@
 """An entry point (pretrain.py or finetune.py) whose ranks all receive SIGUSR1, as SLURM's warning
 reaches every process of a job step: `start` right after the entry point installs its stop handler
-(during start-up), `after-step-N` once pretraining has taken step N. Launched by tests:
+(during start-up), `after-step-N` once pretraining has taken step N, `resent-after-step-N` then again every
+20 ms until the process has ended (SLURM's job script resends it every 5 s). Launched by tests:
 
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 tests/signalled_run.py start pretrain.py --config ... [key=value ...]
 """
+import os
 import runpy
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,12 +29,14 @@ if when == "start":
 else:
     from m2r.engine.trainer import Trainer
 
-    signal_step, train_step = int(when[len("after-step-"):]), Trainer.train_step
+    signal_step, train_step = int(when.rsplit("-", 1)[1]), Trainer.train_step
 
     def signalled_step(self, timer):
         result = train_step(self, timer)
         if self.step == signal_step:
             signal.raise_signal(signal.SIGUSR1)
+            if when.startswith("resent-"):
+                subprocess.Popen(["sh", "-c", f"while kill -USR1 {os.getpid()} 2>/dev/null; do sleep 0.02; done"])
         return result
 
     Trainer.train_step = signalled_step

@@ -494,6 +494,19 @@ def test_a_warning_during_start_up_stops_the_run_before_its_first_step(tmp_path,
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_a_warning_resent_until_the_ranks_have_exited_does_not_fail_a_run_that_stopped_and_saved(tmp_path):
+    """The job script requeues only on exit status 0; Python's shutdown gives USR1 back its default action."""
+    stop_file = tmp_path / "job.stop"
+    result = subprocess.run(torchrun_command(2, "tests/signalled_run.py", "resent-after-step-2", "pretrain.py",
+                                             "--config", TINY, f"run.dir={tmp_path / 'run'}", "train.steps=6",
+                                             "run.val_every=100", "run.image_every=0"),
+                            cwd=REPO, env=dict(_env(), M2R_STOP_FILE=str(stop_file)), capture_output=True, text=True,
+                            timeout=LAUNCH_TIMEOUT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "stopping at step 2: received SIGUSR1" in result.stdout and stop_file.read_text() == "SIGUSR1\n"
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step00000002"
+
+
 def test_a_warning_at_the_last_step_leaves_the_final_validation_to_the_next_run_which_does_it_once(tmp_path):
     run_dir, overrides = tmp_path / "run", ("train.steps=3", "run.val_every=100", "run.image_every=0",
                                             "run.demo_summary=true")
