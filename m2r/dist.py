@@ -48,6 +48,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# This rank's place among its node's ranks: LOCAL_RANK until `device_for` makes that the GPU index DeepSpeed binds.
+NODE_LOCAL_RANK = "M2R_NODE_LOCAL_RANK"
+
+
 def discover_dist_env(environ: MutableMapping[str, str] = os.environ) -> DistEnv:
     """Find rank/world/local rank and export the variables torch.distributed's env:// init needs."""
     if "RANK" in environ and "WORLD_SIZE" in environ:
@@ -66,7 +70,7 @@ def discover_dist_env(environ: MutableMapping[str, str] = os.environ) -> DistEnv
         environ.setdefault("MASTER_ADDR", "127.0.0.1")
         environ.setdefault("MASTER_PORT", str(free_port()))
     environ["RANK"], environ["WORLD_SIZE"] = str(env.rank), str(env.world_size)
-    environ["LOCAL_RANK"] = str(env.local_rank)
+    environ["LOCAL_RANK"] = environ[NODE_LOCAL_RANK] = str(env.local_rank)
     return env
 
 
@@ -80,6 +84,8 @@ def device_for(env: DistEnv) -> torch.device:
         raise RuntimeError(f"local rank {env.local_rank} has no GPU: {visible} visible (CUDA_VISIBLE_DEVICES="
                            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start one rank per GPU")
     torch.cuda.set_device(index)
+    # DeepSpeed binds the GPU numbered LOCAL_RANK (its process group and its engine), not the current one.
+    os.environ["LOCAL_RANK"] = str(index)
     return torch.device("cuda", index)
 
 
@@ -161,8 +167,8 @@ def is_rank0() -> bool:
 
 
 def is_local_rank0() -> bool:
-    """The first rank of its node (LOCAL_RANK, exported by `discover_dist_env` and the launchers)."""
-    return int(os.environ.get("LOCAL_RANK", "0")) == 0
+    """The first rank of its node (from the launcher's LOCAL_RANK or SLURM_LOCALID, see `discover_dist_env`)."""
+    return int(os.environ.get(NODE_LOCAL_RANK, os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
 def print0(*args: Any, **kwargs: Any) -> None:

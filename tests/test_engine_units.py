@@ -53,12 +53,17 @@ def test_each_rank_takes_its_gpu_or_the_one_it_was_bound_to(monkeypatch, visible
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
-    env = dist.DistEnv(local_rank, 16, local_rank, "srun")
+    environ = {"SLURM_PROCID": str(local_rank), "SLURM_NTASKS": "16", "SLURM_LOCALID": str(local_rank),
+               "SLURM_STEP_ID": "0", "SLURM_JOB_NODELIST": "gpu07", "SLURM_JOB_ID": "1"}
+    monkeypatch.setattr(os, "environ", environ)
+    env = dist.discover_dist_env(environ)
     if device is None:
         with pytest.raises(RuntimeError, match="local rank 5 has no GPU: 4 visible"):
             dist.device_for(env)
     else:
         assert dist.device_for(env) == torch.device("cuda", device)
+        # the GPU DeepSpeed binds (LOCAL_RANK), while the rank stays the sixth of its node
+        assert environ["LOCAL_RANK"] == str(device) and not dist.is_local_rank0()
 
 
 @pytest.mark.parametrize("nodelist, first", [("node1", "node1"), ("a[3-5]", "a3"), ("x[9,2],y1", "x9"),
@@ -359,6 +364,7 @@ def test_a_local_rank_equal_to_the_gpu_count_is_refused_with_the_reason(monkeypa
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    monkeypatch.setattr(os, "environ", {})
     assert dist.device_for(dist.DistEnv(3, 8, 3, "srun")) == torch.device("cuda", 3)
     with pytest.raises(RuntimeError, match="local rank 4 has no GPU: 4 visible"):
         dist.device_for(dist.DistEnv(4, 8, 4, "srun"))
