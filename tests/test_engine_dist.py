@@ -449,6 +449,33 @@ def test_every_rank_streams_and_validates_on_rank_0s_listing_of_the_shards(tmp_p
     assert any("val_psnr" in json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines())
 
 
+def test_a_run_dir_that_is_not_one_directory_for_every_rank_is_refused_on_every_rank(tmp_path):
+    """The same path on two nodes with their own disks (here: a directory per rank) would publish checkpoints
+    whose rank 1 parts no resume finds."""
+    script = tmp_path / "check.py"
+    script.write_text(
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from m2r import dist\n"
+        "from m2r.engine.run_lock import check_every_rank_sees\n"
+        "dist.init_distributed(dist.discover_dist_env())\n"
+        "for layout in ('shared', 'per-node'):\n"
+        "    run_dir = Path(sys.argv[1]) / ('shared' if layout == 'shared' else f'node{dist.rank()}')\n"
+        "    run_dir.mkdir(parents=True, exist_ok=True)\n"
+        "    try:\n"
+        "        check_every_rank_sees(run_dir, wait_seconds=1)\n"
+        "        print(f'rank {dist.rank()} {layout}: accepted', flush=True)\n"
+        "    except Exception as error:\n"
+        "        print(f'rank {dist.rank()} {layout}: {error}', flush=True)\n"
+        "dist.destroy_process_group()\n")
+    output = run_launch(torchrun_command(2, str(script), str(tmp_path)))
+    assert "rank 0 shared: accepted" in output and "rank 1 shared: accepted" in output
+    for rank in (0, 1):
+        assert f"rank {rank} per-node: config error: key 'run.dir': {tmp_path / 'node'}{rank} is not one directory " \
+               "for every rank: rank 1 on" in output
+    assert not list(tmp_path.glob("*/.every-rank-sees-*"))   # rank 0 removes its file
+
+
 # ----------------------------------------------------------------------------------- preemption
 def _worker_pids(launcher_pid):
     children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()

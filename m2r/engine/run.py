@@ -31,7 +31,7 @@ from m2r.engine.monitor import NullMonitor, StepTimer, build_monitor
 from m2r.engine.optim import (EMA, LRSchedule, apply_optimizer_settings, build_optimizer, learning_rate,
                               set_learning_rate)
 from m2r.engine.rng import reseed, restore_rng_state
-from m2r.engine.run_lock import hold_run_dir_lock
+from m2r.engine.run_lock import check_every_rank_sees, hold_run_dir_lock
 from m2r.engine.zero_state import load_resharded_optimizer_state, why_not_carried
 from m2r.eval.image_io import to_unit_float
 from m2r.models.config import require_same_network
@@ -110,6 +110,7 @@ class TrainingRun:
         self.launcher = env.launcher
         self.run_dir = Path(cfg.run.dir)
         dist.on_rank0(self._lock_run_dir)
+        check_every_rank_sees(self.run_dir)
         self.input_dtype = PRECISION_DTYPES[cfg.train.precision]
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.run.keep_last, self.KIND)
         self.resume_ref = agreed_resume(cfg.run.resume, self.checkpoints.root)

@@ -7,6 +7,9 @@ workers do not inherit it; closing any other descriptor of the file in this proc
 nothing else opens it); NFS's lock manager sees it (unless the mount says nolock or local_lock). A
 requeued SLURM job replaces a lock its earlier run left (that run has ended, but NFS keeps a crashed
 client's locks for a while).
+
+Every rank must also see run.dir as rank 0 does (`check_every_rank_sees`): each rank writes its part of
+every checkpoint there.
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import fcntl
 import os
 import re
 import socket
+import time
+import uuid
 from pathlib import Path
 from typing import IO, Optional
 
@@ -83,3 +88,33 @@ def _earlier_run_of_this_job(holder: str) -> bool:
     match = re.search(r"SLURM job (\S+) restart (\d+)$", holder)
     return bool(match) and match.group(1) == os.environ.get("SLURM_JOB_ID") \
         and int(match.group(2)) < int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+
+
+SHARED_CHECK_SECONDS = 30.0   # how long a rank looks for rank 0's file: a shared filesystem may show it late
+
+
+def check_every_rank_sees(run_dir: Path, wait_seconds: float = SHARED_CHECK_SECONDS) -> None:
+    """Raise ConfigError on every rank unless every rank sees the file rank 0 leaves in run_dir. On a path
+    local to each node (/tmp, node scratch) rank 0 would publish checkpoints whose other ranks' parts lie
+    on other nodes, complete to rank 0 and unreadable by any resume. The file's name is fresh, so no
+    filesystem has it cached as absent. Call it on every rank, once rank 0 has created run_dir."""
+    if dist.world_size() == 1:
+        return
+    name = dist.on_rank0(lambda: _leave_marker(run_dir))
+    deadline = time.monotonic() + wait_seconds
+    while not (seen := (run_dir / name).exists()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    views = dist.all_gather_object((seen, socket.gethostname()))
+    dist.on_rank0(lambda: (run_dir / name).unlink(missing_ok=True))   # every rank has looked (the gather)
+    blind = [f"rank {rank} on {host}" for rank, (ok, host) in enumerate(views) if not ok]
+    if blind:
+        shown = ", ".join(blind[:4]) + (f" and {len(blind) - 4} more" if len(blind) > 4 else "")
+        raise config_error("run.dir", f"{run_dir} is not one directory for every rank: {shown} cannot see the "
+                           f"file rank 0 wrote there ({name}) within {wait_seconds:g} s; every rank writes its "
+                           "part of each checkpoint there, so put run.dir on a filesystem that every node mounts")
+
+
+def _leave_marker(run_dir: Path) -> str:
+    name = f".every-rank-sees-{uuid.uuid4().hex}"
+    (run_dir / name).write_text(socket.gethostname() + "\n")
+    return name
