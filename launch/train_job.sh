@@ -96,13 +96,15 @@ log "  $ENTRY --config $CONFIG ${OVERRIDES}"
 log "  trainer log: $run_log"
 
 # Each launcher execs srun, so that $! below is srun itself: srun passes signals on to its tasks.
+# Ranks are placed in blocks (consecutive ranks on a node): DeepSpeed's expert-parallel groups are consecutive
+# ranks, and their every-step all-to-all should stay within a node.
 # Task counts are given in full: srun inside the job inherits SLURM_NTASKS, which would otherwise
 # override --ntasks-per-node.
 # The ranks start with USR1 ignored (inherited through exec) until the trainer installs its handler,
 # first thing in the entry point: a warning forwarded while Python starts must not kill a rank.
 launch_srun() {
     exec srun --kill-on-bad-exit=1 --nodes="$SLURM_JOB_NUM_NODES" --ntasks=$((SLURM_JOB_NUM_NODES * GPUS_PER_NODE)) \
-        --ntasks-per-node="$GPUS_PER_NODE" --cpus-per-task="$cpus_per_rank" \
+        --ntasks-per-node="$GPUS_PER_NODE" --cpus-per-task="$cpus_per_rank" --distribution=block:block \
         bash -c 'trap "" USR1; exec "$@"' rank "$PYTHON" "$ENTRY" --config "$CONFIG" ${overrides[@]+"${overrides[@]}"}
 }
 

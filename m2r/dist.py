@@ -17,7 +17,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, List, MutableMapping, Optional
+from typing import Any, Callable, List, MutableMapping, Optional, Tuple
 
 import torch
 import torch.distributed as torch_dist
@@ -240,6 +240,14 @@ def all_gather_object(obj: Any) -> List[Any]:
     gathered: List[Any] = [None] * world_size()
     torch_dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def groups_spanning_hosts(group_size: int) -> List[Tuple[int, List[str]]]:
+    """(first rank, hosts) of each group of `group_size` consecutive ranks (how DeepSpeed forms its
+    expert-parallel groups) whose ranks are on more than one host. Call it on every rank."""
+    hosts = all_gather_object(socket.gethostname())
+    spans = [(first, sorted(set(hosts[first:first + group_size]))) for first in range(0, len(hosts), group_size)]
+    return [(first, names) for first, names in spans if len(names) > 1]
 
 
 def on_rank0(work: Callable[[], Any]) -> Any:

@@ -66,6 +66,15 @@ def test_each_rank_takes_its_gpu_or_the_one_it_was_bound_to(monkeypatch, visible
         assert environ["LOCAL_RANK"] == str(device) and not dist.is_local_rank0()
 
 
+def test_expert_groups_of_consecutive_ranks_that_span_hosts_are_named(monkeypatch):
+    """8 ranks, 3 on host a, 5 on host b: groups of 2 are [0,1] [2,3] [4,5] [6,7], of which [2,3] spans both."""
+    monkeypatch.setattr(dist, "all_gather_object", lambda host: ["a"] * 3 + ["b"] * 5)
+    assert dist.groups_spanning_hosts(2) == [(2, ["a", "b"])]
+    assert dist.groups_spanning_hosts(4) == [(0, ["a", "b"])]
+    monkeypatch.setattr(dist, "all_gather_object", lambda host: ["a"] * 4 + ["b"] * 4)
+    assert dist.groups_spanning_hosts(2) == dist.groups_spanning_hosts(4) == []
+
+
 @pytest.mark.parametrize("nodelist, first", [("node1", "node1"), ("a[3-5]", "a3"), ("x[9,2],y1", "x9"),
                                              ("h1,h2", "h1")])
 def test_first_slurm_host(nodelist, first):

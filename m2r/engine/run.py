@@ -107,6 +107,7 @@ class TrainingRun:
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32_matmul
         self.topology = Topology.of_run(env.world_size, cfg)
+        self._warn_if_expert_groups_span_hosts()
         self.launcher = env.launcher
         self.run_dir = Path(cfg.run.dir)
         dist.on_rank0(self._lock_run_dir)
@@ -118,6 +119,18 @@ class TrainingRun:
             dist.on_rank0(lambda: self._check_resumable(self.resume_ref))
             self._set_aside_newer_checkpoints(self.resume_ref)
         self.step = 0
+
+    def _warn_if_expert_groups_span_hosts(self) -> None:
+        """Each MoE layer's all-to-all runs within an expert-parallel group, every step: across hosts it
+        crosses the network (an ep_size that does not divide the ranks per node, or ranks placed cyclically)."""
+        ep_size = self.topology.ep_size
+        spans = dist.groups_spanning_hosts(ep_size) if ep_size > 1 else []
+        if spans:
+            first, hosts = spans[0]
+            dist.print0(f"WARNING: {len(spans)} expert-parallel group(s) of {ep_size} ranks span hosts (ranks "
+                        f"{first}-{first + ep_size - 1} on {', '.join(hosts)}): each MoE layer's all-to-all crosses "
+                        "the network every step; an ep_size that divides the ranks per node, ranks placed in "
+                        "blocks (srun --distribution=block), keeps each group within a node")
 
     def _lock_run_dir(self) -> None:
         """Rank 0 holds the run.dir lock for the whole run (m2r/engine/run_lock.py)."""
