@@ -32,14 +32,12 @@ class DistEnv:
 
 
 def first_slurm_host(nodelist: str) -> str:
-    """First host of a SLURM node list: 'gpu[07-09,12],cpu1' -> 'gpu07' (what `scontrol show hostnames | head -1` says)."""
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not match:
+    """First host of a SLURM node list, as `scontrol show hostnames | head -1` says: 'gpu[07-09,12],cpu1' ->
+    'gpu07', 'rack[1-2]-n[3-4]' -> 'rack1-n3' (each bracket of the first item at its first value)."""
+    first_item = re.match(r"(?:[^,\[]|\[[^\]]*\])+", nodelist.strip())
+    if not first_item:
         raise ValueError(f"cannot parse SLURM_JOB_NODELIST '{nodelist}'")
-    prefix, ranges = match.groups()
-    if not ranges:
-        return prefix
-    return prefix + re.split(r"[-,]", ranges)[0]
+    return re.sub(r"\[([^\]]*)\]", lambda brackets: re.split(r"[-,]", brackets.group(1))[0], first_item.group(0))
 
 
 def free_port() -> int:

@@ -76,7 +76,8 @@ def test_expert_groups_of_consecutive_ranks_that_span_hosts_are_named(monkeypatc
 
 
 @pytest.mark.parametrize("nodelist, first", [("node1", "node1"), ("a[3-5]", "a3"), ("x[9,2],y1", "x9"),
-                                             ("h1,h2", "h1")])
+                                             ("h1,h2", "h1"), ("rack[1-2]-n[3-4]", "rack1-n3"),
+                                             ("a[01-02]b[7,9],c[1-3]", "a01b7")])
 def test_first_slurm_host(nodelist, first):
     assert dist.first_slurm_host(nodelist) == first
 
