@@ -276,6 +276,24 @@ def test_brace_patterns_and_missing_shards(clean_shards):
         resolve_shards(f"{out}-typo", "data.val_shards")
 
 
+def test_a_folder_of_our_shards_without_a_manifest_is_an_unfinished_build_and_refused(clean_shards, tmp_path):
+    """A build stopped by a full disk or a killed job writes no manifest: training would use part of the
+    corpus. A WebDataset folder from elsewhere (no sidecars) is read as all its tars."""
+    from m2r.config import ConfigError
+
+    out, _ = clean_shards
+    unfinished, foreign = tmp_path / "unfinished", tmp_path / "foreign"
+    unfinished.mkdir(), foreign.mkdir()
+    for name in ("shard-000000.tar", "shard-000000.json", "shard-000001.tar", "shard-000001.json"):
+        shutil.copy(out / name, unfinished / name)
+        if name.endswith(".tar"):
+            shutil.copy(out / name, foreign / name)
+    with pytest.raises(ConfigError, match=f"data.shards={unfinished}: 2 shard\\(s\\) of `m2r.shards build` but no "
+                                          "manifest.json: the build did not finish"):
+        resolve_shards(str(unfinished))
+    assert [os.path.basename(p) for p in resolve_shards(str(foreign))] == ["shard-000000.tar", "shard-000001.tar"]
+
+
 def test_the_webdataset_library_reads_the_shards_as_our_stream_does(clean_shards):
     import webdataset
 

@@ -51,6 +51,7 @@ def resolve_shards(spec: str, key: str = "data.shards") -> List[str]:
             paths = [str(directory / s["name"]) for s in read_manifest(directory)["shards"]]
         else:
             paths = sorted(str(p) for p in directory.glob("*.tar"))
+            _refuse_an_unfinished_build(directory, paths, key)
     elif spec.endswith(".tar") or _BRACE.search(spec):
         paths = expand_braces(spec)
     else:
@@ -62,3 +63,13 @@ def resolve_shards(spec: str, key: str = "data.shards") -> List[str]:
     if not paths:
         raise FileNotFoundError(f"{key}={spec}: no shards found")
     return paths
+
+
+def _refuse_an_unfinished_build(directory: Path, tars: List[str], key: str) -> None:
+    """`m2r.shards build` writes its manifest last, and a `<shard>.json` beside each finished shard: sidecars
+    without a manifest are a build that stopped (a full disk, a killed job), which would train on part of
+    the corpus. Other WebDataset folders (no sidecars) are read as they are."""
+    sidecars = [tar for tar in tars if Path(tar).with_suffix(".json").is_file()]
+    if sidecars:
+        raise ConfigError(f"{key}={directory}: {len(sidecars)} shard(s) of `m2r.shards build` but no {MANIFEST_NAME}: "
+                          "the build did not finish; run the same build command again to complete it")
