@@ -1,7 +1,8 @@
 """Files written whole or not at all: a temp file beside the target, fsync, rename, fsync of the folder.
 
 A crash, preemption or power loss leaves either the old file or the new one, never a truncated one
-(checkpoint pointers and metadata, configs, exported weights, shards and their index).
+(checkpoint pointers and metadata, configs, exported weights, shards and their index). A write that
+fails for want of storage says which file and how much space is left (`StorageError`).
 """
 from __future__ import annotations
 
@@ -9,8 +10,38 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Iterator
+
+
+# Errors only a write gives: the storage is full, over quota, read-only, or the file too large for it.
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+NEARLY_FULL_BYTES = 256 * 2**20   # torch's zip writer reports a full disk as a RuntimeError: judged by the space left
+
+
+class StorageError(OSError):
+    """Writing a file failed for want of storage; the message names the file and the space left."""
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Free space on the filesystem holding `path` (or its nearest existing folder)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def as_storage_error(path: str | os.PathLike, error: BaseException, who: str = "") -> BaseException:
+    """`error`, raised while writing `path`, as a StorageError naming both when storage caused it (an
+    errno of STORAGE_ERRNOS, or any error with less than NEARLY_FULL_BYTES left); else `error` itself."""
+    if isinstance(error, StorageError) or not isinstance(error, Exception):
+        return error
+    free = free_bytes(path)
+    if not ((isinstance(error, OSError) and error.errno in STORAGE_ERRNOS) or free < NEARLY_FULL_BYTES):
+        return error
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else f"{type(error).__name__}: {error}"
+    return StorageError(f"{who}writing {path} failed: {reason} ({free / 2**30:.2f} GiB free on its filesystem)")
 
 
 @contextlib.contextmanager
@@ -23,9 +54,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
-        raise
+        failure = as_storage_error(path, error)
+        if failure is error:
+            raise
+        raise failure from error
     fsync_directory(path.parent)
 
 

@@ -25,11 +25,12 @@ def parse_entry_args(argv, description: str, config_help: str) -> argparse.Names
 
 def user_errors() -> Tuple[type, ...]:
     # Imported when an error is being judged: a tool's start need not load torch for them.
+    from m2r.atomic import StorageError
     from m2r.config import ConfigError
     from m2r.data.images import UnreadableImage
     from m2r.models.convert import CheckpointMismatch
 
-    return ConfigError, FileNotFoundError, NotADirectoryError, CheckpointMismatch, UnreadableImage
+    return ConfigError, FileNotFoundError, NotADirectoryError, CheckpointMismatch, UnreadableImage, StorageError
 
 
 def run_main(main: Callable[[Optional[Sequence[str]]], Optional[int]]) -> NoReturn:

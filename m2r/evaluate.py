@@ -21,7 +21,6 @@ Images of any size: reflect-padded to a multiple of 8 and cropped back, or tiled
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -30,6 +29,7 @@ import torch
 from accelerate import Accelerator
 
 from m2r import dist
+from m2r.atomic import write_json_atomically, write_text_atomically
 from m2r.cli import run_main
 from m2r.config import ConfigError
 from m2r.eval.datasets import (ALLWEATHER_PAPER_SETS, DATASETS, OFFICIAL_TEST_SIZES, Pair, check_pairs,
@@ -139,10 +139,10 @@ def write_results(records: Sequence[dict], sets: Sequence[str], protocols: Seque
     out.mkdir(parents=True, exist_ok=True)
     report = {"weights": args.weights, "dataset": args.dataset, "root": args.root, "metrics": list(protocols),
               **summary}
-    (out / "results.json").write_text(json.dumps(report, indent=1))
     table = markdown_table(summary, protocols)
-    (out / "results.md").write_text(table)
-    print(table, end="", flush=True)
+    print(table, end="", flush=True)   # first: the numbers survive a write that fails
+    write_json_atomically(out / "results.json", report)
+    write_text_atomically(out / "results.md", table)
 
 
 def listed_sets(args) -> Dict[str, List[Pair]]:

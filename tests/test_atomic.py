@@ -2,6 +2,7 @@
 weights (safetensors writes 0600 files): the arithmetic here, an export's mode in test_engine_dist."""
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -36,3 +37,59 @@ def test_a_failed_write_leaves_neither_the_file_nor_its_temp(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("disk full")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_write_that_fails_for_want_of_storage_names_the_file_and_the_space_left(tmp_path, monkeypatch):
+    """Python reports a full disk at close() with no file name: the shard, config or JSON must be named."""
+    import errno
+
+    import m2r.atomic
+    from m2r.atomic import StorageError, atomic_path
+
+    monkeypatch.setattr(m2r.atomic, "free_bytes", lambda path: 3 * 2**30)
+    with pytest.raises(StorageError, match=f"writing {tmp_path / 'results.json'} failed: No space left on device "
+                                           r"\(3.00 GiB free on its filesystem\)"):
+        with atomic_path(tmp_path / "results.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(ValueError, match="not a storage failure"):   # other errors pass through as they are
+        with atomic_path(tmp_path / "results.json"):
+            raise ValueError("not a storage failure")
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_export_that_fails_half_way_leaves_the_earlier_weights_and_config_as_a_pair(tmp_path, monkeypatch):
+    """Both files are written in full before either replaces the earlier export's."""
+    import errno
+
+    import torch
+
+    import m2r.export
+    from m2r.atomic import StorageError
+
+    monkeypatch.setattr(m2r.export, "checkpoint_at", lambda location, option: SimpleNamespace(path=Path(location)))
+    exported = {"width": 8}
+    monkeypatch.setattr(m2r.export, "export_state_dict",
+                        lambda ref, use_ema: ({"w": torch.full((2,), float(exported["width"]))},
+                                              {"model": dict(exported)}))
+    out = tmp_path / "model.safetensors"
+    m2r.export.export("ckpt", str(out))
+    earlier = out.read_bytes(), (tmp_path / "model.yaml").read_text()
+    exported["width"] = 16
+    import safetensors.torch
+
+    for failing, path in (("config", tmp_path / "model.yaml"), ("weights", out)):
+        with monkeypatch.context() as patch:
+            if failing == "config":
+                patch.setattr(m2r.export.OmegaConf, "to_yaml", lambda *a, **k: _raise(errno.ENOSPC))
+            else:
+                patch.setattr(safetensors.torch, "save_file", lambda *a, **k: _raise(errno.EDQUOT))
+            with pytest.raises(StorageError, match=f"writing {path} failed"):
+                m2r.export.export("ckpt", str(out))
+        assert (out.read_bytes(), (tmp_path / "model.yaml").read_text()) == earlier
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "model.yaml"]
+    m2r.export.export("ckpt", str(out))
+    assert "width: 16" in (tmp_path / "model.yaml").read_text()
+
+
+def _raise(code):
+    raise OSError(code, os.strerror(code))

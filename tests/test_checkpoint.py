@@ -101,7 +101,9 @@ def test_a_failure_while_publishing_is_raised_and_the_last_checkpoint_stays(tmp_
     monkeypatch.setattr(checkpoint, "fsync_directory", lambda path: (_ for _ in ()).throw(OSError(28, "No space")))
     with pytest.raises(OSError, match="No space"):
         manager.save(FakeEngine(), 20, Topology(1, 1, "fp32", 1), {"step": 20}, config)
-    assert resolve_resume("latest", tmp_path).tag == tag_for(10)
+    # the failure came after step 20 was renamed into place, complete, before `latest` named it
+    assert (tmp_path / "latest").read_text() == tag_for(10) and resolve_resume("latest", tmp_path).tag == tag_for(20)
+    assert (tmp_path / tag_for(10)).is_dir()
 
 
 def test_saving_a_step_again_replaces_its_tag_only_once_the_new_one_is_complete(tmp_path):
@@ -251,6 +253,68 @@ def test_a_save_cut_short_is_cleared_by_the_next_save_of_any_step(tmp_path):
     assert (tmp_path / (tag_for(30) + ".partial")).is_dir()
     save(manager, 25)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", tag_for(20), tag_for(25)]
+
+
+class FullDisk(FakeEngine):
+    """Fails like torch's zip writer on a full disk (a RuntimeError with no file name), after noting which
+    half-written saves were still there to take space."""
+
+    def __init__(self):
+        super().__init__()
+        self.leftovers_seen = None
+
+    def save_checkpoint(self, root, tag, client_state, save_latest):
+        self.leftovers_seen = sorted(p.name for p in Path(root).glob("step*.partial"))
+        (Path(root) / tag).mkdir(parents=True)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 17088 vs 16980")
+
+
+def test_a_save_that_fills_the_disk_names_the_rank_the_directory_and_the_space_left(tmp_path, monkeypatch):
+    """And each failed save's leftovers go before the next one writes: on a full disk, every retry would
+    otherwise leave another half-written tag (and fail for want of the space they hold)."""
+    import m2r.atomic
+    from m2r.atomic import StorageError
+
+    manager, config = CheckpointManager(tmp_path, keep_last=2), load_config(PretrainConfig)
+    save(manager, 10)
+    monkeypatch.setattr(m2r.atomic, "free_bytes", lambda path: 5 * 2**20)
+    engine = FullDisk()
+    for step in (20, 30):
+        with pytest.raises(StorageError, match=f"rank 0: writing {tmp_path / tag_for(step)}.partial failed: "
+                                               r"RuntimeError: \[enforce fail .* \(0.00 GiB free on its filesystem\)"):
+            manager.save(engine, step, Topology(1, 1, "fp32", 1), {"step": step}, config)
+    assert engine.leftovers_seen == []   # step 20's half-written tag was gone before step 30 wrote
+    assert resolve_resume("latest", tmp_path).tag == tag_for(10)
+    monkeypatch.setattr(m2r.atomic, "free_bytes", lambda path: 50 * 2**30)   # plenty left: not the disk's fault
+    with pytest.raises(RuntimeError, match="unexpected pos") as raised:
+        manager.save(FullDisk(), 40, Topology(1, 1, "fp32", 1), {"step": 40}, config)
+    assert not isinstance(raised.value, StorageError)
+
+
+def test_a_run_starts_by_removing_what_failed_saves_left(tmp_path):
+    """Before it writes anything (its config.yaml first): on a full disk that is the space it needs."""
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    save(manager, 10)
+    for leftover in (tag_for(20) + ".partial", tag_for(10) + ".replaced"):
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"half")
+    (tmp_path / "latest.tmp").write_text("step000")
+    (tmp_path / "zero_to_fp32.py").write_text("# DeepSpeed's")
+    manager.remove_leftovers()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", tag_for(10)]
+
+
+def test_a_tag_published_without_latest_updated_is_still_the_one_resumed(tmp_path, capsys):
+    """A crash (or a full disk) between renaming the finished tag into place and rewriting `latest`: the
+    newer complete tag is what the run saved last, not a branch to abandon."""
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    for step in (10, 20):
+        save(manager, step)
+    (tmp_path / "latest").write_text(tag_for(10))
+    ref = resolve_resume("latest", tmp_path)
+    assert ref.tag == tag_for(20) and set_aside_newer_tags(ref, tmp_path) == []
+    assert (f"WARNING: {tmp_path / 'latest'} names 'step00000010', but step00000020 is newer and complete"
+            in capsys.readouterr().out)
 
 
 def test_latest_naming_a_tag_directory_without_meta_falls_back_to_the_newest_complete_one(tmp_path, capsys):

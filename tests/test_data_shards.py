@@ -103,10 +103,12 @@ def test_rerun_skips_finished_shards_and_redoes_unfinished_ones(clean_shards, ph
     shard_1.write_bytes(shard_1.read_bytes()[:50000])   # cut short after its build (a full disk, a copy)
     stamps = {name: os.stat(out / name).st_mtime_ns for name in os.listdir(out) if name.endswith(".tar")}
     (out / "shard-000003.json").unlink()          # as if the build died before finishing shard 3
+    (out / "shard-000004.tar.tmp").write_bytes(b"half")   # and a worker killed while writing shard 4 again
     again = build(BuildOptions(src=[str(photo_tree)], out=str(out), samples_per_shard=50), progress=False)
     assert again["shards"] == manifest["shards"]   # same bytes, same checksums
     changed = [n for n, t in stamps.items() if os.stat(out / n).st_mtime_ns != t]
     assert sorted(changed) == ["shard-000001.tar", "shard-000003.tar"]
+    assert not list(out.glob("*.tmp"))   # on a full disk, the space a rerun needs
 
 
 @pytest.mark.parametrize("option, value", [("preset", "cdd11"), ("seed", 1), ("encoding", "png"), ("max_side", 32),

@@ -47,6 +47,29 @@ def test_allweather_results_hold_every_metric_for_every_test_set(tmp_path, tiny_
     assert Image.open(out / "images/raindrop_a/0_rain.png").size == (44, 36)
 
 
+def test_results_that_cannot_be_written_are_printed_first_and_the_old_files_stay_whole(tmp_path, tiny_weights,
+                                                                                         capsys, monkeypatch):
+    """An evaluation's numbers are its work: a full disk must neither lose them nor truncate the last results."""
+    import errno
+
+    import m2r.atomic
+
+    root, out = build_allweather(tmp_path / "aw", size=(36, 44), per_set=1), tmp_path / "out"
+    arguments = ["--weights", str(tiny_weights), "--dataset", "allweather", "--root", str(root), "--out", str(out)]
+    evaluate.main(arguments)
+    before = (out / "results.json").read_text()
+    capsys.readouterr()
+
+    def full_disk_replace(tmp, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(m2r.atomic.os, "replace", full_disk_replace)
+    with pytest.raises(m2r.atomic.StorageError, match=f"writing {out / 'results.json'} failed: No space left"):
+        evaluate.main(arguments)
+    assert "| rgb |" in capsys.readouterr().out
+    assert (out / "results.json").read_text() == before and not list(out.glob("*.tmp"))
+
+
 def test_saved_images_of_inputs_sharing_a_stem_keep_both(tmp_path, tiny_weights):
     """input/a.jpg and input/a.png would both be saved as a.png: each keeps its suffix, as m2r.restore does."""
     for folder in ("input", "gt"):

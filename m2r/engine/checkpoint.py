@@ -23,7 +23,7 @@ import torch
 from omegaconf import OmegaConf
 
 from m2r import dist
-from m2r.atomic import fsync_directory, fsync_tree, write_json_atomically, write_text_atomically
+from m2r.atomic import as_storage_error, fsync_directory, fsync_tree, write_json_atomically, write_text_atomically
 from m2r.config import config_error, save_config
 
 TAG_PATTERN = re.compile(r"^step(\d{8})$")
@@ -104,13 +104,19 @@ def complete_tags(root: Path) -> List[str]:
 
 
 def newest_checkpoint(root: Path) -> Optional[CheckpointRef]:
-    """The tag `latest` names; if that is not a complete tag (`latest` lost, or a crash in the middle
-    of replacing a tag), the newest complete tag, with a warning; None if there is none."""
+    """The tag `latest` names, when it is the newest complete tag; else the newest complete tag, with a
+    warning (`latest` lost, a crash while replacing a tag, or one between publishing a tag and pointing
+    `latest` at it: a resume from an older run's checkpoint sets the newer tags aside, so a complete tag
+    newer than `latest` is always one a save published); None if there is none."""
     pointer = root / "latest"
     named = pointer.read_text().strip() if pointer.is_file() else ""
-    if named and is_complete(root / named):
-        return CheckpointRef(root, named)
     complete = complete_tags(root)
+    if named and complete and complete[-1] == named:
+        return CheckpointRef(root, named)
+    if named in complete:
+        dist.print0(f"WARNING: {pointer} names {named!r}, but {complete[-1]} is newer and complete (the save "
+                    f"that published it stopped before updating {pointer.name}); resuming from {complete[-1]}")
+        return CheckpointRef(root, complete[-1])
     if not complete:
         if named:   # a run that had saved: starting it from scratch is not for us to decide
             raise FileNotFoundError(f"{pointer} names {named!r}, but {root} holds no complete checkpoint "
@@ -201,12 +207,18 @@ class CheckpointManager:
         resolved `config` is written beside it as config.yaml."""
         ref = CheckpointRef(self.root, tag_for(step))
         staging = CheckpointRef(self.root, ref.tag + PARTIAL_SUFFIX)
-        if dist.is_rank0():   # left by a save that crashed, perhaps at another world size
-            shutil.rmtree(staging.path, ignore_errors=True)
+        if dist.is_rank0():
+            self.remove_leftovers()
         dist.barrier()
-        engine.save_checkpoint(str(self.root), tag=staging.tag, client_state=client_state, save_latest=False)
-        if ema_state:   # the ranks holding a part of the EMA (see TrainingRun._ema_state)
-            torch.save(ema_state, staging.path / f"ema_rank{dist.rank():05d}.pt")
+        try:
+            engine.save_checkpoint(str(self.root), tag=staging.tag, client_state=client_state, save_latest=False)
+            if ema_state:   # the ranks holding a part of the EMA (see TrainingRun._ema_state)
+                torch.save(ema_state, staging.path / f"ema_rank{dist.rank():05d}.pt")
+        except Exception as error:
+            failure = as_storage_error(staging.path, error, who=f"rank {dist.rank()}: ")
+            if failure is error:
+                raise
+            raise failure from error
         dist.barrier()   # every rank's files are written (DeepSpeed's save ends in one too, not the EMA's)
         if dist.is_local_rank0():   # this node's writes are on disk before the tag can count as complete
             fsync_tree(staging.path)
@@ -217,9 +229,19 @@ class CheckpointManager:
         dist.on_rank0(lambda: self._complete(staging.path, ref, meta, config))
         return ref
 
+    def remove_leftovers(self) -> None:
+        """Rank 0 (which holds the run.dir lock, so no other run writes here): what failed or interrupted
+        saves left, perhaps at another world size: `<tag>.partial` and `<tag>.replaced` directories (on a
+        full disk, each failed save would otherwise add one), `latest.tmp`, and DeepSpeed's scripts."""
+        for suffix in (PARTIAL_SUFFIX, REPLACED_SUFFIX):
+            for path in self.root.glob(f"step*{suffix}"):
+                shutil.rmtree(path, ignore_errors=True)
+        for name in ("latest.tmp", *DEEPSPEED_SCRIPTS):   # the scripts cannot read MoE checkpoints; m2r.export can
+            (self.root / name).unlink(missing_ok=True)
+
     def _complete(self, staged: Path, ref: CheckpointRef, meta: Dict[str, Any], config) -> None:
         """Rank 0, once every rank's files are on disk: config and meta.json, publish, prune."""
-        for script in DEEPSPEED_SCRIPTS:   # they cannot read MoE checkpoints; `python -m m2r.export` can
+        for script in DEEPSPEED_SCRIPTS:   # copied beside the tags by this save
             (self.root / script).unlink(missing_ok=True)
         save_config(config, staged / CONFIG_FILE)
         write_json_atomically(staged / META_FILE, meta)
@@ -251,9 +273,9 @@ class CheckpointManager:
         older = [tag for tag in tags if tag != keep and tag in complete]
         doomed = [self.root / tag for tag in older[: max(0, len(older) - (self.keep_last - 1))]]
         doomed += [self.root / tag for tag in tags if tag not in complete]
-        doomed += [path for suffix in (PARTIAL_SUFFIX, REPLACED_SUFFIX) for path in self.root.glob(f"step*{suffix}")]
         for path in doomed:
             shutil.rmtree(path, ignore_errors=True)
+        self.remove_leftovers()
 
 
 def load_ema_states(ref: CheckpointRef) -> Dict[str, torch.Tensor]:

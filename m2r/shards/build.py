@@ -177,6 +177,8 @@ def build(opts: BuildOptions, progress: bool = True) -> dict:
         raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {opts.src}")
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
+    for unfinished in out.glob("shard-*.tmp"):   # a shard or sidecar an interrupted build was writing
+        unfinished.unlink(missing_ok=True)
     size = opts.samples_per_shard
     jobs = [(i, i * size, files[i * size:(i + 1) * size], opts) for i in range((len(files) + size - 1) // size)]
     records = {job[0]: _finished(job) for job in jobs}
