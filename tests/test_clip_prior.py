@@ -244,6 +244,30 @@ def test_prior_moves_to_cuda_with_its_prompts_and_runs_in_half_precision():
     assert torch.isfinite(half_probs).all() and torch.isfinite(half_embed).all()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: the official autocast is CUDA's")
+@pytest.mark.parametrize("fp16_autocast, tower_dtype", [(True, torch.float16), (False, torch.float32)])
+def test_on_cuda_the_official_prior_runs_under_fp16_autocast_and_plus_in_the_networks_precision(fp16_autocast,
+                                                                                              tower_dtype):
+    prior = build_clip_prior(tiny_cfg(fp16_autocast=fp16_autocast), "minus_one_one").cuda()
+    seen = []
+    first_linear = prior.model.visual.transformer.resblocks[0].mlp.c_fc   # the main tower's first MLP layer
+    hook = first_linear.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    probs, embed = prior(images().cuda())
+    hook.remove()
+    assert seen and set(seen) == {tower_dtype}
+    assert probs.dtype == embed.dtype == torch.float32
+
+
+def test_off_cuda_the_fp16_autocast_setting_changes_nothing():
+    """The official code runs only on CUDA; on CPU both settings compute in the network's precision."""
+    official = build_clip_prior(tiny_cfg(fp16_autocast=True), "minus_one_one")
+    in_network_precision = build_clip_prior(tiny_cfg(fp16_autocast=False), "minus_one_one")
+    in_network_precision.model.load_state_dict(official.model.state_dict())
+    for expected, got in zip(official(images()), in_network_precision(images())):
+        assert torch.equal(expected, got)
+
+
 def test_prior_returns_the_steered_image_embedding_and_scores_the_controllers_one():
     """With a trained controller the two DA-CLIP embeddings differ; the prior must return the
     main tower's (image) embedding and score prompts with the controller's (degradation) one."""

@@ -50,10 +50,15 @@ def test_ema_parts_split_the_dense_weights_from_this_ranks_experts(repo_root):
     assert {**experts, **dense}.keys() == ema.state_dict().keys()
 
 
-def test_after_its_schedule_the_learning_rate_stays_at_the_floor():
-    """Finetuning's cosine may end before the last epoch (train.schedule_epochs)."""
-    schedule = LRSchedule(lr=1e-3, min_lr=1e-5, warmup_steps=4, steps=104)
-    assert [learning_rate(step, schedule) for step in (104, 150, 204)] == pytest.approx([1e-5] * 3)
+def test_past_its_schedule_the_cosine_goes_on_as_the_official_closed_form_does():
+    """The official AllWeather recipe: warmup 15 epochs, cosine to 0 at epoch 180, 200 epochs; its last 20
+    epochs run at a learning rate rising to about 6e-6 (spec section 2), not at 0 (steps that change nothing)."""
+    per_epoch = 1129
+    schedule = LRSchedule(lr=2e-4, min_lr=0.0, warmup_steps=15 * per_epoch, steps=180 * per_epoch)
+    assert learning_rate(180 * per_epoch, schedule) == pytest.approx(0.0, abs=1e-12)
+    past = [learning_rate(epoch * per_epoch, schedule) for epoch in range(181, 200)]
+    assert all(a < b for a, b in zip(past, past[1:])) and 0 < past[0] and past[-1] == pytest.approx(6.47e-6, rel=1e-3)
+    # 1e-4 * (1 + cos(pi * (199 - 15) / (180 - 15))) = 6.47e-6 at the start of the last epoch
 
 
 def test_ema_weights_are_applied_for_the_duration_and_the_trained_ones_come_back_exactly():

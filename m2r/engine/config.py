@@ -163,7 +163,7 @@ class FinetuneDataConfig:
 class FinetuneTrainConfig(TrainSettings):
     epochs: int = 200
     warmup_epochs: int = 15
-    schedule_epochs: int = 0         # the cosine reaches min_lr here; 0 = epochs
+    schedule_epochs: int = 0         # the cosine reaches min_lr here (and goes on past it); 0 = epochs
     activation_checkpointing: str = choice("auto", *CHECKPOINT_MODES)  # auto: bottleneck on GPU, none on CPU
 
 

@@ -28,7 +28,9 @@ def build_optimizer(model: nn.Module, train) -> torch.optim.Optimizer:
 @dataclass(frozen=True)
 class LRSchedule:
     """Linear warmup over `warmup_steps`, then a cosine from `lr` that reaches `min_lr` at `steps` (in
-    optimizer steps; finetuning converts its epochs) and stays there."""
+    optimizer steps; finetuning converts its epochs). Past `steps` (a finetune with train.schedule_epochs
+    below its epochs) the closed-form cosine goes on, rising again, as the official schedule does for its
+    last 20 of 200 epochs (to about 6e-6): held at 0 instead, those epochs would change nothing."""
     lr: float
     min_lr: float
     warmup_steps: int
@@ -45,7 +47,7 @@ def learning_rate(step: int, schedule: LRSchedule) -> float:
     if step < schedule.warmup_steps:
         return schedule.lr * (step + 1) / schedule.warmup_steps
     decay_steps = max(1, schedule.steps - schedule.warmup_steps)
-    progress = min(1.0, (step - schedule.warmup_steps) / decay_steps)
+    progress = (step - schedule.warmup_steps) / decay_steps   # above 1 only past `steps`
     return schedule.min_lr + 0.5 * (schedule.lr - schedule.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 

@@ -259,6 +259,7 @@ class CLIPPrior(nn.Module):
         self.input_range = input_range
         self.image_size = int(cfg.image_size)
         self.normalize = bool(cfg.normalize)
+        self.fp16_autocast = bool(cfg.fp16_autocast)
         self.model, context_length = _build_backbone(cfg)
         self.model.requires_grad_(False)
         self.num_prompts = len(prompts)
@@ -302,10 +303,12 @@ class CLIPPrior(nn.Module):
     @torch.no_grad()
     def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         pixels = self.preprocess(image).to(self.model.visual.conv1.weight.dtype)
-        image_features, degra_features = self._image_and_degradation_features(pixels)
-        text_features = self.cached_text_features
-        if text_features is None:
-            text_features = self._encode_prompts()
+        # The official code runs DA-CLIP under CUDA's fp16 autocast, whatever the network's precision.
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.fp16_autocast and pixels.is_cuda):
+            image_features, degra_features = self._image_and_degradation_features(pixels)
+            text_features = self.cached_text_features
+            if text_features is None:
+                text_features = self._encode_prompts()
         degra_directions = F.normalize(degra_features.float(), dim=-1)
         cosine = degra_directions @ F.normalize(text_features.float(), dim=-1).T
         return (COSINE_SCALE * cosine).softmax(dim=-1), image_features.float()

@@ -73,6 +73,7 @@ class ClipConfig:
     prompts: List[str] = field(default_factory=lambda: list(OFFICIAL_PROMPTS))
     normalize: bool = False          # apply CLIP mean/std (official: no)
     cache_text_features: bool = False  # encode prompts once (official: every forward)
+    fp16_autocast: bool = True       # on CUDA under fp16 autocast (official); false: the network's precision
     image_size: int = 224            # CLIP input resolution
 
 
@@ -104,6 +105,7 @@ class ModelConfig:
 # loaded into a run that sets them differently. Every other key changes the function.
 RUNTIME_KEYS = frozenset({
     "scan_backend", "depthwise", "seed", "mamba.autocast", "clip.weights", "clip.cache_text_features",
+    "clip.fp16_autocast",
     "moe.ep_size", "moe.dispatch", "moe.noisy_gating", "moe.capacity_factor", "moe.eval_capacity_factor",
     "moe.balance_loss_weight", "moe.clip_bias_init"})
 
