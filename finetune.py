@@ -1,4 +1,4 @@
-"""Finetune M2Restore on AllWeather, CDD-11 or a paired folder, on the pretraining engine (DeepSpeed,
+r"""Finetune M2Restore on AllWeather, CDD-11 or a paired folder, on the pretraining engine (DeepSpeed,
 expert parallelism, ZeRO 1/2, bf16/fp16, activation checkpointing, sharded checkpoints).
 
     deepspeed --num_gpus 8 finetune.py --config configs/finetune/allweather.yaml data.root=/data/allweather \

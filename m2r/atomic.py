@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence, Tuple
 
 
 # Errors only a write gives: the storage is full, over quota, read-only, or the file too large for it.
@@ -32,35 +32,52 @@ def free_bytes(path: str | os.PathLike) -> int:
     return shutil.disk_usage(path).free
 
 
-def as_storage_error(path: str | os.PathLike, error: BaseException, who: str = "") -> BaseException:
-    """`error`, raised while writing `path`, as a StorageError naming both when storage caused it (an
-    errno of STORAGE_ERRNOS, or any error with less than NEARLY_FULL_BYTES left); else `error` itself."""
+def as_storage_error(paths: Sequence[str | os.PathLike], error: BaseException, who: str = "",
+                     judge_by_space_left: bool = False) -> BaseException:
+    """`error`, raised while writing `paths`, as a StorageError naming them when storage caused it: an errno
+    of STORAGE_ERRNOS or, with `judge_by_space_left` (for writers that hide the errno, as torch's does), any
+    error with less than NEARLY_FULL_BYTES left. Otherwise `error` itself."""
     if isinstance(error, StorageError) or not isinstance(error, Exception):
         return error
-    free = free_bytes(path)
-    if not ((isinstance(error, OSError) and error.errno in STORAGE_ERRNOS) or free < NEARLY_FULL_BYTES):
+    free = free_bytes(paths[0])
+    by_errno = isinstance(error, OSError) and error.errno in STORAGE_ERRNOS
+    if not (by_errno or (judge_by_space_left and free < NEARLY_FULL_BYTES)):
         return error
     reason = error.strerror if isinstance(error, OSError) and error.strerror else f"{type(error).__name__}: {error}"
-    return StorageError(f"{who}writing {path} failed: {reason} ({free / 2**30:.2f} GiB free on its filesystem)")
+    names = " and ".join(str(path) for path in paths)
+    return StorageError(f"{who}writing {names} failed: {reason} ({free / 2**30:.2f} GiB free on its filesystem)")
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yields the temp path to write; on success it replaces `path`, on an exception it is removed."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with atomic_paths(path) as (tmp,):
         yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_paths(*paths: str | os.PathLike) -> Iterator[Tuple[Path, ...]]:
+    """`atomic_path` for files that belong together (weights and their config, results and their table):
+    every one is written and flushed before the first replaces its target, so a failed write leaves the
+    earlier files, all of them."""
+    targets = [Path(path) for path in paths]
+    temps = tuple(path.with_name(path.name + ".tmp") for path in targets)
+    try:
+        yield temps
+        for tmp in temps:
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+        for tmp, path in zip(temps, targets):
+            os.replace(tmp, path)
     except BaseException as error:
-        tmp.unlink(missing_ok=True)
-        failure = as_storage_error(path, error)
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        failure = as_storage_error(targets, error)
         if failure is error:
             raise
         raise failure from error
-    fsync_directory(path.parent)
+    for folder in dict.fromkeys(path.parent for path in targets):
+        fsync_directory(folder)
 
 
 def default_file_mode() -> int:

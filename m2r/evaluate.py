@@ -21,6 +21,7 @@ Images of any size: reflect-padded to a multiple of 8 and cropped back, or tiled
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -29,14 +30,14 @@ import torch
 from accelerate import Accelerator
 
 from m2r import dist
-from m2r.atomic import write_json_atomically, write_text_atomically
+from m2r.atomic import atomic_paths
 from m2r.cli import run_main
 from m2r.config import ConfigError
 from m2r.eval.datasets import (ALLWEATHER_PAPER_SETS, DATASETS, OFFICIAL_TEST_SIZES, Pair, check_pairs,
                                evaluation_sets, read_pair)
 from m2r.eval.image_io import as_unit, save_png, with_png_names
 from m2r.eval.loading import (add_inference_arguments, load_inference_model, make_accelerator, non_negative_int,
-                              parse_inference_arguments, precision_name)
+                              parse_inference_arguments, precision_name, require_output_folder)
 from m2r.eval.metrics import image_metrics, parse_protocols
 from m2r.eval.tiling import restore_image
 
@@ -135,18 +136,20 @@ def write_results(records: Sequence[dict], sets: Sequence[str], protocols: Seque
     metric_names = [f"{kind}_{p}" for p in protocols for kind in ("psnr", "ssim")]
     summary = dict(summarize(records, sets, metric_names, averaged_sets(args.dataset, sets)),
                    official_sizes=args.official_sizes)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     report = {"weights": args.weights, "dataset": args.dataset, "root": args.root, "metrics": list(protocols),
               **summary}
     table = markdown_table(summary, protocols)
     print(table, end="", flush=True)   # first: the numbers survive a write that fails
-    write_json_atomically(out / "results.json", report)
-    write_text_atomically(out / "results.md", table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_paths(out / "results.json", out / "results.md") as (json_tmp, table_tmp):
+        json_tmp.write_text(json.dumps(report, indent=1))
+        table_tmp.write_text(table)
 
 
 def listed_sets(args) -> Dict[str, List[Pair]]:
-    """The pairs of each set to evaluate (the first --limit of each), their headers checked."""
+    """The pairs of each set to evaluate (the first --limit of each), their headers checked; --out checked."""
+    require_output_folder(args.out)
     sets = evaluation_sets(args.dataset, args.root, [s for s in args.sets.split(",") if s] or None)
     if args.limit:
         sets = {name: pairs[: args.limit] for name, pairs in sets.items()}

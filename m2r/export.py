@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from omegaconf import OmegaConf
 
-from m2r.atomic import atomic_path, default_file_mode
+from m2r.atomic import atomic_paths, default_file_mode
 from m2r.cli import run_main
 from m2r.config import ConfigError
 from m2r.engine.checkpoint import DENSE_FILE, CheckpointRef, checkpoint_at, load_ema_states
@@ -108,13 +108,11 @@ def export(checkpoint: str, out: str, use_ema: bool = False) -> Path:
     state, config = export_state_dict(ref, use_ema)
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    # Both files are written in full before either replaces an earlier export: a failed write (a full
-    # disk) leaves the earlier pair, not new weights beside an old network config.
-    with atomic_path(config_path_for(out_path)) as config_tmp:
+    # A failed write (a full disk) leaves the earlier pair, not new weights beside an old network config.
+    with atomic_paths(out_path, config_path_for(out_path)) as (tmp, config_tmp):
+        save_file(state, str(tmp), metadata={"source": str(ref.path), "weights": "ema" if use_ema else "fp32"})
+        os.chmod(tmp, default_file_mode())   # safetensors writes 0600 files, unreadable to teammates
         config_tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(config), resolve=True))
-        with atomic_path(out_path) as tmp:
-            save_file(state, str(tmp), metadata={"source": str(ref.path), "weights": "ema" if use_ema else "fp32"})
-            os.chmod(tmp, default_file_mode())   # safetensors writes 0600 files, unreadable to teammates
     return out_path
 
 

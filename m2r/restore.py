@@ -30,7 +30,8 @@ from m2r.cli import run_main
 from m2r.config import ConfigError
 from m2r.data.images import IMAGE_SUFFIXES, list_image_files, read_rgb
 from m2r.eval.image_io import as_unit, save_png, with_png_names
-from m2r.eval.loading import add_inference_arguments, load_inference_model, make_accelerator, parse_inference_arguments
+from m2r.eval.loading import (add_inference_arguments, load_inference_model, make_accelerator,
+                              parse_inference_arguments, require_output_folder)
 from m2r.eval.tiling import restore_image
 
 
@@ -48,12 +49,15 @@ def parse_args(argv):
     return parse_inference_arguments(parser, argv)
 
 
-def collect_inputs(inputs: List[str]) -> List[Tuple[Path, Path]]:
-    """(image, output path relative to --out); folders keep their sub-folders."""
+def collect_inputs(inputs: List[str], out: Path) -> List[Tuple[Path, Path]]:
+    """(image, output path relative to --out); folders keep their sub-folders. Images under `out` are left
+    out: an --out inside an input folder would otherwise restore its own outputs at every rerun."""
     found = []   # (image, its path relative to --out)
+    outputs = out.resolve()
     for item in map(Path, inputs):
         if item.is_dir():
-            found += [(p, p.relative_to(item)) for p in list_image_files(item, recursive=True)]
+            found += [(p, p.relative_to(item)) for p in list_image_files(item, recursive=True)
+                      if not p.resolve().is_relative_to(outputs)]
         elif item.is_file():
             found.append((item, Path(item.name)))
         else:
@@ -88,7 +92,7 @@ def restore_files(model, jobs: Sequence[Tuple[Path, Path]], args, accelerator: A
 
 def inputs_to_restore(args) -> Tuple[List[Tuple[Path, Path]], int]:
     """(image, output) jobs, and how many were left because their output exists (--skip-existing)."""
-    jobs = collect_inputs(args.inputs)
+    jobs = collect_inputs(args.inputs, require_output_folder(args.out))
     if not args.skip_existing:
         return jobs, 0
     remaining = [(image, output) for image, output in jobs if not (Path(args.out) / output).is_file()]

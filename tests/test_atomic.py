@@ -51,7 +51,8 @@ def test_a_write_that_fails_for_want_of_storage_names_the_file_and_the_space_lef
                                            r"\(3.00 GiB free on its filesystem\)"):
         with atomic_path(tmp_path / "results.json"):
             raise OSError(errno.ENOSPC, "No space left on device")
-    with pytest.raises(ValueError, match="not a storage failure"):   # other errors pass through as they are
+    monkeypatch.setattr(m2r.atomic, "free_bytes", lambda path: 0)
+    with pytest.raises(ValueError, match="not a storage failure"):   # other errors pass through, even on a full disk
         with atomic_path(tmp_path / "results.json"):
             raise ValueError("not a storage failure")
     assert not list(tmp_path.iterdir())
@@ -77,13 +78,13 @@ def test_an_export_that_fails_half_way_leaves_the_earlier_weights_and_config_as_
     exported["width"] = 16
     import safetensors.torch
 
-    for failing, path in (("config", tmp_path / "model.yaml"), ("weights", out)):
+    for failing in ("config", "weights"):
         with monkeypatch.context() as patch:
             if failing == "config":
                 patch.setattr(m2r.export.OmegaConf, "to_yaml", lambda *a, **k: _raise(errno.ENOSPC))
             else:
                 patch.setattr(safetensors.torch, "save_file", lambda *a, **k: _raise(errno.EDQUOT))
-            with pytest.raises(StorageError, match=f"writing {path} failed"):
+            with pytest.raises(StorageError, match=f"writing {out} and {tmp_path / 'model.yaml'} failed"):
                 m2r.export.export("ckpt", str(out))
         assert (out.read_bytes(), (tmp_path / "model.yaml").read_text()) == earlier
         assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "model.yaml"]

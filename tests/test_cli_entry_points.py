@@ -44,16 +44,20 @@ def test_help_names_the_command_to_type(tool, show_help, capsys):
     assert capsys.readouterr().out.startswith(f"usage: python -m m2r.{tool} ")
 
 
-@pytest.mark.parametrize("module", [evaluate, restore])
+@pytest.mark.parametrize("module", ["m2r.evaluate", "m2r.restore", "finetune"])
 def test_docstring_examples_keep_their_line_continuations(module):
     """The docstrings are the --help text; a non-raw backslash-newline would join the example's lines."""
-    assert " \\\n" in module.__doc__
+    import importlib
+
+    assert " \\\n" in importlib.import_module(module).__doc__
 
 
-@pytest.mark.parametrize("args, message", [(["--tile", "12"], "argument --tile: invalid tile_side value: '12'"),
+@pytest.mark.parametrize("args, message", [(["--tile", "12"], "argument --tile: 12 is not 0 (whole images) or a "
+                                                              "multiple of 8 of at least 16"),
                                            (["--tile", "64", "--overlap", "64"],
                                             "--overlap 64 must be below --tile 64"),
-                                           (["--limit", "-1"], "argument --limit: invalid non_negative_int value")])
+                                           (["--limit", "-1"], "argument --limit: '-1' is not a whole number >= 0"),
+                                           (["--limit", "two"], "argument --limit: 'two' is not a whole number >= 0")])
 def test_tiling_and_limit_values_are_checked_before_anything_runs(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         evaluate.parse_args(["--weights", "w.safetensors", "--dataset", "cdd11", "--root", "r", "--out", "o", *args])

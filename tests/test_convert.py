@@ -127,3 +127,7 @@ def test_weights_whose_only_fault_is_a_wrong_shape_are_named_as_a_mismatch():
                                                            "1.weight: (3, 2, 1, 1) vs model (3, 4, 1, 1)")):
         check_fits(model, state, source="w.safetensors")
     check_fits(model, model.state_dict(), source="w.safetensors")   # a fitting state passes
+    wide = {f"extra.{i}": torch.zeros(1) for i in range(10)}
+    with pytest.raises(CheckpointMismatch, match=re.escape("unexpected (10): extra.0, extra.1, extra.2, extra.3, "
+                                                           "extra.4, extra.5, and 4 more")):
+        check_fits(model, {**model.state_dict(), **wide}, source="w.safetensors")

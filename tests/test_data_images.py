@@ -1,9 +1,9 @@
 """Image files on disk: which count, their order, and reading them as RGB uint8."""
 import numpy as np
 import pytest
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from m2r.data.images import list_image_files, read_rgb
+from m2r.data.images import UnreadableImage, list_image_files, read_rgb
 
 
 def test_listing_is_sorted_case_blind_and_recursive_only_when_asked(tmp_path):
@@ -27,7 +27,7 @@ def test_every_mode_reads_as_rgb_uint8(tmp_path, mode):
 def test_an_undecodable_file_names_itself(tmp_path):
     path = tmp_path / "corrupt.jpg"
     path.write_bytes(b"not a jpeg")
-    with pytest.raises(UnidentifiedImageError, match="corrupt.jpg"):
+    with pytest.raises(UnreadableImage, match="corrupt.jpg: not an image file PIL can read"):
         read_rgb(path)
 
 

@@ -242,6 +242,8 @@ def test_a_resume_with_other_data_settings_draws_a_fresh_stream_and_says_so(resu
 def test_a_refusal_decided_on_rank_0_reaches_every_rank_as_one_line(resume_runs):
     """run.resume=none on a run.dir that holds checkpoints: rank 0 resolves resume targets; without its
     error, rank 1 would wait in the broadcast until the launcher killed it (or, on nccl, for ever)."""
+    half_written = resume_runs["split"] / "checkpoints" / "step00000009.partial"   # a failed save's leftover
+    half_written.mkdir()
     command = torchrun_command(2, "pretrain.py", "--config", TINY, f"run.dir={resume_runs['split']}", *RESUME,
                                "run.resume=none")
     result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
@@ -249,6 +251,7 @@ def test_a_refusal_decided_on_rank_0_reaches_every_rank_as_one_line(resume_runs)
     for rank in (0, 1):
         assert f"rank {rank}: error: config error: key 'run.resume': 'none' starts a new run" in result.stderr
     assert "m2r/engine" not in result.stderr   # no traceback through our code (the launcher prints its own)
+    assert not half_written.exists()   # removed first, before anything could fail: a full disk's relief
 
 
 def test_old_checkpoints_are_pruned_to_the_last_two(resume_runs):

@@ -64,10 +64,12 @@ def test_results_that_cannot_be_written_are_printed_first_and_the_old_files_stay
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(m2r.atomic.os, "replace", full_disk_replace)
-    with pytest.raises(m2r.atomic.StorageError, match=f"writing {out / 'results.json'} failed: No space left"):
+    with pytest.raises(m2r.atomic.StorageError, match=f"writing {out / 'results.json'} and {out / 'results.md'} "
+                                                      "failed: No space left"):
         evaluate.main(arguments)
     assert "| rgb |" in capsys.readouterr().out
     assert (out / "results.json").read_text() == before and not list(out.glob("*.tmp"))
+    assert "| rgb |" in (out / "results.md").read_text()
 
 
 def test_saved_images_of_inputs_sharing_a_stem_keep_both(tmp_path, tiny_weights):
@@ -210,9 +212,49 @@ def test_inputs_differing_only_in_suffix_keep_it_instead_of_overwriting_each_oth
     for name in ("a.png", "a.jpg", "sub/a.png", "b.jpg"):
         write_image(tmp_path / "in" / name, (8, 8), seed=1)
     outputs = {str(image.relative_to(tmp_path)): str(output)
-               for image, output in restore.collect_inputs([str(tmp_path / "in")])}
+               for image, output in restore.collect_inputs([str(tmp_path / "in")], tmp_path / "out")}
     assert outputs == {"in/a.png": "a.png.png", "in/a.jpg": "a.jpg.png", "in/sub/a.png": "sub/a.png",
                        "in/b.jpg": "b.png"}
+
+
+def test_an_out_folder_inside_an_input_folder_is_not_restored_again(tmp_path):
+    """`restore photos/ --out photos/restored`: a rerun would otherwise restore its outputs into restored/restored."""
+    for name in ("a.png", "restored/a.png", "restored/sub/b.png"):
+        write_image(tmp_path / "photos" / name, (8, 8), seed=1)
+    jobs = restore.collect_inputs([str(tmp_path / "photos")], tmp_path / "photos" / "restored")
+    assert [str(image.relative_to(tmp_path)) for image, _ in jobs] == ["photos/a.png"]
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, tiny_weights):
+    """Evaluate ran every image and then died making the folder, its numbers lost; restore died at its first image."""
+    taken = tmp_path / "results"
+    taken.write_text("not a folder")
+    root = build_allweather(tmp_path / "aw", size=(36, 44), per_set=1)
+    write_image(tmp_path / "in" / "a.png", (8, 8), seed=1)
+    message = f"--out {taken} is a file: name a folder"
+    with pytest.raises(ConfigError, match=message):
+        evaluate.main(["--weights", str(tiny_weights), "--dataset", "allweather", "--root", str(root), "--out", str(taken)])
+    with pytest.raises(ConfigError, match=message):
+        restore.main(["--weights", str(tiny_weights), str(tmp_path / "in"), "--out", str(taken)])
+
+
+def test_fp16_without_a_gpu_is_refused_rather_than_run_in_fp32_under_its_name(tmp_path, tiny_weights, monkeypatch):
+    from m2r.eval.loading import make_accelerator
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="--precision fp16 needs a CUDA GPU; on CPU use bf16 or fp32"):
+        make_accelerator("fp16")
+
+
+def test_one_file_of_a_checkpoint_as_weights_is_refused_naming_its_directory(tmp_path):
+    from m2r.eval.loading import load_inference_model
+
+    tag = tmp_path / "checkpoints" / "step00000002"
+    tag.mkdir(parents=True)
+    (tag / "meta.json").write_text("{}")
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"deepspeed's")
+    with pytest.raises(ConfigError, match=f"is one file of an m2r checkpoint: pass its directory, {tag}"):
+        load_inference_model(str(tag / "mp_rank_00_model_states.pt"), torch.device("cpu"))
 
 
 def test_two_inputs_restored_to_one_output_stop_the_run_naming_both(tmp_path):
@@ -220,7 +262,7 @@ def test_two_inputs_restored_to_one_output_stop_the_run_naming_both(tmp_path):
         write_image(tmp_path / folder / "street.png", (8, 8), seed=1)
     with pytest.raises(ConfigError, match=f"inputs {tmp_path}/day/street.png and {tmp_path}/night/street.png "
                                           "would both be written to street.png under --out"):
-        restore.collect_inputs([str(tmp_path / "day"), str(tmp_path / "night")])
+        restore.collect_inputs([str(tmp_path / "day"), str(tmp_path / "night")], tmp_path / "out")
 
 
 def test_official_checkpoints_load_through_the_converter(tmp_path, tiny_weights):

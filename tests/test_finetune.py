@@ -45,7 +45,10 @@ def test_configs_hold_the_paper_recipe(repo_root, name, dataset):
                                             (["init.allow_model_changes=[nope]"], "init.allow_model_changes"),
                                             (["train.lr=0"], "train.lr"),
                                             (["run.log_every=0"], "run.log_every"),
-                                            (["run.keep_last=1"], "run.keep_last")])
+                                            (["run.keep_last=1"], "run.keep_last"),
+                                            # the cosine would climb back over halfway to train.lr
+                                            (["train.epochs=200", "train.schedule_epochs=100",
+                                              "train.warmup_epochs=0"], "train.epochs")])
 def test_invalid_settings_name_their_key(repo_root, overrides, key):
     root = ["data.root=/data"] if overrides else []  # the tiny config leaves data.root empty
     cfg = load_config(FinetuneConfig, Path(repo_root) / "configs/finetune/tiny-test.yaml",

@@ -44,8 +44,10 @@ def _naming(path: Path) -> Iterator[None]:
     """Re-raise PIL's decoding errors as UnreadableImage naming `path`."""
     try:
         yield
-    except (FileNotFoundError, UnidentifiedImageError):
-        raise   # PIL names the file in these
+    except FileNotFoundError:
+        raise   # PIL names the file
+    except UnidentifiedImageError as exc:
+        raise UnreadableImage(f"{path}: not an image file PIL can read") from exc
     except (*_DECODE_ERRORS, Image.DecompressionBombError) as exc:
         raise UnreadableImage(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
 

@@ -114,8 +114,9 @@ def newest_checkpoint(root: Path) -> Optional[CheckpointRef]:
     if named and complete and complete[-1] == named:
         return CheckpointRef(root, named)
     if named in complete:
-        dist.print0(f"WARNING: {pointer} names {named!r}, but {complete[-1]} is newer and complete (the save "
-                    f"that published it stopped before updating {pointer.name}); resuming from {complete[-1]}")
+        dist.print0(f"WARNING: {pointer} names {named!r}, but {complete[-1]} is newer and complete (a save "
+                    f"stopped before updating {pointer.name}); resuming from {complete[-1]} (to resume an older "
+                    "checkpoint, pass its directory as run.resume)")
         return CheckpointRef(root, complete[-1])
     if not complete:
         if named:   # a run that had saved: starting it from scratch is not for us to decide
@@ -215,7 +216,7 @@ class CheckpointManager:
             if ema_state:   # the ranks holding a part of the EMA (see TrainingRun._ema_state)
                 torch.save(ema_state, staging.path / f"ema_rank{dist.rank():05d}.pt")
         except Exception as error:
-            failure = as_storage_error(staging.path, error, who=f"rank {dist.rank()}: ")
+            failure = as_storage_error([staging.path], error, who=f"rank {dist.rank()}: ", judge_by_space_left=True)
             if failure is error:
                 raise
             raise failure from error
@@ -232,10 +233,18 @@ class CheckpointManager:
     def remove_leftovers(self) -> None:
         """Rank 0 (which holds the run.dir lock, so no other run writes here): what failed or interrupted
         saves left, perhaps at another world size: `<tag>.partial` and `<tag>.replaced` directories (on a
-        full disk, each failed save would otherwise add one), `latest.tmp`, and DeepSpeed's scripts."""
-        for suffix in (PARTIAL_SUFFIX, REPLACED_SUFFIX):
-            for path in self.root.glob(f"step*{suffix}"):
-                shutil.rmtree(path, ignore_errors=True)
+        full disk, each failed save would otherwise add one), `latest.tmp`, and DeepSpeed's scripts. A
+        `.partial` holding meta.json is complete (a crash just before its rename): it is published instead
+        when its tag is missing."""
+        for staged in self.root.glob(f"step*{PARTIAL_SUFFIX}"):
+            tag = staged.with_name(staged.name[:-len(PARTIAL_SUFFIX)])
+            if is_complete(staged) and not tag.exists():
+                os.replace(staged, tag)
+                fsync_directory(self.root)
+            else:
+                shutil.rmtree(staged, ignore_errors=True)
+        for path in self.root.glob(f"step*{REPLACED_SUFFIX}"):
+            shutil.rmtree(path, ignore_errors=True)
         for name in ("latest.tmp", *DEEPSPEED_SCRIPTS):   # the scripts cannot read MoE checkpoints; m2r.export can
             (self.root / name).unlink(missing_ok=True)
 

@@ -192,6 +192,10 @@ class FinetuneConfig:
     run: FinetuneRunConfig = field(default_factory=FinetuneRunConfig)
 
 
+# How far past its end (in decay lengths) the finetune cosine may go: to 1.5 its LR is back at mid-height.
+MOST_PAST_SCHEDULE = 1.5
+
+
 def validate_finetune_config(cfg, world_size: int) -> None:
     train, data, run = cfg.train, cfg.data, cfg.run
     require(bool(data.root), "data.root", data.root, "must name the dataset root")
@@ -201,6 +205,11 @@ def validate_finetune_config(cfg, world_size: int) -> None:
     require(0 <= train.warmup_epochs < max(train.epochs, train.schedule_epochs), "train.warmup_epochs",
             train.warmup_epochs, f"must be >= 0 and below the schedule's length (train.epochs {train.epochs}, "
             f"train.schedule_epochs {train.schedule_epochs})")
+    if train.schedule_epochs:   # past it the cosine goes on, rising again (the official recipe: 200 of 180)
+        most = int(train.warmup_epochs + MOST_PAST_SCHEDULE * (train.schedule_epochs - train.warmup_epochs))
+        require(train.epochs <= most, "train.epochs", train.epochs,
+                f"runs so far past train.schedule_epochs={train.schedule_epochs} that the cosine, which goes on "
+                f"past it as the official schedule's does, climbs back over halfway to train.lr: at most {most}")
     require_input_side("train.crop", train.crop)
     require_input_side("data.val_crop", data.val_crop)
     check_optimizer_settings(train)

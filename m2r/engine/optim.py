@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from m2r import dist
-
 from m2r.engine.experts import EXPERT_INFIX, global_expert_names
 
 
@@ -65,7 +64,7 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
 class EMA:
     """fp32 exponential moving average of the trainable weights, following what the optimizer updates.
 
-    Under DeepSpeed's ZeRO 1/2 (and its bf16 optimizer) the fp32 master of each weight is partitioned
+    Under DeepSpeed's ZeRO 1/2 the fp32 master of each weight is partitioned
     over the parameter's data-parallel ranks and the module holds bf16/fp16 copies: each rank averages
     the master fragments its partition holds (no communication per step), and the full weights are
     assembled, one all-reduce per process group, only to apply or save them. Otherwise (fp32 without

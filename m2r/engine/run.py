@@ -111,10 +111,10 @@ class TrainingRun:
         self.launcher = env.launcher
         self.run_dir = Path(cfg.run.dir)
         dist.on_rank0(self._lock_run_dir)
-        check_every_rank_sees(self.run_dir)
-        self.input_dtype = PRECISION_DTYPES[cfg.train.precision]
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.run.keep_last, self.KIND)
         dist.on_rank0(self.checkpoints.remove_leftovers)   # before anything is written: a full disk's first relief
+        check_every_rank_sees(self.run_dir)
+        self.input_dtype = PRECISION_DTYPES[cfg.train.precision]
         self.resume_ref = agreed_resume(cfg.run.resume, self.checkpoints.root)
         if self.resume_ref is not None:
             dist.on_rank0(lambda: self._check_resumable(self.resume_ref))

@@ -115,6 +115,7 @@ def check_every_rank_sees(run_dir: Path, wait_seconds: float = SHARED_CHECK_SECO
 
 
 def _leave_marker(run_dir: Path) -> str:
+    """An empty file (no data to write, so it is made on a full disk too)."""
     name = f".every-rank-sees-{uuid.uuid4().hex}"
-    (run_dir / name).write_text(socket.gethostname() + "\n")
+    (run_dir / name).touch()
     return name

@@ -26,18 +26,30 @@ ACCELERATE_PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # --prec
 
 
 def non_negative_int(text: str) -> int:
-    """argparse type: argparse itself reports a bad value as `argument --x: invalid ... value`."""
-    value = int(text)
+    """argparse type; argparse reports the message as `argument --x: <message>`."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
     if value < 0:
-        raise ValueError(text)
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
     return value
 
 
 def tile_side(text: str) -> int:
     value = non_negative_int(text)
     if value % SIZE_MULTIPLE or 0 < value < MIN_SIZE:
-        raise ValueError(text)
+        raise argparse.ArgumentTypeError(f"{text} is not 0 (whole images) or a multiple of {SIZE_MULTIPLE} of at "
+                                         f"least {MIN_SIZE}")
     return value
+
+
+def require_output_folder(out: str) -> Path:
+    """--out, the folder outputs go to (created when missing): refused before any work when it is a file."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {out} is a file: name a folder (it is created when missing)")
+    return path
 
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,7 +79,10 @@ def parse_inference_arguments(parser: argparse.ArgumentParser, argv) -> argparse
 def make_accelerator(precision: Optional[str], cpu: bool = False) -> Accelerator:
     """This process's place in an `accelerate launch` world (a plain run is a world of one). Without CUDA
     the processes are CPU ones: Accelerate forms a multi-process CPU world (gloo) only when told cpu=True."""
-    return Accelerator(cpu=cpu or not torch.cuda.is_available(),
+    on_cpu = cpu or not torch.cuda.is_available()
+    if precision == "fp16" and on_cpu:   # Accelerate would compute in fp32 and call it fp16
+        raise ConfigError("--precision fp16 needs a CUDA GPU; on CPU use bf16 or fp32")
+    return Accelerator(cpu=on_cpu,
                        mixed_precision=None if precision is None else ACCELERATE_PRECISIONS[precision])
 
 
@@ -79,12 +94,14 @@ def precision_name(accelerator: Accelerator) -> str:
 
 def _stored_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[dict]]:
     """(state dict with experts by global id, stored model config or None)."""
-    from m2r.engine.checkpoint import checkpoint_at
+    from m2r.engine.checkpoint import META_FILE, checkpoint_at
     from m2r.export import export_state_dict, stored_model_config
     from m2r.models.convert import official_to_m2r, read_checkpoint
 
     if not path.exists():
         raise FileNotFoundError(f"--weights {path}: no such file or directory")
+    if path.is_file() and (path.parent / META_FILE).is_file():   # DeepSpeed's files hold parts of the network
+        raise ConfigError(f"--weights {path} is one file of an m2r checkpoint: pass its directory, {path.parent}")
     if path.is_dir():
         state, config = export_state_dict(checkpoint_at(str(path), "--weights"))
         return state, config["model"]

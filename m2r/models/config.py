@@ -73,7 +73,9 @@ class ClipConfig:
     prompts: List[str] = field(default_factory=lambda: list(OFFICIAL_PROMPTS))
     normalize: bool = False          # apply CLIP mean/std (official: no)
     cache_text_features: bool = False  # encode prompts once (official: every forward)
-    fp16_autocast: bool = True       # on CUDA under fp16 autocast (official); false: the network's precision
+    # on CUDA under fp16 autocast, as the official code (configs/model/m2restore.yaml); false: the network's
+    # precision (the default, which configs written before this key ran)
+    fp16_autocast: bool = False
     image_size: int = 224            # CLIP input resolution
 
 

@@ -161,8 +161,12 @@ def load_official_checkpoint(model: torch.nn.Module, path, weights_only: bool = 
     return dropped_official_keys(checkpoint)
 
 
+SHOWN_KEYS = 6   # of each kind of mismatch: a network of another size differs in hundreds
+
+
 def check_fits(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], source: str) -> None:
-    """Raise CheckpointMismatch naming every missing, unexpected or wrongly shaped key."""
+    """Raise CheckpointMismatch naming the missing, unexpected and wrongly shaped keys (the first few of each,
+    and how many)."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -170,7 +174,8 @@ def check_fits(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], sour
                        for key in set(expected) & set(state_dict)
                        if state_dict[key].shape != expected[key].shape)
     if missing or unexpected or misshapen:
-        parts = [f"{label} ({len(keys)}): {', '.join(keys)}"
+        parts = [f"{label} ({len(keys)}): {', '.join(keys[:SHOWN_KEYS])}"
+                 + (f", and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else "")
                  for label, keys in (("missing", missing), ("unexpected", unexpected),
                                      ("wrong shape", misshapen)) if keys]
         raise CheckpointMismatch(f"{source} does not fit the model; " + "; ".join(parts))

@@ -68,9 +68,11 @@ def format_summary(summary: Dict[str, object], clip_line: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="model config YAML (configs/model/*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of the model config")
+    parser.add_argument("overrides", nargs="*",
+                        help="key=value overrides of the model config (moe.top_k=2, or model.moe.top_k=2)")
     args = parser.parse_args(argv)
-    cfg = load_config(ModelConfig, args.config, args.overrides)
+    bare = [key[len("model."):] if key.startswith("model.") else key for key in args.overrides]
+    cfg = load_config(ModelConfig, args.config, bare)
     check_model_settings(cfg, prefix="")   # the overrides name the model keys bare
     try:
         name = cfg.clip.kind if cfg.clip.kind == "tiny" else f"{cfg.clip.kind} {cfg.clip.arch}"
