@@ -94,11 +94,17 @@ def _skip_deepspeed_shm_build() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
+def name_deepspeeds_accelerator() -> None:
+    """Without CUDA, tell DeepSpeed its accelerator is the CPU before it is imported (it would guess so and
+    print a warning from every process). Call it before the first `import deepspeed`."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def init_distributed(env: DistEnv, timeout: Optional[datetime.timedelta] = None) -> torch.device:
     """Start DeepSpeed's process group (nccl on GPUs, gloo on CPU) and return this rank's device.
     `timeout`: how long a collective may wait, in every group DeepSpeed creates (its default: 10 minutes)."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    name_deepspeeds_accelerator()
     _skip_deepspeed_shm_build()
     import deepspeed
 

@@ -27,15 +27,17 @@ from typing import List, Optional
 import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
-from deepspeed.moe.experts import Experts
-from deepspeed.moe.layer import MoE
-from deepspeed.utils import groups
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from m2r import dist
 from m2r.dist import announce_once
 from m2r.models.config import COMBINE_MODES, DISPATCH_MODES
+
+dist.name_deepspeeds_accelerator()   # the tools (evaluate, restore, export) import DeepSpeed through here
+from deepspeed.moe.experts import Experts  # noqa: E402
+from deepspeed.moe.layer import MoE  # noqa: E402
+from deepspeed.utils import groups  # noqa: E402
 
 NOISE_FLOOR = 1e-2          # added to softplus(noise logits): Shazeer's minimum noise std (official value)
 CV2_EPS = 1e-10             # keeps cv^2 finite when an expert vector sums to zero (official value)
