@@ -64,12 +64,11 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
 class EMA:
     """fp32 exponential moving average of the trainable weights, following what the optimizer updates.
 
-    Under DeepSpeed's ZeRO 1/2 the fp32 master of each weight is partitioned
-    over the parameter's data-parallel ranks and the module holds bf16/fp16 copies: each rank averages
-    the master fragments its partition holds (no communication per step), and the full weights are
-    assembled, one all-reduce per process group, only to apply or save them. Otherwise (fp32 without
-    ZeRO, or fp16 at ZeRO 0, whose masters DeepSpeed does not map to the module) the average follows the
-    module's weights.
+    Under DeepSpeed's ZeRO 1/2 the fp32 master of each weight is partitioned over the parameter's
+    data-parallel ranks and the module holds bf16/fp16 copies: each rank averages the master fragments
+    its partition holds (no communication per step), and the full weights are assembled, one all-reduce
+    per process group, only to apply or save them. Otherwise (fp32 without ZeRO, or fp16 at ZeRO 0,
+    whose masters DeepSpeed does not map to the module) the average follows the module's weights.
 
     Keys are topology independent (experts by global id), so the parts the ranks save (see
     `state_dict`) merge for export and reload at another world size or ep_size.
