@@ -53,6 +53,11 @@ def _check_choices(schema: Type, cfg: DictConfig, prefix: str = "") -> None:
             _check_choices(types[f.name], value, f"{prefix}{f.name}.")
 
 
+def read_merged_yaml(path: str | os.PathLike) -> DictConfig:
+    """A config file with its `_base_` files merged in, before any schema (which kind of config it is)."""
+    return _read_yaml(Path(path))
+
+
 def _read_yaml(path: Path, seen: tuple = ()) -> DictConfig:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")

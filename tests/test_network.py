@@ -56,6 +56,15 @@ def test_summary_tool_prints_module_counts_and_ends_with_the_trainable_total(cap
     assert any("246,213,634" in line for line in lines)  # frozen DA-CLIP ViT-B/32, counted apart
 
 
+@pytest.mark.parametrize("config, trainable", [("configs/pretrain/m2restore-xl.yaml", 63_998_291),
+                                               ("configs/finetune/allweather-plus.yaml",
+                                                OFFICIAL_TRAINABLE_PARAMS + PLUS_EXTRA_PARAMS)])
+def test_summary_tool_counts_the_network_of_a_training_config(config, trainable, capsys):
+    """The xl recipe widens its experts in the pretrain config itself, not in a model config."""
+    summary.main(["--config", config, "model.moe.top_k=2"])
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"trainable_params: {trainable}"
+
+
 def test_plus_config_differs_only_by_the_seventh_prompt():
     model = meta_model("m2restore-plus")
     assert parameter_count(model) == OFFICIAL_TRAINABLE_PARAMS + PLUS_EXTRA_PARAMS

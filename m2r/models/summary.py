@@ -1,6 +1,7 @@
 """Parameter counts of an M2Restore config, without CLIP weights and without allocating memory.
 
     python -m m2r.models.summary --config configs/model/m2restore.yaml [key=value ...]
+    python -m m2r.models.summary --config configs/pretrain/m2restore-xl.yaml   # a training config's network
 
 Prints the trainable and frozen parameters of every top-level module, the frozen CLIP prior counted
 separately (built on the meta device, so no weights file is needed; experts are counted over the
@@ -8,6 +9,7 @@ whole expert-parallel group), and as its last line
 `trainable_params: N` (46830041 for the faithful config).
 """
 import argparse
+from pathlib import Path
 from typing import Dict, List, Tuple
 
 import open_clip
@@ -15,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from m2r.cli import run_main
-from m2r.config import load_config
+from m2r.config import load_config, read_merged_yaml
 from m2r.models.clip_prior import build_daclip, clip_architecture
 from m2r.models.config import ModelConfig, check_model_settings
 from m2r.models.m2restore import build_model
@@ -65,14 +67,27 @@ def format_summary(summary: Dict[str, object], clip_line: str) -> str:
     return "\n".join(lines)
 
 
+def network_config(path: str, overrides: List[str]):
+    """The model config in `path`: a model config file, or the `model` section of a training config (one
+    with a `train` section; finetune configs count in epochs)."""
+    raw = read_merged_yaml(path) if Path(path).is_file() else {}
+    if "train" not in raw:
+        return load_config(ModelConfig, path, overrides)
+    from m2r.engine.config import FinetuneConfig, PretrainConfig
+
+    schema = FinetuneConfig if "epochs" in raw["train"] else PretrainConfig
+    return load_config(schema, path, [f"model.{override}" for override in overrides]).model
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="model config YAML (configs/model/*.yaml)")
+    parser.add_argument("--config", required=True,
+                        help="model config YAML (configs/model/*.yaml), or a pretrain/finetune config (its model)")
     parser.add_argument("overrides", nargs="*",
                         help="key=value overrides of the model config (moe.top_k=2, or model.moe.top_k=2)")
     args = parser.parse_args(argv)
     bare = [key[len("model."):] if key.startswith("model.") else key for key in args.overrides]
-    cfg = load_config(ModelConfig, args.config, bare)
+    cfg = network_config(args.config, bare)
     check_model_settings(cfg, prefix="")   # the overrides name the model keys bare
     try:
         name = cfg.clip.kind if cfg.clip.kind == "tiny" else f"{cfg.clip.kind} {cfg.clip.arch}"
