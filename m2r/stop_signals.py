@@ -82,7 +82,10 @@ class StopRequest:
         if not agreed:
             return None
         self.agreed_signal = signal.Signals(agreed).name
-        return f"received {self.agreed_signal}" + ("" if received == agreed else " (on another rank)")
+        # Read again: a signal that reached this rank during the collective is its own too (SLURM signals
+        # every rank; the handler may run only once the collective returns).
+        own = self.signal_name == self.agreed_signal
+        return f"received {self.agreed_signal}" + ("" if own else " (on another rank)")
 
 
 def shut_down_workers(batches) -> None:

@@ -320,6 +320,11 @@ def test_a_tag_published_without_latest_updated_is_still_the_one_resumed(tmp_pat
     assert ref.tag == tag_for(20) and set_aside_newer_tags(ref, tmp_path) == []
     assert (f"WARNING: {tmp_path / 'latest'} names 'step00000010', but step00000020 is newer and complete"
             in capsys.readouterr().out)
+    manager.point_latest_at(ref)   # what the resuming run does, so that the next start does not warn again
+    assert (tmp_path / "latest").read_text() == tag_for(20)
+    assert resolve_resume("latest", tmp_path).tag == tag_for(20) and "WARNING" not in capsys.readouterr().out
+    manager.point_latest_at(CheckpointRef(tmp_path / "elsewhere", tag_for(5)))   # another run's checkpoint
+    assert (tmp_path / "latest").read_text() == tag_for(20)
 
 
 def test_latest_naming_a_tag_directory_without_meta_falls_back_to_the_newest_complete_one(tmp_path, capsys):

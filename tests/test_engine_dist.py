@@ -294,7 +294,8 @@ def test_a_topology_change_re_partitions_the_optimizer_state(resume_runs, tmp_pa
                                          *[o for o in RESUME if not o.startswith(("model.moe.ep_size",
                                                                                   "train.zero_stage"))],
                                          "model.moe.ep_size=1", "train.zero_stage=1"))
-    assert "Loaded: model weights; fp32 master weights, AdamW moments and step counts (re-partitioned)" in output
+    assert "Loaded: model weights; fp32 master weights, AdamW moments and step counts (re-partitioned); the EMA " \
+        "weights; experts mapped by global id." in output
     assert "The global batch changes from 4 to 6 images per step; train.lr is not rescaled" in output
     live_tag = tmp_path / "live" / "step00000003"
     live_tag.mkdir(parents=True)

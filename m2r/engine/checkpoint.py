@@ -230,6 +230,14 @@ class CheckpointManager:
         dist.on_rank0(lambda: self._complete(staging.path, ref, meta, config))
         return ref
 
+    def point_latest_at(self, ref: CheckpointRef) -> None:
+        """Rank 0: `latest` names the tag a run resumes from its own checkpoints (it lagged behind a newer
+        complete tag, or named one set aside), so that the next start does not warn again."""
+        pointer = self.root / "latest"
+        if Path(ref.root).resolve() == self.root.resolve() and \
+                (not pointer.is_file() or pointer.read_text().strip() != ref.tag):
+            write_text_atomically(pointer, ref.tag)
+
     def remove_leftovers(self) -> None:
         """Rank 0 (which holds the run.dir lock, so no other run writes here): what failed or interrupted
         saves left, perhaps at another world size: `<tag>.partial` and `<tag>.replaced` directories (on a

@@ -119,6 +119,7 @@ class TrainingRun:
         if self.resume_ref is not None:
             dist.on_rank0(lambda: self._check_resumable(self.resume_ref))
             self._set_aside_newer_checkpoints(self.resume_ref)
+            dist.on_rank0(lambda: self.checkpoints.point_latest_at(self.resume_ref))
         self.step = 0
 
     def _warn_if_expert_groups_span_hosts(self) -> None:
@@ -285,6 +286,8 @@ class TrainingRun:
                 loaded.append("the fp16 loss scale")
             else:
                 lost.append("the fp16 loss scale (starts again from its initial value)")
+        if self.ema is not None and ref.meta().get("ema"):
+            loaded.append("the EMA weights")
         if same_ranks:
             loaded.append(f"{self.POSITION} and the per-rank RNG states (same world size and ep_size)")
         else:
