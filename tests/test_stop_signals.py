@@ -189,3 +189,21 @@ def test_the_job_script_requeues_only_a_run_a_signal_stopped_before_its_end(tmp_
                         closing_lines=["demo: a", "demo: b"])
     assert stop_file.exists() == requeue and (not requeue or stop_file.read_text() == "SIGUSR1\n")
     assert printed == ["stopping at step 7: received SIGUSR1", "demo: a", "demo: b", "<closed>"]
+
+
+def test_a_signal_that_arrives_during_the_agreement_is_this_ranks_own(monkeypatch):
+    """SLURM signals every rank; one may run its handler only once the agreement's collective returns."""
+    saved = {sig: signal.getsignal(sig) for sig in stop_signals.STOP_SIGNALS}
+    try:
+        request = stop_signals.StopRequest()
+
+        def collective_during_which_sigterm_arrives(value):
+            assert value == 0   # nothing received when the collective started
+            signal.raise_signal(signal.SIGTERM)
+            return float(signal.SIGTERM.value)
+
+        monkeypatch.setattr(stop_signals, "max_over_ranks", collective_during_which_sigterm_arrives)
+        assert request.agreed_reason() == "received SIGTERM"
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
