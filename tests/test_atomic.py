@@ -1,5 +1,6 @@
 """Atomic writes (temp file, fsync, rename, fsync of the folder), and the file mode m2r.export gives its
 weights (safetensors writes 0600 files): the arithmetic here, an export's mode in test_engine_dist."""
+import errno
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -94,3 +95,27 @@ def test_an_export_that_fails_half_way_leaves_the_earlier_weights_and_config_as_
 
 def _raise(code):
     raise OSError(code, os.strerror(code))
+
+
+def test_files_written_together_are_all_flushed_before_the_first_replaces_its_target(tmp_path, monkeypatch):
+    """A flush that fails on the second file must leave the first file's earlier version too."""
+    import m2r.atomic
+    from m2r.atomic import atomic_paths
+
+    for name, text in (("model.safetensors", "earlier weights"), ("model.yaml", "earlier config")):
+        (tmp_path / name).write_text(text)
+    flushed, real_fsync = [], os.fsync
+
+    def fsync_failing_on_the_second_file(fd):
+        flushed.append(fd)
+        if len(flushed) == 2:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(m2r.atomic.os, "fsync", fsync_failing_on_the_second_file)
+    with pytest.raises(OSError, match="Input/output error"):
+        with atomic_paths(tmp_path / "model.safetensors", tmp_path / "model.yaml") as (weights, config):
+            weights.write_text("new weights")
+            config.write_text("new config")
+    assert (tmp_path / "model.safetensors").read_text() == "earlier weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "model.yaml"]   # no temp left

@@ -307,6 +307,10 @@ def test_a_run_starts_by_removing_what_failed_saves_left(tmp_path):
     (tmp_path / tag_for(30)).rename(tmp_path / (tag_for(30) + ".partial"))
     manager.remove_leftovers()
     assert manager.tags() == [tag_for(10), tag_for(30)] and resolve_resume("latest", tmp_path).tag == tag_for(30)
+    # but not over its tag saved before (a step saved again): that one stays, the finished copy goes
+    shutil.copytree(tmp_path / tag_for(30), tmp_path / (tag_for(30) + ".partial"))
+    manager.remove_leftovers()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", tag_for(10), tag_for(30)]
 
 
 def test_a_tag_published_without_latest_updated_is_still_the_one_resumed(tmp_path, capsys):

@@ -131,3 +131,37 @@ def test_a_stale_lock_is_recognised_after_any_number_of_restarts(monkeypatch, ho
     monkeypatch.setenv("SLURM_JOB_ID", job)
     monkeypatch.setenv("SLURM_RESTART_COUNT", restart)
     assert run_lock._earlier_run_of_this_job(holder) is replace
+
+
+def test_a_full_disk_is_a_users_error_one_line_with_exit_status_2():
+    from m2r.atomic import StorageError
+    from m2r.cli import user_errors
+
+    assert issubclass(StorageError, user_errors())
+
+
+def test_the_model_summary_takes_keys_as_training_configs_name_them(capsys):
+    from m2r.models import summary
+
+    summary.main(["--config", "configs/model/tiny.yaml", "model.moe.top_k=1"])
+    prefixed = capsys.readouterr().out
+    summary.main(["--config", "configs/model/tiny.yaml", "moe.top_k=1"])
+    # the same lines (the first call also announces a decision, once per process)
+    assert prefixed.endswith(capsys.readouterr().out) and "trainable_params: 470354" in prefixed
+
+
+def test_the_tools_import_deepspeed_without_its_accelerator_warning():
+    """DeepSpeed prints 'Setting accelerator to CPU' (on stdout) from every process unless told."""
+    env = {key: value for key, value in os.environ.items() if key != "DS_ACCELERATOR"}
+    result = subprocess.run([sys.executable, "-c", "import m2r.models.moe"], cwd=REPO_ROOT, capture_output=True,
+                            text=True, env=dict(env, CUDA_VISIBLE_DEVICES=""), timeout=120)
+    assert result.returncode == 0 and "Setting accelerator" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("script", ["launch/pretrain.sbatch", "launch/finetune.sbatch"])
+def test_an_sbatch_script_run_outside_the_repository_says_where_to_submit_from(script, tmp_path):
+    result = subprocess.run(["bash", os.path.join(REPO_ROOT, script)], capture_output=True, text=True, timeout=30,
+                            env=dict(os.environ, M2R_ROOT=str(tmp_path), CONFIG="configs/finetune/tiny-test.yaml"))
+    assert result.returncode == 2
+    assert f"error: launch/train_job.sh not found in {tmp_path}: submit from the repository root or set M2R_ROOT" \
+        in result.stderr

@@ -299,3 +299,15 @@ def test_a_bf16_prior_resizes_an_input_of_another_size_than_clips():
     expected = TF.center_crop(TF.resize(image.to(torch.bfloat16).float(), SIZE, antialias=True), SIZE)
     assert seen[0].dtype == torch.bfloat16 and torch.equal(seen[0], expected.to(torch.bfloat16))
     assert torch.isfinite(probs).all()
+
+
+def test_the_fp16_autocast_setting_does_not_make_another_network():
+    """Weights saved before the key existed (its default, false) resume and load into the faithful config."""
+    from m2r.config import load_config
+    from m2r.models.config import ModelConfig, require_same_network
+
+    faithful = load_config(ModelConfig, "configs/model/m2restore.yaml")
+    assert faithful.clip.fp16_autocast is True
+    saved = OmegaConf.to_container(faithful)
+    del saved["clip"]["fp16_autocast"]
+    require_same_network(saved, faithful, "run.resume", "a checkpoint", "")

@@ -294,6 +294,9 @@ def test_a_folder_of_our_shards_without_a_manifest_is_an_unfinished_build_and_re
                                           "manifest.json: the build did not finish"):
         resolve_shards(str(unfinished))
     assert [os.path.basename(p) for p in resolve_shards(str(foreign))] == ["shard-000000.tar", "shard-000001.tar"]
+    (unfinished / "shard-000001.json").unlink()   # killed between a shard and its sidecar: still unfinished
+    with pytest.raises(ConfigError, match="the build did not finish"):
+        resolve_shards(str(unfinished))
 
 
 def test_the_webdataset_library_reads_the_shards_as_our_stream_does(clean_shards):

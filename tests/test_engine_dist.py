@@ -454,30 +454,17 @@ def test_every_rank_streams_and_validates_on_rank_0s_listing_of_the_shards(tmp_p
 
 
 def test_a_run_dir_that_is_not_one_directory_for_every_rank_is_refused_on_every_rank(tmp_path):
-    """The same path on two nodes with their own disks (here: a directory per rank) would publish checkpoints
-    whose rank 1 parts no resume finds."""
-    script = tmp_path / "check.py"
-    script.write_text(
-        "import sys\n"
-        "from pathlib import Path\n"
-        "from m2r import dist\n"
-        "from m2r.engine.run_lock import check_every_rank_sees\n"
-        "dist.init_distributed(dist.discover_dist_env())\n"
-        "for layout in ('shared', 'per-node'):\n"
-        "    run_dir = Path(sys.argv[1]) / ('shared' if layout == 'shared' else f'node{dist.rank()}')\n"
-        "    run_dir.mkdir(parents=True, exist_ok=True)\n"
-        "    try:\n"
-        "        check_every_rank_sees(run_dir, wait_seconds=1)\n"
-        "        print(f'rank {dist.rank()} {layout}: accepted', flush=True)\n"
-        "    except Exception as error:\n"
-        "        print(f'rank {dist.rank()} {layout}: {error}', flush=True)\n"
-        "dist.destroy_process_group()\n")
-    output = run_launch(torchrun_command(2, str(script), str(tmp_path)))
-    assert "rank 0 shared: accepted" in output and "rank 1 shared: accepted" in output
+    """The same path on two nodes with their own disks (here: run.dir per rank, through the RANK variable) would
+    publish checkpoints whose rank 1 parts no resume finds. Rank 1 looks for rank 0's file for 30 s."""
+    command = torchrun_command(2, "pretrain.py", "--config", TINY, "run.dir=" + str(tmp_path) + "/node${oc.env:RANK}",
+                               "train.steps=1")
+    result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert result.returncode != 0
     for rank in (0, 1):
-        assert f"rank {rank} per-node: config error: key 'run.dir': {tmp_path / 'node'}{rank} is not one directory " \
-               "for every rank: rank 1 on" in output
-    assert not list(tmp_path.glob("*/.every-rank-sees-*"))   # rank 0 removes its file
+        assert f"rank {rank}: error: config error: key 'run.dir': {tmp_path}/node{rank} is not one directory for " \
+               "every rank: rank 1 on" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["node0"]
+    assert not list((tmp_path / "node0").glob(".every-rank-sees-*"))   # rank 0 removes its file
 
 
 # ----------------------------------------------------------------------------------- preemption
@@ -525,12 +512,18 @@ def test_a_warning_during_start_up_stops_the_run_before_its_first_step(tmp_path,
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_a_warning_resent_until_the_ranks_have_exited_does_not_fail_a_run_that_stopped_and_saved(tmp_path):
+@pytest.mark.parametrize("entry", ["pretrain.py", "finetune.py"])
+def test_a_warning_resent_until_the_ranks_have_exited_does_not_fail_a_run_that_stopped_and_saved(tmp_path, entry):
     """The job script requeues only on exit status 0; Python's shutdown gives USR1 back its default action."""
+    from finetune_layouts import build_allweather
+
+    settings = ["--config", TINY, "train.steps=6", "run.val_every=100", "run.image_every=0"] \
+        if entry == "pretrain.py" else \
+        ["--config", "configs/finetune/tiny-test.yaml", "train.epochs=2",
+         f"data.root={build_allweather(tmp_path / 'aw', size=(40, 48), train=16)}"]
     stop_file = tmp_path / "job.stop"
-    result = subprocess.run(torchrun_command(2, "tests/signalled_run.py", "resent-after-step-2", "pretrain.py",
-                                             "--config", TINY, f"run.dir={tmp_path / 'run'}", "train.steps=6",
-                                             "run.val_every=100", "run.image_every=0"),
+    result = subprocess.run(torchrun_command(2, "tests/signalled_run.py", "resent-after-step-2", entry, *settings,
+                                             f"run.dir={tmp_path / 'run'}"),
                             cwd=REPO, env=dict(_env(), M2R_STOP_FILE=str(stop_file)), capture_output=True, text=True,
                             timeout=LAUNCH_TIMEOUT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -75,6 +75,14 @@ def test_expert_groups_of_consecutive_ranks_that_span_hosts_are_named(monkeypatc
     assert dist.groups_spanning_hosts(2) == dist.groups_spanning_hosts(4) == []
 
 
+def test_a_run_warns_when_its_expert_groups_span_hosts(monkeypatch, capsys):
+    from m2r.engine.run import TrainingRun
+
+    monkeypatch.setattr(dist, "groups_spanning_hosts", lambda size: [(2, ["a", "b"])])
+    TrainingRun._warn_if_expert_groups_span_hosts(SimpleNamespace(topology=SimpleNamespace(ep_size=2)))
+    assert "WARNING: 1 expert-parallel group(s) of 2 ranks span hosts (ranks 2-3 on a, b)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("nodelist, first", [("node1", "node1"), ("a[3-5]", "a3"), ("x[9,2],y1", "x9"),
                                              ("h1,h2", "h1"), ("rack[1-2]-n[3-4]", "rack1-n3"),
                                              ("a[01-02]b[7,9],c[1-3]", "a01b7")])

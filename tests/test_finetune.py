@@ -366,3 +366,19 @@ def test_keep_best_replaces_the_best_only_on_an_improvement(monkeypatch, tmp_pat
         Finetuner.keep_best(stub, {"psnr": psnr})
     assert stub.best == {"psnr": {"value": 25.0, "epoch": 2, "step": 4}}   # a tie does not replace it
     assert saved == [2, 4]
+
+
+@pytest.mark.parametrize("epochs, accepted", [(200, True), (262, True), (263, False)])
+def test_the_cosine_may_run_past_schedule_epochs_until_it_is_back_at_half_height(repo_root, epochs, accepted):
+    """Warmup 15, cosine ending at epoch 180 (the paper recipe): 15 + 1.5 x 165 = 262 epochs at most."""
+    from m2r.config import ConfigError
+    from m2r.engine.config import validate_finetune_config
+
+    cfg = load_config(FinetuneConfig, Path(repo_root) / "configs/finetune/tiny-test.yaml",
+                      ["data.root=/data", f"train.epochs={epochs}", "train.schedule_epochs=180",
+                       "train.warmup_epochs=15"])
+    if accepted:
+        validate_finetune_config(cfg, 2)
+    else:
+        with pytest.raises(ConfigError, match="key 'train.epochs'.*climbs back over halfway to train.lr: at most 262"):
+            validate_finetune_config(cfg, 2)
