@@ -140,7 +140,7 @@ def _stub(topology, train, saved_train):
     from m2r.engine import run
 
     ref = SimpleNamespace(path=Path("/ck/step3"), saved_config=lambda: {"train": saved_train})
-    stub = SimpleNamespace(topology=topology, POSITION="the data stream position", engine=None,
+    stub = SimpleNamespace(topology=topology, POSITION="the data stream position", engine=None, ema=None,
                            cfg=SimpleNamespace(train=train))
     stub._global_batch_change = lambda r, s: run.TrainingRun._global_batch_change(stub, r, s)
     return run, stub, ref
