@@ -49,6 +49,19 @@ def as_storage_error(paths: Sequence[str | os.PathLike], error: BaseException, w
 
 
 @contextlib.contextmanager
+def storage_failures_named(paths: Sequence[str | os.PathLike], who: str = "",
+                           judge_by_space_left: bool = False) -> Iterator[None]:
+    """Re-raise what the block raises as `as_storage_error` judges it (the original chained)."""
+    try:
+        yield
+    except BaseException as error:
+        failure = as_storage_error(paths, error, who, judge_by_space_left)
+        if failure is error:
+            raise
+        raise failure from error
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yields the temp path to write; on success it replaces `path`, on an exception it is removed."""
     with atomic_paths(path) as (tmp,):
@@ -62,20 +75,18 @@ def atomic_paths(*paths: str | os.PathLike) -> Iterator[Tuple[Path, ...]]:
     earlier files, all of them."""
     targets = [Path(path) for path in paths]
     temps = tuple(path.with_name(path.name + ".tmp") for path in targets)
-    try:
-        yield temps
-        for tmp in temps:
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
-        for tmp, path in zip(temps, targets):
-            os.replace(tmp, path)
-    except BaseException as error:
-        for tmp in temps:
-            tmp.unlink(missing_ok=True)
-        failure = as_storage_error(targets, error)
-        if failure is error:
+    with storage_failures_named(targets):
+        try:
+            yield temps
+            for tmp in temps:
+                with open(tmp, "rb+") as handle:
+                    os.fsync(handle.fileno())
+            for tmp, path in zip(temps, targets):
+                os.replace(tmp, path)
+        except BaseException:
+            for tmp in temps:
+                tmp.unlink(missing_ok=True)
             raise
-        raise failure from error
     for folder in dict.fromkeys(path.parent for path in targets):
         fsync_directory(folder)
 

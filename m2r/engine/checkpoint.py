@@ -23,7 +23,8 @@ import torch
 from omegaconf import OmegaConf
 
 from m2r import dist
-from m2r.atomic import as_storage_error, fsync_directory, fsync_tree, write_json_atomically, write_text_atomically
+from m2r.atomic import (fsync_directory, fsync_tree, storage_failures_named, write_json_atomically,
+                        write_text_atomically)
 from m2r.config import config_error, save_config
 
 TAG_PATTERN = re.compile(r"^step(\d{8})$")
@@ -211,15 +212,10 @@ class CheckpointManager:
         if dist.is_rank0():
             self.remove_leftovers()
         dist.barrier()
-        try:
+        with storage_failures_named([staging.path], who=f"rank {dist.rank()}: ", judge_by_space_left=True):
             engine.save_checkpoint(str(self.root), tag=staging.tag, client_state=client_state, save_latest=False)
             if ema_state:   # the ranks holding a part of the EMA (see TrainingRun._ema_state)
                 torch.save(ema_state, staging.path / f"ema_rank{dist.rank():05d}.pt")
-        except Exception as error:
-            failure = as_storage_error([staging.path], error, who=f"rank {dist.rank()}: ", judge_by_space_left=True)
-            if failure is error:
-                raise
-            raise failure from error
         dist.barrier()   # every rank's files are written (DeepSpeed's save ends in one too, not the EMA's)
         if dist.is_local_rank0():   # this node's writes are on disk before the tag can count as complete
             fsync_tree(staging.path)
@@ -283,8 +279,8 @@ class CheckpointManager:
         return tags_in(self.root)
 
     def _prune(self, keep: str) -> None:
-        """Keep the newest `keep_last` complete tags; delete older ones, incomplete step directories
-        and what crashed saves left behind."""
+        """Keep the newest `keep_last` complete tags; delete older ones and incomplete step directories
+        (what crashed saves left in staging went when this save started: `remove_leftovers`)."""
         tags = self.tags()
         complete = {tag for tag in tags if is_complete(self.root / tag)}
         older = [tag for tag in tags if tag != keep and tag in complete]
@@ -292,7 +288,6 @@ class CheckpointManager:
         doomed += [self.root / tag for tag in tags if tag not in complete]
         for path in doomed:
             shutil.rmtree(path, ignore_errors=True)
-        self.remove_leftovers()
 
 
 def load_ema_states(ref: CheckpointRef) -> Dict[str, torch.Tensor]:
