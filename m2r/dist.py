@@ -216,16 +216,11 @@ def max_over_ranks(value: float) -> float:
     return tensor.item()
 
 
-def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
-    """Element-wise mean over ranks of a CPU tensor (call it on all ranks)."""
-    return all_reduce_sum(values) / world_size()
-
-
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Element-wise sum over ranks of a CPU tensor, as a new CPU tensor (`values` itself is untouched
-    when a process group is running): call it on all ranks."""
+    """Element-wise sum over ranks of a tensor on any device, as a CPU tensor (`values` itself is
+    untouched): call it on all ranks. One device-to-host copy when `values` is on the collective device."""
     if not is_initialized():
-        return values
+        return values.cpu()
     buffer = values.to(_collective_device(), copy=True)
     torch_dist.all_reduce(buffer)
     return buffer.cpu()

@@ -11,7 +11,9 @@ import signal
 import sys
 from typing import Optional
 
-from m2r.dist import is_rank0, max_over_ranks
+import torch
+
+from m2r.dist import all_reduce_sum, is_rank0
 
 
 # SLURM's preemption, scancel and time-limit warning, and Ctrl-C (which a terminal sends to every
@@ -74,18 +76,30 @@ class StopRequest:
                      b"abort without one)\n")
         self.signal_name = self.signal_name or signal.Signals(signum).name
 
-    def agreed_reason(self) -> Optional[str]:
-        """Why every rank stops now, or None (a collective: every rank calls it at the same step). The
+    def received_flags(self, device: torch.device) -> torch.Tensor:
+        """This rank's stop signal as one flag per `STOP_SIGNALS` entry (float64 on `device`), to be summed
+        over ranks and read by `agree`. Filled on the device: a host-to-device copy would wait for the GPU."""
+        flags = torch.zeros(len(STOP_SIGNALS), dtype=torch.float64, device=device)
+        if self.signal_name:
+            flags[STOP_SIGNALS.index(signal.Signals[self.signal_name])] = 1.0
+        return flags
+
+    def agree(self, summed_flags: torch.Tensor) -> Optional[str]:
+        """Why every rank stops now, or None, from `received_flags` summed over ranks (on the host). The
         ranks agree on the signal too (the highest number of those received), in `agreed_signal`."""
-        received = signal.Signals[self.signal_name].value if self.signal_name else 0
-        agreed = int(max_over_ranks(received))
-        if not agreed:
+        received = [sig for sig, count in zip(STOP_SIGNALS, summed_flags.tolist()) if count > 0]
+        if not received:
             return None
-        self.agreed_signal = signal.Signals(agreed).name
+        self.agreed_signal = max(received).name
         # Read again: a signal that reached this rank during the collective is its own too (SLURM signals
         # every rank; the handler may run only once the collective returns).
         own = self.signal_name == self.agreed_signal
         return f"received {self.agreed_signal}" + ("" if own else " (on another rank)")
+
+    def agreed_reason(self) -> Optional[str]:
+        """`agree` on its own collective (every rank calls it at the same point). A training step agrees
+        within its report's all-reduce instead (TrainingRun._report_step)."""
+        return self.agree(all_reduce_sum(self.received_flags(torch.device("cpu"))))
 
 
 def shut_down_workers(batches) -> None:

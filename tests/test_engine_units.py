@@ -377,6 +377,31 @@ def test_a_step_reports_the_mean_of_its_micro_batches_loss_and_load(monkeypatch)
     assert result.loads.tolist() == [[0.5, 0.5]] and stub.step == 1 and result.lr == 1.0
 
 
+def test_a_step_report_averages_over_ranks_and_agrees_on_stop_signals_in_one_collective(monkeypatch):
+    """One all-reduce per step carries the loss terms, the expert loads and every rank's stop signal: on
+    a GPU each collective costs a host synchronisation. Here the other rank received SIGTERM."""
+    import signal
+
+    from m2r import stop_signals
+    from m2r.engine import run
+
+    other_rank = torch.tensor([3.0, 5.0, 7.0, 0.0, 1.0]
+                              + [1.0 if sig == signal.SIGTERM else 0.0 for sig in stop_signals.STOP_SIGNALS])
+    collectives = []
+    monkeypatch.setattr(dist, "all_reduce_sum", lambda values: collectives.append(values) or values + other_rank)
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    logged = []
+    stub = SimpleNamespace(step=3, total_steps=10, cfg=SimpleNamespace(run=SimpleNamespace(log_every=5)),
+                           stop_request=SimpleNamespace(signal_name=None, agreed_signal=None),
+                           _log_train_step=lambda terms, lr, timer, log_step: logged.append((terms.tolist(), log_step)))
+    for method in ("received_flags", "agree"):
+        setattr(stub.stop_request, method, getattr(stop_signals.StopRequest, method).__get__(stub.stop_request))
+    result = run.StepResult(torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64),
+                            torch.tensor([[1.0, 0.0]], dtype=torch.float64), lr=0.5)
+    assert run.TrainingRun._report_step(stub, result, timer=None) == "received SIGTERM (on another rank)"
+    assert len(collectives) == 1 and logged == [([2.0, 3.0, 4.0], False)]
+
+
 def test_a_local_rank_equal_to_the_gpu_count_is_refused_with_the_reason(monkeypatch):
     """Ranks 0-3 on a node showing 4 GPUs are fine; a fifth rank (local rank 4) has none."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

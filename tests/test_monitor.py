@@ -159,7 +159,7 @@ def test_the_training_loop_reports_img_per_s_without_the_validation_and_checkpoi
     clock = _Clock()
     monkeypatch.setattr(monitor_module, "time", clock)
     monkeypatch.setattr(trainer_module, "time", clock)
-    reported, stops = [], iter([None, "finished"])
+    reported, stops = [], iter([None, None, "finished"])   # at the start, after steps 1 and 2
 
     def train_step(timer):
         clock.now += 1.0            # a training step: 1 s
@@ -171,7 +171,7 @@ def test_the_training_loop_reports_img_per_s_without_the_validation_and_checkpoi
         step=0, last_val_step=0, engine=SimpleNamespace(train=lambda: None),
         cfg=SimpleNamespace(train=SimpleNamespace(micro_batch=2, grad_accum=2)),
         stop_request=SimpleNamespace(agreed_signal=None, agreed_reason=lambda: None),
-        _stop_reason=lambda steps, finished=False: None, _finished=lambda: False,
+        _finished=lambda: False,
         _start_of_run_work=lambda: False, train_step=train_step,
         _report_step=lambda result, timer: reported.append(timer.take()),
         _periodic_work=periodic_work, _planned_stop_reason=lambda steps, finished: next(stops),

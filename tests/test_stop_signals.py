@@ -6,6 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from fake_engine import FakeEngine
 from m2r import dist, stop_signals
@@ -165,7 +166,8 @@ def test_a_rank_that_received_another_signal_than_the_agreed_one_says_it_came_fr
     try:
         request = stop_signals.StopRequest()
         signal.raise_signal(signal.SIGUSR1)
-        monkeypatch.setattr(stop_signals, "max_over_ranks", lambda value: max(value, signal.SIGTERM.value))
+        sigterm_on_another_rank = torch.tensor([1.0 if sig == signal.SIGTERM else 0.0 for sig in stop_signals.STOP_SIGNALS])
+        monkeypatch.setattr(stop_signals, "all_reduce_sum", lambda flags: flags + sigterm_on_another_rank)
         assert request.agreed_reason() == "received SIGTERM (on another rank)"
         assert request.agreed_signal == "SIGTERM"
     finally:
@@ -197,12 +199,12 @@ def test_a_signal_that_arrives_during_the_agreement_is_this_ranks_own(monkeypatc
     try:
         request = stop_signals.StopRequest()
 
-        def collective_during_which_sigterm_arrives(value):
-            assert value == 0   # nothing received when the collective started
+        def collective_during_which_sigterm_arrives(flags):
+            assert flags.sum() == 0   # nothing received when the collective started
             signal.raise_signal(signal.SIGTERM)
-            return float(signal.SIGTERM.value)
+            return request.received_flags(torch.device("cpu"))
 
-        monkeypatch.setattr(stop_signals, "max_over_ranks", collective_during_which_sigterm_arrives)
+        monkeypatch.setattr(stop_signals, "all_reduce_sum", collective_during_which_sigterm_arrives)
         assert request.agreed_reason() == "received SIGTERM"
     finally:
         for sig, handler in saved.items():

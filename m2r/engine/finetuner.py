@@ -221,9 +221,9 @@ class Finetuner(TrainingRun):
                 result = self.train_step(next(batches) for _ in range(train.grad_accum))
                 self.samples_into_epoch += train.micro_batch * train.grad_accum
                 timer.end_step(images_per_step(train, dist.world_size()))
-                self._report_step(result, timer)
+                signalled = self._report_step(result, timer)
                 self.steps_this_run += 1
-                if reason := self._stop_reason(self.steps_this_run):
+                if reason := signalled or self._planned_stop_reason(self.steps_this_run, finished=False):
                     return reason
         finally:
             stop_signals.shut_down_workers(batches)

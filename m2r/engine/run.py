@@ -4,7 +4,8 @@
 resume. A subclass then builds, in its own order, its data and `_build_model` -> `_start_engine` ->
 `_start_ema` -> its resume through `_load_checkpoint` (and `_restore_ema`) -> `_seed_rng` ->
 `_open_monitor`; its loop's `train_step` runs `_optimizer_step` (forward and backward of each
-micro-batch, the optimizer step, the EMA) and reports each step through `_report_step`.
+micro-batch, the optimizer step, the EMA) and reports each step through `_report_step`, which also
+agrees on the stop signals.
 """
 from __future__ import annotations
 
@@ -58,8 +59,8 @@ def micro_step(engine, batch: Dict[str, torch.Tensor], device: torch.device, inp
 
 
 class StepResult(NamedTuple):
-    """One optimizer step on this rank, on the host: mean loss terms (`LossTerms.NAMES`), mean expert
-    loads (adapter level x expert), and the learning rate it ran at."""
+    """One optimizer step on this rank: mean loss terms (`LossTerms.NAMES`) and mean expert loads (adapter
+    level x expert), float64 on the device, and the learning rate it ran at."""
     terms: torch.Tensor
     loads: torch.Tensor
     lr: float
@@ -319,12 +320,6 @@ class TrainingRun:
             reseed(self.cfg.train.seed, dist.rank(), self.step)
 
     # ----------------------------------------------------------------------------- stopping
-    def _stop_reason(self, steps_this_run: int, finished: bool = False) -> Optional[str]:
-        """Why every rank stops after this step, or None: a stop signal on any rank, the end of
-        training (`finished`), or `run.stop_after_steps` steps in this process. A collective (the
-        signal flag is agreed through all_reduce): every rank calls it at the same step."""
-        return self.stop_request.agreed_reason() or self._planned_stop_reason(steps_this_run, finished)
-
     def _finish(self, reason: str, finished: bool, closing_lines: Sequence[str] = ()) -> None:
         """The end of `fit`, once the last step is saved: the job script told of a signal (unless the run
         `finished`), "stopping at step N: <reason>" and `closing_lines` printed, the monitor closed."""
@@ -342,7 +337,8 @@ class TrainingRun:
             write_text_atomically(path, self.stop_request.agreed_signal + "\n")
 
     def _planned_stop_reason(self, steps_this_run: int, finished: bool) -> Optional[str]:
-        """`_stop_reason` without the signals (no collective)."""
+        """Why this run stops after its `steps_this_run` steps, signals aside (no collective): the end of
+        training (`finished`), or `run.stop_after_steps` steps in this process."""
         if finished:
             return "finished"
         limit = self.cfg.run.stop_after_steps
@@ -372,8 +368,8 @@ class TrainingRun:
 
     def _optimizer_step(self, micro_batches: Iterable[Dict[str, torch.Tensor]], schedule: LRSchedule) -> StepResult:
         """One optimizer step over the micro-batches (pulled one at a time): the learning rate of this
-        step from `schedule` (see optim.learning_rate), forward and backward of each, the EMA. One
-        device-to-host copy (one synchronisation) per step for everything reported."""
+        step from `schedule` (see optim.learning_rate), forward and backward of each, the EMA. What it
+        reports stays on the device: `_report_step` copies it once."""
         lr = learning_rate(self.step, schedule)
         set_learning_rate(self.optimizer, lr)
         terms, loads, count = 0.0, 0.0, 0
@@ -386,21 +382,27 @@ class TrainingRun:
         if self.ema is not None:
             self.ema.update()
         self.step += 1
-        means = (torch.cat([terms, loads.flatten()]) / count).to("cpu", torch.float64)
+        means = (torch.cat([terms, loads.flatten()]) / count).double()
         names = len(LossTerms.NAMES)
         return StepResult(means[:names], means[names:].view(loads.shape), lr)
 
-    def _report_step(self, result: StepResult, timer: StepTimer) -> None:
-        """Every step: its loss terms averaged over ranks (one all-reduce, the expert loads with them).
-        Every `run.log_every` steps and at the last: also the expert loads, `_log_run_stats`, the grad
-        norm and the throughput. A collective: every rank calls it at every step."""
+    def _report_step(self, result: StepResult, timer: StepTimer) -> Optional[str]:
+        """Every step: its loss terms and expert loads averaged over ranks, and the ranks' stop signals
+        agreed, in one all-reduce and one device-to-host copy (the step's only synchronisation). Every
+        `run.log_every` steps and at the last: also the expert loads, `_log_run_stats`, the grad norm and
+        the throughput. Returns why every rank stops for a signal now, or None. A collective: every rank
+        calls it at every step."""
+        report = torch.cat([result.terms, result.loads.flatten()])
+        summed = dist.all_reduce_sum(torch.cat([report, self.stop_request.received_flags(report.device)]))
+        means = summed[:len(report)] / dist.world_size()
+        signalled = self.stop_request.agree(summed[len(report):])
         terms = len(result.terms)
-        means = dist.mean_over_ranks(torch.cat([result.terms, result.loads.flatten()]))
         log_step = self.step % self.cfg.run.log_every == 0 or self.step == self.total_steps
         if log_step:
             self.monitor.log_expert_load(self.step, list(means[terms:].view_as(result.loads).float()))
             self._log_run_stats()
         self._log_train_step(means[:terms], result.lr, timer, log_step)
+        return signalled
 
     def _log_run_stats(self) -> None:
         """What a kind of run reports on log steps besides the losses and loads (a collective)."""

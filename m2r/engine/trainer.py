@@ -196,7 +196,7 @@ class Trainer(TrainingRun):
         self.engine.train()
         steps_this_run, last_saved = 0, self.step
         # A stop signal received during start-up stops the run here: it holds nothing new to save.
-        reason = self._stop_reason(steps_this_run, finished=self._finished())
+        reason = self.stop_request.agreed_reason() or self._planned_stop_reason(steps_this_run, self._finished())
         if not self.stop_request.agreed_signal and self._start_of_run_work():
             last_saved = None   # a checkpoint must record the validation redone
         timer = StepTimer()   # after the first validation: the first steps' img/s is theirs alone
@@ -204,10 +204,9 @@ class Trainer(TrainingRun):
             result = self.train_step(timer)
             steps_this_run += 1
             timer.end_step(images_per_step(self.cfg.train, dist.world_size()))
-            self._report_step(result, timer)
+            signalled = self._report_step(result, timer)
             # After a stop signal the time left (SLURM's warning margin, or its kill wait after a
             # SIGTERM) goes to the checkpoint alone: the resumed run validates first if one was due.
-            signalled = self.stop_request.agreed_reason()
             periodic_work_started = time.perf_counter()
             if not signalled and self._periodic_work():
                 last_saved = self.step
