@@ -3,6 +3,7 @@
 # internet) lacks, so `bash bench/gpu_checks.sh` can install it there. Run here, before the GPU call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+rm -rf .gpu_wheels   # two versions of one package stop the whole install there
 mkdir -p .gpu_wheels
 cp ../shared/wheels/gpu/*.whl .gpu_wheels/   # mamba-ssm and causal-conv1d built for that machine
 chmod u+w .gpu_wheels/*.whl
@@ -11,7 +12,13 @@ chmod u+w .gpu_wheels/*.whl
 .venv/bin/pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
     -d .gpu_wheels webdataset omegaconf open_clip_torch ftfy \
-    wcwidth braceexpand zstandard hjson ninja py-cpuinfo msgpack safetensors pydantic pydantic-core \
-    annotated-types typing-inspection nvidia-ml-py psutil regex packaging accelerate pyyaml \
-    pytest pluggy iniconfig pytest-timeout
+    wcwidth braceexpand zstandard hjson pydantic pydantic-core annotated-types typing-inspection \
+    typing-extensions
+# What the machine's image holds already (/work/.library/device/KINDS.md) goes to if-missing/: installed
+# there only when one of them fails to import, since copies first on PYTHONPATH shadow the image's own
+# (a newer pytest would load the image's older plugins).
+.venv/bin/pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+    -d .gpu_wheels/if-missing pytest pluggy iniconfig pytest-timeout accelerate packaging psutil pyyaml \
+    regex safetensors msgpack ninja py-cpuinfo nvidia-ml-py
 du -sh .gpu_wheels

@@ -2,9 +2,9 @@
 # Everything this project checks on a GPU. The GPU machine is lent for 15 minutes of device time in
 # all (its start included), so the checks come in parts sized to fit, most wanted first; run them
 # back to back while the machine is warm, then hand it back:
-#   bash bench/gpu_checks.sh bench   # train_speed: every variant, the loss trajectory, the profile (<= 8.5 min; compiles)
+#   bash bench/gpu_checks.sh bench   # train_speed: every variant, the loss trajectory, the profile (<= 7.5 min; compiles)
 #   bash bench/gpu_checks.sh tests   # every GPU-marked test, then train_speed's largest crop, evaluation
-#                                    # and scan parts (<= 5.5 min: give it what device time is left)
+#                                    # and scan parts (<= 5 min: give it what device time is left)
 #   bash bench/gpu_checks.sh extra   # block and activation-memory benchmarks (<= 3 min), if time is left
 # Results under $OUT (default /tmp/m2r-gpu), at most 8 files per part. Every benchmark writes its JSON
 # after each measurement, so a timeout keeps what was measured. bench/scan_speed.py alone also gives
@@ -17,7 +17,11 @@ OUT=${OUT:-/tmp/m2r-gpu}
 mkdir -p "$OUT"
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 {
-  timeout 120 python3 -m pip install -q --no-compile --no-index --no-deps --target /tmp/site .gpu_wheels/*.whl 2>&1 | tail -n 5
+  ls .gpu_wheels/*.whl >/dev/null || echo "NO .gpu_wheels: name .gpu_wheels in the run's carry"
+  timeout 120 python3 -m pip install -q --no-compile --no-index --no-deps --upgrade --target /tmp/site .gpu_wheels/*.whl 2>&1 | tail -n 5
+  python3 -c "import pytest, pytest_timeout, accelerate, packaging, psutil, yaml, regex, safetensors, msgpack, cpuinfo, pynvml" \
+    || timeout 60 python3 -m pip install -q --no-compile --no-index --no-deps --upgrade --target /tmp/site \
+         .gpu_wheels/if-missing/*.whl 2>&1 | tail -n 5
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
   # A kernel that fails to import makes the scan fall back to our PyTorch one, 10x slower: say so first.
@@ -35,19 +39,20 @@ bench)
   timeout "${BENCH_TIMEOUT:-250}" python3 bench/train_speed.py --only train,trajectory,profile,clip \
       --variants fp32-eager,bf16-compiled --steps 6 --warmup 2 --json "$OUT/train_speed.json" > "$OUT/train_speed.txt" 2>&1
   echo "train_speed exit $?" >> "$OUT/train_speed.txt"
-  timeout "${MORE_TIMEOUT:-220}" python3 bench/train_speed.py --only train \
+  timeout "${MORE_TIMEOUT:-160}" python3 bench/train_speed.py --only train \
       --variants bf16-compiled-ac-full-res,bf16-eager,plus-bf16-ac-full-res,bf16-compiled-shifted \
       --steps 6 --warmup 2 --json "$OUT/train_speed_more.json" > "$OUT/train_speed_more.txt" 2>&1
   echo "train_speed exit $?" >> "$OUT/train_speed_more.txt"
   ;;
 tests)
-  # The engine's tests first (the entry-point one compiles: the longest); the scan files run whole,
-  # their mamba_ssm cross-checks need the kernels' package, present only here.
-  { timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py \
-        tests/test_moe.py tests/test_clip_prior.py tests/test_network.py tests/test_eval_cli.py
-    echo "gpu tests exit $?"
-    timeout 45 python3 -m pytest -q -p no:cacheprovider tests/test_scan.py tests/test_mamba.py
-    echo "scan tests exit $?"; } > "$OUT/gpu_tests.txt" 2>&1
+  # Quick files first, the engine's (compiles; subprocesses) last, each test capped by pytest-timeout, so
+  # that a slow compile costs one test's result rather than every later file's; -v shows each result as it
+  # comes. The scan files run whole: their mamba_ssm cross-checks need the kernels' package, present only here.
+  { timeout 60 python3 -m pytest -v --tb=short -p no:cacheprovider --timeout 40 tests/test_scan.py tests/test_mamba.py
+    echo "scan tests exit $?"
+    timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -v --tb=short -m gpu -p no:cacheprovider --timeout 120 \
+        tests/test_moe.py tests/test_clip_prior.py tests/test_network.py tests/test_eval_cli.py tests/test_engine_gpu.py
+    echo "gpu tests exit $?"; } > "$OUT/gpu_tests.txt" 2>&1
   timeout "${REST_TIMEOUT:-75}" python3 bench/train_speed.py --only crop,eval,scan \
       --json "$OUT/train_speed_rest.json" > "$OUT/train_speed_rest.txt" 2>&1
   echo "train_speed exit $?" >> "$OUT/train_speed_rest.txt"

@@ -112,14 +112,16 @@ def test_pretrain_entry_point_with_every_speed_switch_on_gpu(tmp_path, repo_root
     assert "compile True" in result.stdout and "cudnn_benchmark True" in result.stdout
 
 
-def _pretrain_on_one_gpu(repo_root, run_dir, *overrides) -> str:
-    """pretrain.py on the tiny model and the built-in photos under torchrun, one GPU; its stdout."""
+def _pretrain_on_one_gpu(repo_root, run_dir, shards, *overrides) -> str:
+    """pretrain.py on the tiny model and synthetic shards under torchrun, one GPU; its stdout. (Not the
+    built-in photos: they are scikit-image's, which the GPU machine lacks.)"""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                            "MASTER_PORT")}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
                str(dist.free_port()), "pretrain.py", "--config", "configs/pretrain/tiny-test.yaml",
                f"run.dir={run_dir}", "run.tensorboard=false", "model.moe.ep_size=1", "run.image_every=0",
-               "run.val_every=1000", *overrides]
+               "run.val_every=1000", "data.source=shards", f"data.shards={shards}", f"data.val_shards={shards}",
+               *overrides]
     python_path = os.pathsep.join(filter(None, [repo_root, env.get("PYTHONPATH")]))
     result = subprocess.run(command, cwd=repo_root, env=dict(env, PYTHONPATH=python_path), capture_output=True,
                             text=True, timeout=300)
@@ -131,9 +133,10 @@ def test_fp16_trains_and_continues_its_loss_scale_at_another_zero_stage(tmp_path
     """fp16 (DeepSpeed's dynamic loss scaling) trains and saves; resumed at ZeRO 2 from a ZeRO 1 checkpoint
     (a topology change), the loss scaler's progress comes with the optimizer: its iteration count goes on
     from 3 to 5 instead of starting again."""
-    run_dir = tmp_path / "run"
-    _pretrain_on_one_gpu(repo_root, run_dir, "train.precision=fp16", "train.zero_stage=1", "train.steps=3")
-    out = _pretrain_on_one_gpu(repo_root, run_dir, "train.precision=fp16", "train.zero_stage=2", "train.steps=5")
+    shards, run_dir = synthetic_shards(tmp_path), tmp_path / "run"
+    _pretrain_on_one_gpu(repo_root, run_dir, shards, "train.precision=fp16", "train.zero_stage=1", "train.steps=3")
+    out = _pretrain_on_one_gpu(repo_root, run_dir, shards, "train.precision=fp16", "train.zero_stage=2",
+                               "train.steps=5")
     assert "the fp16 loss scale" in out.split("Loaded:")[1].split("LOST")[0]
     (shard,) = (run_dir / "checkpoints/step00000005").glob("*zero_pp_rank_0_*optim_states.pt")
     scaler = torch.load(shard, map_location="cpu", weights_only=False)["optimizer_state_dict"]["loss_scaler"]

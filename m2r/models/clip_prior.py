@@ -15,6 +15,7 @@ the fork's state-dict layout, so its released checkpoints load strictly.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from pathlib import Path
@@ -304,14 +305,19 @@ class CLIPPrior(nn.Module):
     def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         pixels = self.preprocess(image).to(self.model.visual.conv1.weight.dtype)
         # The official code runs DA-CLIP under CUDA's fp16 autocast, whatever the network's precision.
-        with torch.autocast("cuda", dtype=torch.float16, enabled=self.fp16_autocast and pixels.is_cuda):
+        # Otherwise the caller's autocast (if any) stays in force: `enabled=False` would switch it off
+        # and run the tower in fp32 under a bf16 autocast.
+        official = self.fp16_autocast and pixels.is_cuda
+        with torch.autocast("cuda", dtype=torch.float16) if official else contextlib.nullcontext():
             image_features, degra_features = self._image_and_degradation_features(pixels)
             text_features = self.cached_text_features
             if text_features is None:
                 text_features = self._encode_prompts()
-        degra_directions = F.normalize(degra_features.float(), dim=-1)
-        cosine = degra_directions @ F.normalize(text_features.float(), dim=-1).T
-        return (COSINE_SCALE * cosine).softmax(dim=-1), image_features.float()
+        # Scores in fp32 whatever the caller's autocast: a bf16 cosine times COSINE_SCALE moves the logits.
+        with torch.autocast(device_type=pixels.device.type, enabled=False):
+            degra_directions = F.normalize(degra_features.float(), dim=-1)
+            cosine = degra_directions @ F.normalize(text_features.float(), dim=-1).T
+            return (COSINE_SCALE * cosine).softmax(dim=-1), image_features.float()
 
 
 def build_clip_prior(cfg, input_range: str) -> CLIPPrior:
