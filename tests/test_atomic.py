@@ -119,3 +119,25 @@ def test_files_written_together_are_all_flushed_before_the_first_replaces_its_ta
             config.write_text("new config")
     assert (tmp_path / "model.safetensors").read_text() == "earlier weights"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "model.yaml"]   # no temp left
+
+
+def test_an_export_writes_its_companion_files_with_the_weights_or_not_at_all(tmp_path, monkeypatch):
+    """Finetuning's best_<metric>.json names the epoch of best_<metric>.safetensors: a failed weights write
+    must not leave a new record beside the earlier weights."""
+    import errno
+
+    import safetensors.torch
+    import torch
+
+    import m2r.export
+    from m2r.atomic import StorageError
+
+    monkeypatch.setattr(m2r.export, "checkpoint_at", lambda location, option: SimpleNamespace(path=Path(location)))
+    monkeypatch.setattr(m2r.export, "export_state_dict", lambda ref, use_ema: ({"w": torch.ones(2)}, {"model": {}}))
+    out, record = tmp_path / "best_psnr.safetensors", tmp_path / "best_psnr.json"
+    m2r.export.export("ckpt", str(out), companions={record: '{"epoch": 1}'})
+    assert record.read_text() == '{"epoch": 1}'
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda *a, **k: _raise(errno.ENOSPC))
+    with pytest.raises(StorageError):
+        m2r.export.export("ckpt", str(out), companions={record: '{"epoch": 2}'})
+    assert record.read_text() == '{"epoch": 1}'

@@ -354,8 +354,8 @@ def test_keep_best_replaces_the_best_only_on_an_improvement(monkeypatch, tmp_pat
             saved.append(step)
             return SimpleNamespace(path=self.root / f"step{step}")
     monkeypatch.setattr(finetuner, "CheckpointManager", Manager)
-    monkeypatch.setattr(finetuner, "export", lambda *args, **kwargs: None)
-    monkeypatch.setattr(finetuner, "write_json_atomically", lambda path, value: None)
+    records = []   # best_<metric>.json, written with the weights (export's companions)
+    monkeypatch.setattr(finetuner, "export", lambda *args, companions, **kwargs: records.append(companions))
     monkeypatch.setattr(finetuner.dist, "barrier", lambda: None)
     stub = SimpleNamespace(cfg=SimpleNamespace(run=SimpleNamespace(best_metrics=["psnr"])), best={}, run_dir=tmp_path,
                            engine=None, topology=None, ema=None, KIND="finetune",
@@ -366,6 +366,8 @@ def test_keep_best_replaces_the_best_only_on_an_improvement(monkeypatch, tmp_pat
         Finetuner.keep_best(stub, {"psnr": psnr})
     assert stub.best == {"psnr": {"value": 25.0, "epoch": 2, "step": 4}}   # a tie does not replace it
     assert saved == [2, 4]
+    assert [json.loads(text)["epoch"] for (text,) in (r.values() for r in records)] == [1, 2]
+    assert [path for (path,) in records] == [tmp_path / "best_psnr.json"] * 2
 
 
 @pytest.mark.parametrize("epochs, accepted", [(200, True), (262, True), (263, False)])

@@ -7,6 +7,7 @@ in m2r/engine/config.py.
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -14,7 +15,6 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from m2r import dist, stop_signals
-from m2r.atomic import write_json_atomically
 from m2r.config import ConfigError, require
 from m2r.engine.checkpoint import CheckpointManager, CheckpointRef, checkpoint_at, load_weights_only
 from m2r.engine.config import allowed_model_changes, validate_finetune_config
@@ -255,8 +255,8 @@ class Finetuner(TrainingRun):
             ref = manager.save(self.engine, self.step, self.topology, self._client_state(), self.cfg,
                                self._ema_state())
             if dist.is_rank0():   # the weights that were validated: the EMA ones when there is an EMA
-                export(str(ref.path), str(self.run_dir / f"best_{name}.safetensors"), use_ema=self.ema is not None)
-                write_json_atomically(self.run_dir / f"best_{name}.json", self.best[name])
+                export(str(ref.path), str(self.run_dir / f"best_{name}.safetensors"), use_ema=self.ema is not None,
+                       companions={self.run_dir / f"best_{name}.json": json.dumps(self.best[name], indent=1)})
                 self.monitor.print(f"new best {name} {metrics[name]:.4f} at epoch {self.epoch}: {ref.path}")
             dist.barrier()
 
