@@ -3,7 +3,7 @@
     deepspeed --num_gpus 2 pretrain.py --config configs/pretrain/demo.yaml          # the CPU demo
     deepspeed [--num_gpus N] pretrain.py --config configs/pretrain/<x>.yaml [key=value ...]
     torchrun --nproc_per_node N pretrain.py --config configs/pretrain/<x>.yaml [key=value ...]
-    srun --ntasks-per-node=8 python pretrain.py --config ...                         # one task per GPU
+    srun --kill-on-bad-exit=1 --ntasks-per-node=8 python pretrain.py --config ...    # one task per GPU
     python pretrain.py --config configs/pretrain/tiny-test.yaml                      # one process
 
 `key=value` overrides any config key, e.g. `train.steps=100 model.moe.ep_size=2 run.resume=none`.

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from typing import Callable, NoReturn, Optional, Sequence, Tuple
 
 USER_ERROR_EXIT = 2
@@ -40,9 +41,22 @@ def run_main(main: Callable[[Optional[Sequence[str]]], Optional[int]]) -> NoRetu
         code = main(None)
     except Exception as error:
         if not isinstance(error, user_errors()):
+            _end_every_rank(error, 1)
             raise
         world = int(os.environ.get("WORLD_SIZE", "1"))
         where = f"rank {os.environ.get('RANK', '?')}: " if world > 1 else ""
         print(f"{where}error: {error}", file=sys.stderr, flush=True)
+        _end_every_rank(error, USER_ERROR_EXIT, traceback_too=False)
         code = USER_ERROR_EXIT
     sys.exit(code)
+
+
+def _end_every_rank(error: Exception, code: int, traceback_too: bool = True) -> None:
+    """In a multi-rank run: the traceback printed (when `traceback_too`), then `m2r.dist.end_every_rank`,
+    which does not return. Elsewhere nothing happens and the caller goes on."""
+    dist = sys.modules.get("m2r.dist")   # not imported: no process group
+    if dist is None or not dist.is_multi_rank():
+        return
+    if traceback_too:
+        traceback.print_exc()
+    dist.end_every_rank(f"{type(error).__name__}: {str(error)[:500]}", code)
