@@ -116,8 +116,13 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+def json_text(payload) -> str:
+    """How m2r writes its JSON records (checkpoint metadata, results.json, best_<metric>.json, shard sidecars)."""
+    return json.dumps(payload, indent=1)
+
+
 def write_json_atomically(path: str | os.PathLike, payload) -> None:
-    write_text_atomically(path, json.dumps(payload, indent=1))
+    write_text_atomically(path, json_text(payload))
 
 
 def fsync_directory(path: str | os.PathLike) -> None:

@@ -131,12 +131,14 @@ def _give_new_groups_the_timeout(timeout: datetime.timedelta) -> None:
 # ----------------------------------------------------------------------------- a failed rank ends every rank
 # A rank that raises exits; the others may be inside a collective that never notices (NCCL does not see a
 # peer's death) and wait there for the collective timeout (run.collective_timeout_minutes), unless the
-# launcher kills them: torchrun and the deepspeed launcher do, srun only with --kill-on-bad-exit. A rank
-# that hangs (a stuck read, a wedged NCCL abort at exit) is never killed by srun without it, even once the
-# others have timed out. So a failing rank also writes its error into the process group's key-value store,
-# which every rank's watch thread reads every FAILURE_POLL_SECONDS: each then exits at once (status 1),
-# naming the rank that failed, whatever launched it and whatever collective it is in.
-# (per torchrun restart: its store may outlive a failed attempt)
+# launcher kills them: torchrun and the deepspeed launcher do, srun only with --kill-on-bad-exit. And the
+# failing rank's own interpreter shutdown can hang (NCCL's communicator abort while peers still use it).
+# So a failing rank writes its error into the process group's key-value store and exits at once; every
+# rank's watch thread reads the store every FAILURE_POLL_SECONDS and then exits (status 1), naming the rank
+# that failed and where it was itself, whatever launched it and whatever collective it is in. Not covered:
+# on NCCL a collective timeout aborts the process from torch's watchdog thread, with no Python error to
+# announce, so a rank that hangs (a stuck read) is ended by its launcher alone (srun --kill-on-bad-exit=1).
+# The key is per torchrun restart (belt and braces: torchrun also prefixes its store per attempt).
 FAILURE_KEY = f"m2r/failed/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 FAILURE_POLL_SECONDS = 5.0
 _failure_watch: Optional[threading.Event] = None   # set: the watch thread stops
@@ -162,11 +164,13 @@ def start_failure_watch(poll_seconds: float = FAILURE_POLL_SECONDS) -> None:
                 if not store.check([FAILURE_KEY]):
                     continue
                 message = store.get(FAILURE_KEY).decode(errors="replace")
-            except Exception:   # the store's host has exited (rank 0, a clean end included): the launcher judges
-                continue
+            except Exception:   # the store's host has exited (rank 0, a clean end included): nobody can
+                return          # announce any more, and each further try logs a C++ stack; the launcher judges
             if stop.is_set():
                 return
-            _exit_now(f"rank {me}: stopping because {message}; this rank was in {_where_main_thread_is()}", 1)
+            where = _where_main_thread_is()
+            _linger_if_hosting_the_store()
+            _exit_now(f"rank {me}: stopping because {message}; this rank was in {where}", 1)
 
     _failure_watch = stop
     threading.Thread(target=watch, name="m2r-failure-watch", daemon=True).start()
@@ -197,16 +201,20 @@ def _announce_failure(message: str, wait_seconds: float = 10.0) -> None:
 
     def tell() -> None:
         try:
-            store = _default_store()
-            if not store.check([FAILURE_KEY]):
-                store.set(FAILURE_KEY, message)
+            _default_store().compare_set(FAILURE_KEY, "", message)   # atomic: the first failure stays
         except Exception:
             pass
         done.set()
 
     threading.Thread(target=tell, name="m2r-announce-failure", daemon=True).start()
     done.wait(wait_seconds)
-    if rank() == 0:
+    _linger_if_hosting_the_store()
+
+
+def _linger_if_hosting_the_store() -> None:
+    """Rank 0 hosts the store under srun and the deepspeed launcher (torchrun's agent hosts it there):
+    it stays for every other rank's next look, whether it failed itself or saw another's failure."""
+    if rank() == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         time.sleep(FAILURE_POLL_SECONDS + 1)
 
 

@@ -21,7 +21,6 @@ Images of any size: reflect-padded to a multiple of 8 and cropped back, or tiled
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -30,7 +29,7 @@ import torch
 from accelerate import Accelerator
 
 from m2r import dist
-from m2r.atomic import atomic_paths
+from m2r.atomic import atomic_paths, json_text
 from m2r.cli import run_main
 from m2r.config import ConfigError
 from m2r.eval.datasets import (ALLWEATHER_PAPER_SETS, DATASETS, OFFICIAL_TEST_SIZES, Pair, check_pairs,
@@ -143,7 +142,7 @@ def write_results(records: Sequence[dict], sets: Sequence[str], protocols: Seque
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_paths(out / "results.json", out / "results.md") as (json_tmp, table_tmp):
-        json_tmp.write_text(json.dumps(report, indent=1))
+        json_tmp.write_text(json_text(report))
         table_tmp.write_text(table)
 
 

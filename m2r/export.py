@@ -19,8 +19,7 @@ import argparse
 import os
 import re
 from pathlib import Path
-from types import MappingProxyType
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import OmegaConf
@@ -100,8 +99,7 @@ def stored_model_config(weights_path: Path) -> Optional[dict]:
     return stored.get("model") if isinstance(stored, dict) else None
 
 
-def export(checkpoint: str, out: str, use_ema: bool = False, companions: Mapping[Path, str] = MappingProxyType({})
-           ) -> Path:
+def export(checkpoint: str, out: str, use_ema: bool = False, companions: Optional[Dict[Path, str]] = None) -> Path:
     """The checkpoint's weights as `out` (safetensors) with their network config beside it (and
     `companions`, more text files by path, e.g. finetuning's best_<metric>.json), written together."""
     from safetensors.torch import save_file
@@ -113,11 +111,13 @@ def export(checkpoint: str, out: str, use_ema: bool = False, companions: Mapping
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     # A failed write (a full disk) leaves the earlier pair, not new weights beside an old network config.
-    with atomic_paths(out_path, config_path_for(out_path), *companions) as (tmp, config_tmp, *companion_tmps):
+    companions = list((companions or {}).items())
+    with atomic_paths(out_path, config_path_for(out_path), *(path for path, _ in companions)) as (
+            tmp, config_tmp, *companion_tmps):
         save_file(state, str(tmp), metadata={"source": str(ref.path), "weights": "ema" if use_ema else "fp32"})
         os.chmod(tmp, default_file_mode())   # safetensors writes 0600 files, unreadable to teammates
         config_tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(config), resolve=True))
-        for companion_tmp, text in zip(companion_tmps, companions.values()):
+        for companion_tmp, (_, text) in zip(companion_tmps, companions):
             companion_tmp.write_text(text)
     return out_path
 

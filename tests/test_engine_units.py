@@ -384,6 +384,7 @@ def test_a_step_report_averages_over_ranks_and_agrees_on_stop_signals_in_one_col
 
     from m2r import stop_signals
     from m2r.engine import run
+    from m2r.engine.monitor import StepTimer
 
     other_rank = torch.tensor([3.0, 5.0, 7.0, 0.0, 1.0]
                               + [1.0 if sig == signal.SIGTERM else 0.0 for sig in stop_signals.STOP_SIGNALS])
@@ -391,15 +392,18 @@ def test_a_step_report_averages_over_ranks_and_agrees_on_stop_signals_in_one_col
     monkeypatch.setattr(dist, "all_reduce_sum", lambda values: collectives.append(values) or values + other_rank)
     monkeypatch.setattr(dist, "world_size", lambda: 2)
     logged = []
-    stub = SimpleNamespace(step=3, total_steps=10, cfg=SimpleNamespace(run=SimpleNamespace(log_every=5)),
+    stub = SimpleNamespace(step=3, total_steps=10, cfg=SimpleNamespace(run=SimpleNamespace(log_every=5),
+                                                                       train=SimpleNamespace(micro_batch=2, grad_accum=1)),
                            stop_request=SimpleNamespace(signal_name=None, agreed_signal=None),
                            _log_train_step=lambda terms, lr, timer, log_step: logged.append((terms.tolist(), log_step)))
     for method in ("received_flags", "agree"):
         setattr(stub.stop_request, method, getattr(stop_signals.StopRequest, method).__get__(stub.stop_request))
     result = run.StepResult(torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64),
                             torch.tensor([[1.0, 0.0]], dtype=torch.float64), lr=0.5)
-    assert run.TrainingRun._report_step(stub, result, timer=None) == "received SIGTERM (on another rank)"
+    timer = StepTimer()
+    assert run.TrainingRun._report_step(stub, result, timer) == "received SIGTERM (on another rank)"
     assert len(collectives) == 1 and logged == [([2.0, 3.0, 4.0], False)]
+    assert timer.images == 4   # the report ends the step (after its synchronisation): 2 images x 2 ranks
 
 
 def test_a_local_rank_equal_to_the_gpu_count_is_refused_with_the_reason(monkeypatch):

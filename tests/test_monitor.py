@@ -169,11 +169,10 @@ def test_the_training_loop_reports_img_per_s_without_the_validation_and_checkpoi
 
     stub = SimpleNamespace(
         step=0, last_val_step=0, engine=SimpleNamespace(train=lambda: None),
-        cfg=SimpleNamespace(train=SimpleNamespace(micro_batch=2, grad_accum=2)),
         stop_request=SimpleNamespace(agreed_signal=None, agreed_reason=lambda: None),
         _finished=lambda: False,
         _start_of_run_work=lambda: False, train_step=train_step,
-        _report_step=lambda result, timer: reported.append(timer.take()),
+        _report_step=lambda result, timer: timer.end_step(4) or reported.append(timer.take()),   # 4 images a step
         _periodic_work=periodic_work, _planned_stop_reason=lambda steps, finished: next(stops),
         save_checkpoint=lambda: None, _finish=lambda *args, **kwargs: None, _demo_summary=lambda: [])
     trainer_module.Trainer._train(stub)

@@ -7,7 +7,6 @@ in m2r/engine/config.py.
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -15,10 +14,10 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from m2r import dist, stop_signals
+from m2r.atomic import json_text
 from m2r.config import ConfigError, require
 from m2r.engine.checkpoint import CheckpointManager, CheckpointRef, checkpoint_at, load_weights_only
 from m2r.engine.config import allowed_model_changes, validate_finetune_config
-from m2r.engine.deepspeed_config import images_per_step
 from m2r.engine.experts import global_expert_names
 from m2r.engine.monitor import StepTimer
 from m2r.engine.optim import LRSchedule, learning_rate
@@ -220,7 +219,6 @@ class Finetuner(TrainingRun):
             for _ in range(steps_left):
                 result = self.train_step(next(batches) for _ in range(train.grad_accum))
                 self.samples_into_epoch += train.micro_batch * train.grad_accum
-                timer.end_step(images_per_step(train, dist.world_size()))
                 signalled = self._report_step(result, timer)
                 self.steps_this_run += 1
                 if reason := signalled or self._planned_stop_reason(self.steps_this_run, finished=False):
@@ -256,7 +254,7 @@ class Finetuner(TrainingRun):
                                self._ema_state())
             if dist.is_rank0():   # the weights that were validated: the EMA ones when there is an EMA
                 export(str(ref.path), str(self.run_dir / f"best_{name}.safetensors"), use_ema=self.ema is not None,
-                       companions={self.run_dir / f"best_{name}.json": json.dumps(self.best[name], indent=1)})
+                       companions={self.run_dir / f"best_{name}.json": json_text(self.best[name])})
                 self.monitor.print(f"new best {name} {metrics[name]:.4f} at epoch {self.epoch}: {ref.path}")
             dist.barrier()
 

@@ -388,12 +388,13 @@ class TrainingRun:
 
     def _report_step(self, result: StepResult, timer: StepTimer) -> Optional[str]:
         """Every step: its loss terms and expert loads averaged over ranks, and the ranks' stop signals
-        agreed, in one all-reduce and one device-to-host copy (the step's only synchronisation). Every
-        `run.log_every` steps and at the last: also the expert loads, `_log_run_stats`, the grad norm and
-        the throughput. Returns why every rank stops for a signal now, or None. A collective: every rank
-        calls it at every step."""
+        agreed, in one all-reduce and one device-to-host copy (outside log steps, the step's only
+        synchronisation), which ends the step on `timer`. Every `run.log_every` steps and at the last:
+        also the expert loads, `_log_run_stats`, the grad norm and the throughput. Returns why every rank
+        stops for a signal now, or None. A collective: every rank calls it at every step."""
         report = torch.cat([result.terms, result.loads.flatten()])
         summed = dist.all_reduce_sum(torch.cat([report, self.stop_request.received_flags(report.device)]))
+        timer.end_step(images_per_step(self.cfg.train, dist.world_size()))   # the step's GPU work is done
         means = summed[:len(report)] / dist.world_size()
         signalled = self.stop_request.agree(summed[len(report):])
         terms = len(result.terms)

@@ -203,7 +203,6 @@ class Trainer(TrainingRun):
         while reason is None:
             result = self.train_step(timer)
             steps_this_run += 1
-            timer.end_step(images_per_step(self.cfg.train, dist.world_size()))
             signalled = self._report_step(result, timer)
             # After a stop signal the time left (SLURM's warning margin, or its kill wait after a
             # SIGTERM) goes to the checkpoint alone: the resumed run validates first if one was due.
