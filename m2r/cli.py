@@ -52,11 +52,13 @@ def run_main(main: Callable[[Optional[Sequence[str]]], Optional[int]]) -> NoRetu
 
 
 def _end_every_rank(error: Exception, code: int, traceback_too: bool = True) -> None:
-    """In a multi-rank run: the traceback printed (when `traceback_too`), then `m2r.dist.end_every_rank`,
-    which does not return. Elsewhere nothing happens and the caller goes on."""
+    """In a multi-rank run: the traceback printed (when `traceback_too`), then
+    `m2r.failure_watch.end_every_rank`, which does not return. Elsewhere nothing happens."""
     dist = sys.modules.get("m2r.dist")   # not imported: no process group
     if dist is None or not dist.is_multi_rank():
         return
+    from m2r import failure_watch
+
     if traceback_too:
         traceback.print_exc()
-    dist.end_every_rank(f"{type(error).__name__}: {str(error)[:500]}", code)
+    failure_watch.end_every_rank(f"{type(error).__name__}: {str(error)[:500]}", code)

@@ -15,11 +15,9 @@ import pickle
 import re
 import socket
 import sys
-import threading
 import time
-import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, List, MutableMapping, NoReturn, Optional, Tuple
+from typing import Any, Callable, List, MutableMapping, Optional, Tuple
 
 import torch
 import torch.distributed as torch_dist
@@ -115,7 +113,9 @@ def init_distributed(env: DistEnv, timeout: Optional[datetime.timedelta] = None)
                                auto_mpi_discovery=False, **({"timeout": timeout} if timeout else {}))
     if timeout:
         _give_new_groups_the_timeout(timeout)
-    start_failure_watch()
+    from m2r import failure_watch   # (it imports this module)
+
+    failure_watch.start()
     return device
 
 
@@ -128,116 +128,8 @@ def _give_new_groups_the_timeout(timeout: datetime.timedelta) -> None:
     deepspeed_comm.cdb.new_group = lambda ranks, **options: torch_dist.new_group(ranks, timeout=timeout, **options)
 
 
-# ----------------------------------------------------------------------------- a failed rank ends every rank
-# A rank that raises exits; the others may be inside a collective that never notices (NCCL does not see a
-# peer's death) and wait there for the collective timeout (run.collective_timeout_minutes), unless the
-# launcher kills them: torchrun and the deepspeed launcher do, srun only with --kill-on-bad-exit. And the
-# failing rank's own interpreter shutdown can hang (NCCL's communicator abort while peers still use it).
-# So a failing rank writes its error into the process group's key-value store and exits at once; every
-# rank's watch thread reads the store every FAILURE_POLL_SECONDS and then exits (status 1), naming the rank
-# that failed and where it was itself, whatever launched it and whatever collective it is in. Not covered:
-# on NCCL a collective timeout aborts the process from torch's watchdog thread, with no Python error to
-# announce, so a rank that hangs (a stuck read) is ended by its launcher alone (srun --kill-on-bad-exit=1).
-# The key is per torchrun restart (belt and braces: torchrun also prefixes its store per attempt).
-FAILURE_KEY = f"m2r/failed/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-FAILURE_POLL_SECONDS = 5.0
-_failure_watch: Optional[threading.Event] = None   # set: the watch thread stops
-
-
-def _default_store():
-    from torch.distributed.distributed_c10d import _get_default_store
-
-    return _get_default_store()
-
-
-def start_failure_watch(poll_seconds: float = FAILURE_POLL_SECONDS) -> None:
-    """Start the thread that ends this process once another rank has announced a failure (every rank
-    calls it once its process group has started; `destroy_process_group` stops it)."""
-    global _failure_watch
-    if _failure_watch is not None or world_size() == 1:
-        return
-    store, me, stop = _default_store(), rank(), threading.Event()
-
-    def watch() -> None:
-        while not stop.wait(poll_seconds):
-            try:
-                if not store.check([FAILURE_KEY]):
-                    continue
-                message = store.get(FAILURE_KEY).decode(errors="replace")
-            except Exception:   # the store's host has exited (rank 0, a clean end included): nobody can
-                return          # announce any more, and each further try logs a C++ stack; the launcher judges
-            if stop.is_set():
-                return
-            where = _where_main_thread_is()
-            _linger_if_hosting_the_store()
-            _exit_now(f"rank {me}: stopping because {message}; this rank was in {where}", 1)
-
-    _failure_watch = stop
-    threading.Thread(target=watch, name="m2r-failure-watch", daemon=True).start()
-
-
-def _where_main_thread_is() -> str:
-    """The innermost frames of the main thread, on one line: where a rank that hung was stuck."""
-    frame = sys._current_frames().get(threading.main_thread().ident)
-    if frame is None:
-        return "?"
-    return " <- ".join(f"{os.path.basename(entry.filename)}:{entry.lineno} {entry.name}"
-                       for entry in reversed(traceback.extract_stack(frame)[-4:]))
-
-
-def stop_failure_watch() -> None:
-    global _failure_watch
-    if _failure_watch is not None:
-        _failure_watch.set()
-        _failure_watch = None
-
-
-def _announce_failure(message: str, wait_seconds: float = 10.0) -> None:
-    """Write `message` under FAILURE_KEY unless an earlier failure is there (the cause; later ones follow
-    from it). Best effort, within `wait_seconds`: the store's host may be gone. Rank 0 hosts the store
-    under srun and the deepspeed launcher: it stays for the others' next look before it exits."""
-    stop_failure_watch()
-    done = threading.Event()
-
-    def tell() -> None:
-        try:
-            _default_store().compare_set(FAILURE_KEY, "", message)   # atomic: the first failure stays
-        except Exception:
-            pass
-        done.set()
-
-    threading.Thread(target=tell, name="m2r-announce-failure", daemon=True).start()
-    done.wait(wait_seconds)
-    _linger_if_hosting_the_store()
-
-
-def _linger_if_hosting_the_store() -> None:
-    """Rank 0 hosts the store under srun and the deepspeed launcher (torchrun's agent hosts it there):
-    it stays for every other rank's next look, whether it failed itself or saw another's failure."""
-    if rank() == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        time.sleep(FAILURE_POLL_SECONDS + 1)
-
-
 def is_multi_rank() -> bool:
     return is_initialized() and world_size() > 1
-
-
-def end_every_rank(failure: str, code: int) -> NoReturn:
-    """This rank failed (`failure`: what went wrong): tell every rank through the store, then exit with
-    `code` at once, skipping the interpreter's shutdown (see the section's comment). Multi-rank runs only."""
-    me = rank()
-    _announce_failure(f"rank {me} failed: {failure}")
-    _exit_now(f"rank {me}: exiting after {failure.split(':')[0]} (status {code})", code)
-
-
-def _exit_now(message: str, code: int) -> NoReturn:
-    """Print `message` and end the process at once: no interpreter shutdown, which would wait for what
-    other ranks hold up (NCCL's communicator abort at exit, a joined thread, a data worker)."""
-    try:
-        print(message, file=sys.stderr, flush=True)
-        sys.stdout.flush()
-    finally:
-        os._exit(code)
 
 
 def is_initialized() -> bool:
@@ -259,7 +151,9 @@ def destroy_process_group() -> None:
     cannot stop gloo's threads (destroy_process_group leaves them running), so the main thread sleeps,
     GIL released, long enough for them to take it.
     """
-    stop_failure_watch()
+    from m2r import failure_watch
+
+    failure_watch.end_cleanly()
     if not is_initialized():
         return
     on_gloo = "gloo" in torch_dist.get_backend()   # "gloo", or a per-device string like "cpu:gloo,cuda:nccl"

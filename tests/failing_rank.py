@@ -4,13 +4,16 @@ RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set.
 
 raise: rank 1 raises; rank 0 sleeps, standing in for an NCCL collective, which does not notice that a peer
        has exited (gloo's would fail at once).
+collective: rank 1 raises; the others wait in a gloo barrier, which fails at once when rank 1 exits (as NCCL's
+       does where it detects a peer's exit): their own error is a consequence, the cause is rank 1's.
 hang:  rank 1 hangs (a stuck read); rank 0's barrier times out after TIMEOUT_SECONDS and raises.
+late:  no failure; rank 1 ends 8 s after rank 0 (a slower teardown), longer than the watch's look.
 """
 import datetime
 import sys
 import time
 
-from m2r import dist
+from m2r import dist, failure_watch
 from m2r.cli import run_main
 
 
@@ -20,19 +23,22 @@ def main(argv=None) -> int:
     me = dist.rank()
     if me == 2:   # a third rank's watch looks 2.5 s after rank 0's (in a long run their phases drift apart)
         time.sleep(2.5)
-        dist.stop_failure_watch()
-        dist.start_failure_watch()
+        failure_watch.stop()
+        failure_watch.start()
     dist.barrier()
     print(f"rank {me}: started", flush=True)
-    if me == 1:
-        if mode == "raise":
+    if me == 1 and mode != "late":
+        if mode in ("raise", "collective"):
             raise OSError("No space left on device: rank 1's checkpoint shard")
         while True:
             time.sleep(1)
     if mode == "raise":
         time.sleep(600)
     dist.barrier()
+    if mode == "late" and me == 1:
+        time.sleep(8)
     dist.destroy_process_group()
+    print(f"rank {me}: done", flush=True)
     return 0
 
 

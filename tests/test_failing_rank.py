@@ -1,4 +1,4 @@
-"""A rank that fails ends every rank within seconds, whatever launched them (m2r.dist's failure watch):
+"""A rank that fails ends every rank within seconds, whatever launched them (m2r.failure_watch):
 srun without --kill-on-bad-exit kills no survivor, and NCCL does not notice a peer's exit."""
 import os
 import subprocess
@@ -42,6 +42,24 @@ def test_a_rank_that_raises_ends_the_ranks_waiting_for_it():
     assert "rank 0: stopping because rank 1 failed: OSError: No space left on device" in out0
 
 
+def test_a_rank_whose_collective_fails_because_another_rank_failed_names_that_rank_s_error():
+    """The survivors of rank 1's failure fail in their own collective first (gloo, NCCL's remote-error
+    detection), before their watch looks: their last line names rank 1's error, the cause."""
+    results = launch_ranks("collective", count=3)[0]
+    assert results[1][0] == 1 and "OSError: No space left on device" in results[1][1]
+    for code, out in (results[0], results[2]):
+        assert code == 1, out
+        assert "(the first failure: rank 1 failed: OSError: No space left on device" in out, out
+
+
+def test_a_clean_end_where_rank_0_ends_first_prints_nothing_from_the_store():
+    """Rank 0 hosts the store (srun, the deepspeed launcher): a rank still running after it has ended must
+    not read from the store that went with it (torch logs each failed read as a C++ stack)."""
+    for code, out in launch_ranks("late")[0]:
+        assert code == 0, out
+        assert "TCPStore" not in out and "recvValue" not in out and "stopping because" not in out, out
+
+
 def test_a_rank_that_hangs_is_ended_once_the_others_time_out():
     (code0, out0), (code1, out1) = launch_ranks("hang")[0]
     assert code0 == 1 and "Timed out" in out0, out0
@@ -57,3 +75,20 @@ def test_rank_0_hosting_the_store_waits_for_every_rank_to_see_a_failure_before_i
     (code0, out0), (code1, out1), (code2, out2) = launch_ranks("raise", count=3)[0]
     assert code1 == 1 and code0 == 1, out0
     assert code2 == 1 and "rank 2: stopping because rank 1 failed: OSError" in out2, out2
+
+
+def test_where_a_rank_was_names_m2r_code_rather_than_the_library_it_waits_in():
+    """A rank ended while waiting in a collective: its innermost frames are torch's; m2r's say which step."""
+    import threading
+
+    from m2r import dist, failure_watch
+
+    def library_call_seen_from_the_watch_thread():   # stands in for torch's collective, outside m2r
+        seen = []
+        watcher = threading.Thread(target=lambda: seen.append(failure_watch.where_main_thread_is()))
+        watcher.start()
+        watcher.join()
+        return seen[0]
+
+    where = dist.on_rank0(library_call_seen_from_the_watch_thread)
+    assert where.startswith("dist.py:") and "on_rank0" in where and "library_call" not in where, where
