@@ -78,10 +78,9 @@ class StopRequest:
 
     def received_flags(self, device: torch.device) -> torch.Tensor:
         """This rank's stop signal as one flag per `STOP_SIGNALS` entry (float64 on `device`), to be summed
-        over ranks and read by `agree`. Filled on the device by kernels alone: a host-to-device copy would wait
-        for the GPU."""
+        over ranks and read by `agree`."""
         flags = torch.zeros(len(STOP_SIGNALS), dtype=torch.float64, device=device)
-        if self.signal_name:   # fill_, not `flags[i] = 1.0`: that copies a CPU scalar in and waits for the GPU
+        if self.signal_name:   # a kernel: `flags[i] = 1.0` would copy a CPU scalar in, which waits for the GPU
             flags.narrow(0, STOP_SIGNALS.index(signal.Signals[self.signal_name]), 1).fill_(1.0)
         return flags
 
