@@ -51,7 +51,8 @@ tests)
   { timeout 60 python3 -m pytest -v --tb=short -p no:cacheprovider --timeout 40 tests/test_scan.py tests/test_mamba.py
     echo "scan tests exit $?"
     timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -v --tb=short -m gpu -p no:cacheprovider --timeout 120 \
-        tests/test_moe.py tests/test_clip_prior.py tests/test_network.py tests/test_eval_cli.py tests/test_engine_gpu.py
+        tests/test_stop_signals.py tests/test_moe.py tests/test_clip_prior.py tests/test_network.py tests/test_eval_cli.py \
+        tests/test_engine_gpu.py
     echo "gpu tests exit $?"; } > "$OUT/gpu_tests.txt" 2>&1
   timeout "${REST_TIMEOUT:-75}" python3 bench/train_speed.py --only crop,eval,scan \
       --json "$OUT/train_speed_rest.json" > "$OUT/train_speed_rest.txt" 2>&1

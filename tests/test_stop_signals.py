@@ -209,3 +209,23 @@ def test_a_signal_that_arrives_during_the_agreement_is_this_ranks_own(monkeypatc
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: the claim is about GPU synchronisation")
+def test_the_stop_flags_are_filled_on_the_gpu_without_waiting_for_it():
+    """The step's report carries them into its all-reduce; a host-to-device copy would add a
+    synchronisation to the step on which a signal arrives."""
+    saved = {sig: signal.getsignal(sig) for sig in stop_signals.STOP_SIGNALS}
+    try:
+        request = stop_signals.StopRequest()
+        signal.raise_signal(signal.SIGUSR1)
+        torch.cuda.set_sync_debug_mode("error")   # a synchronising CUDA call raises
+        try:
+            flags = request.received_flags(torch.device("cuda"))
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert flags.tolist() == [float(sig == signal.SIGUSR1) for sig in stop_signals.STOP_SIGNALS]
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
