@@ -111,14 +111,14 @@ def export(checkpoint: str, out: str, use_ema: bool = False, companions: Optiona
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     # A failed write (a full disk) leaves the earlier pair, not new weights beside an old network config.
-    companions = list((companions or {}).items())
-    with atomic_paths(out_path, config_path_for(out_path), *(path for path, _ in companions)) as (
-            tmp, config_tmp, *companion_tmps):
+    extra_files = list((companions or {}).items())   # (path, text) pairs, in a fixed order
+    with atomic_paths(out_path, config_path_for(out_path), *(path for path, _ in extra_files)) as (
+            tmp, config_tmp, *extra_tmps):
         save_file(state, str(tmp), metadata={"source": str(ref.path), "weights": "ema" if use_ema else "fp32"})
         os.chmod(tmp, default_file_mode())   # safetensors writes 0600 files, unreadable to teammates
         config_tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(config), resolve=True))
-        for companion_tmp, (_, text) in zip(companion_tmps, companions):
-            companion_tmp.write_text(text)
+        for extra_tmp, (_, text) in zip(extra_tmps, extra_files):
+            extra_tmp.write_text(text)
     return out_path
 
 
