@@ -32,6 +32,7 @@ PARTIAL_SUFFIX = ".partial"     # a tag being written
 REPLACED_SUFFIX = ".replaced"   # a tag being replaced by a new save of the same step
 DENSE_FILE = "mp_rank_00_model_states.pt"
 META_FILE = "meta.json"
+LATEST_FILE = "latest"        # names the tag a resume takes
 CONFIG_FILE = "config.yaml"
 ABANDONED_DIR = "abandoned"   # newer checkpoints set aside when a run resumes an older one
 DEEPSPEED_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")   # copied beside the tags by every ZeRO save
@@ -109,7 +110,7 @@ def newest_checkpoint(root: Path) -> Optional[CheckpointRef]:
     warning (`latest` lost, a crash while replacing a tag, or one between publishing a tag and pointing
     `latest` at it: a resume from an older run's checkpoint sets the newer tags aside, so a complete tag
     newer than `latest` is always one a save published); None if there is none."""
-    pointer = root / "latest"
+    pointer = root / LATEST_FILE
     named = pointer.read_text().strip() if pointer.is_file() else ""
     complete = complete_tags(root)
     if named and complete and complete[-1] == named:
@@ -149,7 +150,7 @@ def checkpoint_at(location: str, option: str) -> CheckpointRef:
     """The checkpoint a path names: a checkpoint directory (its newest complete tag) or one tag
     directory; errors call the path `option`."""
     path = Path(location)
-    if (path / "latest").is_file() or tags_in(path):
+    if (path / LATEST_FILE).is_file() or tags_in(path):
         ref = newest_checkpoint(path)
         if ref is None:
             raise FileNotFoundError(f"{option}={location!r}: no complete checkpoint (a step<N> directory "
@@ -229,7 +230,7 @@ class CheckpointManager:
     def point_latest_at(self, ref: CheckpointRef) -> None:
         """Rank 0: `latest` names the tag a run resumes from its own checkpoints (it lagged behind a newer
         complete tag, or named one set aside), so that the next start does not warn again."""
-        pointer = self.root / "latest"
+        pointer = self.root / LATEST_FILE
         if Path(ref.root).resolve() == self.root.resolve() and \
                 (not pointer.is_file() or pointer.read_text().strip() != ref.tag):
             write_text_atomically(pointer, ref.tag)
@@ -249,7 +250,7 @@ class CheckpointManager:
                 shutil.rmtree(staged, ignore_errors=True)
         for path in self.root.glob(f"step*{REPLACED_SUFFIX}"):
             shutil.rmtree(path, ignore_errors=True)
-        for name in ("latest.tmp", *DEEPSPEED_SCRIPTS):   # the scripts cannot read MoE checkpoints; m2r.export can
+        for name in (f"{LATEST_FILE}.tmp", *DEEPSPEED_SCRIPTS):   # the scripts cannot read MoE checkpoints; m2r.export can
             (self.root / name).unlink(missing_ok=True)
 
     def _complete(self, staged: Path, ref: CheckpointRef, meta: Dict[str, Any], config) -> None:
@@ -272,7 +273,7 @@ class CheckpointManager:
             os.replace(ref.path, replaced)
         os.replace(staged, ref.path)
         fsync_directory(self.root)
-        write_text_atomically(self.root / "latest", ref.tag)
+        write_text_atomically(self.root / LATEST_FILE, ref.tag)
         shutil.rmtree(replaced, ignore_errors=True)
 
     def tags(self) -> List[str]:
