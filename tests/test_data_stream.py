@@ -381,3 +381,83 @@ def test_val_set_reads_the_val_shards_whatever_the_training_shards(shard_dir):
                        val_samples_per_type=1)
     assert same_batches(build_val_set(with_training, CROP), build_val_set(alone, CROP))
     assert not same_batches(build_val_set(with_training, CROP), build_val_set(first, CROP))
+
+
+def copy_shards(shard_dir, to, manifest=True):
+    to.mkdir(exist_ok=True)
+    for path in shard_dir.iterdir():
+        if path.suffix == ".tar" or (manifest and path.name == "manifest.json"):
+            (to / path.name).write_bytes(path.read_bytes())
+    return to
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_shard_missing_when_read_is_an_error_naming_it_not_a_damaged_sample_to_skip(shard_dir, tmp_path, workers):
+    """Rank 0 lists the shards for every rank: a node whose copy lacks some (node-local staging cut short,
+    files deleted since) would otherwise train on part of the corpus, counting each missing shard as one
+    damaged sample."""
+    copy = copy_shards(shard_dir, tmp_path / "copy")
+    cfg = DataConfig(source="shards", shards=str(copy), preset="five-task", workers=workers, shuffle_buffer=40)
+    stream = build_train_stream(cfg, seed=0, rank=0, world_size=1, micro_batch=2, crop=CROP)
+    (copy / "shard-000003.tar").unlink()    # a round of 40 samples reads all 8 shards
+    with pytest.raises((FileNotFoundError, RuntimeError), match=r"shard .*shard-000003\.tar is missing on host"):
+        take(stream, 1)
+
+
+@pytest.mark.timeout(20)
+def test_shards_without_samples_are_named_with_why_by_the_error_that_stops_the_stream(tmp_path):
+    """Not the first shards of the listing, which may be fine, but those read, with what was wrong."""
+    tarfile.open(tmp_path / "a-empty.tar", "w").close()
+    (tmp_path / "b-gzipped.tar").write_bytes(b"\x1f\x8b" + bytes(600))
+    cfg = DataConfig(source="shards", shards=f"{tmp_path}/{{a-empty,b-gzipped}}.tar", preset="five-task", workers=0)
+    stream = build_train_stream(cfg, seed=0, rank=0, world_size=1, micro_batch=2, crop=CROP)
+    with pytest.raises(RuntimeError, match=r"data worker 0 of rank 0: 64 shard reads in a row gave no sample \(2 "
+                                           r"distinct shards of the 2\); the last: .*(a-empty\.tar: no samples; .*"
+                                           r"b-gzipped\.tar: damaged tar|"
+                                           r"b-gzipped\.tar: damaged tar.*; .*a-empty\.tar: no samples)"):
+        take(stream, 1)
+
+
+def test_a_shard_cut_short_since_the_build_or_empty_is_refused_at_start(shard_dir, tmp_path):
+    copy = copy_shards(shard_dir, tmp_path / "copy")
+    shard = copy / "shard-000005.tar"
+    shard.write_bytes(shard.read_bytes()[:3000])
+    cfg = DataConfig(source="shards", shards=str(copy), preset="five-task", workers=0)
+    with pytest.raises(ConfigError, match=r"1 shard\(s\) empty or not the size their manifest.json records .*first "
+                                          r".*shard-000005\.tar: 3000 bytes, the manifest says \d+"):
+        build_train_stream(cfg, seed=0, rank=0, world_size=1, micro_batch=2, crop=CROP)
+    bare = copy_shards(shard_dir, tmp_path / "bare", manifest=False)    # no manifest: 0 bytes is still no tar
+    (bare / "shard-000002.tar").write_bytes(b"")
+    cfg = DataConfig(source="shards", shards=f"{bare}/shard-{{000000..000007}}.tar", preset="five-task", workers=0)
+    with pytest.raises(ConfigError, match=r"first .*shard-000002\.tar: 0 bytes;"):
+        build_train_stream(cfg, seed=0, rank=0, world_size=1, micro_batch=2, crop=CROP)
+
+
+def test_damaged_shard_reads_are_counted_once_across_a_resume(shard_dir, tmp_path):
+    """The round a stream resumes in is read again: its damaged shards were counted before the save."""
+    copy = copy_shards(shard_dir, tmp_path / "copy", manifest=False)
+    shard = copy / "shard-000004.tar"
+    shard.write_bytes(shard.read_bytes()[:3000])    # a damaged tar: its first samples, then an error
+    cfg = DataConfig(source="shards", shards=f"{copy}/shard-{{000000..000007}}.tar", preset="five-task", workers=0,
+                     shuffle_buffer=12)
+    def make():
+        return build_train_stream(cfg, seed=3, rank=0, world_size=1, micro_batch=BATCH, crop=CROP)
+    uninterrupted = make()
+    reference = take(uninterrupted, 12)
+    assert uninterrupted.stats()["corrupt_samples"] > 0
+    for stop in range(1, 12):
+        first = make()
+        head = take(first, stop)
+        resumed = make()
+        resumed.load_state_dict(first.state_dict())
+        assert same_batches(head + take(resumed, 12 - stop), reference)
+        assert resumed.stats() == uninterrupted.stats(), stop
+
+
+def test_a_sample_with_a_side_of_0_pixels_is_a_damaged_sample_not_a_crash(tmp_path):
+    import zstandard
+    from m2r.data.shard_format import RAW_HEADER, RAW_MAGIC, decode_image
+
+    payload = zstandard.ZstdCompressor().compress(RAW_HEADER.pack(RAW_MAGIC, 0, 40, 3))
+    with pytest.raises(CorruptSample, match="bad raw image header"):
+        decode_image("rgb.zst", payload)

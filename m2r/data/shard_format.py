@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import struct
 import tarfile
 from typing import Dict, Iterator, Tuple
@@ -55,7 +56,7 @@ def decode_image(ext: str, data: bytes) -> np.ndarray:
         if ext == IMAGE_EXTENSIONS["zstd"]:
             raw = zstandard.ZstdDecompressor().decompress(data)
             magic, h, w, c = RAW_HEADER.unpack_from(raw)
-            if magic != RAW_MAGIC or c != 3 or len(raw) != RAW_HEADER.size + h * w * c:
+            if magic != RAW_MAGIC or c != 3 or not h or not w or len(raw) != RAW_HEADER.size + h * w * c:
                 raise CorruptSample(f"bad raw image header or size ({magic!r}, {h}x{w}x{c}, {len(raw)} bytes)")
             return np.frombuffer(raw, np.uint8, offset=RAW_HEADER.size).reshape(h, w, c)
         if ext == IMAGE_EXTENSIONS["png"]:
@@ -113,7 +114,9 @@ def _known_field(field: str) -> bool:
 
 def read_shard(path: str) -> Iterator[Dict[str, bytes]]:
     """Records of a shard in file order: dicts field -> bytes plus `__key__`. Unknown fields are
-    not read. A truncated or damaged tar ends the shard early with CorruptSample."""
+    not read. A truncated or damaged tar ends the shard early with CorruptSample; a missing file is a
+    FileNotFoundError naming it and this host (not a damaged sample to skip: a node whose copy of the
+    shards is incomplete would otherwise train on part of the corpus, silently)."""
     record: Dict[str, bytes] = {}
     try:
         with tarfile.open(path, mode="r|") as tar:
@@ -127,6 +130,9 @@ def read_shard(path: str) -> Iterator[Dict[str, bytes]]:
                 record["__key__"] = key
                 if _known_field(field):
                     record[field] = tar.extractfile(member).read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"shard {path} is missing on host {socket.gethostname()} (the shards were listed "
+                                "at start, by rank 0: does every node see the same files?)") from None
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise CorruptSample(f"{path}: damaged tar: {exc}") from None
     if record:

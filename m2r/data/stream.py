@@ -98,23 +98,28 @@ class _ShardSource:
         self.buffer = plan.shuffle_buffer
         self.preset = plan.preset
         self.seed_words = (plan.seed, ROUND_TAG, plan.rank, worker)
+        self.where = f"data worker {worker} of rank {plan.rank}"
 
     def round_records(self, round_index: int):
         rng = np.random.default_rng((*self.seed_words, round_index))
         records: List[Tuple[str, dict]] = []
-        corrupt = empty_reads = 0
+        corrupt = 0
+        empty: List[str] = []   # the shard reads in a row that gave no sample, each with why
         draws = _shard_draws(rng, len(self.shards))
         while len(records) < self.buffer:
             before = len(records)
             shard = self.shards[next(draws)]
+            problem = f"{shard}: no samples"
             try:
                 records.extend((shard, sample) for sample in read_shard(shard))
-            except CorruptSample:
-                corrupt += 1
-            empty_reads = empty_reads + 1 if len(records) == before else 0
-            if empty_reads >= MAX_EMPTY_READS:
-                raise RuntimeError(f"{MAX_EMPTY_READS} shard reads in a row gave no sample: "
-                                   f"are these shards damaged? {self.shards[:3]}...")
+            except CorruptSample as exc:
+                corrupt, problem = corrupt + 1, str(exc)
+            empty = empty + [problem] if len(records) == before else []
+            if len(empty) >= MAX_EMPTY_READS:
+                last = list(dict.fromkeys(reversed(empty)))[:3]
+                raise RuntimeError(f"{self.where}: {MAX_EMPTY_READS} shard reads in a row gave no sample "
+                                   f"({len(set(empty))} distinct shards of the {len(self.shards)}); the last: "
+                                   + "; ".join(last))
         order = rng.permutation(len(records))
         return [records[i] for i in order], corrupt
 
@@ -182,7 +187,8 @@ def worker_batches(plan: StreamPlan, worker: int, cursor: Tuple[int, int]) -> It
     barren_rounds, failed, last_error = 0, 0, None     # since the last usable sample
     while True:
         records, round_corrupt = source.round_records(round_index)
-        corrupt += round_corrupt
+        if start == 0:   # a round resumed at an offset had its damaged shard reads counted before the save
+            corrupt += round_corrupt
         served = False
         for offset in range(start, len(records)):
             rng = np.random.default_rng((plan.seed, STREAM_TAG, plan.rank, worker, round_index, offset))
@@ -337,9 +343,33 @@ def _manifest_preset_check(cfg, shards: Sequence[str]) -> None:
                               f"were built with preset '{manifest.get('preset')}'")
 
 
+def _manifest_size_check(cfg, shards: Sequence[str]) -> None:
+    """A shard of 0 bytes, or whose size is not the one its folder's manifest records, was cut short (a copy
+    or sync that stopped, a full disk) or replaced since the build: the stream would skip what it cannot
+    read, counting a whole lost shard as one damaged sample, and train on part of the corpus. Refused at
+    start, naming it (one stat per shard, on rank 0)."""
+    recorded: Dict[str, int] = {}
+    for folder in sorted({str(Path(shard).parent) for shard in shards}):
+        try:
+            manifest = read_manifest(folder)
+        except FileNotFoundError:
+            continue
+        recorded.update({str(Path(folder) / s["name"]): s["bytes"] for s in manifest.get("shards", []) if "bytes" in s})
+    wrong = []
+    for shard in shards:
+        size, expected = Path(shard).stat().st_size, recorded.get(str(Path(shard)))
+        if size == 0 or (expected is not None and size != expected):
+            wrong.append(f"{shard}: {size} bytes" + (f", the manifest says {expected}" if expected is not None else ""))
+    if wrong:
+        raise ConfigError(f"data.shards={cfg.shards}: {len(wrong)} shard(s) empty or not the size their manifest.json "
+                          f"records (cut short or replaced since the build?), first {wrong[0]}; "
+                          "`python -m m2r.shards inspect DIR` checks every shard of a build")
+
+
 def _checked_shards(cfg) -> Tuple[str, ...]:
     shards = tuple(resolve_shards(cfg.shards))
     _manifest_preset_check(cfg, shards)
+    _manifest_size_check(cfg, shards)
     return shards
 
 
