@@ -1,39 +1,7 @@
-"""Pretrain M2Restore on DeepSpeed (expert parallel MoE, ZeRO 1/2, bf16/fp16, sharded checkpoints).
-
-    deepspeed --num_gpus 2 pretrain.py --config configs/pretrain/demo.yaml          # the CPU demo
-    deepspeed [--num_gpus N] pretrain.py --config configs/pretrain/<x>.yaml [key=value ...]
-    torchrun --nproc_per_node N pretrain.py --config configs/pretrain/<x>.yaml [key=value ...]
-    srun --kill-on-bad-exit=1 --ntasks-per-node=8 python pretrain.py --config ...    # one task per GPU
-    python pretrain.py --config configs/pretrain/tiny-test.yaml                      # one process
-
-`key=value` overrides any config key, e.g. `train.steps=100 model.moe.ep_size=2 run.resume=none`.
-A run resumes from its newest checkpoint by default; SIGTERM or SIGUSR1 saves a checkpoint and
-exits 0. See m2r/engine/trainer.py for the loop; the keys: m2r/engine/config.py (train, run),
-m2r/models/config.py (model), m2r/data/config.py (data).
-"""
-import sys
-
-from m2r import dist, stop_signals
-from m2r.cli import parse_entry_args, run_main
-from m2r.config import load_config
-
-
-def main(argv=None) -> int:
-    args = parse_entry_args(sys.argv[1:] if argv is None else argv, __doc__, "configs/pretrain/<name>.yaml")
-    stop_request = stop_signals.StopRequest()   # before the slow start-up, which a stop signal must not kill
-    env = dist.discover_dist_env()
-
-    from m2r.engine.config import PretrainConfig
-    from m2r.engine.trainer import Trainer
-
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
-    exit_code = Trainer(cfg, env, stop_request).fit()
-    # SLURM's job script resends its warning until the step ends, and Python's shutdown gives USR1 back its
-    # default action (end the process): a resend then would fail a run that stopped cleanly.
-    stop_signals.ignore_stop_signals()
-    dist.destroy_process_group()
-    return exit_code
-
+"""Pretrain M2Restore: `python pretrain.py --help` prints the commands (m2r/pretrain.py, whose docstring
+they are); an installed m2r runs the same as `python -m m2r.pretrain` or `m2r-pretrain`."""
+from m2r.cli import run_main
+from m2r.pretrain import main
 
 if __name__ == "__main__":
     run_main(main)

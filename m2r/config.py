@@ -2,7 +2,10 @@
 
 A config file is YAML checked against an OmegaConf structured schema (dataclasses). A file may
 start from other files with `_base_: [other.yaml, ../model/tiny.yaml@model]`: paths are relative
-to the file, `@section` mounts a file under that key, and later entries override earlier ones.
+to the file, `@section` mounts a file under that key, and later entries override earlier ones. A path
+that starts with `m2r:` names a config shipped with the package (`m2r:model/m2restore.yaml`, the
+repository's `configs/model/m2restore.yaml`), so a config of your own, anywhere, can start from them;
+`--config m2r:pretrain/demo.yaml` works too.
 Command-line `key=value` overrides come last. Unknown keys and wrong types fail with one
 `ConfigError` that names the key and the file.
 """
@@ -20,6 +23,9 @@ from omegaconf.errors import OmegaConfBaseException
 from m2r.atomic import write_text_atomically
 
 BASE_KEY = "_base_"
+PACKAGED_PREFIX = "m2r:"
+# The repository's configs/ (m2r/configs links to it; a built wheel holds the files themselves).
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 class ConfigError(ValueError):
@@ -53,14 +59,33 @@ def _check_choices(schema: Type, cfg: DictConfig, prefix: str = "") -> None:
             _check_choices(types[f.name], value, f"{prefix}{f.name}.")
 
 
+def config_path(entry: str | os.PathLike, relative_to: Path | None = None) -> Path:
+    """Where a `--config` value or a `_base_` entry points: `m2r:<path>` in the shipped configs, else
+    the path itself (a `_base_` entry's relative to the file that names it, `relative_to`)."""
+    text = os.fspath(entry)
+    if text.startswith(PACKAGED_PREFIX):
+        return PACKAGED_CONFIGS / text[len(PACKAGED_PREFIX):]
+    return Path(text) if relative_to is None else relative_to / text
+
+
 def read_merged_yaml(path: str | os.PathLike) -> DictConfig:
     """A config file with its `_base_` files merged in, before any schema (which kind of config it is)."""
-    return _read_yaml(Path(path))
+    return _read_yaml(config_path(path))
 
 
-def _read_yaml(path: Path, seen: tuple = ()) -> DictConfig:
+def _packaged_hint(path: Path) -> str:
+    shipped = PACKAGED_CONFIGS / path.parent.name / path.name
+    if shipped.is_file() and path.parent.name in ("model", "pretrain", "finetune"):
+        return f"; the shipped one is m2r:{path.parent.name}/{path.name}"
+    shipped = sorted(PACKAGED_CONFIGS.glob(f"*/{path.name}"))
+    return f"; the shipped one is m2r:{shipped[0].relative_to(PACKAGED_CONFIGS)}" if len(shipped) == 1 else ""
+
+
+def _read_yaml(path: Path, seen: tuple = (), named_by: str = "") -> DictConfig:
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        if named_by:
+            raise ConfigError(f"config file not found: {path} ({named_by}){_packaged_hint(path)}")
+        raise ConfigError(f"config file not found: {path}{_packaged_hint(path)}")
     if path.resolve() in seen:
         raise ConfigError(f"{BASE_KEY} cycle through {path}")
     try:
@@ -75,7 +100,8 @@ def _read_yaml(path: Path, seen: tuple = ()) -> DictConfig:
     merged = OmegaConf.create({})
     for entry in bases:
         file_part, _, section = str(entry).partition("@")
-        base = _read_yaml(path.parent / file_part, seen + (path.resolve(),))
+        base = _read_yaml(config_path(file_part, path.parent), seen + (path.resolve(),),
+                          f"{BASE_KEY} entry '{file_part}' of {path}")
         if section:
             base = OmegaConf.create({section: base})
         merged = OmegaConf.merge(merged, base)
@@ -112,7 +138,7 @@ def load_config(schema: Type, path: str | os.PathLike | None = None,
     if base is not None:
         cfg = _merge_checked(cfg, base, "the stored config")
     if path is not None:
-        cfg = _merge_checked(cfg, _read_yaml(Path(path)), str(path))
+        cfg = _merge_checked(cfg, _read_yaml(config_path(path)), str(path))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value")

@@ -44,7 +44,7 @@ def test_help_names_the_command_to_type(tool, show_help, capsys):
     assert capsys.readouterr().out.startswith(f"usage: python -m m2r.{tool} ")
 
 
-@pytest.mark.parametrize("module", ["m2r.evaluate", "m2r.restore", "finetune"])
+@pytest.mark.parametrize("module", ["m2r.evaluate", "m2r.restore", "m2r.finetune"])
 def test_docstring_examples_keep_their_line_continuations(module):
     """The docstrings are the --help text; a non-raw backslash-newline would join the example's lines."""
     import importlib

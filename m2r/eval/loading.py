@@ -5,7 +5,7 @@ format, and set up the Accelerate process world that `m2r.evaluate` and `m2r.res
                          merged in memory as `python -m m2r.export` would; the config is the run's
     <file>.safetensors   an exported file; its config is `<file>.yaml` beside it (`m2r.export`)
     <file>.ckpt/.pth/.pt an official M2Restore checkpoint (Lightning or bare state dict), via the
-                         converter; needs --model-config (e.g. configs/model/m2restore.yaml)
+                         converter; needs --model-config (e.g. m2r:model/m2restore.yaml, a shipped config)
 `--model-config` replaces the stored model config and `overrides` (key=value, e.g.
 clip.weights=/data/daclip_ViT-B-32.pt) adjust it, since a file's CLIP path is the training machine's.
 """
@@ -64,7 +64,8 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default=None, choices=tuple(ACCELERATE_PRECISIONS),
                         help="autocast dtype (default: `accelerate launch --mixed_precision`, else fp32); "
                              "fp16 is a GPU-only autocast, bf16 autocasts on CPU too")
-    parser.add_argument("--model-config", default=None, help="model YAML (required for official checkpoints)")
+    parser.add_argument("--model-config", default=None,
+                        help="model YAML, e.g. m2r:model/m2restore.yaml (required for official checkpoints)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="model config override, e.g. clip.weights=/data/daclip_ViT-B-32.pt")
 
@@ -122,7 +123,8 @@ def inference_model_config(stored: Optional[dict], model_config: Optional[str],
     from m2r.models.config import ModelConfig, check_model_settings
 
     if model_config is None and stored is None:
-        raise ConfigError(f"{source} carries no model config: pass --model-config configs/model/<name>.yaml")
+        raise ConfigError(f"{source} carries no model config: pass --model-config m2r:model/<name>.yaml "
+                          "(a shipped network: m2restore, m2restore-plus, tiny) or a file of your own")
     every_expert_local = [*overrides, "moe.ep_size=1"]
     model = load_config(ModelConfig, model_config, every_expert_local, base=None if model_config else stored)
     check_model_settings(model, prefix="")   # --set takes the model keys bare

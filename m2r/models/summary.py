@@ -9,7 +9,6 @@ whole expert-parallel group), and as its last line
 `trainable_params: N` (46830041 for the faithful config).
 """
 import argparse
-from pathlib import Path
 from typing import Dict, List, Tuple
 
 import open_clip
@@ -17,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from m2r.cli import run_main
-from m2r.config import load_config, read_merged_yaml
+from m2r.config import config_path, load_config, read_merged_yaml
 from m2r.models.clip_prior import build_daclip, clip_architecture
 from m2r.models.config import ModelConfig, check_model_settings
 from m2r.models.m2restore import build_model
@@ -70,7 +69,7 @@ def format_summary(summary: Dict[str, object], clip_line: str) -> str:
 def network_config(path: str, overrides: List[str]):
     """The model config in `path`: a model config file, or the `model` section of a training config (one
     with a `train` section; finetune configs count in epochs)."""
-    raw = read_merged_yaml(path) if Path(path).is_file() else {}
+    raw = read_merged_yaml(path) if config_path(path).is_file() else {}
     if "train" not in raw:
         return load_config(ModelConfig, path, overrides)
     from m2r.engine.config import FinetuneConfig, PretrainConfig
@@ -82,7 +81,8 @@ def network_config(path: str, overrides: List[str]):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True,
-                        help="model config YAML (configs/model/*.yaml), or a pretrain/finetune config (its model)")
+                        help="model config YAML (configs/model/*.yaml, shipped as m2r:model/*.yaml), "
+                             "or a pretrain/finetune config (its model)")
     parser.add_argument("overrides", nargs="*",
                         help="key=value overrides of the model config (moe.top_k=2, or model.moe.top_k=2)")
     args = parser.parse_args(argv)
