@@ -177,3 +177,21 @@ def test_the_training_loop_reports_img_per_s_without_the_validation_and_checkpoi
         save_checkpoint=lambda: None, _finish=lambda *args, **kwargs: None, _demo_summary=lambda: [])
     trainer_module.Trainer._train(stub)
     assert [r["img_per_s"] for r in reported] == pytest.approx([4.0, 4.0])   # 4 images per 1 s step, both steps
+
+
+def test_a_resume_cuts_the_metrics_file_in_place_and_the_loss_average_continues_over_its_last_100_steps(tmp_path):
+    """The file is cut where the resumed run starts logging (not rewritten: at 226k steps it is about 40 MB);
+    validation records between the training records do not count towards the 100."""
+    path = tmp_path / "metrics.jsonl"
+    records = [r for step in range(1, 301) for r in
+               ([{"step": step, "loss": float(step)}] + ([{"step": step, "val_psnr": 20.0}] if step % 10 == 0 else []))]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    inode = path.stat().st_ino
+    monitor = build_monitor(True, tmp_path, total_steps=300, start_step=250, world_size=1, progress_bar=False,
+                            tensorboard=False)
+    monitor.log_train(251, dict(SCALARS, loss=251.0), log_step=False)
+    monitor.close()
+    written = [json.loads(line) for line in path.read_text().splitlines()]
+    assert path.stat().st_ino == inode
+    assert written[:-1] == [r for r in records if r["step"] <= 250]
+    assert written[-1]["loss_avg"] == pytest.approx(sum(range(152, 252)) / 100)

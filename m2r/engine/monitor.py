@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
+import re
 import sys
 import time
 from collections import deque
@@ -19,8 +21,6 @@ from pathlib import Path
 from typing import Dict, List
 
 import torch
-
-from m2r.atomic import write_text_atomically
 
 
 class StepTimer:
@@ -96,24 +96,31 @@ def tensorboard_writer(run_dir: Path, enabled: bool, start_step: int):
     return SummaryWriter(str(run_dir / "tensorboard"), purge_step=first_step_logged(start_step))
 
 
-def records_before(metrics_path: Path, step: int) -> List[dict]:
-    """The records of metrics.jsonl of steps before `step`, the file rewritten (atomically) to hold
-    only them: a run stopped after its last checkpoint logged steps that the resumed run logs again,
-    and a crash may have cut the last line off. So a resumed run's file reads as an uninterrupted one's."""
+LOSS_WINDOW = 100   # steps in the running loss average (loss_avg)
+RECORD_STEP = re.compile(rb'^\{"step": (\d+)[,}]')   # how `Monitor._write` starts every line
+
+
+def losses_before(metrics_path: Path, step: int) -> List[float]:
+    """Cut metrics.jsonl before its first record of `step` or later, or a line a crash cut off, and return
+    the losses of the last LOSS_WINDOW records kept: a run stopped after its last checkpoint logged steps
+    that the resumed run logs again, so a resumed run's file reads as an uninterrupted one's. Records are
+    in step order (each run appends where the file was cut), so one streaming pass finds the cut, and the
+    file is truncated in place, not rewritten (a 226k-step run's file is about 40 MB, read at every resume)."""
     if not metrics_path.exists():
         return []
-    lines = metrics_path.read_text().splitlines()
-    records = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record["step"] < step:
-            records.append(record)
-    if len(records) < len(lines):
-        write_text_atomically(metrics_path, "".join(json.dumps(record) + "\n" for record in records))
-    return records
+    loss_lines: deque = deque(maxlen=LOSS_WINDOW)
+    kept_bytes = 0
+    with open(metrics_path, "rb") as handle:
+        for line in handle:
+            record_step = RECORD_STEP.match(line)
+            if record_step is None or int(record_step.group(1)) >= step or not line.endswith(b"\n"):
+                break
+            if b'"loss": ' in line:
+                loss_lines.append(line)
+            kept_bytes += len(line)
+    if kept_bytes < metrics_path.stat().st_size:
+        os.truncate(metrics_path, kept_bytes)
+    return [json.loads(line)["loss"] for line in loss_lines]
 
 
 class Monitor(NullMonitor):
@@ -123,9 +130,8 @@ class Monitor(NullMonitor):
         self.world_size = world_size
         self.writer = tensorboard_writer(run_dir, tensorboard, start_step)
         metrics_path = run_dir / "metrics.jsonl"
-        earlier = records_before(metrics_path, first_step_logged(start_step))
         # The running average continues where the checkpoint was taken.
-        self.recent_losses = deque((r["loss"] for r in earlier if "loss" in r), maxlen=100)
+        self.recent_losses = deque(losses_before(metrics_path, first_step_logged(start_step)), maxlen=LOSS_WINDOW)
         self.metrics_file = open(metrics_path, "a")
         self.bar = self._progress_bar(start_step) if progress_bar and sys.stdout.isatty() else None
         self._eta_clock = (time.perf_counter(), start_step)
