@@ -10,7 +10,8 @@ every POLL_SECONDS and then exits (status 1), naming the rank that failed and wh
 
 Not covered: on NCCL a collective timeout aborts the process from torch's watchdog thread, with no Python
 error to announce, so a rank that hangs (a stuck read) is ended by its launcher alone
-(srun --kill-on-bad-exit=1).
+(srun --kill-on-bad-exit=1, as launch/ uses). So is a rank killed without a Python error (the OOM killer,
+a segfault, a lost node): it announces nothing, and when it is rank 0 the store goes with it.
 
 Rank 0's process hosts the store under srun and the deepspeed launcher (torchrun's agent hosts it
 there): rank 0 stays for the others' next look after a failure, and at a clean end (`end_cleanly`, from
@@ -43,6 +44,7 @@ LEFT_KEY = _key("left")        # how many ranks' watches have stopped at a clean
 _stop_watch: Optional[threading.Event] = None   # set: the watch thread stops
 _left_lock = threading.Lock()
 _left = False   # this rank has counted itself in LEFT_KEY
+_store_gone = False   # the watch found the store gone: nothing more is read from or written to it
 
 
 def _store():
@@ -57,12 +59,16 @@ def _hosts_the_store() -> bool:
 
 def start(poll_seconds: float = POLL_SECONDS) -> None:
     """Start the thread that ends this process once another rank has announced a failure."""
-    global _stop_watch
+    global _stop_watch, _left, _store_gone
     if _stop_watch is not None or dist.world_size() == 1:
         return
-    store, me, stopped = _store(), dist.rank(), threading.Event()
+    _left = _store_gone = False   # a new process group (a process may run more than one)
+    # A client of its own: the process's one is locked while the main thread waits in the store (a new
+    # group's set-up, NCCL's first collective on a group), and the watch must look meanwhile.
+    store, me, stopped = _own_client(_store()), dist.rank(), threading.Event()
 
     def watch() -> None:
+        global _store_gone
         while not stopped.wait(poll_seconds):
             try:
                 if not store.check([FAILURE_KEY]):
@@ -72,7 +78,8 @@ def start(poll_seconds: float = POLL_SECONDS) -> None:
                     continue
                 message = store.get(FAILURE_KEY).decode(errors="replace")
             except Exception:   # the store's host is gone: nobody can announce any more, and each further
-                return          # try would log a C++ stack; the launcher judges
+                _store_gone = True   # try would log a C++ stack; the launcher judges
+                return
             if stopped.is_set():
                 return
             where = where_main_thread_is()
@@ -81,6 +88,14 @@ def start(poll_seconds: float = POLL_SECONDS) -> None:
 
     _stop_watch = stopped
     threading.Thread(target=watch, name="m2r-failure-watch", daemon=True).start()
+
+
+def _own_client(store):
+    """`store` over a connection of its own (Store.clone; a torch without it: `store` itself, shared)."""
+    try:
+        return store.clone()
+    except Exception:   # an older torch, or a store that cannot be cloned
+        return store
 
 
 def stop() -> None:
@@ -124,7 +139,7 @@ def end_cleanly() -> None:
     try:
         store = _store()
         if dist.rank() != 0:
-            if not _left:   # else rank 0 may be gone already: its DONE_KEY stopped the watch
+            if not (_left or _store_gone):   # else rank 0 may be gone already: its DONE_KEY stopped the watch
                 _count_as_left(store)
             return
         if not _hosts_the_store():
@@ -146,7 +161,8 @@ def end_every_rank(failure: str, code: int) -> NoReturn:
     first = _announce_failure(own)
     # Another rank failed first (on gloo, or NCCL's remote-error detection, this rank's collective then fails
     # at once, before its watch looks): name the cause, not just this rank's consequence of it.
-    cause = f" (the first failure: {first})" if first and first != own else ""
+    # The same error on every rank (a refusal decided on rank 0 reaches every rank) is no other rank's cause.
+    cause = f" (the first failure: {first})" if first and not first.endswith(f" failed: {failure}") else ""
     _exit_now(f"rank {me}: exiting after {failure.split(':')[0]} (status {code}){cause}", code)
 
 

@@ -4,9 +4,12 @@ RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set.
 
 raise: rank 1 raises; rank 0 sleeps, standing in for an NCCL collective, which does not notice that a peer
        has exited (gloo's would fail at once).
+user:  the same with a user error (a full disk: one line, exit 2, no traceback).
 collective: rank 1 raises; the others wait in a gloo barrier, which fails at once when rank 1 exits (as NCCL's
        does where it detects a peer's exit): their own error is a consequence, the cause is rank 1's.
 hang:  rank 1 hangs (a stuck read); rank 0's barrier times out after TIMEOUT_SECONDS and raises.
+group: rank 1 raises; the others wait in the store, setting up a new process group (as NCCL's first collective
+       on a group waits for its unique id): the process's store client is busy, the watch must not need it.
 late:  no failure; rank 1 ends 8 s after rank 0 (a slower teardown), longer than the watch's look.
 """
 import datetime
@@ -14,6 +17,7 @@ import sys
 import time
 
 from m2r import dist, failure_watch
+from m2r.atomic import StorageError
 from m2r.cli import run_main
 
 
@@ -28,12 +32,18 @@ def main(argv=None) -> int:
     dist.barrier()
     print(f"rank {me}: started", flush=True)
     if me == 1 and mode != "late":
-        if mode in ("raise", "collective"):
+        if mode in ("raise", "collective", "group"):
             raise OSError("No space left on device: rank 1's checkpoint shard")
+        if mode == "user":
+            raise StorageError("No space left on device: rank 1's checkpoint shard")
         while True:
             time.sleep(1)
-    if mode == "raise":
+    if mode in ("raise", "user"):
         time.sleep(600)
+    if mode == "group":
+        import torch.distributed
+
+        torch.distributed.new_group(list(range(dist.world_size())))
     dist.barrier()
     if mode == "late" and me == 1:
         time.sleep(8)

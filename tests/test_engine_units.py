@@ -3,6 +3,7 @@ metrics, loss, validation and activation checkpointing. Checkpoints, ZeRO state,
 monitor and stop signals have files of their own; multi-rank behaviour: test_engine_dist.py."""
 import math
 import os
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -389,7 +390,13 @@ def test_a_step_report_averages_over_ranks_and_agrees_on_stop_signals_in_one_col
     other_rank = torch.tensor([3.0, 5.0, 7.0, 0.0, 1.0]
                               + [1.0 if sig == signal.SIGTERM else 0.0 for sig in stop_signals.STOP_SIGNALS])
     collectives = []
-    monkeypatch.setattr(dist, "all_reduce_sum", lambda values: collectives.append(values) or values + other_rank)
+
+    def all_reduce_sum(values):   # on a GPU, the step's work is done when the collective's result is copied
+        collectives.append(values)
+        time.sleep(0.05)
+        return values + other_rank
+
+    monkeypatch.setattr(dist, "all_reduce_sum", all_reduce_sum)
     monkeypatch.setattr(dist, "world_size", lambda: 2)
     logged = []
     stub = SimpleNamespace(step=3, total_steps=10, cfg=SimpleNamespace(run=SimpleNamespace(log_every=5),
@@ -404,6 +411,13 @@ def test_a_step_report_averages_over_ranks_and_agrees_on_stop_signals_in_one_col
     assert run.TrainingRun._report_step(stub, result, timer) == "received SIGTERM (on another rank)"
     assert len(collectives) == 1 and logged == [([2.0, 3.0, 4.0], False)]
     assert timer.images == 4   # the report ends the step (after its synchronisation): 2 images x 2 ranks
+    assert timer.total_seconds >= 0.05   # the synchronisation's wait is the step's
+    # A log step also logs the expert loads, averaged over ranks like the loss terms, and the run's stats.
+    loads, stats = [], []
+    stub.step, stub._log_run_stats = 5, lambda: stats.append(stub.step)
+    stub.monitor = SimpleNamespace(log_expert_load=lambda step, rows: loads.append([row.tolist() for row in rows]))
+    run.TrainingRun._report_step(stub, result, timer)
+    assert loads == [[[0.5, 0.5]]] and stats == [5] and logged[-1] == ([2.0, 3.0, 4.0], True)
 
 
 def test_a_local_rank_equal_to_the_gpu_count_is_refused_with_the_reason(monkeypatch):

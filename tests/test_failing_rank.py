@@ -35,11 +35,14 @@ def launch_ranks(mode, timeout_seconds=10, count=2):
     return results, time.monotonic() - started
 
 
-def test_a_rank_that_raises_ends_the_ranks_waiting_for_it():
-    (code0, out0), (code1, out1) = launch_ranks("raise")[0]
-    assert code1 == 1 and "OSError: No space left on device: rank 1's checkpoint shard" in out1
+@pytest.mark.parametrize("mode, error, code, shown", [("raise", "OSError", 1, "OSError: "),
+                                                      ("user", "StorageError", 2, "rank 1: error: ")])
+def test_a_rank_that_raises_ends_the_ranks_waiting_for_it(mode, error, code, shown):
+    """Whether its error is a bug (a traceback, status 1) or the user's to mend (one line, status 2)."""
+    (code0, out0), (code1, out1) = launch_ranks(mode)[0]
+    assert code1 == code and f"{shown}No space left on device: rank 1's checkpoint shard" in out1
     assert code0 == 1, out0
-    assert "rank 0: stopping because rank 1 failed: OSError: No space left on device" in out0
+    assert f"rank 0: stopping because rank 1 failed: {error}: No space left on device" in out0
 
 
 def test_a_rank_whose_collective_fails_because_another_rank_failed_names_that_rank_s_error():
@@ -50,6 +53,15 @@ def test_a_rank_whose_collective_fails_because_another_rank_failed_names_that_ra
     for code, out in (results[0], results[2]):
         assert code == 1, out
         assert "(the first failure: rank 1 failed: OSError: No space left on device" in out, out
+
+
+def test_a_rank_waiting_in_the_store_is_ended_too():
+    """A rank waiting in the store (a new group's set-up; NCCL's first collective on a group waits there for
+    the group's unique id) holds its store client for the whole wait: the watch reads through a client of
+    its own. The timeout is long: without the watch these ranks would wait for it."""
+    (code0, out0), (code1, out1) = launch_ranks("group", timeout_seconds=300)[0]
+    assert code1 == 1 and "OSError: No space left on device" in out1
+    assert code0 == 1 and "rank 0: stopping because rank 1 failed: OSError" in out0, out0
 
 
 def test_a_clean_end_where_rank_0_ends_first_prints_nothing_from_the_store():
@@ -92,3 +104,77 @@ def test_where_a_rank_was_names_m2r_code_rather_than_the_library_it_waits_in():
 
     where = dist.on_rank0(library_call_seen_from_the_watch_thread)
     assert where.startswith("dist.py:") and "on_rank0" in where and "library_call" not in where, where
+
+
+def test_the_same_error_on_every_rank_is_not_named_as_another_rank_s_cause(monkeypatch, capsys):
+    """A refusal decided on rank 0 reaches every rank (dist.on_rank0): whichever rank announced it first is
+    not the cause of the others' (each has already printed the error); a different error is."""
+    from m2r import dist, failure_watch
+
+    exits = []
+    monkeypatch.setattr(dist, "rank", lambda: 0)
+    monkeypatch.setattr(failure_watch, "_exit_now", lambda message, code: exits.append((message, code)))
+    monkeypatch.setattr(failure_watch, "_announce_failure", lambda own: "rank 1 failed: ConfigError: no")
+    failure_watch.end_every_rank("ConfigError: no", 2)
+    failure_watch.end_every_rank("RuntimeError: gloo connection closed", 1)
+    assert exits == [("rank 0: exiting after ConfigError (status 2)", 2),
+                     ("rank 0: exiting after RuntimeError (status 1) (the first failure: rank 1 failed: ConfigError: "
+                      "no)", 1)]
+
+
+class FakeStore:
+    def __init__(self, keys=(), gone=False):
+        self.keys, self.gone, self.added = set(keys), gone, []
+
+    def clone(self):
+        return self
+
+    def check(self, keys):
+        if self.gone:
+            raise RuntimeError("Failed to recv, got 0 bytes")
+        return all(key in self.keys for key in keys)
+
+    def add(self, key, amount):
+        self.added.append(key)   # on a store that is gone, torch logs a C++ stack here
+        return len(self.added)
+
+
+def watch_once(monkeypatch, store):
+    """Start the watch of rank 1 of 2 on `store` and wait for it to end."""
+    import threading
+
+    from m2r import dist, failure_watch
+
+    monkeypatch.setattr(failure_watch, "_stop_watch", None)
+    monkeypatch.setattr(failure_watch, "_store_gone", False)
+    monkeypatch.setattr(failure_watch, "_store", lambda: store)
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    monkeypatch.setattr(dist, "rank", lambda: 1)
+    failure_watch.start(poll_seconds=0.01)
+    deadline = time.monotonic() + 10
+    while any(thread.name == "m2r-failure-watch" for thread in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_a_rank_that_found_the_store_gone_does_not_write_to_it_at_its_end(monkeypatch):
+    """Rank 0 (the store's host) gone: the watch's look logged one C++ stack; the end adds no second one."""
+    from m2r import failure_watch
+
+    monkeypatch.setattr(failure_watch, "_left", False)
+    store = FakeStore(gone=True)
+    watch_once(monkeypatch, store)
+    failure_watch.end_cleanly()
+    assert store.added == []
+
+
+def test_each_process_group_counts_the_rank_s_watch_as_stopped(monkeypatch):
+    """A process that starts a second process group (after destroying its first) counts itself again in
+    the new store, else rank 0 waits its whole deadline and the others may read from a store that is gone."""
+    from m2r import failure_watch
+
+    monkeypatch.setattr(failure_watch, "_left", False)
+    for _ in range(2):
+        store = FakeStore(keys=[failure_watch.DONE_KEY])
+        watch_once(monkeypatch, store)
+        failure_watch.end_cleanly()
+        assert store.added == [failure_watch.LEFT_KEY]
