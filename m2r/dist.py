@@ -8,6 +8,7 @@ Three launch styles are recognised, in this order:
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib
 import os
@@ -106,6 +107,7 @@ def init_distributed(env: DistEnv, timeout: Optional[datetime.timedelta] = None)
     `timeout`: how long a collective may wait, in every group DeepSpeed creates (its default: 10 minutes)."""
     name_deepspeeds_accelerator()
     _skip_deepspeed_shm_build()
+    allow_open_files(env)
     import deepspeed
 
     device = device_for(env)
@@ -117,6 +119,28 @@ def init_distributed(env: DistEnv, timeout: Optional[datetime.timedelta] = None)
 
     failure_watch.start()
     return device
+
+
+FILES_BESIDE_THE_STORE = 256   # what a rank opens itself: checkpoint files, data workers' shared tensors
+
+
+def allow_open_files(env: DistEnv) -> None:
+    """Raise the soft limit on open files to the hard one. The store's host (rank 0's process, or torchrun's
+    agent) holds two connections per rank (the process's and its failure watch's), beside the files it opens
+    itself; 1024, a common soft limit that srun passes on, is exceeded at 512 ranks. Warns on rank 0 where the
+    hard limit is too low."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20   # Linux's own ceiling (fs.nr_open)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):   # refused (a container's policy): the warning below
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    needed = 2 * env.world_size + FILES_BESIDE_THE_STORE
+    if soft != resource.RLIM_INFINITY and soft < needed and env.rank == 0:
+        print(f"WARNING: open files are limited to {soft} (ulimit -n), below the {needed} that rank 0's process "
+              f"may need as the store's host for {env.world_size} ranks: raise the hard limit", flush=True)
 
 
 def _give_new_groups_the_timeout(timeout: datetime.timedelta) -> None:

@@ -461,3 +461,44 @@ def test_a_sample_with_a_side_of_0_pixels_is_a_damaged_sample_not_a_crash(tmp_pa
     payload = zstandard.ZstdCompressor().compress(RAW_HEADER.pack(RAW_MAGIC, 0, 40, 3))
     with pytest.raises(CorruptSample, match="bad raw image header"):
         decode_image("rgb.zst", payload)
+
+
+NODE_SCRIPT = """
+import sys, torch.distributed as torch_dist
+from m2r.data import DataConfig, build_train_stream
+torch_dist.init_process_group("gloo")
+cfg = DataConfig(source="shards", shards="shards", preset="five-task", workers=0)
+try:
+    build_train_stream(cfg, seed=0, rank=torch_dist.get_rank(), world_size=2, micro_batch=2, crop=16)
+    print("started")
+except Exception as error:
+    print(f"refused: {error}")
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_shard_cut_short_in_another_node_s_copy_is_refused_at_start_naming_that_host(shard_dir, tmp_path):
+    """Node-local staging: every node reads the same path, its own copy. Rank 0 checks only its node's copy;
+    the first rank of each other node checks its own (here two "nodes": a relative data.shards, two folders)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from m2r.dist import free_port
+
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    node0.mkdir(), node1.mkdir()
+    copy_shards(shard_dir, node0 / "shards")
+    copy = copy_shards(shard_dir, node1 / "shards")
+    shard = copy / "shard-000005.tar"
+    shard.write_bytes(shard.read_bytes()[:3000])
+    env = dict(os.environ, OMP_NUM_THREADS="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               LOCAL_RANK="0", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    ranks = [subprocess.Popen([sys.executable, "-c", NODE_SCRIPT], cwd=node, env=dict(env, RANK=str(rank)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank, node in enumerate((node0, node1))]
+    outputs = [process.communicate(timeout=100)[0] for process in ranks]
+    for output in outputs:
+        assert "refused: data.shards=shards: 1 shard(s) on host " in output, output
+        assert "shard-000005.tar: 3000 bytes, the manifest says" in output, output

@@ -98,6 +98,29 @@ def test_srun_master_port_stays_a_valid_port_for_large_job_ids():
     assert 20000 <= int(env["MASTER_PORT"]) < 40000
 
 
+OPEN_FILES_SCRIPT = """
+import resource, sys
+from m2r import dist
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[2])))
+dist.allow_open_files(dist.DistEnv(rank=0, world_size=512, local_rank=0, launcher="srun"))
+print("soft", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+"""
+
+
+@pytest.mark.parametrize("soft, hard, after, warned", [(256, 4096, 4096, False), (256, 1024, 1024, True)])
+def test_the_open_files_limit_is_raised_for_the_store_s_host_or_named_when_too_low(repo_root, soft, hard, after,
+                                                                                 warned):
+    """Rank 0's process hosts the store: two connections per rank (the process's and its failure watch's)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", OPEN_FILES_SCRIPT, str(soft), str(hard)], cwd=repo_root,
+                            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=repo_root), check=True)
+    assert f"soft {after}" in result.stdout
+    assert ("WARNING: open files are limited to 1024 (ulimit -n), below the 1280" in result.stdout) == warned
+
+
 # ----------------------------------------------------------------------------------- configs
 def test_deepspeed_config_follows_the_train_section(repo_root):
     train = tiny_config(repo_root, "train.micro_batch=3", "train.grad_accum=2", "train.precision=bf16",
@@ -399,8 +422,8 @@ def test_a_step_report_averages_over_ranks_and_agrees_on_stop_signals_in_one_col
     monkeypatch.setattr(dist, "all_reduce_sum", all_reduce_sum)
     monkeypatch.setattr(dist, "world_size", lambda: 2)
     logged = []
-    stub = SimpleNamespace(step=3, total_steps=10, cfg=SimpleNamespace(run=SimpleNamespace(log_every=5),
-                                                                       train=SimpleNamespace(micro_batch=2, grad_accum=1)),
+    cfg = SimpleNamespace(run=SimpleNamespace(log_every=5), train=SimpleNamespace(micro_batch=2, grad_accum=1))
+    stub = SimpleNamespace(step=3, total_steps=10, cfg=cfg,
                            stop_request=SimpleNamespace(signal_name=None, agreed_signal=None),
                            _log_train_step=lambda terms, lr, timer, log_step: logged.append((terms.tolist(), log_step)))
     for method in ("received_flags", "agree"):

@@ -195,3 +195,18 @@ def test_a_resume_cuts_the_metrics_file_in_place_and_the_loss_average_continues_
     assert path.stat().st_ino == inode
     assert written[:-1] == [r for r in records if r["step"] <= 250]
     assert written[-1]["loss_avg"] == pytest.approx(sum(range(152, 252)) / 100)
+
+
+def test_a_resume_keeps_the_records_of_a_metrics_file_another_tool_rewrote(tmp_path):
+    """`jq -c . metrics.jsonl > tmp && mv tmp metrics.jsonl` writes compact lines (`{"step":1,...}`): records
+    all the same, which a resume must not cut away; a line that is no record still marks the cut."""
+    from m2r.engine.monitor import losses_before
+
+    path = tmp_path / "metrics.jsonl"
+    compact = "".join(json.dumps({"step": s, "loss": float(s)}, separators=(",", ":")) + "\n" for s in range(1, 6))
+    path.write_text(compact)
+    assert losses_before(path, 4) == [1.0, 2.0, 3.0]
+    assert path.read_text() == "".join(compact.splitlines(keepends=True)[:3])
+    path.write_text(compact + "\x00\x00\x00\n" + compact)
+    assert losses_before(path, 99) == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert path.read_text() == compact

@@ -19,6 +19,7 @@ continues exactly. The stream is endless, so every rank can take the same number
 from __future__ import annotations
 
 import dataclasses
+import socket
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from m2r import dist
 from m2r.config import ConfigError
 from m2r.data.augment import random_crop, random_dihedral
 from m2r.data.builtin import TRAIN_PHOTOS, VAL_PHOTOS, load_photo
@@ -343,11 +345,9 @@ def _manifest_preset_check(cfg, shards: Sequence[str]) -> None:
                               f"were built with preset '{manifest.get('preset')}'")
 
 
-def _manifest_size_check(cfg, shards: Sequence[str]) -> None:
-    """A shard of 0 bytes, or whose size is not the one its folder's manifest records, was cut short (a copy
-    or sync that stopped, a full disk) or replaced since the build: the stream would skip what it cannot
-    read, counting a whole lost shard as one damaged sample, and train on part of the corpus. Refused at
-    start, naming it (one stat per shard, on rank 0)."""
+def _recorded_sizes(shards: Sequence[str]) -> Dict[str, int]:
+    """Shard path -> its size in bytes as its folder's manifest.json records it (shards without a manifest:
+    none)."""
     recorded: Dict[str, int] = {}
     for folder in sorted({str(Path(shard).parent) for shard in shards}):
         try:
@@ -355,22 +355,61 @@ def _manifest_size_check(cfg, shards: Sequence[str]) -> None:
         except FileNotFoundError:
             continue
         recorded.update({str(Path(folder) / s["name"]): s["bytes"] for s in manifest.get("shards", []) if "bytes" in s})
+    return recorded
+
+
+def _wrong_sizes(shards: Sequence[str], recorded: Dict[str, int]) -> List[str]:
+    """The shards of this node's copy that are missing, of 0 bytes, or not the size their manifest records."""
     wrong = []
     for shard in shards:
-        size, expected = Path(shard).stat().st_size, recorded.get(str(Path(shard)))
+        try:
+            size = Path(shard).stat().st_size
+        except FileNotFoundError:
+            wrong.append(f"{shard}: missing")
+            continue
+        expected = recorded.get(str(Path(shard)))
         if size == 0 or (expected is not None and size != expected):
             wrong.append(f"{shard}: {size} bytes" + (f", the manifest says {expected}" if expected is not None else ""))
+    return wrong
+
+
+def _size_error(cfg, count: int, first: str, where: str = "") -> ConfigError:
+    return ConfigError(f"data.shards={cfg.shards}: {count} shard(s) {where}empty or not the size their manifest.json "
+                       f"records (cut short or replaced since the build?), first {first}; "
+                       "`python -m m2r.shards inspect DIR` checks every shard of a build")
+
+
+def _manifest_size_check(cfg, shards: Sequence[str]) -> Dict[str, int]:
+    """A shard of 0 bytes, or whose size is not the one its folder's manifest records, was cut short (a copy
+    or sync that stopped, a full disk) or replaced since the build: the stream would skip what it cannot
+    read, counting a whole lost shard as one damaged sample, and train on part of the corpus. Refused at
+    start, naming it (one stat per shard, on rank 0; every other node checks its own copy in
+    `_each_node_checks_its_copy`). Returns the recorded sizes."""
+    recorded = _recorded_sizes(shards)
+    wrong = _wrong_sizes(shards, recorded)
     if wrong:
-        raise ConfigError(f"data.shards={cfg.shards}: {len(wrong)} shard(s) empty or not the size their manifest.json "
-                          f"records (cut short or replaced since the build?), first {wrong[0]}; "
-                          "`python -m m2r.shards inspect DIR` checks every shard of a build")
+        raise _size_error(cfg, len(wrong), wrong[0])
+    return recorded
 
 
-def _checked_shards(cfg) -> Tuple[str, ...]:
+def _each_node_checks_its_copy(cfg, shards: Sequence[str], recorded: Dict[str, int]) -> None:
+    """Rank 0 checked its node's copy; the first rank of every other node checks its own (node-local staging
+    cut short by a full disk or a stopped copy), and every rank raises the same error, naming the host."""
+    if not dist.is_multi_rank():
+        return
+    wrong = _wrong_sizes(shards, recorded) if dist.is_local_rank0() and not dist.is_rank0() else []
+    reports = dist.all_gather_object((socket.gethostname(), len(wrong), wrong[0]) if wrong else None)
+    bad = [report for report in reports if report]
+    if bad:
+        host, count, first = bad[0]
+        more = f" (and {len(bad) - 1} more node(s))" if len(bad) > 1 else ""
+        raise _size_error(cfg, count, first, f"on host {host}{more} ")
+
+
+def _checked_shards(cfg) -> Tuple[Tuple[str, ...], Dict[str, int]]:
     shards = tuple(resolve_shards(cfg.shards))
     _manifest_preset_check(cfg, shards)
-    _manifest_size_check(cfg, shards)
-    return shards
+    return shards, _manifest_size_check(cfg, shards)
 
 
 def build_train_stream(cfg, *, seed: int, rank: int, world_size: int, micro_batch: int, crop: int) -> TrainStream:
@@ -380,7 +419,8 @@ def build_train_stream(cfg, *, seed: int, rank: int, world_size: int, micro_batc
     workers = max(1, int(cfg.workers))
     shards: Tuple[str, ...] = ()
     if cfg.source == "shards":
-        shards = on_rank0(lambda: _checked_shards(cfg))
+        shards, recorded = on_rank0(lambda: _checked_shards(cfg))
+        _each_node_checks_its_copy(cfg, shards, recorded)
     scale = tuple(float(v) for v in cfg.scale_range)
     plan = StreamPlan(source=cfg.source, shards=shards, preset=cfg.preset,
                       weights=tuple(sorted((str(k), float(v)) for k, v in dict(cfg.weights).items())),

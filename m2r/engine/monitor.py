@@ -112,15 +112,33 @@ def losses_before(metrics_path: Path, step: int) -> List[float]:
     kept_bytes = 0
     with open(metrics_path, "rb") as handle:
         for line in handle:
-            record_step = RECORD_STEP.match(line)
-            if record_step is None or int(record_step.group(1)) >= step or not line.endswith(b"\n"):
+            record_step = _record_step(line)
+            if record_step is None or record_step >= step or not line.endswith(b"\n"):
                 break
-            if b'"loss": ' in line:
+            if _LOSS_KEY.search(line):
                 loss_lines.append(line)
             kept_bytes += len(line)
     if kept_bytes < metrics_path.stat().st_size:
         os.truncate(metrics_path, kept_bytes)
     return [json.loads(line)["loss"] for line in loss_lines]
+
+
+_LOSS_KEY = re.compile(rb'"loss": ?')
+
+
+def _record_step(line: bytes):
+    """The step of a metrics.jsonl line: read from its start when `Monitor._write` wrote it, else (a file
+    rewritten by another tool, e.g. `jq -c`) from its JSON; None for a line that is no record (cut off by a
+    crash, garbage), where the cut falls."""
+    match = RECORD_STEP.match(line)
+    if match:
+        return int(match.group(1))
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 class Monitor(NullMonitor):
