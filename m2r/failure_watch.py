@@ -16,7 +16,9 @@ a segfault, a lost node): it announces nothing, and when it is rank 0 the store 
 Rank 0's process hosts the store under srun and the deepspeed launcher (torchrun's agent hosts it
 there): rank 0 stays for the others' next look after a failure, and at a clean end (`end_cleanly`, from
 m2r.dist.destroy_process_group) until every watch has stopped, since a read from a store that is gone is
-logged by torch as a C++ stack.
+logged by torch as a C++ stack. The watch reads through a store client of its own (the process's is held
+for as long as the main thread waits in the store), so the host serves two connections per rank
+(m2r.dist.allow_open_files).
 """
 from __future__ import annotations
 
