@@ -74,11 +74,16 @@ def read_merged_yaml(path: str | os.PathLike) -> DictConfig:
 
 
 def _packaged_hint(path: Path) -> str:
-    shipped = PACKAGED_CONFIGS / path.parent.name / path.name
-    if shipped.is_file() and path.parent.name in ("model", "pretrain", "finetune"):
-        return f"; the shipped one is m2r:{path.parent.name}/{path.name}"
-    shipped = sorted(PACKAGED_CONFIGS.glob(f"*/{path.name}"))
-    return f"; the shipped one is m2r:{shipped[0].relative_to(PACKAGED_CONFIGS)}" if len(shipped) == 1 else ""
+    """The shipped config a missing one may have meant: of the same folder and name, else the one of that
+    name; for a missing `m2r:` path, all of them."""
+    shipped = sorted(p.relative_to(PACKAGED_CONFIGS).as_posix() for p in PACKAGED_CONFIGS.glob("*/*.yaml"))
+    meant = [name for name in shipped if name == f"{path.parent.name}/{path.name}"] or \
+        [name for name in shipped if name.endswith(f"/{path.name}")]
+    if len(meant) == 1:
+        return f"; the shipped one is m2r:{meant[0]}"
+    if path.is_relative_to(PACKAGED_CONFIGS):
+        return "; the shipped ones: " + ", ".join(f"m2r:{name}" for name in shipped)
+    return ""
 
 
 def _read_yaml(path: Path, seen: tuple = (), named_by: str = "") -> DictConfig:

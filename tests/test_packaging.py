@@ -38,6 +38,12 @@ def test_a_missing_base_names_the_file_that_names_it_and_the_shipped_one(tmp_pat
                                 f"'../model/tiny.yaml' of {copy}); the shipped one is m2r:model/tiny.yaml")
 
 
+
+def test_a_missing_shipped_config_lists_the_shipped_ones():
+    with pytest.raises(ConfigError, match=r"config file not found: .*model/m2restore-pluss\.yaml; the shipped ones: "
+                                          r".*m2r:model/m2restore-plus\.yaml, m2r:model/m2restore\.yaml, "):
+        load_config(ModelConfig, "m2r:model/m2restore-pluss.yaml")
+
 def test_the_wheel_holds_the_configs_and_the_console_scripts_and_no_tests(tmp_path):
     source = tmp_path / "src"   # a copy: an in-tree build would leave build/ in the checkout
     source.mkdir()
