@@ -66,11 +66,9 @@ print(AsyncCompile.process_pool().process.poll() is None)   # the worker lives o
 def test_a_stop_signal_during_start_up_reaches_the_run_instead_of_killing_the_rank(monkeypatch, entry, run_class):
     """SLURM's warning may come while the ranks still import, rendezvous or load a checkpoint: the run
     is built knowing it (what it then does: test_engine_dist.py, a warning during start-up)."""
-    import importlib.util
+    import importlib
 
-    spec = importlib.util.spec_from_file_location(entry, Path(__file__).resolve().parent.parent / f"{entry}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module(f"m2r.{entry}")   # the code behind pretrain.py and finetune.py
     seen = {}
 
     class RecordingRun:
