@@ -423,8 +423,8 @@ def test_a_shard_cut_short_since_the_build_or_empty_is_refused_at_start(shard_di
     shard = copy / "shard-000005.tar"
     shard.write_bytes(shard.read_bytes()[:3000])
     cfg = DataConfig(source="shards", shards=str(copy), preset="five-task", workers=0)
-    with pytest.raises(ConfigError, match=r"1 shard\(s\) empty or not the size their manifest.json records .*first "
-                                          r".*shard-000005\.tar: 3000 bytes, the manifest says \d+"):
+    with pytest.raises(ConfigError, match=r"1 shard\(s\) missing, empty or not the size their manifest.json records "
+                                          r".*first .*shard-000005\.tar: 3000 bytes, the manifest says \d+"):
         build_train_stream(cfg, seed=0, rank=0, world_size=1, micro_batch=2, crop=CROP)
     bare = copy_shards(shard_dir, tmp_path / "bare", manifest=False)    # no manifest: 0 bytes is still no tar
     (bare / "shard-000002.tar").write_bytes(b"")

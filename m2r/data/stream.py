@@ -374,8 +374,8 @@ def _wrong_sizes(shards: Sequence[str], recorded: Dict[str, int]) -> List[str]:
 
 
 def _size_error(cfg, count: int, first: str, where: str = "") -> ConfigError:
-    return ConfigError(f"data.shards={cfg.shards}: {count} shard(s) {where}empty or not the size their manifest.json "
-                       f"records (cut short or replaced since the build?), first {first}; "
+    return ConfigError(f"data.shards={cfg.shards}: {count} shard(s) {where}missing, empty or not the size their "
+                       f"manifest.json records (cut short or replaced since the build?), first {first}; "
                        "`python -m m2r.shards inspect DIR` checks every shard of a build")
 
 
