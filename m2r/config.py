@@ -88,9 +88,8 @@ def _packaged_hint(path: Path) -> str:
 
 def _read_yaml(path: Path, seen: tuple = (), named_by: str = "") -> DictConfig:
     if not path.is_file():
-        if named_by:
-            raise ConfigError(f"config file not found: {path} ({named_by}){_packaged_hint(path)}")
-        raise ConfigError(f"config file not found: {path}{_packaged_hint(path)}")
+        where = f" ({named_by})" if named_by else ""
+        raise ConfigError(f"config file not found: {path}{where}{_packaged_hint(path)}")
     if path.resolve() in seen:
         raise ConfigError(f"{BASE_KEY} cycle through {path}")
     try:

@@ -18,7 +18,7 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -98,6 +98,7 @@ def tensorboard_writer(run_dir: Path, enabled: bool, start_step: int):
 
 LOSS_WINDOW = 100   # steps in the running loss average (loss_avg)
 RECORD_STEP = re.compile(rb'^\{"step": (\d+)[,}]')   # how `Monitor._write` starts every line
+LOSS_KEY = re.compile(rb'"loss": ?')
 
 
 def losses_before(metrics_path: Path, step: int) -> List[float]:
@@ -115,7 +116,7 @@ def losses_before(metrics_path: Path, step: int) -> List[float]:
             record_step = _record_step(line)
             if record_step is None or record_step >= step or not line.endswith(b"\n"):
                 break
-            if _LOSS_KEY.search(line):
+            if LOSS_KEY.search(line):
                 loss_lines.append(line)
             kept_bytes += len(line)
     if kept_bytes < metrics_path.stat().st_size:
@@ -123,10 +124,7 @@ def losses_before(metrics_path: Path, step: int) -> List[float]:
     return [json.loads(line)["loss"] for line in loss_lines]
 
 
-_LOSS_KEY = re.compile(rb'"loss": ?')
-
-
-def _record_step(line: bytes):
+def _record_step(line: bytes) -> Optional[int]:
     """The step of a metrics.jsonl line: read from its start when `Monitor._write` wrote it, else (a file
     rewritten by another tool, e.g. `jq -c`) from its JSON; None for a line that is no record (cut off by a
     crash, garbage), where the cut falls."""
