@@ -470,9 +470,11 @@ torch_dist.init_process_group("gloo")
 cfg = DataConfig(source="shards", shards="shards", preset="five-task", workers=0)
 try:
     build_train_stream(cfg, seed=0, rank=torch_dist.get_rank(), world_size=2, micro_batch=2, crop=16)
-    print("started")
+    print("started", flush=True)
 except Exception as error:
-    print(f"refused: {error}")
+    print(f"refused: {error}", flush=True)
+torch_dist.barrier()
+torch_dist.destroy_process_group()   # else gloo's teardown at exit may abort the process
 """
 
 
