@@ -19,28 +19,12 @@ is saved, and the best checkpoint per metric in `run.best_metrics` is kept under
 and exported as `best_<metric>.safetensors` for `python -m m2r.evaluate`. SIGTERM/SIGUSR1 save
 mid-epoch; resuming at the same topology continues the epoch exactly.
 """
-import sys
-
-from m2r import dist, stop_signals
-from m2r.cli import parse_entry_args, run_main
-from m2r.config import load_config
+from m2r.cli import run_main
+from m2r.engine.entry import run_training
 
 
 def main(argv=None) -> int:
-    args = parse_entry_args(sys.argv[1:] if argv is None else argv, __doc__, "configs/finetune/<name>.yaml")
-    stop_request = stop_signals.StopRequest()   # before the slow start-up, which a stop signal must not kill
-    env = dist.discover_dist_env()
-
-    from m2r.engine.config import FinetuneConfig
-    from m2r.engine.finetuner import Finetuner
-
-    cfg = load_config(FinetuneConfig, args.config, args.overrides)
-    exit_code = Finetuner(cfg, env, stop_request).fit()
-    # SLURM's job script resends its warning until the step ends, and Python's shutdown gives USR1 back its
-    # default action (end the process): a resend then would fail a run that stopped cleanly.
-    stop_signals.ignore_stop_signals()
-    dist.destroy_process_group()
-    return exit_code
+    return run_training("finetune", argv, __doc__)
 
 
 if __name__ == "__main__":

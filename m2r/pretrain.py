@@ -17,28 +17,12 @@ A run resumes from its newest checkpoint by default; SIGTERM or SIGUSR1 saves a 
 exits 0. See m2r/engine/trainer.py for the loop; the keys: m2r/engine/config.py (train, run),
 m2r/models/config.py (model), m2r/data/config.py (data).
 """
-import sys
-
-from m2r import dist, stop_signals
-from m2r.cli import parse_entry_args, run_main
-from m2r.config import load_config
+from m2r.cli import run_main
+from m2r.engine.entry import run_training
 
 
 def main(argv=None) -> int:
-    args = parse_entry_args(sys.argv[1:] if argv is None else argv, __doc__, "configs/pretrain/<name>.yaml")
-    stop_request = stop_signals.StopRequest()   # before the slow start-up, which a stop signal must not kill
-    env = dist.discover_dist_env()
-
-    from m2r.engine.config import PretrainConfig
-    from m2r.engine.trainer import Trainer
-
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
-    exit_code = Trainer(cfg, env, stop_request).fit()
-    # SLURM's job script resends its warning until the step ends, and Python's shutdown gives USR1 back its
-    # default action (end the process): a resend then would fail a run that stopped cleanly.
-    stop_signals.ignore_stop_signals()
-    dist.destroy_process_group()
-    return exit_code
+    return run_training("pretrain", argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,8 @@ def test_a_stop_signal_during_start_up_reaches_the_run_instead_of_killing_the_ra
     is built knowing it (what it then does: test_engine_dist.py, a warning during start-up)."""
     import importlib
 
+    from m2r.engine import entry as training_entry
+
     module = importlib.import_module(f"m2r.{entry}")   # the code behind pretrain.py and finetune.py
     seen = {}
 
@@ -83,7 +85,7 @@ def test_a_stop_signal_during_start_up_reaches_the_run_instead_of_killing_the_ra
         return "config"
 
     monkeypatch.setattr(run_class, RecordingRun)
-    monkeypatch.setattr(module, "load_config", load_config_while_signalled)
+    monkeypatch.setattr(training_entry, "load_config", load_config_while_signalled)
     monkeypatch.setattr(dist, "discover_dist_env", lambda: "env")   # it would export RANK, MASTER_PORT...
     saved_handlers = {sig: signal.getsignal(sig) for sig in stop_signals.STOP_SIGNALS}
     try:
