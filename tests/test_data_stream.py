@@ -418,6 +418,17 @@ def test_shards_without_samples_are_named_with_why_by_the_error_that_stops_the_s
         take(stream, 1)
 
 
+def test_one_good_shard_among_many_empty_ones_is_found_however_long_the_run_of_empty_reads(shard_dir, tmp_path):
+    """The stream gives up only once a run of empty reads has visited every shard (2N - 1 draws in a row
+    hold a whole permutation), not after 64 reads, which 1 good shard among 150 empty ones often needs."""
+    good = sorted(shard_dir.glob("*.tar"))[0]
+    (tmp_path / "a-good.tar").write_bytes(good.read_bytes())
+    for index in range(150):
+        tarfile.open(tmp_path / f"b-empty-{index:03d}.tar", "w").close()
+    cfg = DataConfig(source="shards", shards=str(tmp_path), preset="five-task", workers=0, shuffle_buffer=8)
+    stream = build_train_stream(cfg, seed=0, rank=0, world_size=1, micro_batch=2, crop=CROP)
+    assert len(take(stream, 10)) == 10
+
 def test_a_shard_cut_short_since_the_build_or_empty_is_refused_at_start(shard_dir, tmp_path):
     copy = copy_shards(shard_dir, tmp_path / "copy")
     shard = copy / "shard-000005.tar"

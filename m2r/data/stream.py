@@ -44,7 +44,7 @@ VAL_TAG = 3             # validation crops and degradations
 LOADER_TAG = 5          # the DataLoader's base seed for its worker processes
 FRESH_TAG = 6           # a stream started afresh at a step (resume after a topology change)
 BUILTIN_ROUND = 256     # samples per round of the builtin source
-MAX_EMPTY_READS = 64    # consecutive shard reads without one sample before giving up
+MAX_EMPTY_READS = 64    # consecutive shard reads without one sample before giving up (at least 2N - 1)
 # A worker gives up after this many consecutive rounds, and at least this many samples, without one
 # usable sample: an endless stream of damaged samples would hang its rank, and so every rank's
 # collectives. Both bounds, so that a small shuffle_buffer over partly damaged shards cannot give up
@@ -116,10 +116,14 @@ class _ShardSource:
                 records.extend((shard, sample) for sample in read_shard(shard))
             except CorruptSample as exc:
                 corrupt, problem = corrupt + 1, str(exc)
-            empty = empty + [problem] if len(records) == before else []
-            if len(empty) >= MAX_EMPTY_READS:
+            if len(records) > before:
+                empty.clear()
+            else:
+                empty.append(problem)
+            # 2N - 1 draws in a row hold a whole permutation: every shard has then given nothing
+            if len(empty) >= max(MAX_EMPTY_READS, 2 * len(self.shards) - 1):
                 last = list(dict.fromkeys(reversed(empty)))[:3]
-                raise RuntimeError(f"{self.where}: {MAX_EMPTY_READS} shard reads in a row gave no sample "
+                raise RuntimeError(f"{self.where}: {len(empty)} shard reads in a row gave no sample "
                                    f"({len(set(empty))} distinct shards of the {len(self.shards)}); the last: "
                                    + "; ".join(last))
         order = rng.permutation(len(records))
