@@ -335,31 +335,31 @@ def _jsonish(value):
 
 # ----------------------------------------------------------------------------- builders
 
-def _manifest_preset_check(cfg, shards: Sequence[str]) -> None:
-    """Pre-degraded shards were made with one preset; streaming them under another is a config error.
-    Checked here against the manifest of each folder holding shards (a directory or a brace
-    pattern), and again per sample as it is read, for shards without a manifest."""
+def _folder_manifests(shards: Sequence[str]) -> Dict[str, dict]:
+    """Folder -> its manifest.json, for each folder holding shards (a directory or a brace pattern) that has one."""
+    manifests = {}
     for folder in sorted({str(Path(shard).parent) for shard in shards}):
         try:
-            manifest = read_manifest(folder)
+            manifests[folder] = read_manifest(folder)
         except FileNotFoundError:
             continue
+    return manifests
+
+
+def _manifest_preset_check(cfg, manifests: Dict[str, dict]) -> None:
+    """Pre-degraded shards were made with one preset; streaming them under another is a config error.
+    Checked here against the manifest of each folder holding shards, and again per sample as it is read,
+    for shards without a manifest."""
+    for folder, manifest in manifests.items():
         if manifest.get("mode") == "pairs" and manifest.get("preset") != cfg.preset:
             raise ConfigError(f"data.preset '{cfg.preset}' but the pre-degraded shards in {folder} "
                               f"were built with preset '{manifest.get('preset')}'")
 
 
-def _recorded_sizes(shards: Sequence[str]) -> Dict[str, int]:
-    """Shard path -> its size in bytes as its folder's manifest.json records it (shards without a manifest:
-    none)."""
-    recorded: Dict[str, int] = {}
-    for folder in sorted({str(Path(shard).parent) for shard in shards}):
-        try:
-            manifest = read_manifest(folder)
-        except FileNotFoundError:
-            continue
-        recorded.update({str(Path(folder) / s["name"]): s["bytes"] for s in manifest.get("shards", []) if "bytes" in s})
-    return recorded
+def _recorded_sizes(manifests: Dict[str, dict]) -> Dict[str, int]:
+    """Shard path -> its size in bytes as its folder's manifest records it (shards without a manifest: none)."""
+    return {str(Path(folder) / entry["name"]): entry["bytes"] for folder, manifest in manifests.items()
+            for entry in manifest.get("shards", []) if "bytes" in entry}
 
 
 def _wrong_sizes(shards: Sequence[str], recorded: Dict[str, int]) -> List[str]:
@@ -383,17 +383,15 @@ def _size_error(cfg, count: int, first: str, where: str = "") -> ConfigError:
                        "`python -m m2r.shards inspect DIR` checks every shard of a build")
 
 
-def _manifest_size_check(cfg, shards: Sequence[str]) -> Dict[str, int]:
+def _manifest_size_check(cfg, shards: Sequence[str], recorded: Dict[str, int]) -> None:
     """A shard of 0 bytes, or whose size is not the one its folder's manifest records, was cut short (a copy
     or sync that stopped, a full disk) or replaced since the build: the stream would skip what it cannot
     read, counting a whole lost shard as one damaged sample, and train on part of the corpus. Refused at
     start, naming it (one stat per shard, on rank 0; every other node checks its own copy in
-    `_each_node_checks_its_copy`). Returns the recorded sizes."""
-    recorded = _recorded_sizes(shards)
+    `_each_node_checks_its_copy`)."""
     wrong = _wrong_sizes(shards, recorded)
     if wrong:
         raise _size_error(cfg, len(wrong), wrong[0])
-    return recorded
 
 
 def _each_node_checks_its_copy(cfg, shards: Sequence[str], recorded: Dict[str, int]) -> None:
@@ -412,8 +410,11 @@ def _each_node_checks_its_copy(cfg, shards: Sequence[str], recorded: Dict[str, i
 
 def _checked_shards(cfg) -> Tuple[Tuple[str, ...], Dict[str, int]]:
     shards = tuple(resolve_shards(cfg.shards))
-    _manifest_preset_check(cfg, shards)
-    return shards, _manifest_size_check(cfg, shards)
+    manifests = _folder_manifests(shards)   # read once, for both checks
+    _manifest_preset_check(cfg, manifests)
+    recorded = _recorded_sizes(manifests)
+    _manifest_size_check(cfg, shards, recorded)
+    return shards, recorded
 
 
 def build_train_stream(cfg, *, seed: int, rank: int, world_size: int, micro_batch: int, crop: int) -> TrainStream:
