@@ -2,6 +2,7 @@
 and the errors that stop a stream instead of letting it hang."""
 import itertools
 import multiprocessing
+import re
 import tarfile
 
 import numpy as np
@@ -166,6 +167,9 @@ def test_corrupt_samples_are_counted_and_skipped(shard_dir, tmp_path):
     stream = build_train_stream(cfg, seed=0, rank=0, world_size=1, micro_batch=2, crop=CROP)
     assert len(take(stream, 6)) == 6
     assert stream.stats()["corrupt_samples"] >= 2
+    notes = stream.take_damage_notes()   # the first few, for the console, each naming its shard
+    assert 1 <= len(notes) <= 3 and all(re.match(rf"shard {tmp_path}/bad-[01]\.tar: sample", n) for n in notes)
+    assert stream.take_damage_notes() == []
 
 
 def test_a_shuffle_buffer_below_one_is_refused(shard_dir):

@@ -5,11 +5,13 @@ read from what the runs wrote before teardown (metrics.jsonl, TensorBoard, check
 """
 import json
 import os
+import re
 import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -430,10 +432,8 @@ def test_bf16_resumes_exactly_and_a_precision_change_loads_weights_and_optimizer
     assert "is a checkpoint this run abandoned" in str(refused.value)
 
 
-def test_every_rank_streams_and_validates_on_rank_0s_listing_of_the_shards(tmp_path):
-    """A rank listing a shared folder itself (a stale NFS listing: one shard missing here) would draw
-    from another corpus, and a resume would not notice; one finding no validation shard would fail
-    alone while the other waited for it."""
+def build_small_shards(tmp_path):
+    """4 shards of 2 clean 48x48 photos in tmp_path/shards."""
     from PIL import Image
 
     from m2r.data.builtin import TRAIN_PHOTOS, load_photo
@@ -444,6 +444,13 @@ def test_every_rank_streams_and_validates_on_rank_0s_listing_of_the_shards(tmp_p
     for i in range(8):
         Image.fromarray(load_photo(TRAIN_PHOTOS[i % len(TRAIN_PHOTOS)])[:48, :48]).save(photos / f"{i}.png")
     build(BuildOptions(src=[str(photos)], out=str(tmp_path / "shards"), samples_per_shard=2), progress=False)
+
+
+def test_every_rank_streams_and_validates_on_rank_0s_listing_of_the_shards(tmp_path):
+    """A rank listing a shared folder itself (a stale NFS listing: one shard missing here) would draw
+    from another corpus, and a resume would not notice; one finding no validation shard would fail
+    alone while the other waited for it."""
+    build_small_shards(tmp_path)
     run_launch(torchrun_command(2, "tests/stale_listing.py", "pretrain.py", "--config", TINY,
                                 f"run.dir={tmp_path / 'run'}", "data.source=shards",
                                 f"data.shards={tmp_path / 'shards'}", "train.steps=2", "run.image_every=0",
@@ -451,6 +458,26 @@ def test_every_rank_streams_and_validates_on_rank_0s_listing_of_the_shards(tmp_p
     client = torch.load(tmp_path / "run/checkpoints/step00000002/mp_rank_00_model_states.pt", weights_only=False)
     assert [state["plan"]["shards"] for state in client["stream_states"]] == [4, 4]
     assert any("val_psnr" in json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines())
+
+
+def test_damaged_samples_skipped_on_any_rank_are_named_on_the_console(tmp_path):
+    """Bits flipped in a shard after its build (the size still right, so no start-up check sees it): its
+    samples are skipped, counted in data/corrupt_samples, and rank 0 names the shard on the log step."""
+    build_small_shards(tmp_path)
+    damaged = tmp_path / "shards/shard-000001.tar"
+    data = bytearray(damaged.read_bytes())
+    with tarfile.open(damaged) as tar:
+        for member in tar.getmembers():
+            if member.name.endswith(".zst"):
+                for i in range(member.offset_data + 60, member.offset_data + 120):
+                    data[i] ^= 0x5A
+    damaged.write_bytes(bytes(data))
+    output = pretrain(tmp_path / "run", "data.source=shards", f"data.shards={tmp_path / 'shards'}", "data.workers=1",
+                      "data.shuffle_buffer=8", "train.steps=2", "run.image_every=0")
+    assert "skipped damaged training samples" in output
+    assert re.search(r"rank [01]: shard \S*shard-000001\.tar: sample \d+: cannot decode", output), output
+    counts = [r["corrupt_samples"] for r in metric_records(tmp_path / "run") if "corrupt_samples" in r]
+    assert counts and counts[-1] >= 2
 
 
 def test_a_run_dir_that_is_not_one_directory_for_every_rank_is_refused_on_every_rank(tmp_path):

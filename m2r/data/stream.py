@@ -51,6 +51,9 @@ MAX_EMPTY_READS = 64    # consecutive shard reads without one sample before givi
 # by bad luck.
 MAX_BARREN_ROUNDS = 8
 MIN_FAILED_SAMPLES = 256
+MAX_DAMAGE_NOTES = 3    # damaged samples a rank keeps to name on the console, per log step
+
+
 @dataclasses.dataclass(frozen=True)
 class StreamPlan:
     """Everything a worker needs to produce its batches (picklable, no open files)."""
@@ -78,7 +81,7 @@ class _BuiltinSource:
 
     def round_records(self, round_index: int):
         rng = np.random.default_rng((*self.seed_words, round_index))
-        return rng.integers(len(TRAIN_PHOTOS), size=BUILTIN_ROUND).tolist(), 0
+        return rng.integers(len(TRAIN_PHOTOS), size=BUILTIN_ROUND).tolist(), []
 
     @staticmethod
     def decode(record):
@@ -105,7 +108,7 @@ class _ShardSource:
     def round_records(self, round_index: int):
         rng = np.random.default_rng((*self.seed_words, round_index))
         records: List[Tuple[str, dict]] = []
-        corrupt = 0
+        damaged: List[str] = []   # why each damaged shard read stopped
         empty: List[str] = []   # the shard reads in a row that gave no sample, each with why
         draws = _shard_draws(rng, len(self.shards))
         while len(records) < self.buffer:
@@ -115,7 +118,8 @@ class _ShardSource:
             try:
                 records.extend((shard, sample) for sample in read_shard(shard))
             except CorruptSample as exc:
-                corrupt, problem = corrupt + 1, str(exc)
+                problem = str(exc)
+                damaged.append(problem)
             if len(records) > before:
                 empty.clear()
             else:
@@ -127,7 +131,7 @@ class _ShardSource:
                                    f"({len(set(empty))} distinct shards of the {len(self.shards)}); the last: "
                                    + "; ".join(last))
         order = rng.permutation(len(records))
-        return [records[i] for i in order], corrupt
+        return [records[i] for i in order], damaged
 
     def decode(self, record):
         return _decode_shard_sample(*record, self.preset)
@@ -183,18 +187,25 @@ def collate(lq: Sequence[np.ndarray], gt: Sequence[np.ndarray], type_ids: Sequen
                 type_id=torch.tensor(type_ids, dtype=torch.int64))
 
 
+def keep_notes(notes: List[str], new: Sequence[str]) -> None:
+    """Add `new` to `notes` while it holds fewer than MAX_DAMAGE_NOTES."""
+    notes.extend(new[:MAX_DAMAGE_NOTES - len(notes)])
+
+
 def worker_batches(plan: StreamPlan, worker: int, cursor: Tuple[int, int]) -> Iterator[dict]:
     """Endless batches of one logical worker from `cursor` = (round, offset), each tagged with the
-    cursor after it and the corrupt samples skipped since the previous batch."""
+    cursor after it, the count of corrupt samples skipped since the previous batch and what the first
+    few of them were (`damage`: messages naming their shards)."""
     source = _make_source(plan, worker)
     degrader = Degrader(plan.preset, dict(plan.weights))
     round_index, start = cursor
-    lq, gt, type_ids, corrupt = [], [], [], 0
+    lq, gt, type_ids, corrupt, damage = [], [], [], 0, []
     barren_rounds, failed, last_error = 0, 0, None     # since the last usable sample
     while True:
-        records, round_corrupt = source.round_records(round_index)
+        records, round_damage = source.round_records(round_index)
         if start == 0:   # a round resumed at an offset had its damaged shard reads counted before the save
-            corrupt += round_corrupt
+            corrupt += len(round_damage)
+            keep_notes(damage, round_damage)
         served = False
         for offset in range(start, len(records)):
             rng = np.random.default_rng((plan.seed, STREAM_TAG, plan.rank, worker, round_index, offset))
@@ -203,14 +214,16 @@ def worker_batches(plan: StreamPlan, worker: int, cursor: Tuple[int, int]) -> It
                 pair = make_pair(clean, lq_in, meta, rng, degrader, plan.crop, plan.scale_range)
             except CorruptSample as exc:
                 corrupt, failed, last_error = corrupt + 1, failed + 1, exc
+                keep_notes(damage, [str(exc)])
                 continue
             served, failed = True, 0
             lq.append(pair[0]), gt.append(pair[1]), type_ids.append(pair[2])
             if len(lq) == plan.micro_batch:
                 batch = collate(lq, gt, type_ids)
-                batch.update(worker=worker, cursor_round=round_index, cursor_offset=offset + 1, corrupt=corrupt)
+                batch.update(worker=worker, cursor_round=round_index, cursor_offset=offset + 1, corrupt=corrupt,
+                             damage=damage)
                 yield batch
-                lq, gt, type_ids, corrupt = [], [], [], 0
+                lq, gt, type_ids, corrupt, damage = [], [], [], 0, []
         barren_rounds = 0 if served else barren_rounds + 1
         if barren_rounds >= MAX_BARREN_ROUNDS and failed >= MIN_FAILED_SAMPLES:
             raise _no_usable_samples(plan, worker, barren_rounds, failed, last_error)
@@ -248,6 +261,7 @@ class TrainStream:
         self._cursors: List[Tuple[int, int]] = [(0, 0)] * plan.workers
         self._type_counts = [0] * len(self.names)
         self._corrupt = 0
+        self._damage: List[str] = []   # the first few damaged samples since `take_damage_notes`, not saved
 
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
         dataset = _WorkerStream(self.plan, self._batches, tuple(self._cursors))
@@ -260,6 +274,7 @@ class TrainStream:
                 worker = int(batch.pop("worker"))
                 self._cursors[worker] = (int(batch.pop("cursor_round")), int(batch.pop("cursor_offset")))
                 self._corrupt += int(batch.pop("corrupt"))
+                keep_notes(self._damage, batch.pop("damage"))
                 for type_id, count in enumerate(torch.bincount(batch["type_id"], minlength=len(self.names)).tolist()):
                     self._type_counts[type_id] += count
                 self._batches += 1
@@ -276,6 +291,12 @@ class TrainStream:
     def stats(self) -> Dict[str, object]:
         """Samples served per degradation type and corrupt samples skipped, on this rank so far."""
         return dict(samples_by_type=dict(zip(self.names, self._type_counts)), corrupt_samples=self._corrupt)
+
+    def take_damage_notes(self) -> List[str]:
+        """What the first few corrupt samples skipped on this rank since the last call were, each naming
+        its shard (the count in `stats` is exact; these are for the console)."""
+        notes, self._damage = self._damage, []
+        return notes
 
     def _fresh_plan(self, step: int) -> StreamPlan:
         words = (self._run_seed, FRESH_TAG, step)

@@ -25,6 +25,8 @@ from m2r.engine.validate import image_grid, validation_metrics
 from m2r.eval.image_io import to_unit_float
 from m2r.eval.metrics import batch_psnr
 
+MAX_DAMAGE_LINES = 8   # damaged samples named on the console per log step, over all ranks
+
 
 class Trainer(TrainingRun):
     KIND = "pretrain"
@@ -147,13 +149,26 @@ class Trainer(TrainingRun):
         return self._optimizer_step(micro_batches, self.schedule)
 
     def _log_run_stats(self) -> None:
-        """Per-type counts and skipped damaged samples of the data stream, summed over ranks (a
-        collective: every rank calls it)."""
+        """Per-type counts and skipped damaged samples of the data stream, summed over ranks, and the
+        console told which damaged samples were skipped since the last log step (a collective: every
+        rank calls it)."""
         stats = self.stream.stats()
+        notes = self.stream.take_damage_notes()
         seen = stats["samples_by_type"]
-        totals = dist.all_reduce_sum(torch.tensor([*seen.values(), stats["corrupt_samples"]], dtype=torch.float64))
-        *counts, corrupt = (int(c) for c in totals.tolist())
+        totals = dist.all_reduce_sum(torch.tensor([*seen.values(), stats["corrupt_samples"], len(notes)],
+                                                  dtype=torch.float64))
+        *counts, corrupt, noted = (int(c) for c in totals.tolist())
         self.monitor.log_data_stats(self.step, dict(zip(seen, counts)), corrupt)
+        if noted:   # the same on every rank, so every rank joins the gather
+            self._report_damage(dist.all_gather_object(notes), corrupt)
+
+    def _report_damage(self, notes_by_rank: List[List[str]], corrupt: int) -> None:
+        lines = [f"  rank {rank}: {note}" for rank, notes in enumerate(notes_by_rank) for note in notes]
+        if len(lines) > MAX_DAMAGE_LINES:
+            lines = lines[:MAX_DAMAGE_LINES] + [f"  ... and {len(lines) - MAX_DAMAGE_LINES} more on other ranks"]
+        self.monitor.print(f"step {self.step}: skipped damaged training samples ({corrupt} since the stream "
+                           f"started, data/corrupt_samples); the first ones since the last report:\n"
+                           + "\n".join(lines))
 
     def validate(self) -> None:
         with self._validation_weights():
