@@ -44,10 +44,10 @@ def test_a_missing_shipped_config_lists_the_shipped_ones():
                                           r".*m2r:model/m2restore-plus\.yaml, m2r:model/m2restore\.yaml, "):
         load_config(ModelConfig, "m2r:model/m2restore-pluss.yaml")
 
-def test_the_wheel_holds_the_configs_and_the_console_scripts_and_no_tests(tmp_path):
+def test_the_wheel_holds_the_configs_the_console_scripts_and_the_license_and_no_tests(tmp_path):
     source = tmp_path / "src"   # a copy: an in-tree build would leave build/ in the checkout
     source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(REPO / name, source / name)
     for folder in ("m2r", "configs"):
         shutil.copytree(REPO / folder, source / folder, symlinks=True,
@@ -60,6 +60,8 @@ def test_the_wheel_holds_the_configs_and_the_console_scripts_and_no_tests(tmp_pa
     assert shipped and shipped <= names
     assert {"m2r/pretrain.py", "m2r/finetune.py"} <= names
     assert not [n for n in names if n.startswith("tests/")]
+    assert [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]
+    assert "License-Expression: Apache-2.0" in wheel.read(next(n for n in names if n.endswith("METADATA"))).decode()
     entry_points = wheel.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     for script in ("pretrain", "finetune", "evaluate", "restore", "export", "shards", "summary"):
         assert f"m2r-{script} = m2r.commands:{script}" in entry_points
