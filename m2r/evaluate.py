@@ -32,8 +32,8 @@ from m2r import dist
 from m2r.atomic import atomic_paths, json_text
 from m2r.cli import run_main
 from m2r.config import ConfigError
-from m2r.eval.datasets import (ALLWEATHER_PAPER_SETS, DATASETS, OFFICIAL_TEST_SIZES, Pair, check_pairs,
-                               evaluation_sets, read_pair)
+from m2r.eval.datasets import (ALLWEATHER_PAPER_SETS, ALLWEATHER_TEST_DIRS, DATASETS, OFFICIAL_TEST_SIZES, Pair,
+                               check_pairs, evaluation_sets, read_pair)
 from m2r.eval.image_io import as_unit, save_png, with_png_names
 from m2r.eval.loading import (add_inference_arguments, load_inference_model, make_accelerator, non_negative_int,
                               parse_inference_arguments, precision_name, require_output_folder)
@@ -150,6 +150,11 @@ def listed_sets(args) -> Dict[str, List[Pair]]:
     """The pairs of each set to evaluate (the first --limit of each), their headers checked; --out checked."""
     require_output_folder(args.out)
     sets = evaluation_sets(args.dataset, args.root, [s for s in args.sets.split(",") if s] or None)
+    absent = [name for name in ALLWEATHER_PAPER_SETS if name not in sets] if args.dataset == "allweather" else []
+    if absent and not args.sets:   # the average would silently leave out a column of the paper's table
+        dist.print0(f"evaluate: warning: AllWeather test sets not found under {args.root}: " + "; ".join(
+            f"{name} (looked for {', '.join(ALLWEATHER_TEST_DIRS[name])})" for name in absent)
+            + f"; the average covers only {', '.join(n for n in ALLWEATHER_PAPER_SETS if n in sets) or 'none'}")
     if args.limit:
         sets = {name: pairs[: args.limit] for name, pairs in sets.items()}
     if args.official_sizes and not set(sets) & set(OFFICIAL_TEST_SIZES):

@@ -4,15 +4,18 @@ AllWeather (TransWeather / WeatherDiff / M2Restore lineage), under one root:
     train:  train/input/<name> + train/gt/<name>  (or TransWeather's train/allweather/{input,gt});
             optional list file (first found: filenames.txt, allweather.txt, train/allweather.txt, or
             the one given); list lines may be bare names or paths ("./input/x.png"): the basename counts.
-    tests:  outdoor_rain  Outdoor-Rain Test1   test_rain/ | test1/ | test/test1/ | outdoor-rain/test1/
+    tests:  outdoor_rain  Outdoor-Rain Test1   test_rain/ | test1/ | Test1/ | test/test1/ | test/Test1/ |
+                                               outdoor-rain/test1/
             snow100k_s    Snow100K-S           Snow100K-S/ | test/Snow100K-S/ | snow100k/test/Snow100K-S/
             snow100k_l    Snow100K-L           test_snow/ | Snow100K-L/ | test/Snow100K-L/ | snow100k/test/Snow100K-L/
-            raindrop_a    RainDrop test_a      test_raindrop/ | test_a/ | raindrop/test_a/
-    each holding degraded images in input/ (Snow100K: synthetic/, RainDrop: data/) and targets in gt/.
-    A target has the input's name, or for RainDrop `<id>_clean.<ext>` for `<id>_rain.<ext>`.
-CDD-11 (OneRestore): <root>/<train|test>/<type>/<name> with targets <root>/<split>/clear/<name>, for the
-    11 types below. Types are found by folder name, never by string replacement in the path (the
-    official code turns train/rain into tclear).
+            raindrop_a    RainDrop test_a      test_raindrop/ | test_a/ | raindrop/test_a/ | test/RainDrop/ |
+                                               raindrop/test/
+    each holding degraded images in input/ (Snow100K: synthetic/, RainDrop: data/, Outdoor-Rain's release:
+    in/) and targets in gt/. A target has the input's name, or for RainDrop `<id>_clean.<ext>` for
+    `<id>_rain.<ext>`, or for Outdoor-Rain `im_<n>.<ext>` for `im_<n>_s<..>_a<..>.<ext>` (one target a scene).
+CDD-11 (OneRestore): <root>/<train|test>/<type>/<name> (or the download's CDD-11_<split>/, also nested once)
+    with targets <split folder>/clear/<name>, for the 11 types below. Types are found by folder name, never
+    by string replacement in the path (the official code turns train/rain into tclear).
 folder: <root>/input/ (or lq/) and <root>/gt/ (or target/), matched by name.
 
 Every problem (missing folder, image without target, empty set) raises DatasetLayoutError naming the path.
@@ -22,6 +25,7 @@ drawn.
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +42,12 @@ CDD11_TYPES = ("low", "haze", "rain", "snow", "low_haze", "low_rain", "low_snow"
                "low_haze_rain", "low_haze_snow")
 CDD11_CLEAR = "clear"
 ALLWEATHER_TEST_DIRS: Dict[str, Sequence[str]] = {
-    "outdoor_rain": ("test_rain", "test1", "test/test1", "outdoor-rain/test1"),
+    # Test1 (capital T) is the name in Outdoor-Rain's own release and in Histoformer's AllWeather layout
+    "outdoor_rain": ("test_rain", "test1", "Test1", "test/test1", "test/Test1", "outdoor-rain/test1"),
     "snow100k_s": ("Snow100K-S", "test/Snow100K-S", "snow100k/test/Snow100K-S"),
     "snow100k_l": ("test_snow", "Snow100K-L", "test/Snow100K-L", "snow100k/test/Snow100K-L"),
-    "raindrop_a": ("test_raindrop", "test_a", "raindrop/test_a"),
+    # test/RainDrop: Histoformer's layout; raindrop/test: WeatherDiffusion's (datasets/allweather.py)
+    "raindrop_a": ("test_raindrop", "test_a", "raindrop/test_a", "test/RainDrop", "raindrop/test"),
 }
 ALLWEATHER_PAPER_SETS = ("outdoor_rain", "snow100k_l", "raindrop_a")   # the paper's columns and average
 # The official test resizes RainDrop pairs (input and target) to 720x480 with Pillow's default filter
@@ -49,9 +55,13 @@ ALLWEATHER_PAPER_SETS = ("outdoor_rain", "snow100k_l", "raindrop_a")   # the pap
 OFFICIAL_TEST_SIZES = {"raindrop_a": (720, 480)}   # set -> (width, height)
 ALLWEATHER_TRAIN_DIRS = ("train", "train/allweather")
 ALLWEATHER_LIST_FILES = ("filenames.txt", "allweather.txt", "train/allweather.txt")
-INPUT_DIRS = ("input", "synthetic", "data", "lq")
+INPUT_DIRS = ("input", "synthetic", "data", "in", "lq")   # in/: Outdoor-Rain's own release
 TARGET_DIRS = ("gt", "target")
 DATASETS = ("allweather", "cdd11", "folder")
+# CDD-11 as OneRestore's download unpacks (CDD-11_train/, CDD-11_test/, sometimes nested once) or renamed
+CDD11_SPLIT_DIRS = ("{split}", "CDD-11_{split}", "CDD-11_{split}/CDD-11_{split}")
+# Outdoor-Rain inputs im_0301_s80_a04 share one target per scene: im_0301
+_OUTDOOR_RAIN_INPUT = re.compile(r"^(im_\d+)_s\d+_a\d+$")
 
 
 class DatasetLayoutError(FileNotFoundError):
@@ -83,12 +93,15 @@ def _target_for(lq: Path, gt_dir: Path, stem_shared: bool = False) -> Path:
     """Same name in gt_dir; for RainDrop's <id>_rain, <id>_clean; else the same stem with another
     suffix, unless another input shares the stem (a.jpg and a.png): the other's target is not this one's."""
     stems = [lq.stem] + ([lq.stem[: -len("_rain")] + "_clean"] if lq.stem.endswith("_rain") else [])
+    scene = _OUTDOOR_RAIN_INPUT.match(lq.stem)
+    stems += [scene.group(1)] if scene else []
     suffixes = [lq.suffix] if stem_shared else sorted(IMAGE_SUFFIXES)
     candidates = [gt_dir / lq.name] + [gt_dir / (stem + suffix) for stem in stems for suffix in suffixes]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    looked_for = f"with the suffix {lq.suffix} (another input shares its stem)" if stem_shared else "with an image suffix"
+    looked_for = (f"with the suffix {lq.suffix} (another input shares its stem)" if stem_shared
+                  else "with an image suffix")
     raise DatasetLayoutError(f"no target for {lq} in {gt_dir} (looked for {' or '.join(stems)} {looked_for})")
 
 
@@ -167,10 +180,12 @@ def allweather_test_sets(root: Path, names: Optional[Sequence[str]] = None) -> D
 
 def cdd11_pairs(root: Path, split: str, types: Sequence[str] = CDD11_TYPES) -> Dict[str, List[Pair]]:
     """{type: pairs} for a CDD-11 split; every type folder and the clear folder must exist."""
-    split_dir = Path(root) / split
+    candidates = [Path(root) / name.format(split=split) for name in CDD11_SPLIT_DIRS]
+    split_dir = next((c for c in candidates if (c / CDD11_CLEAR).is_dir()), candidates[0])
     clear_dir = split_dir / CDD11_CLEAR
     if not clear_dir.is_dir():
-        raise DatasetLayoutError(f"missing CDD-11 folder {clear_dir} (targets of every type)")
+        raise DatasetLayoutError(f"missing CDD-11 folder {clear_dir} (targets of every type; also looked in "
+                                 f"{', '.join(str(c) for c in candidates[1:])})")
     sets = {}
     for kind in types:
         images = list_images(split_dir / kind)
