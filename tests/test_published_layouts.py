@@ -29,10 +29,23 @@ def test_histoformers_test_folders_are_found_and_none_of_the_paper_sets_is_left_
     assert list(allweather_test_sets(tmp_path)) == ["outdoor_rain", "snow100k_l", "raindrop_a"]
 
 
-def test_weatherdiffusions_raindrop_test_folder_is_found(tmp_path):
-    write_image(tmp_path / "raindrop/test/input/0_rain.png", (16, 16), 0)
-    write_image(tmp_path / "raindrop/test/gt/0_clean.png", (16, 16), 0)
+@pytest.mark.parametrize("folder", ["raindrop/test", "raindrop_data/test_a"])   # WeatherDiffusion's, DeRaindrop's
+def test_other_raindrop_test_folders_are_found(tmp_path, folder):
+    write_image(tmp_path / folder / "input/0_rain.png", (16, 16), 0)
+    write_image(tmp_path / folder / "gt/0_clean.png", (16, 16), 0)
     assert [p.gt.name for p in allweather_test_sets(tmp_path, ["raindrop_a"])["raindrop_a"]] == ["0_clean.png"]
+
+
+@pytest.mark.parametrize("folder, list_file", [("allweather", "allweather/allweather.txt"), (".", None)])
+def test_weatherdiffusions_and_histoformers_training_folders_are_found(tmp_path, folder, list_file):
+    for name in ("a.png", "b.png"):
+        write_image(tmp_path / folder / "input" / name, (16, 16), 0)
+        write_image(tmp_path / folder / "gt" / name, (16, 16), 1)
+    if list_file:   # WeatherDiffusion's list: one input path a line
+        (tmp_path / list_file).write_text("allweather/input/b.png\n")
+    pairs = train_pairs("allweather", str(tmp_path))
+    assert [p.lq.name for p in pairs] == (["b.png"] if list_file else ["a.png", "b.png"])
+    assert all(p.gt.parent.name == "gt" for p in pairs)
 
 
 @pytest.mark.parametrize("nested", [False, True])

@@ -1,15 +1,16 @@
 """Paired image sets in the public layouts of AllWeather and CDD-11, and plain input/gt folders.
 
 AllWeather (TransWeather / WeatherDiff / M2Restore lineage), under one root:
-    train:  train/input/<name> + train/gt/<name>  (or TransWeather's train/allweather/{input,gt});
-            optional list file (first found: filenames.txt, allweather.txt, train/allweather.txt, or
-            the one given); list lines may be bare names or paths ("./input/x.png"): the basename counts.
+    train:  train/input/<name> + train/gt/<name>  (or TransWeather's train/allweather/{input,gt},
+            WeatherDiffusion's allweather/{input,gt}, Histoformer's {input,gt} at the root); optional list
+            file (first found: filenames.txt, allweather.txt, train/allweather.txt, allweather/allweather.txt,
+            or the one given); list lines may be bare names or paths ("./input/x.png"): the basename counts.
     tests:  outdoor_rain  Outdoor-Rain Test1   test_rain/ | test1/ | Test1/ | test/test1/ | test/Test1/ |
                                                outdoor-rain/test1/
             snow100k_s    Snow100K-S           Snow100K-S/ | test/Snow100K-S/ | snow100k/test/Snow100K-S/
             snow100k_l    Snow100K-L           test_snow/ | Snow100K-L/ | test/Snow100K-L/ | snow100k/test/Snow100K-L/
-            raindrop_a    RainDrop test_a      test_raindrop/ | test_a/ | raindrop/test_a/ | test/RainDrop/ |
-                                               raindrop/test/
+            raindrop_a    RainDrop test_a      test_raindrop/ | test_a/ | raindrop/test_a/ |
+                                               raindrop_data/test_a/ | test/RainDrop/ | raindrop/test/
     each holding degraded images in input/ (Snow100K: synthetic/, RainDrop: data/, Outdoor-Rain's release:
     in/) and targets in gt/. A target has the input's name, or for RainDrop `<id>_clean.<ext>` for
     `<id>_rain.<ext>`, or for Outdoor-Rain `im_<n>.<ext>` for `im_<n>_s<..>_a<..>.<ext>` (one target a scene).
@@ -47,14 +48,17 @@ ALLWEATHER_TEST_DIRS: Dict[str, Sequence[str]] = {
     "snow100k_s": ("Snow100K-S", "test/Snow100K-S", "snow100k/test/Snow100K-S"),
     "snow100k_l": ("test_snow", "Snow100K-L", "test/Snow100K-L", "snow100k/test/Snow100K-L"),
     # test/RainDrop: Histoformer's layout; raindrop/test: WeatherDiffusion's (datasets/allweather.py)
-    "raindrop_a": ("test_raindrop", "test_a", "raindrop/test_a", "test/RainDrop", "raindrop/test"),
+    # raindrop_data/test_a: as the DeRaindrop download unpacks
+    "raindrop_a": ("test_raindrop", "test_a", "raindrop/test_a", "raindrop_data/test_a", "test/RainDrop",
+                   "raindrop/test"),
 }
 ALLWEATHER_PAPER_SETS = ("outdoor_rain", "snow100k_l", "raindrop_a")   # the paper's columns and average
 # The official test resizes RainDrop pairs (input and target) to 720x480 with Pillow's default filter
 # (bicubic); every other set is scored at its own size. m2r does the same only when asked.
 OFFICIAL_TEST_SIZES = {"raindrop_a": (720, 480)}   # set -> (width, height)
-ALLWEATHER_TRAIN_DIRS = ("train", "train/allweather")
-ALLWEATHER_LIST_FILES = ("filenames.txt", "allweather.txt", "train/allweather.txt")
+# train/allweather: TransWeather's; allweather: WeatherDiffusion's; the root itself: Histoformer's (last)
+ALLWEATHER_TRAIN_DIRS = ("train", "train/allweather", "allweather", ".")
+ALLWEATHER_LIST_FILES = ("filenames.txt", "allweather.txt", "train/allweather.txt", "allweather/allweather.txt")
 INPUT_DIRS = ("input", "synthetic", "data", "in", "lq")   # in/: Outdoor-Rain's own release
 TARGET_DIRS = ("gt", "target")
 DATASETS = ("allweather", "cdd11", "folder")
@@ -138,7 +142,7 @@ def read_list_file(path: Path) -> List[str]:
 
 
 def _allweather_train_folder(root: Path) -> Path:
-    """train/ or TransWeather's train/allweather/: the first that holds an input folder (train/ exists in both)."""
+    """The first of ALLWEATHER_TRAIN_DIRS that holds an input folder (train/ exists in TransWeather's too)."""
     for name in ALLWEATHER_TRAIN_DIRS:
         if any((root / name / input_dir).is_dir() for input_dir in INPUT_DIRS):
             return root / name
