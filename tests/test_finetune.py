@@ -17,7 +17,7 @@ from finetune_layouts import build_allweather, build_cdd11
 from m2r.config import ConfigError, load_config
 from m2r.engine.checkpoint import resolve_resume
 from m2r.engine.config import FinetuneConfig, check_init_weights_kind, validate_finetune_config
-from m2r.engine.finetuner import Finetuner
+from m2r.engine.finetuner import Finetuner, init_weights_kind
 from m2r.eval.datasets import CDD11_TYPES, evaluation_sets
 from m2r.export import export_state_dict
 
@@ -341,6 +341,16 @@ def test_each_kind_of_init_weights_passes_the_config_check_and_another_file_is_n
         check_init_weights_kind(str(tmp_path / "m2restore.yaml"))
 
 
+def test_init_weights_kind_is_one_decision_for_every_rank(tmp_path):
+    """Scratch, a checkpoint directory (loaded into the engine) or a file (into the model); a missing path
+    is named. Decided on rank 0: whether it is a directory decides which collectives the ranks run."""
+    weights = tmp_path / "m2restore.safetensors"
+    weights.write_bytes(b"")
+    assert [init_weights_kind(w) for w in (None, "", str(tmp_path), str(weights))] == [None, None, "dir", "file"]
+    with pytest.raises(FileNotFoundError, match="init.weights=.*gone: no such file or directory"):
+        init_weights_kind(str(tmp_path / "gone"))
+
+
 def test_keep_best_replaces_the_best_only_on_an_improvement(monkeypatch, tmp_path):
     from m2r.engine import finetuner
 
@@ -368,6 +378,54 @@ def test_keep_best_replaces_the_best_only_on_an_improvement(monkeypatch, tmp_pat
     assert saved == [2, 4]
     assert [json.loads(text)["epoch"] for (text,) in (r.values() for r in records)] == [1, 2]
     assert [path for (path,) in records] == [tmp_path / "best_psnr.json"] * 2
+
+
+def test_a_diverged_validation_is_never_the_best(monkeypatch, tmp_path):
+    """NaN compares as neither above nor below: taken as a best, it replaced the best weights with the
+    diverged ones (their export too), and any later value counted as a new best."""
+    from m2r.engine import finetuner
+
+    saved, printed = [], []
+
+    class Manager:
+        def __init__(self, root, keep_last, kind):
+            self.root = root
+
+        def save(self, engine, step, topology, client, cfg, ema=None):
+            saved.append(step)
+            return SimpleNamespace(path=self.root / f"step{step}")
+    monkeypatch.setattr(finetuner, "CheckpointManager", Manager)
+    monkeypatch.setattr(finetuner, "export", lambda *args, **kwargs: None)
+    monkeypatch.setattr(finetuner.dist, "barrier", lambda: None)
+    stub = SimpleNamespace(cfg=SimpleNamespace(run=SimpleNamespace(best_metrics=["psnr"])), best={}, run_dir=tmp_path,
+                           engine=None, topology=None, ema=None, KIND="finetune",
+                           monitor=SimpleNamespace(print=printed.append),
+                           _client_state=lambda: {}, _ema_state=lambda: None)
+    for epoch, psnr in enumerate([25.0, float("nan"), 20.0], start=1):
+        stub.epoch, stub.step = epoch, 2 * epoch
+        Finetuner.keep_best(stub, {"psnr": psnr})
+    assert saved == [2] and stub.best == {"psnr": {"value": 25.0, "epoch": 1, "step": 2}}
+    assert any("validation psnr is nan at epoch 2" in line for line in printed)
+
+
+def test_a_finetune_step_counts_its_wait_for_data():
+    """data_wait_share (console `data N%`, TensorBoard) must show a slow loader in finetuning too."""
+    import time
+
+    from m2r.engine.monitor import StepTimer
+    from m2r.engine.run import TrainingRun
+
+    def slow_batches():
+        while True:
+            time.sleep(0.05)
+            yield {}
+    pulled = []
+    stub = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(grad_accum=2)), schedule=None,
+                           _next_batch=TrainingRun._next_batch,
+                           _optimizer_step=lambda micro_batches, schedule: pulled.extend(micro_batches))
+    timer = StepTimer()
+    Finetuner.train_step(stub, slow_batches(), timer)
+    assert len(pulled) == 2 and timer.data_seconds >= 0.09
 
 
 @pytest.mark.parametrize("epochs, accepted", [(200, True), (262, True), (263, False)])

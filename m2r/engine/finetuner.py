@@ -7,6 +7,7 @@ in m2r/engine/config.py.
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -40,6 +41,24 @@ class ResumableSampler(DistributedSampler):
         return super().__len__() - self.skip
 
 
+def optimizer_steps_in(sampler: ResumableSampler, train) -> int:
+    """Optimizer steps in what `sampler` deals this rank (an epoch, or its rest after `skip`): whole
+    micro-batches (the loader drops the last partial one), whole accumulations of them."""
+    return len(sampler) // train.micro_batch // train.grad_accum
+
+
+def init_weights_kind(weights: Optional[str]) -> Optional[str]:
+    """init.weights as rank 0 sees it (call through `dist.on_rank0`: whether it is a directory decides
+    which collectives every rank runs): None (scratch), "dir" (a pretraining checkpoint directory, loaded
+    into the engine) or "file" (.safetensors or official, loaded into the model before the engine)."""
+    if not weights:
+        return None
+    path = Path(weights)
+    if not path.exists():
+        raise FileNotFoundError(f"init.weights={weights}: no such file or directory")
+    return "dir" if path.is_dir() else "file"
+
+
 def local_state_from_global(model, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """A full state dict (experts by global id) -> this rank's keys (its local experts)."""
     names = global_expert_names(model)
@@ -58,11 +77,13 @@ class Finetuner(TrainingRun):
         self._build_data(env)
         self.checkpointing = self._checkpointing_mode()
         model = self._build_model(self.checkpointing)
-        if self.resume_ref is None:
+        # A resumed run does not load init.weights (its pretraining checkpoints may be gone by then).
+        init_kind = dist.on_rank0(lambda: init_weights_kind(cfg.init.weights)) if self.resume_ref is None else None
+        if init_kind == "file":
             self._load_init_weights(model)
         self._start_engine(model)
         self.epoch, self.samples_into_epoch, self.best, self.steps_this_run = 0, 0, {}, 0
-        if self.resume_ref is None and cfg.init.weights and Path(cfg.init.weights).is_dir():
+        if init_kind == "dir":
             self._load_pretraining_checkpoint(cfg.init.weights)
         self._start_ema()   # from the initial weights; a resume replaces it with the saved one
         saved_rng = self._resume(self.resume_ref) if self.resume_ref is not None else None
@@ -88,8 +109,7 @@ class Finetuner(TrainingRun):
         self.loader = DataLoader(self.train_set, batch_size=train.micro_batch, sampler=self.sampler,
                                  num_workers=data.workers, drop_last=True, persistent_workers=False,
                                  generator=torch.Generator(), worker_init_fn=stop_signals.ignore_stop_signals)
-        micro_batches = len(self.sampler) // train.micro_batch
-        self.steps_per_epoch = micro_batches // train.grad_accum
+        self.steps_per_epoch = optimizer_steps_in(self.sampler, train)
         if self.steps_per_epoch == 0:
             raise ConfigError(f"data.root={data.root}: {len(pairs)} training images give no optimizer step per "
                               f"epoch at {env.world_size} ranks x micro_batch {train.micro_batch} x grad_accum "
@@ -134,15 +154,11 @@ class Finetuner(TrainingRun):
         return mode
 
     def _load_init_weights(self, model) -> None:
-        """Files (.safetensors, official) load before DeepSpeed wraps the model; directories after."""
-        weights = self.cfg.init.weights
-        if weights and not Path(weights).exists():
-            raise FileNotFoundError(f"init.weights={weights}: no such file or directory")
-        if not weights or Path(weights).is_dir():
-            return
+        """An init.weights file (.safetensors, official) into the model, before DeepSpeed wraps it (a
+        pretraining checkpoint directory loads after: `_load_pretraining_checkpoint`)."""
         from m2r.models.convert import check_fits, load_official_checkpoint, read_checkpoint
 
-        path = Path(weights)
+        path = Path(self.cfg.init.weights)
         if path.suffix == ".safetensors":
             saved_model = stored_model_config(path)
             if saved_model is None:
@@ -202,7 +218,8 @@ class Finetuner(TrainingRun):
         ])
 
     # ----------------------------------------------------------------------------- training
-    def train_step(self, micro_batches) -> StepResult:
+    def train_step(self, batches, timer: StepTimer) -> StepResult:
+        micro_batches = (self._next_batch(batches, timer) for _ in range(self.cfg.train.grad_accum))
         return self._optimizer_step(micro_batches, self.schedule)
 
     def run_epoch(self) -> Optional[str]:
@@ -214,10 +231,9 @@ class Finetuner(TrainingRun):
         self.loader.generator.manual_seed(rank_seed(train.seed, dist.rank(), self.epoch))
         batches = iter(self.loader)
         timer = StepTimer()
-        steps_left = (len(self.sampler) // train.micro_batch) // train.grad_accum
         try:
-            for _ in range(steps_left):
-                result = self.train_step(next(batches) for _ in range(train.grad_accum))
+            for _ in range(optimizer_steps_in(self.sampler, train)):
+                result = self.train_step(batches, timer)
                 self.samples_into_epoch += train.micro_batch * train.grad_accum
                 signalled = self._report_step(result, timer)
                 self.steps_this_run += 1
@@ -246,6 +262,10 @@ class Finetuner(TrainingRun):
 
     def keep_best(self, metrics: Dict[str, float]) -> None:
         for name in self.cfg.run.best_metrics:
+            if not math.isfinite(metrics[name]):   # diverged (NaN): never the best, nor above the next one
+                self.monitor.print(f"WARNING: validation {name} is {metrics[name]} at epoch {self.epoch}: "
+                                   "not a best")
+                continue
             if metrics[name] <= self.best.get(name, {}).get("value", float("-inf")):
                 continue
             self.best[name] = {"value": metrics[name], "epoch": self.epoch, "step": self.step}

@@ -14,7 +14,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import OmegaConf
@@ -365,6 +365,14 @@ class TrainingRun:
             save_config(self.cfg, self.run_dir / "config.yaml")
         self.monitor = build_monitor(dist.is_rank0(), self.run_dir, total_steps, self.step,
                                      self.topology.world_size, self.cfg.run.progress_bar, self.cfg.run.tensorboard)
+
+    @staticmethod
+    def _next_batch(batches: Iterator[Dict[str, torch.Tensor]], timer: StepTimer) -> Dict[str, torch.Tensor]:
+        """The next micro-batch of `batches`, the wait for it counted on `timer` (data_wait_share)."""
+        start = time.perf_counter()
+        batch = next(batches)
+        timer.add_data_wait(time.perf_counter() - start)
+        return batch
 
     def _optimizer_step(self, micro_batches: Iterable[Dict[str, torch.Tensor]], schedule: LRSchedule) -> StepResult:
         """One optimizer step over the micro-batches (pulled one at a time): the learning rate of this

@@ -138,14 +138,9 @@ class Trainer(TrainingRun):
                         f"stream is drawn from step {self.step}; weights, optimizer and RNG continue exactly")
 
     # ----------------------------------------------------------------------------- training
-    def _next_batch(self, timer: StepTimer) -> Dict[str, torch.Tensor]:
-        start = time.perf_counter()
-        batch = next(self._stream_iter)  # the stream never touches the global RNG (it seeds its own)
-        timer.add_data_wait(time.perf_counter() - start)
-        return batch
-
     def train_step(self, timer: StepTimer) -> StepResult:
-        micro_batches = (self._next_batch(timer) for _ in range(self.cfg.train.grad_accum))
+        # the stream never touches the global RNG (it seeds its own)
+        micro_batches = (self._next_batch(self._stream_iter, timer) for _ in range(self.cfg.train.grad_accum))
         return self._optimizer_step(micro_batches, self.schedule)
 
     def _log_run_stats(self) -> None:
