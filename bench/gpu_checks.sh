@@ -11,6 +11,7 @@
 # the scan kernels' memory.
 # Wheels: run `bash bench/fetch_gpu_wheels.sh` here first; .gpu_wheels/ must travel with the checkout.
 set -u
+cd "$(dirname "$0")/.."   # .gpu_wheels and bench/ are relative to the repository root
 PART=${1:-bench}
 case "$PART" in bench|tests|extra) ;; *) echo "usage: bash bench/gpu_checks.sh bench|tests|extra" >&2; exit 2 ;; esac
 OUT=${OUT:-/tmp/m2r-gpu}
@@ -29,6 +30,9 @@ export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 import mamba_ssm.ops.selective_scan_interface as kernels
 print('kernels importable; fused Mamba path:', kernels.causal_conv1d_fn is not None)"
 } > "$OUT/machine-$PART.txt" 2>&1
+# Without CUDA or the carried packages every measurement below fails or runs on the CPU: stop now.
+timeout 60 python3 -c "import torch, deepspeed, open_clip; assert torch.cuda.is_available(), 'no CUDA device'" \
+    >> "$OUT/machine-$PART.txt" 2>&1 || { echo "STOPPED: CUDA or the wheels missing" | tee -a "$OUT/machine-$PART.txt"; exit 1; }
 
 case "$PART" in
 bench)
@@ -36,10 +40,10 @@ bench)
   # official recipe and the compiled faithful variant, with the loss trajectory and the profile (both
   # reuse its compiled graphs) and DA-CLIP's share; then the other variants, the memory-target
   # candidate first, then the eager ones, the shifted depthwise compile last.
-  timeout "${BENCH_TIMEOUT:-250}" python3 bench/train_speed.py --only train,trajectory,profile,clip \
+  timeout -k 10 "${BENCH_TIMEOUT:-250}" python3 bench/train_speed.py --only train,trajectory,profile,clip \
       --variants fp32-eager,bf16-compiled --steps 6 --warmup 2 --json "$OUT/train_speed.json" > "$OUT/train_speed.txt" 2>&1
   echo "train_speed exit $?" >> "$OUT/train_speed.txt"
-  timeout "${MORE_TIMEOUT:-160}" python3 bench/train_speed.py --only train \
+  timeout -k 10 "${MORE_TIMEOUT:-160}" python3 bench/train_speed.py --only train \
       --variants bf16-compiled-ac-full-res,bf16-eager,plus-bf16-ac-full-res,bf16-compiled-shifted \
       --steps 6 --warmup 2 --json "$OUT/train_speed_more.json" > "$OUT/train_speed_more.txt" 2>&1
   echo "train_speed exit $?" >> "$OUT/train_speed_more.txt"
@@ -50,18 +54,18 @@ tests)
   # comes. The scan files run whole: their mamba_ssm cross-checks need the kernels' package, present only here.
   { timeout 60 python3 -m pytest -v --tb=short -p no:cacheprovider --timeout 40 tests/test_scan.py tests/test_mamba.py
     echo "scan tests exit $?"
-    timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -v --tb=short -m gpu -p no:cacheprovider --timeout 120 \
+    timeout -k 10 "${TEST_TIMEOUT:-150}" python3 -m pytest -v --tb=short -m gpu -p no:cacheprovider --timeout 120 \
         tests/test_stop_signals.py tests/test_moe.py tests/test_clip_prior.py tests/test_network.py tests/test_eval_cli.py \
         tests/test_engine_gpu.py
     echo "gpu tests exit $?"; } > "$OUT/gpu_tests.txt" 2>&1
-  timeout "${REST_TIMEOUT:-75}" python3 bench/train_speed.py --only crop,eval,scan \
+  timeout -k 10 "${REST_TIMEOUT:-75}" python3 bench/train_speed.py --only crop,eval,scan \
       --json "$OUT/train_speed_rest.json" > "$OUT/train_speed_rest.txt" 2>&1
   echo "train_speed exit $?" >> "$OUT/train_speed_rest.txt"
   ;;
 extra)
-  timeout 120 python3 bench/block_speed.py --json "$OUT/block_speed.json" > "$OUT/block_speed.txt" 2>&1
+  timeout -k 10 120 python3 bench/block_speed.py --json "$OUT/block_speed.json" > "$OUT/block_speed.txt" 2>&1
   echo "block_speed exit $?" >> "$OUT/block_speed.txt"
-  timeout 45 python3 bench/activation_memory.py --json "$OUT/activation_memory.json" > "$OUT/activation_memory.txt" 2>&1
+  timeout -k 10 45 python3 bench/activation_memory.py --json "$OUT/activation_memory.json" > "$OUT/activation_memory.txt" 2>&1
   echo "activation_memory exit $?" >> "$OUT/activation_memory.txt"
   ;;
 esac

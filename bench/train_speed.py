@@ -8,7 +8,13 @@ optimizer step per batch, L1 + weighted balance loss, and reports ms/step, img/s
 memory and MFU. FLOPs are counted once per config with `torch.utils.flop_counter.FlopCounterMode` over
 the forward pass (convolutions and matrix products, which is where the work is; the elementwise ops it
 leaves out make the MFU a slight underestimate), as 3x the trainable network's forward plus the frozen
-CLIP's forward; MFU is that count times steps/s over the GPU's dense bf16 peak. The official recipe's
+CLIP's forward. It is the model's work, the same for every variant of a config: the MoE adapters counted
+as the official sparse dispatch (each token through its top_k experts; the dense dispatch computes
+E / top_k times that and masks it), depthwise convolutions as convolutions, the recomputation of
+activation checkpointing left out. MFU is that count times steps/s over the GPU's dense bf16 peak
+(`mfu_pct`, comparable across rows); `mfu_pct_precision_peak` divides by the peak of the row's own
+arithmetic instead (TF32 tensor cores for fp32 rows: cuDNN's fp32 convolutions use TF32 by default). Not
+counted (each under 1% at 224): the selective scan, elementwise work, LayerNorms. The official recipe's
 figures (8.54 img/s, 42.1 GB, H100, fp32 eager) were measured by running the official code; ratios
 below are against them.
 """
@@ -39,7 +45,10 @@ from m2r.models.mamba import Mamba  # noqa: E402
 from m2r.models.scan import selective_scan  # noqa: E402
 
 OFFICIAL_IMG_PER_S = 8.54
+# H100 SXM5 dense (no 2:4 sparsity) peaks, TFLOP/s: bf16 tensor cores, TF32 tensor cores, fp32 CUDA cores.
 H100_BF16_DENSE_TFLOPS = 989.4
+H100_TF32_DENSE_TFLOPS = 494.7
+H100_FP32_TFLOPS = 66.9
 MAX_CROP = 1024
 CROP_MEMORY_BUDGET = 0.9    # of the GPU's memory: cuDNN's workspaces come on top of the fitted peaks
 
@@ -177,25 +186,71 @@ class VariantRunner:
         return (time.perf_counter() - start) / steps
 
 
+@contextlib.contextmanager
+def flop_counter():
+    """FlopCounterMode that sees every attention the same way on CPU and GPU: nn.MultiheadAttention's
+    inference fast path (one fused op, invisible to the counter; CLIP's vision towers take it on the CPU,
+    not under the faithful config's CUDA autocast) is switched off, and the CPU flash attention is counted."""
+    from torch.utils import flop_counter as fc
+
+    def cpu_flash_attention(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    aten = torch.ops.aten
+    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: cpu_flash_attention} if hasattr(
+        aten, "_scaled_dot_product_flash_attention_for_cpu") else {}
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with fc.FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+            yield counter
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def model_flops_overrides(overrides) -> tuple:
+    """The overrides under which a variant's work is counted: the model's FLOPs, not the implementation's.
+    Depthwise as convolutions (the counter sees no FLOPs in the shifted form) and the MoE as the official
+    sparse dispatch (dense computes E / top_k times the expert FLOPs and masks the surplus away)."""
+    kept = tuple(o for o in overrides if not o.startswith(("depthwise=", "moe.dispatch=")))
+    return kept + ("depthwise=conv", "moe.dispatch=sparse")
+
+
 def count_train_flops(cfg: ModelConfig, device: torch.device, batch: int, crop: int) -> float:
     """FLOPs of one training step: 3x the trainable network's forward (backward ~ 2x forward) plus
     the frozen CLIP prior's forward. Only forwards are counted: FlopCounterMode's rule for
-    convolution_backward ignores `groups` and overcounts the depthwise convolutions about 20x."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+    convolution_backward ignores `groups` and overcounts the depthwise convolutions about 20x.
+    Build `cfg` with `model_flops_overrides` to count the model's work (as `variant_flops` does)."""
     model = build_model(cfg).to(device)
     lq = torch.rand(batch, 3, crop, crop, device=device)
-    with torch.no_grad(), FlopCounterMode(display=False) as whole:
+    with torch.no_grad(), flop_counter() as whole:
         model(lq)
-    with torch.no_grad(), FlopCounterMode(display=False) as clip:
-        model.clip_prior(2 * lq - 1)
+    with torch.no_grad(), flop_counter() as clip:
+        model.clip_prior(2 * lq - 1 if cfg.input_range == "minus_one_one" else lq)
     network = whole.get_total_flops() - clip.get_total_flops()
     return float(3 * network + clip.get_total_flops())
 
 
 @functools.lru_cache(maxsize=None)
 def variant_flops(config: str, overrides: tuple, clip_weights, device: torch.device, batch: int, crop: int) -> float:
-    return count_train_flops(model_config(config, clip_weights, overrides), device, batch, crop)
+    """The model FLOPs of one training step of `config` with `overrides` (see `model_flops_overrides`)."""
+    return count_train_flops(model_config(config, clip_weights, model_flops_overrides(overrides)), device, batch,
+                             crop)
+
+
+def precision_peak(variant: Variant) -> tuple:
+    """(peak TFLOP/s, name) of the arithmetic a variant's convolutions and matrix products run in."""
+    if variant.bf16:
+        return H100_BF16_DENSE_TFLOPS, "bf16 dense"
+    # fp32: cuDNN's convolutions (most of the FLOPs) use TF32 by torch's default; matmuls only with tf32_matmul
+    return H100_TF32_DENSE_TFLOPS, "TF32 dense" + ("" if variant.tf32_matmul else " (matmuls fp32)")
+
+
+def mfu_fields(variant: Variant, tflops: float, peak_tflops: float) -> dict:
+    own_peak, basis = precision_peak(variant)
+    return {"mfu_pct": 100 * tflops / peak_tflops, "mfu_peak_tflops": peak_tflops, "mfu_peak_basis": "bf16 dense",
+            "mfu_pct_precision_peak": 100 * tflops / own_peak, "precision_peak_tflops": own_peak,
+            "precision_peak_basis": basis}
 
 
 def peak_gb(device: torch.device) -> float:
@@ -213,10 +268,9 @@ def reset_peak(device: torch.device) -> None:
 
 def run_variant(variant: Variant, args, device, clip_weights) -> dict:
     cfg = model_config(variant.config, clip_weights, variant.overrides)
-    # The work this variant does, counted with convolutions: the counter sees no FLOPs in the shifted
-    # depthwise form. (Cached text features do remove work: the prompts' re-encoding, about 1%.)
-    as_convolutions = tuple(o for o in variant.overrides if not o.startswith("depthwise=")) + ("depthwise=conv",)
-    flops_per_step = variant_flops(variant.config, as_convolutions, clip_weights, device, args.batch, args.crop)
+    # The model's work in this variant (`model_flops_overrides`). Cached text features do remove work:
+    # the prompts' re-encoding, about 1%.
+    flops_per_step = variant_flops(variant.config, variant.overrides, clip_weights, device, args.batch, args.crop)
     reset_peak(device)
     runner = VariantRunner(variant, cfg, device, args.batch, args.crop)
     seconds = runner.time_steps(args.warmup + (2 if variant.compile else 0), args.steps)
@@ -224,10 +278,11 @@ def run_variant(variant: Variant, args, device, clip_weights) -> dict:
     tflops = flops_per_step / seconds / 1e12
     row = {"variant": variant.name, "ms_per_step": 1e3 * seconds, "img_per_s": img_per_s,
            "x_official": img_per_s / OFFICIAL_IMG_PER_S, "peak_gb": peak_gb(device),
-           "flops_per_step": flops_per_step, "tflops": tflops, "mfu_pct": 100 * tflops / args.peak_tflops,
+           "flops_per_step": flops_per_step, "tflops": tflops, **mfu_fields(variant, tflops, args.peak_tflops),
            "scan_path": scan_path(runner.model, device), **asdict(variant)}
     print(f"  {variant.name}: {row['ms_per_step']:.1f} ms/step, {img_per_s:.2f} img/s, "
-          f"peak {row['peak_gb']:.2f} GB, MFU {row['mfu_pct']:.2f}%", flush=True)
+          f"peak {row['peak_gb']:.2f} GB, MFU {row['mfu_pct']:.2f}% of the bf16 peak "
+          f"({row['mfu_pct_precision_peak']:.2f}% of {row['precision_peak_basis']})", flush=True)
     del runner
     return row
 
@@ -371,10 +426,13 @@ def write_random_clip(path: Path) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| variant | ms/step | img/s | x official | peak GB | TFLOP/s | MFU % |", "|---|---|---|---|---|---|---|"]
+    peak = rows[0]["mfu_peak_tflops"] if rows else H100_BF16_DENSE_TFLOPS
+    lines = [f"| variant | ms/step | img/s | x official | peak GB | TFLOP/s | MFU % (bf16 peak {peak:.0f} TFLOP/s) "
+             "| MFU % of own precision's peak |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['ms_per_step']:.1f} | {r['img_per_s']:.2f} | {r['x_official']:.2f} "
-                     f"| {r['peak_gb']:.2f} | {r['tflops']:.1f} | {r['mfu_pct']:.2f} |")
+                     f"| {r['peak_gb']:.2f} | {r['tflops']:.1f} | {r['mfu_pct']:.2f} "
+                     f"| {r['mfu_pct_precision_peak']:.2f} ({r['precision_peak_basis']}) |")
     return "\n".join(lines)
 
 
@@ -385,7 +443,8 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=224)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS)
+    parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
+                        help="the GPU's dense bf16 peak, the denominator of every row's mfu_pct")
     parser.add_argument("--only", default="",
                         help="comma-separated parts: train,trajectory,profile,crop,eval,scan,clip,flops")
     parser.add_argument("--variants", default="",
@@ -396,6 +455,10 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if device.type == "cpu" and not args.smoke and args.only != "flops":
+        # The full-size measurements on a CPU take hours and their numbers mean nothing: on the GPU machine
+        # this is CUDA failing to initialise, which should cost seconds of the device window, not all of it.
+        raise SystemExit("train_speed: no CUDA device; run with --smoke on a CPU (or --only flops)")
     if args.smoke:
         args.crop, args.batch, args.steps, args.warmup = 64, 2, 2, 1
     parts = set(args.only.split(",")) if args.only else {"train", "trajectory", "profile", "crop", "eval", "scan",
@@ -430,7 +493,7 @@ def main() -> None:
     if "flops" in parts:  # the analytic count alone (runs anywhere, e.g. to check MFU arithmetic on CPU)
         for config in sorted({v.config for v in variants}):
             record(f"flops_per_step/{config}",
-                   lambda c=config: count_train_flops(model_config(c, clip_weights), device, args.batch, args.crop))
+                   lambda c=config: variant_flops(c, (), clip_weights, device, args.batch, args.crop))
     if "train" in parts:
         for v in variants:
             record(f"train/{v.name}", lambda v=v: run_variant(v, args, device, clip_weights))

@@ -57,3 +57,97 @@ def test_every_variant_key_gpu_checks_names_is_one_train_speed_knows(repo_root, 
     assert named, "bench/gpu_checks.sh names no --variants"
     for key in named:
         train_speed.variant_named(key, train_speed.GPU_VARIANTS)   # SystemExit on an unknown key
+
+
+def _train_speed(repo_root, monkeypatch):
+    spec = importlib.util.spec_from_file_location("train_speed", f"{repo_root}/bench/train_speed.py")
+    train_speed = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "train_speed", train_speed)   # its dataclasses look themselves up there
+    spec.loader.exec_module(train_speed)
+    return train_speed
+
+
+def test_train_flops_are_the_models_forward_and_backward(repo_root, monkeypatch):
+    """The MFU numerator: the model's work, whatever way a variant computes it, and equal to a count of
+    a real forward and backward (the official sparse MoE; the frozen CLIP's forward only)."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from m2r.models.m2restore import build_model
+
+    ts = _train_speed(repo_root, monkeypatch)
+    cpu, crop = torch.device("cpu"), 32
+    counted = ts.variant_flops("tiny", (), None, cpu, 1, crop)
+    # The dense dispatch runs all experts on every token and masks E / top_k of it away; the shifted depthwise
+    # form hides the convolutions from the counter: the model's work is the same.
+    assert ts.variant_flops("tiny", ("moe.dispatch=dense", "depthwise=shifted"), None, cpu, 1, crop) == counted
+
+    def conv_backward(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed, output_padding,
+                      groups, output_mask, out_shape=None):
+        # torch's rule ignores groups in the weight gradient; each of the two gradients costs a forward
+        assert not transposed
+        forward = 2 * grad_out_shape[0] * math.prod(grad_out_shape[2:]) * math.prod(w_shape)
+        return forward * sum(map(bool, output_mask[:2]))
+
+    def cpu_attention(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):   # not in torch's table
+        return 4 * math.prod(query_shape[:3]) * key_shape[2] * query_shape[3]
+
+    cfg = ts.model_config("tiny", None, ("moe.dispatch=sparse",))
+    model = build_model(cfg).train()
+    lq, gt = ts.random_pair(1, crop)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)   # count the frozen CLIP's attention too
+    try:
+        with FlopCounterMode(display=False, custom_mapping={
+                torch.ops.aten.convolution_backward: conv_backward,
+                torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention}) as counter:
+            out = model(lq)
+            loss = F.l1_loss(out.restored, gt) + cfg.moe.balance_loss_weight * out.balance_loss
+            loss.backward()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    assert abs(counted / counter.get_total_flops() - 1) < 0.02
+
+
+def test_flop_counter_sees_attention_on_cpu(repo_root, monkeypatch):
+    """nn.MultiheadAttention's inference fast path (CLIP's vision towers on the CPU) is one fused op that
+    FlopCounterMode does not count; under the faithful config's CUDA autocast it is not taken."""
+    import torch
+
+    ts = _train_speed(repo_root, monkeypatch)
+    batch, tokens, width, heads = 2, 50, 64, 2
+    attention = torch.nn.MultiheadAttention(width, heads, batch_first=True).eval()
+    x = torch.rand(batch, tokens, width)
+    with torch.no_grad(), ts.flop_counter() as counter:
+        attention(x, x, x, need_weights=False)
+    projections = 2 * batch * tokens * width * (3 * width + width)
+    scores_and_values = 4 * batch * tokens * tokens * width
+    assert counter.get_total_flops() == projections + scores_and_values
+
+
+def test_each_row_names_the_peak_its_mfu_divides_by(repo_root, monkeypatch):
+    import pytest
+
+    ts = _train_speed(repo_root, monkeypatch)
+    fp32 = ts.variant_named("fp32-eager", ts.GPU_VARIANTS)
+    bf16 = ts.variant_named("bf16-eager", ts.GPU_VARIANTS)
+    row = ts.mfu_fields(fp32, 10.0, ts.H100_BF16_DENSE_TFLOPS)
+    assert row["mfu_pct"] == pytest.approx(100 * 10.0 / 989.4) and row["mfu_peak_basis"] == "bf16 dense"
+    assert row["precision_peak_basis"].startswith("TF32")
+    assert row["mfu_pct_precision_peak"] == pytest.approx(100 * 10.0 / 494.7)
+    bf16_row = ts.mfu_fields(bf16, 10.0, ts.H100_BF16_DENSE_TFLOPS)
+    assert bf16_row["mfu_pct_precision_peak"] == pytest.approx(row["mfu_pct"])
+    table = ts.markdown([{"variant": "v", "ms_per_step": 1.0, "img_per_s": 1.0, "x_official": 1.0, "peak_gb": 1.0,
+                          "tflops": 10.0, **row}])
+    assert "bf16 peak 989" in table and "TF32" in table
+
+
+def test_full_benchmark_refuses_to_run_on_a_cpu(tmp_path, repo_root):
+    """On the GPU machine a CUDA failure must cost seconds, not the device window spent on CPU numbers."""
+    result = subprocess.run([sys.executable, "bench/train_speed.py", "--only", "train", "--variants", "fp32-eager",
+                             "--json", str(tmp_path / "out.json")], cwd=repo_root, capture_output=True, text=True,
+                            timeout=120, env=dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"))
+    assert result.returncode != 0 and "no CUDA device" in result.stderr
