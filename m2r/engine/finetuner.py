@@ -19,6 +19,7 @@ from m2r.atomic import json_text
 from m2r.config import ConfigError, require
 from m2r.engine.checkpoint import CheckpointManager, CheckpointRef, checkpoint_at, load_weights_only
 from m2r.engine.config import allowed_model_changes, validate_finetune_config
+from m2r.engine.deepspeed_config import images_per_step
 from m2r.engine.experts import global_expert_names
 from m2r.engine.monitor import StepTimer
 from m2r.engine.optim import LRSchedule, learning_rate
@@ -205,7 +206,8 @@ class Finetuner(TrainingRun):
             f"finetune: {self.cfg.run.dir} | {self.cfg.data.dataset} {self.cfg.data.root} | "
             f"{len(self.train_set)} training pairs | world size {world} | ep_size {self.topology.ep_size} | "
             f"launcher {self.launcher}",
-            f"  batch micro {train.micro_batch} x accum {train.grad_accum} x {world} ranks | crop {train.crop} | "
+            f"  batch: micro {train.micro_batch} x accum {train.grad_accum} x {world} ranks = global "
+            f"{images_per_step(train, world)} | crop {train.crop} | "
             f"{self.steps_per_epoch} steps/epoch x {train.epochs} epochs = {self.total_steps} steps | "
             f"warmup {self.schedule.warmup_steps}, cosine reaching min_lr at step {self.schedule.steps}"
             + (f", then rising again to {learning_rate(self.total_steps - 1, self.schedule):.2e} at the last step"

@@ -241,7 +241,7 @@ class TrainingRun:
         Returns the client state and this rank's saved RNG state; None when the ranks are laid out
         otherwise (world size or ep_size changed): the place in the data and the RNGs then start afresh.
         """
-        saved = ref.topology()
+        saved = dist.on_rank0(ref.topology)   # one read decides for all which of two collectives' paths they take
         same_ranks = (saved.world_size, saved.ep_size) == (self.topology.world_size, self.topology.ep_size)
         carry = None
         try:

@@ -258,8 +258,8 @@ class Trainer(TrainingRun):
         return False
 
     def _demo_summary(self) -> List[str]:
-        """run.demo_summary's last lines: validation PSNR at the first and last step."""
-        if not (self.cfg.run.demo_summary and self._finished()):
+        """run.demo_summary's last lines (rank 0 prints them): validation PSNR at the first and last step."""
+        if not (self.cfg.run.demo_summary and self._finished() and dist.is_rank0()):
             return []
         if self.last_val_step != self.step:   # a stop signal came at the last step
             return ["demo: stopped before the final validation; run the same command again to report it"]
