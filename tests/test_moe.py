@@ -448,3 +448,23 @@ def test_expert_load_is_the_fraction_of_top_k_assignments_per_expert():
     expected = torch.bincount(routing.expert_ids.flatten(), minlength=6).double() / routing.expert_ids.numel()
     assert not torch.allclose(expected, torch.full((6,), 1 / 6, dtype=torch.float64))   # not a balanced example
     torch.testing.assert_close(expert_load.double(), expected)
+
+
+def test_the_load_estimate_leaves_the_clip_bias_out_unless_asked(monkeypatch):
+    """A CLIP bias that sends every token to expert 0: Shazeer's estimate from the routed logits says
+    expert 0 keeps all 16 tokens (moe.load_with_clip_bias, the plus config); the official estimate starts
+    from the logits without the bias and balances a routing that never ran."""
+    from m2r.models import moe
+
+    estimate, estimates = moe.smooth_load, []
+    monkeypatch.setattr(moe, "smooth_load", lambda *args: estimates.append(estimate(*args)) or estimates[-1])
+    for with_bias in (True, False):
+        dder = make_dder(num_experts=4, top_k=1, load_with_clip_bias=with_bias).train()
+        router = dder.router
+        with torch.no_grad():
+            router.w_g.zero_(), router.w_n.zero_(), router.degra_proj.weight.zero_(), router.gate_boost.fill_(1.0)
+            router.degra_proj.bias.copy_(torch.tensor([40.0, 0.0, 0.0, 0.0]))
+        _, _, expert_load = dder(*make_inputs(batch=1, height=4, width=4))
+        assert expert_load.tolist() == [1.0, 0.0, 0.0, 0.0]   # the routing itself, either way
+    with_bias, without = (load[0].item() for load in estimates)
+    assert with_bias == pytest.approx(16.0, abs=1e-3) and without < 8.0

@@ -40,6 +40,9 @@ class MoEConfig:
     expert_hidden_factor: float = 2.66  # expert MLP hidden width = int(factor * C)
     noisy_gating: bool = True        # Shazeer noise on router logits, training only
     clip_bias_init: float = 0.5      # initial beta of the CLIP router bias
+    # Shazeer's load estimate (balance loss, training) from the logits the routing used, CLIP bias included;
+    # false (official): from the logits without it, so the loss balances a routing that never ran.
+    load_with_clip_bias: bool = False
     combine: str = choice(*COMBINE_MODES)  # "log" (official log-sum-exp quirk) | "linear"
     capacity_factor: float = 0.0     # 0 = no token dropped (official); >0 caps tokens per expert in training
     # The cap in evaluation (validation, export, inference). 0 keeps every token, so an image's output
@@ -109,7 +112,7 @@ RUNTIME_KEYS = frozenset({
     "scan_backend", "depthwise", "seed", "mamba.autocast", "clip.weights", "clip.cache_text_features",
     "clip.fp16_autocast",
     "moe.ep_size", "moe.dispatch", "moe.noisy_gating", "moe.capacity_factor", "moe.eval_capacity_factor",
-    "moe.balance_loss_weight", "moe.clip_bias_init"})
+    "moe.balance_loss_weight", "moe.clip_bias_init", "moe.load_with_clip_bias"})
 
 
 def check_model_settings(model, prefix: str = "model.") -> None:

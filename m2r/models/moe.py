@@ -99,8 +99,8 @@ def smooth_load(clean_logits, noisy_logits, noise_std, top_logits, k: int) -> to
     """Shazeer's differentiable load: per expert, the summed probability that it stays in the top k.
 
     An expert currently in the top k stays in if its noisy logit beats the (k+1)-th largest; one outside
-    gets in if it beats the k-th. Official quirk kept: `clean_logits` lack the CLIP bias that the
-    actual routing used.
+    gets in if it beats the k-th. `clean_logits`: the logits before the noise (official quirk, kept by
+    default: without the CLIP bias that the routing added; `Router.load_with_clip_bias` adds it).
     """
     threshold_if_in = top_logits[:, k:k + 1]
     threshold_if_out = top_logits[:, k - 1:k]
@@ -144,11 +144,12 @@ class Router(nn.Module):
     """
 
     def __init__(self, dim: int, num_prompts: int, num_experts: int, top_k: int, noisy_gating: bool,
-                 clip_bias_init: float):
+                 clip_bias_init: float, load_with_clip_bias: bool = False):
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
         self.noisy_gating = noisy_gating
+        self.load_with_clip_bias = load_with_clip_bias
         self.w_g = nn.Parameter(torch.randn(2 * dim, num_experts))   # unscaled normal, as official
         self.w_n = nn.Parameter(torch.zeros(2 * dim, num_experts))
         self.degra_proj = nn.Linear(num_prompts, num_experts)
@@ -170,8 +171,9 @@ class Router(nn.Module):
         # Routing decisions are discrete: keep them at fp32 or better, whatever the autocast or param dtype.
         with torch.autocast(device_type=tokens.device.type, enabled=False):
             tokens, prompt, clip_probs = (_at_least_fp32(t) for t in (tokens, prompt, clip_probs))
-            clean = self._project(self.w_g, tokens, prompt, tokens_per_image)
-            logits = clean + self._clip_bias(clip_probs, tokens_per_image)
+            unbiased = self._project(self.w_g, tokens, prompt, tokens_per_image)
+            logits = unbiased + self._clip_bias(clip_probs, tokens_per_image)
+            clean = logits if self.load_with_clip_bias else unbiased   # what the load estimate starts from
             noise_std = None
             if self.noisy_gating and self.training:
                 noise_std = F.softplus(self._project(self.w_n, tokens, prompt, tokens_per_image)) + NOISE_FLOOR
@@ -445,7 +447,8 @@ class DDER(MoE):
         self.dispatch = resolve_dispatch(cfg)
 
         self.prompt_proj = nn.Linear(prompt_dim, dim)
-        self.router = Router(dim, num_prompts, cfg.num_experts, cfg.top_k, cfg.noisy_gating, cfg.clip_bias_init)
+        self.router = Router(dim, num_prompts, cfg.num_experts, cfg.top_k, cfg.noisy_gating, cfg.clip_bias_init,
+                             cfg.load_with_clip_bias)
         prototype = ExpertMLP(dim, int(cfg.expert_hidden_factor * dim))
         experts = Experts(prototype, self.num_local_experts, self.expert_group_name)
         for local_id, expert in enumerate(experts.deepspeed_experts):
