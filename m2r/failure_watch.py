@@ -93,10 +93,14 @@ def start(poll_seconds: float = POLL_SECONDS) -> None:
 
 
 def _own_client(store):
-    """`store` over a connection of its own (Store.clone; a torch without it: `store` itself, shared)."""
+    """`store` over a connection of its own (Store.clone; a torch without it: `store` itself, shared, said once)."""
     try:
         return store.clone()
-    except Exception:   # an older torch, or a store that cannot be cloned
+    except Exception as error:   # an older torch, or a store that cannot be cloned
+        dist.announce_once("WARNING: the failure watch shares the process's store client (Store.clone: "
+                           f"{type(error).__name__}: {error}): while a rank waits in the store (a new group's "
+                           "set-up, NCCL's first collective) its watch cannot look, so another rank's failure "
+                           "may end this one only when that wait times out (run.collective_timeout_minutes)")
         return store
 
 

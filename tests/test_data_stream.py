@@ -357,6 +357,15 @@ def test_the_workers_of_a_rank_draw_their_samples_degradations_each_with_its_own
     assert types[0] != types[1]
 
 
+def test_the_start_up_line_names_logical_streams_and_loader_processes_apart(capsys):
+    """data.workers=0: one logical stream, its batches made in the training process (no loader process)."""
+    for workers, expected in ((0, "2 ranks x 1 logical stream (batches made in the training process: data.workers=0)"),
+                              (3, "2 ranks x 3 logical streams (3 loader processes per rank)")):
+        build_train_stream(DataConfig(source="builtin", preset="five-task", workers=workers), seed=3, rank=0,
+                           world_size=2, micro_batch=3, crop=CROP)
+        assert expected in capsys.readouterr().out
+
+
 def test_val_shards_are_listed_by_rank_0_for_every_rank(shard_dir, monkeypatch):
     from m2r.data import stream
 

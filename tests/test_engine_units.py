@@ -219,6 +219,39 @@ def test_bf16_micro_batch_sums_are_bf16_at_zero_1_and_fp32_at_zero_2():
     assert gradient_accumulation_dtype(SimpleNamespace(precision="bf16", zero_stage=2)) == "fp32"
 
 
+def speed_settings(ema=None, **train):
+    """The start-up summary's speed lines of a run with `train` settings (the rest defaults)."""
+    from m2r.engine.run import TrainingRun
+
+    train = dict(dict(precision="fp32", zero_stage=1, channels_last=False, compile=False, compile_backend="inductor",
+                      ema_decay=0.0), **train)
+    stub = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(**train)), ema=ema)
+    return "\n".join(TrainingRun._speed_settings(stub, "off"))
+
+
+def test_bf16_micro_batch_sums_at_zero_1_are_printed_with_their_reason():
+    assert "BF16_Optimizer" in speed_settings(precision="bf16", zero_stage=1)
+    assert "BF16_Optimizer" not in speed_settings(precision="bf16", zero_stage=2)
+
+
+def test_a_run_without_a_grad_norm_says_why_at_start_up():
+    """fp32 at ZeRO 0: DeepSpeed keeps no norm, so the step lines show "grad n/a"."""
+    assert "note: no grad norm in the step lines (grad n/a)" in speed_settings(precision="fp32", zero_stage=0)
+    assert all("grad n/a" not in speed_settings(precision=precision, zero_stage=stage)
+               for precision, stage in (("fp32", 1), ("bf16", 1), ("bf16", 2)))
+
+
+def test_the_compile_setting_names_its_backend():
+    assert "| compile True (aot_eager)" in speed_settings(compile=True, compile_backend="aot_eager")
+    assert "| compile False" in speed_settings(compile=False, compile_backend="aot_eager")
+
+
+def test_the_ema_setting_says_what_the_average_follows():
+    ema = SimpleNamespace(follows=lambda: "the module weights (why)")
+    assert "| EMA 0.999 of the module weights (why)" in speed_settings(ema=ema, ema_decay=0.999)
+    assert speed_settings().endswith("| EMA off")
+
+
 # ----------------------------------------------------------------------------------- checkpoints
 
 

@@ -178,3 +178,22 @@ def test_each_process_group_counts_the_rank_s_watch_as_stopped(monkeypatch):
         watch_once(monkeypatch, store)
         failure_watch.end_cleanly()
         assert store.added == [failure_watch.LEFT_KEY]
+
+
+def test_a_watch_that_cannot_clone_the_store_says_so_once_with_the_error(monkeypatch, capsys):
+    """Sharing the process's client, the watch cannot look while the main thread waits in the store."""
+    from m2r import dist, failure_watch
+
+    class Uncloneable(FakeStore):
+        def clone(self):
+            raise RuntimeError("clone refused")
+
+    monkeypatch.setattr(dist, "_announced", set())
+    monkeypatch.setattr(dist, "rank", lambda: 0)
+    store = Uncloneable()
+    assert failure_watch._own_client(store) is store and failure_watch._own_client(store) is store
+    out = capsys.readouterr().out
+    assert out.count("WARNING: the failure watch shares the process's store client") == 1
+    assert "RuntimeError: clone refused" in out and "run.collective_timeout_minutes" in out
+    cloneable = FakeStore()   # (its clone is itself)
+    assert failure_watch._own_client(cloneable) is cloneable and capsys.readouterr().out == ""

@@ -148,6 +148,15 @@ def test_under_zero_the_ema_follows_the_fp32_master_fragments_not_the_bf16_modul
     assert restored.shadow["weight"].tolist() == [2.0, 3.0, 4.0] and restored.shadow["bias"].numel() == 0
 
 
+def test_the_ema_names_what_it_follows():
+    """ZeRO 1/2 links the weights to fp32 master fragments (even where this rank holds none of one)."""
+    assert EMA(torch.nn.Linear(3, 2), decay=0.5).follows().startswith("the module weights")
+    model = torch.nn.Linear(3, 2).bfloat16()
+    _linked_to_master(model.weight, torch.zeros(6), start=0)
+    _linked_to_master(model.bias, None, start=0)
+    assert EMA(model, decay=0.5).follows().startswith("the fp32 master fragments ZeRO partitions")
+
+
 def test_pretrainings_schedule_counts_the_train_sections_steps(repo_root):
     cfg = load_config(PretrainConfig, Path(repo_root) / "configs/pretrain/tiny-test.yaml",
                       ["train.lr=1e-3", "train.min_lr=1e-5", "train.warmup_steps=4", "train.steps=104"])

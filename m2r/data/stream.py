@@ -453,9 +453,12 @@ def build_train_stream(cfg, *, seed: int, rank: int, world_size: int, micro_batc
                       seed=int(seed) + int(cfg.seed_offset), rank=rank, world_size=world_size, workers=workers,
                       micro_batch=micro_batch, crop=crop, shuffle_buffer=int(cfg.shuffle_buffer), scale_range=scale)
     where = f"{len(shards)} shards from {cfg.shards}" if shards else "builtin sample photos"
-    print0(f"data: {where}, preset {cfg.preset}, {world_size} ranks x {workers} workers, "
-           f"micro batch {micro_batch}, crop {crop}")
-    return TrainStream(plan, loader_processes=int(cfg.workers))
+    loaders = int(cfg.workers)
+    makers = f"{loaders} loader process{'es' * (loaders > 1)} per rank" if loaders else \
+        "batches made in the training process: data.workers=0"
+    print0(f"data: {where}, preset {cfg.preset}, {world_size} ranks x {workers} logical stream{'s' * (workers > 1)} "
+           f"({makers}), micro batch {micro_batch}, crop {crop}")
+    return TrainStream(plan, loader_processes=loaders)
 
 
 def _val_images(cfg, count: int) -> List[Tuple[np.ndarray, Optional[np.ndarray], dict]]:

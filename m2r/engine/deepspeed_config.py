@@ -12,7 +12,7 @@ clipping: first-step gradient norm 18% above fp32's and the third step's loss 1%
 as set here are within 0.1% and 0.01%). bf16 without ZeRO is refused for the same reason (3% and 2%).
 tests/test_engine_dist.py checks both settings against an fp32 run.
 """
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 from m2r.config import config_error
 
@@ -27,6 +27,18 @@ def gradient_accumulation_dtype(train) -> str:
 def gradient_reduction_dtype(train) -> str:
     """What gradients are summed in over the ranks."""
     return "fp32" if train.precision == "bf16" else train.precision
+
+
+def precision_notes(train) -> List[str]:
+    """The reasons for what this module decides and a user would see without one, for the start-up summary."""
+    notes = []
+    if train.precision == "bf16" and train.zero_stage == 1:
+        notes.append("micro-batch sums stay bf16 at ZeRO 1: fp32 ones would switch DeepSpeed to its BF16_Optimizer, "
+                     "which trains otherwise than fp32 (ZeRO 2 sums in fp32)")
+    if train.precision == "fp32" and train.zero_stage == 0:
+        notes.append("no grad norm in the step lines (grad n/a) nor metrics.jsonl: DeepSpeed keeps none at ZeRO 0 in "
+                     "fp32 (it clips without storing it); ZeRO 1 or 2 reports it")
+    return notes
 
 
 def images_per_step(train, world_size: int) -> int:

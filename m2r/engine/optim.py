@@ -80,6 +80,12 @@ class EMA:
         self._params = {names[name]: param for name, param in model.named_parameters() if param.requires_grad}
         self.shadow = {name: _master_of(param).clone() for name, param in self._params.items()}
 
+    def follows(self) -> str:
+        """What the average follows, and why, for the start-up summary (ZeRO links every trainable weight or none)."""
+        if any(_is_partitioned(param) for param in self._params.values()):
+            return "the fp32 master fragments ZeRO partitions (what AdamW updates; no communication per step)"
+        return "the module weights (no ZeRO partition links them to fp32 masters)"
+
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
         """The EMA weights in the model for the duration (validation, image logging); the trained

@@ -26,7 +26,7 @@ from m2r.engine.checkpoint import (ABANDONED_DIR, CheckpointManager, CheckpointR
                                    complete_tags, load_ema_states, load_weights_only, set_aside_newer_tags)
 from m2r.engine.config import PRECISIONS, collective_timeout
 from m2r.engine.deepspeed_config import (build_deepspeed_config, gradient_accumulation_dtype,
-                                         gradient_reduction_dtype, images_per_step)
+                                         gradient_reduction_dtype, images_per_step, precision_notes)
 from m2r.engine.loss import LossTerms, restoration_loss
 from m2r.engine.monitor import NullMonitor, StepTimer, build_monitor
 from m2r.engine.optim import (EMA, LRSchedule, apply_optimizer_settings, build_optimizer, learning_rate,
@@ -352,10 +352,13 @@ class TrainingRun:
         train = self.cfg.train
         sums = f"gradients summed over micro-batches in {gradient_accumulation_dtype(train)}, over ranks in " \
                f"{gradient_reduction_dtype(train)}"
+        compiled = f"True ({train.compile_backend})" if train.compile else "False"
+        ema = f"{train.ema_decay} of {self.ema.follows()}" if self.ema is not None else "off"
         return [f"  precision {train.precision} ({sums}) | ZeRO {train.zero_stage} | activation checkpointing "
-                f"{activation_checkpointing} | channels_last {train.channels_last} | compile {train.compile}",
+                f"{activation_checkpointing} | channels_last {train.channels_last} | compile {compiled}",
                 f"  cudnn_benchmark {torch.backends.cudnn.benchmark} | tf32_matmul "
-                f"{torch.backends.cuda.matmul.allow_tf32} | EMA {train.ema_decay or 'off'}"]
+                f"{torch.backends.cuda.matmul.allow_tf32} | EMA {ema}",
+                *(f"  note: {note}" for note in precision_notes(train))]
 
     def _open_monitor(self, total_steps: int) -> None:
         """Rank 0 writes the resolved config.yaml into the run directory and reports; other ranks stay silent."""
