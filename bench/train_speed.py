@@ -45,10 +45,10 @@ from m2r.models.mamba import Mamba  # noqa: E402
 from m2r.models.scan import selective_scan  # noqa: E402
 
 OFFICIAL_IMG_PER_S = 8.54
-# H100 SXM5 dense (no 2:4 sparsity) peaks, TFLOP/s: bf16 tensor cores, TF32 tensor cores, fp32 CUDA cores.
+# H100 SXM5 dense (no 2:4 sparsity) bf16 tensor-core peak, TFLOP/s. TF32 tensor cores run at half that
+# rate on the H100 (and A100, H200), so a --peak-tflops for another GPU gives both.
 H100_BF16_DENSE_TFLOPS = 989.4
-H100_TF32_DENSE_TFLOPS = 494.7
-H100_FP32_TFLOPS = 66.9
+TF32_SHARE_OF_BF16_PEAK = 0.5
 MAX_CROP = 1024
 CROP_MEMORY_BUDGET = 0.9    # of the GPU's memory: cuDNN's workspaces come on top of the fitted peaks
 
@@ -238,16 +238,17 @@ def variant_flops(config: str, overrides: tuple, clip_weights, device: torch.dev
                              crop)
 
 
-def precision_peak(variant: Variant) -> tuple:
+def precision_peak(variant: Variant, bf16_peak_tflops: float) -> tuple:
     """(peak TFLOP/s, name) of the arithmetic a variant's convolutions and matrix products run in."""
     if variant.bf16:
-        return H100_BF16_DENSE_TFLOPS, "bf16 dense"
+        return bf16_peak_tflops, "bf16 dense"
     # fp32: cuDNN's convolutions (most of the FLOPs) use TF32 by torch's default; matmuls only with tf32_matmul
-    return H100_TF32_DENSE_TFLOPS, "TF32 dense" + ("" if variant.tf32_matmul else " (matmuls fp32)")
+    return (TF32_SHARE_OF_BF16_PEAK * bf16_peak_tflops,
+            "TF32 dense" + ("" if variant.tf32_matmul else " (matmuls fp32)"))
 
 
 def mfu_fields(variant: Variant, tflops: float, peak_tflops: float) -> dict:
-    own_peak, basis = precision_peak(variant)
+    own_peak, basis = precision_peak(variant, peak_tflops)
     return {"mfu_pct": 100 * tflops / peak_tflops, "mfu_peak_tflops": peak_tflops, "mfu_peak_basis": "bf16 dense",
             "mfu_pct_precision_peak": 100 * tflops / own_peak, "precision_peak_tflops": own_peak,
             "precision_peak_basis": basis}

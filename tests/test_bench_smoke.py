@@ -138,6 +138,7 @@ def test_each_row_names_the_peak_its_mfu_divides_by(repo_root, monkeypatch):
     assert row["mfu_pct"] == pytest.approx(100 * 10.0 / 989.4) and row["mfu_peak_basis"] == "bf16 dense"
     assert row["precision_peak_basis"].startswith("TF32")
     assert row["mfu_pct_precision_peak"] == pytest.approx(100 * 10.0 / 494.7)
+    assert ts.mfu_fields(fp32, 10.0, 312.0)["mfu_pct_precision_peak"] == pytest.approx(100 * 10.0 / 156.0)  # an A100
     bf16_row = ts.mfu_fields(bf16, 10.0, ts.H100_BF16_DENSE_TFLOPS)
     assert bf16_row["mfu_pct_precision_peak"] == pytest.approx(row["mfu_pct"])
     table = ts.markdown([{"variant": "v", "ms_per_step": 1.0, "img_per_s": 1.0, "x_official": 1.0, "peak_gb": 1.0,

@@ -528,3 +528,52 @@ def test_a_shard_cut_short_in_another_node_s_copy_is_refused_at_start_naming_tha
     for output in outputs:
         assert "refused: data.shards=shards: 1 shard(s) on host " in output, output
         assert "shard-000005.tar: 3000 bytes, the manifest says" in output, output
+
+
+def test_each_batch_names_only_the_damaged_samples_skipped_since_the_batch_before(shard_dir, tmp_path):
+    """`damage` on a batch: at most MAX_DAMAGE_NOTES of the `corrupt` samples skipped since the previous
+    batch. A list carried over (not reset at the yield) would name old samples again at every log step;
+    one without the cap would send every message through the loader and the gather."""
+    from m2r.data.stream import MAX_DAMAGE_NOTES, worker_batches
+
+    good = sorted(shard_dir.glob("*.tar"))
+    for i in range(2):   # every image of bad-0 and bad-1 truncated, bad-2 and bad-3 intact
+        copy_damaged(good[i], tmp_path / f"bad-{i}.tar", lambda name: True)
+        (tmp_path / f"bad-{i + 2}.tar").write_bytes(good[i + 2].read_bytes())
+    cfg = DataConfig(source="shards", shards=f"{tmp_path}/bad-{{0..3}}.tar", preset="five-task", workers=0,
+                     shuffle_buffer=20)
+    stream = build_train_stream(cfg, seed=0, rank=0, world_size=1, micro_batch=3, crop=CROP)
+    batches = list(itertools.islice(worker_batches(stream.plan, 0, (0, 0)), 12))
+    assert [len(b["damage"]) for b in batches] == [min(b["corrupt"], MAX_DAMAGE_NOTES) for b in batches]
+    corrupt = {b["corrupt"] for b in batches}
+    assert max(corrupt) > MAX_DAMAGE_NOTES and min(corrupt) < MAX_DAMAGE_NOTES   # both sides of the cap seen
+    assert all(re.match(rf"shard {tmp_path}/bad-[01]\.tar: sample", note) for b in batches for note in b["damage"])
+
+
+def test_a_damaged_tar_is_counted_and_named_once_per_read(shard_dir, tmp_path):
+    """A shard whose tar breaks off: one damaged read per round that draws it (a round reads each shard
+    once), and its message (naming the shard) among the notes for the console."""
+    copy = copy_shards(shard_dir, tmp_path / "copy", manifest=False)
+    shard = copy / "shard-000004.tar"
+    shard.write_bytes(shard.read_bytes()[:3000])
+    cfg = DataConfig(source="shards", shards=f"{copy}/shard-{{000000..000007}}.tar", preset="five-task", workers=0,
+                     shuffle_buffer=12)
+    stream = build_train_stream(cfg, seed=3, rank=0, world_size=1, micro_batch=BATCH, crop=CROP)
+    source = _ShardSource(stream.plan, 0)
+    damaged = [source.round_records(i)[1] for i in range(6)]
+    assert any(damaged) and all(len(d) <= 1 for d in damaged), damaged
+    assert all("shard-000004.tar" in note for d in damaged for note in d)
+    take(stream, 12)
+    assert stream.stats()["corrupt_samples"] >= 1
+    assert any("shard-000004.tar" in note for note in stream.take_damage_notes())
+
+
+def test_keep_notes_never_adds_to_a_full_list():
+    from m2r.data.stream import MAX_DAMAGE_NOTES, keep_notes
+
+    notes = [f"old {i}" for i in range(MAX_DAMAGE_NOTES + 1)]   # over the cap (a caller's own list)
+    keep_notes(notes, ["new 1", "new 2"])
+    assert notes == [f"old {i}" for i in range(MAX_DAMAGE_NOTES + 1)]
+    empty = []
+    keep_notes(empty, [f"new {i}" for i in range(5)])
+    assert empty == [f"new {i}" for i in range(MAX_DAMAGE_NOTES)]

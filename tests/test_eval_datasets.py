@@ -30,7 +30,8 @@ def test_allweather_train_in_transweathers_layout(tmp_path):
     assert [(p.lq, p.gt) for p in pairs] == [(root / "train/allweather/input/im_0002.png",
                                              root / "train/allweather/gt/im_0002.png")]
     (root / "train/allweather/input").rename(root / "train/allweather/elsewhere")
-    with pytest.raises(DatasetLayoutError, match=r"none of \['train', 'train/allweather', 'allweather', '.'\] holds an input folder"):
+    with pytest.raises(DatasetLayoutError,
+                       match=r"none of \['train', 'train/allweather', 'allweather', '\.'\] holds an input folder"):
         allweather_train_pairs(root)
 
 

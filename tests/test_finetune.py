@@ -120,6 +120,7 @@ def test_two_rank_finetune_from_a_one_rank_pretraining_checkpoint_then_evaluatio
     log = run([python, "-m", "torch.distributed.run", "--nproc_per_node", "2", *finetune[1:],
                f"run.dir={finetune_dir}", "run.log_every=3"], repo_root)
     assert "saved with world size 1, ep_size 1" in log
+    assert f"8 training pairs in {allweather / 'train/input'} |" in log   # which of the layout's folders
     assert "2 steps/epoch x 2 epochs = 4 steps" in log
     assert "step 3/4 |" in log and "step 4/4 |" in log and "step 2/4 |" not in log   # log steps and the last
     assert "stopping at step 4: finished" in log
@@ -442,3 +443,53 @@ def test_the_cosine_may_run_past_schedule_epochs_until_it_is_back_at_half_height
     else:
         with pytest.raises(ConfigError, match="key 'train.epochs'.*climbs back over halfway to train.lr: at most 262"):
             validate_finetune_config(cfg, 2)
+
+
+def test_an_epoch_counts_whole_accumulations_of_whole_micro_batches():
+    from m2r.engine.finetuner import optimizer_steps_in
+
+    # 13 samples a rank: 6 micro-batches of 2 (the loader drops the last partial one), 2 steps of 3 of them
+    assert optimizer_steps_in(list(range(13)), SimpleNamespace(micro_batch=2, grad_accum=3)) == 2
+
+
+def test_every_rank_loads_init_weights_as_rank_0_sees_them(monkeypatch, tmp_path):
+    """A checkpoint directory loads into the engine (collectives), a file into the model before it: a rank
+    judging a stale NFS view itself (the directory not there yet) would take the other path, or fail alone."""
+    from m2r.engine import finetuner, run
+
+    weights, calls = tmp_path / "pretrain/checkpoints", []   # rank 0 sees a directory; this rank nothing
+
+    def start(self, cfg, env, validate, stop_request=None):
+        self.cfg, self.resume_ref, self.total_steps = cfg, None, 1
+    monkeypatch.setattr(run.TrainingRun, "__init__", start)
+    monkeypatch.setattr(finetuner.dist, "on_rank0", lambda work: "dir")   # rank 0's answer, broadcast
+    for name in ("_build_data", "_start_engine", "_start_ema", "_seed_rng", "_open_monitor"):
+        monkeypatch.setattr(Finetuner, name, lambda self, *args: None)
+    monkeypatch.setattr(Finetuner, "_checkpointing_mode", lambda self: "none")
+    monkeypatch.setattr(Finetuner, "_build_model", lambda self, mode: "model")
+    monkeypatch.setattr(Finetuner, "_load_init_weights", lambda self, model: calls.append("file"))
+    monkeypatch.setattr(Finetuner, "_load_pretraining_checkpoint", lambda self, path: calls.append(("dir", path)))
+    monkeypatch.setattr(Finetuner, "startup_summary", lambda self: "")
+    Finetuner(SimpleNamespace(init=SimpleNamespace(weights=str(weights))), env=None)
+    assert calls == [("dir", str(weights))]
+
+
+def test_a_resume_takes_its_load_path_from_rank_0s_read_of_the_topology(monkeypatch):
+    """Whether the checkpoint loads exactly (DeepSpeed's load) or re-partitioned decides the collectives every
+    rank runs: a rank whose own read of meta.json fails or is stale must follow rank 0's."""
+    from m2r.engine import run
+    from m2r.engine.checkpoint import Topology
+
+    here = Topology(2, 1, "fp32", 1)
+
+    def stale_read():
+        raise FileNotFoundError("meta.json: stale NFS handle")
+    loaded = []
+    client = {"step": 5, "rng_states": ["rng of rank 0"]}
+    monkeypatch.setattr(run.dist, "on_rank0", lambda work: here)   # rank 0's read, broadcast
+    monkeypatch.setattr(run, "apply_optimizer_settings", lambda optimizer, train: None)
+    engine = SimpleNamespace(load_checkpoint=lambda root, tag: loaded.append(tag) or (None, client))
+    stub = SimpleNamespace(topology=here, optimizer=None, cfg=SimpleNamespace(train=None), step=0, engine=engine)
+    ref = SimpleNamespace(topology=stale_read, root="ckpt", tag="step00000005", path="ckpt/step00000005")
+    assert run.TrainingRun._load_checkpoint(stub, ref) == (client, "rng of rank 0")
+    assert loaded == ["step00000005"] and stub.step == 5

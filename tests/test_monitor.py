@@ -210,3 +210,50 @@ def test_a_resume_keeps_the_records_of_a_metrics_file_another_tool_rewrote(tmp_p
     path.write_text(compact + "\x00\x00\x00\n" + compact)
     assert losses_before(path, 99) == [1.0, 2.0, 3.0, 4.0, 5.0]
     assert path.read_text() == compact
+
+
+def _damage_stub(own_notes, printed, logged):
+    from m2r.engine import trainer as trainer_module
+
+    stub = SimpleNamespace(step=10, stream=SimpleNamespace(
+        stats=lambda: {"samples_by_type": {"rain": 4, "snow": 2}, "corrupt_samples": len(own_notes)},
+        take_damage_notes=lambda: list(own_notes)),
+        monitor=SimpleNamespace(print=printed.append, log_data_stats=lambda *args: logged.append(args)))
+    stub._report_damage = lambda notes_by_rank, corrupt: trainer_module.Trainer._report_damage(stub, notes_by_rank,
+                                                                                               corrupt)
+    return stub
+
+
+def test_a_rank_without_damage_notes_joins_the_gather_when_another_rank_has_some(monkeypatch):
+    """The gather is a collective: a rank deciding by its own notes (none here) would skip it while rank 0,
+    which skipped 2 damaged samples, waits in it for ever."""
+    from m2r.engine import trainer as trainer_module
+
+    other_ranks = torch.tensor([4, 2, 2, 2], dtype=torch.float64)   # rank 0: samples by type, corrupt, notes
+    gathered, printed, logged = [], [], []
+    monkeypatch.setattr(trainer_module.dist, "is_rank0", lambda: False)   # this stub is rank 1
+    monkeypatch.setattr(trainer_module.dist, "rank", lambda: 1)
+    monkeypatch.setattr(trainer_module.dist, "all_reduce_sum", lambda t: t + other_ranks)
+    monkeypatch.setattr(trainer_module.dist, "all_gather_object",
+                        lambda notes: gathered.append(notes) or [["shard a.tar: sample 1", "shard a.tar: sample 2"],
+                                                                  notes])
+    trainer_module.Trainer._log_run_stats(_damage_stub([], printed, logged))
+    assert gathered == [[]] and logged == [(10, {"rain": 8, "snow": 4}, 2)]
+    assert "rank 0: shard a.tar: sample 2" in printed[0] and "rank 1" not in printed[0]
+    gathered.clear()   # no notes on any rank: no gather at all
+    monkeypatch.setattr(trainer_module.dist, "all_reduce_sum", lambda t: t)
+    trainer_module.Trainer._log_run_stats(_damage_stub([], printed, logged))
+    assert gathered == []
+
+
+def test_the_console_names_at_most_max_damage_lines_damaged_samples_over_all_ranks():
+    """64 ranks x 3 notes would be 192 console lines at every log step."""
+    from m2r.engine.trainer import MAX_DAMAGE_LINES, Trainer
+
+    printed = []
+    stub = SimpleNamespace(step=10, monitor=SimpleNamespace(print=printed.append))
+    Trainer._report_damage(stub, [[f"shard {r}.tar: sample {i}" for i in range(3)] for r in range(64)], 500)
+    lines = printed[0].splitlines()
+    assert len([line for line in lines if line.startswith("  rank ")]) == MAX_DAMAGE_LINES
+    assert lines[-1] == f"  ... and {64 * 3 - MAX_DAMAGE_LINES} more"   # rank 2's third note among them
+    assert "500 since the stream started" in lines[0]

@@ -1,12 +1,14 @@
 """The benchmarks as their public downloads unpack, names and folders as published: Outdoor-Rain's Test1
 (Test1/in/im_0301_s80_a04.png -> Test1/gt/im_0301.png), Histoformer's AllWeather test folders (test/Test1,
 test/RainDrop), WeatherDiffusion's raindrop/test, and CDD-11's CDD-11_train/ and CDD-11_test/ folders."""
+import shutil
 from types import SimpleNamespace
 
 import pytest
 
 from finetune_layouts import write_image
-from m2r.eval.datasets import CDD11_TYPES, allweather_test_sets, cdd11_pairs, evaluation_sets, train_pairs
+from m2r.eval.datasets import (CDD11_TYPES, DatasetLayoutError, allweather_test_sets, cdd11_pairs, evaluation_sets,
+                               train_pairs)
 
 RAIN = ("_s80_a04", "_s90_a05", "_s100_a06")
 
@@ -74,3 +76,38 @@ def test_evaluate_warns_when_a_paper_set_is_not_found_and_the_average_shrinks(tm
     printed = capsys.readouterr().out
     assert "outdoor_rain (looked for" in printed and "raindrop_a (looked for" in printed
     assert "the average covers only snow100k_l" in printed
+
+
+def test_an_outdoor_rain_input_takes_a_target_of_its_own_name_before_its_scenes(tmp_path):
+    """Histoformer's test/Test1 ships one target per input, named as the input; the scene rule is a fallback,
+    and only for names exactly im_<n>_s<n>_a<n>."""
+    for rel in ("Test1/input/im_0301_s80_a04.png", "Test1/gt/im_0301_s80_a04.png", "Test1/gt/im_0301.png",
+                "Test1/input/im_0302_s80_a04_copy.png", "Test1/gt/im_0302.png"):
+        write_image(tmp_path / rel, (16, 16), 0)
+    with pytest.raises(DatasetLayoutError, match="no target for .*im_0302_s80_a04_copy.png"):
+        allweather_test_sets(tmp_path, ["outdoor_rain"])
+    (tmp_path / "Test1/input/im_0302_s80_a04_copy.png").unlink()
+    pairs = allweather_test_sets(tmp_path, ["outdoor_rain"])["outdoor_rain"]
+    assert [p.gt.name for p in pairs] == ["im_0301_s80_a04.png"]
+
+
+def test_a_training_folder_of_a_published_layout_wins_over_input_and_gt_at_the_root(tmp_path):
+    """The root itself (Histoformer's layout) is the last candidate: a TransWeather or WeatherDiffusion root
+    that also holds input/ and gt/ for another purpose trains on its own training folder."""
+    for folder in ("train/allweather", "allweather", "."):
+        write_image(tmp_path / folder / "input" / "a.png", (16, 16), 0)
+        write_image(tmp_path / folder / "gt" / "a.png", (16, 16), 1)
+    assert train_pairs("allweather", str(tmp_path))[0].lq == tmp_path / "train/allweather/input/a.png"
+    shutil.rmtree(tmp_path / "train")
+    assert train_pairs("allweather", str(tmp_path))[0].lq == tmp_path / "allweather/input/a.png"
+
+
+def test_evaluate_says_nothing_of_the_paper_sets_it_was_not_asked_for(tmp_path, capsys):
+    from m2r.evaluate import listed_sets
+
+    write_image(tmp_path / "test/Snow100K-L/synthetic/a.jpg", (16, 16), 0)
+    write_image(tmp_path / "test/Snow100K-L/gt/a.jpg", (16, 16), 0)
+    args = SimpleNamespace(dataset="allweather", root=str(tmp_path), sets="snow100k_l", limit=0,
+                           official_sizes=False, out=str(tmp_path / "out"))
+    assert list(listed_sets(args)) == ["snow100k_l"]
+    assert "warning" not in capsys.readouterr().out

@@ -189,7 +189,7 @@ def collate(lq: Sequence[np.ndarray], gt: Sequence[np.ndarray], type_ids: Sequen
 
 def keep_notes(notes: List[str], new: Sequence[str]) -> None:
     """Add `new` to `notes` while it holds fewer than MAX_DAMAGE_NOTES."""
-    notes.extend(new[:MAX_DAMAGE_NOTES - len(notes)])
+    notes.extend(new[:max(0, MAX_DAMAGE_NOTES - len(notes))])   # new[:-k] would add all but k
 
 
 def worker_batches(plan: StreamPlan, worker: int, cursor: Tuple[int, int]) -> Iterator[dict]:

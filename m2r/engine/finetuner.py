@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -204,7 +205,8 @@ class Finetuner(TrainingRun):
         train, world = self.cfg.train, self.topology.world_size
         return "\n".join([
             f"finetune: {self.cfg.run.dir} | {self.cfg.data.dataset} {self.cfg.data.root} | "
-            f"{len(self.train_set)} training pairs | world size {world} | ep_size {self.topology.ep_size} | "
+            f"{len(self.train_set)} training pairs in {self._training_folder()} | world size {world} | "
+            f"ep_size {self.topology.ep_size} | "
             f"launcher {self.launcher}",
             f"  batch: micro {train.micro_batch} x accum {train.grad_accum} x {world} ranks = global "
             f"{images_per_step(train, world)} | crop {train.crop} | "
@@ -218,6 +220,11 @@ class Finetuner(TrainingRun):
             f"{', '.join(f'{name} {count}' for name, count in zip(self.val_names, self.val_counts))} "
             "(type ids in that order)",
         ])
+
+    def _training_folder(self) -> str:
+        """Where the training inputs are (the folder of every one of them): which of a layout's candidate
+        folders was taken, e.g. a test set's when data.root points at one by mistake."""
+        return os.path.commonpath([str(pair.lq.parent) for pair in self.train_set.pairs])
 
     # ----------------------------------------------------------------------------- training
     def train_step(self, batches, timer: StepTimer) -> StepResult:

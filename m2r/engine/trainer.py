@@ -160,7 +160,8 @@ class Trainer(TrainingRun):
     def _report_damage(self, notes_by_rank: List[List[str]], corrupt: int) -> None:
         lines = [f"  rank {rank}: {note}" for rank, notes in enumerate(notes_by_rank) for note in notes]
         if len(lines) > MAX_DAMAGE_LINES:
-            lines = lines[:MAX_DAMAGE_LINES] + [f"  ... and {len(lines) - MAX_DAMAGE_LINES} more on other ranks"]
+            # the cut may fall inside a rank's notes: the rest are not all "on other ranks"
+            lines = lines[:MAX_DAMAGE_LINES] + [f"  ... and {len(lines) - MAX_DAMAGE_LINES} more"]
         self.monitor.print(f"step {self.step}: skipped damaged training samples ({corrupt} since the stream "
                            f"started, data/corrupt_samples); the first ones since the last report:\n"
                            + "\n".join(lines))

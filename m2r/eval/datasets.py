@@ -17,7 +17,7 @@ AllWeather (TransWeather / WeatherDiff / M2Restore lineage), under one root:
 CDD-11 (OneRestore): <root>/<train|test>/<type>/<name> (or the download's CDD-11_<split>/, also nested once)
     with targets <split folder>/clear/<name>, for the 11 types below. Types are found by folder name, never
     by string replacement in the path (the official code turns train/rain into tclear).
-folder: <root>/input/ (or lq/) and <root>/gt/ (or target/), matched by name.
+folder: <root>/input/ (or another of INPUT_DIRS) and <root>/gt/ (or target/), matched by name.
 
 Every problem (missing folder, image without target, empty set) raises DatasetLayoutError naming the path.
 The training pairs (and the pairs `m2r.evaluate` will read) are checked up front from the image headers:
