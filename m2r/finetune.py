@@ -16,7 +16,8 @@ are drawn from (seed, epoch, index). The learning rate warms up for `train.warmu
 cosine to `train.min_lr` at `train.schedule_epochs`, stepped per optimizer step. After every epoch
 all ranks validate on centre crops of the test sets (the all-to-all needs every rank), a checkpoint
 is saved, and the best checkpoint per metric in `run.best_metrics` is kept under `best_<metric>/`
-and exported as `best_<metric>.safetensors` for `python -m m2r.evaluate`. SIGTERM/SIGUSR1 save
+(hard links to that epoch's checkpoint files, not a second save) and exported as
+`best_<metric>.safetensors` for `python -m m2r.evaluate`. SIGTERM/SIGUSR1 save
 mid-epoch; resuming at the same topology continues the epoch exactly.
 """
 from m2r.cli import run_main

@@ -354,3 +354,53 @@ def test_the_kind_a_checkpoint_recorded_decides_which_runs_resume_it(tmp_path, m
     stub = SimpleNamespace(KIND="pretrain", checkpoints=SimpleNamespace(root=tmp_path / "checkpoints"))
     with pytest.raises(ConfigError, match=f"is a {kind} checkpoint; a pretrain run resumes only its own kind"):
         TrainingRun._check_resumable(stub, ref)
+
+
+def test_a_checkpoint_kept_under_another_root_is_hard_links_published_meta_last(tmp_path, monkeypatch):
+    """Finetuning's best_<metric>/ copies of an epoch's checkpoint: the same bytes written once, complete
+    (meta.json) only when every file is there, pruned to keep_last like a save."""
+    config = load_config(PretrainConfig)
+    source = CheckpointManager(tmp_path / "checkpoints", keep_last=2, kind="finetune")
+    best = CheckpointManager(tmp_path / "best_psnr", keep_last=2, kind="finetune")
+    copies, linked = [], []
+    real_link = os.link
+
+    def link(src, dst):   # meta.json must come last: a tag is complete once it holds it
+        assert Path(dst).name != "meta.json" or sorted(p.name for p in Path(dst).parent.iterdir()) == \
+            sorted(p.name for p in Path(src).parent.iterdir() if p.name != "meta.json")
+        linked.append(Path(dst).name)
+        real_link(src, dst)
+    monkeypatch.setattr(os, "link", link)
+
+    def keep_during_save(step):
+        source.save(FakeEngine(), step, Topology(1, 1, "fp32", 1), {"step": step}, config,
+                    before_publish=lambda staged: copies.append(best.keep_copy(staged, step)))
+    for step in (10, 20, 30):
+        keep_during_save(step)
+    assert best.tags() == [tag_for(20), tag_for(30)] and (tmp_path / "best_psnr/latest").read_text() == tag_for(30)
+    kept, original = copies[-1].path, tmp_path / "checkpoints" / tag_for(30)
+    for name in ("mp_rank_00_model_states.pt", "meta.json", "config.yaml"):
+        assert os.stat(kept / name).st_ino == os.stat(original / name).st_ino
+    assert linked[-1] == "meta.json" and saved_step(kept) == 30
+    assert resolve_resume("latest", tmp_path / "best_psnr").meta()["kind"] == "finetune"
+
+    def no_links(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+    monkeypatch.setattr(os, "link", no_links)   # another filesystem: copies
+    keep_during_save(40)
+    assert saved_step(tmp_path / "best_psnr" / tag_for(40)) == 40
+    assert os.stat(tmp_path / "best_psnr" / tag_for(40) / "meta.json").st_ino != \
+        os.stat(tmp_path / "checkpoints" / tag_for(40) / "meta.json").st_ino
+
+
+def test_a_failure_before_publishing_leaves_the_previous_checkpoint_the_latest(tmp_path):
+    """A crash while the best copies are made: the epoch's tag was never published, its epoch is trained
+    again on resume (and its best copies made again)."""
+    config, manager = load_config(PretrainConfig), CheckpointManager(tmp_path, keep_last=2)
+    manager.save(FakeEngine(), 10, Topology(1, 1, "fp32", 1), {"step": 10}, config)
+
+    def fail(staged):
+        raise OSError("disk gone")
+    with pytest.raises(OSError, match="disk gone"):
+        manager.save(FakeEngine(), 20, Topology(1, 1, "fp32", 1), {"step": 20}, config, before_publish=fail)
+    assert resolve_resume("latest", tmp_path).tag == tag_for(10) and manager.tags() == [tag_for(10)]

@@ -295,10 +295,10 @@ def _finetuner_stub(epoch, epochs, signal=None, stop_after_epochs=0, stopped_in_
     def validate():
         stub.validations += 1
         return {}
-    def save_checkpoint():
+    def save_checkpoint(before_publish=None):
         stub.saves += 1
     stub.run_epoch, stub.validate, stub.save_checkpoint = run_epoch, validate, save_checkpoint
-    stub.keep_best = lambda metrics: None
+    stub.record_bests = lambda metrics: []
     stub._epoch_name = lambda: Finetuner._epoch_name(stub)
     stub._train_epochs = lambda: Finetuner._train_epochs(stub)
     stub._finish = lambda reason, finished, closing_lines=(): stub.finished_calls.append((reason, finished))
@@ -352,61 +352,44 @@ def test_init_weights_kind_is_one_decision_for_every_rank(tmp_path):
         init_weights_kind(str(tmp_path / "gone"))
 
 
-def test_keep_best_replaces_the_best_only_on_an_improvement(monkeypatch, tmp_path):
+def test_a_best_is_an_improvement_and_never_a_diverged_validation():
+    """A tie does not replace the best. NaN compares as neither above nor below: taken as a best, it
+    replaced the best weights with the diverged ones (their export too), and any later value counted as
+    a new best."""
+    printed = []
+    stub = SimpleNamespace(cfg=SimpleNamespace(run=SimpleNamespace(best_metrics=["psnr", "ssim"])), best={},
+                           monitor=SimpleNamespace(print=printed.append))
+    improved = []
+    for epoch, (psnr, ssim) in enumerate([(20.0, 0.5), (25.0, 0.5), (float("nan"), 0.6), (25.0, 0.6)], start=1):
+        stub.epoch, stub.step = epoch, 2 * epoch
+        improved.append(Finetuner.record_bests(stub, {"psnr": psnr, "ssim": ssim}))
+    assert improved == [["psnr", "ssim"], ["psnr"], ["ssim"], []]
+    assert stub.best == {"psnr": {"value": 25.0, "epoch": 2, "step": 4}, "ssim": {"value": 0.6, "epoch": 3, "step": 6}}
+    assert any("validation psnr is nan at epoch 3: not a best" in line for line in printed)
+
+
+def test_each_improved_metric_keeps_the_epochs_checkpoint_and_exports_its_weights(monkeypatch, tmp_path):
+    """Before the epoch's checkpoint is published: best_<metric>/ gets it (hard links) and
+    best_<metric>.safetensors its weights, with best_<metric>.json beside them."""
     from m2r.engine import finetuner
 
-    saved = []
-
-    class Manager:
-        def __init__(self, root, keep_last, kind):
-            self.root = root
-
-        def save(self, engine, step, topology, client, cfg, ema=None):
-            saved.append(step)
-            return SimpleNamespace(path=self.root / f"step{step}")
-    monkeypatch.setattr(finetuner, "CheckpointManager", Manager)
-    records = []   # best_<metric>.json, written with the weights (export's companions)
-    monkeypatch.setattr(finetuner, "export", lambda *args, companions, **kwargs: records.append(companions))
-    monkeypatch.setattr(finetuner.dist, "barrier", lambda: None)
-    stub = SimpleNamespace(cfg=SimpleNamespace(run=SimpleNamespace(best_metrics=["psnr"])), best={}, run_dir=tmp_path,
-                           engine=None, topology=None, ema=None, KIND="finetune",
-                           monitor=SimpleNamespace(print=lambda line: None),
-                           _client_state=lambda: {}, _ema_state=lambda: None)
-    for epoch, psnr in enumerate([20.0, 25.0, 22.0, 25.0], start=1):
-        stub.epoch, stub.step = epoch, 2 * epoch
-        Finetuner.keep_best(stub, {"psnr": psnr})
-    assert stub.best == {"psnr": {"value": 25.0, "epoch": 2, "step": 4}}   # a tie does not replace it
-    assert saved == [2, 4]
-    assert [json.loads(text)["epoch"] for (text,) in (r.values() for r in records)] == [1, 2]
-    assert [path for (path,) in records] == [tmp_path / "best_psnr.json"] * 2
-
-
-def test_a_diverged_validation_is_never_the_best(monkeypatch, tmp_path):
-    """NaN compares as neither above nor below: taken as a best, it replaced the best weights with the
-    diverged ones (their export too), and any later value counted as a new best."""
-    from m2r.engine import finetuner
-
-    saved, printed = [], []
-
-    class Manager:
-        def __init__(self, root, keep_last, kind):
-            self.root = root
-
-        def save(self, engine, step, topology, client, cfg, ema=None):
-            saved.append(step)
-            return SimpleNamespace(path=self.root / f"step{step}")
-    monkeypatch.setattr(finetuner, "CheckpointManager", Manager)
-    monkeypatch.setattr(finetuner, "export", lambda *args, **kwargs: None)
-    monkeypatch.setattr(finetuner.dist, "barrier", lambda: None)
-    stub = SimpleNamespace(cfg=SimpleNamespace(run=SimpleNamespace(best_metrics=["psnr"])), best={}, run_dir=tmp_path,
-                           engine=None, topology=None, ema=None, KIND="finetune",
-                           monitor=SimpleNamespace(print=printed.append),
-                           _client_state=lambda: {}, _ema_state=lambda: None)
-    for epoch, psnr in enumerate([25.0, float("nan"), 20.0], start=1):
-        stub.epoch, stub.step = epoch, 2 * epoch
-        Finetuner.keep_best(stub, {"psnr": psnr})
-    assert saved == [2] and stub.best == {"psnr": {"value": 25.0, "epoch": 1, "step": 2}}
-    assert any("validation psnr is nan at epoch 2" in line for line in printed)
+    staged = tmp_path / "checkpoints/step00000004.partial"
+    staged.mkdir(parents=True)
+    (staged / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+    (staged / "meta.json").write_text("{}")
+    exported = []
+    monkeypatch.setattr(finetuner, "export", lambda source, target, use_ema, companions:
+                        exported.append((source, target, use_ema, companions)))
+    stub = SimpleNamespace(run_dir=tmp_path, step=4, epoch=2, ema=None, KIND="finetune",
+                           best={"psnr": {"value": 25.0, "epoch": 2, "step": 4}},
+                           monitor=SimpleNamespace(print=lambda line: None))
+    Finetuner._keep_bests(stub, ["psnr"], staged)
+    kept = tmp_path / "best_psnr/step00000004"
+    assert os.stat(kept / "mp_rank_00_model_states.pt").st_ino == os.stat(staged / "mp_rank_00_model_states.pt").st_ino
+    ((source, target, use_ema, companions),) = exported
+    assert (source, target, use_ema) == (str(kept), str(tmp_path / "best_psnr.safetensors"), False)
+    assert {path: json.loads(text) for path, text in companions.items()} == \
+        {tmp_path / "best_psnr.json": {"value": 25.0, "epoch": 2, "step": 4}}
 
 
 def test_a_finetune_step_counts_its_wait_for_data():

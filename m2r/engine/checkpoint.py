@@ -17,7 +17,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -205,9 +205,12 @@ class CheckpointManager:
         self.kind = kind   # "pretrain" | "finetune", recorded in meta.json: which runs may resume it
 
     def save(self, engine, step: int, topology: Topology, client_state: Dict[str, Any], config,
-             ema_state: Optional[Dict[str, torch.Tensor]] = None) -> CheckpointRef:
+             ema_state: Optional[Dict[str, torch.Tensor]] = None,
+             before_publish: Optional[Callable[[Path], None]] = None) -> CheckpointRef:
         """Every rank calls it. The tag becomes `latest` only once complete on every rank; the
-        resolved `config` is written beside it as config.yaml."""
+        resolved `config` is written beside it as config.yaml. `before_publish(staged tag dir)` runs on
+        rank 0 once the tag is complete but not yet published (finetuning keeps its best copies there):
+        a crash during it leaves the previous tag the latest."""
         ref = CheckpointRef(self.root, tag_for(step))
         staging = CheckpointRef(self.root, ref.tag + PARTIAL_SUFFIX)
         if dist.is_rank0():
@@ -224,7 +227,21 @@ class CheckpointManager:
         meta = {"step": step, "world_size": topology.world_size, "ep_size": topology.ep_size,
                 "precision": topology.precision, "zero_stage": topology.zero_stage, "ema": ema_state is not None,
                 **({"kind": self.kind} if self.kind else {})}
-        dist.on_rank0(lambda: self._complete(staging.path, ref, meta, config))
+        dist.on_rank0(lambda: self._complete(staging.path, ref, meta, config, before_publish))
+        return ref
+
+    def keep_copy(self, tag_dir: Path, step: int) -> CheckpointRef:
+        """Rank 0: the complete checkpoint in `tag_dir` (another root's, perhaps still staged) kept here as
+        the tag of `step`, then pruned to keep_last. Its files are hard links (copies on a filesystem
+        without them): the same bytes, written once."""
+        ref = CheckpointRef(self.root, tag_for(step))
+        staged = self.root / (ref.tag + PARTIAL_SUFFIX)
+        self.remove_leftovers()
+        shutil.copytree(tag_dir, staged, copy_function=link_or_copy, ignore=shutil.ignore_patterns(META_FILE))
+        link_or_copy(Path(tag_dir) / META_FILE, staged / META_FILE)   # last: it makes the tag complete
+        fsync_tree(staged)
+        self._publish(staged, ref)
+        self._prune(keep=ref.tag)
         return ref
 
     def point_latest_at(self, ref: CheckpointRef) -> None:
@@ -250,15 +267,19 @@ class CheckpointManager:
                 shutil.rmtree(staged, ignore_errors=True)
         for path in self.root.glob(f"step*{REPLACED_SUFFIX}"):
             shutil.rmtree(path, ignore_errors=True)
-        for name in (f"{LATEST_FILE}.tmp", *DEEPSPEED_SCRIPTS):   # the scripts cannot read MoE checkpoints; m2r.export can
+        # DeepSpeed's scripts cannot read MoE checkpoints; m2r.export can
+        for name in (f"{LATEST_FILE}.tmp", *DEEPSPEED_SCRIPTS):
             (self.root / name).unlink(missing_ok=True)
 
-    def _complete(self, staged: Path, ref: CheckpointRef, meta: Dict[str, Any], config) -> None:
-        """Rank 0, once every rank's files are on disk: config and meta.json, publish, prune."""
+    def _complete(self, staged: Path, ref: CheckpointRef, meta: Dict[str, Any], config,
+                  before_publish: Optional[Callable[[Path], None]]) -> None:
+        """Rank 0, once every rank's files are on disk: config and meta.json, `before_publish`, publish, prune."""
         for script in DEEPSPEED_SCRIPTS:   # copied beside the tags by this save
             (self.root / script).unlink(missing_ok=True)
         save_config(config, staged / CONFIG_FILE)
         write_json_atomically(staged / META_FILE, meta)
+        if before_publish is not None:
+            before_publish(staged)
         self._publish(staged, ref)
         self._prune(keep=ref.tag)
 
@@ -289,6 +310,15 @@ class CheckpointManager:
         doomed += [self.root / tag for tag in tags if tag not in complete]
         for path in doomed:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """A hard link of `source` at `target`; a copy where the filesystem has none (or they would cross
+    filesystems). Checkpoint files are never changed in place, so a link is as good as a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def load_ema_states(ref: CheckpointRef) -> Dict[str, torch.Tensor]:

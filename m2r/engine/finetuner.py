@@ -10,7 +10,7 @@ import itertools
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
@@ -266,10 +266,12 @@ class Finetuner(TrainingRun):
         return {"step": self.step, "epoch": self.epoch, "samples_into_epoch": self.samples_into_epoch,
                 "best": self.best, "rng_states": dist.all_gather_object(capture_rng_state())}
 
-    def save_checkpoint(self):
-        return self._save_checkpoint(self._client_state())
+    def save_checkpoint(self, before_publish: Optional[Callable[[Path], None]] = None) -> CheckpointRef:
+        return self._save_checkpoint(self._client_state(), before_publish)
 
-    def keep_best(self, metrics: Dict[str, float]) -> None:
+    def record_bests(self, metrics: Dict[str, float]) -> List[str]:
+        """The metrics of run.best_metrics that this validation improved, now recorded in `best`."""
+        improved = []
         for name in self.cfg.run.best_metrics:
             if not math.isfinite(metrics[name]):   # diverged (NaN): never the best, nor above the next one
                 self.monitor.print(f"WARNING: validation {name} is {metrics[name]} at epoch {self.epoch}: "
@@ -278,14 +280,20 @@ class Finetuner(TrainingRun):
             if metrics[name] <= self.best.get(name, {}).get("value", float("-inf")):
                 continue
             self.best[name] = {"value": metrics[name], "epoch": self.epoch, "step": self.step}
+            improved.append(name)
+        return improved
+
+    def _keep_bests(self, names: List[str], staged: Path) -> None:
+        """Rank 0, with this epoch's checkpoint complete in `staged` but not yet published (a crash here
+        leaves the previous epoch the latest, to be trained again): for each improved metric, the checkpoint
+        kept under best_<metric>/ (hard links, not a second save) and its weights exported."""
+        for name in names:
             manager = CheckpointManager(self.run_dir / f"best_{name}", keep_last=2, kind=self.KIND)
-            ref = manager.save(self.engine, self.step, self.topology, self._client_state(), self.cfg,
-                               self._ema_state())
-            if dist.is_rank0():   # the weights that were validated: the EMA ones when there is an EMA
-                export(str(ref.path), str(self.run_dir / f"best_{name}.safetensors"), use_ema=self.ema is not None,
-                       companions={self.run_dir / f"best_{name}.json": json_text(self.best[name])})
-                self.monitor.print(f"new best {name} {metrics[name]:.4f} at epoch {self.epoch}: {ref.path}")
-            dist.barrier()
+            ref = manager.keep_copy(staged, self.step)
+            # the weights that were validated: the EMA ones when there is an EMA
+            export(str(ref.path), str(self.run_dir / f"best_{name}.safetensors"), use_ema=self.ema is not None,
+                   companions={self.run_dir / f"best_{name}.json": json_text(self.best[name])})
+            self.monitor.print(f"new best {name} {self.best[name]['value']:.4f} at epoch {self.epoch}: {ref.path}")
 
     def _epoch_name(self) -> str:
         """The epoch under way, counted from 1 as best_<metric>.json counts the epochs done."""
@@ -306,8 +314,8 @@ class Finetuner(TrainingRun):
             if reason := self.run_epoch():
                 self.save_checkpoint()
                 return f"{reason} in {self._epoch_name()}"
-            self.keep_best(self.validate())
-            self.save_checkpoint()
+            improved = self.record_bests(self.validate())
+            self.save_checkpoint(before_publish=lambda staged: self._keep_bests(improved, staged))
             epochs_this_run += 1
             if self.cfg.run.stop_after_epochs and epochs_this_run >= self.cfg.run.stop_after_epochs:
                 return f"run.stop_after_epochs={self.cfg.run.stop_after_epochs} reached"

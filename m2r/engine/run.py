@@ -223,11 +223,13 @@ class TrainingRun:
         return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
     # ----------------------------------------------------------------------------- checkpoints
-    def _save_checkpoint(self, client_state: Dict[str, Any]) -> CheckpointRef:
-        """Save (every rank) and say how long it took: after a stop signal, SLURM waits only so long."""
+    def _save_checkpoint(self, client_state: Dict[str, Any],
+                         before_publish: Optional[Callable[[Path], None]] = None) -> CheckpointRef:
+        """Save (every rank) and say how long it took: after a stop signal, SLURM waits only so long.
+        `before_publish`: see CheckpointManager.save."""
         started = time.perf_counter()
         ref = self.checkpoints.save(self.engine, self.step, self.topology, client_state, self.cfg,
-                                    self._ema_state())
+                                    self._ema_state(), before_publish)
         self.monitor.print(f"saved checkpoint {ref.path} in {time.perf_counter() - started:.1f} s")
         return ref
 
