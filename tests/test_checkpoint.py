@@ -365,42 +365,75 @@ def test_a_checkpoint_kept_under_another_root_is_hard_links_published_meta_last(
     copies, linked = [], []
     real_link = os.link
 
-    def link(src, dst):   # meta.json must come last: a tag is complete once it holds it
-        assert Path(dst).name != "meta.json" or sorted(p.name for p in Path(dst).parent.iterdir()) == \
-            sorted(p.name for p in Path(src).parent.iterdir() if p.name != "meta.json")
+    def link(src, dst):   # the staged tag has no meta.json yet: it is never linked
         linked.append(Path(dst).name)
         real_link(src, dst)
     monkeypatch.setattr(os, "link", link)
 
+    def keep(staged, meta):
+        assert not (staged / "meta.json").exists()   # incomplete while the copies are made
+        copies.append(best.keep_copy(staged, meta["step"], meta))
+
     def keep_during_save(step):
-        source.save(FakeEngine(), step, Topology(1, 1, "fp32", 1), {"step": step}, config,
-                    before_publish=lambda staged: copies.append(best.keep_copy(staged, step)))
+        source.save(FakeEngine(), step, Topology(1, 1, "fp32", 1), {"step": step}, config, before_publish=keep)
     for step in (10, 20, 30):
         keep_during_save(step)
     assert best.tags() == [tag_for(20), tag_for(30)] and (tmp_path / "best_psnr/latest").read_text() == tag_for(30)
     kept, original = copies[-1].path, tmp_path / "checkpoints" / tag_for(30)
-    for name in ("mp_rank_00_model_states.pt", "meta.json", "config.yaml"):
+    for name in ("mp_rank_00_model_states.pt", "config.yaml"):
         assert os.stat(kept / name).st_ino == os.stat(original / name).st_ino
-    assert linked[-1] == "meta.json" and saved_step(kept) == 30
+    assert "meta.json" not in linked and saved_step(kept) == 30
+    assert json.loads((kept / "meta.json").read_text()) == json.loads((original / "meta.json").read_text())
     assert resolve_resume("latest", tmp_path / "best_psnr").meta()["kind"] == "finetune"
+
+    # The same step kept again (an epoch trained again after a crash before its save was published).
+    keep_during_save(30)
+    assert best.tags() == [tag_for(20), tag_for(30)] and saved_step(best.root / tag_for(30)) == 30
+    assert os.stat(best.root / tag_for(30) / "mp_rank_00_model_states.pt").st_ino == \
+        os.stat(tmp_path / "checkpoints" / tag_for(30) / "mp_rank_00_model_states.pt").st_ino
 
     def no_links(src, dst):
         raise OSError(18, "Invalid cross-device link")
     monkeypatch.setattr(os, "link", no_links)   # another filesystem: copies
     keep_during_save(40)
     assert saved_step(tmp_path / "best_psnr" / tag_for(40)) == 40
-    assert os.stat(tmp_path / "best_psnr" / tag_for(40) / "meta.json").st_ino != \
-        os.stat(tmp_path / "checkpoints" / tag_for(40) / "meta.json").st_ino
+    assert os.stat(tmp_path / "best_psnr" / tag_for(40) / "mp_rank_00_model_states.pt").st_ino != \
+        os.stat(tmp_path / "checkpoints" / tag_for(40) / "mp_rank_00_model_states.pt").st_ino
 
 
 def test_a_failure_before_publishing_leaves_the_previous_checkpoint_the_latest(tmp_path):
     """A crash while the best copies are made: the epoch's tag was never published, its epoch is trained
-    again on resume (and its best copies made again)."""
+    again on resume (and its best copies made again). The restart's `remove_leftovers` (TrainingRun's
+    start) must not publish the staged tag instead: its client state records the new bests, whose copies
+    and exports the crash cut short, and a resume from it would never make them."""
     config, manager = load_config(PretrainConfig), CheckpointManager(tmp_path, keep_last=2)
     manager.save(FakeEngine(), 10, Topology(1, 1, "fp32", 1), {"step": 10}, config)
 
-    def fail(staged):
+    def fail(staged, *meta):
         raise OSError("disk gone")
     with pytest.raises(OSError, match="disk gone"):
         manager.save(FakeEngine(), 20, Topology(1, 1, "fp32", 1), {"step": 20}, config, before_publish=fail)
     assert resolve_resume("latest", tmp_path).tag == tag_for(10) and manager.tags() == [tag_for(10)]
+    manager.remove_leftovers()   # the restart
+    assert resolve_resume("latest", tmp_path).tag == tag_for(10) and manager.tags() == [tag_for(10)]
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_resume_names_a_model_key_added_since_the_checkpoint_that_this_run_sets_off_its_default(tmp_path, capsys):
+    """moe.load_with_clip_bias (a runtime key, so not refused) is on in the plus config: a plus run saved
+    before the key existed trained with the official load estimate, and resuming it switches the balance
+    loss. The saved config lacks the key, which the comparison of saved values never saw."""
+    from omegaconf import OmegaConf
+
+    from m2r.engine.run import TrainingRun
+
+    cfg = load_config(PretrainConfig, Path(__file__).parent.parent / "configs/pretrain/m2restore-plus.yaml")
+    assert cfg.model.moe.load_with_clip_bias
+    saved = OmegaConf.to_container(cfg, resolve=True)
+    del saved["model"]["moe"]["load_with_clip_bias"]   # saved before 0cf8299
+    ref = SimpleNamespace(root=tmp_path / "other", path=tmp_path / "other" / tag_for(1), tag=tag_for(1),
+                          meta=lambda: {"kind": "pretrain"}, saved_config=lambda: saved)
+    stub = SimpleNamespace(KIND="pretrain", checkpoints=SimpleNamespace(root=tmp_path / "checkpoints"), cfg=cfg)
+    TrainingRun._check_resumable(stub, ref)
+    assert "model.moe.load_with_clip_bias False (the default; not in step00000001's config) -> True" in \
+        capsys.readouterr().out

@@ -175,6 +175,52 @@ def test_two_rank_finetune_from_a_one_rank_pretraining_checkpoint_then_evaluatio
     assert "resumed from" in log and (finetune_dir / "checkpoints/latest").read_text() == "step00000008"  # 4 a epoch
 
 
+CRASH_IN_EXPORT = """
+import os, runpy, signal, sys
+from m2r.engine import finetuner
+real_export = finetuner.export
+def export(source, target, **kwargs):
+    if target.endswith("best_psnr.safetensors"):
+        print("killed while exporting " + source, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_export(source, target, **kwargs)
+finetuner.export = export
+sys.argv[0] = "finetune.py"
+runpy.run_path("finetune.py", run_name="__main__")
+"""
+
+
+def test_a_run_killed_while_keeping_its_bests_trains_the_epoch_again_and_keeps_them(repo_root, tmp_path):
+    """Killed (a preemption) while the epoch's best copies are made, before its checkpoint is published:
+    the restart trains that epoch again and keeps its bests, rather than resuming a staged checkpoint whose
+    client state already records bests that best_<metric>/ and the exports lack. One epoch: its validation
+    is always a best (the first), and the restart's would be the last chance to keep it."""
+    python = sys.executable
+    pretrain_dir, run_dir = tmp_path / "pretrain", tmp_path / "finetune"
+    run([python, "pretrain.py", "--config", "configs/pretrain/tiny-test.yaml", "train.steps=1", "run.image_every=0",
+         f"run.dir={pretrain_dir}"], repo_root)
+    allweather = build_allweather(tmp_path / "allweather", size=(40, 48), train=8)
+    settings = ["--config", "configs/finetune/tiny-test.yaml", f"data.root={allweather}", "model.moe.ep_size=1",
+                f"init.weights={pretrain_dir}/checkpoints", "train.epochs=1", "train.warmup_epochs=0",
+                f"run.dir={run_dir}"]
+    crash = tmp_path / "crash_in_export.py"
+    crash.write_text(CRASH_IN_EXPORT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
+    killed = subprocess.run([python, str(crash), *settings], cwd=repo_root, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert "killed while exporting" in killed.stdout and killed.returncode != 0, killed.stdout + killed.stderr
+    assert not (run_dir / "checkpoints/latest").exists()   # the epoch's checkpoint was never published
+    log = run([python, "finetune.py", *settings], repo_root)
+    assert "finished" in log
+    latest = (run_dir / "checkpoints/latest").read_text()
+    saved_best = torch.load(run_dir / "checkpoints" / latest / "mp_rank_00_model_states.pt",
+                            weights_only=False)["best"]
+    for name in ("psnr", "ssim"):
+        assert json.loads((run_dir / f"best_{name}.json").read_text()) == saved_best[name]
+        assert (run_dir / f"best_{name}" / f"step{saved_best[name]['step']:08d}/meta.json").is_file()
+        assert (run_dir / f"best_{name}.safetensors").is_file()
+
+
 def test_ranks_train_on_rank_0s_listing_of_the_dataset(repo_root, tmp_path):
     """A rank listing fewer images would run fewer steps per epoch and wait for the others forever."""
     allweather = build_allweather(tmp_path / "allweather", size=(40, 48), train=8)
@@ -375,16 +421,16 @@ def test_each_improved_metric_keeps_the_epochs_checkpoint_and_exports_its_weight
 
     staged = tmp_path / "checkpoints/step00000004.partial"
     staged.mkdir(parents=True)
-    (staged / "mp_rank_00_model_states.pt").write_bytes(b"weights")
-    (staged / "meta.json").write_text("{}")
+    (staged / "mp_rank_00_model_states.pt").write_bytes(b"weights")   # staged: no meta.json yet
     exported = []
     monkeypatch.setattr(finetuner, "export", lambda source, target, use_ema, companions:
                         exported.append((source, target, use_ema, companions)))
     stub = SimpleNamespace(run_dir=tmp_path, step=4, epoch=2, ema=None, KIND="finetune",
                            best={"psnr": {"value": 25.0, "epoch": 2, "step": 4}},
                            monitor=SimpleNamespace(print=lambda line: None))
-    Finetuner._keep_bests(stub, ["psnr"], staged)
+    Finetuner._keep_bests(stub, ["psnr"], staged, {"step": 4})
     kept = tmp_path / "best_psnr/step00000004"
+    assert json.loads((kept / "meta.json").read_text()) == {"step": 4} and not (staged / "meta.json").exists()
     assert os.stat(kept / "mp_rank_00_model_states.pt").st_ino == os.stat(staged / "mp_rank_00_model_states.pt").st_ino
     ((source, target, use_ema, companions),) = exported
     assert (source, target, use_ema) == (str(kept), str(tmp_path / "best_psnr.safetensors"), False)

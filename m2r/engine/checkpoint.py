@@ -206,11 +206,12 @@ class CheckpointManager:
 
     def save(self, engine, step: int, topology: Topology, client_state: Dict[str, Any], config,
              ema_state: Optional[Dict[str, torch.Tensor]] = None,
-             before_publish: Optional[Callable[[Path], None]] = None) -> CheckpointRef:
+             before_publish: Optional[Callable[[Path, Dict[str, Any]], None]] = None) -> CheckpointRef:
         """Every rank calls it. The tag becomes `latest` only once complete on every rank; the
-        resolved `config` is written beside it as config.yaml. `before_publish(staged tag dir)` runs on
-        rank 0 once the tag is complete but not yet published (finetuning keeps its best copies there):
-        a crash during it leaves the previous tag the latest."""
+        resolved `config` is written beside it as config.yaml. `before_publish(staged tag dir, meta)` runs
+        on rank 0 once every file of the tag but meta.json is on disk (finetuning keeps its best copies
+        there, `keep_copy(staged, step, meta)`): the tag is not complete yet, so a crash during it leaves
+        the previous tag the latest, also for `remove_leftovers`, which publishes a complete `.partial`."""
         ref = CheckpointRef(self.root, tag_for(step))
         staging = CheckpointRef(self.root, ref.tag + PARTIAL_SUFFIX)
         if dist.is_rank0():
@@ -230,16 +231,17 @@ class CheckpointManager:
         dist.on_rank0(lambda: self._complete(staging.path, ref, meta, config, before_publish))
         return ref
 
-    def keep_copy(self, tag_dir: Path, step: int) -> CheckpointRef:
-        """Rank 0: the complete checkpoint in `tag_dir` (another root's, perhaps still staged) kept here as
-        the tag of `step`, then pruned to keep_last. Its files are hard links (copies on a filesystem
-        without them): the same bytes, written once."""
+    def keep_copy(self, tag_dir: Path, step: int, meta: Dict[str, Any]) -> CheckpointRef:
+        """Rank 0: the checkpoint staged in `tag_dir` by another root's `save` (its `before_publish`: every
+        file but meta.json written) kept here as the tag of `step`, then pruned to keep_last. Its files are
+        hard links (copies on a filesystem without them): the same bytes, written once; `meta` is written
+        here, last, as the copy's own meta.json."""
         ref = CheckpointRef(self.root, tag_for(step))
         staged = self.root / (ref.tag + PARTIAL_SUFFIX)
         self.remove_leftovers()
         shutil.copytree(tag_dir, staged, copy_function=link_or_copy, ignore=shutil.ignore_patterns(META_FILE))
-        link_or_copy(Path(tag_dir) / META_FILE, staged / META_FILE)   # last: it makes the tag complete
-        fsync_tree(staged)
+        fsync_tree(staged)   # every file on disk before meta.json makes the tag complete
+        write_json_atomically(staged / META_FILE, meta)
         self._publish(staged, ref)
         self._prune(keep=ref.tag)
         return ref
@@ -272,14 +274,14 @@ class CheckpointManager:
             (self.root / name).unlink(missing_ok=True)
 
     def _complete(self, staged: Path, ref: CheckpointRef, meta: Dict[str, Any], config,
-                  before_publish: Optional[Callable[[Path], None]]) -> None:
-        """Rank 0, once every rank's files are on disk: config and meta.json, `before_publish`, publish, prune."""
+                  before_publish: Optional[Callable[[Path, Dict[str, Any]], None]]) -> None:
+        """Rank 0, once every rank's files are on disk: config, `before_publish`, meta.json, publish, prune."""
         for script in DEEPSPEED_SCRIPTS:   # copied beside the tags by this save
             (self.root / script).unlink(missing_ok=True)
         save_config(config, staged / CONFIG_FILE)
+        if before_publish is not None:   # before meta.json: a crash in it must leave an incomplete .partial
+            before_publish(staged, meta)
         write_json_atomically(staged / META_FILE, meta)
-        if before_publish is not None:
-            before_publish(staged)
         self._publish(staged, ref)
         self._prune(keep=ref.tag)
 

@@ -266,7 +266,8 @@ class Finetuner(TrainingRun):
         return {"step": self.step, "epoch": self.epoch, "samples_into_epoch": self.samples_into_epoch,
                 "best": self.best, "rng_states": dist.all_gather_object(capture_rng_state())}
 
-    def save_checkpoint(self, before_publish: Optional[Callable[[Path], None]] = None) -> CheckpointRef:
+    def save_checkpoint(self, before_publish: Optional[Callable[[Path, Dict[str, Any]], None]] = None
+                        ) -> CheckpointRef:
         return self._save_checkpoint(self._client_state(), before_publish)
 
     def record_bests(self, metrics: Dict[str, float]) -> List[str]:
@@ -283,13 +284,14 @@ class Finetuner(TrainingRun):
             improved.append(name)
         return improved
 
-    def _keep_bests(self, names: List[str], staged: Path) -> None:
-        """Rank 0, with this epoch's checkpoint complete in `staged` but not yet published (a crash here
-        leaves the previous epoch the latest, to be trained again): for each improved metric, the checkpoint
+    def _keep_bests(self, names: List[str], staged: Path, meta: Dict[str, Any]) -> None:
+        """Rank 0, with this epoch's checkpoint in `staged` but not yet complete (`meta`, its meta.json, is
+        written after: a crash here leaves the previous epoch the latest, to be trained again, its bests
+        recorded and kept again): for each improved metric, the checkpoint
         kept under best_<metric>/ (hard links, not a second save) and its weights exported."""
         for name in names:
             manager = CheckpointManager(self.run_dir / f"best_{name}", keep_last=2, kind=self.KIND)
-            ref = manager.keep_copy(staged, self.step)
+            ref = manager.keep_copy(staged, self.step, meta)
             # the weights that were validated: the EMA ones when there is an EMA
             export(str(ref.path), str(self.run_dir / f"best_{name}.safetensors"), use_ema=self.ema is not None,
                    companions={self.run_dir / f"best_{name}.json": json_text(self.best[name])})
@@ -315,7 +317,7 @@ class Finetuner(TrainingRun):
                 self.save_checkpoint()
                 return f"{reason} in {self._epoch_name()}"
             improved = self.record_bests(self.validate())
-            self.save_checkpoint(before_publish=lambda staged: self._keep_bests(improved, staged))
+            self.save_checkpoint(before_publish=lambda staged, meta: self._keep_bests(improved, staged, meta))
             epochs_this_run += 1
             if self.cfg.run.stop_after_epochs and epochs_this_run >= self.cfg.run.stop_after_epochs:
                 return f"run.stop_after_epochs={self.cfg.run.stop_after_epochs} reached"

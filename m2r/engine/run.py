@@ -35,7 +35,7 @@ from m2r.engine.rng import reseed, restore_rng_state
 from m2r.engine.run_lock import check_every_rank_sees, hold_run_dir_lock
 from m2r.engine.zero_state import load_resharded_optimizer_state, why_not_carried
 from m2r.eval.image_io import to_unit_float
-from m2r.models.config import require_same_network
+from m2r.models.config import model_defaults, require_same_network
 from m2r.models.scan import resolve_scan_backend
 
 # Settings of one process, expected to differ between the runs that continue one another.
@@ -161,8 +161,16 @@ class TrainingRun:
         require_same_network(saved["model"], self.cfg.model, "run.resume", str(ref.path),
                              "Resume with the checkpoint's values (its config.yaml), or start a new run.dir.")
         current = flatten(OmegaConf.to_container(self.cfg, resolve=True))
-        changed = [f"{key} {value!r} -> {current[key]!r}" for key, value in flatten(saved).items()
+        saved_flat = flatten(saved)
+        changed = [f"{key} {value!r} -> {current[key]!r}" for key, value in saved_flat.items()
                    if key in current and value != current[key] and key not in PER_PROCESS_KEYS]
+        # A model key added since the checkpoint was saved ran at its default then (a runtime one, e.g.
+        # moe.load_with_clip_bias, which the plus config turns on, is not refused: name its change).
+        defaults = model_defaults()
+        changed += [f"{key} {defaults[key[len('model.'):]]!r} (the default; not in {ref.tag}'s config) -> "
+                    f"{current[key]!r}" for key in current
+                    if key.startswith("model.") and key not in saved_flat and key[len("model."):] in defaults
+                    and current[key] != defaults[key[len("model."):]]]
         if changed:
             dist.print0(f"resume: settings changed since {ref.tag}: {'; '.join(changed)}")
 
@@ -224,7 +232,8 @@ class TrainingRun:
 
     # ----------------------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, client_state: Dict[str, Any],
-                         before_publish: Optional[Callable[[Path], None]] = None) -> CheckpointRef:
+                         before_publish: Optional[Callable[[Path, Dict[str, Any]], None]] = None
+                         ) -> CheckpointRef:
         """Save (every rank) and say how long it took: after a stop signal, SLURM waits only so long.
         `before_publish`: see CheckpointManager.save."""
         started = time.perf_counter()
