@@ -286,9 +286,9 @@ class Finetuner(TrainingRun):
 
     def _keep_bests(self, names: List[str], staged: Path, meta: Dict[str, Any]) -> None:
         """Rank 0, with this epoch's checkpoint in `staged` but not yet complete (`meta`, its meta.json, is
-        written after: a crash here leaves the previous epoch the latest, to be trained again, its bests
-        recorded and kept again): for each improved metric, the checkpoint
-        kept under best_<metric>/ (hard links, not a second save) and its weights exported."""
+        written after: a crash here leaves the previous epoch the latest, to be trained again and its bests
+        kept again): for each improved metric, the checkpoint kept under best_<metric>/ (hard links, not a
+        second save) and its weights exported."""
         for name in names:
             manager = CheckpointManager(self.run_dir / f"best_{name}", keep_last=2, kind=self.KIND)
             ref = manager.keep_copy(staged, self.step, meta)

@@ -74,6 +74,18 @@ class OptimizerCarry(NamedTuple):
     loss_scale: bool = False   # the fp16 loss scale
 
 
+def model_keys_added_since(saved: Dict[str, Any], current: Dict[str, Any], tag: str) -> List[str]:
+    """The model keys a checkpoint's (flat) config lacks, added to m2r since it was saved (it ran at their
+    defaults), that this run sets otherwise: a runtime key such as moe.load_with_clip_bias (on in the plus
+    config) is not refused, so its change is named."""
+    defaults, added = model_defaults(), []
+    for key, value in current.items():
+        name = key[len("model."):]
+        if key.startswith("model.") and key not in saved and name in defaults and value != defaults[name]:
+            added.append(f"{key} {defaults[name]!r} (the default; not in {tag}'s config) -> {value!r}")
+    return added
+
+
 class TrainingRun:
     KIND: str                      # "pretrain" | "finetune": which checkpoints it may resume
     POSITION: str                  # the run's place in its data, as the topology warning names it
@@ -164,13 +176,7 @@ class TrainingRun:
         saved_flat = flatten(saved)
         changed = [f"{key} {value!r} -> {current[key]!r}" for key, value in saved_flat.items()
                    if key in current and value != current[key] and key not in PER_PROCESS_KEYS]
-        # A model key added since the checkpoint was saved ran at its default then (a runtime one, e.g.
-        # moe.load_with_clip_bias, which the plus config turns on, is not refused: name its change).
-        defaults = model_defaults()
-        changed += [f"{key} {defaults[key[len('model.'):]]!r} (the default; not in {ref.tag}'s config) -> "
-                    f"{current[key]!r}" for key in current
-                    if key.startswith("model.") and key not in saved_flat and key[len("model."):] in defaults
-                    and current[key] != defaults[key[len("model."):]]]
+        changed += model_keys_added_since(saved_flat, current, ref.tag)
         if changed:
             dist.print0(f"resume: settings changed since {ref.tag}: {'; '.join(changed)}")
 
