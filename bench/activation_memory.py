@@ -7,9 +7,9 @@
                                         # what torch.compile's partitioner keeps (~4 min per mode on 2 cores)
 
 Counts the bytes autograd keeps for backward (`torch.autograd.graph.saved_tensors_hooks`, each storage
-once; the inputs that recomputed blocks keep) during one forward at 224x224 under bf16 autocast: the activation part of training's
-peak memory, which the GPU's allocator adds to the weights, gradients and optimizer state (listed
-beside it) and to transient workspace. No GPU needed, so the memory target can be reasoned about
+once; the inputs that recomputed blocks keep) during one forward at 224x224 under bf16 autocast: the
+activation part of training's peak memory, which the GPU's allocator adds to the weights, gradients and
+optimizer state (listed beside it) and to transient workspace. No GPU needed, so the memory target can be reasoned about
 where none is at hand. With `--compile`, the training forward is compiled as `train.compile` does, and
 the count is what the compiled graph saves (its partitioner recomputes cheap operations and decides
 what the recomputed blocks keep). The Mamba scan here is ours (no CUDA): on a GPU mamba_ssm's kernel

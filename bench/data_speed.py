@@ -83,7 +83,8 @@ def main() -> None:
         print(f"| {name} | {speed:.0f} |")
     with tempfile.TemporaryDirectory() as tmp:
         shards = make_shards(Path(tmp))
-        print(f"\n| whole stream, preset | pairs/s ({args.crop}x{args.crop} crops of 512x512 zstd shards, 1 core) |\n|---|---|")
+        print(f"\n| whole stream, preset | pairs/s ({args.crop}x{args.crop} crops of 512x512 zstd shards, 1 core) |"
+              "\n|---|---|")
         for preset in PRESETS:
             print(f"| {preset} | {stream_speed(shards, preset, args.crop, args.pairs):.0f} |")
 

@@ -31,7 +31,8 @@ def loop_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     state = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
     outputs = []
     for t in range(u.shape[-1]):
-        state = torch.exp(delta[:, :, t, None] * A) * state + (delta[:, :, t] * u[:, :, t])[:, :, None] * B[:, None, :, t]
+        decay = torch.exp(delta[:, :, t, None] * A)
+        state = decay * state + (delta[:, :, t] * u[:, :, t])[:, :, None] * B[:, None, :, t]
         outputs.append((state * C[:, None, :, t]).sum(-1))
     return (torch.stack(outputs, dim=-1) + D[:, None] * u) * F.silu(z)
 

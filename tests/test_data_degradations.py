@@ -35,7 +35,9 @@ def test_haze_follows_a_given_depth_map(photo):
     hazy, p = D.haze(photo, rng(), beta=1.5, airlight=1.0, depth=depth)
     assert p["depth"] == "given"
     assert np.allclose(hazy[:, :128], photo[:, :128], atol=1e-6)       # t = 1 at depth 0
-    assert np.allclose(hazy[:, 128:], photo[:, 128:] * math.exp(-1.5) + np.asarray(p["airlight"]) * (1 - math.exp(-1.5)), atol=1e-5)
+    transmission = math.exp(-1.5)
+    assert np.allclose(hazy[:, 128:], photo[:, 128:] * transmission + np.asarray(p["airlight"]) * (1 - transmission),
+                       atol=1e-5)
 
 
 def test_pseudo_depth_is_smooth_in_unit_range_and_far_at_the_top():

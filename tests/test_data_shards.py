@@ -64,7 +64,8 @@ def test_build_writes_every_photo_and_reports_the_corrupt_file(clean_shards):
     assert manifest["samples"] == PHOTOS == sum(s["samples"] for s in manifest["shards"])
     assert [entry["path"].endswith("corrupt.jpg") for entry in manifest["skipped"]] == [True]
     assert len(manifest["shards"]) == 5 and manifest["type_counts"] == {"clean": PHOTOS}
-    assert sorted(os.listdir(out)) == sorted(["manifest.json"] + [f"shard-{i:06d}.{e}" for i in range(5) for e in ("tar", "json")])
+    assert sorted(os.listdir(out)) == sorted(["manifest.json"] + [f"shard-{i:06d}.{e}" for i in range(5)
+                                                                  for e in ("tar", "json")])
 
 
 def test_samples_are_lossless_with_their_metadata(clean_shards):

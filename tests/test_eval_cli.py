@@ -233,7 +233,8 @@ def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, tiny_weights
     write_image(tmp_path / "in" / "a.png", (8, 8), seed=1)
     message = f"--out {taken} is a file: name a folder"
     with pytest.raises(ConfigError, match=message):
-        evaluate.main(["--weights", str(tiny_weights), "--dataset", "allweather", "--root", str(root), "--out", str(taken)])
+        evaluate.main(["--weights", str(tiny_weights), "--dataset", "allweather", "--root", str(root),
+                       "--out", str(taken)])
     with pytest.raises(ConfigError, match=message):
         restore.main(["--weights", str(tiny_weights), str(tmp_path / "in"), "--out", str(taken)])
 

@@ -189,7 +189,8 @@ def test_log_and_linear_combine_on_a_hand_example():
     gates = torch.tensor([0.25, 0.75, 1.0])
     token_ids = torch.tensor([0, 0, 1])                  # token 0 uses two experts, token 1 one, token 2 none
     log_mixed = combine_expert_outputs(outputs, gates, token_ids, num_tokens=3, mode="log")
-    expected_log = [torch.log(torch.tensor(0.25 + 0.75 * torch.e)).item(), 2.0, torch.log(torch.tensor(2.0 ** -52)).item()]
+    expected_log = [torch.log(torch.tensor(0.25 + 0.75 * torch.e)).item(), 2.0,
+                    torch.log(torch.tensor(2.0 ** -52)).item()]
     torch.testing.assert_close(log_mixed[:, 0], torch.tensor(expected_log))
     linear_mixed = combine_expert_outputs(outputs, gates, token_ids, num_tokens=3, mode="linear")
     torch.testing.assert_close(linear_mixed[:, 0], torch.tensor([0.75, 2.0, 0.0]))

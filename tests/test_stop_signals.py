@@ -166,7 +166,8 @@ def test_a_rank_that_received_another_signal_than_the_agreed_one_says_it_came_fr
     try:
         request = stop_signals.StopRequest()
         signal.raise_signal(signal.SIGUSR1)
-        sigterm_on_another_rank = torch.tensor([1.0 if sig == signal.SIGTERM else 0.0 for sig in stop_signals.STOP_SIGNALS])
+        sigterm_on_another_rank = torch.tensor([1.0 if sig == signal.SIGTERM else 0.0
+                                                for sig in stop_signals.STOP_SIGNALS])
         monkeypatch.setattr(stop_signals, "all_reduce_sum", lambda flags: flags + sigterm_on_another_rank)
         assert request.agreed_reason() == "received SIGTERM (on another rank)"
         assert request.agreed_signal == "SIGTERM"

@@ -280,7 +280,8 @@ def raindrop(img, rng, *, coverage=None, radius=None, magnification=None, rim=No
     sx = (np.clip(cx[drop] - ox * p["magnification"], 0, w - 1) // f).astype(np.int32)
     np.minimum(sy, small.shape[1] - 1, out=sy)
     np.minimum(sx, small.shape[2] - 1, out=sx)
-    rim_light = np.float32(p["rim"]) * np.clip((dist - 0.75) / 0.25, 0.0, 1.0) * np.where(oy > 0, np.float32(1.0), np.float32(0.6))
+    rim_light = (np.float32(p["rim"]) * np.clip((dist - 0.75) / 0.25, 0.0, 1.0)
+                 * np.where(oy > 0, np.float32(1.0), np.float32(0.6)))
     out = img.copy()
     # drops are drawn in order: where they overlap, the later one is in front
     out[:, py[drop, k], px[drop, k]] = small[:, sy, sx] + rim_light

@@ -43,7 +43,8 @@ def resolve_scan_backend(requested: str, device: torch.device) -> str:
         if unavailable:
             backend, reason = "torch", unavailable
         else:
-            backend, reason = "mamba_ssm", "requested" if requested == "mamba_ssm" else "CUDA device, mamba_ssm importable"
+            backend = "mamba_ssm"
+            reason = "requested" if requested == "mamba_ssm" else "CUDA device, mamba_ssm importable"
     announce_once(f"scan backend: {backend} ({reason})")
     return backend
 
