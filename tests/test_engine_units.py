@@ -248,7 +248,7 @@ def test_the_compile_setting_names_its_backend():
 
 def test_the_ema_setting_says_what_the_average_follows():
     ema = SimpleNamespace(follows=lambda: "the module weights (why)")
-    assert "| EMA 0.999 of the module weights (why)" in speed_settings(ema=ema, ema_decay=0.999)
+    assert "| EMA 0.999, following the module weights (why)" in speed_settings(ema=ema, ema_decay=0.999)
     assert speed_settings().endswith("| EMA off")
 
 

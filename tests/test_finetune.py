@@ -120,7 +120,8 @@ def test_two_rank_finetune_from_a_one_rank_pretraining_checkpoint_then_evaluatio
     log = run([python, "-m", "torch.distributed.run", "--nproc_per_node", "2", *finetune[1:],
                f"run.dir={finetune_dir}", "run.log_every=3"], repo_root)
     assert "saved with world size 1, ep_size 1" in log
-    assert f"8 training pairs in {allweather / 'train/input'} |" in log   # which of the layout's folders
+    # which of the layout's folders, and the list file that chose the images
+    assert f"8 training pairs in {allweather / 'train/input'} (listed in {allweather / 'filenames.txt'}) |" in log
     assert "2 steps/epoch x 2 epochs = 4 steps" in log
     assert "step 3/4 |" in log and "step 4/4 |" in log and "step 2/4 |" not in log   # log steps and the last
     assert "stopping at step 4: finished" in log
@@ -228,6 +229,7 @@ def test_ranks_train_on_rank_0s_listing_of_the_dataset(repo_root, tmp_path):
                "finetune.py", "--config", "configs/finetune/tiny-test.yaml", f"data.root={allweather}",
                "train.epochs=1", "train.warmup_epochs=0", f"run.dir={tmp_path / 'run'}"], repo_root, timeout=120)
     assert "2 steps/epoch x 1 epochs = 2 steps" in log and "checkpoints/step00000002" in log
+    assert "init: no init.weights: the network starts from random weights" in log   # not a silent default
     assert re.search(r"validation sets \(images of each, at most data.val_images_per_set=\d+\): "
                      r"outdoor_rain \d+, ", log)
 
@@ -242,8 +244,9 @@ def test_a_finetune_stopped_mid_epoch_and_at_an_epoch_end_continues_exactly(repo
     split = tmp_path / "split"
     assert "stopping at step 3: run.stop_after_steps=3 reached in epoch 2 of 4" in run(
         [*base, f"run.dir={split}", "run.stop_after_steps=3"], repo_root)
-    assert "stopping at step 4: run.stop_after_steps=1 reached in epoch 2 of 4" in run(
-        [*base, f"run.dir={split}", "run.stop_after_steps=1"], repo_root)
+    resumed = run([*base, f"run.dir={split}", "run.stop_after_steps=1"], repo_root)
+    assert "stopping at step 4: run.stop_after_steps=1 reached in epoch 2 of 4" in resumed
+    assert "init: no init.weights" not in resumed   # a resume has the checkpoint's weights
     run([*base, f"run.dir={split}"], repo_root)
 
     def records(run_dir, kind):   # what the run computed, not its timings or running averages

@@ -83,6 +83,8 @@ class Finetuner(TrainingRun):
         init_kind = dist.on_rank0(lambda: init_weights_kind(cfg.init.weights)) if self.resume_ref is None else None
         if init_kind == "file":
             self._load_init_weights(model)
+        elif init_kind is None and self.resume_ref is None:
+            dist.print0("init: no init.weights: the network starts from random weights")
         self._start_engine(model)
         self.epoch, self.samples_into_epoch, self.best, self.steps_this_run = 0, 0, {}, 0
         if init_kind == "dir":
@@ -223,8 +225,14 @@ class Finetuner(TrainingRun):
 
     def _training_folder(self) -> str:
         """Where the training inputs are (the folder of every one of them): which of a layout's candidate
-        folders was taken, e.g. a test set's when data.root points at one by mistake."""
-        return os.path.commonpath([str(pair.lq.parent) for pair in self.train_set.pairs])
+        folders was taken, e.g. a test set's when data.root points at one by mistake; and the list file
+        that chose them, when one did (a stale one trains on fewer images than the folder holds)."""
+        from m2r.eval.datasets import allweather_list_file
+
+        folder = os.path.commonpath([str(pair.lq.parent) for pair in self.train_set.pairs])
+        data = self.cfg.data
+        listed = allweather_list_file(data.root, data.list_file) if data.dataset == "allweather" else None
+        return folder + (f" (listed in {listed})" if listed is not None else "")
 
     # ----------------------------------------------------------------------------- training
     def train_step(self, batches, timer: StepTimer) -> StepResult:

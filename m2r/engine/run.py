@@ -370,7 +370,7 @@ class TrainingRun:
         sums = f"gradients summed over micro-batches in {gradient_accumulation_dtype(train)}, over ranks in " \
                f"{gradient_reduction_dtype(train)}"
         compiled = f"True ({train.compile_backend})" if train.compile else "False"
-        ema = f"{train.ema_decay} of {self.ema.follows()}" if self.ema is not None else "off"
+        ema = f"{train.ema_decay}, following {self.ema.follows()}" if self.ema is not None else "off"
         return [f"  precision {train.precision} ({sums}) | ZeRO {train.zero_stage} | activation checkpointing "
                 f"{activation_checkpointing} | channels_last {train.channels_last} | compile {compiled}",
                 f"  cudnn_benchmark {torch.backends.cudnn.benchmark} | tf32_matmul "

@@ -150,13 +150,18 @@ def _allweather_train_folder(root: Path) -> Path:
                              f"({' or '.join(INPUT_DIRS)})")
 
 
-def allweather_train_pairs(root: Path, list_file: Optional[str] = None) -> List[Pair]:
-    root = Path(root)
-    folder = _allweather_train_folder(root)
+def allweather_list_file(root: Path, list_file: Optional[str] = None) -> Optional[Path]:
+    """The list file that selects the AllWeather training images: `list_file`, else the first of
+    ALLWEATHER_LIST_FILES under `root`, else None (every image of the training folder)."""
     if list_file is not None and not Path(list_file).is_file():
         raise DatasetLayoutError(f"list file {list_file} not found")
-    found = [root / name for name in ALLWEATHER_LIST_FILES if (root / name).is_file()]
-    chosen = Path(list_file) if list_file is not None else (found[0] if found else None)
+    found = [Path(root) / name for name in ALLWEATHER_LIST_FILES if (Path(root) / name).is_file()]
+    return Path(list_file) if list_file is not None else (found[0] if found else None)
+
+
+def allweather_train_pairs(root: Path, list_file: Optional[str] = None) -> List[Pair]:
+    folder = _allweather_train_folder(Path(root))
+    chosen = allweather_list_file(root, list_file)
     names = read_list_file(chosen) if chosen is not None else None
     return paired_folder(folder, "allweather", names)
 
