@@ -93,7 +93,8 @@ class Finetuner(TrainingRun):
         saved_rng = self._resume(self.resume_ref) if self.resume_ref is not None else None
         self._seed_rng(saved_rng)
         self._open_monitor(self.total_steps)
-        dist.print0(self.startup_summary())
+        if dist.is_rank0():   # the summary reads the data root again: only where it is printed
+            dist.print0(self.startup_summary())
 
     # ----------------------------------------------------------------------------- setup
     def _build_data(self, env: dist.DistEnv) -> None:
