@@ -240,7 +240,9 @@ class CheckpointManager:
         staged = self.root / (ref.tag + PARTIAL_SUFFIX)
         self.remove_leftovers()
         shutil.copytree(tag_dir, staged, copy_function=link_or_copy, ignore=shutil.ignore_patterns(META_FILE))
-        fsync_tree(staged)   # every file on disk before meta.json makes the tag complete
+        # Every file on disk before meta.json makes the tag complete: the linked ones are (`save` flushed them
+        # before calling `before_publish`), copies flush themselves, the entries need their folder (tags are flat).
+        fsync_directory(staged)
         write_json_atomically(staged / META_FILE, meta)
         self._publish(staged, ref)
         self._prune(keep=ref.tag)
@@ -315,12 +317,14 @@ class CheckpointManager:
 
 
 def link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
-    """A hard link of `source` at `target`; a copy where the filesystem has none (or they would cross
-    filesystems). Checkpoint files are never changed in place, so a link is as good as a copy."""
+    """A hard link of `source` at `target`; a copy, flushed to disk, where the filesystem has none (or they
+    would cross filesystems). Checkpoint files are never changed in place, so a link is as good as a copy."""
     try:
         os.link(source, target)
     except OSError:
         shutil.copy2(source, target)
+        with open(target, "rb") as handle:
+            os.fsync(handle.fileno())
 
 
 def load_ema_states(ref: CheckpointRef) -> Dict[str, torch.Tensor]:
