@@ -18,7 +18,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, List, MutableMapping, Optional, Tuple
+from typing import Any, Callable, List, Mapping, MutableMapping, Optional, Tuple
 
 import torch
 import torch.distributed as torch_dist
@@ -29,7 +29,7 @@ class DistEnv:
     rank: int
     world_size: int
     local_rank: int
-    launcher: str  # "torchrun/deepspeed" | "srun" | "single"
+    launcher: str  # "torchrun" | "deepspeed" | "RANK/WORLD_SIZE" | "srun" | "single"
 
 
 def first_slurm_host(nodelist: str) -> str:
@@ -51,11 +51,21 @@ def free_port() -> int:
 NODE_LOCAL_RANK = "M2R_NODE_LOCAL_RANK"
 
 
+def rank_variables_launcher(environ: Mapping[str, str]) -> str:
+    """Which launcher set RANK and WORLD_SIZE, from the variables only it adds (torchrun's elastic agent,
+    and also `accelerate launch`, sets TORCHELASTIC_RUN_ID; the deepspeed launcher CROSS_RANK)."""
+    if "TORCHELASTIC_RUN_ID" in environ:
+        return "torchrun"
+    if "CROSS_RANK" in environ:
+        return "deepspeed"
+    return "RANK/WORLD_SIZE"
+
+
 def discover_dist_env(environ: MutableMapping[str, str] = os.environ) -> DistEnv:
     """Find rank/world/local rank and export the variables torch.distributed's env:// init needs."""
     if "RANK" in environ and "WORLD_SIZE" in environ:
         env = DistEnv(int(environ["RANK"]), int(environ["WORLD_SIZE"]),
-                      int(environ.get("LOCAL_RANK", 0)), "torchrun/deepspeed")
+                      int(environ.get("LOCAL_RANK", 0)), rank_variables_launcher(environ))
     elif int(environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in environ and "SLURM_STEP_ID" in environ:
         # An srun task (SLURM_STEP_ID is unset in the batch script itself, where a plain
         # `python pretrain.py` is a world of one, whatever the job's task count).

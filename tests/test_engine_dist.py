@@ -512,8 +512,8 @@ def test_compiled_forward_trains_like_eager_under_zero2_bf16_and_expert_parallel
                 "run.image_every=0")
     out = pretrain(tmp_path / "compiled", *settings, "train.compile=true", "train.compile_backend=aot_eager")
     eager_out = pretrain(tmp_path / "eager", *settings, "train.cudnn_benchmark=false", "train.tf32_matmul=true")
-    assert "compile True (aot_eager)" in out and "cudnn_benchmark True | tf32_matmul False" in out
-    assert "cudnn_benchmark False | tf32_matmul True" in eager_out
+    assert "compile True (aot_eager)" in out and "compile False" in eager_out
+    assert "cudnn_benchmark" not in out + eager_out   # CUDA's flags: on a CPU they change nothing, so not shown
     compiled, eager = train_losses(tmp_path / "compiled"), train_losses(tmp_path / "eager")
     assert compiled.keys() == eager.keys() == {1, 2}
     for step in eager:

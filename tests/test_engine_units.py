@@ -29,7 +29,10 @@ def tiny_config(repo_root, *overrides):
 # ----------------------------------------------------------------------------------- launchers
 def test_torchrun_and_deepspeed_launchers_are_read_from_rank_variables():
     env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "1234"}
-    assert dist.discover_dist_env(env) == dist.DistEnv(3, 8, 1, "torchrun/deepspeed")
+    assert dist.discover_dist_env(dict(env)) == dist.DistEnv(3, 8, 1, "RANK/WORLD_SIZE")
+    # each launcher named by the variable only it sets, as the start-up line reports it
+    assert dist.discover_dist_env({**env, "TORCHELASTIC_RUN_ID": "none"}).launcher == "torchrun"
+    assert dist.discover_dist_env({**env, "CROSS_RANK": "0", "LOCAL_SIZE": "8"}).launcher == "deepspeed"
 
 
 def test_srun_one_task_per_gpu_exports_torch_variables():
@@ -219,13 +222,13 @@ def test_bf16_micro_batch_sums_are_bf16_at_zero_1_and_fp32_at_zero_2():
     assert gradient_accumulation_dtype(SimpleNamespace(precision="bf16", zero_stage=2)) == "fp32"
 
 
-def speed_settings(ema=None, **train):
+def speed_settings(ema=None, device="cpu", **train):
     """The start-up summary's speed lines of a run with `train` settings (the rest defaults)."""
     from m2r.engine.run import TrainingRun
 
     train = dict(dict(precision="fp32", zero_stage=1, channels_last=False, compile=False, compile_backend="inductor",
                       ema_decay=0.0), **train)
-    stub = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(**train)), ema=ema)
+    stub = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(**train)), ema=ema, device=torch.device(device))
     return "\n".join(TrainingRun._speed_settings(stub, "off"))
 
 
@@ -248,8 +251,18 @@ def test_the_compile_setting_names_its_backend():
 
 def test_the_ema_setting_says_what_the_average_follows():
     ema = SimpleNamespace(follows=lambda: "the module weights (why)")
-    assert "| EMA 0.999, following the module weights (why)" in speed_settings(ema=ema, ema_decay=0.999)
-    assert speed_settings().endswith("| EMA off")
+    assert "  EMA 0.999, following the module weights (why)" in speed_settings(ema=ema, ema_decay=0.999)
+    assert speed_settings().endswith("\n  EMA off")
+
+
+def test_cuda_backend_flags_are_shown_as_applied_on_a_gpu_and_not_on_a_cpu():
+    applied = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32
+    try:   # torch's cuBLAS flags are not attributes monkeypatch can restore
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = True, False
+        assert "  cudnn_benchmark True | tf32_matmul False | EMA off" in speed_settings(device="cuda")
+        assert "cudnn_benchmark" not in speed_settings(device="cpu")
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = applied
 
 
 # ----------------------------------------------------------------------------------- checkpoints

@@ -86,6 +86,14 @@ def model_keys_added_since(saved: Dict[str, Any], current: Dict[str, Any], tag: 
     return added
 
 
+def cuda_flags(device: torch.device) -> str:
+    """cuDNN autotuning and TF32 matmuls as applied; on a CPU they change nothing, so they are not shown."""
+    if device.type != "cuda":
+        return ""
+    backends = torch.backends
+    return f"cudnn_benchmark {backends.cudnn.benchmark} | tf32_matmul {backends.cuda.matmul.allow_tf32} | "
+
+
 class TrainingRun:
     KIND: str                      # "pretrain" | "finetune": which checkpoints it may resume
     POSITION: str                  # the run's place in its data, as the topology warning names it
@@ -373,8 +381,7 @@ class TrainingRun:
         ema = f"{train.ema_decay}, following {self.ema.follows()}" if self.ema is not None else "off"
         return [f"  precision {train.precision} ({sums}) | ZeRO {train.zero_stage} | activation checkpointing "
                 f"{activation_checkpointing} | channels_last {train.channels_last} | compile {compiled}",
-                f"  cudnn_benchmark {torch.backends.cudnn.benchmark} | tf32_matmul "
-                f"{torch.backends.cuda.matmul.allow_tf32} | EMA {ema}",
+                f"  {cuda_flags(self.device)}EMA {ema}",
                 *(f"  note: {note}" for note in precision_notes(train))]
 
     def _open_monitor(self, total_steps: int) -> None:
