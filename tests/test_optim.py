@@ -161,3 +161,13 @@ def test_pretrainings_schedule_counts_the_train_sections_steps(repo_root):
     cfg = load_config(PretrainConfig, Path(repo_root) / "configs/pretrain/tiny-test.yaml",
                       ["train.lr=1e-3", "train.min_lr=1e-5", "train.warmup_steps=4", "train.steps=104"])
     assert LRSchedule.of_steps(cfg.train) == LRSchedule(lr=1e-3, min_lr=1e-5, warmup_steps=4, steps=104)
+
+
+def test_the_start_up_line_names_the_step_after_which_the_cosine_is_at_its_floor():
+    """Counted from 1, as the console counts steps: the run's 104 steps end just above min_lr, the 105th
+    would run at it; a run past the schedule says where the cosine rises to."""
+    schedule = LRSchedule(lr=1e-3, min_lr=1e-5, warmup_steps=4, steps=104)
+    assert learning_rate(104, schedule) == pytest.approx(1e-5) and learning_rate(103, schedule) > 1e-5
+    assert schedule.describe(104) == schedule.describe(105) == "warmup 4, cosine to min_lr after step 104"
+    rising = f", then rising again to {learning_rate(105, schedule):.2e} at the last step"
+    assert schedule.describe(106).endswith(rising)

@@ -23,7 +23,7 @@ from m2r.engine.config import allowed_model_changes, validate_finetune_config
 from m2r.engine.deepspeed_config import images_per_step
 from m2r.engine.experts import global_expert_names
 from m2r.engine.monitor import StepTimer
-from m2r.engine.optim import LRSchedule, learning_rate
+from m2r.engine.optim import LRSchedule
 from m2r.engine.rng import capture_rng_state, rank_seed
 from m2r.engine.run import StepResult, TrainingRun
 from m2r.engine.validate import validation_metrics
@@ -214,9 +214,7 @@ class Finetuner(TrainingRun):
             f"  batch: micro {train.micro_batch} x accum {train.grad_accum} x {world} ranks = global "
             f"{images_per_step(train, world)} | crop {train.crop} | "
             f"{self.steps_per_epoch} steps/epoch x {train.epochs} epochs = {self.total_steps} steps | "
-            f"warmup {self.schedule.warmup_steps}, cosine reaching min_lr at step {self.schedule.steps}"
-            + (f", then rising again to {learning_rate(self.total_steps - 1, self.schedule):.2e} at the last step"
-               if self.schedule.steps < self.total_steps else ""),
+            f"{self.schedule.describe(self.total_steps)}",
             *self._speed_settings(self.checkpointing + (f" (auto on {self.device.type})"
                                                         if self.cfg.train.activation_checkpointing == "auto" else "")),
             f"  validation sets (images of each, at most data.val_images_per_set={self.cfg.data.val_images_per_set}): "

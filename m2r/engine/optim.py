@@ -40,6 +40,14 @@ class LRSchedule:
         """Pretraining's: the `train` section counts in steps."""
         return cls(train.lr, train.min_lr, train.warmup_steps, train.steps)
 
+    def describe(self, total_steps: int) -> str:
+        """The schedule over a run of `total_steps` optimizer steps, counted from 1 as the console counts them:
+        step `steps` + 1 is the first at min_lr, so the cosine ends after step `steps`."""
+        text = f"warmup {self.warmup_steps}, cosine to min_lr after step {self.steps}"
+        if self.steps + 1 < total_steps:
+            text += f", then rising again to {learning_rate(total_steps - 1, self):.2e} at the last step"
+        return text
+
 
 def learning_rate(step: int, schedule: LRSchedule) -> float:
     """LR of optimizer step `step` (0-based): linear warmup from 0, then cosine from lr to min_lr."""
