@@ -74,7 +74,7 @@ def time_block(shape, device, bf16: bool, channels_last: bool, compiled: bool, s
     if device.type == "cuda":
         torch.cuda.synchronize()
     ms = 1e3 * (time.perf_counter() - start) / steps
-    peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
+    peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None   # JSON null on a CPU
     return {"ms": ms, "peak_gb": peak}
 
 

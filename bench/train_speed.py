@@ -254,8 +254,13 @@ def mfu_fields(variant: Variant, tflops: float, peak_tflops: float) -> dict:
             "precision_peak_basis": basis}
 
 
-def peak_gb(device: torch.device) -> float:
-    return torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
+def peak_gb(device: torch.device) -> float | None:
+    """Peak allocated GPU memory since `reset_peak`; None (JSON null, not the invalid NaN) on a CPU."""
+    return torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
+
+
+def gb_text(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def reset_peak(device: torch.device) -> None:
@@ -282,7 +287,7 @@ def run_variant(variant: Variant, args, device, clip_weights) -> dict:
            "flops_per_step": flops_per_step, "tflops": tflops, **mfu_fields(variant, tflops, args.peak_tflops),
            "scan_path": scan_path(runner.model, device), **asdict(variant)}
     print(f"  {variant.name}: {row['ms_per_step']:.1f} ms/step, {img_per_s:.2f} img/s, "
-          f"peak {row['peak_gb']:.2f} GB, MFU {row['mfu_pct']:.2f}% of the bf16 peak "
+          f"peak {gb_text(row['peak_gb'])} GB, MFU {row['mfu_pct']:.2f}% of the bf16 peak "
           f"({row['mfu_pct_precision_peak']:.2f}% of {row['precision_peak_basis']})", flush=True)
     del runner
     return row
@@ -432,7 +437,7 @@ def markdown(rows: list[dict]) -> str:
              "| MFU % of own precision's peak |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['ms_per_step']:.1f} | {r['img_per_s']:.2f} | {r['x_official']:.2f} "
-                     f"| {r['peak_gb']:.2f} | {r['tflops']:.1f} | {r['mfu_pct']:.2f} "
+                     f"| {gb_text(r['peak_gb'])} | {r['tflops']:.1f} | {r['mfu_pct']:.2f} "
                      f"| {r['mfu_pct_precision_peak']:.2f} ({r['precision_peak_basis']}) |")
     return "\n".join(lines)
 

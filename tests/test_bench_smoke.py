@@ -7,11 +7,18 @@ import subprocess
 import sys
 
 
+def strict_json(path):
+    """JSON as strict readers (jq, browsers) take it: NaN and Infinity are not JSON."""
+    def refuse(constant):
+        raise ValueError(f"{path} holds {constant}, which is not JSON")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
 def test_train_speed_smoke_writes_every_measurement(tmp_path, repo_root):
     out = tmp_path / "smoke.json"
     subprocess.run([sys.executable, "bench/train_speed.py", "--smoke", "--json", str(out)], cwd=repo_root,
                    check=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    results = json.loads(out.read_text())
+    results = strict_json(out)
     trained = [v for k, v in results.items() if k.startswith("train/")]
     assert len(trained) == 2 and all(r["img_per_s"] > 0 and r["mfu_pct"] > 0 for r in trained)
     assert all(r["scan_path"] == "torch" for r in trained)   # the row says which scan ran ("fused" on GPU)
@@ -31,7 +38,7 @@ def test_block_speed_smoke_checks_the_shifted_depthwise_candidate(tmp_path, repo
     out = tmp_path / "block.json"
     subprocess.run([sys.executable, "bench/block_speed.py", "--smoke", "--json", str(out)], cwd=repo_root,
                    check=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    results = json.loads(out.read_text())
+    results = strict_json(out)
     assert results["shifted_vs_conv_max_diff"] < 1e-5
     timed = [v for k, v in results.items() if isinstance(v, dict)]
     assert len(timed) == 3 and all(r["ms"] > 0 for r in timed)
@@ -41,7 +48,7 @@ def test_activation_memory_smoke_shrinks_with_each_checkpointing_mode(tmp_path, 
     out = tmp_path / "memory.json"
     subprocess.run([sys.executable, "bench/activation_memory.py", "--smoke", "--json", str(out)], cwd=repo_root,
                    check=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    (run,) = json.loads(out.read_text())["runs"]
+    (run,) = strict_json(out)["runs"]
     saved = [run[f"saved_activations_gb/{mode}"] for mode in ("none", "bottleneck", "full_res", "levels_1_2", "all")]
     assert saved[0] > saved[1] > 0 and saved[0] > saved[2] > saved[3] > saved[4] > 0
     assert run["weights_grads_adamw_gb"] > 0 and run["frozen_clip_gb"] > 0
