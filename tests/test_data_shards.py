@@ -13,7 +13,7 @@ from PIL import Image
 from m2r.config import ConfigError
 from m2r.data.builtin import TRAIN_PHOTOS, load_photo
 from m2r.data.shard_format import MAX_SIDE, CorruptSample, decode_image, decode_record, encode_image, read_shard
-from m2r.data.shard_list import expand_braces, resolve_shards
+from m2r.data.shard_list import expand_braces, read_manifest, resolve_shards
 from m2r.shards import build as build_module
 from m2r.shards.__main__ import _build_options, _parser, _read_recipe, main
 from m2r.shards.build import BuildOptions, build
@@ -95,7 +95,14 @@ def test_inspect_verifies_checksums_and_detects_tampering(clean_shards, tmp_path
     (tampered / "shard-000002.tar").write_bytes(bytes(data))
     report = inspect_shards(str(tampered))
     assert not report["ok"]
-    assert [row["problem"] for row in report["shards"] if not row["ok"]] == ["sha256 mismatch"]
+    (failed,) = [row for row in report["shards"] if not row["ok"]]
+    assert failed["problem"] == "sha256 mismatch"
+    # what a rebuild would bring back: the manifest's count, not the 0 samples read
+    assert failed["samples"] == next(e["samples"] for e in read_manifest(str(out))["shards"]
+                                     if e["name"] == "shard-000002.tar") > 0
+    result = subprocess.run([sys.executable, "-m", "m2r.shards", "inspect", str(tampered)], capture_output=True,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0 and f"1 shards FAILED, holding {failed['samples']} samples" in result.stdout
 
 
 def test_rerun_skips_finished_shards_and_redoes_unfinished_ones(clean_shards, photo_tree):

@@ -39,8 +39,9 @@ def inspect_shards(directory: str) -> dict:
                 problem = f"{sum(counts.values())} samples, manifest says {entry['samples']}"
         for name, count in counts.items():
             totals[name] = totals.get(name, 0) + count
-        rows.append(dict(name=entry["name"], samples=sum(counts.values()), type_counts=counts,
-                         ok=problem is None, problem=problem))
+        # A failed shard's samples are the manifest's count: what training loses if it is not rebuilt.
+        rows.append(dict(name=entry["name"], samples=entry["samples"] if problem else sum(counts.values()),
+                         type_counts=counts, ok=problem is None, problem=problem))
     return dict(mode=manifest.get("mode"), preset=manifest.get("preset"), shards=rows, type_counts=totals,
                 skipped=manifest.get("skipped", []), ok=all(r["ok"] for r in rows))
 
@@ -48,12 +49,15 @@ def inspect_shards(directory: str) -> dict:
 def print_report(report: dict) -> None:
     print(f"mode {report['mode']}, preset {report['preset']}")
     for row in report["shards"]:
-        status = "ok" if row["ok"] else f"FAILED ({row['problem']})"
+        status = "ok" if row["ok"] else f"FAILED ({row['problem']}; sample count from the manifest)"
         print(f"  {row['name']}  {row['samples']:6d} samples  sha256 {status}")
-    print("samples per type:")
+    print("samples per type (verified shards):")
     for name, count in sorted(report["type_counts"].items()):
         print(f"  {name:16s} {count}")
-    print(f"total {sum(report['type_counts'].values())} samples in {len(report['shards'])} shards")
+    failed = [row for row in report["shards"] if not row["ok"]]
+    print(f"total {sum(report['type_counts'].values())} samples in {len(report['shards']) - len(failed)} verified "
+          f"shards" + (f"; {len(failed)} shards FAILED, holding {sum(r['samples'] for r in failed)} samples "
+                       "by the manifest" if failed else ""))
     if report["skipped"]:
         print(f"{len(report['skipped'])} undecodable source file(s) skipped at build:")
         for entry in report["skipped"]:
