@@ -93,6 +93,11 @@ def averaged_sets(dataset: str, set_names: Sequence[str]) -> List[str]:
     return list(set_names)
 
 
+def paper_sets_left_out(dataset: str, set_names: Sequence[str]) -> List[str]:
+    """The paper's averaged sets this evaluation has not scored: its average is not the paper's then."""
+    return [name for name in ALLWEATHER_PAPER_SETS if name not in set_names] if dataset == "allweather" else []
+
+
 def summarize(records: Sequence[dict], set_names: Sequence[str], metric_names: Sequence[str],
               average_over: Sequence[str]) -> dict:
     per_set = {}
@@ -112,10 +117,12 @@ def _size_note(name: str, official_sizes: bool) -> str:
 
 
 def _average_title(summary: dict) -> str:
-    """'Average', or which sets it covers when it leaves some columns out."""
-    if len(summary["average_over"]) == len(summary["sets"]):
+    """'Average', or which sets it covers when it leaves some columns or some of the paper's sets out."""
+    left_out = summary["paper_sets_left_out"]
+    if len(summary["average_over"]) == len(summary["sets"]) and not left_out:
         return "Average"
-    return "Average (" + ", ".join(SET_TITLES.get(n, n) for n in summary["average_over"]) + ")"
+    covered = ", ".join(SET_TITLES.get(n, n) for n in summary["average_over"])
+    return f"Average ({covered}" + "".join(f"; {SET_TITLES.get(n, n)} not evaluated" for n in left_out) + ")"
 
 
 def markdown_table(summary: dict, protocols: Sequence[str]) -> str:
@@ -134,7 +141,7 @@ def markdown_table(summary: dict, protocols: Sequence[str]) -> str:
 def write_results(records: Sequence[dict], sets: Sequence[str], protocols: Sequence[str], args) -> None:
     metric_names = [f"{kind}_{p}" for p in protocols for kind in ("psnr", "ssim")]
     summary = dict(summarize(records, sets, metric_names, averaged_sets(args.dataset, sets)),
-                   official_sizes=args.official_sizes)
+                   paper_sets_left_out=paper_sets_left_out(args.dataset, sets), official_sizes=args.official_sizes)
     report = {"weights": args.weights, "dataset": args.dataset, "root": args.root, "metrics": list(protocols),
               **summary}
     table = markdown_table(summary, protocols)
@@ -150,7 +157,7 @@ def listed_sets(args) -> Dict[str, List[Pair]]:
     """The pairs of each set to evaluate (the first --limit of each), their headers checked; --out checked."""
     require_output_folder(args.out)
     sets = evaluation_sets(args.dataset, args.root, [s for s in args.sets.split(",") if s] or None)
-    absent = [name for name in ALLWEATHER_PAPER_SETS if name not in sets] if args.dataset == "allweather" else []
+    absent = paper_sets_left_out(args.dataset, list(sets))
     if absent and not args.sets:   # the average would silently leave out a column of the paper's table
         dist.print0(f"evaluate: warning: AllWeather test sets not found under {args.root}: " + "; ".join(
             f"{name} (looked for {', '.join(ALLWEATHER_TEST_DIRS[name])})" for name in absent)

@@ -47,6 +47,21 @@ def test_allweather_results_hold_every_metric_for_every_test_set(tmp_path, tiny_
     assert Image.open(out / "images/raindrop_a/0_rain.png").size == (44, 36)
 
 
+def test_an_average_missing_a_paper_set_says_so_in_its_title(tmp_path, tiny_weights):
+    """Without RainDrop the average is over two of the paper's three sets: not comparable to its table."""
+    import shutil
+
+    root = build_allweather(tmp_path / "aw", size=(36, 44), per_set=1)
+    shutil.rmtree(root / "test_a")
+    shutil.rmtree(root / "test" / "Snow100K-S")
+    out = tmp_path / "out"
+    evaluate.main(["--weights", str(tiny_weights), "--dataset", "allweather", "--root", str(root), "--out", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    assert results["average_over"] == ["outdoor_rain", "snow100k_l"]
+    assert results["paper_sets_left_out"] == ["raindrop_a"]
+    assert "| Average (Outdoor-Rain, Snow100K-L; RainDrop not evaluated) |" in (out / "results.md").read_text()
+
+
 def test_results_that_cannot_be_written_are_printed_first_and_the_old_files_stay_whole(tmp_path, tiny_weights,
                                                                                          capsys, monkeypatch):
     """An evaluation's numbers are its work: a full disk must neither lose them nor truncate the last results."""
