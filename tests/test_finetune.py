@@ -178,14 +178,14 @@ def test_two_rank_finetune_from_a_one_rank_pretraining_checkpoint_then_evaluatio
 
 CRASH_IN_EXPORT = """
 import os, runpy, signal, sys
-from m2r.engine import finetuner
-real_export = finetuner.export
+from m2r.engine import bests
+real_export = bests.export
 def export(source, target, **kwargs):
     if target.endswith("best_psnr.safetensors"):
         print("killed while exporting " + source, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     return real_export(source, target, **kwargs)
-finetuner.export = export
+bests.export = export
 sys.argv[0] = "finetune.py"
 runpy.run_path("finetune.py", run_name="__main__")
 """
@@ -220,6 +220,60 @@ def test_a_run_killed_while_keeping_its_bests_trains_the_epoch_again_and_keeps_t
         assert json.loads((run_dir / f"best_{name}.json").read_text()) == saved_best[name]
         assert (run_dir / f"best_{name}" / f"step{saved_best[name]['step']:08d}/meta.json").is_file()
         assert (run_dir / f"best_{name}.safetensors").is_file()
+
+
+def test_a_finetune_resumed_from_an_older_checkpoint_keeps_the_bests_that_checkpoint_recorded(repo_root, tmp_path):
+    """Rewound from step 6 to step 2, and killed while exporting again: the next start still ends with step 2's
+    bests, not those of the abandoned steps 4 and 6 (set aside, not taken by `best_<metric>/` readers)."""
+    from m2r.engine.checkpoint import CheckpointRef, complete_tags
+
+    python = sys.executable
+    allweather = build_allweather(tmp_path / "allweather", size=(40, 48), train=8)
+    run_dir = tmp_path / "run"
+    settings = ["--config", "configs/finetune/tiny-test.yaml", f"data.root={allweather}", "model.moe.ep_size=1",
+                "train.grad_accum=2", "train.epochs=3", "train.warmup_epochs=0", "run.keep_last=3",
+                f"run.dir={run_dir}"]   # 2 steps per epoch
+    run([python, "finetune.py", *settings], repo_root)
+    assert json.loads((run_dir / "best_psnr.json").read_text())["step"] == 6   # each epoch a best: 4, 6 kept
+    crash = tmp_path / "crash_in_export.py"
+    crash.write_text(CRASH_IN_EXPORT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
+    killed = subprocess.run([python, str(crash), *settings, f"run.resume={run_dir}/checkpoints/step00000002"],
+                            cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+    assert f"killed while exporting {run_dir}/best_psnr/step00000002" in killed.stdout, killed.stdout + killed.stderr
+    log = run([python, "finetune.py", *settings, "run.stop_after_steps=1"], repo_root)   # resumes step 2
+    assert "resume: best psnr as recorded at step 2:" in log and "resume: best ssim as recorded at step 2:" in log
+    saved_best = torch.load(run_dir / "checkpoints/step00000003/mp_rank_00_model_states.pt", weights_only=False)["best"]
+    for name in ("psnr", "ssim"):
+        best_dir = run_dir / f"best_{name}"
+        assert json.loads((run_dir / f"best_{name}.json").read_text()) == saved_best[name]
+        assert saved_best[name]["step"] == 2 and complete_tags(best_dir) == ["step00000002"]
+        assert resolve_resume("latest", best_dir).tag == "step00000002"
+        assert sorted(os.listdir(best_dir / "abandoned")) == ["step00000004", "step00000006"]
+        exported = load_file(str(run_dir / f"best_{name}.safetensors"))
+        recorded = export_state_dict(CheckpointRef(best_dir, "step00000002"))[0]
+        assert all(torch.equal(exported[key], recorded[key]) for key in recorded)
+
+
+def test_a_resume_removes_a_best_export_whose_recorded_best_is_no_longer_kept(tmp_path):
+    """Newer (abandoned) bests pruned the copy of the recorded one: no weights go by the name of the best until
+    the next one; said once."""
+    from m2r.engine.bests import align_best_with_resume
+
+    for step in (8, 10):
+        (tmp_path / f"best_psnr/step{step:08d}").mkdir(parents=True)
+        (tmp_path / f"best_psnr/step{step:08d}/meta.json").write_text(json.dumps({"step": step}))
+    (tmp_path / "best_psnr/latest").write_text("step00000010")
+    for suffix in (".safetensors", ".yaml", ".json"):
+        (tmp_path / f"best_psnr{suffix}").write_text(json.dumps({"value": 12.0, "epoch": 5, "step": 10}))
+    recorded = {"value": 9.0, "epoch": 2, "step": 4}
+    changes = align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", 6, recorded)
+    assert changes == [f"step00000008, step00000010 moved to {tmp_path / 'best_psnr/abandoned'}",
+                       "best_psnr.safetensors removed until the next best (its checkpoint (step00000004) is no "
+                       "longer kept)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best_psnr"]
+    assert sorted(p.name for p in (tmp_path / "best_psnr").iterdir()) == ["abandoned"]
+    assert align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", 6, recorded) == []
 
 
 def test_ranks_train_on_rank_0s_listing_of_the_dataset(repo_root, tmp_path):
@@ -310,6 +364,7 @@ def test_an_exact_finetune_resume_restores_the_best_metrics_so_far(capsys):
                            cfg=SimpleNamespace(train=SimpleNamespace(epochs=4)))
     stub._load_checkpoint = lambda ref: (stub.__dict__.update(step=client["step"]) or client, {"rng": 1})
     stub._restore_ema = lambda ref: None
+    stub._align_bests_with_resume = lambda: None
     stub._epoch_name = lambda: Finetuner._epoch_name(stub)
     Finetuner._resume(stub, SimpleNamespace(path="ckpt"))
     assert (stub.epoch, stub.samples_into_epoch, stub.best) == (2, 4, best)
@@ -420,13 +475,13 @@ def test_a_best_is_an_improvement_and_never_a_diverged_validation():
 def test_each_improved_metric_keeps_the_epochs_checkpoint_and_exports_its_weights(monkeypatch, tmp_path):
     """Before the epoch's checkpoint is published: best_<metric>/ gets it (hard links) and
     best_<metric>.safetensors its weights, with best_<metric>.json beside them."""
-    from m2r.engine import finetuner
+    from m2r.engine import bests
 
     staged = tmp_path / "checkpoints/step00000004.partial"
     staged.mkdir(parents=True)
     (staged / "mp_rank_00_model_states.pt").write_bytes(b"weights")   # staged: no meta.json yet
     exported = []
-    monkeypatch.setattr(finetuner, "export", lambda source, target, use_ema, companions:
+    monkeypatch.setattr(bests, "export", lambda source, target, use_ema, companions:
                         exported.append((source, target, use_ema, companions)))
     stub = SimpleNamespace(run_dir=tmp_path, step=4, epoch=2, ema=None, KIND="finetune",
                            best={"psnr": {"value": 25.0, "epoch": 2, "step": 4}},

@@ -174,16 +174,21 @@ def set_aside_newer_tags(ref: CheckpointRef, run_checkpoints: Path) -> List[str]
     which would otherwise take the newest tag of the abandoned branch). Returns the tags moved."""
     if Path(ref.root).resolve() != Path(run_checkpoints).resolve():
         return []
-    newer = [tag for tag in tags_in(ref.root) if tag > ref.tag]
-    abandoned = ref.root / ABANDONED_DIR
-    for tag in newer:
+    return set_aside_tags_after(ref.root, ref.tag)
+
+
+def set_aside_tags_after(root: Path, tag: str) -> List[str]:
+    """The tags of `root` newer than `tag` moved to `<root>/abandoned/`; returns the tags moved."""
+    newer = [newer_tag for newer_tag in tags_in(root) if newer_tag > tag]
+    abandoned = root / ABANDONED_DIR
+    for newer_tag in newer:
         abandoned.mkdir(exist_ok=True)
-        target = abandoned / tag
+        target = abandoned / newer_tag
         while target.exists():   # abandoned twice
             target = target.with_name(target.name + "+")
-        os.replace(ref.root / tag, target)
+        os.replace(root / newer_tag, target)
     if newer:
-        fsync_directory(ref.root)
+        fsync_directory(root)
     return newer
 
 

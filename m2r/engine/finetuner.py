@@ -16,9 +16,9 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from m2r import dist, stop_signals
-from m2r.atomic import json_text
 from m2r.config import ConfigError, require
-from m2r.engine.checkpoint import CheckpointManager, CheckpointRef, checkpoint_at, load_weights_only
+from m2r.engine.bests import FINETUNE_KIND, align_best_with_resume, best_checkpoints, export_best
+from m2r.engine.checkpoint import CheckpointRef, checkpoint_at, load_weights_only
 from m2r.engine.config import allowed_model_changes, validate_finetune_config
 from m2r.engine.deepspeed_config import images_per_step
 from m2r.engine.experts import global_expert_names
@@ -27,7 +27,7 @@ from m2r.engine.optim import LRSchedule
 from m2r.engine.rng import capture_rng_state, rank_seed
 from m2r.engine.run import StepResult, TrainingRun
 from m2r.engine.validate import validation_metrics
-from m2r.export import config_path_for, export, stored_model_config
+from m2r.export import config_path_for, stored_model_config
 from m2r.models.config import require_same_network
 
 
@@ -71,7 +71,7 @@ def local_state_from_global(model, state: Dict[str, torch.Tensor]) -> Dict[str, 
 
 
 class Finetuner(TrainingRun):
-    KIND = "finetune"
+    KIND = FINETUNE_KIND
     POSITION = "the position in the epoch"
 
     def __init__(self, cfg, env: dist.DistEnv, stop_request: Optional[stop_signals.StopRequest] = None):
@@ -202,7 +202,15 @@ class Finetuner(TrainingRun):
         self._restore_ema(ref)
         self.epoch, self.best = client["epoch"], client["best"]
         dist.print0(f"resumed from {ref.path}: {self._epoch_name()}, step {self.step}")
+        dist.on_rank0(self._align_bests_with_resume)
         return saved_rng
+
+    def _align_bests_with_resume(self) -> None:
+        """Rank 0: the bests on disk made those the resumed checkpoint recorded (`align_best_with_resume`)."""
+        for name in self.cfg.run.best_metrics:
+            changes = align_best_with_resume(self.run_dir, self.checkpoints.root, name, self.step, self.best.get(name))
+            if changes:
+                dist.print0(f"resume: best {name} as recorded at step {self.step}: {'; '.join(changes)}")
 
     def startup_summary(self) -> str:
         train, world = self.cfg.train, self.topology.world_size
@@ -297,11 +305,8 @@ class Finetuner(TrainingRun):
         kept again): for each improved metric, the checkpoint kept under best_<metric>/ (hard links, not a
         second save) and its weights exported."""
         for name in names:
-            manager = CheckpointManager(self.run_dir / f"best_{name}", keep_last=2, kind=self.KIND)
-            ref = manager.keep_copy(staged, self.step, meta)
-            # the weights that were validated: the EMA ones when there is an EMA
-            export(str(ref.path), str(self.run_dir / f"best_{name}.safetensors"), use_ema=self.ema is not None,
-                   companions={self.run_dir / f"best_{name}.json": json_text(self.best[name])})
+            ref = best_checkpoints(self.run_dir, name).keep_copy(staged, self.step, meta)
+            export_best(ref, self.run_dir, name, self.best[name], use_ema=self.ema is not None)
             self.monitor.print(f"new best {name} {self.best[name]['value']:.4f} at epoch {self.epoch}: {ref.path}")
 
     def _epoch_name(self) -> str:

@@ -1,0 +1,93 @@
+"""Finetuning's best checkpoints: per metric of run.best_metrics, the best epoch's checkpoint kept under
+`<run.dir>/best_<metric>/` (hard links to that epoch's files, the last two bests) and its weights exported
+as `best_<metric>.safetensors` with `best_<metric>.yaml` and the record `best_<metric>.json`; and, when a
+run resumes an older step, both made what that step recorded again."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from m2r.atomic import json_text
+from m2r.engine.checkpoint import (ABANDONED_DIR, LATEST_FILE, CheckpointManager, CheckpointRef, complete_tags,
+                                   is_complete, set_aside_tags_after, tag_for)
+from m2r.export import export
+
+FINETUNE_KIND = "finetune"
+
+
+def best_checkpoints(run_dir: Path, name: str) -> CheckpointManager:
+    """best_<name>/: the checkpoints of the last two bests of that metric."""
+    return CheckpointManager(run_dir / f"best_{name}", keep_last=2, kind=FINETUNE_KIND)
+
+
+def best_export_files(run_dir: Path, name: str) -> List[Path]:
+    """The export of best <name>: weights, network config, and last (as `export` replaces them) the record of
+    what they are, so that a kill among them leaves a record that differs from the run's best."""
+    return [run_dir / f"best_{name}.safetensors", run_dir / f"best_{name}.yaml", run_dir / f"best_{name}.json"]
+
+
+def exported_best(run_dir: Path, name: str) -> Optional[Dict[str, Any]]:
+    """What best_<name>.json says its export holds; None without one."""
+    record = best_export_files(run_dir, name)[-1]
+    return json.loads(record.read_text()) if record.is_file() else None
+
+
+def export_best(ref: CheckpointRef, run_dir: Path, name: str, record: Dict[str, Any], use_ema: bool) -> None:
+    """The weights of `ref` that were validated (the EMA ones when there is an EMA) as best_<name>.safetensors,
+    with `record` (value, epoch, step) as best_<name>.json."""
+    weights, _, record_file = best_export_files(run_dir, name)
+    export(str(ref.path), str(weights), use_ema=use_ema, companions={record_file: json_text(record)})
+
+
+def align_best_with_resume(run_dir: Path, checkpoints_root: Path, name: str, step: int,
+                           recorded: Optional[Dict[str, Any]]) -> List[str]:
+    """Rank 0, resuming at `step`: best_<name>/ and its export as that checkpoint recorded the best
+    (`recorded`; None before the first validation). The steps after it were abandoned (an older tag resumed, or
+    a kill while an epoch kept its bests): their best copies are set aside, else `checkpoint_at(best_<name>)`
+    would take the newest, and an export of their weights gives way to the recorded best's. Each change is atomic
+    and judged from the disk, so the next start finishes what a kill interrupted. Returns what changed."""
+    best_dir = run_dir / f"best_{name}"
+    moved = set_aside_tags_after(best_dir, tag_for(step))
+    point_latest_at_newest(best_dir)
+    changes = [f"{', '.join(moved)} moved to {best_dir / ABANDONED_DIR}"] if moved else []
+    if exported_best(run_dir, name) != recorded:
+        changes += export_recorded_best(run_dir, checkpoints_root, name, recorded)
+    return changes
+
+
+def point_latest_at_newest(best_dir: Path) -> None:
+    """best_dir's `latest` names its newest tag (it may name one just set aside), or is removed with the last."""
+    kept = complete_tags(best_dir)
+    if kept:
+        CheckpointManager(best_dir, keep_last=2).point_latest_at(CheckpointRef(best_dir, kept[-1]))
+    else:
+        (best_dir / LATEST_FILE).unlink(missing_ok=True)
+
+
+def export_recorded_best(run_dir: Path, checkpoints_root: Path, name: str,
+                         recorded: Optional[Dict[str, Any]]) -> List[str]:
+    """The export made again from the recorded best's checkpoint, or removed where none is kept (no abandoned
+    weights under the name of the best); the next better epoch is exported as usual."""
+    source = recorded_best_checkpoint(run_dir, checkpoints_root, name, recorded) if recorded else None
+    if source is not None:
+        export_best(source, run_dir, name, recorded, use_ema=bool(source.meta().get("ema")))
+        return [f"best_{name}.safetensors exported again from {source.path}"]
+    removed = [path for path in best_export_files(run_dir, name) if path.exists()]
+    for path in removed:
+        path.unlink()
+    why = f"its checkpoint ({tag_for(recorded['step'])}) is no longer kept" if recorded else "none was recorded yet"
+    return [f"best_{name}.safetensors removed until the next best ({why})"] if removed else []
+
+
+def recorded_best_checkpoint(run_dir: Path, checkpoints_root: Path, name: str,
+                             recorded: Dict[str, Any]) -> Optional[CheckpointRef]:
+    """The recorded best's checkpoint in best_<name>/, linked there from the run's checkpoints when only they hold it
+    (newer, abandoned bests pruned its copy); None when neither does."""
+    tag = tag_for(recorded["step"])
+    if is_complete(run_dir / f"best_{name}" / tag):
+        return CheckpointRef(run_dir / f"best_{name}", tag)
+    source = CheckpointRef(checkpoints_root, tag)
+    if not is_complete(source.path):
+        return None
+    return best_checkpoints(run_dir, name).keep_copy(source.path, recorded["step"], source.meta())
