@@ -51,6 +51,9 @@ H100_BF16_DENSE_TFLOPS = 989.4
 TF32_SHARE_OF_BF16_PEAK = 0.5
 MAX_CROP = 1024
 CROP_MEMORY_BUDGET = 0.9    # of the GPU's memory: cuDNN's workspaces come on top of the fitted peaks
+# The crop question is asked of an 80 GB GPU (an H100 80GB HBM3 reports 81559 MiB). On a larger one (an
+# H200 has 141 GB) the allocator is capped at that much, so that the answer is the 80 GB one there too.
+CROP_DEVICE_MEMORY = 81559 * 2**20
 
 
 @dataclass
@@ -300,11 +303,22 @@ def scan_path(model, device: torch.device) -> str:
 
 
 def largest_crop(variant: Variant, args, device, clip_weights, report) -> dict:
-    """Fit peak memory as a + b * pixels from two crops and predict the largest crop that fits; then
+    """Fit peak memory as a + b * pixels from two crops and predict the largest crop that fits in
+    CROP_DEVICE_MEMORY (80 GB; a larger GPU's allocator is capped at that much meanwhile); then
     train one step at 768 px and at the prediction (at most MAX_CROP), smallest first, stopping at the
     first failure. `report(result)` receives the result after every try, so a timeout keeps them."""
     cfg = model_config(variant.config, clip_weights)
-    budget = torch.cuda.get_device_properties(device).total_memory * CROP_MEMORY_BUDGET / 1e9
+    total = torch.cuda.get_device_properties(device).total_memory
+    capacity = min(total, CROP_DEVICE_MEMORY)
+    torch.cuda.set_per_process_memory_fraction(capacity / total, device)   # beyond it: out of memory
+    try:
+        return _largest_crop(variant, args, device, cfg, capacity, report)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
+def _largest_crop(variant: Variant, args, device, cfg, capacity: int, report) -> dict:
+    budget = capacity * CROP_MEMORY_BUDGET / 1e9
     peaks = {}
     for crop in (224, 320):   # cuDNN's algorithm timing at every new size would cost minutes: off
         reset_peak(device)
@@ -313,7 +327,7 @@ def largest_crop(variant: Variant, args, device, clip_weights, report) -> dict:
     slope = (peaks[320] - peaks[224]) / (320 ** 2 - 224 ** 2)
     predicted = int(math.sqrt(max(224 ** 2, (budget - peaks[224]) / slope + 224 ** 2)) // 8 * 8)
     result = {"variant": variant.name, "largest_crop": 320, "peak_gb_at": peaks, "predicted_by_memory": predicted,
-              "budget_gb": budget, "failed": None}
+              "budget_gb": budget, "memory_capacity_gb": capacity / 1e9, "failed": None}
     for crop in sorted({min(768, predicted), min(predicted, MAX_CROP)}):
         try:
             reset_peak(device)

@@ -159,3 +159,38 @@ def test_full_benchmark_refuses_to_run_on_a_cpu(tmp_path, repo_root):
                              "--json", str(tmp_path / "out.json")], cwd=repo_root, capture_output=True, text=True,
                             timeout=120, env=dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"))
     assert result.returncode != 0 and "no CUDA device" in result.stderr
+
+
+def test_largest_crop_answers_for_an_80_gb_gpu_on_a_larger_one(repo_root, monkeypatch):
+    """The question is the largest crop that trains in 80 GB: on an H200 (141 GB) the search must neither
+    predict from its whole memory nor let a crop pass that only fits there."""
+    import math
+    import types
+
+    import torch
+
+    ts = _train_speed(repo_root, monkeypatch)
+    h200 = 143771 * 2**20
+    fractions, tried = [], []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: types.SimpleNamespace(total_memory=h200))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device=None: fractions.append(f))
+
+    class Runner:   # peak memory 4 GB + 80 GB per megapixel, trained at no cost
+        def __init__(self, variant, cfg, device, batch, crop, cudnn_benchmark=None):
+            tried.append(crop)
+
+        def time_steps(self, warmup, steps):
+            return 0.0
+
+    monkeypatch.setattr(ts, "VariantRunner", Runner)
+    monkeypatch.setattr(ts, "reset_peak", lambda device: None)
+    monkeypatch.setattr(ts, "peak_gb", lambda device: 4 + 80e-6 * tried[-1] ** 2)
+    args = types.SimpleNamespace(batch=4)
+    result = ts.largest_crop(ts.CROP_VARIANT, args, torch.device("cuda"), None, lambda partial: None)
+    capacity = ts.CROP_DEVICE_MEMORY
+    assert result["budget_gb"] == capacity * ts.CROP_MEMORY_BUDGET / 1e9 < 80
+    assert fractions == [capacity / h200, 1.0]    # capped while searching, released after
+    # (budget - 4) / 80e-6 pixels: about 920 px, not the 1024 that 0.9 x 141 GB would allow
+    assert abs(result["predicted_by_memory"] - math.sqrt((result["budget_gb"] - 4) / 80e-6)) < 8
+    assert result["predicted_by_memory"] < 1024
+    assert tried == [224, 320, 768, result["predicted_by_memory"]]

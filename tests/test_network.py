@@ -295,6 +295,16 @@ def test_bf16_autocast_training_step_on_cuda():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def test_fp16_weights_train_the_official_network_without_nan():
+    """DeepSpeed's fp16 keeps the weights in fp16. Below 128 px the official AFLB's low band is all zeros, and
+    F.normalize's eps (1e-12) is 0 in fp16: its channel attention must not turn that into 0 / 0 = NaN."""
+    model = build_model(model_config("tiny")).half().train()
+    out = model(images(2, 3, 64, 64).half())
+    (out.restored.float().abs().mean() + out.balance_loss.float()).backward()
+    assert torch.isfinite(out.restored).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 # ---------------------------------------------------------------- reference checks on small pieces
 
 def test_channel_layer_norm_is_layer_norm_over_channels():

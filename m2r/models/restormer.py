@@ -102,6 +102,15 @@ def memory_layout(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if x.shape[1] > 1 and x.stride(1) == 1 else torch.contiguous_format
 
 
+def _unit_rows(t):
+    """F.normalize along the last dim. In fp16 (DeepSpeed's fp16 weights) its eps of 1e-12 rounds to 0, so an
+    all-zero row (the AFLB's empty low band below 128 px under the official mask) would give 0 / 0 = NaN:
+    fp16 rows are normalised in fp32. Other dtypes as F.normalize (bf16 holds 1e-12)."""
+    if t.dtype == torch.float16:
+        return F.normalize(t.float(), dim=-1).to(t.dtype)
+    return F.normalize(t, dim=-1)
+
+
 def transposed_attention(q, k, v, num_heads: int, temperature):
     """Channel-wise ("transposed") attention of Restormer: each head attends over its channels.
 
@@ -111,8 +120,7 @@ def transposed_attention(q, k, v, num_heads: int, temperature):
     b, c, h, w = q.shape
     layout = memory_layout(q)
     q, k, v = (t.reshape(b, num_heads, c // num_heads, h * w) for t in (q, k, v))
-    q = F.normalize(q, dim=-1)
-    k = F.normalize(k, dim=-1)
+    q, k = _unit_rows(q), _unit_rows(k)
     attn = (q @ k.transpose(-2, -1)) * temperature
     out = attn.softmax(dim=-1) @ v
     return out.reshape(b, c, h, w).contiguous(memory_format=layout)   # back in the input's layout
