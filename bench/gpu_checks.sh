@@ -3,8 +3,8 @@
 # all (its start included), so the checks come in parts sized to fit, most wanted first; run them
 # back to back while the machine is warm, then hand it back:
 #   bash bench/gpu_checks.sh bench   # train_speed: every variant, the loss trajectory, the profile (<= 7.5 min; compiles)
-#   bash bench/gpu_checks.sh tests   # every GPU-marked test, then train_speed's largest crop, evaluation
-#                                    # and scan parts (<= 5 min: give it what device time is left)
+#   bash bench/gpu_checks.sh tests   # every GPU-marked test, then train_speed's scan, evaluation and largest crop
+#                                    # parts (<= 5 min: give it what device time is left)
 #   bash bench/gpu_checks.sh extra   # block and activation-memory benchmarks (<= 3 min), if time is left
 # Results under $OUT (default /tmp/m2r-gpu), at most 8 files per part. Every benchmark writes its JSON
 # after each measurement, so a timeout keeps what was measured. bench/scan_speed.py alone also gives
@@ -58,7 +58,7 @@ tests)
         tests/test_stop_signals.py tests/test_moe.py tests/test_clip_prior.py tests/test_network.py tests/test_eval_cli.py \
         tests/test_engine_gpu.py
     echo "gpu tests exit $?"; } > "$OUT/gpu_tests.txt" 2>&1
-  timeout -k 10 "${REST_TIMEOUT:-75}" python3 bench/train_speed.py --only crop,eval,scan \
+  timeout -k 10 "${REST_TIMEOUT:-75}" python3 bench/train_speed.py --only scan,eval,crop \
       --json "$OUT/train_speed_rest.json" > "$OUT/train_speed_rest.txt" 2>&1
   echo "train_speed exit $?" >> "$OUT/train_speed_rest.txt"
   ;;

@@ -4,6 +4,7 @@ and fp16 with its loss scale across a resume. One rank; skipped without CUDA."""
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -87,46 +88,28 @@ def synthetic_shards(tmp_path) -> str:
     return str(shards)
 
 
-def test_pretrain_entry_point_with_every_speed_switch_on_gpu(tmp_path, repo_root):
-    """The whole pretraining loop (shard stream, validation, images, checkpoint) under nccl on one GPU,
-    with bf16, ZeRO 2, channels_last, a compiled training forward and full-resolution recomputation."""
-    shards, run_dir = synthetic_shards(tmp_path), tmp_path / "run"
+def _pretrain_on_one_gpu(repo_root, run_dir, shards, *overrides, timeout: int) -> str:
+    """pretrain.py on the tiny model and synthetic shards under torchrun, one GPU; its stdout. (Not the
+    built-in photos: they are scikit-image's, which the GPU machine lacks.) In a session of its own, killed
+    whole at `timeout` (under pytest-timeout's limit), so that no orphaned worker holds the GPU afterwards."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                            "MASTER_PORT")}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
                str(dist.free_port()), "pretrain.py", "--config", "configs/pretrain/tiny-test.yaml",
                f"run.dir={run_dir}", "run.tensorboard=false", "data.source=shards", f"data.shards={shards}",
-               f"data.val_shards={shards}", "train.precision=bf16", "train.zero_stage=2",
-               "train.channels_last=true", "train.compile=true", "train.activation_checkpointing=full_res",
-               "train.steps=4", "train.crop=64", "model.scan_backend=mamba_ssm"]
+               f"data.val_shards={shards}", *overrides]
     # Keep the inherited PYTHONPATH: on the GPU machine the carried wheels are installed there.
     python_path = os.pathsep.join(filter(None, [repo_root, env.get("PYTHONPATH")]))
-    result = subprocess.run(command, cwd=repo_root, env=dict(env, PYTHONPATH=python_path), capture_output=True,
-                            text=True, timeout=400)
-    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in records if "loss" in r]
-    assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses), losses
-    assert any("val_psnr" in r for r in records)
-    assert (run_dir / "checkpoints" / "latest").exists()
-    assert "compile True" in result.stdout and "cudnn_benchmark True" in result.stdout
-
-
-def _pretrain_on_one_gpu(repo_root, run_dir, shards, *overrides) -> str:
-    """pretrain.py on the tiny model and synthetic shards under torchrun, one GPU; its stdout. (Not the
-    built-in photos: they are scikit-image's, which the GPU machine lacks.)"""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                           "MASTER_PORT")}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
-               str(dist.free_port()), "pretrain.py", "--config", "configs/pretrain/tiny-test.yaml",
-               f"run.dir={run_dir}", "run.tensorboard=false", "model.moe.ep_size=1", "run.image_every=0",
-               "run.val_every=1000", "data.source=shards", f"data.shards={shards}", f"data.val_shards={shards}",
-               *overrides]
-    python_path = os.pathsep.join(filter(None, [repo_root, env.get("PYTHONPATH")]))
-    result = subprocess.run(command, cwd=repo_root, env=dict(env, PYTHONPATH=python_path), capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout
+    process = subprocess.Popen(command, cwd=repo_root, env=dict(env, PYTHONPATH=python_path), text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"pretrain.py still running after {timeout} s\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    assert process.returncode == 0, f"{stdout[-3000:]}\n{stderr[-3000:]}"
+    return stdout
 
 
 def test_fp16_trains_and_continues_its_loss_scale_at_another_zero_stage(tmp_path, repo_root):
@@ -134,12 +117,31 @@ def test_fp16_trains_and_continues_its_loss_scale_at_another_zero_stage(tmp_path
     (a topology change), the loss scaler's progress comes with the optimizer: its iteration count goes on
     from 3 to 5 instead of starting again."""
     shards, run_dir = synthetic_shards(tmp_path), tmp_path / "run"
-    _pretrain_on_one_gpu(repo_root, run_dir, shards, "train.precision=fp16", "train.zero_stage=1", "train.steps=3")
-    out = _pretrain_on_one_gpu(repo_root, run_dir, shards, "train.precision=fp16", "train.zero_stage=2",
-                               "train.steps=5")
+    quiet = ("model.moe.ep_size=1", "run.image_every=0", "run.val_every=1000")
+    _pretrain_on_one_gpu(repo_root, run_dir, shards, *quiet, "train.precision=fp16", "train.zero_stage=1",
+                         "train.steps=3", timeout=55)
+    out = _pretrain_on_one_gpu(repo_root, run_dir, shards, *quiet, "train.precision=fp16", "train.zero_stage=2",
+                               "train.steps=5", timeout=55)
     assert "the fp16 loss scale" in out.split("Loaded:")[1].split("LOST")[0]
     (shard,) = (run_dir / "checkpoints/step00000005").glob("*zero_pp_rank_0_*optim_states.pt")
     scaler = torch.load(shard, map_location="cpu", weights_only=False)["optimizer_state_dict"]["loss_scaler"]
     assert scaler.cur_iter == 5
     losses = [json.loads(line).get("loss") for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(loss) for loss in losses if loss is not None)
+
+
+def test_pretrain_entry_point_with_every_speed_switch_on_gpu(tmp_path, repo_root):
+    """The whole pretraining loop (shard stream, validation, images, checkpoint) under nccl on one GPU,
+    with bf16, ZeRO 2, channels_last, a compiled training forward and full-resolution recomputation.
+    Last of the file: inductor's first compilation is the slowest of these tests."""
+    shards, run_dir = synthetic_shards(tmp_path), tmp_path / "run"
+    out = _pretrain_on_one_gpu(repo_root, run_dir, shards, "train.precision=bf16", "train.zero_stage=2",
+                               "train.channels_last=true", "train.compile=true",
+                               "train.activation_checkpointing=full_res", "train.steps=4", "train.crop=64",
+                               "model.scan_backend=mamba_ssm", timeout=110)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses), losses
+    assert any("val_psnr" in r for r in records)
+    assert (run_dir / "checkpoints" / "latest").exists()
+    assert "compile True" in out and "cudnn_benchmark True" in out
