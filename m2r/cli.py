@@ -18,10 +18,16 @@ def parse_entry_args(argv, description: str, config_help: str) -> argparse.Names
     """`--config FILE [key=value ...]` for the training entry points; also accepts the `--local_rank`
     argument the deepspeed launcher adds (the LOCAL_RANK variable is what `discover_dist_env` reads)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help=config_help)
+    parser.add_argument("--config", required=True, action="append", help=config_help)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    return parser.parse_args(argv)
+    # intermixed: overrides on both sides of --config (or of the launcher's --local_rank) all count
+    args = parser.parse_intermixed_args(argv)
+    if len(args.config) > 1:   # argparse would keep the last silently; a user may expect them merged
+        parser.error(f"--config given {len(args.config)} times ({', '.join(args.config)}): give one file; "
+                     "a file of your own can start from several with `_base_: [a.yaml, b.yaml]`")
+    args.config = args.config[0]
+    return args
 
 
 def user_errors() -> Tuple[type, ...]:

@@ -98,6 +98,8 @@ def _read_yaml(path: Path, seen: tuple = (), named_by: str = "") -> DictConfig:
         raise ConfigError(f"cannot parse {path}: {exc}") from exc
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{path}: top level must be a mapping")
+    if len(node) == 0:   # a truncated copy would otherwise train the defaults (full network, runs/default)
+        raise ConfigError(f"{path} holds no keys (empty, or only comments)")
     bases = node.pop(BASE_KEY, [])
     if isinstance(bases, str):   # one base written without the list brackets
         bases = [bases]
@@ -112,10 +114,15 @@ def _read_yaml(path: Path, seen: tuple = (), named_by: str = "") -> DictConfig:
     return OmegaConf.merge(merged, node)
 
 
+# What OmegaConf raises for a value the schema refuses; a list given for a mapping (`data.weights=[1]`)
+# comes as a plain TypeError.
+MERGE_ERRORS = (OmegaConfBaseException, TypeError)
+
+
 def _merge_checked(schema: DictConfig, layer: Any, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(schema, layer)
-    except OmegaConfBaseException as exc:
+    except MERGE_ERRORS as exc:
         key = getattr(exc, "full_key", None) or _rejected_key(schema, OmegaConf.create(layer))
         reason = str(exc).splitlines()[0]
         raise ConfigError(f"config error in {source}: key '{key}': {reason}") from None
@@ -127,7 +134,7 @@ def _rejected_key(schema: DictConfig, layer: DictConfig, prefix: str = "") -> st
     for key in layer:
         try:
             OmegaConf.merge(schema, {key: layer[key]})
-        except OmegaConfBaseException:
+        except MERGE_ERRORS:
             if key in schema and isinstance(schema[key], DictConfig) and isinstance(layer[key], DictConfig):
                 return _rejected_key(schema[key], layer[key], f"{prefix}{key}.")
             return f"{prefix}{key}"

@@ -165,3 +165,25 @@ def test_an_sbatch_script_run_outside_the_repository_says_where_to_submit_from(s
     assert result.returncode == 2
     assert f"error: launch/train_job.sh not found in {tmp_path}: submit from the repository root or set M2R_ROOT" \
         in result.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["train.lr=1", "--config", "c.yaml", "train.steps=2"],
+    ["--config", "c.yaml", "train.lr=1", "--local_rank=0", "train.steps=2"],   # the deepspeed launcher's argument
+])
+def test_overrides_count_on_both_sides_of_the_options(argv):
+    """argparse's plain parse refused the second group as 'unrecognized arguments' after taking the first."""
+    from m2r.cli import parse_entry_args
+
+    args = parse_entry_args(argv, "d", "h")
+    assert (args.config, args.overrides) == ("c.yaml", ["train.lr=1", "train.steps=2"])
+
+
+def test_a_second_config_file_is_refused_not_silently_dropped(capsys):
+    """argparse kept the last --config: a user expecting the two merged trained with one of them."""
+    from m2r.cli import parse_entry_args
+
+    with pytest.raises(SystemExit) as exit_:
+        parse_entry_args(["--config", "base.yaml", "--config", "mine.yaml"], "d", "h")
+    assert exit_.value.code == 2
+    assert "--config given 2 times (base.yaml, mine.yaml)" in capsys.readouterr().err

@@ -83,6 +83,13 @@ def test_missing_file_and_malformed_override_are_clear(tmp_path):
         load_config(Outer, None, ["train.steps"])
 
 
+@pytest.mark.parametrize("text", ["", "# only a comment\n"])
+def test_an_empty_config_file_is_refused_not_read_as_all_defaults(tmp_path, text):
+    path = write(tmp_path / "cut.yaml", text)
+    with pytest.raises(ConfigError, match="cut.yaml holds no keys"):
+        load_config(Outer, path)
+
+
 def test_save_and_reload_round_trip(tmp_path):
     cfg = load_config(Outer, None, ["train.lr=0.25", "model.clip.prompts=[a,b]"])
     save_config(cfg, tmp_path / "run" / "config.yaml")
@@ -237,9 +244,77 @@ def test_the_code_reading_a_choice_knows_every_value_the_schema_allows():
     ("moe.ep_size=0", "model.moe.ep_size"),                  # else ZeroDivisionError
     ("moe.eval_capacity_factor=-1", "model.moe.eval_capacity_factor"),   #
     ("moe.num_experts=0", "model.moe.num_experts"),          # named by its own key, not top_k's
+    # layer sizes: each crashed inside torch once every rank had started, or silently dropped a part
+    ("mamba.d_conv=0", "model.mamba.d_conv"),               # else "negative padding is not supported"
+    ("mamba.d_state=0", "model.mamba.d_state"),
+    ("mamba.expand=0", "model.mamba.expand"),
+    ("moe.expert_hidden_factor=0", "model.moe.expert_hidden_factor"),   # else ZeroDivisionError
+    ("moe.expert_hidden_factor=0.01", "model.moe.expert_hidden_factor"),   # int(0.01 x 48) = 0 channels
+    ("ffn_expansion_factor=0", "model.ffn_expansion_factor"),   # else "groups must be a positive integer"
+    ("clip.image_size=0", "model.clip.image_size"),         # else a resize to 0x0 at the first batch
+    ("prompt_dim=0", "model.prompt_dim"),                   # else trains with an empty task prompt
+    ("prompt_atoms=0", "model.prompt_atoms"),
+    ("cond_channels=1", "model.cond_channels"),             # its last layers are cond_channels // 2 wide
+    ("num_refinement_blocks=-1", "model.num_refinement_blocks"),   # else silently none
 ])
 def test_more_model_keys_that_do_not_fit_together_are_named(override, key):
     from m2r.models.config import check_model_settings
 
     with pytest.raises(ConfigError, match=f"key '{key}'"):
         check_model_settings(load_config(ModelConfig, None, [override]))
+
+
+def test_the_smallest_layer_sizes_still_fit():
+    """The bounds of the layer-size checks: what the tiny network uses must pass."""
+    from m2r.models.config import check_model_settings
+
+    check_model_settings(load_config(ModelConfig, None, ["dim=8", "num_refinement_blocks=0", "cond_channels=2",
+                                                         "ffn_expansion_factor=0.125", "mamba.d_conv=1"]))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.seed=-1", "train.seed"),                    # else numpy's generator refuses it at the first batch
+    ("train.seed=4294967296", "train.seed"),            # x 1000 per rank: torch's manual_seed overflows
+    ("data.seed_offset=-100", "data.seed_offset"),      # 42 - 100: a negative data seed
+    ("run.stop_after_steps=-1", "run.stop_after_steps"),   # else stops at step 0 with exit status 0
+    ("run.image_every=-1", "run.image_every"),          # else an image grid every step (step % -1 == 0)
+    ("train.charbonnier_eps=0", "train.charbonnier_eps"),
+    ("model.moe.balance_loss_weight=-0.01", "model.moe.balance_loss_weight"),   # rewards imbalance
+])
+def test_pretraining_refuses_values_that_fail_or_misbehave_after_start_up(override, key):
+    from m2r.engine.config import PretrainConfig, validate_pretrain_config
+
+    cfg = load_config(PretrainConfig, None, [override, "data.shards=/data"])
+    with pytest.raises(ConfigError, match=f"key '{key}'"):
+        validate_pretrain_config(cfg, world_size=1)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.seed=-1", "train.seed"),
+    ("run.stop_after_epochs=-1", "run.stop_after_epochs"),   # else stops after the first epoch, status 0
+    ("run.stop_after_steps=-1", "run.stop_after_steps"),
+])
+def test_finetuning_refuses_values_that_fail_or_misbehave_after_start_up(override, key):
+    from m2r.engine.config import FinetuneConfig, validate_finetune_config
+
+    cfg = load_config(FinetuneConfig, None, [override, "data.root=/data"])
+    with pytest.raises(ConfigError, match=f"key '{key}'"):
+        validate_finetune_config(cfg, world_size=1)
+
+
+def test_the_shipped_seeds_and_limits_still_pass():
+    from m2r.engine.config import PretrainConfig, validate_pretrain_config
+
+    validate_pretrain_config(load_config(PretrainConfig, None, ["data.shards=/data", "train.seed=0",
+                                                                "data.seed_offset=7", "run.image_every=0",
+                                                                "model.moe.balance_loss_weight=0"]), world_size=1)
+
+
+@pytest.mark.parametrize("override", ["data.weights=[1]", "data.weights.rain=[1]"])
+def test_a_list_where_the_mixture_weights_go_is_a_config_error(override):
+    """Not a TypeError traceback (exit status 1) from OmegaConf's merge or from float()."""
+    from m2r.data.config import check_data_settings
+    from m2r.engine.config import PretrainConfig
+
+    with pytest.raises(ConfigError, match="data.weights"):
+        check_data_settings(load_config(PretrainConfig, None, [override]).data)

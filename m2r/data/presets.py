@@ -66,6 +66,10 @@ def mixture_probabilities(preset: str, weights: Mapping[str, float]) -> np.ndarr
     unknown = sorted(set(weights) - set(names))
     if unknown:
         raise config_error("data.weights", f"types {unknown} are not in preset '{preset}' ({names})")
+    # OmegaConf lets a list into this mapping of floats (`data.weights.rain=[1]`)
+    not_numbers = sorted(name for name, value in weights.items() if not isinstance(value, (int, float)))
+    if not_numbers:
+        raise config_error("data.weights", f"types {not_numbers} must each have one number as weight: {dict(weights)}")
     raw = np.array([float(weights.get(n, 0.0)) for n in names])
     if (raw < 0).any() or raw.sum() <= 0:
         raise config_error("data.weights", f"value {dict(weights)} must be >= 0 with a positive sum")

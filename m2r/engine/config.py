@@ -16,6 +16,7 @@ from m2r.models.config import (CHECKPOINT_MODES, OFFICIAL_SUFFIXES, ModelConfig,
                                require_input_side)
 
 
+SEED_LIMIT = 2 ** 32   # train.seed, and with data.seed_offset the data's: see check_seed
 PIXEL_LOSSES = ("l1", "charbonnier")   # train.loss; m2r/engine/loss.py computes each
 PRECISIONS = ("fp32", "bf16", "fp16")  # train.precision; m2r/engine/run.py has their dtypes
 FINETUNE_DATASETS = ("allweather", "cdd11", "folder")   # data.dataset; m2r/eval/datasets.py reads each
@@ -102,7 +103,18 @@ def validate_pretrain_config(cfg, world_size: int) -> None:
             "must both be positive")
     check_loader_settings(cfg.data)
     check_data_settings(cfg.data)
+    check_seed("train.seed", train.seed, train.seed)
+    check_seed("data.seed_offset", cfg.data.seed_offset, train.seed + cfg.data.seed_offset)   # the data's seed
+    require(run.image_every >= 0, "run.image_every", run.image_every, "must be >= 0 (0: no image grids)")
     check_network_for_world(cfg.model, world_size)
+
+
+def check_seed(key: str, value: int, seed: int) -> None:
+    """`key`'s `value` gives `seed`: one numpy's generators take (they refuse negative ones) and torch's take
+    once multiplied per rank and step (m2r.engine.rng.rank_seed). Else the run fails at its first batch,
+    after the whole start-up."""
+    made = "" if seed == value else f"gives the seed {seed}, which "
+    require(0 <= seed < SEED_LIMIT, key, value, f"{made}must be in [0, 2**32)")
 
 
 def collective_timeout(run) -> datetime.timedelta:
@@ -117,6 +129,10 @@ def check_run_output_settings(run) -> None:
     require(run.keep_last >= 2, "run.keep_last", run.keep_last,
             "must be >= 2 (a crash while a step is saved again leaves only the older checkpoints)")
     require(run.log_every > 0, "run.log_every", run.log_every, "must be positive")
+    # a negative limit counts as reached at once: the run would leave with status 0 having trained nothing
+    for key in ("stop_after_steps", "stop_after_epochs"):
+        if key in run:   # stop_after_epochs: finetuning only
+            require(run[key] >= 0, f"run.{key}", run[key], "must be >= 0 (0: never)")
 
 
 def check_loader_settings(data) -> None:
@@ -136,11 +152,16 @@ def check_optimizer_settings(train) -> None:
     require(len(train.betas) == 2 and all(0 <= beta < 1 for beta in train.betas), "train.betas", list(train.betas),
             "must be two values in [0, 1)")
     require(0.0 <= train.ema_decay < 1.0, "train.ema_decay", train.ema_decay, "must be in [0, 1)")
+    # sqrt(d^2 + eps^2) has no gradient where d = 0 when eps is 0
+    require(train.charbonnier_eps > 0, "train.charbonnier_eps", train.charbonnier_eps, "must be positive")
 
 
 def check_network_for_world(model, world_size: int) -> None:
     """The model keys together, and ep_size dividing the world size."""
     check_model_settings(model)
+    # a training-only key (a stored network is not refused for it): negative weights reward imbalance
+    require(model.moe.balance_loss_weight >= 0, "model.moe.balance_loss_weight", model.moe.balance_loss_weight,
+            "must be >= 0 (0: no balance loss)")
     require(world_size % model.moe.ep_size == 0, "model.moe.ep_size", model.moe.ep_size,
             f"must divide the world size {world_size}")
 
@@ -220,6 +241,7 @@ def validate_finetune_config(cfg, world_size: int) -> None:
             "may only hold psnr and ssim")
     check_network_for_world(cfg.model, world_size)
     check_init_weights_kind(cfg.init.weights)
+    check_seed("train.seed", train.seed, train.seed)
     unknown = sorted(set(allowed_model_changes(cfg.init)) - set(model_keys()))
     require(not unknown, "init.allow_model_changes", unknown, f"must be keys of the model section: {model_keys()}")
 

@@ -126,6 +126,7 @@ def check_model_settings(model, prefix: str = "model.") -> None:
     require(len(heads) >= 3 and min(heads) > 0, f"{prefix}heads", heads,
             "needs a positive head count for each of the 3 attention levels")
     require(model.dim > 0, f"{prefix}dim", model.dim, "must be positive")
+    _check_layer_sizes(model, prefix)
     widths = [model.dim * 2 ** level for level in range(4)]
     # (width, heads) of every attention: encoder levels 1-3; decoder level 1 and refinement at width 2*dim
     for width, count in ((widths[0], heads[0]), (widths[1], heads[0]), (widths[1], heads[1]), (widths[2], heads[2])):
@@ -145,6 +146,26 @@ def check_model_settings(model, prefix: str = "model.") -> None:
     require(moe.dispatch != "dense" or moe.ep_size == 1, f"{prefix}moe.dispatch", moe.dispatch,
             f"needs ep_size 1 ({prefix}moe.ep_size={moe.ep_size}): expert parallelism exchanges tokens sparsely "
             "('auto' picks that)")
+
+
+def _check_layer_sizes(model, prefix: str) -> None:
+    """Widths, counts and factors that size a layer: zero or negative ones crash deep inside torch once every
+    rank has started (negative padding, a zero-width Linear) or silently drop a part of the network."""
+    positive = {"prompt_dim": model.prompt_dim, "prompt_atoms": model.prompt_atoms,
+                "mamba.d_state": model.mamba.d_state, "mamba.d_conv": model.mamba.d_conv,
+                "mamba.expand": model.mamba.expand, "clip.image_size": model.clip.image_size}
+    for key, value in positive.items():
+        require(value > 0, f"{prefix}{key}", value, "must be positive")
+    # the CondNet's last convolutions are cond_channels // 2 wide
+    require(model.cond_channels >= 2, f"{prefix}cond_channels", model.cond_channels, "must be at least 2")
+    require(model.num_refinement_blocks >= 0, f"{prefix}num_refinement_blocks", model.num_refinement_blocks,
+            "must be >= 0")
+    # hidden width = int(factor x channels); the narrowest layers have `dim` channels
+    for key, factor in (("ffn_expansion_factor", model.ffn_expansion_factor),
+                        ("moe.expert_hidden_factor", model.moe.expert_hidden_factor)):
+        require(int(factor * model.dim) >= 1, f"{prefix}{key}", factor,
+                f"gives no hidden channel at the {model.dim} channels of level 1 ({prefix}dim): "
+                f"int({factor} x {model.dim}) must be at least 1")
 
 
 def model_defaults() -> dict:
