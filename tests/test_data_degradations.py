@@ -57,6 +57,12 @@ def test_low_light_darkens_and_its_noise_grows_with_signal():
     assert bright_var == pytest.approx(0.01 * 0.36 + 0.003 ** 2, rel=0.25)
 
 
+def test_low_light_without_noise_is_exposure_times_cast_times_the_image_to_the_gamma():
+    ramp = np.linspace(0.0, 1.0, 64 * 64 * 3, dtype=np.float32).reshape(64, 64, 3)
+    dark, p = D.low_light(ramp, rng(), exposure=0.3, gamma=2.0, shot=0.0, read=0.0)
+    np.testing.assert_allclose(dark, 0.3 * np.asarray(p["cast"], np.float32) * ramp ** 2, atol=1e-6)
+
+
 def _streak_angle(residual: np.ndarray, lag: float = 8.0) -> float:
     """Direction (deg from vertical) along which the residual best correlates with itself `lag`
     pixels away: streaks are long along their own direction only."""
@@ -128,6 +134,26 @@ def test_motion_blur_removes_high_frequencies_along_its_direction(photo):
     def detail(img):
         return np.abs(np.diff(img, axis=1)).mean()
     assert detail(D.motion_blur(photo, rng(), length=15, angle=0.0)[0]) < 0.6 * detail(photo)
+
+
+@pytest.mark.parametrize("angle", [0.0, 37.0, 90.0])
+def test_motion_blur_averages_so_a_flat_image_stays_as_bright(angle):
+    flat = np.full((48, 64, 3), 0.6, np.float32)
+    np.testing.assert_allclose(D.motion_blur(flat, rng(), length=9, angle=angle)[0], flat, atol=1e-6)
+
+
+def test_lengths_scale_with_the_short_side_of_the_image():
+    """Ranges are given for a 256-pixel short side: a 128 x 512 image halves them (motion blur: [5, 21] px)."""
+    strip = np.zeros((128, 512, 3), np.float32)
+    lengths = [D.motion_blur(strip, rng(seed))[1]["length"] for seed in range(20)]
+    assert 2.5 <= min(lengths) and max(lengths) <= 10.5
+
+
+def test_overlapping_snowflakes_never_make_a_pixel_brighter_than_the_snow():
+    """Flake opacities add up but saturate at 1: the image moves toward the snow's brightness, never past it."""
+    black = np.zeros((64, 64, 3), np.float32)
+    snowy, _ = D.snow(black, rng(2), coverage=0.6, brightness=0.9, motion=0.0)
+    assert snowy.max() <= 0.9 + 1e-6 and (snowy > 0.89).mean() > 0.3
 
 
 def test_composites_apply_in_physical_order_whatever_the_listing(photo):

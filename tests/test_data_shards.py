@@ -286,6 +286,18 @@ def test_brace_patterns_and_missing_shards(clean_shards):
         resolve_shards(f"{out}-typo", "data.val_shards")
 
 
+def test_a_range_without_leading_zeros_is_not_padded():
+    assert expand_braces("s-{0..10}.tar") == [f"s-{i}.tar" for i in range(11)]
+    assert expand_braces("s-{8..10}.tar") == ["s-8.tar", "s-9.tar", "s-10.tar"]
+
+
+def test_a_folder_without_shards_is_refused_not_streamed_as_an_empty_corpus(tmp_path):
+    """An empty corpus would leave every data worker drawing shards from nothing, forever."""
+    (tmp_path / "notes.txt").write_text("not a shard")
+    with pytest.raises(FileNotFoundError, match="no shards found"):
+        resolve_shards(str(tmp_path))
+
+
 def test_a_folder_of_our_shards_without_a_manifest_is_an_unfinished_build_and_refused(clean_shards, tmp_path):
     """A build stopped by a full disk or a killed job writes no manifest: training would use part of the
     corpus. A WebDataset folder from elsewhere (no sidecars) is read as all its tars."""

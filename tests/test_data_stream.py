@@ -104,6 +104,9 @@ def test_a_fresh_start_after_a_topology_change_serves_new_data_and_resumes_exact
     fresh.start_fresh(step=400)
     head = take(fresh, 2)
     assert not any(torch.equal(a["gt"], b["gt"]) for a in head for b in first_batches)
+    later = make()
+    later.start_fresh(step=800)    # a second topology change does not replay the first one's data
+    assert not any(torch.equal(a["gt"], b["gt"]) for a in take(later, 2) for b in head)
     reference = make()
     reference.start_fresh(step=400)
     resumed = make()
@@ -128,6 +131,15 @@ def test_state_from_another_topology_is_refused(shard_dir):
     other = build_train_stream(shard_config(shard_dir), seed=5, rank=0, world_size=1, micro_batch=BATCH, crop=CROP)
     with pytest.raises(ValueError, match="world_size"):
         other.load_state_dict(stream.state_dict())
+
+
+@pytest.mark.parametrize("field, other", [("rank", dict(seed=5, rank=1)), ("seed", dict(seed=6, rank=0))])
+def test_state_of_another_rank_or_seed_is_refused(shard_dir, field, other):
+    """Positions are positions in one rank's stream of one seed: elsewhere they would be another stream's."""
+    stream = build_train_stream(shard_config(shard_dir), seed=5, rank=0, world_size=2, micro_batch=BATCH, crop=CROP)
+    elsewhere = build_train_stream(shard_config(shard_dir), world_size=2, micro_batch=BATCH, crop=CROP, **other)
+    with pytest.raises(ValueError, match=field):
+        elsewhere.load_state_dict(stream.state_dict())
 
 
 def test_every_worker_draws_from_every_shard_whatever_the_number_of_ranks_and_workers(shard_dir):
@@ -253,6 +265,8 @@ def test_val_set_is_fixed_and_covers_every_type():
     assert [len(b["type_id"]) for b in first] == [4, 2]
     assert same_batches(first, again)
     assert sorted(torch.cat([b["type_id"] for b in first]).tolist()) == [0, 0, 1, 1, 2, 2]
+    crops = torch.cat([b["gt"] for b in first])
+    assert all(not torch.equal(a, b) for a, b in itertools.combinations(crops, 2))   # no sample twice
 
 
 def test_val_set_from_held_out_shards(shard_dir):
@@ -292,6 +306,26 @@ def test_pairs_are_flipped_left_right_only_when_not_rotated():
     assert unflipped == {True, False}
 
 
+
+def test_pre_degraded_pairs_keep_their_up_and_stay_aligned():
+    """Rain falls down and haze thickens upward: a pair is flipped left-right at most, never rotated."""
+    from m2r.data.presets import Degrader
+    from m2r.data.stream import make_pair
+
+    clean = np.random.default_rng(0).integers(0, 256, (CROP, CROP, 3), dtype=np.uint8)
+    lq = 255 - clean
+    degrader = Degrader("allweather")
+    flips = set()
+    for seed in range(16):
+        lq_out, gt, type_id = make_pair(clean, lq, {"type": degrader.types[1].name}, np.random.default_rng(seed),
+                                        degrader, CROP)
+        flipped = np.array_equal(gt, clean[:, ::-1].transpose(2, 0, 1))
+        assert flipped or np.array_equal(gt, clean.transpose(2, 0, 1))
+        assert np.array_equal(lq_out, 255 - gt) and type_id == 1
+        flips.add(flipped)
+    assert flips == {True, False}
+
+
 def test_crops_reach_every_position_and_images_narrower_than_the_crop_are_upscaled():
     from m2r.data.augment import random_crop
 
@@ -315,6 +349,22 @@ def test_each_rank_and_worker_draws_its_rounds_shards_on_its_own(shard_dir):
     once, only their crops and degradations differing."""
     orders = [round_shards(shard_dir, rank, worker) for rank in range(2) for worker in range(2)]
     assert all(a != b for a, b in itertools.combinations(orders, 2))
+
+
+
+def test_each_rank_draws_its_builtin_photos_and_its_crops_on_its_own(monkeypatch):
+    """The builtin source's photo choice is per rank; and two ranks that read the same sample crop and
+    degrade it differently, as sample j of round r is drawn with (seed, rank, worker, r, j)."""
+    from m2r.data.stream import StreamPlan, _BuiltinSource, worker_batches
+
+    plans = [StreamPlan(source="builtin", shards=(), preset="five-task", weights=(), seed=0, rank=rank, world_size=2,
+                        workers=1, micro_batch=4, crop=32, shuffle_buffer=8, scale_range=(1.0, 1.0))
+             for rank in range(2)]
+    photos = [_BuiltinSource(plan, 0).round_records(0)[0] for plan in plans]
+    assert photos[0] != photos[1]
+    monkeypatch.setattr(_BuiltinSource, "round_records", lambda self, round_index: ([0] * 8, []))
+    first = [next(worker_batches(plan, 0, (0, 0))) for plan in plans]
+    assert not torch.equal(first[0]["gt"], first[1]["gt"])
 
 
 def test_a_round_serves_its_samples_shuffled_across_its_shards(shard_dir):

@@ -302,6 +302,18 @@ def test_a_reseeded_run_draws_other_gate_noise_on_each_rank(monkeypatch, step):
     assert not torch.equal(draws[0], draws[1])
 
 
+def test_a_run_reseeded_at_a_later_step_does_not_replay_the_noise_of_its_start():
+    """A resume on another topology reseeds from (seed, rank, step): at step 500 the gate noise is not the
+    noise the run drew from step 0, which it would then see twice."""
+    from m2r.engine.rng import reseed
+
+    draws = []
+    for step in (0, 500):
+        reseed(3, 0, step)
+        draws.append(torch.rand(4))
+    assert not torch.equal(draws[0], draws[1])
+
+
 # ----------------------------------------------------------------------------------- metrics, loss
 def test_psnr_and_ssim_on_known_images():
     clean = torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(0))
@@ -327,6 +339,14 @@ def test_the_total_loss_adds_the_weighted_balance_loss_to_the_pixel_loss():
     terms = restoration_loss(out, torch.full((1, 3, 4, 4), 0.5), SimpleNamespace(loss="l1", charbonnier_eps=1e-3),
                              balance_weight=0.01)
     assert float(terms.total) == pytest.approx(0.5 + 0.01 * 2.0)
+
+
+def test_the_logged_loss_terms_are_named_in_the_order_they_are_stacked():
+    from m2r.engine.loss import LossTerms
+
+    terms = LossTerms(total=torch.tensor(3.0), pixel=torch.tensor(1.0), balance=torch.tensor(2.0))
+    assert dict(zip(LossTerms.NAMES, terms.stacked().tolist())) == {"loss": 3.0, "pixel_loss": 1.0,
+                                                                     "balance_loss": 2.0}
 
 
 def test_validation_psnr_per_type_averages_that_types_images_only():

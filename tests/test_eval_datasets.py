@@ -118,6 +118,48 @@ def test_tiles_cover_the_image_and_blend_back_to_it():
     np.testing.assert_allclose(restore_image(Identity(), image, tile=32, overlap=8), image, atol=1e-6)
 
 
+class TileCounter(torch.nn.Module):
+    """Returns its input plus the number of windows restored before it (0 for the first tile), and records
+    each window's size: where tiles overlap, the output shows how they were blended."""
+
+    def __init__(self):
+        super().__init__()
+        self.windows = []
+
+    def forward(self, x):
+        self.windows.append(tuple(x.shape[-2:]))
+        return type("Out", (), {"restored": x + len(self.windows) - 1})()
+
+
+def test_overlapping_tiles_cross_fade_linearly_and_pixels_of_one_tile_are_that_tiles_output():
+    """Two 32-px tiles over 56 columns overlap by exactly 8: columns 24..31 fade from the first tile to
+    the second, (x - 23) / 9 of the way; columns only one tile covers take its output unchanged."""
+    image = torch.rand(1, 3, 16, 56)
+    blend = restore_image(TileCounter(), image, tile=32, overlap=8) - image
+    expected = torch.cat([torch.zeros(24), torch.arange(1, 9) / 9, torch.ones(24)])
+    torch.testing.assert_close(blend, expected.expand_as(blend), atol=1e-5, rtol=0)
+
+
+def test_a_side_shorter_than_the_tile_is_restored_whole_and_the_other_side_tiled():
+    """A wide strip (20 x 90 px, tile 32): windows are 24 px high (the padded height) and never wider than the
+    tile; only an image that fits the tile on both sides is restored in one piece."""
+    model, image = TileCounter(), torch.rand(1, 3, 20, 90)
+    restored = restore_image(model, image, tile=32, overlap=8)
+    assert restored.shape == image.shape
+    assert model.windows == [(24, 32)] * 4
+    with pytest.raises(ValueError, match="overlap=32"):
+        restore_image(model, image, tile=32, overlap=32)
+
+
+@pytest.mark.parametrize("size", [(8, 12), (16, 8)])
+def test_padding_as_wide_as_the_image_side_is_replicated(size):
+    """Reflect padding needs a pad smaller than the side: an 8-px side padded to 16 takes replicate."""
+    image = torch.rand(1, 3, *size)
+    padded = pad_to_multiple(image)
+    assert padded.shape[-2:] == (16, 16)
+    assert torch.equal(padded[..., :size[0], :size[1]], image)
+
+
 def _png(path, seed, size=(40, 48)):
     from PIL import Image
 
