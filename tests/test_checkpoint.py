@@ -159,6 +159,10 @@ def test_resume_targets(tmp_path):
     assert resolve_resume(str(tmp_path), Path("elsewhere")).topology() == Topology(1, 1, "fp32", 1)
     with pytest.raises(FileNotFoundError, match="run.resume"):
         resolve_resume(str(tmp_path / "missing"), tmp_path)
+    # `run.resume=no` arrives as YAML's 'False': the error says what the key takes
+    with pytest.raises(FileNotFoundError, match="run.resume='False': no such file or directory; run.resume takes "
+                                                "'latest', 'none' or the path"):
+        resolve_resume("False", tmp_path)
     with pytest.raises(FileNotFoundError, match="init.weights="):
         checkpoint_at(str(tmp_path / "missing"), "init.weights")
     assert checkpoint_at(str(tmp_path), "init.weights").tag == "step00000007"

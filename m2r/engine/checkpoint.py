@@ -143,6 +143,9 @@ def resolve_resume(resume: str, run_checkpoints: Path) -> Optional[CheckpointRef
         return None
     if resume == "latest":
         return newest_checkpoint(run_checkpoints)
+    if not Path(resume).exists():   # e.g. `run.resume=no`, which YAML reads as the word 'False'
+        raise FileNotFoundError(f"run.resume={resume!r}: no such file or directory; run.resume takes 'latest', "
+                                "'none' or the path of a checkpoint directory or tag directory")
     return checkpoint_at(resume, "run.resume")
 
 
