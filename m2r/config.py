@@ -98,9 +98,11 @@ def _read_yaml(path: Path, seen: tuple = (), named_by: str = "") -> DictConfig:
         raise ConfigError(f"cannot parse {path}: {exc}") from exc
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{path}: top level must be a mapping")
-    if len(node) == 0:   # a truncated copy would otherwise train the defaults (full network, runs/default)
-        raise ConfigError(f"{path} holds no keys (empty, or only comments)")
     bases = node.pop(BASE_KEY, [])
+    if bases is None:   # `_base_:` with nothing after it: not iterable
+        raise ConfigError(f"{path}: {BASE_KEY} names no file; give `{BASE_KEY}: [file.yaml, ...]` or remove it")
+    if len(node) == 0 and not bases:   # a truncated copy would otherwise train the defaults (full network)
+        raise ConfigError(f"{path} holds no keys (empty, or only comments)")
     if isinstance(bases, str):   # one base written without the list brackets
         bases = [bases]
     merged = OmegaConf.create({})

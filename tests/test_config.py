@@ -83,11 +83,23 @@ def test_missing_file_and_malformed_override_are_clear(tmp_path):
         load_config(Outer, None, ["train.steps"])
 
 
-@pytest.mark.parametrize("text", ["", "# only a comment\n"])
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "_base_: []\n"])
 def test_an_empty_config_file_is_refused_not_read_as_all_defaults(tmp_path, text):
     path = write(tmp_path / "cut.yaml", text)
     with pytest.raises(ConfigError, match="cut.yaml holds no keys"):
         load_config(Outer, path)
+
+
+@pytest.mark.parametrize("text", ["_base_:\n", "_base_:\ntrain:\n  lr: 0.5\n"])
+def test_a_base_key_naming_no_file_is_a_config_error_not_a_type_error(tmp_path, text):
+    path = write(tmp_path / "mine.yaml", text)
+    with pytest.raises(ConfigError, match="mine.yaml: _base_ names no file"):
+        load_config(Outer, path)
+
+
+def test_a_file_holding_only_its_base_is_the_base(tmp_path):
+    write(tmp_path / "base.yaml", "train:\n  lr: 0.5\n")
+    assert load_config(Outer, write(tmp_path / "mine.yaml", "_base_: base.yaml\n")).train.lr == 0.5
 
 
 def test_save_and_reload_round_trip(tmp_path):
@@ -300,6 +312,18 @@ def test_finetuning_refuses_values_that_fail_or_misbehave_after_start_up(overrid
     cfg = load_config(FinetuneConfig, None, [override, "data.root=/data"])
     with pytest.raises(ConfigError, match=f"key '{key}'"):
         validate_finetune_config(cfg, world_size=1)
+
+
+def test_the_data_seed_is_judged_as_the_sum_it_is():
+    """data.seed_offset is added to train.seed: judged alone, a negative offset would be refused for nothing and an
+    offset pushing the sum past 2**32 let through."""
+    from m2r.engine.config import PretrainConfig, validate_pretrain_config
+
+    validate_pretrain_config(load_config(PretrainConfig, None, ["data.shards=/data", "train.seed=100",
+                                                                "data.seed_offset=-50"]), world_size=1)
+    cfg = load_config(PretrainConfig, None, ["data.shards=/data", "train.seed=4294967290", "data.seed_offset=10"])
+    with pytest.raises(ConfigError, match="key 'data.seed_offset'.*gives the seed 4294967300"):
+        validate_pretrain_config(cfg, world_size=1)
 
 
 def test_the_shipped_seeds_and_limits_still_pass():

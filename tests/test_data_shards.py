@@ -105,6 +105,23 @@ def test_inspect_verifies_checksums_and_detects_tampering(clean_shards, tmp_path
     assert result.returncode != 0 and f"1 shards FAILED, holding {failed['samples']} samples" in result.stdout
 
 
+def test_the_per_type_totals_count_verified_shards_only(clean_shards, tmp_path):
+    """A shard whose checksum holds but whose count differs from the manifest's failed: the totals, printed as
+    those of the verified shards, leave its samples out."""
+    out, _ = clean_shards
+    damaged = tmp_path / "count"
+    damaged.mkdir()
+    for name in os.listdir(out):
+        (damaged / name).write_bytes((out / name).read_bytes())
+    manifest = json.loads((damaged / "manifest.json").read_text())
+    manifest["shards"][0]["samples"] += 1
+    (damaged / "manifest.json").write_text(json.dumps(manifest))
+    report = inspect_shards(str(damaged))
+    (failed,) = [row for row in report["shards"] if not row["ok"]]
+    assert failed["problem"].endswith(f"manifest says {manifest['shards'][0]['samples']}")
+    assert sum(report["type_counts"].values()) == sum(row["samples"] for row in report["shards"] if row["ok"])
+
+
 def test_rerun_skips_finished_shards_and_redoes_unfinished_ones(clean_shards, photo_tree):
     out, manifest = clean_shards
     shard_1 = out / "shard-000001.tar"

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from finetune_layouts import build_allweather, build_cdd11
 from m2r.config import ConfigError, load_config
-from m2r.engine.checkpoint import resolve_resume
+from m2r.engine.checkpoint import complete_tags, resolve_resume
 from m2r.engine.config import FinetuneConfig, check_init_weights_kind, validate_finetune_config
 from m2r.engine.finetuner import Finetuner, init_weights_kind
 from m2r.eval.datasets import CDD11_TYPES, evaluation_sets
@@ -268,12 +268,117 @@ def test_a_resume_removes_a_best_export_whose_recorded_best_is_no_longer_kept(tm
         (tmp_path / f"best_psnr{suffix}").write_text(json.dumps({"value": 12.0, "epoch": 5, "step": 10}))
     recorded = {"value": 9.0, "epoch": 2, "step": 4}
     changes = align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", 6, recorded)
-    assert changes == [f"step00000008, step00000010 moved to {tmp_path / 'best_psnr/abandoned'}",
+    assert changes == [f"step00000008, step00000010 moved to {tmp_path / 'best_psnr/abandoned'} (delete them when "
+                       "no longer needed)",
                        "best_psnr.safetensors removed until the next best (its checkpoint (step00000004) is no "
                        "longer kept)"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best_psnr"]
     assert sorted(p.name for p in (tmp_path / "best_psnr").iterdir()) == ["abandoned"]
     assert align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", 6, recorded) == []
+
+
+def test_a_damaged_copy_of_the_recorded_best_does_not_stop_the_resume(tmp_path, monkeypatch):
+    """Its export fails (an expert file lost): the export is removed until the next best, and training goes on."""
+    from m2r.engine import bests
+    from m2r.models.convert import CheckpointMismatch
+
+    def damaged(source, target, **kwargs):
+        raise CheckpointMismatch(f"{source}: expert files missing\nsecond line")
+
+    monkeypatch.setattr(bests, "export", damaged)
+    best_copy(tmp_path, 4)
+    for suffix in (".safetensors", ".yaml", ".json"):
+        (tmp_path / f"best_psnr{suffix}").write_text(json.dumps({"value": 12.0, "epoch": 5, "step": 10}))
+    changes = bests.align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", 6,
+                                           {"value": 9.0, "epoch": 2, "step": 4})
+    assert changes == [f"best_psnr.safetensors removed until the next best ({tmp_path / 'best_psnr/step00000004'} "
+                       f"cannot be exported: {tmp_path / 'best_psnr/step00000004'}: expert files missing)"]
+    assert not list(tmp_path.glob("best_psnr.*"))
+
+
+def best_copy(run_dir: Path, step: int) -> None:
+    """A complete copy of step `step`'s checkpoint under best_psnr/ (meta.json only: enough for the tag logic)."""
+    (run_dir / f"best_psnr/step{step:08d}").mkdir(parents=True)
+    (run_dir / f"best_psnr/step{step:08d}/meta.json").write_text(json.dumps({"step": step}))
+
+
+def exported_weights_of(run_dir: Path, step: int) -> None:
+    """best_psnr.safetensors as `export` writes it from best_psnr/step<step>: its source in the metadata."""
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(run_dir / "best_psnr.safetensors"),
+              metadata={"source": str(run_dir / f"best_psnr/step{step:08d}"), "weights": "fp32"})
+
+
+def capture_exports(monkeypatch) -> list:
+    from m2r.engine import bests
+
+    exported = []
+    monkeypatch.setattr(bests, "export", lambda source, target, use_ema, companions: exported.append(source))
+    return exported
+
+
+def test_a_kill_between_the_renames_of_a_best_export_is_mended_at_the_next_start(tmp_path, monkeypatch):
+    """`export` renames the weights first and best_psnr.json last: killed between them while epoch 2 kept its best
+    (step 4), the record still says step 2, the best the resumed checkpoint recorded, but the weights are step
+    4's. The record alone would pass them as step 2's."""
+    from m2r.engine.bests import align_best_with_resume
+
+    for step in (2, 4):
+        best_copy(tmp_path, step)
+    recorded = {"value": 9.0, "epoch": 1, "step": 2}
+    exported_weights_of(tmp_path, 4)
+    (tmp_path / "best_psnr.json").write_text(json.dumps(recorded))
+    exported = capture_exports(monkeypatch)
+    changes = align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", 2, recorded)
+    assert exported == [str(tmp_path / "best_psnr/step00000002")], changes
+    assert changes[-1] == f"best_psnr.safetensors exported again from {tmp_path / 'best_psnr/step00000002'}"
+
+
+def test_a_first_best_killed_between_its_renames_leaves_no_weights_under_the_bests_name(tmp_path, monkeypatch):
+    """Epoch 1's last step saved by a stop signal (no best recorded), resumed, validated, its best kept at that same
+    step 2 and killed after renaming the weights: no best is recorded, so neither copy nor weights may stay."""
+    from m2r.engine.bests import align_best_with_resume
+
+    best_copy(tmp_path, 2)
+    (tmp_path / "best_psnr/latest").write_text("step00000002")
+    exported_weights_of(tmp_path, 2)
+    exported = capture_exports(monkeypatch)
+    align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", 2, None)
+    assert exported == [] and not (tmp_path / "best_psnr.safetensors").exists()
+    assert complete_tags(tmp_path / "best_psnr") == [] and not (tmp_path / "best_psnr/latest").exists()
+
+
+def test_a_best_copy_at_the_resumed_step_itself_is_set_aside_when_that_step_did_not_record_it(tmp_path, monkeypatch):
+    """Resumed at step 4, whose checkpoint recorded the best of step 2: a copy at step 4 is one an epoch end kept
+    before a kill (the run had stopped on epoch 2's last step and saved it; resumed, it validated and kept its best,
+    then died before saving step 4 again). `best_psnr/` readers must not take it."""
+    from m2r.engine.bests import align_best_with_resume
+
+    for step in (2, 4):
+        best_copy(tmp_path, step)
+    (tmp_path / "best_psnr/latest").write_text("step00000004")
+    exported_weights_of(tmp_path, 4)
+    (tmp_path / "best_psnr.json").write_text(json.dumps({"value": 9.5, "epoch": 2, "step": 4}))
+    exported = capture_exports(monkeypatch)
+    align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", 4, {"value": 9.0, "epoch": 1, "step": 2})
+    assert exported == [str(tmp_path / "best_psnr/step00000002")]
+    assert complete_tags(tmp_path / "best_psnr") == ["step00000002"]
+    assert resolve_resume("latest", tmp_path / "best_psnr").tag == "step00000002"
+
+
+@pytest.mark.parametrize("ema", [True, False])
+def test_a_best_exported_again_at_resume_holds_the_weights_that_were_validated(tmp_path, monkeypatch, ema):
+    """With an EMA, validation scored the EMA weights: the export made again from the recorded best's checkpoint
+    holds them, as the one made when it was the best did (that checkpoint's meta.json says whether it has them)."""
+    from m2r.engine import bests
+
+    (tmp_path / "best_psnr/step00000002").mkdir(parents=True)
+    (tmp_path / "best_psnr/step00000002/meta.json").write_text(json.dumps({"step": 2, "ema": ema}))
+    calls = []
+    monkeypatch.setattr(bests, "export", lambda source, target, use_ema, companions: calls.append(use_ema))
+    bests.align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", 2, {"value": 9.0, "epoch": 1, "step": 2})
+    assert calls == [ema]
 
 
 def test_ranks_train_on_rank_0s_listing_of_the_dataset(repo_root, tmp_path):

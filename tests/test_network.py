@@ -305,6 +305,16 @@ def test_fp16_weights_train_the_official_network_without_nan():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fp16_normalisation_leaves_fp32_and_bf16_attention_as_it_was(dtype):
+    """Only fp16 rows go through fp32: the fp32 and bf16 runs (and their compiled graphs) are F.normalize's."""
+    import torch.nn.functional as F
+    from m2r.models.restormer import _unit_rows
+
+    rows = torch.randn(2, 3, 8, 257, generator=torch.Generator().manual_seed(0)).to(dtype) * 37
+    assert torch.equal(_unit_rows(rows), F.normalize(rows, dim=-1))
+
+
 # ---------------------------------------------------------------- reference checks on small pieces
 
 def test_channel_layer_norm_is_layer_norm_over_channels():

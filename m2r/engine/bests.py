@@ -12,6 +12,7 @@ from m2r.atomic import json_text
 from m2r.engine.checkpoint import (ABANDONED_DIR, LATEST_FILE, CheckpointManager, CheckpointRef, complete_tags,
                                    is_complete, set_aside_tags_after, tag_for)
 from m2r.export import export
+from m2r.models.convert import CheckpointMismatch
 
 FINETUNE_KIND = "finetune"
 
@@ -23,7 +24,8 @@ def best_checkpoints(run_dir: Path, name: str) -> CheckpointManager:
 
 def best_export_files(run_dir: Path, name: str) -> List[Path]:
     """The export of best <name>: weights, network config, and last (as `export` replaces them) the record of
-    what they are, so that a kill among them leaves a record that differs from the run's best."""
+    what they are. A kill among the renames leaves files of two bests: `export_holds` judges the record and the
+    weights' source together."""
     return [run_dir / f"best_{name}.safetensors", run_dir / f"best_{name}.yaml", run_dir / f"best_{name}.json"]
 
 
@@ -43,17 +45,46 @@ def export_best(ref: CheckpointRef, run_dir: Path, name: str, record: Dict[str, 
 def align_best_with_resume(run_dir: Path, checkpoints_root: Path, name: str, step: int,
                            recorded: Optional[Dict[str, Any]]) -> List[str]:
     """Rank 0, resuming at `step`: best_<name>/ and its export as that checkpoint recorded the best
-    (`recorded`; None before the first validation). The steps after it were abandoned (an older tag resumed, or
-    a kill while an epoch kept its bests): their best copies are set aside, else `checkpoint_at(best_<name>)`
+    (`recorded`; None before the first validation). Best copies newer than the recorded best were abandoned (an
+    older tag resumed, or a kill while an epoch kept its bests): they are set aside, else `checkpoint_at(best_<name>)`
     would take the newest, and an export of their weights gives way to the recorded best's. Each change is atomic
     and judged from the disk, so the next start finishes what a kill interrupted. Returns what changed."""
     best_dir = run_dir / f"best_{name}"
-    moved = set_aside_tags_after(best_dir, tag_for(step))
+    # Every best of this branch is at most the recorded one's step: a newer copy, even one at `step` itself (a kill
+    # while the epoch ending at the resumed step kept its bests, that step then saved again), was abandoned.
+    moved = set_aside_tags_after(best_dir, tag_for(recorded["step"]) if recorded else "")
     point_latest_at_newest(best_dir)
-    changes = [f"{', '.join(moved)} moved to {best_dir / ABANDONED_DIR}"] if moved else []
-    if exported_best(run_dir, name) != recorded:
+    changes = [f"{', '.join(moved)} moved to {best_dir / ABANDONED_DIR} (delete them when no longer needed)"
+               ] if moved else []
+    if not export_holds(run_dir, name, recorded):
         changes += export_recorded_best(run_dir, checkpoints_root, name, recorded)
     return changes
+
+
+def export_holds(run_dir: Path, name: str, recorded: Optional[Dict[str, Any]]) -> bool:
+    """Whether the export of best <name> on disk is that of `recorded` (None: there is none). The record alone
+    cannot say: `export` renames the weights first and the record last, so a kill between them leaves new weights
+    beside the old record, which may be the recorded one; the weights name the checkpoint they come from."""
+    if recorded is None:
+        return not any(path.exists() for path in best_export_files(run_dir, name))
+    return (exported_best(run_dir, name) == recorded
+            and exported_weights_tag(run_dir, name) == tag_for(recorded["step"]))
+
+
+def exported_weights_tag(run_dir: Path, name: str) -> Optional[str]:
+    """The tag of the checkpoint best_<name>.safetensors was exported from (its `source` metadata); None without
+    the file."""
+    from safetensors import safe_open
+
+    weights = best_export_files(run_dir, name)[0]
+    if not weights.is_file():
+        return None
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            source = (handle.metadata() or {}).get("source")
+    except Exception:   # not a readable safetensors file: not the recorded best's export either
+        return None
+    return Path(source).name if source else None
 
 
 def point_latest_at_newest(best_dir: Path) -> None:
@@ -70,13 +101,16 @@ def export_recorded_best(run_dir: Path, checkpoints_root: Path, name: str,
     """The export made again from the recorded best's checkpoint, or removed where none is kept (no abandoned
     weights under the name of the best); the next better epoch is exported as usual."""
     source = recorded_best_checkpoint(run_dir, checkpoints_root, name, recorded) if recorded else None
+    why = f"its checkpoint ({tag_for(recorded['step'])}) is no longer kept" if recorded else "none was recorded yet"
     if source is not None:
-        export_best(source, run_dir, name, recorded, use_ema=bool(source.meta().get("ema")))
-        return [f"best_{name}.safetensors exported again from {source.path}"]
+        try:
+            export_best(source, run_dir, name, recorded, use_ema=bool(source.meta().get("ema")))
+            return [f"best_{name}.safetensors exported again from {source.path}"]
+        except CheckpointMismatch as exc:   # a damaged copy: the export waits for the next best, training goes on
+            why = f"{source.path} cannot be exported: {str(exc).splitlines()[0]}"
     removed = [path for path in best_export_files(run_dir, name) if path.exists()]
     for path in removed:
         path.unlink()
-    why = f"its checkpoint ({tag_for(recorded['step'])}) is no longer kept" if recorded else "none was recorded yet"
     return [f"best_{name}.safetensors removed until the next best ({why})"] if removed else []
 
 

@@ -37,7 +37,7 @@ def inspect_shards(directory: str) -> dict:
                 problem = f"unreadable: {exc}"
             if problem is None and sum(counts.values()) != entry["samples"]:
                 problem = f"{sum(counts.values())} samples, manifest says {entry['samples']}"
-        for name, count in counts.items():
+        for name, count in counts.items() if problem is None else ():   # the totals count verified shards
             totals[name] = totals.get(name, 0) + count
         # A failed shard's samples are the manifest's count: what training loses if it is not rebuilt.
         rows.append(dict(name=entry["name"], samples=entry["samples"] if problem else sum(counts.values()),
