@@ -65,6 +65,17 @@ def test_summary_tool_counts_the_network_of_a_training_config(config, trainable,
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"trainable_params: {trainable}"
 
 
+@pytest.mark.parametrize("sections", ["data:\n  source: builtin\n",                       # pretrain, no train:
+                                      "data:\n  dataset: cdd11\n  root: /data/CDD-11\n",   # finetune, no train:
+                                      "init:\n  weights: null\n"])
+def test_summary_tool_reads_a_training_config_without_a_train_section(sections, tmp_path, capsys):
+    """README: `_base_: [m2r:model/...@model]` in a config of your own; `train:` may be left at its defaults."""
+    config = tmp_path / "mine.yaml"
+    config.write_text("_base_: [m2r:model/tiny.yaml@model]\n" + sections)
+    summary.main(["--config", str(config)])
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "trainable_params: 470354"
+
+
 def test_plus_config_differs_only_by_the_seventh_prompt():
     model = meta_model("m2restore-plus")
     assert parameter_count(model) == OFFICIAL_TRAINABLE_PARAMS + PLUS_EXTRA_PARAMS

@@ -13,7 +13,7 @@ from typing import Dict, List, Tuple
 
 import open_clip
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from m2r.cli import run_main
 from m2r.config import config_path, load_config, read_merged_yaml
@@ -66,15 +66,33 @@ def format_summary(summary: Dict[str, object], clip_line: str) -> str:
     return "\n".join(lines)
 
 
-def network_config(path: str, overrides: List[str]):
-    """The model config in `path`: a model config file, or the `model` section of a training config (one
-    with a `train` section; finetune configs count in epochs)."""
-    raw = read_merged_yaml(path) if config_path(path).is_file() else {}
-    if "train" not in raw:
-        return load_config(ModelConfig, path, overrides)
+TRAINING_SECTIONS = ("model", "data", "train", "run", "init")   # top-level keys of a training config
+
+
+def _training_schema(raw: DictConfig):
+    """FinetuneConfig when the file sets a key only finetuning has (`init`, `train.epochs`, `data.root`...),
+    else PretrainConfig."""
     from m2r.engine.config import FinetuneConfig, PretrainConfig
 
-    schema = FinetuneConfig if "epochs" in raw["train"] else PretrainConfig
+    finetune, pretrain = OmegaConf.structured(FinetuneConfig), OmegaConf.structured(PretrainConfig)
+    for section, values in raw.items():
+        if section not in finetune:
+            continue
+        if section not in pretrain:
+            return FinetuneConfig
+        if isinstance(values, DictConfig) and any(key in finetune[section] and key not in pretrain[section]
+                                                  for key in values):
+            return FinetuneConfig
+    return PretrainConfig
+
+
+def network_config(path: str, overrides: List[str]):
+    """The model config in `path`: a model config file, or the `model` section of a training config (one
+    with a `model`, `data`, `train`, `run` or `init` section; finetune configs are told by their own keys)."""
+    raw = read_merged_yaml(path) if config_path(path).is_file() else OmegaConf.create()
+    if not any(section in raw for section in TRAINING_SECTIONS):
+        return load_config(ModelConfig, path, overrides)
+    schema = _training_schema(raw)
     return load_config(schema, path, [f"model.{override}" for override in overrides]).model
 
 
