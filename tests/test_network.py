@@ -326,6 +326,61 @@ def test_the_fp16_normalisation_leaves_fp32_and_bf16_attention_as_it_was(dtype):
     assert torch.equal(_unit_rows(rows), F.normalize(rows, dim=-1))
 
 
+# DeepSpeed's fp16 starts at 2**16 and halves the loss scale on every overflow; the tiny net's task-prompt
+# gradients (summed over every pixel) overflow at 2**16 itself, and fit from about 2**15 down.
+FP16_LOSS_SCALE = 2.0 ** 10
+
+
+def _fp16_step_gradients(model, image):
+    """One fp16-weights step as DeepSpeed runs it: scaled loss, gradients in fp16."""
+    out = model(image.half())
+    loss = out.restored.float().abs().mean() + out.balance_loss.float()
+    (loss * FP16_LOSS_SCALE).backward()
+    return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("overrides, image", [
+    ((), images(1, 3, 64, 64)),                                                       # official empty low band
+    (("input_range=zero_one", "aflb_mask=fixed"), torch.zeros(1, 3, 64, 64)),          # black image: both bands 0
+])
+def test_fp16_weights_give_finite_gradients_once_the_aflb_is_mixed_in(overrides, image):
+    """para1 starts at 0, so at step 0 no gradient reaches the AFLB's attention. Once it has moved, an all-zero
+    band row gets F.normalize's gradient 1 / eps = 1e12 times the incoming one: inf in fp16, then NaN weight
+    gradients (inf * 0), so DeepSpeed would skip every step and stop at its minimum loss scale."""
+    model = build_model(model_config("tiny", *overrides)).train()
+    with torch.no_grad():
+        for aflb in (model.aflb1, model.aflb2, model.aflb3):
+            aflb.para1.fill_(0.1)
+    grads = _fp16_step_gradients(model.half(), image)
+    assert [name for name, grad in grads.items() if not torch.isfinite(grad).all()] == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_unit_rows_pass_no_gradient_into_zero_rows_in_fp16_and_match_f_normalize_otherwise(dtype):
+    from m2r.models.restormer import _unit_rows
+
+    rows = torch.randn(2, 3, 5, 40, generator=torch.Generator().manual_seed(0))
+    rows[0, 1, 2] = 0
+    incoming = torch.randn(rows.shape, generator=torch.Generator().manual_seed(1)) * 1e-3
+    ours = rows.to(dtype).requires_grad_()
+    _unit_rows(ours).backward(incoming.to(dtype))
+    if dtype == torch.float16:   # normalised in fp32: compare with that, and no 1e12 gradient (inf) into the zero row
+        reference = rows.to(dtype).float().requires_grad_()
+        expected = torch.nn.functional.normalize(reference, dim=-1)
+        expected.backward(incoming.to(dtype).float())
+        assert torch.equal(_unit_rows(rows.to(dtype)), expected.to(dtype))
+        assert torch.isfinite(ours.grad).all() and not ours.grad[0, 1, 2].any()
+        keep = torch.ones(rows.shape[:-1], dtype=torch.bool)
+        keep[0, 1, 2] = False
+        assert torch.equal(ours.grad[keep], reference.grad.to(dtype)[keep])
+    else:                        # exactly F.normalize, forward and backward
+        reference = rows.to(dtype).requires_grad_()
+        expected = torch.nn.functional.normalize(reference, dim=-1)
+        expected.backward(incoming.to(dtype))
+        assert torch.equal(_unit_rows(rows.to(dtype)), expected.detach())
+        assert torch.equal(ours.grad, reference.grad)
+
+
 # ---------------------------------------------------------------- reference checks on small pieces
 
 def test_channel_layer_norm_is_layer_norm_over_channels():

@@ -104,10 +104,15 @@ def memory_layout(x: torch.Tensor) -> torch.memory_format:
 
 def _unit_rows(t):
     """F.normalize along the last dim. In fp16 (DeepSpeed's fp16 weights) its eps of 1e-12 rounds to 0, so an
-    all-zero row (the AFLB's empty low band below 128 px under the official mask) would give 0 / 0 = NaN:
-    fp16 rows are normalised in fp32. Other dtypes as F.normalize (bf16 holds 1e-12)."""
+    all-zero row (the AFLB's empty low band under the official mask, any band of a black zero_one input)
+    would give 0 / 0 = NaN: fp16 rows are normalised in fp32. The gradient into an all-zero row is then
+    1 / eps = 1e12 times the incoming one: finite in fp32, inf once back in fp16, and inf * 0 = NaN in the
+    weight gradients of the layers that made the row (every step overflows, whatever the loss scale).
+    A zero row has no direction: fp16 ones pass no gradient back. Other dtypes as F.normalize."""
     if t.dtype == torch.float16:
-        return F.normalize(t.float(), dim=-1).to(t.dtype)
+        rows = t.float()
+        rows = torch.where(rows.norm(dim=-1, keepdim=True) > 0, rows, rows.detach())
+        return F.normalize(rows, dim=-1).to(t.dtype)
     return F.normalize(t, dim=-1)
 
 
