@@ -430,7 +430,7 @@ def test_below_128_pixels_the_official_split_is_all_high_frequency_without_a_tra
 
 
 def test_from_128_pixels_the_official_box_can_hold_frequencies():
-    """int(1 * t) is 1 when the rate saturates to 1.0 (bf16's sigmoid does so from a logit of about 6)."""
+    """int(1 * t) is 1 when the rate saturates to 1.0 (fp32's sigmoid does so from a logit of about 17)."""
     aflb = AFLB(8, num_heads=2, bias=False, mask="official")
     aflb.box_rates = lambda x: torch.ones(x.shape[0], 2)
     image = images(1, 3, 130, 200)
@@ -439,6 +439,21 @@ def test_from_128_pixels_the_official_box_can_hold_frequencies():
     assert mask.sum() == 4 and low.abs().amax() > 1e-3
     torch.testing.assert_close(high, ref_high, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(low, ref_low, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_box_rates_below_one_stay_below_one_in_half_precision(dtype):
+    """A logit of 9 is a rate of 0.99988 (fp16 and bf16 round it to 1.0): at 1.0 int(1 * t) would open the
+    official box at 128 px, where the fp32 network keeps it empty."""
+    class LogitsOfNine(torch.nn.Module):
+        def forward(self, pooled):
+            return torch.full((pooled.shape[0], 2, 1, 1), 9.0, dtype=pooled.dtype)
+
+    aflb = AFLB(16, num_heads=2, bias=False, mask="official").to(dtype)
+    aflb.rate_conv = LogitsOfNine()
+    assert torch.sigmoid(torch.tensor(9.0, dtype=dtype)) == 1   # what the rates were before
+    rates = aflb.box_rates(torch.ones(1, 16, 8, 8, dtype=dtype))
+    assert rates.dtype == torch.float32 and (rates < 1).all()
 
 
 def test_compiled_official_box_leaves_rate_conv_without_gradients_and_hooks_unfired():
