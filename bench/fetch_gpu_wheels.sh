@@ -7,7 +7,8 @@ rm -rf .gpu_wheels   # two versions of one package stop the whole install there
 mkdir -p .gpu_wheels
 cp ../shared/wheels/gpu/*.whl .gpu_wheels/   # mamba-ssm and causal-conv1d built for that machine
 chmod u+w .gpu_wheels/*.whl
-# The versions this checkout's .venv runs (the tests' versions; pydantic needs its exact pydantic-core), else the newest.
+# The versions this checkout's .venv runs (the tests' versions; pydantic needs its exact pydantic-core),
+# else the newest.
 pinned() {
   for package in "$@"; do
     .venv/bin/python -c "import importlib.metadata as m, sys; print(sys.argv[1] + '==' + m.version(sys.argv[1]))" \

@@ -172,7 +172,8 @@ def test_largest_crop_answers_for_an_80_gb_gpu_on_a_larger_one(repo_root, monkey
     ts = _train_speed(repo_root, monkeypatch)
     h200 = 143771 * 2**20
     fractions, tried = [], []
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: types.SimpleNamespace(total_memory=h200))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: types.SimpleNamespace(total_memory=h200))
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device=None: fractions.append(f))
 
     class Runner:   # peak memory 4 GB + 80 GB per megapixel, trained at no cost

@@ -122,7 +122,7 @@ def test_two_rank_finetune_from_a_one_rank_pretraining_checkpoint_then_evaluatio
     assert "saved with world size 1, ep_size 1" in log
     # which of the layout's folders, and the list file that chose the images
     assert f"8 training pairs in {allweather / 'train/input'} (listed in {allweather / 'filenames.txt'}) |" in log
-    assert "2 steps/epoch x 2 epochs = 4 steps" in log
+    assert "2 steps/epoch x 2 epochs = 4 steps | warmup 2, cosine to min_lr after step 4\n" in log
     assert "step 3/4 |" in log and "step 4/4 |" in log and "step 2/4 |" not in log   # log steps and the last
     assert "stopping at step 4: finished" in log
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

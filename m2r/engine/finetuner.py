@@ -222,7 +222,7 @@ class Finetuner(TrainingRun):
             f"  batch: micro {train.micro_batch} x accum {train.grad_accum} x {world} ranks = global "
             f"{images_per_step(train, world)} | crop {train.crop} | "
             f"{self.steps_per_epoch} steps/epoch x {train.epochs} epochs = {self.total_steps} steps | "
-            f"{self.schedule.describe(self.total_steps)}",
+            + self.schedule.describe(self.total_steps),
             *self._speed_settings(self.checkpointing + (f" (auto on {self.device.type})"
                                                         if self.cfg.train.activation_checkpointing == "auto" else "")),
             f"  validation sets (images of each, at most data.val_images_per_set={self.cfg.data.val_images_per_set}): "
