@@ -441,3 +441,26 @@ def test_a_resume_names_a_model_key_added_since_the_checkpoint_that_this_run_set
     TrainingRun._check_resumable(stub, ref)
     assert "model.moe.load_with_clip_bias False (the default; not in step00000001's config) -> True" in \
         capsys.readouterr().out
+
+
+def test_a_tag_pruned_part_way_never_counts_as_complete(tmp_path, monkeypatch):
+    """rmtree removes a tag's files in directory order, meta.json among them: a kill part way must not leave an
+    older tag that counts as complete (meta.json) but lacks its weights, which a resume or export would take."""
+    import m2r.engine.checkpoint as checkpoint
+    from m2r.engine.checkpoint import complete_tags
+
+    config, manager = load_config(PretrainConfig), CheckpointManager(tmp_path, keep_last=2)
+    for step in (10, 20):
+        manager.save(FakeEngine(), step, Topology(1, 1, "fp32", 1), {"step": step}, config)
+
+    def killed_part_way(path, ignore_errors=False):   # the files before meta.json in directory order, then the kill
+        if not Path(path).is_dir():
+            return
+        for entry in sorted(Path(path).iterdir()):
+            if entry.name != "meta.json":
+                entry.unlink()
+        raise KeyboardInterrupt("killed")
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_part_way)
+    with pytest.raises(KeyboardInterrupt):
+        manager.save(FakeEngine(), 30, Topology(1, 1, "fp32", 1), {"step": 30}, config)
+    assert complete_tags(tmp_path) == [tag_for(20), tag_for(30)]

@@ -685,3 +685,41 @@ def test_a_resume_takes_its_load_path_from_rank_0s_read_of_the_topology(monkeypa
     ref = SimpleNamespace(topology=stale_read, root="ckpt", tag="step00000005", path="ckpt/step00000005")
     assert run.TrainingRun._load_checkpoint(stub, ref) == (client, "rng of rank 0")
     assert loaded == ["step00000005"] and stub.step == 5
+
+
+def test_a_copy_of_the_recorded_best_missing_a_file_does_not_stop_the_resume(tmp_path):
+    """A copy complete by its meta.json but lacking its weight files (a kill while pruning removed them first, or
+    a user): its export fails with FileNotFoundError, which must not stop the resume any more than a damaged one."""
+    from m2r.engine.bests import align_best_with_resume
+
+    best_copy(tmp_path, 4)
+    for suffix in (".safetensors", ".yaml", ".json"):
+        (tmp_path / f"best_psnr{suffix}").write_text(json.dumps({"value": 12.0, "epoch": 5, "step": 10}))
+    changes = align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", 6,
+                                     {"value": 9.0, "epoch": 2, "step": 4})
+    assert len(changes) == 1 and changes[0].startswith("best_psnr.safetensors removed until the next best (")
+    assert not list(tmp_path.glob("best_psnr.*"))
+
+
+def test_a_complete_staged_best_copy_of_an_abandoned_epoch_is_not_published_by_the_next_best(tmp_path):
+    """Killed between writing best_psnr/step12.partial/meta.json and its rename; the restart resumed step 10, whose
+    checkpoint recorded the best of step 6, and (at another topology, say) epoch 6 is no best this time. The next
+    best, step 14, must not publish the abandoned step 12 as a best copy, nor prune the recorded step 6 for it."""
+    from m2r.engine.bests import align_best_with_resume, best_checkpoints
+
+    for step in (2, 6):
+        best_copy(tmp_path, step)
+    (tmp_path / "best_psnr/latest").write_text("step00000006")
+    staged = tmp_path / "best_psnr/step00000012.partial"
+    staged.mkdir()
+    (staged / "meta.json").write_text(json.dumps({"step": 12}))
+    recorded = {"value": 9.0, "epoch": 3, "step": 6}
+    exported_weights_of(tmp_path, 6)
+    (tmp_path / "best_psnr.json").write_text(json.dumps(recorded))
+    (tmp_path / "best_psnr.yaml").write_text("{}")
+    align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", 10, recorded)
+    source = tmp_path / "checkpoints/step00000014.partial"
+    source.mkdir(parents=True)
+    (source / "config.yaml").write_text("{}")
+    best_checkpoints(tmp_path, "psnr").keep_copy(source, 14, {"step": 14})
+    assert complete_tags(tmp_path / "best_psnr") == ["step00000006", "step00000014"]

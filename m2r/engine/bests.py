@@ -50,6 +50,10 @@ def align_best_with_resume(run_dir: Path, checkpoints_root: Path, name: str, ste
     would take the newest, and an export of their weights gives way to the recorded best's. Each change is atomic
     and judged from the disk, so the next start finishes what a kill interrupted. Returns what changed."""
     best_dir = run_dir / f"best_{name}"
+    # A copy staged complete (meta.json) but not yet renamed when the kill came is published here, not by the next
+    # best's `keep_copy` (which would keep it beside that best, pruning the recorded one): then judged as any tag.
+    if best_dir.is_dir():
+        best_checkpoints(run_dir, name).remove_leftovers()
     # Every best of this branch is at most the recorded one's step: a newer copy, even one at `step` itself (a kill
     # while the epoch ending at the resumed step kept its bests, that step then saved again), was abandoned.
     moved = set_aside_tags_after(best_dir, tag_for(recorded["step"]) if recorded else "")
@@ -103,10 +107,11 @@ def export_recorded_best(run_dir: Path, checkpoints_root: Path, name: str,
     source = recorded_best_checkpoint(run_dir, checkpoints_root, name, recorded) if recorded else None
     why = f"its checkpoint ({tag_for(recorded['step'])}) is no longer kept" if recorded else "none was recorded yet"
     if source is not None:
+        # A damaged copy (or one missing a file): the export waits for the next best, training goes on.
         try:
             export_best(source, run_dir, name, recorded, use_ema=bool(source.meta().get("ema")))
             return [f"best_{name}.safetensors exported again from {source.path}"]
-        except CheckpointMismatch as exc:   # a damaged copy: the export waits for the next best, training goes on
+        except (CheckpointMismatch, FileNotFoundError) as exc:
             why = f"{source.path} cannot be exported: {str(exc).splitlines()[0]}"
     removed = [path for path in best_export_files(run_dir, name) if path.exists()]
     for path in removed:

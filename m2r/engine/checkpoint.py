@@ -321,7 +321,19 @@ class CheckpointManager:
         doomed = [self.root / tag for tag in older[: max(0, len(older) - (self.keep_last - 1))]]
         doomed += [self.root / tag for tag in tags if tag not in complete]
         for path in doomed:
-            shutil.rmtree(path, ignore_errors=True)
+            remove_tag(path)
+
+
+def remove_tag(path: Path) -> None:
+    """Delete a tag directory, meta.json first: rmtree takes the files in directory order, and a kill part way
+    must not leave a tag that counts as complete while its weights are gone (a resume or export would take it)."""
+    try:   # best effort, as pruning always was: a failure here must not stop the training
+        if (path / META_FILE).is_file():
+            (path / META_FILE).unlink()
+            fsync_directory(path)
+    except OSError:
+        pass
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
