@@ -263,18 +263,34 @@ def test_a_resume_removes_a_best_export_whose_recorded_best_is_no_longer_kept(tm
     for step in (8, 10):
         (tmp_path / f"best_psnr/step{step:08d}").mkdir(parents=True)
         (tmp_path / f"best_psnr/step{step:08d}/meta.json").write_text(json.dumps({"step": step}))
+        (tmp_path / f"checkpoints/abandoned/step{step:08d}").mkdir(parents=True)   # saved, then rewound past
     (tmp_path / "best_psnr/latest").write_text("step00000010")
     for suffix in (".safetensors", ".yaml", ".json"):
         (tmp_path / f"best_psnr{suffix}").write_text(json.dumps({"value": 12.0, "epoch": 5, "step": 10}))
     recorded = {"value": 9.0, "epoch": 2, "step": 4}
-    changes = align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", 6, recorded)
+    changes = align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", recorded)
     assert changes == [f"step00000008, step00000010 moved to {tmp_path / 'best_psnr/abandoned'} (delete them when "
                        "no longer needed)",
                        "best_psnr.safetensors removed until the next best (its checkpoint (step00000004) is no "
                        "longer kept)"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best_psnr"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best_psnr", "checkpoints"]
     assert sorted(p.name for p in (tmp_path / "best_psnr").iterdir()) == ["abandoned"]
-    assert align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", 6, recorded) == []
+    assert align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", recorded) == []
+
+
+def test_best_copies_of_an_epoch_whose_checkpoint_was_never_saved_are_removed_not_kept(tmp_path):
+    """A kill while epoch 2 kept its bests, before its checkpoint was published: the epoch is trained again, so
+    its copies are nobody's (a whole checkpoint's bytes each); those of a rewound run were saved and are kept."""
+    from m2r.engine.bests import align_best_with_resume
+
+    for step in (2, 4, 6):
+        best_copy(tmp_path, step)
+    (tmp_path / "checkpoints/abandoned/step00000006+").mkdir(parents=True)   # step 6 was saved, then rewound past
+    changes = align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", {"value": 9.0, "epoch": 1, "step": 2})
+    assert changes[:2] == ["step00000004 removed (their epochs' checkpoints were never saved)",
+                           f"step00000006 moved to {tmp_path / 'best_psnr/abandoned'} (delete them when no longer "
+                           "needed)"]
+    assert sorted(p.name for p in (tmp_path / "best_psnr").iterdir()) == ["abandoned", "latest", "step00000002"]
 
 
 def test_a_damaged_copy_of_the_recorded_best_does_not_stop_the_resume(tmp_path, monkeypatch):
@@ -289,7 +305,7 @@ def test_a_damaged_copy_of_the_recorded_best_does_not_stop_the_resume(tmp_path, 
     best_copy(tmp_path, 4)
     for suffix in (".safetensors", ".yaml", ".json"):
         (tmp_path / f"best_psnr{suffix}").write_text(json.dumps({"value": 12.0, "epoch": 5, "step": 10}))
-    changes = bests.align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", 6,
+    changes = bests.align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr",
                                            {"value": 9.0, "epoch": 2, "step": 4})
     assert changes == [f"best_psnr.safetensors removed until the next best ({tmp_path / 'best_psnr/step00000004'} "
                        f"cannot be exported: {tmp_path / 'best_psnr/step00000004'}: expert files missing)"]
@@ -330,7 +346,7 @@ def test_a_kill_between_the_renames_of_a_best_export_is_mended_at_the_next_start
     exported_weights_of(tmp_path, 4)
     (tmp_path / "best_psnr.json").write_text(json.dumps(recorded))
     exported = capture_exports(monkeypatch)
-    changes = align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", 2, recorded)
+    changes = align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", recorded)
     assert exported == [str(tmp_path / "best_psnr/step00000002")], changes
     assert changes[-1] == f"best_psnr.safetensors exported again from {tmp_path / 'best_psnr/step00000002'}"
 
@@ -344,12 +360,12 @@ def test_a_first_best_killed_between_its_renames_leaves_no_weights_under_the_bes
     (tmp_path / "best_psnr/latest").write_text("step00000002")
     exported_weights_of(tmp_path, 2)
     exported = capture_exports(monkeypatch)
-    align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", 2, None)
+    align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", None)
     assert exported == [] and not (tmp_path / "best_psnr.safetensors").exists()
     assert complete_tags(tmp_path / "best_psnr") == [] and not (tmp_path / "best_psnr/latest").exists()
 
 
-def test_a_best_copy_at_the_resumed_step_itself_is_set_aside_when_that_step_did_not_record_it(tmp_path, monkeypatch):
+def test_a_best_copy_at_the_resumed_step_itself_is_not_taken_when_that_step_did_not_record_it(tmp_path, monkeypatch):
     """Resumed at step 4, whose checkpoint recorded the best of step 2: a copy at step 4 is one an epoch end kept
     before a kill (the run had stopped on epoch 2's last step and saved it; resumed, it validated and kept its best,
     then died before saving step 4 again). `best_psnr/` readers must not take it."""
@@ -361,7 +377,7 @@ def test_a_best_copy_at_the_resumed_step_itself_is_set_aside_when_that_step_did_
     exported_weights_of(tmp_path, 4)
     (tmp_path / "best_psnr.json").write_text(json.dumps({"value": 9.5, "epoch": 2, "step": 4}))
     exported = capture_exports(monkeypatch)
-    align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", 4, {"value": 9.0, "epoch": 1, "step": 2})
+    align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", {"value": 9.0, "epoch": 1, "step": 2})
     assert exported == [str(tmp_path / "best_psnr/step00000002")]
     assert complete_tags(tmp_path / "best_psnr") == ["step00000002"]
     assert resolve_resume("latest", tmp_path / "best_psnr").tag == "step00000002"
@@ -377,7 +393,7 @@ def test_a_best_exported_again_at_resume_holds_the_weights_that_were_validated(t
     (tmp_path / "best_psnr/step00000002/meta.json").write_text(json.dumps({"step": 2, "ema": ema}))
     calls = []
     monkeypatch.setattr(bests, "export", lambda source, target, use_ema, companions: calls.append(use_ema))
-    bests.align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", 2, {"value": 9.0, "epoch": 1, "step": 2})
+    bests.align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", {"value": 9.0, "epoch": 1, "step": 2})
     assert calls == [ema]
 
 
@@ -695,7 +711,7 @@ def test_a_copy_of_the_recorded_best_missing_a_file_does_not_stop_the_resume(tmp
     best_copy(tmp_path, 4)
     for suffix in (".safetensors", ".yaml", ".json"):
         (tmp_path / f"best_psnr{suffix}").write_text(json.dumps({"value": 12.0, "epoch": 5, "step": 10}))
-    changes = align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", 6,
+    changes = align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr",
                                      {"value": 9.0, "epoch": 2, "step": 4})
     assert len(changes) == 1 and changes[0].startswith("best_psnr.safetensors removed until the next best (")
     assert not list(tmp_path.glob("best_psnr.*"))
@@ -717,7 +733,7 @@ def test_a_complete_staged_best_copy_of_an_abandoned_epoch_is_not_published_by_t
     exported_weights_of(tmp_path, 6)
     (tmp_path / "best_psnr.json").write_text(json.dumps(recorded))
     (tmp_path / "best_psnr.yaml").write_text("{}")
-    align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", 10, recorded)
+    align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", recorded)
     source = tmp_path / "checkpoints/step00000014.partial"
     source.mkdir(parents=True)
     (source / "config.yaml").write_text("{}")

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional
 
 from m2r.atomic import json_text
 from m2r.engine.checkpoint import (ABANDONED_DIR, LATEST_FILE, CheckpointManager, CheckpointRef, complete_tags,
-                                   is_complete, set_aside_tags_after, tag_for)
+                                   is_complete, remove_tag, set_aside_tags_after, tag_for, tags_in)
 from m2r.export import export
 from m2r.models.convert import CheckpointMismatch
 
@@ -42,27 +42,41 @@ def export_best(ref: CheckpointRef, run_dir: Path, name: str, record: Dict[str, 
     export(str(ref.path), str(weights), use_ema=use_ema, companions={record_file: json_text(record)})
 
 
-def align_best_with_resume(run_dir: Path, checkpoints_root: Path, name: str, step: int,
+def align_best_with_resume(run_dir: Path, checkpoints_root: Path, name: str,
                            recorded: Optional[Dict[str, Any]]) -> List[str]:
-    """Rank 0, resuming at `step`: best_<name>/ and its export as that checkpoint recorded the best
-    (`recorded`; None before the first validation). Best copies newer than the recorded best were abandoned (an
-    older tag resumed, or a kill while an epoch kept its bests): they are set aside, else `checkpoint_at(best_<name>)`
-    would take the newest, and an export of their weights gives way to the recorded best's. Each change is atomic
-    and judged from the disk, so the next start finishes what a kill interrupted. Returns what changed."""
+    """Rank 0, at a resume: best_<name>/ and its export as the resumed checkpoint recorded the best (`recorded`;
+    None before the first validation). Best copies newer than the recorded best belong to steps the run no
+    longer follows, else `checkpoint_at(best_<name>)` would take the newest: copies of an epoch whose checkpoint
+    was never saved (a kill while the epoch kept its bests; it is trained again) are removed, the others (an
+    older tag resumed) set aside; an export of their weights gives way to the recorded best's. Each change is
+    atomic and judged from the disk, so the next start finishes what a kill interrupted. Returns what changed."""
     best_dir = run_dir / f"best_{name}"
     # A copy staged complete (meta.json) but not yet renamed when the kill came is published here, not by the next
     # best's `keep_copy` (which would keep it beside that best, pruning the recorded one): then judged as any tag.
     if best_dir.is_dir():
         best_checkpoints(run_dir, name).remove_leftovers()
-    # Every best of this branch is at most the recorded one's step: a newer copy, even one at `step` itself (a kill
-    # while the epoch ending at the resumed step kept its bests, that step then saved again), was abandoned.
-    moved = set_aside_tags_after(best_dir, tag_for(recorded["step"]) if recorded else "")
+    # Every best of this branch is at most the recorded one's step: a newer copy, even one at the resumed step
+    # itself (a kill while the epoch ending there kept its bests, that step then saved again), is not of it.
+    floor = tag_for(recorded["step"]) if recorded else ""
+    never_saved = [tag for tag in tags_in(best_dir) if tag > floor and not was_saved(checkpoints_root, tag)]
+    for tag in never_saved:
+        remove_tag(best_dir / tag)
+    moved = set_aside_tags_after(best_dir, floor)
     point_latest_at_newest(best_dir)
-    changes = [f"{', '.join(moved)} moved to {best_dir / ABANDONED_DIR} (delete them when no longer needed)"
-               ] if moved else []
+    changes = [f"{', '.join(never_saved)} removed (their epochs' checkpoints were never saved)"] if never_saved else []
+    if moved:
+        changes.append(f"{', '.join(moved)} moved to {best_dir / ABANDONED_DIR} (delete them when no longer needed)")
     if not export_holds(run_dir, name, recorded):
         changes += export_recorded_best(run_dir, checkpoints_root, name, recorded)
     return changes
+
+
+def was_saved(checkpoints_root: Path, tag: str) -> bool:
+    """Whether the run's checkpoint `tag` was ever published: it is kept, or was set aside by a resume of an
+    older one (as `tag`, `tag+`...)."""
+    abandoned = checkpoints_root / ABANDONED_DIR
+    return (is_complete(checkpoints_root / tag)
+            or (abandoned.is_dir() and any(path.name.rstrip("+") == tag for path in abandoned.iterdir())))
 
 
 def export_holds(run_dir: Path, name: str, recorded: Optional[Dict[str, Any]]) -> bool:
