@@ -188,6 +188,23 @@ def test_resuming_from_another_runs_checkpoint_leaves_that_runs_newer_checkpoint
     assert manager.tags() == [tag_for(10), tag_for(20), tag_for(30)] and not (other / "abandoned").exists()
 
 
+def test_resuming_another_runs_older_checkpoint_sets_this_runs_newer_ones_aside(tmp_path):
+    """run.dir holds steps 20 and 30, run.resume names another run's step 10: left in place, this run's tags would
+    outrank the new branch, pruning deleting its step 20 and a restart resuming its step 30 (a `latest` warning)."""
+    from m2r.engine.checkpoint import set_aside_newer_tags
+
+    other, mine = tmp_path / "other" / "checkpoints", tmp_path / "mine" / "checkpoints"
+    save(CheckpointManager(other, keep_last=2), 10)
+    manager = CheckpointManager(mine, keep_last=2)
+    for step in (20, 30):
+        save(manager, step)
+    assert set_aside_newer_tags(CheckpointRef(other, tag_for(10)), mine) == [tag_for(20), tag_for(30)]
+    save(manager, 15)   # the new branch's first save
+    assert resolve_resume("latest", mine).tag == tag_for(15)
+    assert sorted(p.name for p in (mine / "abandoned").iterdir()) == [tag_for(20), tag_for(30)]
+    assert not (other / "abandoned").exists()
+
+
 def test_the_ema_files_of_an_expert_parallel_group_merge_into_every_weight_once(tmp_path):
     """Rank 0 holds the dense weights and its experts, rank 1 only its experts (global ids)."""
     from m2r.engine.checkpoint import load_ema_states

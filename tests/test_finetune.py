@@ -285,12 +285,31 @@ def test_best_copies_of_an_epoch_whose_checkpoint_was_never_saved_are_removed_no
 
     for step in (2, 4, 6):
         best_copy(tmp_path, step)
-    (tmp_path / "checkpoints/abandoned/step00000006+").mkdir(parents=True)   # step 6 was saved, then rewound past
+    (tmp_path / "checkpoints/step00000002").mkdir(parents=True)   # the checkpoint resumed
+    (tmp_path / "checkpoints/step00000002/meta.json").write_text(json.dumps({"step": 2}))
+    (tmp_path / "checkpoints/abandoned/step00000004+").mkdir(parents=True)   # step 4 was saved, then rewound past
     changes = align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", {"value": 9.0, "epoch": 1, "step": 2})
-    assert changes[:2] == ["step00000004 removed (their epochs' checkpoints were never saved)",
-                           f"step00000006 moved to {tmp_path / 'best_psnr/abandoned'} (delete them when no longer "
+    assert changes[:2] == ["step00000006 removed (their epochs' checkpoints were never saved)",
+                           f"step00000004 moved to {tmp_path / 'best_psnr/abandoned'} (delete them when no longer "
                            "needed)"]
     assert sorted(p.name for p in (tmp_path / "best_psnr").iterdir()) == ["abandoned", "latest", "step00000002"]
+
+
+def test_best_copies_of_epochs_whose_checkpoints_were_pruned_are_set_aside_not_removed(tmp_path):
+    """The run kept steps 8 and 10 (run.keep_last=2) and, under best_psnr/, the bests of steps 4 and 6, whose own
+    tags pruning removed: resumed from a copy of step 2 elsewhere (which recorded the best of step 2), those copies
+    are newer than the recorded best but were saved; they may be the only whole checkpoints of those epochs."""
+    from m2r.engine.bests import align_best_with_resume
+
+    for step in (4, 6):
+        best_copy(tmp_path, step)
+    for step in (8, 10):
+        (tmp_path / f"checkpoints/step{step:08d}").mkdir(parents=True)
+        (tmp_path / f"checkpoints/step{step:08d}/meta.json").write_text(json.dumps({"step": step}))
+    changes = align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", {"value": 9.0, "epoch": 1, "step": 2})
+    assert changes[0] == (f"step00000004, step00000006 moved to {tmp_path / 'best_psnr/abandoned'} (delete them when "
+                          "no longer needed)"), changes
+    assert sorted(p.name for p in (tmp_path / "best_psnr/abandoned").iterdir()) == ["step00000004", "step00000006"]
 
 
 def test_a_damaged_copy_of_the_recorded_best_does_not_stop_the_resume(tmp_path, monkeypatch):

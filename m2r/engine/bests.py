@@ -72,10 +72,13 @@ def align_best_with_resume(run_dir: Path, checkpoints_root: Path, name: str,
 
 
 def was_saved(checkpoints_root: Path, tag: str) -> bool:
-    """Whether the run's checkpoint `tag` was ever published: it is kept, or was set aside by a resume of an
-    older one (as `tag`, `tag+`...)."""
+    """Whether the run's checkpoint `tag` may have been published: it is kept or older than a kept one (pruning
+    takes the oldest first, so a best copy outlives its epoch's tag), or it was set aside by a resume of an older
+    one (as `tag`, `tag+`...). Only a copy newer than every tag the run keeps was surely never saved; where the run
+    keeps none (a resume from another run.dir into one whose checkpoints were removed), none is judged unsaved."""
+    kept = complete_tags(checkpoints_root)
     abandoned = checkpoints_root / ABANDONED_DIR
-    return (is_complete(checkpoints_root / tag)
+    return (not kept or tag <= kept[-1]
             or (abandoned.is_dir() and any(path.name.rstrip("+") == tag for path in abandoned.iterdir())))
 
 

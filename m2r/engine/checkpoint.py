@@ -172,12 +172,11 @@ def agreed_resume(resume: str, run_checkpoints: Path) -> Optional[CheckpointRef]
 
 
 def set_aside_newer_tags(ref: CheckpointRef, run_checkpoints: Path) -> List[str]:
-    """A run resumed from one of its older checkpoints abandons the newer ones: they move to
-    `<checkpoints>/abandoned/` (kept for the user, out of pruning's and the `latest` fallback's sight,
-    which would otherwise take the newest tag of the abandoned branch). Returns the tags moved."""
-    if Path(ref.root).resolve() != Path(run_checkpoints).resolve():
-        return []
-    return set_aside_tags_after(ref.root, ref.tag)
+    """A run resumed from a checkpoint older than its own newest (one of its own, or another run's) abandons its
+    newer ones: they move to `<checkpoints>/abandoned/` (kept for the user, out of pruning's and the `latest`
+    fallback's sight, which would otherwise take the newest tag of the abandoned branch). Another run's directory
+    is left as it is. Returns the tags moved."""
+    return set_aside_tags_after(Path(run_checkpoints), ref.tag)
 
 
 def set_aside_tags_after(root: Path, tag: str) -> List[str]:
