@@ -58,7 +58,7 @@ def align_best_with_resume(run_dir: Path, checkpoints_root: Path, name: str,
     # Every best of this branch is at most the recorded one's step: a newer copy, even one at the resumed step
     # itself (a kill while the epoch ending there kept its bests, that step then saved again), is not of it.
     floor = tag_for(recorded["step"]) if recorded else ""
-    never_saved = [tag for tag in tags_in(best_dir) if tag > floor and not was_saved(checkpoints_root, tag)]
+    never_saved = never_saved_copies(best_dir, checkpoints_root, floor)
     for tag in never_saved:
         remove_tag(best_dir / tag)
     moved = set_aside_tags_after(best_dir, floor)
@@ -71,15 +71,17 @@ def align_best_with_resume(run_dir: Path, checkpoints_root: Path, name: str,
     return changes
 
 
-def was_saved(checkpoints_root: Path, tag: str) -> bool:
-    """Whether the run's checkpoint `tag` may have been published: it is kept or older than a kept one (pruning
-    takes the oldest first, so a best copy outlives its epoch's tag), or it was set aside by a resume of an older
-    one (as `tag`, `tag+`...). Only a copy newer than every tag the run keeps was surely never saved; where the run
-    keeps none (a resume from another run.dir into one whose checkpoints were removed), none is judged unsaved."""
+def never_saved_copies(best_dir: Path, checkpoints_root: Path, floor: str) -> List[str]:
+    """The copies in best_dir newer than `floor` whose epoch's checkpoint was surely never saved: newer than every
+    tag the run keeps (pruning takes the oldest first, so a best copy outlives its epoch's tag) and not set aside
+    by a resume of an older one (as `tag`, `tag+`...). Where the run keeps none (a resume from another run.dir
+    into one whose checkpoints were removed), none is judged unsaved."""
     kept = complete_tags(checkpoints_root)
+    if not kept:
+        return []
     abandoned = checkpoints_root / ABANDONED_DIR
-    return (not kept or tag <= kept[-1]
-            or (abandoned.is_dir() and any(path.name.rstrip("+") == tag for path in abandoned.iterdir())))
+    set_aside = {path.name.rstrip("+") for path in abandoned.iterdir()} if abandoned.is_dir() else set()
+    return [tag for tag in tags_in(best_dir) if tag > max(floor, kept[-1]) and tag not in set_aside]
 
 
 def export_holds(run_dir: Path, name: str, recorded: Optional[Dict[str, Any]]) -> bool:
