@@ -72,7 +72,7 @@ def test_a_run_dir_in_use_by_another_run_is_refused(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     pretrain = ["pretrain.py", "--config", "configs/pretrain/tiny-test.yaml", f"run.dir={run_dir}", "train.steps=1",
-                "run.image_every=0"]
+                "train.warmup_steps=0", "run.image_every=0"]
     with open(run_dir / ".lock", "w") as held:   # as the other run's rank 0 holds it
         fcntl.lockf(held, fcntl.LOCK_EX)
         held.write("pid 12345 on node7, SLURM job 99 restart 0\n")

@@ -220,7 +220,7 @@ def test_a_bf16_runs_ema_averages_the_fp32_master_weights_not_their_bf16_copies(
     from m2r.export import export_state_dict
 
     pretrain(tmp_path, "train.precision=bf16", "train.zero_stage=1", "model.moe.ep_size=2", "train.steps=2",
-             "run.val_every=2", "run.image_every=0", "train.ema_decay=1e-6")
+             "train.warmup_steps=1", "run.val_every=2", "run.image_every=0", "train.ema_decay=1e-6")
     ref = CheckpointRef(tmp_path / "checkpoints", "step00000002")
     averaged, (masters, _) = load_ema_states(ref), export_state_dict(ref)
     assert averaged and averaged.keys() <= masters.keys()
@@ -360,7 +360,8 @@ def test_a_bf16_checkpoint_resumed_in_fp32_gives_the_module_the_fp32_masters_not
     from m2r.engine.checkpoint import CheckpointRef
     from m2r.engine.zero_state import MASTER, stitched_zero_state
 
-    pretrain(tmp_path / "bf16", *PRECISION_CHANGE, "train.precision=bf16", "train.steps=2", nproc=1)
+    pretrain(tmp_path / "bf16", *PRECISION_CHANGE, "train.precision=bf16", "train.steps=2",
+             "train.warmup_steps=1", nproc=1)
     tag = tmp_path / "bf16" / "checkpoints" / "step00000002"
     dump = tmp_path / "resumed.pt"
     run_launch(torchrun_command(1, "tests/engine_dump_resumed.py", str(dump), "--config", TINY,
@@ -453,7 +454,8 @@ def test_every_rank_streams_and_validates_on_rank_0s_listing_of_the_shards(tmp_p
     build_small_shards(tmp_path)
     run_launch(torchrun_command(2, "tests/stale_listing.py", "pretrain.py", "--config", TINY,
                                 f"run.dir={tmp_path / 'run'}", "data.source=shards",
-                                f"data.shards={tmp_path / 'shards'}", "train.steps=2", "run.image_every=0",
+                                f"data.shards={tmp_path / 'shards'}", "train.steps=2",
+                                "train.warmup_steps=1", "run.image_every=0",
                                 f"data.val_shards={tmp_path / 'shards/shard-000000.tar'}", "run.val_every=2"))
     client = torch.load(tmp_path / "run/checkpoints/step00000002/mp_rank_00_model_states.pt", weights_only=False)
     assert [state["plan"]["shards"] for state in client["stream_states"]] == [4, 4]
@@ -473,7 +475,7 @@ def test_damaged_samples_skipped_on_any_rank_are_named_on_the_console(tmp_path):
                     data[i] ^= 0x5A
     damaged.write_bytes(bytes(data))
     output = pretrain(tmp_path / "run", "data.source=shards", f"data.shards={tmp_path / 'shards'}", "data.workers=1",
-                      "data.shuffle_buffer=8", "train.steps=2", "run.image_every=0")
+                      "data.shuffle_buffer=8", "train.steps=2", "train.warmup_steps=1", "run.image_every=0")
     assert "skipped damaged training samples" in output
     assert re.search(r"rank [01]: shard \S*shard-000001\.tar: sample \d+: cannot decode", output), output
     counts = [r["corrupt_samples"] for r in metric_records(tmp_path / "run") if "corrupt_samples" in r]
@@ -484,7 +486,7 @@ def test_a_run_dir_that_is_not_one_directory_for_every_rank_is_refused_on_every_
     """The same path on two nodes with their own disks (here: run.dir per rank, through the RANK variable) would
     publish checkpoints whose rank 1 parts no resume finds. Rank 1 looks for rank 0's file for 30 s."""
     command = torchrun_command(2, "pretrain.py", "--config", TINY, "run.dir=" + str(tmp_path) + "/node${oc.env:RANK}",
-                               "train.steps=1")
+                               "train.steps=1", "train.warmup_steps=0")
     result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     assert result.returncode != 0
     for rank in (0, 1):
@@ -507,7 +509,7 @@ def test_compiled_forward_trains_like_eager_under_zero2_bf16_and_expert_parallel
     channels_last. Backend aot_eager: it
     traces the same graphs as inductor, whose code generation takes minutes on CPU (the GPU test runs it)."""
     settings = ("train.precision=bf16", "train.zero_stage=2", "model.moe.ep_size=2", "model.aflb_mask=fixed",
-                "train.steps=2",
+                "train.steps=2", "train.warmup_steps=1",
                 "train.activation_checkpointing=full_res", "train.channels_last=true", "run.val_every=2",
                 "run.image_every=0")
     out = pretrain(tmp_path / "compiled", *settings, "train.compile=true", "train.compile_backend=aot_eager")

@@ -168,6 +168,7 @@ def test_zero_stage_3_is_refused_with_the_reason(repo_root):
                                                   ("train.min_lr=1", 1, "train.lr/min_lr"),
                                                   ("train.betas=[0.9]", 1, "train.betas"),
                                                   ("train.warmup_steps=-5", 1, "train.warmup_steps"),
+                                                  ("train.warmup_steps=6", 1, "train.warmup_steps"),
                                                   ("data.workers=-1", 1, "data.workers"),
                                                   ("data.val_batch_size=0", 1, "data.val_batch_size"),
                                                   ("data.val_samples_per_type=-1", 1, "val_samples_per_type"),

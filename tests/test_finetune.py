@@ -100,11 +100,13 @@ def run(command, cwd, timeout=300, expect_failure=False):
 def test_two_rank_finetune_from_a_one_rank_pretraining_checkpoint_then_evaluation(repo_root, tmp_path):
     python = sys.executable
     pretrain_dir, finetune_dir = tmp_path / "pretrain", tmp_path / "finetune"
-    run([python, "pretrain.py", "--config", "configs/pretrain/tiny-test.yaml", "train.steps=1", "run.image_every=0",
+    run([python, "pretrain.py", "--config", "configs/pretrain/tiny-test.yaml", "train.steps=1",
+         "train.warmup_steps=0", "run.image_every=0",
          f"run.dir={pretrain_dir}"], repo_root)
     # Same shapes, another function: the weights load strictly, so the networks' configs are compared.
     refused = run([python, "pretrain.py", "--config", "configs/pretrain/tiny-test.yaml", "train.steps=2",
-                   f"run.dir={pretrain_dir}", "model.input_range=zero_one"], repo_root, expect_failure=True)
+                   "train.warmup_steps=1", f"run.dir={pretrain_dir}", "model.input_range=zero_one"], repo_root,
+                  expect_failure=True)
     assert "key 'run.resume'" in refused and "model.input_range: checkpoint 'minus_one_one', this run 'zero_one'" \
         in refused
     allweather = build_allweather(tmp_path / "allweather", size=(40, 48), train=8)
@@ -198,7 +200,8 @@ def test_a_run_killed_while_keeping_its_bests_trains_the_epoch_again_and_keeps_t
     is always a best (the first), and the restart's would be the last chance to keep it."""
     python = sys.executable
     pretrain_dir, run_dir = tmp_path / "pretrain", tmp_path / "finetune"
-    run([python, "pretrain.py", "--config", "configs/pretrain/tiny-test.yaml", "train.steps=1", "run.image_every=0",
+    run([python, "pretrain.py", "--config", "configs/pretrain/tiny-test.yaml", "train.steps=1",
+         "train.warmup_steps=0", "run.image_every=0",
          f"run.dir={pretrain_dir}"], repo_root)
     allweather = build_allweather(tmp_path / "allweather", size=(40, 48), train=8)
     settings = ["--config", "configs/finetune/tiny-test.yaml", f"data.root={allweather}", "model.moe.ep_size=1",

@@ -73,7 +73,8 @@ def test_the_wheel_holds_the_configs_the_console_scripts_and_the_license_and_no_
 def test_pretraining_runs_from_any_directory_on_a_shipped_config(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=REPO_ROOT)
     result = subprocess.run([sys.executable, "-m", "m2r.pretrain", "--config", "m2r:pretrain/tiny-test.yaml",
-                             "train.steps=1", "run.image_every=0", "run.val_every=1", "run.dir=run"],
+                             "train.steps=1",
+                             "train.warmup_steps=0", "run.image_every=0", "run.val_every=1", "run.dir=run"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "stopping at step 1: finished" in result.stdout

@@ -96,7 +96,9 @@ def validate_pretrain_config(cfg, world_size: int) -> None:
     require(train.steps > 0 and train.micro_batch > 0 and train.grad_accum > 0,
             "train.steps/micro_batch/grad_accum", (train.steps, train.micro_batch, train.grad_accum),
             "must all be positive")
-    require(train.warmup_steps >= 0, "train.warmup_steps", train.warmup_steps, "must be >= 0")
+    require(0 <= train.warmup_steps < train.steps, "train.warmup_steps", train.warmup_steps,
+            f"must be >= 0 and below train.steps ({train.steps}), the schedule's length, or the learning rate never "
+            "leaves its warmup (for a short run of a recipe keep train.steps and set run.stop_after_steps)")
     check_optimizer_settings(train)
     check_run_output_settings(run)
     require(run.save_every > 0 and run.val_every > 0, "run.save_every/val_every", (run.save_every, run.val_every),

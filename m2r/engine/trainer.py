@@ -72,8 +72,6 @@ class Trainer(TrainingRun):
                if ep > 1 else ""),
             *self._speed_settings(train.activation_checkpointing),
             f"  rank params {params:,}",
-            *([f"  note: train.warmup_steps {train.warmup_steps} >= train.steps {train.steps}: the learning rate "
-               "never leaves its linear warmup"] if train.warmup_steps >= train.steps else []),
         ])
 
     def all_to_all_bytes_per_step(self) -> int:
