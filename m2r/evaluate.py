@@ -156,6 +156,9 @@ def write_results(records: Sequence[dict], sets: Sequence[str], protocols: Seque
 def listed_sets(args) -> Dict[str, List[Pair]]:
     """The pairs of each set to evaluate (the first --limit of each), their headers checked; --out checked."""
     require_output_folder(args.out)
+    if args.dataset == "folder" and args.sets:
+        raise ConfigError(f"--sets {args.sets}: AllWeather test sets or CDD-11 types; --dataset folder evaluates the "
+                          "one folder --root holds")
     sets = evaluation_sets(args.dataset, args.root, [s for s in args.sets.split(",") if s] or None)
     absent = paper_sets_left_out(args.dataset, list(sets))
     if absent and not args.sets:   # the average would silently leave out a column of the paper's table

@@ -99,6 +99,9 @@ def test_saved_images_of_inputs_sharing_a_stem_keep_both(tmp_path, tiny_weights)
                    "--out", str(out), "--metrics", "rgb", "--save-images"])
     assert json.loads((out / "results.json").read_text())["sets"]["folder"]["count"] == 3
     assert sorted(p.name for p in (out / "images/folder").iterdir()) == ["a.jpg.png", "a.png.png", "b.png"]
+    with pytest.raises(ConfigError, match="--sets outdoor_rain: .*--dataset folder evaluates the one folder"):
+        evaluate.main(["--weights", str(tiny_weights), "--dataset", "folder", "--root", str(tmp_path / "pairs"),
+                       "--out", str(out), "--sets", "outdoor_rain"])
 
 
 def test_official_sizes_resize_raindrop_and_the_table_says_so(tmp_path, tiny_weights, capsys):

@@ -46,6 +46,9 @@ def test_configs_hold_the_paper_recipe(repo_root, name, dataset):
                                             (["train.lr=0"], "train.lr"),
                                             (["run.log_every=0"], "run.log_every"),
                                             (["run.keep_last=1"], "run.keep_last"),
+                                            # a folder is one set: the names would be ignored
+                                            (["data.dataset=folder", "data.val_sets=[outdoor_rain]"],
+                                             "data.val_sets"),
                                             # the cosine would climb back over halfway to train.lr
                                             (["train.epochs=200", "train.schedule_epochs=100",
                                               "train.warmup_epochs=0"], "train.epochs")])

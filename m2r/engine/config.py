@@ -238,6 +238,9 @@ def validate_finetune_config(cfg, world_size: int) -> None:
     check_optimizer_settings(train)
     check_loader_settings(data)
     require(data.val_images_per_set > 0, "data.val_images_per_set", data.val_images_per_set, "must be positive")
+    require(not (data.dataset == "folder" and data.val_sets), "data.val_sets", list(data.val_sets),
+            "names AllWeather test sets or CDD-11 types; with data.dataset=folder the validation set is the one folder "
+            "data.val_root (or data.root) holds: set data.val_sets=[]")
     check_run_output_settings(run)
     require(set(run.best_metrics) <= {"psnr", "ssim"}, "run.best_metrics", list(run.best_metrics),
             "may only hold psnr and ssim")
