@@ -104,6 +104,15 @@ def test_the_mamba_ssm_scan_without_a_gpu_is_refused_before_the_run_writes_anyth
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
+def test_a_wrong_shard_path_stops_pretraining_before_the_network_is_built(tmp_path):
+    """As finetuning lists its pairs first: at full size the network, CLIP and the engine take minutes to start."""
+    result = run_python(["pretrain.py", "--config", "configs/pretrain/tiny-test.yaml", "data.source=shards",
+                         f"data.shards={tmp_path / 'typo'}", f"run.dir={tmp_path / 'run'}"], REPO_ROOT)
+    assert result.returncode == 2, result.stderr
+    assert f"data.shards={tmp_path / 'typo'} is neither a directory nor a .tar file" in result.stderr
+    assert "MoE dispatch" not in result.stdout   # printed as the network is built
+
+
 @pytest.mark.parametrize("holder, job, restart, replace", [
     ("pid 7 on n1, SLURM job 111 restart 0", "111", "1", True),    # this job's earlier run: stale
     ("pid 7 on n1, SLURM job 111 restart 0", "222", "1", False),   # another job's run: never taken over

@@ -44,10 +44,11 @@ class Trainer(TrainingRun):
         super().__init__(cfg, env, validate_pretrain_config, stop_request)
         train = cfg.train
         self.schedule = LRSchedule.of_steps(train)
-        self._start_engine(self._build_model(train.activation_checkpointing))
+        # Data first, as finetuning does: a wrong shard path stops the start before the network and engine are built.
         self.stream = build_train_stream(cfg.data, seed=train.seed, rank=env.rank, world_size=env.world_size,
                                          micro_batch=train.micro_batch, crop=train.crop)
         self.val_batches = build_val_set(cfg.data, train.crop)
+        self._start_engine(self._build_model(train.activation_checkpointing))
         self._start_ema()
         self.first_val_psnr, self.last_val, self.last_val_step = None, {}, None
         saved_rng = self._resume(self.resume_ref) if self.resume_ref is not None else None
