@@ -570,3 +570,16 @@ def test_a_step_trains_at_the_learning_rate_it_reports(monkeypatch):
     schedule = LRSchedule(lr=1.0, min_lr=0.0, warmup_steps=2, steps=10)
     result = run.TrainingRun._optimizer_step(stub, [{}], schedule)
     assert optimizer.param_groups[0]["lr"] == result.lr == learning_rate(3, schedule)
+
+
+def test_the_pretraining_summary_shows_its_learning_rate_schedule_as_finetuning_does(repo_root):
+    """finetune.py's start-up says `warmup N, cosine to min_lr after step M`; pretrain.py's said nothing of its
+    schedule (a warmup as long as the run, or a cosine cut short, went unseen until the lr curve)."""
+    from m2r.engine.checkpoint import Topology
+    from m2r.engine.trainer import Trainer
+
+    cfg = tiny_config(repo_root, "train.steps=6", "train.warmup_steps=2")
+    stub = SimpleNamespace(cfg=cfg, topology=Topology(1, 1, "fp32", 1), step=0, launcher="single",
+                           engine=SimpleNamespace(module=torch.nn.Linear(2, 2)),
+                           schedule=LRSchedule.of_steps(cfg.train), _speed_settings=lambda mode: [])
+    assert "| steps 0->6 | warmup 2, cosine to min_lr after step 6\n" in Trainer.startup_summary(stub)

@@ -445,7 +445,9 @@ def test_a_finetune_stopped_mid_epoch_and_at_an_epoch_end_continues_exactly(repo
     assert "stopping at step 3: run.stop_after_steps=3 reached in epoch 2 of 4" in run(
         [*base, f"run.dir={split}", "run.stop_after_steps=3"], repo_root)
     resumed = run([*base, f"run.dir={split}", "run.stop_after_steps=1"], repo_root)
-    assert "stopping at step 4: run.stop_after_steps=1 reached in epoch 2 of 4" in resumed
+    # at an epoch's last step: the epoch is validated (and its bests kept) before the run stops
+    assert "stopping at step 4: run.stop_after_steps=1 reached at the end of epoch 2 of 4" in resumed
+    assert "val step 4:" in resumed
     assert "init: no init.weights" not in resumed   # a resume has the checkpoint's weights
     run([*base, f"run.dir={split}"], repo_root)
 
@@ -456,6 +458,16 @@ def test_a_finetune_stopped_mid_epoch_and_at_an_epoch_end_continues_exactly(repo
     for kind in ("pixel_loss", "val_psnr"):
         assert records(tmp_path / "straight", kind) == records(split, kind)
     assert sorted(p.name for p in (split / "checkpoints").iterdir() if p.is_dir()) == ["step00000006", "step00000008"]
+
+
+def test_run_stop_after_steps_reaching_the_last_step_finishes_the_finetune_as_pretraining_does(repo_root, tmp_path):
+    """Pretraining stopped by run.stop_after_steps at its last step validates and finishes; so does a finetune:
+    its last epoch validated, its bests exported, not an unfinished run waiting for another launch."""
+    allweather = build_allweather(tmp_path / "allweather", size=(40, 48), train=8)
+    log = run([sys.executable, "finetune.py", "--config", "configs/finetune/tiny-test.yaml", f"data.root={allweather}",
+               "model.moe.ep_size=1", f"run.dir={tmp_path / 'run'}", "run.stop_after_steps=8"], repo_root)   # 2 x 4
+    assert "val step 8:" in log and "stopping at step 8: finished" in log
+    assert json.loads((tmp_path / "run/best_psnr.json").read_text())["epoch"] == 2
 
 
 def test_a_data_error_mid_epoch_with_workers_running_ends_the_run_with_the_error(repo_root, tmp_path):
@@ -531,7 +543,8 @@ def test_the_finetune_cosine_ends_at_schedule_epochs_and_warms_up_over_warmup_ep
 
 
 def _finetuner_stub(epoch, epochs, signal=None, stop_after_epochs=0, stopped_in_epoch=None):
-    stub = SimpleNamespace(epoch=epoch, step=0, finished_calls=[], saves=0, validations=0,
+    stub = SimpleNamespace(epoch=epoch, step=0, finished_calls=[], saves=0, validations=0, steps_this_run=0,
+                           _planned_stop_reason=lambda steps_this_run, finished: None,
                            cfg=SimpleNamespace(train=SimpleNamespace(epochs=epochs),
                                                run=SimpleNamespace(stop_after_epochs=stop_after_epochs)),
                            stop_request=SimpleNamespace(agreed_reason=lambda: signal))
@@ -656,7 +669,8 @@ def test_a_finetune_step_counts_its_wait_for_data():
     pulled = []
     stub = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(grad_accum=2)), schedule=None,
                            _next_batch=TrainingRun._next_batch,
-                           _optimizer_step=lambda micro_batches, schedule: pulled.extend(micro_batches))
+                           schedule_position=lambda: 0,
+                           _optimizer_step=lambda micro_batches, schedule, position: pulled.extend(micro_batches))
     timer = StepTimer()
     Finetuner.train_step(stub, slow_batches(), timer)
     assert len(pulled) == 2 and timer.data_seconds >= 0.09
@@ -696,7 +710,8 @@ def test_every_rank_loads_init_weights_as_rank_0_sees_them(monkeypatch, tmp_path
         self.cfg, self.resume_ref, self.total_steps = cfg, None, 1
     monkeypatch.setattr(run.TrainingRun, "__init__", start)
     monkeypatch.setattr(finetuner.dist, "on_rank0", lambda work: "dir")   # rank 0's answer, broadcast
-    for name in ("_build_data", "_start_engine", "_start_ema", "_seed_rng", "_open_monitor"):
+    for name in ("_build_data", "_start_engine", "_start_ema", "_seed_rng", "_count_steps_to_the_end",
+                 "_open_monitor"):
         monkeypatch.setattr(Finetuner, name, lambda self, *args: None)
     monkeypatch.setattr(Finetuner, "_checkpointing_mode", lambda self: "none")
     monkeypatch.setattr(Finetuner, "_build_model", lambda self, mode: "model")
@@ -705,6 +720,23 @@ def test_every_rank_loads_init_weights_as_rank_0_sees_them(monkeypatch, tmp_path
     monkeypatch.setattr(Finetuner, "startup_summary", lambda self: "")
     Finetuner(SimpleNamespace(init=SimpleNamespace(weights=str(weights))), env=None)
     assert calls == [("dir", str(weights))]
+
+
+@pytest.mark.parametrize("ema", [True, False])
+def test_init_from_a_pretraining_checkpoint_with_an_ema_says_which_weights_it_starts_from(monkeypatch, capsys, ema):
+    """Pretraining's validation (its TensorBoard PSNR) scored the EMA; init.weights=<dir> takes the trained
+    weights: say so, and how to start from the EMA instead, not leave the user to find it in the README."""
+    from m2r.engine import finetuner
+    from m2r.engine.checkpoint import Topology
+
+    ref = SimpleNamespace(path=Path("runs/p/checkpoints/step00000006"), saved_model_config=lambda: {},
+                          topology=lambda: Topology(1, 1, "fp32", 1), meta=lambda: {"ema": ema})
+    monkeypatch.setattr(finetuner, "checkpoint_at", lambda directory, key: ref)
+    monkeypatch.setattr(finetuner, "load_weights_only", lambda engine, ref: {})
+    stub = SimpleNamespace(engine=None, _require_init_network=lambda saved, source: None)
+    Finetuner._load_pretraining_checkpoint(stub, "runs/p/checkpoints")
+    out = capsys.readouterr().out
+    assert ("also holds EMA weights" in out and "--ema" in out) == ema
 
 
 def test_a_resume_takes_its_load_path_from_rank_0s_read_of_the_topology(monkeypatch):
@@ -764,3 +796,25 @@ def test_a_complete_staged_best_copy_of_an_abandoned_epoch_is_not_published_by_t
     (source / "config.yaml").write_text("{}")
     best_checkpoints(tmp_path, "psnr").keep_copy(source, 14, {"step": 14})
     assert complete_tags(tmp_path / "best_psnr") == ["step00000006", "step00000014"]
+
+
+def test_a_resume_with_other_steps_per_epoch_continues_the_learning_rate_from_its_epoch(repo_root, tmp_path):
+    """4 steps per epoch, stopped 2 steps into epoch 2 (step 6), resumed with grad_accum 2 (2 steps per epoch):
+    the schedule (warmup 1 epoch, 3 epochs) continues from epoch 2's second half (schedule step 3 of 6), not from
+    step 6 of 6 (past its end: a cosine rising again), and the run ends at step 9, reported as the last step."""
+    from m2r.engine.optim import LRSchedule, learning_rate
+
+    python = sys.executable
+    allweather = build_allweather(tmp_path / "allweather", size=(40, 48), train=8)
+    run_dir = tmp_path / "run"
+    settings = ["--config", "configs/finetune/tiny-test.yaml", f"data.root={allweather}", "model.moe.ep_size=1",
+                "train.epochs=3", "train.warmup_epochs=1", "train.min_lr=1.0e-5", f"run.dir={run_dir}"]
+    run([python, "finetune.py", *settings, "run.stop_after_steps=6"], repo_root)
+    log = run([python, "finetune.py", *settings, "train.grad_accum=2"], repo_root)
+    assert "step 9/9 |" in log and "stopping at step 9: finished" in log, log
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+           if "lr" in r}
+    before, after = LRSchedule(1.0e-3, 1.0e-5, 4, 12), LRSchedule(1.0e-3, 1.0e-5, 2, 6)
+    assert sorted(lrs) == list(range(1, 10))
+    assert [lrs[step] for step in range(1, 7)] == pytest.approx([learning_rate(s, before) for s in range(6)])
+    assert [lrs[step] for step in (7, 8, 9)] == pytest.approx([learning_rate(s, after) for s in (3, 4, 5)])

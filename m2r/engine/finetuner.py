@@ -92,6 +92,7 @@ class Finetuner(TrainingRun):
         self._start_ema()   # from the initial weights; a resume replaces it with the saved one
         saved_rng = self._resume(self.resume_ref) if self.resume_ref is not None else None
         self._seed_rng(saved_rng)
+        self._count_steps_to_the_end()
         self._open_monitor(self.total_steps)
         if dist.is_rank0():   # the summary reads the data root again: only where it is printed
             dist.print0(self.startup_summary())
@@ -186,6 +187,10 @@ class Finetuner(TrainingRun):
         self._require_init_network(ref.saved_model_config(), str(ref.path))
         load_weights_only(self.engine, ref)
         dist.print0(f"init: weights from {ref.path} (saved with {ref.topology().describe()}; optimizer fresh)")
+        if dist.is_rank0() and ref.meta().get("ema"):   # its validation scored the EMA, not these weights
+            dist.print0(f"init: note: {ref.path} also holds EMA weights (train.ema_decay), which its validation "
+                        "scored; this run starts from the trained weights. To start from the EMA: python -m "
+                        f"m2r.export {ref.path} ema.safetensors --ema, then init.weights=ema.safetensors")
 
     def _require_init_network(self, saved_model, source: str) -> None:
         require_same_network(saved_model, self.cfg.model, "init.weights", source,
@@ -244,7 +249,30 @@ class Finetuner(TrainingRun):
     # ----------------------------------------------------------------------------- training
     def train_step(self, batches, timer: StepTimer) -> StepResult:
         micro_batches = (self._next_batch(batches, timer) for _ in range(self.cfg.train.grad_accum))
-        return self._optimizer_step(micro_batches, self.schedule)
+        return self._optimizer_step(micro_batches, self.schedule, self.schedule_position())
+
+    def schedule_position(self) -> int:
+        """The optimizer step the learning-rate schedule (counted in this run's steps per epoch) is at: the
+        epochs done and the steps into this one. The step count is not it once the steps per epoch change
+        (a resume at another world size, micro batch or accumulation): the schedule would go back into its
+        warmup, or be cut short, with the run's last epoch far from train.min_lr."""
+        train = self.cfg.train
+        return self.epoch * self.steps_per_epoch + self.samples_into_epoch // (train.micro_batch * train.grad_accum)
+
+    def _count_steps_to_the_end(self) -> None:
+        """`total_steps`: the step the last epoch ends at, for the console's step N/total, its ETA and the last
+        step's line. After a resume that changed the steps per epoch the step count and the schedule's position
+        part: say so."""
+        train = self.cfg.train
+        left_in_epoch = max(0, self.sampler.num_samples - self.samples_into_epoch) // train.micro_batch \
+            // train.grad_accum
+        later_epochs = max(0, train.epochs - self.epoch - 1)
+        self.total_steps = self.step + (left_in_epoch + later_epochs * self.steps_per_epoch
+                                        if self.epoch < train.epochs else 0)
+        if self.step != self.schedule_position():
+            dist.print0(f"resume: {self.steps_per_epoch} steps per epoch now (at step {self.step}): the learning "
+                        f"rate goes on from {self._epoch_name()}'s place on its schedule (schedule step "
+                        f"{self.schedule_position()}), and the run ends at step {self.total_steps}")
 
     def run_epoch(self) -> Optional[str]:
         """Train one epoch (or its rest); returns why it stopped early, None when it finished."""
@@ -256,12 +284,16 @@ class Finetuner(TrainingRun):
         batches = iter(self.loader)
         timer = StepTimer()
         try:
-            for _ in range(optimizer_steps_in(self.sampler, train)):
+            steps = optimizer_steps_in(self.sampler, train)
+            for index in range(steps):
                 result = self.train_step(batches, timer)
                 self.samples_into_epoch += train.micro_batch * train.grad_accum
                 signalled = self._report_step(result, timer)
                 self.steps_this_run += 1
-                if reason := signalled or self._planned_stop_reason(self.steps_this_run, finished=False):
+                # run.stop_after_steps at the epoch's last step stops after its validation (`_train_epochs`), as
+                # pretraining's does after the validation due at its step; a signal's time goes to the save alone
+                planned = None if index == steps - 1 else self._planned_stop_reason(self.steps_this_run, False)
+                if reason := signalled or planned:
                     return reason
         finally:
             stop_signals.shut_down_workers(batches)
@@ -333,4 +365,7 @@ class Finetuner(TrainingRun):
             epochs_this_run += 1
             if self.cfg.run.stop_after_epochs and epochs_this_run >= self.cfg.run.stop_after_epochs:
                 return f"run.stop_after_epochs={self.cfg.run.stop_after_epochs} reached"
+            if self.epoch < self.cfg.train.epochs and \
+                    (reason := self._planned_stop_reason(self.steps_this_run, finished=False)):
+                return f"{reason} at the end of epoch {self.epoch} of {self.cfg.train.epochs}"
         return "finished"

@@ -401,11 +401,13 @@ class TrainingRun:
         timer.add_data_wait(time.perf_counter() - start)
         return batch
 
-    def _optimizer_step(self, micro_batches: Iterable[Dict[str, torch.Tensor]], schedule: LRSchedule) -> StepResult:
+    def _optimizer_step(self, micro_batches: Iterable[Dict[str, torch.Tensor]], schedule: LRSchedule,
+                        position: Optional[int] = None) -> StepResult:
         """One optimizer step over the micro-batches (pulled one at a time): the learning rate of this
-        step from `schedule` (see optim.learning_rate), forward and backward of each, the EMA. What it
-        reports stays on the device: `_report_step` copies it once."""
-        lr = learning_rate(self.step, schedule)
+        step from `schedule` (see optim.learning_rate) at `position` (None: the steps taken; finetuning
+        passes its place in its epochs), forward and backward of each, the EMA. What it reports stays on
+        the device: `_report_step` copies it once."""
+        lr = learning_rate(self.step if position is None else position, schedule)
         set_learning_rate(self.optimizer, lr)
         terms, loads, count = 0.0, 0.0, 0
         for batch in micro_batches:

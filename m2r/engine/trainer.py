@@ -67,7 +67,7 @@ class Trainer(TrainingRun):
             f"pretrain: {cfg.run.dir} | world size {world} | ep_size {ep} | expert data parallel {world // ep}"
             f" | launcher {self.launcher}",
             f"  batch: micro {train.micro_batch} x accum {train.grad_accum} x {world} ranks = global {global_batch}"
-            f" | crop {train.crop} | steps {self.step}->{train.steps}",
+            f" | crop {train.crop} | steps {self.step}->{train.steps} | {self.schedule.describe(train.steps)}",
             f"  experts: {moe.num_experts} per adapter, {moe.num_experts // ep} per rank, top-{moe.top_k}"
             + (f" | all-to-all per step ~{self.all_to_all_bytes_per_step() / 2**20:.1f} MiB per rank"
                if ep > 1 else ""),
