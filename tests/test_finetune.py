@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from finetune_layouts import build_allweather, build_cdd11
 from m2r.config import ConfigError, load_config
-from m2r.engine.checkpoint import complete_tags, resolve_resume
+from m2r.engine.checkpoint import CheckpointRef, complete_tags, resolve_resume, tag_for
 from m2r.engine.config import FinetuneConfig, check_init_weights_kind, validate_finetune_config
 from m2r.engine.finetuner import Finetuner, init_weights_kind
 from m2r.eval.datasets import CDD11_TYPES, evaluation_sets
@@ -231,8 +231,6 @@ def test_a_run_killed_while_keeping_its_bests_trains_the_epoch_again_and_keeps_t
 def test_a_finetune_resumed_from_an_older_checkpoint_keeps_the_bests_that_checkpoint_recorded(repo_root, tmp_path):
     """Rewound from step 6 to step 2, and killed while exporting again: the next start still ends with step 2's
     bests, not those of the abandoned steps 4 and 6 (set aside, not taken by `best_<metric>/` readers)."""
-    from m2r.engine.checkpoint import CheckpointRef, complete_tags
-
     python = sys.executable
     allweather = build_allweather(tmp_path / "allweather", size=(40, 48), train=8)
     run_dir = tmp_path / "run"
@@ -261,6 +259,33 @@ def test_a_finetune_resumed_from_an_older_checkpoint_keeps_the_bests_that_checkp
         assert all(torch.equal(exported[key], recorded[key]) for key in recorded)
 
 
+def test_a_kill_while_a_revalidated_epoch_end_keeps_its_bests_leaves_no_copy_and_no_record_twice(repo_root, tmp_path):
+    """A stop signal on epoch 1's last step saves step 2 before its validation; the resumed run validates it,
+    keeps its bests and is killed while exporting, before saving step 2 again. The next start validates step 2
+    once more: the copy of step 2 the killed run kept, never saved, is removed (not set aside under
+    best_psnr/abandoned/, a whole checkpoint's bytes), and metrics.jsonl holds step 2's validation once."""
+    python = sys.executable
+    allweather = build_allweather(tmp_path / "allweather", size=(40, 48), train=8)
+    run_dir = tmp_path / "run"
+    settings = ["--config", "configs/finetune/tiny-test.yaml", f"data.root={allweather}", "model.moe.ep_size=1",
+                "train.grad_accum=2", "train.epochs=2", "train.warmup_epochs=0", f"run.dir={run_dir}"]   # 2 steps/epoch
+    stopped = run([python, "tests/signalled_run.py", "after-step-2", "finetune.py", *settings], repo_root)
+    assert "val step 2" not in stopped and "stopping at step 2: received SIGUSR1 in epoch 1 of 2" in stopped, stopped
+    crash = tmp_path / "crash_in_export.py"
+    crash.write_text(CRASH_IN_EXPORT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
+    killed = subprocess.run([python, str(crash), *settings], cwd=repo_root, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert f"killed while exporting {run_dir}/best_psnr/step00000002" in killed.stdout, killed.stdout + killed.stderr
+    log = run([python, "finetune.py", *settings, "run.stop_after_steps=1"], repo_root)
+    assert "resume: best psnr as recorded at step 2: step00000002 removed (their epochs' checkpoints were never " \
+           "saved)" in log
+    assert not (run_dir / "best_psnr/abandoned").exists()
+    assert complete_tags(run_dir / "best_psnr") == ["step00000002"]   # kept again by the validation redone
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records if "val_psnr" in record] == [2]
+
+
 def test_a_resume_removes_a_best_export_whose_recorded_best_is_no_longer_kept(tmp_path):
     """Newer (abandoned) bests pruned the copy of the recorded one: no weights go by the name of the best until
     the next one; said once."""
@@ -274,14 +299,14 @@ def test_a_resume_removes_a_best_export_whose_recorded_best_is_no_longer_kept(tm
     for suffix in (".safetensors", ".yaml", ".json"):
         (tmp_path / f"best_psnr{suffix}").write_text(json.dumps({"value": 12.0, "epoch": 5, "step": 10}))
     recorded = {"value": 9.0, "epoch": 2, "step": 4}
-    changes = align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", recorded)
+    changes = align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", recorded, resumed_at(tmp_path, 4))
     assert changes == [f"step00000008, step00000010 moved to {tmp_path / 'best_psnr/abandoned'} (delete them when "
                        "no longer needed)",
                        "best_psnr.safetensors removed until the next best (its checkpoint (step00000004) is no "
                        "longer kept)"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best_psnr", "checkpoints"]
     assert sorted(p.name for p in (tmp_path / "best_psnr").iterdir()) == ["abandoned"]
-    assert align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", recorded) == []
+    assert align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", recorded, resumed_at(tmp_path, 4)) == []
 
 
 def test_best_copies_of_an_epoch_whose_checkpoint_was_never_saved_are_removed_not_kept(tmp_path):
@@ -294,7 +319,8 @@ def test_best_copies_of_an_epoch_whose_checkpoint_was_never_saved_are_removed_no
     (tmp_path / "checkpoints/step00000002").mkdir(parents=True)   # the checkpoint resumed
     (tmp_path / "checkpoints/step00000002/meta.json").write_text(json.dumps({"step": 2}))
     (tmp_path / "checkpoints/abandoned/step00000004+").mkdir(parents=True)   # step 4 was saved, then rewound past
-    changes = align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", {"value": 9.0, "epoch": 1, "step": 2})
+    changes = align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", {"value": 9.0, "epoch": 1, "step": 2},
+                                     resumed_at(tmp_path, 2))
     assert changes[:2] == ["step00000006 removed (their epochs' checkpoints were never saved)",
                            f"step00000004 moved to {tmp_path / 'best_psnr/abandoned'} (delete them when no longer "
                            "needed)"]
@@ -312,7 +338,8 @@ def test_best_copies_of_epochs_whose_checkpoints_were_pruned_are_set_aside_not_r
     for step in (8, 10):
         (tmp_path / f"checkpoints/step{step:08d}").mkdir(parents=True)
         (tmp_path / f"checkpoints/step{step:08d}/meta.json").write_text(json.dumps({"step": step}))
-    changes = align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", {"value": 9.0, "epoch": 1, "step": 2})
+    changes = align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", {"value": 9.0, "epoch": 1, "step": 2},
+                                     CheckpointRef(tmp_path / "elsewhere", "step00000002"))
     assert changes[0] == (f"step00000004, step00000006 moved to {tmp_path / 'best_psnr/abandoned'} (delete them when "
                           "no longer needed)"), changes
     assert sorted(p.name for p in (tmp_path / "best_psnr/abandoned").iterdir()) == ["step00000004", "step00000006"]
@@ -331,7 +358,7 @@ def test_a_damaged_copy_of_the_recorded_best_does_not_stop_the_resume(tmp_path, 
     for suffix in (".safetensors", ".yaml", ".json"):
         (tmp_path / f"best_psnr{suffix}").write_text(json.dumps({"value": 12.0, "epoch": 5, "step": 10}))
     changes = bests.align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr",
-                                           {"value": 9.0, "epoch": 2, "step": 4})
+                                           {"value": 9.0, "epoch": 2, "step": 4}, resumed_at(tmp_path, 4))
     assert changes == [f"best_psnr.safetensors removed until the next best ({tmp_path / 'best_psnr/step00000004'} "
                        f"cannot be exported: {tmp_path / 'best_psnr/step00000004'}: expert files missing)"]
     assert not list(tmp_path.glob("best_psnr.*"))
@@ -341,6 +368,11 @@ def best_copy(run_dir: Path, step: int) -> None:
     """A complete copy of step `step`'s checkpoint under best_psnr/ (meta.json only: enough for the tag logic)."""
     (run_dir / f"best_psnr/step{step:08d}").mkdir(parents=True)
     (run_dir / f"best_psnr/step{step:08d}/meta.json").write_text(json.dumps({"step": step}))
+
+
+def resumed_at(run_dir: Path, step: int) -> CheckpointRef:
+    """The run's own checkpoint of step `step`, as the resume names it."""
+    return CheckpointRef(run_dir / "checkpoints", tag_for(step))
 
 
 def exported_weights_of(run_dir: Path, step: int) -> None:
@@ -371,7 +403,7 @@ def test_a_kill_between_the_renames_of_a_best_export_is_mended_at_the_next_start
     exported_weights_of(tmp_path, 4)
     (tmp_path / "best_psnr.json").write_text(json.dumps(recorded))
     exported = capture_exports(monkeypatch)
-    changes = align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", recorded)
+    changes = align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", recorded, resumed_at(tmp_path, 2))
     assert exported == [str(tmp_path / "best_psnr/step00000002")], changes
     assert changes[-1] == f"best_psnr.safetensors exported again from {tmp_path / 'best_psnr/step00000002'}"
 
@@ -385,27 +417,46 @@ def test_a_first_best_killed_between_its_renames_leaves_no_weights_under_the_bes
     (tmp_path / "best_psnr/latest").write_text("step00000002")
     exported_weights_of(tmp_path, 2)
     exported = capture_exports(monkeypatch)
-    align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", None)
+    align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", None, resumed_at(tmp_path, 2))
     assert exported == [] and not (tmp_path / "best_psnr.safetensors").exists()
     assert complete_tags(tmp_path / "best_psnr") == [] and not (tmp_path / "best_psnr/latest").exists()
 
 
-def test_a_best_copy_at_the_resumed_step_itself_is_not_taken_when_that_step_did_not_record_it(tmp_path, monkeypatch):
+def test_a_best_copy_at_the_resumed_step_itself_is_removed_when_that_step_did_not_record_it(tmp_path, monkeypatch):
     """Resumed at step 4, whose checkpoint recorded the best of step 2: a copy at step 4 is one an epoch end kept
     before a kill (the run had stopped on epoch 2's last step and saved it; resumed, it validated and kept its best,
-    then died before saving step 4 again). `best_psnr/` readers must not take it."""
+    then died before saving step 4 again). Never saved, it is removed (it holds a whole checkpoint's bytes), not set
+    aside, and `best_psnr/` readers must not take it."""
     from m2r.engine.bests import align_best_with_resume
 
     for step in (2, 4):
         best_copy(tmp_path, step)
     (tmp_path / "best_psnr/latest").write_text("step00000004")
+    (tmp_path / "checkpoints/step00000004").mkdir(parents=True)   # saved by the stop, before the validation
+    (tmp_path / "checkpoints/step00000004/meta.json").write_text(json.dumps({"step": 4}))
     exported_weights_of(tmp_path, 4)
     (tmp_path / "best_psnr.json").write_text(json.dumps({"value": 9.5, "epoch": 2, "step": 4}))
     exported = capture_exports(monkeypatch)
-    align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", {"value": 9.0, "epoch": 1, "step": 2})
+    changes = align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", {"value": 9.0, "epoch": 1, "step": 2},
+                                     resumed_at(tmp_path, 4))
+    assert changes[0] == "step00000004 removed (their epochs' checkpoints were never saved)", changes
     assert exported == [str(tmp_path / "best_psnr/step00000002")]
-    assert complete_tags(tmp_path / "best_psnr") == ["step00000002"]
+    assert sorted(p.name for p in (tmp_path / "best_psnr").iterdir()) == ["latest", "step00000002"]
     assert resolve_resume("latest", tmp_path / "best_psnr").tag == "step00000002"
+
+
+def test_a_best_copy_at_the_step_of_another_runs_resumed_checkpoint_is_set_aside(tmp_path):
+    """Resumed from another run.dir's step 4, which recorded the best of step 2: this run's own step 4 recorded its
+    copy there, which was saved (a branch this run abandons), so it is set aside, not removed."""
+    from m2r.engine.bests import align_best_with_resume
+
+    for step in (2, 4):
+        best_copy(tmp_path, step)
+    (tmp_path / "checkpoints/step00000004").mkdir(parents=True)
+    (tmp_path / "checkpoints/step00000004/meta.json").write_text(json.dumps({"step": 4}))
+    align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", {"value": 9.0, "epoch": 1, "step": 2},
+                           CheckpointRef(tmp_path / "other/checkpoints", "step00000004"))
+    assert sorted(p.name for p in (tmp_path / "best_psnr/abandoned").iterdir()) == ["step00000004"]
 
 
 @pytest.mark.parametrize("ema", [True, False])
@@ -418,7 +469,8 @@ def test_a_best_exported_again_at_resume_holds_the_weights_that_were_validated(t
     (tmp_path / "best_psnr/step00000002/meta.json").write_text(json.dumps({"step": 2, "ema": ema}))
     calls = []
     monkeypatch.setattr(bests, "export", lambda source, target, use_ema, companions: calls.append(use_ema))
-    bests.align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", {"value": 9.0, "epoch": 1, "step": 2})
+    bests.align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", {"value": 9.0, "epoch": 1, "step": 2},
+                                 resumed_at(tmp_path, 2))
     assert calls == [ema]
 
 
@@ -769,7 +821,7 @@ def test_a_copy_of_the_recorded_best_missing_a_file_does_not_stop_the_resume(tmp
     for suffix in (".safetensors", ".yaml", ".json"):
         (tmp_path / f"best_psnr{suffix}").write_text(json.dumps({"value": 12.0, "epoch": 5, "step": 10}))
     changes = align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr",
-                                     {"value": 9.0, "epoch": 2, "step": 4})
+                                     {"value": 9.0, "epoch": 2, "step": 4}, resumed_at(tmp_path, 4))
     assert len(changes) == 1 and changes[0].startswith("best_psnr.safetensors removed until the next best (")
     assert not list(tmp_path.glob("best_psnr.*"))
 
@@ -790,7 +842,7 @@ def test_a_complete_staged_best_copy_of_an_abandoned_epoch_is_not_published_by_t
     exported_weights_of(tmp_path, 6)
     (tmp_path / "best_psnr.json").write_text(json.dumps(recorded))
     (tmp_path / "best_psnr.yaml").write_text("{}")
-    align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", recorded)
+    align_best_with_resume(tmp_path, tmp_path / "checkpoints", "psnr", recorded, resumed_at(tmp_path, 10))
     source = tmp_path / "checkpoints/step00000014.partial"
     source.mkdir(parents=True)
     (source / "config.yaml").write_text("{}")

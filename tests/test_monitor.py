@@ -200,15 +200,15 @@ def test_a_resume_cuts_the_metrics_file_in_place_and_the_loss_average_continues_
 def test_a_resume_keeps_the_records_of_a_metrics_file_another_tool_rewrote(tmp_path):
     """`jq -c . metrics.jsonl > tmp && mv tmp metrics.jsonl` writes compact lines (`{"step":1,...}`): records
     all the same, which a resume must not cut away; a line that is no record still marks the cut."""
-    from m2r.engine.monitor import losses_before
+    from m2r.engine.monitor import cut_metrics
 
     path = tmp_path / "metrics.jsonl"
     compact = "".join(json.dumps({"step": s, "loss": float(s)}, separators=(",", ":")) + "\n" for s in range(1, 6))
     path.write_text(compact)
-    assert losses_before(path, 4) == [1.0, 2.0, 3.0]
+    assert cut_metrics(path, 4) == ([1.0, 2.0, 3.0], None)
     assert path.read_text() == "".join(compact.splitlines(keepends=True)[:3])
     path.write_text(compact + "\x00\x00\x00\n" + compact)
-    assert losses_before(path, 99) == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert cut_metrics(path, 99) == ([1.0, 2.0, 3.0, 4.0, 5.0], None)
     assert path.read_text() == compact
 
 
@@ -257,3 +257,29 @@ def test_the_console_names_at_most_max_damage_lines_damaged_samples_over_all_ran
     assert len([line for line in lines if line.startswith("  rank ")]) == MAX_DAMAGE_LINES
     assert lines[-1] == f"  ... and {64 * 3 - MAX_DAMAGE_LINES} more"   # rank 2's third note among them
     assert "500 since the stream started" in lines[0]
+
+
+def test_a_validation_redone_at_the_resume_step_and_logged_by_an_earlier_run_is_not_logged_twice(tmp_path):
+    """A stop signal at step 4 skipped its validation; the next run resumed at step 4, validated it, and was
+    killed at step 5 before its next checkpoint; the run after it resumes at step 4 and validates again:
+    metrics.jsonl and TensorBoard keep one validation record at step 4."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train = {"pixel_loss": 0.0, "balance_loss": 0.0, "lr": 1e-3, "img_per_s": 1.0, "data_wait_share": 0.0}
+    monitor = build_monitor(True, tmp_path, total_steps=8, start_step=0, world_size=1, progress_bar=False)
+    for step in range(1, 5):
+        monitor.log_train(step, dict(train, loss=float(step)), log_step=True)
+    monitor.close()
+    for killed in (True, False):   # the run killed at step 5, then the one that finishes
+        monitor = build_monitor(True, tmp_path, total_steps=8, start_step=4, world_size=1, progress_bar=False)
+        monitor.log_val(4, {"psnr": 20.0, "ssim": 0.5})
+        for step in range(5, 6 if killed else 9):
+            monitor.log_train(step, dict(train, loss=float(step)), log_step=True)
+        monitor.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_psnr" in r] == [4]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/psnr")] == [4]
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))

@@ -43,13 +43,14 @@ def export_best(ref: CheckpointRef, run_dir: Path, name: str, record: Dict[str, 
 
 
 def align_best_with_resume(run_dir: Path, checkpoints_root: Path, name: str,
-                           recorded: Optional[Dict[str, Any]]) -> List[str]:
-    """Rank 0, at a resume: best_<name>/ and its export as the resumed checkpoint recorded the best (`recorded`;
-    None before the first validation). Best copies newer than the recorded best belong to steps the run no
-    longer follows, else `checkpoint_at(best_<name>)` would take the newest: copies of an epoch whose checkpoint
-    was never saved (a kill while the epoch kept its bests; it is trained again) are removed, the others (an
-    older tag resumed) set aside; an export of their weights gives way to the recorded best's. Each change is
-    atomic and judged from the disk, so the next start finishes what a kill interrupted. Returns what changed."""
+                           recorded: Optional[Dict[str, Any]], resumed: CheckpointRef) -> List[str]:
+    """Rank 0, at a resume of `resumed`: best_<name>/ and its export as that checkpoint recorded the best
+    (`recorded`; None before the first validation). Best copies newer than the recorded best belong to steps the
+    run no longer follows, else `checkpoint_at(best_<name>)` would take the newest: copies of an epoch whose
+    checkpoint was never saved (a kill while the epoch kept its bests; it is trained or validated again) are
+    removed, the others (an older tag resumed) set aside; an export of their weights gives way to the recorded
+    best's. Each change is atomic and judged from the disk, so the next start finishes what a kill interrupted.
+    Returns what changed."""
     best_dir = run_dir / f"best_{name}"
     # A copy staged complete (meta.json) but not yet renamed when the kill came is published here, not by the next
     # best's `keep_copy` (which would keep it beside that best, pruning the recorded one): then judged as any tag.
@@ -58,7 +59,7 @@ def align_best_with_resume(run_dir: Path, checkpoints_root: Path, name: str,
     # Every best of this branch is at most the recorded one's step: a newer copy, even one at the resumed step
     # itself (a kill while the epoch ending there kept its bests, that step then saved again), is not of it.
     floor = tag_for(recorded["step"]) if recorded else ""
-    never_saved = never_saved_copies(best_dir, checkpoints_root, floor)
+    never_saved = never_saved_copies(best_dir, checkpoints_root, floor, resumed)
     for tag in never_saved:
         remove_tag(best_dir / tag)
     moved = set_aside_tags_after(best_dir, floor)
@@ -71,17 +72,23 @@ def align_best_with_resume(run_dir: Path, checkpoints_root: Path, name: str,
     return changes
 
 
-def never_saved_copies(best_dir: Path, checkpoints_root: Path, floor: str) -> List[str]:
+def never_saved_copies(best_dir: Path, checkpoints_root: Path, floor: str, resumed: CheckpointRef) -> List[str]:
     """The copies in best_dir newer than `floor` whose epoch's checkpoint was surely never saved: newer than every
     tag the run keeps (pruning takes the oldest first, so a best copy outlives its epoch's tag) and not set aside
-    by a resume of an older one (as `tag`, `tag+`...). Where the run keeps none (a resume from another run.dir
-    into one whose checkpoints were removed), none is judged unsaved."""
+    by a resume of an older one (as `tag`, `tag+`...); or at `resumed`'s step when it is one of the run's own
+    tags, whose save recorded every best it kept: such a copy is of that step saved again and never published (a
+    stop saved an epoch's last step before its validation; resumed, the epoch end kept its bests, then a kill).
+    Where the run keeps none (a resume from another run.dir into one whose checkpoints were removed), none is
+    judged unsaved."""
     kept = complete_tags(checkpoints_root)
     if not kept:
         return []
     abandoned = checkpoints_root / ABANDONED_DIR
     set_aside = {path.name.rstrip("+") for path in abandoned.iterdir()} if abandoned.is_dir() else set()
-    return [tag for tag in tags_in(best_dir) if tag > max(floor, kept[-1]) and tag not in set_aside]
+    # another run's checkpoint at the step of this run's newest tag says nothing of this run's copy at that step
+    resumed_here = resumed.tag if Path(resumed.root).resolve() == checkpoints_root.resolve() else None
+    return [tag for tag in tags_in(best_dir)
+            if tag > floor and (tag == resumed_here or (tag > kept[-1] and tag not in set_aside))]
 
 
 def export_holds(run_dir: Path, name: str, recorded: Optional[Dict[str, Any]]) -> bool:

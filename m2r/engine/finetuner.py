@@ -213,7 +213,8 @@ class Finetuner(TrainingRun):
     def _align_bests_with_resume(self) -> None:
         """Rank 0: the bests on disk made those the resumed checkpoint recorded (`align_best_with_resume`)."""
         for name in self.cfg.run.best_metrics:
-            changes = align_best_with_resume(self.run_dir, self.checkpoints.root, name, self.best.get(name))
+            changes = align_best_with_resume(self.run_dir, self.checkpoints.root, name, self.best.get(name),
+                                             self.resume_ref)
             if changes:
                 dist.print0(f"resume: best {name} as recorded at step {self.step}: {'; '.join(changes)}")
 

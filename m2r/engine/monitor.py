@@ -18,7 +18,7 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -99,18 +99,20 @@ def tensorboard_writer(run_dir: Path, enabled: bool, start_step: int):
 LOSS_WINDOW = 100   # steps in the running loss average (loss_avg)
 RECORD_STEP = re.compile(rb'^\{"step": (\d+)[,}]')   # how `Monitor._write` starts every line
 LOSS_KEY = re.compile(rb'"loss": ?')
+VAL_KEY = re.compile(rb'"val_psnr": ?')   # how `log_val` writes a validation record
 
 
-def losses_before(metrics_path: Path, step: int) -> List[float]:
+def cut_metrics(metrics_path: Path, step: int) -> Tuple[List[float], Optional[int]]:
     """Cut metrics.jsonl before its first record of `step` or later, or a line a crash cut off, and return
     the losses of the last LOSS_WINDOW records kept: a run stopped after its last checkpoint logged steps
     that the resumed run logs again, so a resumed run's file reads as an uninterrupted one's. Records are
     in step order (each run appends where the file was cut), so one streaming pass finds the cut, and the
-    file is truncated in place, not rewritten (a 226k-step run's file is about 40 MB, read at every resume)."""
+    file is truncated in place, not rewritten (a 226k-step run's file is about 40 MB, read at every resume).
+    Also returns the step of the last validation record kept (None: none), see `Monitor.log_val`."""
     if not metrics_path.exists():
-        return []
+        return [], None
     loss_lines: deque = deque(maxlen=LOSS_WINDOW)
-    kept_bytes = 0
+    kept_bytes, last_val_step = 0, None
     with open(metrics_path, "rb") as handle:
         for line in handle:
             record_step = _record_step(line)
@@ -118,10 +120,12 @@ def losses_before(metrics_path: Path, step: int) -> List[float]:
                 break
             if LOSS_KEY.search(line):
                 loss_lines.append(line)
+            if VAL_KEY.search(line):
+                last_val_step = record_step
             kept_bytes += len(line)
     if kept_bytes < metrics_path.stat().st_size:
         os.truncate(metrics_path, kept_bytes)
-    return [json.loads(line)["loss"] for line in loss_lines]
+    return [json.loads(line)["loss"] for line in loss_lines], last_val_step
 
 
 def _record_step(line: bytes) -> Optional[int]:
@@ -147,7 +151,12 @@ class Monitor(NullMonitor):
         self.writer = tensorboard_writer(run_dir, tensorboard, start_step)
         metrics_path = run_dir / "metrics.jsonl"
         # The running average continues where the checkpoint was taken.
-        self.recent_losses = deque(losses_before(metrics_path, first_step_logged(start_step)), maxlen=LOSS_WINDOW)
+        losses, last_val_step = cut_metrics(metrics_path, first_step_logged(start_step))
+        self.recent_losses = deque(losses, maxlen=LOSS_WINDOW)
+        # A run resumed at a step whose validation a stop signal skipped validates it first; a run before it
+        # that did so too, and was killed before its next checkpoint, logged it already (kept: it is not
+        # after the checkpoint's step).
+        self._val_logged_at = last_val_step if start_step > 0 and last_val_step == start_step else None
         self.metrics_file = open(metrics_path, "a")
         self.bar = self._progress_bar(start_step) if progress_bar and sys.stdout.isatty() else None
         self._eta_clock = (time.perf_counter(), start_step)
@@ -215,6 +224,13 @@ class Monitor(NullMonitor):
         self._write({"step": step, "samples_by_type": counts, "corrupt_samples": corrupt_samples})
 
     def log_val(self, step: int, metrics: Dict[str, float]) -> None:
+        """TensorBoard, metrics.jsonl and the console; a validation already logged at this step (see
+        `__init__`: the same weights) reaches the console only, so that no step has two records."""
+        if step == self._val_logged_at:
+            self._val_logged_at = None
+            self.print(f"val step {step}: PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f} (logged "
+                       "already by an earlier run)")
+            return
         for name, value in metrics.items():
             self.writer.add_scalar(f"val/{name}", value, step)
         self.writer.flush()
