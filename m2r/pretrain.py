@@ -13,9 +13,11 @@ The same from an installed m2r, in any directory (`m2r:` names a shipped config,
     m2r-pretrain --config my-run.yaml                                                # one process
 
 `key=value` overrides any config key, e.g. `train.steps=100 model.moe.ep_size=2 run.resume=none`.
-A run resumes from its newest checkpoint by default; SIGTERM or SIGUSR1 saves a checkpoint and
-exits 0. See m2r/engine/trainer.py for the loop; the keys: m2r/engine/config.py (train, run),
-m2r/models/config.py (model), m2r/data/config.py (data).
+The learning rate warms up for `train.warmup_steps` and follows a cosine to `train.min_lr` at
+`train.steps`; for a short run of a recipe keep `train.steps` and set `run.stop_after_steps=N` (a
+checkpoint, then exit 0). A run resumes from its newest checkpoint by default; SIGTERM or SIGUSR1 saves
+a checkpoint and exits 0. See m2r/engine/trainer.py for the loop; the keys: m2r/engine/config.py
+(train, run), m2r/models/config.py (model), m2r/data/config.py (data).
 """
 from m2r.cli import run_main
 from m2r.engine.entry import run_training

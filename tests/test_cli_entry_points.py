@@ -28,6 +28,17 @@ def run_python(args, cwd, **env_extra):
      "error: config error: key 'moe.top_k': value 9 must be in [1, moe.num_experts=4]"),
     ("data.gallery", ["--image", "skimage:nope", "--out", "{tmp}/g.png"],
      "error: --image skimage:nope: scikit-image has no sample photo named 'nope'"),
+    # a key of the other entry point's configs says so; a bad value of a shared key does not
+    ("pretrain", ["--config", "configs/finetune/tiny-test.yaml", "run.dir={tmp}/run"],
+     "error: config error in configs/finetune/tiny-test.yaml: key 'data.dataset': Key 'dataset' not in 'DataConfig' "
+     "(data.dataset is a key of finetune.py's configs, not of pretrain.py's)\n"),
+    ("finetune", ["--config", "configs/finetune/tiny-test.yaml", "run.save_every=1", "run.dir={tmp}/run"],
+     "error: config error in override 'run.save_every=1': key 'run.save_every': Key 'save_every' not in "
+     "'FinetuneRunConfig'. Did you mean: 'log_every'? (run.save_every is a key of pretrain.py's configs, not of "
+     "finetune.py's)\n"),
+    ("pretrain", ["--config", "configs/pretrain/tiny-test.yaml", "train.crop=abc", "run.dir={tmp}/run"],
+     "error: config error in override 'train.crop=abc': key 'train.crop': Value 'abc' of type 'str' could not be "
+     "converted to Integer\n"),
 ])
 def test_a_users_mistake_is_one_line_and_exit_status_2(tmp_path, tool, args, message):
     result = run_python(["-m", f"m2r.{tool}", *(a.format(tmp=tmp_path) for a in args)], REPO_ROOT)

@@ -516,10 +516,15 @@ def test_run_stop_after_steps_reaching_the_last_step_finishes_the_finetune_as_pr
     """Pretraining stopped by run.stop_after_steps at its last step validates and finishes; so does a finetune:
     its last epoch validated, its bests exported, not an unfinished run waiting for another launch."""
     allweather = build_allweather(tmp_path / "allweather", size=(40, 48), train=8)
-    log = run([sys.executable, "finetune.py", "--config", "configs/finetune/tiny-test.yaml", f"data.root={allweather}",
-               "model.moe.ep_size=1", f"run.dir={tmp_path / 'run'}", "run.stop_after_steps=8"], repo_root)   # 2 x 4
+    command = [sys.executable, "finetune.py", "--config", "configs/finetune/tiny-test.yaml", f"data.root={allweather}",
+               "model.moe.ep_size=1", f"run.dir={tmp_path / 'run'}"]
+    log = run([*command, "run.stop_after_steps=8"], repo_root)   # 2 epochs x 4 steps
     assert "val step 8:" in log and "stopping at step 8: finished" in log
     assert json.loads((tmp_path / "run/best_psnr.json").read_text())["epoch"] == 2
+    # launched again (a requeue after the end), as pretraining says so: not 'epoch 3 of 2'
+    again = run(command, repo_root)
+    assert "step00000008: after epoch 2, step 8\ntrain.epochs=2 is reached already (the checkpoint is after epoch 2)" \
+        in again and "stopping at step 8: finished" in again and "epoch 3" not in again
 
 
 def test_a_data_error_mid_epoch_with_workers_running_ends_the_run_with_the_error(repo_root, tmp_path):

@@ -1,10 +1,15 @@
 """What the two training entry points (m2r/pretrain.py, m2r/finetune.py) share: their start-up, in order."""
+import re
 import sys
 from typing import Optional, Sequence
 
+from omegaconf import OmegaConf
+
 from m2r import dist, stop_signals
 from m2r.cli import parse_entry_args
-from m2r.config import load_config
+from m2r.config import ConfigError, load_config
+
+OTHER_KIND = {"pretrain": "finetune", "finetune": "pretrain"}
 
 
 def run_training(kind: str, argv: Optional[Sequence[str]], description: str) -> int:
@@ -14,7 +19,10 @@ def run_training(kind: str, argv: Optional[Sequence[str]], description: str) -> 
     stop_request = stop_signals.StopRequest()   # before the slow start-up, which a stop signal must not kill
     env = dist.discover_dist_env()
     schema, run_class = _schema_and_run(kind)
-    cfg = load_config(schema, args.config, args.overrides)
+    try:
+        cfg = load_config(schema, args.config, args.overrides)
+    except ConfigError as error:
+        raise ConfigError(f"{error}{_other_kind_hint(kind, str(error))}") from None
     exit_code = run_class(cfg, env, stop_request).fit()
     # SLURM's job script resends its warning until the step ends, and Python's shutdown gives USR1 back its
     # default action (end the process): a resend then would fail a run that stopped cleanly.
@@ -33,3 +41,18 @@ def _schema_and_run(kind: str):
     from m2r.engine.finetuner import Finetuner
 
     return FinetuneConfig, Finetuner
+
+
+def _other_kind_hint(kind: str, message: str) -> str:
+    """Where the refused key is unknown here but one of the other entry point's: its config given to this one,
+    or a habit from it (run.save_every in a finetune, which saves every epoch)."""
+    refused = re.search(r"key '([^']+)'", message)
+    other = OTHER_KIND[kind]
+    if refused is None or not _has_key(other, refused.group(1)) or _has_key(kind, refused.group(1)):
+        return ""
+    return f" ({refused.group(1)} is a key of {other}.py's configs, not of {kind}.py's)"
+
+
+def _has_key(kind: str, key: str) -> bool:
+    schema, _ = _schema_and_run(kind)
+    return OmegaConf.select(OmegaConf.structured(schema), key) is not None

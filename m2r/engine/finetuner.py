@@ -206,7 +206,11 @@ class Finetuner(TrainingRun):
             self.samples_into_epoch = client["samples_into_epoch"]
         self._restore_ema(ref)
         self.epoch, self.best = client["epoch"], client["best"]
-        dist.print0(f"resumed from {ref.path}: {self._epoch_name()}, step {self.step}")
+        epochs = self.cfg.train.epochs
+        where = self._epoch_name() if self.epoch < epochs else f"after epoch {self.epoch}"
+        dist.print0(f"resumed from {ref.path}: {where}, step {self.step}")
+        if self.epoch >= epochs:
+            dist.print0(f"train.epochs={epochs} is reached already (the checkpoint is after epoch {self.epoch})")
         dist.on_rank0(self._align_bests_with_resume)
         return saved_rng
 
