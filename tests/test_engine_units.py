@@ -583,3 +583,24 @@ def test_the_pretraining_summary_shows_its_learning_rate_schedule_as_finetuning_
                            engine=SimpleNamespace(module=torch.nn.Linear(2, 2)),
                            schedule=LRSchedule.of_steps(cfg.train), _speed_settings=lambda mode: [])
     assert "| steps 0->6 | warmup 2, cosine to min_lr after step 6\n" in Trainer.startup_summary(stub)
+
+
+@pytest.mark.parametrize("step, last_val_step, image_every, expected", [
+    (0, None, 2, ["validate", "images"]),   # the first run: both, before any step
+    (4, 2, 2, ["validate", "images"]),      # a stop signal skipped both at step 4
+    (4, 2, 3, ["validate"]),                # no grid due at step 4
+    (4, 4, 2, []),                          # step 4 saved after its validation and grid
+    (5, 4, 1, []),                          # a mid-interval checkpoint: nothing was due
+])
+def test_a_resumed_pretraining_redoes_the_validation_and_grid_a_stop_signal_skipped(step, last_val_step, image_every,
+                                                                                      expected):
+    from m2r.engine.trainer import Trainer
+
+    done = []
+    stub = SimpleNamespace(step=step, last_val_step=last_val_step,
+                           cfg=SimpleNamespace(run=SimpleNamespace(image_every=image_every, val_every=4),
+                                               train=SimpleNamespace(steps=100)),
+                           validate=lambda: done.append("validate"), log_images=lambda: done.append("images"))
+    stub._validation_due = lambda: Trainer._validation_due(stub)
+    assert Trainer._start_of_run_work(stub) == (step > 0 and "validate" in expected)
+    assert done == expected

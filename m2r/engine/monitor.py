@@ -2,11 +2,11 @@
 
 Other ranks get a `NullMonitor` with the same methods, so the training loop has no rank checks.
 TensorBoard tags (balance_loss before its weight model.moe.balance_loss_weight; loss = pixel + weight x
-balance; data_wait_share of the rank that waited most): train/{loss,loss_avg,pixel_loss,balance_loss,lr,
-grad_norm,img_per_s,img_per_s_per_gpu,data_wait_share,gpu_mem_gib (CUDA only)}, moe/level<L>/expert<E> (load
-fractions), data/samples_<type> and data/corrupt_samples (pretraining: samples seen per degradation type,
-damaged samples skipped), val/{psnr,ssim,psnr_<type>} (finetuning: psnr_<set name>), images/val (pretraining:
-degraded | restored | clean).
+balance; data_wait_share of the rank that waited most; grad_norm before clipping, absent at ZeRO 0 in fp32):
+train/{loss,loss_avg,pixel_loss,balance_loss,lr,grad_norm,img_per_s,img_per_s_per_gpu,data_wait_share,
+gpu_mem_gib (CUDA only)}, moe/level<L>/expert<E> (load fractions), data/samples_<type> and
+data/corrupt_samples (pretraining: samples seen per degradation type, damaged samples skipped),
+val/{psnr,ssim,psnr_<type>} (finetuning: psnr_<set name>), images/val (pretraining: degraded | restored | clean).
 """
 from __future__ import annotations
 

@@ -228,13 +228,14 @@ class Trainer(TrainingRun):
         return 0
 
     def _start_of_run_work(self) -> bool:
-        """The first validation and image grid, or the validation a stop signal skipped at the step this
-        run resumes from. Returns whether it redid one."""
+        """The first validation and image grid, or the validation (and the grid due with it) a stop signal
+        skipped at the step this run resumes from. Returns whether it redid one."""
         redone = False
         if self._validation_due() and self.last_val_step != self.step:
             self.validate()
             redone = self.step > 0
-        if self.step == 0 and self.cfg.run.image_every:
+        image_every = self.cfg.run.image_every
+        if (self.step == 0 or redone) and image_every and self.step % image_every == 0:
             self.log_images()
         return redone
 
