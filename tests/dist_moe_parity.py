@@ -67,9 +67,9 @@ def rank_inputs(shape, rank):
 def forward_backward(dder, inputs, output_weights, noise_seed):
     x, prompt, probs = (t.clone().requires_grad_(True) for t in inputs)
     torch.manual_seed(noise_seed)   # identical router noise for ep_size 1 and 2
-    y, balance_loss, expert_load = dder(x, prompt, probs)
+    y, balance_loss, expert_load, dropped = dder(x, prompt, probs)
     ((y * output_weights).sum() + 3.0 * balance_loss).backward()
-    return dict(y=y.detach(), balance_loss=balance_loss.detach(), expert_load=expert_load,
+    return dict(y=y.detach(), balance_loss=balance_loss.detach(), expert_load=expert_load, dropped=dropped,
                 x_grad=x.grad, prompt_grad=prompt.grad, probs_grad=probs.grad)
 
 
@@ -130,7 +130,7 @@ class AdapterHolder(nn.Module):
         self.adapter = dder
 
     def forward(self, x, prompt, probs):
-        y, balance_loss, _ = self.adapter(x, prompt, probs)
+        y, balance_loss, _, _ = self.adapter(x, prompt, probs)
         return y.square().mean() + balance_loss
 
 

@@ -119,8 +119,10 @@ def test_tensorboard_holds_the_scalars_and_an_image(parity_runs):
     scalars = set(events.Tags()["scalars"])
     expected = {f"train/{name}" for name in ("loss", "loss_avg", "pixel_loss", "balance_loss", "lr", "grad_norm",
                                               "img_per_s", "img_per_s_per_gpu", "data_wait_share")}
-    expected |= {"val/psnr", "val/ssim", "val/psnr_rain", "moe/level1/expert0", "moe/level3/expert3"}
+    expected |= {"val/psnr", "val/ssim", "val/psnr_rain", "moe/level1/expert0", "moe/level3/expert3",
+                 "moe/level1/max_load", "moe/level3/max_load"}
     assert expected <= scalars, expected - scalars
+    assert not any(tag.endswith("/dropped") for tag in scalars)   # model.moe.capacity_factor 0: nothing dropped
     assert "train/gpu_mem_gib" not in scalars   # a CPU run has no GPU memory to report
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5]
     seen = {tag: events.Scalars(tag)[-1] for tag in scalars if tag.startswith("data/samples_")}
@@ -210,6 +212,18 @@ def test_the_ema_is_saved_once_and_resumes_exactly(resume_runs):
     resumed, uninterrupted = load_ema_states(split), load_ema_states(straight)
     assert sorted(resumed) == sorted(uninterrupted)
     assert all(torch.equal(resumed[name], uninterrupted[name]) for name in resumed)
+
+
+def test_a_capacity_s_dropped_share_and_the_largest_load_are_logged_per_level(tmp_path):
+    """A capacity of half the even share per expert drops at least half of the assignments (at most 1/2 kept)."""
+    out = pretrain(tmp_path, "model.moe.capacity_factor=0.5", "run.stop_after_steps=2", nproc=1)
+    records = [r for r in metric_records(tmp_path) if "moe/level1/max_load" in r]
+    assert [r["step"] for r in records] == [1, 2]   # run.log_every=1
+    num_experts = 4   # configs/model/tiny.yaml
+    for record, level in ((r, level) for r in records for level in (1, 2, 3)):
+        assert 1 / num_experts <= record[f"moe/level{level}/max_load"] <= 1
+        assert 0.45 <= record[f"moe/level{level}/dropped"] < 1
+    assert re.search(r"^step 2/6 .*\| drop [\d.]+/[\d.]+/[\d.]+% \|", out, re.MULTILINE), out
 
 
 def test_a_bf16_runs_ema_averages_the_fp32_master_weights_not_their_bf16_copies(tmp_path):

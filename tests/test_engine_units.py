@@ -461,11 +461,31 @@ def test_a_step_reports_the_mean_of_its_micro_batches_loss_and_load(monkeypatch)
     stub = SimpleNamespace(step=0, optimizer=torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.0),
                            engine=None, device=torch.device("cpu"), input_dtype=torch.float32, ema=None,
                            cfg=SimpleNamespace(train=None, model=SimpleNamespace(moe=SimpleNamespace(
-                               balance_loss_weight=0.01))))
+                               balance_loss_weight=0.01, capacity_factor=0.0))))
     schedule = LRSchedule(lr=1.0, min_lr=0.0, warmup_steps=0, steps=10)
     result = run.TrainingRun._optimizer_step(stub, [{}, {}], schedule)
     assert result.terms.tolist() == [2.0, 3.0, 4.0]
     assert result.loads.tolist() == [[0.5, 0.5]] and stub.step == 1 and result.lr == 1.0
+    assert result.dropped is None   # no capacity: nothing dropped, nothing more to report
+
+
+def test_with_a_capacity_a_step_also_reports_the_mean_dropped_fraction_per_level(monkeypatch):
+    from m2r.engine import run
+
+    steps = iter([([torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.5])], [torch.tensor(0.25), torch.tensor(0.0)]),
+                  ([torch.tensor([0.0, 1.0]), torch.tensor([0.5, 0.5])], [torch.tensor(0.75), torch.tensor(0.5)])])
+
+    def fake_micro_step(*args):
+        loads, dropped = next(steps)
+        return SimpleNamespace(expert_load=loads, dropped=dropped), torch.tensor([1.0, 2.0, 3.0])
+    monkeypatch.setattr(run, "micro_step", fake_micro_step)
+    stub = SimpleNamespace(step=0, optimizer=torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.0),
+                           engine=None, device=torch.device("cpu"), input_dtype=torch.float32, ema=None,
+                           cfg=SimpleNamespace(train=None, model=SimpleNamespace(moe=SimpleNamespace(
+                               balance_loss_weight=0.01, capacity_factor=1.25))))
+    result = run.TrainingRun._optimizer_step(stub, [{}, {}], LRSchedule(lr=1.0, min_lr=0.0, warmup_steps=0, steps=10))
+    assert result.loads.tolist() == [[0.5, 0.5], [0.5, 0.5]]
+    assert result.dropped.dtype == torch.float64 and result.dropped.tolist() == [0.5, 0.25]
 
 
 def test_a_step_report_averages_over_ranks_and_agrees_on_stop_signals_in_one_collective(monkeypatch):
@@ -505,9 +525,17 @@ def test_a_step_report_averages_over_ranks_and_agrees_on_stop_signals_in_one_col
     # A log step also logs the expert loads, averaged over ranks like the loss terms, and the run's stats.
     loads, stats = [], []
     stub.step, stub._log_run_stats = 5, lambda: stats.append(stub.step)
-    stub.monitor = SimpleNamespace(log_expert_load=lambda step, rows: loads.append([row.tolist() for row in rows]))
+    stub.monitor = SimpleNamespace(log_expert_load=lambda step, rows, dropped: loads.append(
+        ([row.tolist() for row in rows], None if dropped is None else dropped.tolist())))
     run.TrainingRun._report_step(stub, result, timer)
-    assert loads == [[[0.5, 0.5]]] and stats == [5] and logged[-1] == ([2.0, 3.0, 4.0], True)
+    assert loads == [([[0.5, 0.5]], None)] and stats == [5] and logged[-1] == ([2.0, 3.0, 4.0], True)
+    # With a capacity the dropped fractions ride in the same collective, averaged over ranks like the loads;
+    # without, the collective carries what it did before (above: 5 values and the stop flags).
+    other_rank = torch.cat([other_rank[:5], torch.tensor([0.25]), other_rank[5:]])
+    result = result._replace(dropped=torch.tensor([0.75], dtype=torch.float64))
+    run.TrainingRun._report_step(stub, result, timer)
+    assert len(collectives[-1]) == len(collectives[0]) + 1 and len(collectives) == 3
+    assert loads[-1] == ([[0.5, 0.5]], [0.5])
 
 
 def test_a_local_rank_equal_to_the_gpu_count_is_refused_with_the_reason(monkeypatch):
@@ -566,7 +594,7 @@ def test_a_step_trains_at_the_learning_rate_it_reports(monkeypatch):
     stub = SimpleNamespace(step=3, optimizer=optimizer, engine=None, device=torch.device("cpu"),
                            input_dtype=torch.float32, ema=None,
                            cfg=SimpleNamespace(train=None, model=SimpleNamespace(moe=SimpleNamespace(
-                               balance_loss_weight=0.01))))
+                               balance_loss_weight=0.01, capacity_factor=0.0))))
     schedule = LRSchedule(lr=1.0, min_lr=0.0, warmup_steps=2, steps=10)
     result = run.TrainingRun._optimizer_step(stub, [{}], schedule)
     assert optimizer.param_groups[0]["lr"] == result.lr == learning_rate(3, schedule)

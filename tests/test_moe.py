@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from m2r.models.config import MoEConfig
 from m2r.models.moe import (DDER, ExpertMLP, Routing, combine_expert_outputs, cv_squared, dense_gate_matrix,
-                            init_expert_, resolve_dispatch, sort_assignments)
+                            dropped_assignments, init_expert_, resolve_dispatch, sort_assignments)
 
 DIM, PROMPT_DIM, NUM_PROMPTS = 8, 12, 6
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def make_inputs(batch=2, height=4, width=4, dtype=torch.float32, seed=1):
 
 def test_output_shapes_and_expert_load_fractions():
     dder = make_dder()
-    y, balance_loss, expert_load = dder(*make_inputs(batch=2, height=4, width=6))
+    y, balance_loss, expert_load, dropped = dder(*make_inputs(batch=2, height=4, width=6))
     assert y.shape == (2, DIM, 4, 6)
     assert balance_loss.shape == () and balance_loss.requires_grad
     assert expert_load.shape == (6,) and not expert_load.requires_grad
@@ -114,7 +114,7 @@ def test_matches_dense_restatement_of_official_algorithm(training, dispatch):
         torch.manual_seed(5)
         noise = torch.randn(2 * 16, 6, dtype=torch.float64)
     torch.manual_seed(5)
-    y, balance_loss, _ = dder(x, prompt, probs)
+    y, balance_loss, _, _ = dder(x, prompt, probs)
     ((y * y.detach().cos()).sum() + balance_loss).backward()
     ours = collect_grads([x, *dder.parameters()])
 
@@ -136,7 +136,7 @@ def test_dense_dispatch_runs_large_inputs_in_token_chunks_with_the_same_result(m
     def output_and_grads(dder):
         x, prompt, probs = (t.requires_grad_(True) for t in make_inputs(dtype=torch.float64))
         torch.manual_seed(5)
-        y, balance_loss, _ = dder(x, prompt, probs)
+        y, balance_loss, _, _ = dder(x, prompt, probs)
         ((y * y.detach().cos()).sum() + balance_loss).backward()
         return y.detach(), collect_grads([x, *dder.parameters()])
 
@@ -179,7 +179,7 @@ def test_balance_loss_is_zero_for_perfectly_balanced_routing():
         dder.router.w_g[0] = torch.tensor([1.0, -1.0])   # channel 0 > 0 -> expert 0, < 0 -> expert 1
     x = torch.zeros(1, DIM, 2, 2)
     x[0, 0] = torch.tensor([[1.0, -1.0], [-2.0, 2.0]])
-    _, balance_loss, expert_load = dder(x, torch.zeros(1, PROMPT_DIM), torch.full((1, NUM_PROMPTS), 1 / 6))
+    _, balance_loss, expert_load, _ = dder(x, torch.zeros(1, PROMPT_DIM), torch.full((1, NUM_PROMPTS), 1 / 6))
     assert balance_loss.item() == 0.0
     assert expert_load.tolist() == [0.5, 0.5]
 
@@ -225,6 +225,41 @@ def test_capacity_drops_assignments_beyond_it_in_token_order():
     assert kept.token_ids.tolist() == [0, 1, 0, 2, 1]      # expert 0 keeps tokens 0, 1; drops 2, 3
     assert dense_gate_matrix(routing, num_experts=3, capacity=2).tolist() == [
         [0.5, 0.5, 0.0], [0.5, 0.0, 0.5], [0.0, 0.5, 0.0], [0.0, 0.0, 0.0]]
+
+
+def test_the_dropped_count_is_what_the_capacity_leaves_out_of_both_dispatches():
+    """Expert 0 is chosen 4 times and expert 1 3 times under a capacity of 2: 2 + 1 of the 8 assignments
+    are dropped; a zero gate (underflowed) takes no place, so it is neither kept nor dropped."""
+    routing = Routing(torch.tensor([[0, 1], [0, 2], [0, 1], [1, 0]]), torch.full((4, 2), 0.5), torch.zeros(()))
+    assert dropped_assignments(routing, num_experts=3, capacity=2).item() == 3.0
+    assert sort_assignments(routing, num_experts=3, capacity=2).token_ids.numel() == 8 - 3
+    assert (dense_gate_matrix(routing, num_experts=3, capacity=2) > 0).sum().item() == 8 - 3
+    assert dropped_assignments(routing, num_experts=3, capacity=4).item() == 0.0
+    assert dropped_assignments(routing, num_experts=3, capacity=None).item() == 0.0   # no capacity
+
+    zero_gate = Routing(torch.tensor([[0, 1], [0, 1]]), torch.tensor([[1.0, 0.0], [0.5, 0.5]]), torch.zeros(()))
+    assert dropped_assignments(zero_gate, num_experts=2, capacity=1).item() == 1.0   # token 1's expert 0
+    assert sort_assignments(zero_gate, num_experts=2, capacity=1).token_ids.numel() == 3 - 1
+
+
+@pytest.mark.parametrize("dispatch", ["sparse", "dense"])
+def test_an_adapter_reports_the_fraction_of_its_assignments_the_capacity_dropped(dispatch):
+    """In training with model.moe.capacity_factor (evaluation: eval_capacity_factor), over the S * k
+    assignments the load counts too; 0 without a capacity."""
+    x, prompt, probs = make_inputs()
+    tokens = x.permute(0, 2, 3, 1).reshape(-1, DIM)
+    for factor, train in ((0.4, True), (0.4, False), (0.0, True)):
+        dder = make_dder(top_k=2, capacity_factor=factor if train else 0.0,
+                         eval_capacity_factor=0.0 if train else factor, noisy_gating=False,
+                         dispatch=dispatch).train(train)
+        with torch.no_grad():
+            dropped = dder(x, prompt, probs)[3]
+            routing = dder.router(tokens, dder.prompt_proj(prompt), probs, tokens_per_image=16)
+        capacity = 5 if factor else None    # ceil(0.4 * 32 tokens * 2 / 6 experts)
+        kept = sort_assignments(routing, 6, capacity).token_ids.numel()
+        assert dropped.dtype == torch.float32 and dropped.shape == () and not dropped.requires_grad
+        assert dropped.item() == pytest.approx((64 - kept) / 64)
+        assert (dropped.item() > 0) == (factor > 0)
 
 
 @pytest.mark.parametrize("dispatch", ["sparse", "dense"])
@@ -292,8 +327,11 @@ def test_auto_dispatch_is_dense_alone_and_sparse_with_expert_parallelism():
     assert make_dder(dispatch="sparse").dispatch == "sparse"
 
 
-def test_dense_dispatch_compiles_without_graph_breaks():
-    explanation = torch._dynamo.explain(make_dder(dispatch="dense").train())(*make_inputs())
+@pytest.mark.parametrize("capacity_factor", [0.0, 0.4])
+def test_dense_dispatch_compiles_without_graph_breaks(capacity_factor):
+    """With a capacity too: the dropped fraction is counted from per-expert totals, static shapes."""
+    dder = make_dder(dispatch="dense", capacity_factor=capacity_factor).train()
+    explanation = torch._dynamo.explain(dder)(*make_inputs())
     assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
 
 
@@ -340,7 +378,7 @@ def test_sparse_dispatch_memory_is_linear_in_tokens():
     x, prompt, probs = make_inputs(batch=2, height=320, width=320)   # 204,800 tokens
     x.requires_grad_(True)
     with LargestTensor() as largest:
-        y, balance_loss, _ = dder(x, prompt, probs)
+        y, balance_loss, _, _ = dder(x, prompt, probs)
         (y.sum() + balance_loss).backward()
     num_assignments, hidden = 204_800 * 2, int(2.66 * DIM)
     # Linear bound: all assignments' hidden activations at once. A dense [S, E, capacity] tensor is ~10^4x more.
@@ -377,7 +415,7 @@ def test_two_rank_expert_parallel_matches_single_rank_and_checkpoints_by_global_
     result = json.loads(result_path.read_text())
 
     for case, diffs in result["parity"].items():
-        assert len(diffs) == 6 + 7 + 2 * 4 * 6, case     # outputs, router grads, expert grads and weights
+        assert len(diffs) == 7 + 7 + 2 * 4 * 6, case     # outputs (dropped too), router grads, expert grads and weights
         worst = max(diffs, key=diffs.get)
         assert diffs[worst] < 1e-12, f"{case}: {worst} differs by {diffs[worst]}"
 
@@ -425,7 +463,7 @@ def test_top_k_equal_to_the_number_of_experts_trains_with_noisy_gating():
     (every expert takes every token) instead of Shazeer's estimator."""
     for dispatch in ("dense", "sparse"):
         dder = make_dder(num_experts=2, top_k=2, dispatch=dispatch).train()
-        y, balance_loss, expert_load = dder(*make_inputs())
+        y, balance_loss, expert_load, _ = dder(*make_inputs())
         assert torch.isfinite(y).all() and torch.isfinite(balance_loss)
         assert expert_load.tolist() == [0.5, 0.5]
 
@@ -443,7 +481,7 @@ def test_an_assignment_whose_gate_is_zero_takes_no_place_under_the_capacity():
 def test_expert_load_is_the_fraction_of_top_k_assignments_per_expert():
     dder = make_dder(top_k=2).eval()
     x, prompt, probs = make_inputs(batch=2, height=4, width=6)
-    _, _, expert_load = dder(x, prompt, probs)
+    _, _, expert_load, _ = dder(x, prompt, probs)
     tokens = x.permute(0, 2, 3, 1).reshape(-1, DIM)
     routing = dder.router(tokens, dder.prompt_proj(prompt), probs, tokens_per_image=24)
     expected = torch.bincount(routing.expert_ids.flatten(), minlength=6).double() / routing.expert_ids.numel()
@@ -465,7 +503,7 @@ def test_the_load_estimate_leaves_the_clip_bias_out_unless_asked(monkeypatch):
         with torch.no_grad():
             router.w_g.zero_(), router.w_n.zero_(), router.degra_proj.weight.zero_(), router.gate_boost.fill_(1.0)
             router.degra_proj.bias.copy_(torch.tensor([40.0, 0.0, 0.0, 0.0]))
-        _, _, expert_load = dder(*make_inputs(batch=1, height=4, width=4))
+        _, _, expert_load, _ = dder(*make_inputs(batch=1, height=4, width=4))
         assert expert_load.tolist() == [1.0, 0.0, 0.0, 0.0]   # the routing itself, either way
     with_bias, without = (load[0].item() for load in estimates)
     assert with_bias == pytest.approx(16.0, abs=1e-3) and without < 8.0

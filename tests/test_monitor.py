@@ -140,6 +140,32 @@ def test_tensorboard_gets_per_gpu_throughput_and_expert_loads_by_level_from_1(tm
     assert [e.value for e in events.Scalars("moe/level2/expert0")] == [1.0]
 
 
+def test_each_level_reports_its_largest_expert_load_and_with_a_capacity_its_dropped_share(tmp_path, capsys):
+    """One scalar per level each, readable where the per-expert tags are 144 curves (48 experts x 3 levels):
+    TensorBoard and a metrics.jsonl record at the log step; the dropped shares join that step's console line."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monitor = build_monitor(True, tmp_path, total_steps=4, start_step=0, world_size=4, progress_bar=False)
+    loads = [torch.tensor([0.25, 0.75]), torch.tensor([0.5, 0.5]), torch.tensor([1.0, 0.0])]
+    monitor.log_expert_load(1, loads)     # no capacity: no dropped share anywhere
+    monitor.log_train(1, dict(SCALARS, loss=1.0), log_step=True)
+    monitor.log_expert_load(2, loads, dropped=torch.tensor([0.125, 0.0, 0.0004]))
+    monitor.log_train(2, dict(SCALARS, loss=1.0), log_step=True)
+    monitor.log_train(3, dict(SCALARS, loss=1.0), log_step=True)   # a line of its own: no stale shares
+    monitor.close()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert "drop" not in lines[0] and "drop" not in lines[2]
+    assert "| drop 12.5/0.0/0.04% |" in lines[1]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    moe = [record for record in records if "moe/level1/max_load" in record]
+    assert moe[0] == {"step": 1, "moe/level1/max_load": 0.75, "moe/level2/max_load": 0.5, "moe/level3/max_load": 1.0}
+    assert moe[1]["step"] == 2 and moe[1]["moe/level1/dropped"] == 0.125 and moe[1]["moe/level2/dropped"] == 0.0
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("moe/level1/max_load")] == [(1, 0.75), (2, 0.75)]
+    assert [(e.step, e.value) for e in events.Scalars("moe/level1/dropped")] == [(2, 0.125)]
+
+
 def test_a_line_cut_off_by_a_crash_goes_before_the_resumed_run_appends(tmp_path):
     """Only the cut line is extra (the crash came right after the checkpoint's step was logged): the
     file is still rewritten, or the next record would be glued to the cut line."""

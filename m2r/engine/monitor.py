@@ -4,9 +4,15 @@ Other ranks get a `NullMonitor` with the same methods, so the training loop has 
 TensorBoard tags (balance_loss before its weight model.moe.balance_loss_weight; loss = pixel + weight x
 balance; data_wait_share of the rank that waited most; grad_norm before clipping, absent at ZeRO 0 in fp32):
 train/{loss,loss_avg,pixel_loss,balance_loss,lr,grad_norm,img_per_s,img_per_s_per_gpu,data_wait_share,
-gpu_mem_gib (CUDA only)}, moe/level<L>/expert<E> (load fractions), data/samples_<type> and
-data/corrupt_samples (pretraining: samples seen per degradation type, damaged samples skipped),
-val/{psnr,ssim,psnr_<type>} (finetuning: psnr_<set name>), images/val (pretraining: degraded | restored | clean).
+gpu_mem_gib (CUDA only)}, moe/level<L>/expert<E> (load fractions: the share of the step's top-k token
+assignments, summed over ranks, that chose expert E of MoE adapter level L, before any capacity drop),
+moe/level<L>/max_load (the largest of them: 1/num_experts is perfect balance, 1 all on one expert),
+moe/level<L>/dropped (only with model.moe.capacity_factor > 0, absent without: the share of the step's
+assignments, over all ranks, that the expert capacity dropped; the console's log line shows them as
+`drop a/b/c%`, level 1 first), data/samples_<type> and data/corrupt_samples (pretraining: samples seen per
+degradation type, damaged samples skipped), val/{psnr,ssim,psnr_<type>} (finetuning: psnr_<set name>),
+images/val (pretraining: degraded | restored | clean). The moe/ tags come every run.log_every steps; max_load
+and dropped are also in metrics.jsonl, in a record of their own at that step (keys as the tags).
 """
 from __future__ import annotations
 
@@ -61,7 +67,7 @@ def gpu_memory_gib() -> float:
 
 class NullMonitor:
     def log_train(self, step: int, scalars: Dict[str, float], log_step: bool) -> None: ...
-    def log_expert_load(self, step: int, loads: List[torch.Tensor]) -> None: ...
+    def log_expert_load(self, step: int, loads: List[torch.Tensor], dropped: Optional[torch.Tensor] = None) -> None: ...
     def log_data_stats(self, step: int, counts: Dict[str, int], corrupt_samples: int) -> None: ...
     def log_val(self, step: int, metrics: Dict[str, float]) -> None: ...
     def log_images(self, step: int, grid: torch.Tensor) -> None: ...
@@ -160,6 +166,7 @@ class Monitor(NullMonitor):
         self.metrics_file = open(metrics_path, "a")
         self.bar = self._progress_bar(start_step) if progress_bar and sys.stdout.isatty() else None
         self._eta_clock = (time.perf_counter(), start_step)
+        self._dropped_line: Tuple[int, str] = (-1, "")   # (step, console text) from `log_expert_load`
 
     def _progress_bar(self, start_step: int):
         from tqdm import tqdm
@@ -208,12 +215,26 @@ class Monitor(NullMonitor):
             f"| {scalars['img_per_s']:.1f} img/s ({scalars['img_per_s_per_gpu']:.1f}/GPU) "
             f"| data {100 * scalars['data_wait_share']:.0f}% "
             + (f"| mem {scalars['gpu_mem_gib']:.2f} GiB " if "gpu_mem_gib" in scalars else "")
+            + (f"| {self._dropped_line[1]} " if self._dropped_line[0] == step else "")
             + f"| eta {self._eta(step)}")
 
-    def log_expert_load(self, step: int, loads: List[torch.Tensor]) -> None:
+    def log_expert_load(self, step: int, loads: List[torch.Tensor], dropped: Optional[torch.Tensor] = None) -> None:
+        """A log step's expert loads (per level, (num_experts,) fractions) and, with a training capacity, the
+        fraction of assignments dropped per level: TensorBoard, and max_load and dropped in metrics.jsonl;
+        the dropped fractions also join this step's console line (`log_train` comes next)."""
+        summary = {}
         for level, load in enumerate(loads, start=1):
-            for expert, fraction in enumerate(load.tolist()):
+            fractions = load.tolist()
+            for expert, fraction in enumerate(fractions):
                 self.writer.add_scalar(f"moe/level{level}/expert{expert}", fraction, step)
+            summary[f"moe/level{level}/max_load"] = max(fractions)
+        if dropped is not None:
+            fractions = dropped.tolist()
+            summary.update((f"moe/level{level}/dropped", value) for level, value in enumerate(fractions, start=1))
+            self._dropped_line = (step, "drop " + "/".join(_percent(value) for value in fractions) + "%")
+        for tag, value in summary.items():
+            self.writer.add_scalar(tag, value, step)
+        self._write({"step": step, **summary})
 
     def log_data_stats(self, step: int, counts: Dict[str, int], corrupt_samples: int) -> None:
         """Training samples served per degradation type, and damaged samples skipped, summed over ranks, since
@@ -246,6 +267,12 @@ class Monitor(NullMonitor):
             self.bar.close()
         self.writer.close()
         self.metrics_file.close()
+
+
+def _percent(fraction: float) -> str:
+    """A share as a short percentage: 1 decimal, 2 significant digits below 1% (so that 0.04% is not 0.0)."""
+    percent = 100 * fraction
+    return f"{percent:.1f}" if percent == 0 or percent >= 1 else f"{percent:.2g}"
 
 
 def build_monitor(is_rank0: bool, run_dir: Path, total_steps: int, start_step: int, world_size: int,

@@ -59,11 +59,14 @@ def micro_step(engine, batch: Dict[str, torch.Tensor], device: torch.device, inp
 
 
 class StepResult(NamedTuple):
-    """One optimizer step on this rank: mean loss terms (`LossTerms.NAMES`) and mean expert loads (adapter
-    level x expert), float64 on the device, and the learning rate it ran at."""
+    """One optimizer step on this rank: mean loss terms (`LossTerms.NAMES`), mean expert loads (adapter
+    level x expert) and, with a training capacity (model.moe.capacity_factor > 0), the mean fraction of
+    assignments it dropped per adapter level (else None), float64 on the device, and the learning rate it
+    ran at."""
     terms: torch.Tensor
     loads: torch.Tensor
     lr: float
+    dropped: Optional[torch.Tensor] = None
 
 
 class OptimizerCarry(NamedTuple):
@@ -409,35 +412,45 @@ class TrainingRun:
         the device: `_report_step` copies it once."""
         lr = learning_rate(self.step if position is None else position, schedule)
         set_learning_rate(self.optimizer, lr)
-        terms, loads, count = 0.0, 0.0, 0
+        # Without a capacity nothing is dropped: the report (and its all-reduce) stays as it was.
+        capacity = self.cfg.model.moe.capacity_factor > 0
+        terms, loads, dropped, count = 0.0, 0.0, 0.0, 0
         for batch in micro_batches:
             output, values = micro_step(self.engine, batch, self.device, self.input_dtype, self.cfg.train,
                                         self.cfg.model.moe.balance_loss_weight)
             terms = terms + values
             loads = loads + torch.stack([load.float() for load in output.expert_load])
+            if capacity:
+                dropped = dropped + torch.stack([fraction.float() for fraction in output.dropped])
             count += 1
         if self.ema is not None:
             self.ema.update()
         self.step += 1
-        means = (torch.cat([terms, loads.flatten()]) / count).double()
-        names = len(LossTerms.NAMES)
-        return StepResult(means[:names], means[names:].view(loads.shape), lr)
+        means = (torch.cat([terms, loads.flatten(), *([dropped] if capacity else [])]) / count).double()
+        names, levels = len(LossTerms.NAMES), loads.numel()
+        return StepResult(means[:names], means[names:names + levels].view(loads.shape), lr,
+                          means[names + levels:] if capacity else None)
 
     def _report_step(self, result: StepResult, timer: StepTimer) -> Optional[str]:
-        """Every step: its loss terms and expert loads averaged over ranks, and the ranks' stop signals
-        agreed, in one all-reduce and one device-to-host copy (outside log steps, the step's only
-        synchronisation), which ends the step on `timer`. Every `run.log_every` steps and at the last:
-        also the expert loads, `_log_run_stats`, the grad norm and the throughput. Returns why every rank
-        stops for a signal now, or None. A collective: every rank calls it at every step."""
-        report = torch.cat([result.terms, result.loads.flatten()])
+        """Every step: its loss terms, expert loads and dropped fractions (with a capacity) averaged over
+        ranks, and the ranks' stop signals agreed, in one all-reduce and one device-to-host copy (outside
+        log steps, the step's only synchronisation), which ends the step on `timer`. Every `run.log_every`
+        steps and at the last: also the expert loads and dropped fractions (the same copy: all of the
+        report comes to the host at once), `_log_run_stats`, the grad norm and the throughput. Returns why
+        every rank stops for a signal now, or None. A collective: every rank calls it at every step."""
+        dropped = [] if result.dropped is None else [result.dropped]
+        report = torch.cat([result.terms, result.loads.flatten(), *dropped])
         summed = dist.all_reduce_sum(torch.cat([report, self.stop_request.received_flags(report.device)]))
         timer.end_step(images_per_step(self.cfg.train, dist.world_size()))   # the step's GPU work is done
         means = summed[:len(report)] / dist.world_size()
         signalled = self.stop_request.agree(summed[len(report):])
-        terms = len(result.terms)
+        terms, levels = len(result.terms), result.loads.numel()
         log_step = self.step % self.cfg.run.log_every == 0 or self.step == self.total_steps
         if log_step:
-            self.monitor.log_expert_load(self.step, list(means[terms:].view_as(result.loads).float()))
+            means = means.cpu()
+            loads = means[terms:terms + levels].view_as(result.loads).float()
+            self.monitor.log_expert_load(self.step, list(loads),
+                                         means[terms + levels:].float() if dropped else None)
             self._log_run_stats()
         self._log_train_step(means[:terms], result.lr, timer, log_step)
         return signalled

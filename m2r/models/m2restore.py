@@ -39,6 +39,7 @@ class RestorationOutput:
     restored: torch.Tensor          # (B, 3, H, W) in the target's [0, 1] space, unclamped
     balance_loss: torch.Tensor      # scalar, sum over the 3 DDER levels, unweighted
     expert_load: list               # per DDER level, (num_experts,) fractions (detached)
+    dropped: list                   # per DDER level, fp32 scalar: fraction of assignments the capacity dropped
 
 
 class M2Restore(nn.Module):
@@ -173,12 +174,13 @@ class M2Restore(nn.Module):
         clip_probs, clip_embed = self._clip_prior(x)
         prompt = self.task_prompt(x)
 
-        balance_losses, expert_loads = [], []
+        balance_losses, expert_loads, dropped = [], [], []
 
         def adapt(dder, features):   # a DDER recomputes its experts itself, not its router (DDER.forward)
-            adapted, balance_loss, load = dder(features, prompt, clip_probs)
+            adapted, balance_loss, load, dropped_fraction = dder(features, prompt, clip_probs)
             balance_losses.append(balance_loss)
             expert_loads.append(load)
+            dropped.append(dropped_fraction)
             return adapted
 
         e1 = self._run(self.encoder_level1, adapt(self.dder1, self.patch_embed(x)))
@@ -193,7 +195,7 @@ class M2Restore(nn.Module):
         d1 = self._run(self.decoder_level1, torch.cat([self.up2_1(d2), e1], dim=1))
         d1 = self._run(self.refinement, d1)
         restored = self.output(d1) + x
-        return RestorationOutput(restored, torch.stack(balance_losses).sum(), expert_loads)
+        return RestorationOutput(restored, torch.stack(balance_losses).sum(), expert_loads, dropped)
 
     def _check_input(self, lq) -> None:
         if self._clip_prior is None:

@@ -291,6 +291,20 @@ def sort_assignments(routing: Routing, num_experts: int, capacity: Optional[int]
     return Assignments(token_ids, gates, counts)
 
 
+def dropped_assignments(routing: Routing, num_experts: int, capacity: Optional[int]) -> torch.Tensor:
+    """How many of the routing's assignments the capacity drops, as a float scalar (0 without a capacity).
+
+    Both dispatches keep, per expert, its first `capacity` assignments with a nonzero gate (`sort_assignments`,
+    `dense_gate_matrix`): an expert chosen n times drops max(0, n - capacity). Counted from the per-expert
+    totals, so its shapes do not depend on the data (it compiles) and it needs no host synchronisation.
+    """
+    if capacity is None:
+        return routing.gates.new_zeros((), dtype=torch.float32)
+    ids, gates = routing.expert_ids.detach(), routing.gates.detach()
+    chosen = _count_per_expert(ids, num_experts, weights=(gates > 0).to(torch.float32))
+    return (chosen - capacity).clamp(min=0).sum()
+
+
 def _finish_combine(total: torch.Tensor, mode: str) -> torch.Tensor:
     """The gated sum as is ("linear"), or its log with exact zeros replaced by eps ("log", official)."""
     if mode == "linear":
@@ -476,7 +490,8 @@ class DDER(MoE):
 
     def forward(self, x, task_prompt, clip_probs):
         """x (B,C,H,W), task_prompt (B,prompt_dim), clip_probs (B,num_prompts)
-        -> (x + MoE(x), balance loss scalar, expert_load (num_experts,) detached assignment fractions)."""
+        -> (x + MoE(x), balance loss scalar, expert_load (num_experts,) detached assignment fractions,
+        dropped: fp32 scalar, the fraction of the top-k assignments the capacity dropped (0 without one))."""
         batch, dim, height, width = x.shape
         tokens = x.permute(0, 2, 3, 1).reshape(-1, dim)
         routing = self.router(tokens, self.prompt_proj(task_prompt), clip_probs, height * width)
@@ -492,7 +507,7 @@ class DDER(MoE):
         else:
             mixed = mix(tokens, routing, capacity)
         mixed = mixed.to(x.dtype).view(batch, height, width, dim).permute(0, 3, 1, 2)
-        return x + mixed, routing.balance_loss, self._expert_load(routing)
+        return x + mixed, routing.balance_loss, self._expert_load(routing), self._dropped(routing, capacity)
 
     def _mix_densely(self, tokens, routing: Routing, capacity: Optional[int]) -> torch.Tensor:
         gates = dense_gate_matrix(routing, self.num_experts, capacity)
@@ -514,3 +529,8 @@ class DDER(MoE):
         """Fraction of this rank's top-k assignments that chose each expert (before any capacity drop)."""
         ids = routing.expert_ids.detach()
         return _count_per_expert(ids, self.num_experts) / ids.numel()
+
+    def _dropped(self, routing: Routing, capacity: Optional[int]) -> torch.Tensor:
+        """Fraction of this rank's top-k assignments that the capacity dropped (the denominator of
+        `_expert_load`: assignments whose gate underflowed to 0 count, as kept by neither)."""
+        return dropped_assignments(routing, self.num_experts, capacity) / routing.expert_ids.numel()
