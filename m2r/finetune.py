@@ -18,7 +18,8 @@ all ranks validate on centre crops of the test sets (the all-to-all needs every 
 is saved, and the best checkpoint per metric in `run.best_metrics` is kept under `best_<metric>/`
 (hard links to that epoch's checkpoint files, not a second save) and exported as
 `best_<metric>.safetensors` for `python -m m2r.evaluate`, with `best_<metric>.yaml` (its network config, read
-beside it: copy the two together) and `best_<metric>.json` (value, epoch, step). 
+beside it: copy the two together) and `best_<metric>.json` (value, epoch, step).
+
 `key=value` overrides any config key. A run resumes from its newest checkpoint by default
 (`run.resume=latest|none|<path>`); SIGTERM/SIGUSR1 save mid-epoch and exit 0; `run.stop_after_steps=N` or
 `run.stop_after_epochs=N` end this process after N steps or epochs, checkpoint first. Resuming at the same

@@ -75,6 +75,22 @@ def test_tiling_and_limit_values_are_checked_before_anything_runs(args, message,
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("kind, key, hint", [
+    # keys whose default is None are keys all the same
+    ("pretrain", "data.val_root", " (data.val_root is a key of finetune.py's configs, not of pretrain.py's)"),
+    ("pretrain", "data.list_file", " (data.list_file is a key of finetune.py's configs, not of pretrain.py's)"),
+    ("finetune", "data.shards", " (data.shards is a key of pretrain.py's configs, not of finetune.py's)"),
+    ("finetune", "data.val_shards", " (data.val_shards is a key of pretrain.py's configs, not of finetune.py's)"),
+    ("finetune", "model.clip.weights", ""),   # both have it (None by default): a bad value, not a wrong entry point
+    ("pretrain", "train.nope", ""),           # neither has it
+])
+def test_a_key_of_the_other_entry_points_configs_is_named_so_whatever_its_default(kind, key, hint):
+    from m2r.engine.entry import _other_kind_hint
+
+    name = key.rsplit(".", 1)[1]
+    assert _other_kind_hint(kind, f"config error: key '{key}': Key '{name}' not in 'DataConfig'") == hint
+
+
 def test_a_run_dir_in_use_by_another_run_is_refused(tmp_path):
     """Two runs on one run.dir would prune, resume and overwrite each other's checkpoints; a requeued
     SLURM job replaces the lock its earlier run left (NFS keeps a crashed node's locks for a while)."""

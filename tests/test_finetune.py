@@ -875,3 +875,44 @@ def test_a_resume_with_other_steps_per_epoch_continues_the_learning_rate_from_it
     assert sorted(lrs) == list(range(1, 10))
     assert [lrs[step] for step in range(1, 7)] == pytest.approx([learning_rate(s, before) for s in range(6)])
     assert [lrs[step] for step in (7, 8, 9)] == pytest.approx([learning_rate(s, after) for s in (3, 4, 5)])
+
+
+@pytest.mark.parametrize("epoch, samples_into_epoch, step, total, said", [
+    (1, 4, 6, 9, "resume: 2 steps per epoch here, other than before: step 6 is step 3 of the learning-rate "
+                 "schedule, which goes on from epoch 2 of 3's place on it; the run ends at step 9\n"),
+    (1, 0, 2, 6, ""),   # the steps per epoch as the run began: nothing to say
+    (3, 0, 9, 9, ""),   # the run above, finished and launched again: it trains nothing (not 'epoch 4 of 3')
+])
+def test_the_start_of_a_run_whose_steps_per_epoch_changed_counts_its_end_and_shows_its_schedule_in_its_own_steps(
+        repo_root, capsys, epoch, samples_into_epoch, step, total, said):
+    """4 steps per epoch (grad_accum 1) up to step 6, 2 steps into epoch 2; now grad_accum 2, 2 steps per epoch:
+    the console counts to step 9, while the schedule (warmup 1 epoch, 3 epochs) is 6 of its steps long. The summary
+    describes that schedule in its own steps: over the 9 counted it would say the cosine rises again after step 6
+    (5.05e-04 at the last step), which the learning rate, following the epochs, never does."""
+    from m2r.engine.checkpoint import Topology
+    from m2r.engine.optim import LRSchedule
+
+    cfg = load_config(FinetuneConfig, Path(repo_root) / "configs/finetune/tiny-test.yaml",
+                      ["train.epochs=3", "train.grad_accum=2", "train.min_lr=1.0e-5"])
+    stub = SimpleNamespace(cfg=cfg, epoch=epoch, samples_into_epoch=samples_into_epoch, step=step,
+                           steps_per_epoch=2, sampler=SimpleNamespace(num_samples=8),
+                           schedule=LRSchedule(1.0e-3, 1.0e-5, warmup_steps=2, steps=6),
+                           topology=Topology(1, 1, "fp32", 1), launcher="single", train_set=[None] * 8,
+                           _training_folder=lambda: "train/input", _speed_settings=lambda mode: [],
+                           checkpointing="none", device=torch.device("cpu"), val_names=["a"], val_counts=[1])
+    for name in ("schedule_position", "_epoch_name", "_schedule_length"):
+        setattr(stub, name, getattr(Finetuner, name).__get__(stub))
+    Finetuner._count_steps_to_the_end(stub)
+    assert stub.total_steps == total and capsys.readouterr().out == said
+    assert "| 2 steps/epoch x 3 epochs = 6 steps | warmup 2, cosine to min_lr after step 6\n" in \
+        Finetuner.startup_summary(stub)
+
+
+def test_a_dataset_shrunk_below_the_resumed_place_in_its_epoch_ends_that_epoch_not_the_run():
+    """Resumed at the same topology 6 samples into an epoch of a folder now holding 4 per rank: the epoch's rest
+    is empty (it is validated and saved, the next one starts), not `ValueError: __len__() should return >= 0`."""
+    from m2r.engine.finetuner import ResumableSampler, optimizer_steps_in
+
+    sampler = ResumableSampler(list(range(4)), num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=True)
+    sampler.skip = 6
+    assert optimizer_steps_in(sampler, SimpleNamespace(micro_batch=2, grad_accum=1)) == 0 and list(sampler) == []

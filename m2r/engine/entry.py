@@ -10,6 +10,7 @@ from m2r.cli import parse_entry_args
 from m2r.config import ConfigError, load_config
 
 OTHER_KIND = {"pretrain": "finetune", "finetune": "pretrain"}
+_ABSENT = object()   # `_has_key`: not in the schema
 
 
 def run_training(kind: str, argv: Optional[Sequence[str]], description: str) -> int:
@@ -55,4 +56,5 @@ def _other_kind_hint(kind: str, message: str) -> str:
 
 def _has_key(kind: str, key: str) -> bool:
     schema, _ = _schema_and_run(kind)
-    return OmegaConf.select(OmegaConf.structured(schema), key) is not None
+    # a key whose default is None (data.val_root, data.shards, init.weights) is a key all the same
+    return OmegaConf.select(OmegaConf.structured(schema), key, default=_ABSENT) is not _ABSENT

@@ -40,7 +40,8 @@ class ResumableSampler(DistributedSampler):
         return itertools.islice(super().__iter__(), self.skip, None)
 
     def __len__(self) -> int:
-        return super().__len__() - self.skip
+        # a dataset shrunk since the checkpoint can leave fewer samples than were dealt: the epoch is done
+        return max(0, super().__len__() - self.skip)
 
 
 def optimizer_steps_in(sampler: ResumableSampler, train) -> int:
@@ -231,8 +232,8 @@ class Finetuner(TrainingRun):
             f"launcher {self.launcher}",
             f"  batch: micro {train.micro_batch} x accum {train.grad_accum} x {world} ranks = global "
             f"{images_per_step(train, world)} | crop {train.crop} | "
-            f"{self.steps_per_epoch} steps/epoch x {train.epochs} epochs = {self.total_steps} steps | "
-            + self.schedule.describe(self.total_steps),
+            f"{self.steps_per_epoch} steps/epoch x {train.epochs} epochs = {self._schedule_length()} steps | "
+            + self.schedule.describe(self._schedule_length()),
             *self._speed_settings(self.checkpointing + (f" (auto on {self.device.type})"
                                                         if self.cfg.train.activation_checkpointing == "auto" else "")),
             f"  validation sets (images of each, at most data.val_images_per_set={self.cfg.data.val_images_per_set}): "
@@ -274,10 +275,16 @@ class Finetuner(TrainingRun):
         later_epochs = max(0, train.epochs - self.epoch - 1)
         self.total_steps = self.step + (left_in_epoch + later_epochs * self.steps_per_epoch
                                         if self.epoch < train.epochs else 0)
-        if self.step != self.schedule_position():
-            dist.print0(f"resume: {self.steps_per_epoch} steps per epoch now (at step {self.step}): the learning "
-                        f"rate goes on from {self._epoch_name()}'s place on its schedule (schedule step "
-                        f"{self.schedule_position()}), and the run ends at step {self.total_steps}")
+        # said at every resume of such a run, not only the one that changed them; a finished run trains nothing
+        if self.step != self.schedule_position() and self.epoch < train.epochs:
+            dist.print0(f"resume: {self.steps_per_epoch} steps per epoch here, other than before: step {self.step} "
+                        f"is step {self.schedule_position()} of the learning-rate schedule, which goes on from "
+                        f"{self._epoch_name()}'s place on it; the run ends at step {self.total_steps}")
+
+    def _schedule_length(self) -> int:
+        """The whole run in the schedule's steps (this run's steps per epoch): `total_steps` counts the steps
+        taken, which part from them after a resume that changed the steps per epoch."""
+        return self.cfg.train.epochs * self.steps_per_epoch
 
     def run_epoch(self) -> Optional[str]:
         """Train one epoch (or its rest); returns why it stopped early, None when it finished."""
