@@ -581,6 +581,7 @@ def test_an_exact_finetune_resume_restores_the_best_metrics_so_far(capsys):
     stub._restore_ema = lambda ref: None
     stub._align_bests_with_resume = lambda: None
     stub._epoch_name = lambda: Finetuner._epoch_name(stub)
+    stub._check_training_set = lambda client, ref: None
     Finetuner._resume(stub, SimpleNamespace(path="ckpt"))
     assert (stub.epoch, stub.samples_into_epoch, stub.best) == (2, 4, best)
 
@@ -916,3 +917,70 @@ def test_a_dataset_shrunk_below_the_resumed_place_in_its_epoch_ends_that_epoch_n
     sampler = ResumableSampler(list(range(4)), num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=True)
     sampler.skip = 6
     assert optimizer_steps_in(sampler, SimpleNamespace(micro_batch=2, grad_accum=1)) == 0 and list(sampler) == []
+
+
+def test_a_resume_after_images_were_removed_mid_epoch_starts_the_epoch_again(repo_root, tmp_path):
+    """16 images (8 steps per epoch at 1 rank), stopped 6 steps into epoch 1; the list file then names 8 (4 steps
+    per epoch): the saved place (12 images in) is past the new epoch's end and points into another order of the
+    images. The epoch starts again (it stopped the start, `len(sampler)` < 0), its learning rate from the epoch's
+    start, the run ends after epoch 2 at step 6 + 2 x 4, and the summary describes the schedule, not a cosine that
+    rises again after 8 steps."""
+    from m2r.engine.optim import LRSchedule, learning_rate
+
+    allweather = build_allweather(tmp_path / "allweather", size=(40, 48), train=16)
+    names = (allweather / "filenames.txt").read_text().splitlines(keepends=True)
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "finetune.py", "--config", "configs/finetune/tiny-test.yaml", f"data.root={allweather}",
+               "model.moe.ep_size=1", "train.min_lr=1.0e-5", f"run.dir={run_dir}"]
+    run([*command, "run.stop_after_steps=6"], repo_root)
+    (allweather / "filenames.txt").write_text("".join(names[:8]))
+    log = run(command, repo_root)
+    assert "resume: the training set changed since step00000006: 16 -> 8 pairs\nWARNING: epoch 1 of 2 starts again " \
+           "from its first image" in log, log
+    assert "4 steps/epoch x 2 epochs = 8 steps | warmup 4, cosine to min_lr after step 8\n" in log
+    assert "step 6 is step 0 of the learning-rate schedule, which goes on from epoch 1 of 2's place on it; the run " \
+           "ends at step 14\n" in log
+    assert "step 14/14 |" in log and "stopping at step 14: finished" in log
+    lrs = [(r["step"], r["lr"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+           if "lr" in r]
+    assert [step for step, _ in lrs] == list(range(1, 15))
+    assert [lr for _, lr in lrs[6:]] == pytest.approx([learning_rate(s, LRSchedule(1.0e-3, 1.0e-5, 4, 8))
+                                                       for s in range(8)])
+
+
+@pytest.mark.parametrize("saved, into, restarts", [
+    ({"pairs": 16, "sha256": "a"}, 12, False),    # the same images: the epoch goes on
+    ({"pairs": 16, "sha256": "b"}, 12, True),     # images added to or removed from the list
+    ({"pairs": 16, "sha256": "b"}, 0, False),     # at an epoch's end: nothing to start again
+    (None, 12, False),                            # an older checkpoint: what it cannot tell, trusted
+    (None, 20, False)])                           # ... its place past the epoch's end ends that epoch (the sampler)
+def test_a_changed_training_set_starts_a_begun_epoch_again(capsys, saved, into, restarts):
+    stub = SimpleNamespace(train_set_id={"pairs": 16, "sha256": "a"}, samples_into_epoch=into,
+                           sampler=SimpleNamespace(num_samples=16), _epoch_name=lambda: "epoch 2 of 3")
+    Finetuner._check_training_set(stub, {"train_set": saved} if saved else {}, SimpleNamespace(tag="step00000005"))
+    assert stub.samples_into_epoch == (0 if restarts else into)
+    assert ("epoch 2 of 3 starts again" in capsys.readouterr().out) is restarts
+
+
+def test_a_signal_at_an_epochs_last_step_then_a_new_world_size_validates_that_epoch_not_trains_it_again(repo_root,
+                                                                                                     tmp_path):
+    """SIGUSR1 at step 2, epoch 1's last at 2 ranks (2 steps per epoch), saves before the epoch's validation; the
+    resume at 1 rank (4 steps per epoch) validates epoch 1 first and goes on with epoch 2 at its place on the
+    schedule: not epoch 1 again from its first image, with its warmup again."""
+    from m2r.engine.optim import LRSchedule, learning_rate
+
+    allweather = build_allweather(tmp_path / "allweather", size=(40, 48), train=8)
+    run_dir = tmp_path / "run"
+    settings = ["finetune.py", "--config", "configs/finetune/tiny-test.yaml", f"data.root={allweather}",
+                "model.moe.ep_size=1", "train.min_lr=1.0e-5", f"run.dir={run_dir}"]
+    stopped = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "tests/signalled_run.py",
+                   "after-step-2", *settings], repo_root, timeout=180)
+    assert "stopping at step 2: received SIGUSR1 in epoch 1 of 2" in stopped and "val step" not in stopped
+    log = run([sys.executable, *settings], repo_root)
+    assert "resumed from" in log and "epoch 1 of 2, step 2" in log
+    assert "val step 2:" in log and "step 6/6 |" in log and "stopping at step 6: finished" in log, log
+    lrs = [(r["step"], r["lr"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+           if "lr" in r]
+    assert [step for step, _ in lrs] == list(range(1, 7))
+    assert [lr for _, lr in lrs[2:]] == pytest.approx([learning_rate(s, LRSchedule(1.0e-3, 1.0e-5, 4, 8))
+                                                       for s in range(4, 8)])

@@ -300,3 +300,23 @@ def test_a_checkpoint_before_the_first_step_still_carries_the_loss_scale_with_th
                                   why_not="none saved: the checkpoint precedes the first optimizer step")
     out = _warning(capsys, Topology(2, 2, "fp16", 1), Topology(4, 2, "fp16", 2), False, masters_only)
     assert "the fp16 loss scale" in out.split("LOST")[0] and "loss scale" not in out.split("LOST")[1]
+
+
+def test_a_resume_at_the_same_topology_with_another_global_batch_says_the_lr_is_not_rescaled(capsys, monkeypatch):
+    """train.grad_accum or train.micro_batch changed alone (no topology change, an exact load): the global batch
+    changes as much as with a new world size, and the learning rate is as little rescaled."""
+    from m2r.engine import run
+
+    topology = Topology(2, 2, "fp32", 1)
+    monkeypatch.setattr(run, "apply_optimizer_settings", lambda optimizer, train: None)
+    for train, shown in ((SimpleNamespace(micro_batch=1, grad_accum=4), True),
+                         (SimpleNamespace(micro_batch=2, grad_accum=1), False)):   # 4 -> 8 images per step; 4 -> 4
+        _, stub, ref = _stub(topology, train, {"micro_batch": 1, "grad_accum": 2})
+        ref.topology, ref.root, ref.tag = (lambda: topology), Path("/ck"), "step3"
+        stub.optimizer = None
+        stub.engine = SimpleNamespace(load_checkpoint=lambda root, tag: (None, {"step": 3, "rng_states": [{}, {}]}))
+        client, saved_rng = run.TrainingRun._load_checkpoint(stub, ref)
+        assert client["step"] == 3 and saved_rng == {}
+        out = capsys.readouterr().out
+        assert ("WARNING: resume: the global batch changes from 4 to 8 images per step; train.lr is not rescaled"
+                in out) is shown, out

@@ -6,6 +6,7 @@ in m2r/engine/config.py.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import os
@@ -48,6 +49,13 @@ def optimizer_steps_in(sampler: ResumableSampler, train) -> int:
     """Optimizer steps in what `sampler` deals this rank (an epoch, or its rest after `skip`): whole
     micro-batches (the loader drops the last partial one), whole accumulations of them."""
     return len(sampler) // train.micro_batch // train.grad_accum
+
+
+def training_set_id(pairs, root: str) -> Dict[str, Any]:
+    """What decides which image each place of an epoch deals: how many pairs and which, in their order
+    (paths relative to data.root: the same dataset at another mount is the same)."""
+    names = "\n".join(f"{os.path.relpath(pair.lq, root)}\t{os.path.relpath(pair.gt, root)}" for pair in pairs)
+    return {"pairs": len(pairs), "sha256": hashlib.sha256(names.encode()).hexdigest()}
 
 
 def init_weights_kind(weights: Optional[str]) -> Optional[str]:
@@ -108,6 +116,7 @@ class Finetuner(TrainingRun):
         # out first would wait in a collective for the others forever.
         pairs = dist.on_rank0(lambda: train_pairs(data.dataset, data.root, data.list_file))
         groups = sorted({pair.group for pair in pairs})
+        self.train_set_id = training_set_id(pairs, data.root)
         self.train_set = PairedImages(pairs, groups, crop=train.crop, seed=train.seed, augment=data.augment)
         self.sampler = ResumableSampler(self.train_set, num_replicas=env.world_size, rank=env.rank, shuffle=True,
                                         seed=train.seed, drop_last=True)
@@ -203,10 +212,14 @@ class Finetuner(TrainingRun):
         """Continue from `ref`; returns this rank's saved RNG state when the ranks are laid out as they
         were (same world size and ep_size), None otherwise (the epoch then restarts)."""
         client, saved_rng = self._load_checkpoint(ref)
-        if saved_rng is not None:  # the epoch continues where it stopped
-            self.samples_into_epoch = client["samples_into_epoch"]
-        self._restore_ema(ref)
         self.epoch, self.best = client["epoch"], client["best"]
+        if client.get("epoch_trained"):   # absent from checkpoints saved before 2026-11-28
+            # a stop signal at the epoch's last step left only its validation: at any topology it is done next
+            self.samples_into_epoch = self.sampler.num_samples
+        elif saved_rng is not None:  # the epoch continues where it stopped
+            self.samples_into_epoch = client["samples_into_epoch"]
+            self._check_training_set(client, ref)
+        self._restore_ema(ref)
         epochs = self.cfg.train.epochs
         where = self._epoch_name() if self.epoch < epochs else f"after epoch {self.epoch}"
         dist.print0(f"resumed from {ref.path}: {where}, step {self.step}")
@@ -214,6 +227,24 @@ class Finetuner(TrainingRun):
             dist.print0(f"train.epochs={epochs} is reached already (the checkpoint is after epoch {self.epoch})")
         dist.on_rank0(self._align_bests_with_resume)
         return saved_rng
+
+
+    def _check_training_set(self, client: Dict[str, Any], ref: CheckpointRef) -> None:
+        """The sampler deals an epoch in an order drawn from the number of images: once images are added or
+        removed (a new list file, a folder that changed), the saved place in the epoch points into another
+        order, and continuing there would train some images twice and others not at all in this epoch. The epoch
+        then starts again from its first image."""
+        saved = client.get("train_set")   # absent from checkpoints saved before 2026-11-28
+        if saved is None or saved == self.train_set_id:
+            return
+        dist.print0(f"resume: the training set changed since {ref.tag}: {saved['pairs']} -> "
+                    f"{self.train_set_id['pairs']} pairs" + ("" if saved["pairs"] != self.train_set_id["pairs"]
+                                                             else " (other images or another order)"))
+        if self.samples_into_epoch > 0:
+            dist.print0(f"WARNING: {self._epoch_name()} starts again from its first image (its images are dealt in "
+                        "another order now: continuing at the saved place would train some twice and skip others); "
+                        "the learning rate goes back to the epoch's start")
+            self.samples_into_epoch = 0
 
     def _align_bests_with_resume(self) -> None:
         """Rank 0: the bests on disk made those the resumed checkpoint recorded (`align_best_with_resume`)."""
@@ -323,7 +354,13 @@ class Finetuner(TrainingRun):
 
     def _client_state(self) -> Dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "samples_into_epoch": self.samples_into_epoch,
-                "best": self.best, "rng_states": dist.all_gather_object(capture_rng_state())}
+                "epoch_trained": self._epoch_trained_now(), "train_set": self.train_set_id, "best": self.best,
+                "rng_states": dist.all_gather_object(capture_rng_state())}
+
+    def _epoch_trained_now(self) -> bool:
+        """Whether the epoch under way has had its last step (no whole accumulation of micro-batches is left)."""
+        left = self.sampler.num_samples - self.samples_into_epoch
+        return self.samples_into_epoch > 0 and left < self.cfg.train.micro_batch * self.cfg.train.grad_accum
 
     def save_checkpoint(self, before_publish: Optional[Callable[[Path, Dict[str, Any]], None]] = None
                         ) -> CheckpointRef:

@@ -287,6 +287,8 @@ class TrainingRun:
         self.step = client["step"]
         if carry is not None:
             self._warn_topology_change(ref, saved, same_ranks, carry)
+        elif batch_change := dist.on_rank0(lambda: self._global_batch_change(ref, saved)):   # batch or accum alone
+            dist.print0(f"WARNING: resume: {batch_change}")
         return client, client["rng_states"][dist.rank()] if same_ranks else None
 
     def _carry_optimizer(self, ref: CheckpointRef, saved: Topology) -> OptimizerCarry:
@@ -327,17 +329,18 @@ class TrainingRun:
             f"WARNING: TOPOLOGY CHANGE: {ref.path} was saved with {saved.describe()}; this run has "
             f"{self.topology.describe()}.",
             f"  Loaded: {'; '.join(loaded)}; experts mapped by global id. LOST: {'; '.join(lost) or 'nothing'}.",
-            *self._global_batch_change(ref, saved),
+            *[f"  {line[0].upper()}{line[1:]}" for line in [self._global_batch_change(ref, saved)] if line],
             bar]))
 
-    def _global_batch_change(self, ref: CheckpointRef, saved: Topology) -> List[str]:
-        """A line when the images per optimizer step differ from the checkpoint's (the LR stays as set)."""
+    def _global_batch_change(self, ref: CheckpointRef, saved: Topology) -> str:
+        """A line when the images per optimizer step differ from the checkpoint's (the LR stays as set): a new
+        world size, train.micro_batch or train.grad_accum; "" when they do not."""
         before = images_per_step(OmegaConf.create(ref.saved_config()["train"]), saved.world_size)
         now = images_per_step(self.cfg.train, self.topology.world_size)
         if before == now:
-            return []
-        return [f"  The global batch changes from {before} to {now} images per step; train.lr is not rescaled "
-                "(set it, and train.grad_accum, as this batch needs)."]
+            return ""
+        return (f"the global batch changes from {before} to {now} images per step; train.lr is not rescaled "
+                "(set it, and train.grad_accum, as this batch needs).")
 
     def _seed_rng(self, saved_rng: Optional[Dict[str, Any]]) -> None:
         """The saved state when the ranks are laid out as saved; else a seed from (seed, rank, step): gate
