@@ -531,11 +531,12 @@ def test_a_step_report_averages_over_ranks_and_agrees_on_stop_signals_in_one_col
     assert loads == [([[0.5, 0.5]], None)] and stats == [5] and logged[-1] == ([2.0, 3.0, 4.0], True)
     # With a capacity the dropped fractions ride in the same collective, averaged over ranks like the loads;
     # without, the collective carries what it did before (above: 5 values and the stop flags).
-    other_rank = torch.cat([other_rank[:5], torch.tensor([0.25]), other_rank[5:]])
-    result = result._replace(dropped=torch.tensor([0.75], dtype=torch.float64))
+    # (a mean unlike every load's, so that a report read one place off cannot pass for it)
+    other_rank = torch.cat([other_rank[:5], torch.tensor([0.125]), other_rank[5:]])
+    result = result._replace(dropped=torch.tensor([0.25], dtype=torch.float64))
     run.TrainingRun._report_step(stub, result, timer)
     assert len(collectives[-1]) == len(collectives[0]) + 1 and len(collectives) == 3
-    assert loads[-1] == ([[0.5, 0.5]], [0.5])
+    assert loads[-1] == ([[0.5, 0.5]], [0.1875]) and logged[-1] == ([2.0, 3.0, 4.0], True)
 
 
 def test_a_local_rank_equal_to_the_gpu_count_is_refused_with_the_reason(monkeypatch):

@@ -582,6 +582,7 @@ def test_an_exact_finetune_resume_restores_the_best_metrics_so_far(capsys):
     stub._align_bests_with_resume = lambda: None
     stub._epoch_name = lambda: Finetuner._epoch_name(stub)
     stub._check_training_set = lambda client, ref: None
+    stub._position_kept_elsewhere = lambda client: False
     Finetuner._resume(stub, SimpleNamespace(path="ckpt"))
     assert (stub.epoch, stub.samples_into_epoch, stub.best) == (2, 4, best)
 
@@ -959,7 +960,10 @@ def test_a_changed_training_set_starts_a_begun_epoch_again(capsys, saved, into, 
                            sampler=SimpleNamespace(num_samples=16), _epoch_name=lambda: "epoch 2 of 3")
     Finetuner._check_training_set(stub, {"train_set": saved} if saved else {}, SimpleNamespace(tag="step00000005"))
     assert stub.samples_into_epoch == (0 if restarts else into)
-    assert ("epoch 2 of 3 starts again" in capsys.readouterr().out) is restarts
+    out = capsys.readouterr().out
+    assert ("epoch 2 of 3 starts again" in out) is restarts
+    if saved is not None and saved["sha256"] == "b":   # as many pairs: the message says what else changed
+        assert "16 -> 16 pairs (other images or another order)\n" in out
 
 
 def test_a_signal_at_an_epochs_last_step_then_a_new_world_size_validates_that_epoch_not_trains_it_again(repo_root,
@@ -978,9 +982,29 @@ def test_a_signal_at_an_epochs_last_step_then_a_new_world_size_validates_that_ep
     assert "stopping at step 2: received SIGUSR1 in epoch 1 of 2" in stopped and "val step" not in stopped
     log = run([sys.executable, *settings], repo_root)
     assert "resumed from" in log and "epoch 1 of 2, step 2" in log
+    # the topology warning does not call the epoch's place lost (it is not trained again)
+    assert "the position in the epoch (the epoch's last step was trained: it is validated next)" in log
+    assert "the position in the epoch (started afresh)" not in log
     assert "val step 2:" in log and "step 6/6 |" in log and "stopping at step 6: finished" in log, log
     lrs = [(r["step"], r["lr"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
            if "lr" in r]
     assert [step for step, _ in lrs] == list(range(1, 7))
     assert [lr for _, lr in lrs[2:]] == pytest.approx([learning_rate(s, LRSchedule(1.0e-3, 1.0e-5, 4, 8))
                                                        for s in range(4, 8)])
+
+
+def test_the_training_set_id_names_the_pairs_in_order_relative_to_the_data_root():
+    """The same dataset at another mount is the same set; one image swapped for another (same count), or the same
+    images in another order, is another."""
+    from m2r.engine.finetuner import training_set_id
+    from m2r.eval.datasets import Pair
+
+    def pairs(root, names):
+        return [Pair(Path(root) / "train/input" / name, Path(root) / "train/gt" / name, "rain") for name in names]
+
+    names = ["a.png", "b.png", "c.png"]
+    here = training_set_id(pairs("/data/aw", names), "/data/aw")
+    assert here["pairs"] == 3
+    assert training_set_id(pairs("/mnt/other/aw", names), "/mnt/other/aw") == here
+    assert training_set_id(pairs("/data/aw", ["a.png", "b.png", "d.png"]), "/data/aw") != here
+    assert training_set_id(pairs("/data/aw", ["b.png", "a.png", "c.png"]), "/data/aw") != here

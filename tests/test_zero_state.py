@@ -320,3 +320,31 @@ def test_a_resume_at_the_same_topology_with_another_global_batch_says_the_lr_is_
         out = capsys.readouterr().out
         assert ("WARNING: resume: the global batch changes from 4 to 8 images per step; train.lr is not rescaled"
                 in out) is shown, out
+
+
+@pytest.mark.parametrize("position_kept", [False, True])
+def test_a_finetune_epoch_whose_last_step_was_trained_is_not_named_lost_at_another_world_size(capsys, position_kept):
+    """Saved at an epoch's last step (a signal before its validation), resumed at another world size: the epoch is
+    validated next (`Finetuner._resume`), so the warning must not say its place was lost and started afresh."""
+    from m2r.engine import run
+
+    _, stub, ref = _stub(Topology(1, 1, "fp32", 1), SimpleNamespace(micro_batch=2, grad_accum=1),
+                         {"micro_batch": 2, "grad_accum": 1})
+    stub.POSITION = "the position in the epoch"
+    carry = run.OptimizerCarry(masters=True, adamw=True)
+    run.TrainingRun._warn_topology_change(stub, ref, Topology(2, 1, "fp32", 1), False, carry, position_kept)
+    loaded, lost = capsys.readouterr().out.split("LOST")
+    assert ("the position in the epoch (the epoch's last step was trained: it is validated next)" in loaded) \
+        is position_kept
+    assert ("the position in the epoch (started afresh)" in lost) is not position_kept
+    assert "the per-rank RNG states" in lost
+
+
+def test_only_a_finetune_checkpoint_at_an_epochs_last_step_keeps_its_place_at_another_world_size():
+    from m2r.engine.finetuner import Finetuner
+    from m2r.engine.run import TrainingRun
+
+    assert Finetuner._position_kept_elsewhere(None, {"epoch_trained": True}) is True
+    assert Finetuner._position_kept_elsewhere(None, {"epoch_trained": False}) is False
+    assert Finetuner._position_kept_elsewhere(None, {}) is False   # saved before 2026-11-28
+    assert TrainingRun._position_kept_elsewhere(None, {"epoch_trained": True}) is False

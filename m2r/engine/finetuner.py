@@ -213,7 +213,7 @@ class Finetuner(TrainingRun):
         were (same world size and ep_size), None otherwise (the epoch then restarts)."""
         client, saved_rng = self._load_checkpoint(ref)
         self.epoch, self.best = client["epoch"], client["best"]
-        if client.get("epoch_trained"):   # absent from checkpoints saved before 2026-11-28
+        if self._position_kept_elsewhere(client):
             # a stop signal at the epoch's last step left only its validation: at any topology it is done next
             self.samples_into_epoch = self.sampler.num_samples
         elif saved_rng is not None:  # the epoch continues where it stopped
@@ -228,6 +228,10 @@ class Finetuner(TrainingRun):
         dist.on_rank0(self._align_bests_with_resume)
         return saved_rng
 
+    def _position_kept_elsewhere(self, client: Dict[str, Any]) -> bool:
+        """An epoch whose last step was trained (`_epoch_trained_now`) is validated next at any topology
+        (checkpoints saved before 2026-11-28 do not say)."""
+        return bool(client.get("epoch_trained"))
 
     def _check_training_set(self, client: Dict[str, Any], ref: CheckpointRef) -> None:
         """The sampler deals an epoch in an order drawn from the number of images: once images are added or
@@ -360,7 +364,7 @@ class Finetuner(TrainingRun):
     def _epoch_trained_now(self) -> bool:
         """Whether the epoch under way has had its last step (no whole accumulation of micro-batches is left)."""
         left = self.sampler.num_samples - self.samples_into_epoch
-        return self.samples_into_epoch > 0 and left < self.cfg.train.micro_batch * self.cfg.train.grad_accum
+        return left < self.cfg.train.micro_batch * self.cfg.train.grad_accum
 
     def save_checkpoint(self, before_publish: Optional[Callable[[Path, Dict[str, Any]], None]] = None
                         ) -> CheckpointRef:

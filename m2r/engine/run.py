@@ -286,7 +286,7 @@ class TrainingRun:
         apply_optimizer_settings(self.optimizer, self.cfg.train)
         self.step = client["step"]
         if carry is not None:
-            self._warn_topology_change(ref, saved, same_ranks, carry)
+            self._warn_topology_change(ref, saved, same_ranks, carry, self._position_kept_elsewhere(client))
         elif batch_change := dist.on_rank0(lambda: self._global_batch_change(ref, saved)):   # batch or accum alone
             dist.print0(f"WARNING: resume: {batch_change}")
         return client, client["rng_states"][dist.rank()] if same_ranks else None
@@ -301,9 +301,13 @@ class TrainingRun:
                               why_not="" if resharded.adamw else "none saved: the checkpoint precedes the first "
                                                                   "optimizer step")
 
+    def _position_kept_elsewhere(self, client: Dict[str, Any]) -> bool:
+        """Whether the checkpoint's place in the data survives a change of world size or ep_size (none does)."""
+        return False
+
     def _warn_topology_change(self, ref: CheckpointRef, saved: Topology, same_ranks: bool,
-                              carry: OptimizerCarry) -> None:
-        """What a resume at another topology kept and lost."""
+                              carry: OptimizerCarry, position_kept: bool = False) -> None:
+        """What a resume at another topology kept and lost (`position_kept`: `_position_kept_elsewhere`)."""
         loaded, lost = ["model weights"], []
         if carry.masters:
             loaded.append(f"fp32 master weights{', AdamW moments and step counts' if carry.adamw else ''} "
@@ -322,7 +326,11 @@ class TrainingRun:
         if same_ranks:
             loaded.append(f"{self.POSITION} and the per-rank RNG states (same world size and ep_size)")
         else:
-            lost += [f"{self.POSITION} (started afresh)", "the per-rank RNG states (reseeded from seed, rank and step)"]
+            if position_kept:
+                loaded.append(f"{self.POSITION} (the epoch's last step was trained: it is validated next)")
+            else:
+                lost.append(f"{self.POSITION} (started afresh)")
+            lost.append("the per-rank RNG states (reseeded from seed, rank and step)")
         bar = "!" * 100
         dist.print0("\n".join([
             bar,
