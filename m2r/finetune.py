@@ -13,7 +13,8 @@ a pretraining checkpoint directory of any world size / ep_size (weights only, ex
 an exported `.safetensors`, an official `.ckpt/.pth/.pt` (through m2r.models.convert), or nothing (scratch).
 Epochs: a DistributedSampler deals every rank the same number of distinct images (drop_last), crops
 are drawn from (seed, epoch, index). The learning rate warms up for `train.warmup_epochs` and follows a
-cosine to `train.min_lr` at `train.schedule_epochs` (0: `train.epochs`), stepped per optimizer step. After every epoch
+cosine to `train.min_lr` at `train.schedule_epochs` (0: `train.epochs`), stepped per optimizer step. A fresh run
+first validates its starting weights (step 0, the 'before finetuning' figure, never a best). After every epoch
 all ranks validate on centre crops of the test sets (the all-to-all needs every rank), a checkpoint
 is saved, and the best checkpoint per metric in `run.best_metrics` is kept under `best_<metric>/`
 (hard links to that epoch's checkpoint files, not a second save) and exported as

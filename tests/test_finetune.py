@@ -145,7 +145,8 @@ def test_two_rank_finetune_from_a_one_rank_pretraining_checkpoint_then_evaluatio
     assert best["epoch"] in (1, 2)
     val_lines = [json.loads(line) for line in (finetune_dir / "metrics.jsonl").read_text().splitlines()
                  if "val_psnr" in line]
-    assert len(val_lines) == 2 and "val_psnr_raindrop_a" in val_lines[0]
+    assert [record["step"] for record in val_lines] == [0, 2, 4]   # the starting weights, then each epoch
+    assert "val_psnr_raindrop_a" in val_lines[0]
 
     weights = finetune_dir / "best_psnr.safetensors"
     # An exported file as the start, at ep_size 2: experts are picked by global id before DeepSpeed exists.
@@ -283,7 +284,7 @@ def test_a_kill_while_a_revalidated_epoch_end_keeps_its_bests_leaves_no_copy_and
     assert not (run_dir / "best_psnr/abandoned").exists()
     assert complete_tags(run_dir / "best_psnr") == ["step00000002"]   # kept again by the validation redone
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [record["step"] for record in records if "val_psnr" in record] == [2]
+    assert [record["step"] for record in records if "val_psnr" in record] == [0, 2]
 
 
 def test_a_resume_removes_a_best_export_whose_recorded_best_is_no_longer_kept(tmp_path):
@@ -602,7 +603,7 @@ def test_the_finetune_cosine_ends_at_schedule_epochs_and_warms_up_over_warmup_ep
 
 
 def _finetuner_stub(epoch, epochs, signal=None, stop_after_epochs=0, stopped_in_epoch=None):
-    stub = SimpleNamespace(epoch=epoch, step=0, finished_calls=[], saves=0, validations=0, steps_this_run=0,
+    stub = SimpleNamespace(epoch=epoch, step=2 * epoch, finished_calls=[], saves=0, validations=0, steps_this_run=0,
                            _planned_stop_reason=lambda steps_this_run, finished: None,
                            cfg=SimpleNamespace(train=SimpleNamespace(epochs=epochs),
                                                run=SimpleNamespace(stop_after_epochs=stop_after_epochs)),
@@ -638,7 +639,13 @@ def test_run_stop_after_epochs_trains_validates_and_saves_exactly_that_many_epoc
     stub = _finetuner_stub(0, epochs=4, stop_after_epochs=1)
     Finetuner.fit(stub)
     assert stub.finished_calls == [("run.stop_after_epochs=1 reached", False)]
-    assert (stub.epoch, stub.validations, stub.saves) == (1, 1, 1)
+    assert (stub.epoch, stub.validations, stub.saves) == (1, 2, 1)   # the starting weights, then epoch 1's
+
+
+def test_a_resumed_finetune_does_not_validate_its_start_again():
+    stub = _finetuner_stub(1, epochs=4, stop_after_epochs=1)
+    Finetuner.fit(stub)
+    assert (stub.epoch, stub.validations, stub.saves) == (2, 1, 1)
 
 
 def test_the_last_epoch_finishes_the_finetune():
@@ -979,7 +986,7 @@ def test_a_signal_at_an_epochs_last_step_then_a_new_world_size_validates_that_ep
                 "model.moe.ep_size=1", "train.min_lr=1.0e-5", f"run.dir={run_dir}"]
     stopped = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "tests/signalled_run.py",
                    "after-step-2", *settings], repo_root, timeout=180)
-    assert "stopping at step 2: received SIGUSR1 in epoch 1 of 2" in stopped and "val step" not in stopped
+    assert "stopping at step 2: received SIGUSR1 in epoch 1 of 2" in stopped and "val step 2" not in stopped
     log = run([sys.executable, *settings], repo_root)
     assert "resumed from" in log and "epoch 1 of 2, step 2" in log
     # the topology warning does not call the epoch's place lost (it is not trained again)

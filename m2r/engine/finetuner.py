@@ -407,7 +407,10 @@ class Finetuner(TrainingRun):
         return 0
 
     def _train_epochs(self) -> str:
-        """Epochs, each validated and saved at its end; why they stopped."""
+        """Epochs, each validated and saved at its end, after a validation of the starting weights (the
+        'before finetuning' figure, as pretraining's step 0; never a best); why they stopped."""
+        if self.step == 0:
+            self.validate()
         epochs_this_run = 0
         while self.epoch < self.cfg.train.epochs:
             if reason := self.run_epoch():
