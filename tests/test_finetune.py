@@ -909,7 +909,7 @@ def test_the_start_of_a_run_whose_steps_per_epoch_changed_counts_its_end_and_sho
                            topology=Topology(1, 1, "fp32", 1), launcher="single", train_set=[None] * 8,
                            _training_folder=lambda: "train/input", _speed_settings=lambda mode: [],
                            checkpointing="none", device=torch.device("cpu"), val_names=["a"], val_counts=[1])
-    for name in ("schedule_position", "_epoch_name", "_schedule_length"):
+    for name in ("schedule_position", "_epoch_name", "_schedule_length", "_steps_left_in_epoch"):
         setattr(stub, name, getattr(Finetuner, name).__get__(stub))
     Finetuner._count_steps_to_the_end(stub)
     assert stub.total_steps == total and capsys.readouterr().out == said

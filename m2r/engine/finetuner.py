@@ -305,10 +305,8 @@ class Finetuner(TrainingRun):
         step's line. After a resume that changed the steps per epoch the step count and the schedule's position
         part: say so."""
         train = self.cfg.train
-        left_in_epoch = max(0, self.sampler.num_samples - self.samples_into_epoch) // train.micro_batch \
-            // train.grad_accum
         later_epochs = max(0, train.epochs - self.epoch - 1)
-        self.total_steps = self.step + (left_in_epoch + later_epochs * self.steps_per_epoch
+        self.total_steps = self.step + (self._steps_left_in_epoch() + later_epochs * self.steps_per_epoch
                                         if self.epoch < train.epochs else 0)
         # said at every resume of such a run, not only the one that changed them; a finished run trains nothing
         if self.step != self.schedule_position() and self.epoch < train.epochs:
@@ -363,8 +361,12 @@ class Finetuner(TrainingRun):
 
     def _epoch_trained_now(self) -> bool:
         """Whether the epoch under way has had its last step (no whole accumulation of micro-batches is left)."""
-        left = self.sampler.num_samples - self.samples_into_epoch
-        return left < self.cfg.train.micro_batch * self.cfg.train.grad_accum
+        return self._steps_left_in_epoch() == 0
+
+    def _steps_left_in_epoch(self) -> int:
+        """Optimizer steps in the rest of the epoch under way (`optimizer_steps_in` its sampler from there)."""
+        train = self.cfg.train
+        return max(0, self.sampler.num_samples - self.samples_into_epoch) // train.micro_batch // train.grad_accum
 
     def save_checkpoint(self, before_publish: Optional[Callable[[Path, Dict[str, Any]], None]] = None
                         ) -> CheckpointRef:
