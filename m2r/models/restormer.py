@@ -108,11 +108,13 @@ def _unit_rows(t):
     would give 0 / 0 = NaN: fp16 rows are normalised in fp32. The gradient into an all-zero row is then
     1 / eps = 1e12 times the incoming one: finite in fp32, inf once back in fp16, and inf * 0 = NaN in the
     weight gradients of the layers that made the row (every step overflows, whatever the loss scale).
-    A zero row has no direction: fp16 ones pass no gradient back. Other dtypes as F.normalize."""
+    A zero row has no direction: fp16 ones pass no gradient back. Other dtypes as F.normalize (whose sums
+    the fp16 branch repeats with one norm: x / max(|x|, eps))."""
     if t.dtype == torch.float16:
         rows = t.float()
-        rows = torch.where(rows.norm(dim=-1, keepdim=True) > 0, rows, rows.detach())
-        return F.normalize(rows, dim=-1).to(t.dtype)
+        norm = rows.norm(dim=-1, keepdim=True)
+        rows = torch.where(norm > 0, rows, rows.detach())
+        return (rows / norm.clamp_min(1e-12)).to(t.dtype)
     return F.normalize(t, dim=-1)
 
 
