@@ -126,8 +126,12 @@ def test_fp16_trains_and_continues_its_loss_scale_at_another_zero_stage(tmp_path
     (shard,) = (run_dir / "checkpoints/step00000005").glob("*zero_pp_rank_0_*optim_states.pt")
     scaler = torch.load(shard, map_location="cpu", weights_only=False)["optimizer_state_dict"]["loss_scaler"]
     assert scaler.cur_iter == 5
-    losses = [json.loads(line).get("loss") for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert all(math.isfinite(loss) for loss in losses if loss is not None)
+    steps = [record for record in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+             if "loss" in record]
+    assert all(math.isfinite(record["loss"]) for record in steps)
+    # run.log_every=1: every step reports the loss scale and whether DeepSpeed skipped it (an overflow)
+    assert [record["step"] for record in steps if "loss_scale" in record] == [1, 2, 3, 4, 5]
+    assert all(record["loss_scale"] >= 1 and record["skipped_steps"] in (0, 1) for record in steps)
 
 
 def test_pretrain_entry_point_with_every_speed_switch_on_gpu(tmp_path, repo_root):

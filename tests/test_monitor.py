@@ -1,11 +1,18 @@
 """What a run reports (m2r/engine/monitor.py): console, metrics.jsonl and TensorBoard, across resumes."""
 import json
+import time
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from m2r.engine.monitor import Monitor, NullMonitor, build_monitor
+
+
+def read_records(path):
+    """metrics.jsonl's records without their wall-clock `time` (test_every_record_starts_with_its_step_and_the_time)."""
+    return [{key: value for key, value in json.loads(line).items() if key != "time"}
+            for line in path.read_text().splitlines()]
 
 
 def test_other_ranks_null_monitor_takes_the_same_calls_as_rank_0s():
@@ -25,7 +32,7 @@ def test_metrics_file_always_and_tensorboard_only_when_asked(tmp_path, tensorboa
     monitor.log_images(1, torch.zeros(3, 8, 8))
     monitor.log_data_stats(1, {"rain": 3, "haze": 1}, corrupt_samples=2)
     monitor.close()
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = read_records(tmp_path / "metrics.jsonl")
     assert records[0]["loss"] == 0.5 and records[1]["val_psnr"] == 20.0
     assert records[2] == {"step": 1, "samples_by_type": {"rain": 3, "haze": 1}, "corrupt_samples": 2}
     assert (tmp_path / "tensorboard").is_dir() == tensorboard
@@ -42,7 +49,7 @@ def test_a_resumed_runs_metrics_file_reads_as_an_uninterrupted_runs(tmp_path):
                             tensorboard=False)
     monitor.log_train(4, {"loss": 4.0, "pixel_loss": 4.0, "balance_loss": 0.0, "lr": 1e-3}, log_step=False)
     monitor.close()
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = read_records(tmp_path / "metrics.jsonl")
     assert records == kept + [{"step": 4, "loss": 4.0, "pixel_loss": 4.0, "balance_loss": 0.0, "lr": 1e-3,
                                "loss_avg": 2.5}]
 
@@ -156,7 +163,7 @@ def test_each_level_reports_its_largest_expert_load_and_with_a_capacity_its_drop
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     assert "drop" not in lines[0] and "drop" not in lines[2]
     assert "| drop 12.5/0.0/0.04% |" in lines[1]
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = read_records(tmp_path / "metrics.jsonl")
     moe = [record for record in records if "moe/level1/max_load" in record]
     assert moe[0] == {"step": 1, "moe/level1/max_load": 0.75, "moe/level2/max_load": 0.5, "moe/level3/max_load": 1.0}
     assert moe[1]["step"] == 2 and moe[1]["moe/level1/dropped"] == 0.125 and moe[1]["moe/level2/dropped"] == 0.0
@@ -164,6 +171,95 @@ def test_each_level_reports_its_largest_expert_load_and_with_a_capacity_its_drop
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("moe/level1/max_load")] == [(1, 0.75), (2, 0.75)]
     assert [(e.step, e.value) for e in events.Scalars("moe/level1/dropped")] == [(2, 0.125)]
+
+
+def test_every_record_starts_with_its_step_and_the_time(tmp_path):
+    """The wall clock (Unix seconds) of each record, for plots against time that show pauses and preemptions;
+    the step stays first, where a resume reads it (`RECORD_STEP`)."""
+    from m2r.engine.monitor import RECORD_STEP
+
+    before = time.time()
+    monitor = build_monitor(True, tmp_path, total_steps=2, start_step=0, world_size=1, progress_bar=False,
+                            tensorboard=False)
+    monitor.log_val(0, {"psnr": 20.0, "ssim": 0.5})
+    monitor.log_expert_load(1, [torch.tensor([0.25, 0.75])])
+    monitor.log_data_stats(1, {"rain": 3}, corrupt_samples=0)
+    monitor.log_train(1, dict(SCALARS, loss=1.0), log_step=True)
+    monitor.close()
+    lines = (tmp_path / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    assert len(lines) == 4 and all(RECORD_STEP.match(line) for line in lines)
+    records = [json.loads(line) for line in lines]
+    assert all(list(record)[:2] == ["step", "time"] for record in records)
+    assert all(round(before, 3) <= record["time"] <= round(time.time(), 3) for record in records)   # to the ms
+
+
+def test_fp16_log_steps_report_the_loss_scale_and_the_steps_skipped_since_the_last_one(tmp_path, capsys):
+    """metrics.jsonl and TensorBoard get both every log step; the console line names skipped steps only when
+    there were some. Runs without them (bf16, fp32) log as before."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monitor = build_monitor(True, tmp_path, total_steps=3, start_step=0, world_size=1, progress_bar=False)
+    monitor.log_train(1, dict(SCALARS, loss=1.0, loss_scale=32768.0, skipped_steps=2), log_step=True)
+    monitor.log_train(2, dict(SCALARS, loss=1.0, loss_scale=32768.0, skipped_steps=0), log_step=True)
+    monitor.log_train(3, dict(SCALARS, loss=1.0), log_step=True)
+    monitor.close()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert "| skipped 2 (fp16 overflow, scale 32768) |" in lines[0]
+    assert "skipped" not in lines[1] and "skipped" not in lines[2]
+    records = read_records(tmp_path / "metrics.jsonl")
+    assert [(r.get("loss_scale"), r.get("skipped_steps")) for r in records] == [(32768.0, 2), (32768.0, 0),
+                                                                                (None, None)]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/skipped_steps")] == [(1, 2.0), (2, 0.0)]
+    assert [e.value for e in events.Scalars("train/loss_scale")] == [32768.0, 32768.0]
+
+
+def _train_step_report(precision, engine, log_step=True):
+    """What `TrainingRun._log_train_step` hands the monitor, for an engine stub at `precision`."""
+    from m2r.engine.monitor import StepTimer
+    from m2r.engine.run import TrainingRun
+
+    logged = []
+    stub = SimpleNamespace(step=4, engine=engine, cfg=SimpleNamespace(train=SimpleNamespace(precision=precision)),
+                           _skipped_steps_logged=1, monitor=SimpleNamespace(
+                               log_train=lambda step, scalars, log_step: logged.append(scalars),
+                               advance=lambda step: None))
+    stub._loss_scaling = lambda: TrainingRun._loss_scaling(stub)
+    TrainingRun._log_train_step(stub, torch.tensor([1.0, 1.0, 0.0]), 1e-3, StepTimer(), log_step)
+    return logged[0]
+
+
+def test_only_fp16_log_steps_read_the_loss_scaling():
+    """bf16 runs also have a ZeRO optimizer with a loss_scale (1): it is not reported; nor on other steps."""
+    engine = SimpleNamespace(get_global_grad_norm=lambda: 0.5, skipped_steps=3,
+                             optimizer=SimpleNamespace(loss_scale=1024))
+    assert _train_step_report("fp16", engine)["skipped_steps"] == 2   # 1 of the 3 was before the last log step
+    assert _train_step_report("fp16", engine)["loss_scale"] == 1024.0
+    assert "loss_scale" not in _train_step_report("fp16", engine, log_step=False)
+    for precision in ("bf16", "fp32"):
+        assert not {"loss_scale", "skipped_steps"} & set(_train_step_report(precision, engine))
+
+
+def test_fp16_runs_report_deepspeeds_skipped_steps_and_lowered_loss_scale_at_every_zero_stage(tmp_path, repo_root):
+    """A real fp16 engine per ZeRO stage (tests/fp16_overflow_report.py): two overflowing steps, then a clean
+    one. ZeRO 0 wraps AdamW in DeepSpeed's unfused optimizer, which halves the scale at every overflow; ZeRO
+    1 and 2 in its ZeRO optimizer, which waits for a second overflow (m2r's hysteresis 2)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    result = subprocess.run([sys.executable, "tests/fp16_overflow_report.py", str(tmp_path)], cwd=repo_root,
+                            capture_output=True, text=True, timeout=300,
+                            env=dict(env, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+                                     PYTHONPATH=os.pathsep.join(filter(None, [repo_root, env.get("PYTHONPATH")]))))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage, lowered in ((0, 2.0**14), (1, 2.0**15), (2, 2.0**15)):
+        records = read_records(tmp_path / f"zero{stage}/metrics.jsonl")
+        assert [(r["step"], r.get("skipped_steps"), r.get("loss_scale")) for r in records] == [
+            (1, None, None), (2, 2, lowered), (3, 0, lowered)], f"ZeRO {stage}"
+        assert f"| skipped 2 (fp16 overflow, scale {lowered:.0f}) |" in result.stdout
 
 
 def test_a_line_cut_off_by_a_crash_goes_before_the_resumed_run_appends(tmp_path):

@@ -4,7 +4,9 @@ Other ranks get a `NullMonitor` with the same methods, so the training loop has 
 TensorBoard tags (balance_loss before its weight model.moe.balance_loss_weight; loss = pixel + weight x
 balance; data_wait_share of the rank that waited most; grad_norm before clipping, absent at ZeRO 0 in fp32):
 train/{loss,loss_avg,pixel_loss,balance_loss,lr,grad_norm,img_per_s,img_per_s_per_gpu,data_wait_share,
-gpu_mem_gib (CUDA only)}, moe/level<L>/expert<E> (load fractions: the share of the step's top-k token
+gpu_mem_gib (CUDA only), loss_scale and skipped_steps (fp16 only: DeepSpeed's dynamic loss scale, and the optimizer
+steps it skipped for inf/NaN gradients since the last log step; the console's log line says `skipped N (fp16
+overflow, scale S)` when there were some)}, moe/level<L>/expert<E> (load fractions: the share of the step's top-k token
 assignments, summed over ranks, that chose expert E of MoE adapter level L, before any capacity drop),
 moe/level<L>/max_load (the largest of them: 1/num_experts is perfect balance, 1 all on one expert),
 moe/level<L>/dropped (only with model.moe.capacity_factor > 0, absent without: the share of the step's
@@ -12,7 +14,8 @@ assignments, over all ranks, that the expert capacity dropped; the console's log
 `drop a/b/c%`, level 1 first), data/samples_<type> and data/corrupt_samples (pretraining: samples seen per
 degradation type, damaged samples skipped), val/{psnr,ssim,psnr_<type>} (finetuning: psnr_<set name>),
 images/val (pretraining: degraded | restored | clean). The moe/ tags come every run.log_every steps; max_load
-and dropped are also in metrics.jsonl, in a record of their own at that step (keys as the tags).
+and dropped are also in metrics.jsonl, in a record of their own at that step (keys as the tags). Every
+metrics.jsonl record starts with its step and `time`, the wall clock (Unix seconds) when it was written.
 """
 from __future__ import annotations
 
@@ -174,6 +177,9 @@ class Monitor(NullMonitor):
         return tqdm(total=self.total_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False)
 
     def _write(self, record: Dict) -> None:
+        """One metrics.jsonl line: the step first (`RECORD_STEP`), then the time, for plots against time
+        that show pauses and preemptions."""
+        record = {"step": record["step"], "time": round(time.time(), 3), **record}
         self.metrics_file.write(json.dumps(record) + "\n")
         self.metrics_file.flush()
 
@@ -216,6 +222,8 @@ class Monitor(NullMonitor):
             f"| data {100 * scalars['data_wait_share']:.0f}% "
             + (f"| mem {scalars['gpu_mem_gib']:.2f} GiB " if "gpu_mem_gib" in scalars else "")
             + (f"| {self._dropped_line[1]} " if self._dropped_line[0] == step else "")
+            + (f"| skipped {scalars['skipped_steps']} (fp16 overflow, scale {scalars['loss_scale']:.0f}) "
+               if scalars.get("skipped_steps") else "")
             + f"| eta {self._eta(step)}")
 
     def log_expert_load(self, step: int, loads: List[torch.Tensor], dropped: Optional[torch.Tensor] = None) -> None:

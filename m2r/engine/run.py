@@ -113,6 +113,7 @@ class TrainingRun:
     step: int                      # optimizer steps completed
     total_steps: int               # steps of the whole run (from `_open_monitor`)
     monitor: NullMonitor           # (from `_open_monitor`)
+    _skipped_steps_logged: int     # DeepSpeed's count of skipped steps at the last log step (from `_open_monitor`)
     ema: Optional[EMA]             # (from `_start_ema`)
     launcher: str                  # what started the ranks (m2r.dist.DistEnv.launcher)
     _run_lock: Optional[IO]        # rank 0 only: the run.dir lock file, open for the whole run (None: no locks)
@@ -406,6 +407,8 @@ class TrainingRun:
             save_config(self.cfg, self.run_dir / "config.yaml")
         self.monitor = build_monitor(dist.is_rank0(), self.run_dir, total_steps, self.step,
                                      self.topology.world_size, self.cfg.run.progress_bar, self.cfg.run.tensorboard)
+        # Read after any resume: an exact one brings back DeepSpeed's saved count, skips this run did not see.
+        self._skipped_steps_logged = self.engine.skipped_steps
 
     @staticmethod
     def _next_batch(batches: Iterator[Dict[str, torch.Tensor]], timer: StepTimer) -> Dict[str, torch.Tensor]:
@@ -471,8 +474,8 @@ class TrainingRun:
 
     def _log_train_step(self, mean_terms: torch.Tensor, lr: float, timer: StepTimer, log_step: bool) -> None:
         """`mean_terms`: the loss terms (`LossTerms.NAMES`) averaged over ranks. Every step goes to
-        metrics.jsonl; a log step adds the grad norm and the throughput since the last one, and reaches
-        the console (a collective then: every rank calls it with the same `log_step`)."""
+        metrics.jsonl; a log step adds the grad norm, the throughput since the last one and, in fp16,
+        `_loss_scaling`, and reaches the console (a collective then: every rank calls it with the same `log_step`)."""
         scalars = {**dict(zip(LossTerms.NAMES, mean_terms.tolist())), "lr": lr}
         if log_step:
             grad_norm = self.engine.get_global_grad_norm()
@@ -482,5 +485,17 @@ class TrainingRun:
             # The slowest rank's data loading holds every rank back: report the largest share of waiting.
             throughput["data_wait_share"] = dist.max_over_ranks(throughput["data_wait_share"])
             scalars.update(throughput)
+            if self.cfg.train.precision == "fp16":
+                scalars.update(self._loss_scaling())
         self.monitor.log_train(self.step, scalars, log_step)
         self.monitor.advance(self.step)
+
+    def _loss_scaling(self) -> Dict[str, float]:
+        """fp16's dynamic loss scale now, and the optimizer steps DeepSpeed skipped since the last log step
+        (gradients inf or NaN: weights and AdamW unchanged, the scale lowered, at ZeRO 1 and 2 once DeepSpeed's
+        hysteresis of 2 overflows is spent), the same on every rank.
+        `loss_scale` is the property of each optimizer DeepSpeed wraps ours in at ZeRO 0, 1 and 2 (`cur_scale`
+        is not at 0)."""
+        skipped = self.engine.skipped_steps
+        since_last_log, self._skipped_steps_logged = skipped - self._skipped_steps_logged, skipped
+        return {"loss_scale": float(self.engine.optimizer.loss_scale), "skipped_steps": since_last_log}
