@@ -2,7 +2,8 @@
 
 A config file is YAML checked against an OmegaConf structured schema (dataclasses). A file may
 start from other files with `_base_: [other.yaml, ../model/tiny.yaml@model]`: paths are relative
-to the file, `@section` mounts a file under that key, and later entries override earlier ones. A path
+to the file, `@section` mounts a file under that key, and later entries override earlier ones (a file
+that several bases start from is merged once, at its first place). A path
 that starts with `m2r:` names a config shipped with the package (`m2r:model/m2restore.yaml`, the
 repository's `configs/model/m2restore.yaml`), so a config of your own, anywhere, can start from them;
 `--config m2r:pretrain/demo.yaml` works too.
@@ -86,7 +87,36 @@ def _packaged_hint(path: Path) -> str:
     return ""
 
 
-def _read_yaml(path: Path, seen: tuple = (), named_by: str = "") -> DictConfig:
+def _read_yaml(path: Path) -> DictConfig:
+    """`path` merged over its `_base_` files. A file that several bases start from (tiny.yaml and
+    m2restore-plus.yaml both start from m2restore.yaml) is merged once, at its first place: merged again,
+    it would undo what the files between them set (tiny's sizes, or the plus switches)."""
+    merged = OmegaConf.create({})
+    for layer in _layers(path, (), "", (), set()):
+        merged = OmegaConf.merge(merged, layer)
+    return merged
+
+
+def _layers(path: Path, seen: tuple, named_by: str, section: tuple, merged_once: set) -> list:
+    """The keys of `path` and of its bases, each file's own keys mounted under `section`, in merge order
+    (bases first); a (file, section) already in `merged_once` gives nothing."""
+    node, bases = _own_keys(path, seen, named_by)
+    if (path.resolve(), section) in merged_once:
+        return []
+    merged_once.add((path.resolve(), section))
+    layers = []
+    for entry in bases:
+        file_part, _, mount = str(entry).partition("@")
+        layers += _layers(config_path(file_part, path.parent), seen + (path.resolve(),),
+                          f"{BASE_KEY} entry '{file_part}' of {path}", section + ((mount,) if mount else ()),
+                          merged_once)
+    for key in reversed(section):
+        node = OmegaConf.create({key: node})
+    return layers + [node]
+
+
+def _own_keys(path: Path, seen: tuple, named_by: str):
+    """(the keys `path` sets itself, its `_base_` entries), the file checked."""
     if not path.is_file():
         where = f" ({named_by})" if named_by else ""
         raise ConfigError(f"config file not found: {path}{where}{_packaged_hint(path)}")
@@ -105,15 +135,7 @@ def _read_yaml(path: Path, seen: tuple = (), named_by: str = "") -> DictConfig:
         raise ConfigError(f"{path} holds no keys (empty, or only comments)")
     if isinstance(bases, str):   # one base written without the list brackets
         bases = [bases]
-    merged = OmegaConf.create({})
-    for entry in bases:
-        file_part, _, section = str(entry).partition("@")
-        base = _read_yaml(config_path(file_part, path.parent), seen + (path.resolve(),),
-                          f"{BASE_KEY} entry '{file_part}' of {path}")
-        if section:
-            base = OmegaConf.create({section: base})
-        merged = OmegaConf.merge(merged, base)
-    return OmegaConf.merge(merged, node)
+    return node, bases
 
 
 # What OmegaConf raises for a value the schema refuses; a list given for a mapping (`data.weights=[1]`)

@@ -162,6 +162,20 @@ def test_later_bases_override_earlier_ones_and_the_file_overrides_its_bases(tmp_
     assert (cfg.train.lr, cfg.train.min_lr, cfg.train.steps) == (2.0, 0.125, 7)
 
 
+@pytest.mark.parametrize("bases", [
+    "m2r:model/tiny.yaml@model, m2r:model/m2restore-plus.yaml@model",
+    "m2r:model/m2restore-plus.yaml@model, m2r:model/tiny.yaml@model",
+])
+def test_a_file_two_bases_start_from_is_merged_once_so_neither_base_is_undone(tmp_path, bases):
+    """tiny.yaml and m2restore-plus.yaml both start from m2restore.yaml: a tiny network with the plus switches
+    takes both as bases, in either order (m2restore.yaml merged again would undo tiny's sizes or the switches)."""
+    cfg = load_config(Outer, write(tmp_path / "tiny-plus.yaml", f"_base_: [{bases}]\nmodel:\n  moe:\n"
+                                                                  "    num_experts: 8\n"))
+    model = cfg.model
+    assert (model.dim, model.clip.kind, model.moe.num_experts) == (8, "tiny", 8)
+    assert (model.input_range, model.moe.combine, model.mamba.scan) == ("zero_one", "linear", "bidirectional")
+
+
 def test_the_last_of_repeated_overrides_wins():
     """`key=a key=b` on the command line (e.g. a script's defaults followed by the user's) gives b."""
     from m2r.engine.config import PretrainConfig
@@ -311,6 +325,14 @@ def test_finetuning_refuses_values_that_fail_or_misbehave_after_start_up(overrid
 
     cfg = load_config(FinetuneConfig, None, [override, "data.root=/data"])
     with pytest.raises(ConfigError, match=f"key '{key}'"):
+        validate_finetune_config(cfg, world_size=1)
+
+
+def test_finetuning_refuses_a_list_file_for_cdd11_which_would_not_read_it():
+    from m2r.engine.config import FinetuneConfig, validate_finetune_config
+
+    cfg = load_config(FinetuneConfig, None, ["data.root=/data", "data.dataset=cdd11", "data.list_file=/data/x.txt"])
+    with pytest.raises(ConfigError, match="key 'data.list_file'.*CDD-11 trains on every image"):
         validate_finetune_config(cfg, world_size=1)
 
 

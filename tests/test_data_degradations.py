@@ -169,6 +169,16 @@ def test_composites_apply_in_physical_order_whatever_the_listing(photo):
     assert np.array_equal(out, np.clip(manual, 0, 1))
 
 
+def test_a_degradation_without_a_place_in_the_physical_order_is_refused_where_it_is_registered():
+    """Else the first preset using it fails at import with Python's 'tuple.index(x): x not in tuple'."""
+    def jpeg(img, rng):
+        return img, {}
+
+    with pytest.raises(ValueError, match="'jpeg' has no place in PHYSICAL_ORDER"):
+        D.degradation(jpeg)
+    assert "jpeg" not in D.DEGRADATIONS
+
+
 def test_the_configs_preset_choices_are_the_presets_defined():
     from m2r.data.config import PRESET_NAMES
 

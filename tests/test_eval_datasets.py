@@ -192,6 +192,32 @@ def test_inputs_sharing_a_stem_never_take_each_others_target(tmp_path):
         ("a.jpg", "a.jpg"), ("a.png", "a.png"), ("b.jpg", "b.png")]
 
 
+def test_a_folder_trains_on_the_images_its_list_file_names(tmp_path):
+    """data.list_file selects a folder's training images as it does AllWeather's (else a held-out subset named
+    in a list would be trained on); evaluation still reads the whole folder."""
+    from m2r.eval.datasets import folder_pairs, train_pairs
+
+    for name in ("a", "b", "c"):
+        _png(tmp_path / f"data/input/{name}.png", 0)
+        _png(tmp_path / f"data/gt/{name}.png", 1)
+    (tmp_path / "train.txt").write_text("./input/c.png\na.png\n")
+    pairs = train_pairs("folder", str(tmp_path / "data"), str(tmp_path / "train.txt"))
+    assert [(p.lq.name, p.gt.name) for p in pairs] == [("c.png", "c.png"), ("a.png", "a.png")]
+    assert len(folder_pairs(tmp_path / "data")["folder"]) == 3
+    with pytest.raises(DatasetLayoutError, match="list file .*missing.txt not found"):
+        train_pairs("folder", str(tmp_path / "data"), str(tmp_path / "missing.txt"))
+
+
+def test_a_folder_with_its_own_folder_names_is_told_the_names_taken_and_how_to_give_them(tmp_path):
+    from m2r.eval.datasets import folder_pairs
+
+    _png(tmp_path / "noisy/a.png", 0)
+    _png(tmp_path / "clean/a.png", 1)
+    with pytest.raises(DatasetLayoutError, match=r"none of the folders \['input', .*\] \(it holds \['clean', "
+                                                 r"'noisy'\]\).*ln -s <yours> .*/input"):
+        folder_pairs(tmp_path)
+
+
 def test_cdd11_inputs_sharing_a_stem_never_take_each_others_target(tmp_path):
     from m2r.eval.datasets import cdd11_pairs
 

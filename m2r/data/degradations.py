@@ -6,6 +6,9 @@ about 10x slower broadcasting against a trailing axis of 3. The training stream 
 crop to batch. `haze`, `rain`, ... (the registered names) take and return ordinary (H, W, 3) images;
 `DEGRADATIONS` maps each name to its planar implementation.
 
+A new degradation: a planar function decorated with `@degradation` and its name in `PHYSICAL_ORDER`
+(steps of a type are applied in that order).
+
 Every degradation is `fn(img, rng, **fixed) -> (degraded, params)`: parameters not fixed by the
 caller are drawn from `rng` within the documented ranges, and `params` records every value used
 (JSON-serialisable), so a sample can be reproduced and its metadata stored in shards. Outputs may
@@ -22,10 +25,18 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import numpy as np
 
 DEGRADATIONS: Dict[str, Callable] = {}   # name -> planar implementation
+# Physical order of image formation: the atmosphere attenuates the scene (haze), particles fall in
+# front of it (rain, snow), drops sit on the lens, the camera moves (blur), the sensor integrates
+# little light (low light) and adds read noise. A new degradation takes its place here.
+PHYSICAL_ORDER: Tuple[str, ...] = ("haze", "rain_fog", "rain", "snow", "raindrop", "motion_blur", "low_light",
+                                   "noise")
 
 
 def degradation(planar: Callable) -> Callable:
     """Register a planar degradation under its name; return its (H, W, 3) form."""
+    if planar.__name__ not in PHYSICAL_ORDER:   # else every preset using it fails, naming nothing
+        raise ValueError(f"degradation {planar.__name__!r} has no place in PHYSICAL_ORDER "
+                         f"(m2r/data/degradations.py): add it where it happens in image formation")
     DEGRADATIONS[planar.__name__] = planar
 
     @functools.wraps(planar)
@@ -341,11 +352,6 @@ def motion_blur(img, rng, *, length=None, angle=None):
 
 # ----------------------------------------------------------------------------- composition
 
-# Physical order of image formation: the atmosphere attenuates the scene (haze), particles fall in
-# front of it (rain, snow), drops sit on the lens, the camera moves (blur), the sensor integrates
-# little light (low light) and adds read noise.
-PHYSICAL_ORDER: Tuple[str, ...] = ("haze", "rain_fog", "rain", "snow", "raindrop", "motion_blur", "low_light",
-                                   "noise")
 Step = Tuple[str, Dict[str, object]]
 
 

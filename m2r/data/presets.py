@@ -12,6 +12,7 @@ from typing import Dict, List, Mapping, Tuple
 import numpy as np
 
 from m2r.config import config_error
+from m2r.data.config import PRESET_NAMES
 from m2r.data.degradations import Step, apply_planar_steps, from_planes, in_physical_order, to_float, to_uint8
 
 
@@ -46,6 +47,11 @@ PRESETS: Dict[str, Tuple[DegradationType, ...]] = {
         _type("blur", "motion_blur"), _type("low", "low_light"),
     ),
 }
+
+
+if tuple(PRESETS) != PRESET_NAMES:   # the shard builder takes any of PRESETS, training only the config's choices
+    raise ImportError(f"m2r/data/config.py's PRESET_NAMES {PRESET_NAMES} (data.preset's choices) must list the "
+                      f"presets of m2r/data/presets.py: {tuple(PRESETS)}")
 
 
 def preset_types(preset: str) -> Tuple[DegradationType, ...]:

@@ -172,7 +172,9 @@ def check_network_for_world(model, world_size: int) -> None:
 class FinetuneDataConfig:
     dataset: str = choice(*FINETUNE_DATASETS)  # layouts: m2r/eval/datasets.py (DATASETS)
     root: str = ""                   # dataset root; layouts in m2r/eval/datasets.py
-    list_file: Optional[str] = None  # AllWeather training list; None = the one found under root, if any
+    # training list (AllWeather, folder): one input name or path a line; None = AllWeather's found under root, if
+    # any (a folder's is never looked for): m2r/eval/datasets.py
+    list_file: Optional[str] = None
     val_root: Optional[str] = None   # root of the validation sets; None = root
     val_sets: List[str] = field(default_factory=list)  # AllWeather test sets / CDD-11 types; empty = all
     val_images_per_set: int = 4      # first N images of each validation set
@@ -241,6 +243,9 @@ def validate_finetune_config(cfg, world_size: int) -> None:
     require(not (data.dataset == "folder" and data.val_sets), "data.val_sets", list(data.val_sets),
             "names AllWeather test sets or CDD-11 types; with data.dataset=folder the validation set is the one folder "
             "data.val_root (or data.root) holds: set data.val_sets=[]")
+    require(not (data.dataset == "cdd11" and data.list_file is not None), "data.list_file", data.list_file,
+            "selects AllWeather or folder training images; CDD-11 trains on every image of train/<type>: "
+            "unset it (data.list_file=null)")
     check_run_output_settings(run)
     require(set(run.best_metrics) <= {"psnr", "ssim"}, "run.best_metrics", list(run.best_metrics),
             "may only hold psnr and ssim")

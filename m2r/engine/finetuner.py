@@ -280,11 +280,11 @@ class Finetuner(TrainingRun):
         """Where the training inputs are (the folder of every one of them): which of a layout's candidate
         folders was taken, e.g. a test set's when data.root points at one by mistake; and the list file
         that chose them, when one did (a stale one trains on fewer images than the folder holds)."""
-        from m2r.eval.datasets import allweather_list_file
+        from m2r.eval.datasets import training_list_file
 
         folder = os.path.commonpath([str(pair.lq.parent) for pair in self.train_set.pairs])
         data = self.cfg.data
-        listed = allweather_list_file(data.root, data.list_file) if data.dataset == "allweather" else None
+        listed = training_list_file(data.dataset, data.root, data.list_file)
         return folder + (f" (listed in {listed})" if listed is not None else "")
 
     # ----------------------------------------------------------------------------- training

@@ -17,7 +17,8 @@ AllWeather (TransWeather / WeatherDiff / M2Restore lineage), under one root:
 CDD-11 (OneRestore): <root>/<train|test>/<type>/<name> (or the download's CDD-11_<split>/, also nested once)
     with targets <split folder>/clear/<name>, for the 11 types below. Types are found by folder name, never
     by string replacement in the path (the official code turns train/rain into tclear).
-folder: <root>/input/ (or another of INPUT_DIRS) and <root>/gt/ (or target/), matched by name.
+folder: <root>/input/ (or another of INPUT_DIRS) and <root>/gt/ (or target/), matched by name; for training, an
+    optional list file (data.list_file, never looked for) selects the inputs, in the list's format above.
 
 Every problem (missing folder, image without target, empty set) raises DatasetLayoutError naming the path.
 The training pairs (and the pairs `m2r.evaluate` will read) are checked up front from the image headers:
@@ -90,7 +91,9 @@ def _first_dir(parent: Path, names: Sequence[str]) -> Path:
     for name in names:
         if (parent / name).is_dir():
             return parent / name
-    raise DatasetLayoutError(f"{parent} has none of the folders {list(names)}")
+    present = sorted(child.name for child in parent.iterdir() if child.is_dir())
+    raise DatasetLayoutError(f"{parent} has none of the folders {list(names)} (it holds {present}); the names are "
+                             f"fixed: rename yours, or link one, e.g. ln -s <yours> {parent / names[0]}")
 
 
 def _target_for(lq: Path, gt_dir: Path, stem_shared: bool = False) -> Path:
@@ -159,6 +162,18 @@ def allweather_list_file(root: Path, list_file: Optional[str] = None) -> Optiona
     return Path(list_file) if list_file is not None else (found[0] if found else None)
 
 
+def training_list_file(dataset: str, root: str, list_file: Optional[str] = None) -> Optional[Path]:
+    """The list file that selects a dataset's training images, None for every image: AllWeather's (given or
+    found under `root`), the one given for a folder; CDD-11 has none (its configs refuse data.list_file)."""
+    if dataset == "allweather":
+        return allweather_list_file(Path(root), list_file)
+    if dataset == "folder" and list_file is not None:
+        if not Path(list_file).is_file():
+            raise DatasetLayoutError(f"list file {list_file} not found")
+        return Path(list_file)
+    return None
+
+
 def allweather_train_pairs(root: Path, list_file: Optional[str] = None) -> List[Pair]:
     folder = _allweather_train_folder(Path(root))
     chosen = allweather_list_file(root, list_file)
@@ -221,13 +236,15 @@ def evaluation_sets(dataset: str, root: str, names: Optional[Sequence[str]] = No
 
 
 def train_pairs(dataset: str, root: str, list_file: Optional[str] = None) -> List[Pair]:
-    """The training pairs of a dataset, every one checked by `check_pairs`."""
+    """The training pairs of a dataset (those its list file names, when it has one: `training_list_file`),
+    every one checked by `check_pairs`."""
     if dataset == "allweather":
         pairs = allweather_train_pairs(Path(root), list_file)
     elif dataset == "cdd11":
         pairs = [pair for pairs in cdd11_pairs(Path(root), "train").values() for pair in pairs]
     elif dataset == "folder":
-        pairs = folder_pairs(Path(root))["folder"]
+        chosen = training_list_file("folder", root, list_file)
+        pairs = paired_folder(Path(root), "folder", read_list_file(chosen) if chosen is not None else None)
     else:
         raise ValueError(f"dataset {dataset!r} is not one of {DATASETS}")
     check_pairs(pairs)
