@@ -251,3 +251,18 @@ def test_finetuning_crops_are_drawn_again_every_epoch(tmp_path):
     data.set_epoch(1)
     second = [data[i]["lq"] for i in range(4)]
     assert any(not torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_training_inputs_shorter_than_the_crop_are_counted_in_a_warning(tmp_path, capsys):
+    """Training upscales them (m2r.data.augment): pre-cut patches smaller than the recipe's crop would otherwise
+    train on blurred copies without a word."""
+    from m2r.eval.datasets import train_pairs
+
+    for name, size in (("a", 64), ("b", 32), ("c", 48)):
+        _png(tmp_path / f"input/{name}.png", 0, (size, size))
+        _png(tmp_path / f"gt/{name}.png", 1, (size, size))
+    train_pairs("folder", str(tmp_path), crop=48)
+    assert "WARNING: 1 of 3 training inputs have a side shorter than train.crop=48 (first: " \
+           f"{tmp_path / 'input/b.png'}, 32x32)" in capsys.readouterr().out
+    train_pairs("folder", str(tmp_path), crop=32)
+    assert "WARNING" not in capsys.readouterr().out

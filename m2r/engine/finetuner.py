@@ -114,7 +114,7 @@ class Finetuner(TrainingRun):
         # Rank 0 lists (and checks) the pairs for everybody: ranks listing a shared folder themselves could
         # disagree (a stale NFS listing, a copy in progress) on the steps per epoch, and the one that runs
         # out first would wait in a collective for the others forever.
-        pairs = dist.on_rank0(lambda: train_pairs(data.dataset, data.root, data.list_file))
+        pairs = dist.on_rank0(lambda: train_pairs(data.dataset, data.root, data.list_file, train.crop))
         groups = sorted({pair.group for pair in pairs})
         self.train_set_id = training_set_id(pairs, data.root)
         self.train_set = PairedImages(pairs, groups, crop=train.crop, seed=train.seed, augment=data.augment)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from m2r import dist
 from m2r.data.augment import random_crop, random_dihedral
 from m2r.data.images import IMAGE_SUFFIXES, list_image_files, read_rgb, read_size
 
@@ -235,9 +236,9 @@ def evaluation_sets(dataset: str, root: str, names: Optional[Sequence[str]] = No
     raise ValueError(f"dataset {dataset!r} is not one of {DATASETS}")
 
 
-def train_pairs(dataset: str, root: str, list_file: Optional[str] = None) -> List[Pair]:
+def train_pairs(dataset: str, root: str, list_file: Optional[str] = None, crop: int = 0) -> List[Pair]:
     """The training pairs of a dataset (those its list file names, when it has one: `training_list_file`),
-    every one checked by `check_pairs`."""
+    every one checked by `check_pairs`; a warning counts the inputs with a side shorter than `crop`."""
     if dataset == "allweather":
         pairs = allweather_train_pairs(Path(root), list_file)
     elif dataset == "cdd11":
@@ -247,30 +248,44 @@ def train_pairs(dataset: str, root: str, list_file: Optional[str] = None) -> Lis
         pairs = paired_folder(Path(root), "folder", read_list_file(chosen) if chosen is not None else None)
     else:
         raise ValueError(f"dataset {dataset!r} is not one of {DATASETS}")
-    check_pairs(pairs)
+    sizes = check_pairs(pairs)
+    _warn_upscaled(pairs, sizes, crop)
     return pairs
+
+
+def _warn_upscaled(pairs: Sequence[Pair], sizes: Sequence[Tuple[int, int]], crop: int) -> None:
+    """Training upscales an input shorter than the crop (m2r.data.augment, never padded): fine for a few,
+    but a set of pre-cut patches smaller than the crop would train on blurred copies without a word."""
+    small = [(pair, size) for pair, size in zip(pairs, sizes) if min(size) < crop]
+    if small:
+        (first, (width, height)) = small[0]
+        dist.print0(f"WARNING: {len(small)} of {len(pairs)} training inputs have a side shorter than "
+                    f"train.crop={crop} (first: {first.lq}, {width}x{height}): training upscales them "
+                    "(bilinear) to the crop; choose a train.crop they hold to train on their own pixels")
 
 
 def _size_mismatch(pair: Pair, lq_size: Tuple[int, int], gt_size: Tuple[int, int]) -> str:
     return f"{pair.lq} is {lq_size[0]}x{lq_size[1]} but its target {pair.gt} is {gt_size[0]}x{gt_size[1]}"
 
 
-def _header_problem(pair: Pair) -> Optional[str]:
-    """Why `pair` cannot be used, judged from its image headers alone; None if it looks usable."""
+def _header_check(pair: Pair) -> Tuple[Optional[str], Tuple[int, int]]:
+    """(why `pair` cannot be used, None if it looks usable; its (width, height)), from its image headers alone."""
     try:
         lq_size, gt_size = read_size(pair.lq), read_size(pair.gt)
     except OSError as exc:
-        return str(exc)
-    return _size_mismatch(pair, lq_size, gt_size) if lq_size != gt_size else None
+        return str(exc), (0, 0)
+    return (_size_mismatch(pair, lq_size, gt_size) if lq_size != gt_size else None), lq_size
 
 
-def check_pairs(pairs: Sequence[Pair]) -> None:
-    """Raise DatasetLayoutError, naming the first bad pair and counting them all, if any image cannot be
-    identified or any pair's sizes differ. Reads headers only (well under a millisecond a pair on a local
-    disk); damage inside the pixel data still surfaces only when the pair is read."""
-    problems = [problem for problem in map(_header_problem, pairs) if problem is not None]
+def check_pairs(pairs: Sequence[Pair]) -> List[Tuple[int, int]]:
+    """Each pair's (width, height). Raise DatasetLayoutError, naming the first bad pair and counting them all,
+    if any image cannot be identified or any pair's sizes differ. Reads headers only (well under a millisecond
+    a pair on a local disk); damage inside the pixel data still surfaces only when the pair is read."""
+    problems, sizes = zip(*map(_header_check, pairs)) if pairs else ((), ())
+    problems = [problem for problem in problems if problem is not None]
     if problems:
         raise DatasetLayoutError(f"{len(problems)} of {len(pairs)} image pairs cannot be used, first: {problems[0]}")
+    return list(sizes)
 
 
 def read_pair(pair: Pair, official_sizes: bool = False) -> Tuple[np.ndarray, np.ndarray]:
