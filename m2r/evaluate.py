@@ -17,6 +17,15 @@ over sets) and `results.md` (the paper's table shape: sets as columns). `acceler
 more than one process only through MPI, hence `--multi_gpu` (torchrun's launcher) for CPU worlds.
 Images of any size: reflect-padded to a multiple of 8 and cropped back, or tiled with `--tile`
 (overlap blending). Layouts of the datasets: m2r/eval/datasets.py. Weight formats: m2r/eval/loading.py.
+
+    python -m m2r.evaluate --weights runs/m2restore --pretrain-val --out results/m2restore-val
+
+`--pretrain-val` recomputes a pretraining run's validation (its val/* scalars, the val_* records of
+metrics.jsonl) from a checkpoint: a run directory (its newest checkpoint), a checkpoint directory or
+one tag directory. The run's config.yaml rebuilds its validation set (the same images, crops and
+degradation seeds), and the run's weights choice and precision apply (EMA when train.ema_decay > 0,
+cast to train.precision): see m2r/eval/pretrain_validation.py. It prints the metrics beside the run's
+record of that step and writes <out>/results.json.
 """
 from __future__ import annotations
 
@@ -29,7 +38,7 @@ import torch
 from accelerate import Accelerator
 
 from m2r import dist
-from m2r.atomic import atomic_paths, json_text
+from m2r.atomic import atomic_path, atomic_paths, json_text
 from m2r.cli import run_main
 from m2r.config import ConfigError
 from m2r.eval.datasets import (ALLWEATHER_PAPER_SETS, ALLWEATHER_TEST_DIRS, DATASETS, OFFICIAL_TEST_SIZES, Pair,
@@ -38,21 +47,26 @@ from m2r.eval.image_io import as_unit, save_png, with_png_names
 from m2r.eval.loading import (add_inference_arguments, load_inference_model, make_accelerator, non_negative_int,
                               parse_inference_arguments, precision_name, require_output_folder)
 from m2r.eval.metrics import image_metrics, parse_protocols
+from m2r.eval.pretrain_validation import pretraining_checkpoint, recompute_validation, report_lines
 from m2r.eval.tiling import restore_image
 
 SET_TITLES = {"outdoor_rain": "Outdoor-Rain", "snow100k_s": "Snow100K-S", "snow100k_l": "Snow100K-L",
               "raindrop_a": "RainDrop", "low": "L", "haze": "H", "rain": "R", "snow": "S", "low_haze": "L+H",
               "low_rain": "L+R", "low_snow": "L+S", "haze_rain": "H+R", "haze_snow": "H+S",
               "low_haze_rain": "L+H+R", "low_haze_snow": "L+H+S"}
+DEFAULT_METRICS = "rgb,y,official"
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m m2r.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_inference_arguments(parser)
-    parser.add_argument("--dataset", required=True, choices=DATASETS)
-    parser.add_argument("--root", required=True, help="dataset root (layouts: m2r/eval/datasets.py)")
-    parser.add_argument("--metrics", default="rgb,y,official", help="comma-separated: rgb, y, official")
+    parser.add_argument("--dataset", choices=DATASETS, help="required unless --pretrain-val")
+    parser.add_argument("--root", help="dataset root (layouts: m2r/eval/datasets.py); required unless --pretrain-val")
+    parser.add_argument("--pretrain-val", action="store_true",
+                        help="recompute a pretraining run's validation (val/* of metrics.jsonl) from --weights, its "
+                             "run, checkpoint or tag directory, on the validation set its config.yaml describes")
+    parser.add_argument("--metrics", default=DEFAULT_METRICS, help="comma-separated: rgb, y, official")
     parser.add_argument("--out", required=True, help="directory for results.json, results.md and images/")
     parser.add_argument("--sets", default="",
                         help="AllWeather test sets or CDD-11 types "
@@ -64,7 +78,24 @@ def parse_args(argv):
                                                                OFFICIAL_TEST_SIZES.items())
                         + " (input and target, bicubic) as the official test does; "
                           "default: every image at its own size")
-    return parse_inference_arguments(parser, argv)
+    args = parse_inference_arguments(parser, argv)
+    if args.pretrain_val:
+        not_applying = _benchmark_options_given(args)
+        if not_applying:
+            parser.error(f"--pretrain-val scores the run's own validation set, with its precision and network: "
+                         f"{', '.join(not_applying)} do not apply")
+    elif args.dataset is None or args.root is None:
+        parser.error("--dataset and --root are required (or --pretrain-val, for a pretraining run's validation)")
+    return args
+
+
+def _benchmark_options_given(args) -> List[str]:
+    """The options given that only a benchmark evaluation reads (--set stays: the CLIP file's path)."""
+    given = {"--dataset": args.dataset, "--root": args.root, "--sets": args.sets, "--limit": args.limit,
+             "--save-images": args.save_images, "--official-sizes": args.official_sizes, "--tile": args.tile,
+             "--precision": args.precision, "--model-config": args.model_config,
+             "--metrics": args.metrics != DEFAULT_METRICS}
+    return [option for option, value in given.items() if value]
 
 
 @torch.no_grad()
@@ -174,8 +205,27 @@ def listed_sets(args) -> Dict[str, List[Pair]]:
     return sets
 
 
+def evaluate_pretraining_validation(args) -> int:
+    """--pretrain-val: the run's validation at the checkpoint, printed and written to <out>/results.json."""
+    out = require_output_folder(args.out)
+    accelerator = make_accelerator(None)
+    ref = dist.on_rank0(lambda: pretraining_checkpoint(args.weights))
+    accelerator.print(f"evaluate: the pretraining validation of {ref.path} on {accelerator.num_processes} "
+                      "process(es)", flush=True)
+    result = recompute_validation(ref, accelerator.device, args.overrides)
+    if accelerator.is_main_process:
+        print(report_lines(result), end="", flush=True)   # first: the numbers survive a write that fails
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / "results.json") as json_tmp:
+            json_tmp.write_text(json_text({"weights": args.weights, **result}))
+    dist.destroy_process_group()
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.pretrain_val:
+        return evaluate_pretraining_validation(args)
     protocols = parse_protocols(args.metrics)
     accelerator = make_accelerator(args.precision)
     # Process 0 lists (and checks) the images for all: processes listing a shared folder themselves could

@@ -154,6 +154,42 @@ def test_export_then_single_process_load_gives_the_engine_outputs(parity_runs, t
     assert metrics["ssim"] == pytest.approx(engine_metrics["val_ssim"], abs=1e-5)
 
 
+def evaluate_pretrain_val(weights, out):
+    """`python -m m2r.evaluate --pretrain-val` on the CPU; its results.json."""
+    run_launch([sys.executable, "-m", "m2r.evaluate", "--weights", str(weights), "--pretrain-val", "--out", str(out)],
+               env_extra={"CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"})
+    return json.loads((Path(out) / "results.json").read_text())
+
+
+def test_evaluate_pretrain_val_gives_the_validation_an_fp32_run_logged(parity_runs, tmp_path):
+    """Expert parallel over two ranks in training, every expert in one process here: the same numbers."""
+    run = parity_runs[2, 2]
+    result = evaluate_pretrain_val(run, tmp_path / "val")
+    logged = val_records(run)[5]
+    assert (result["step"], result["validated_weights"], result["precision"]) == (5, "ema", "fp32")
+    assert result["val"].keys() == logged.keys() - {"step", "time"}   # the overall PSNR/SSIM and each type's PSNR
+    assert result["logged"] == {name: logged[name] for name in result["val"]}
+    for name, value in result["val"].items():
+        assert value == pytest.approx(logged[name], abs=1e-5), name
+
+
+def test_evaluate_pretrain_val_recomputes_each_checkpoints_step_with_a_bf16_runs_ema(tmp_path):
+    """A run directory names its newest checkpoint, a tag directory an older one; each gives its step's record.
+    bf16 kernels round differently outside the engine (about 1e-4 dB here), while scoring the EMA in fp32 would
+    be 2e-3 dB away and the trained weights in bf16 1e-2 dB."""
+    run = tmp_path / "run"
+    pretrain(run, "train.precision=bf16", "train.zero_stage=1", "model.moe.ep_size=2", "train.steps=4",
+             "train.warmup_steps=1", "run.val_every=2", "run.save_every=2", "run.image_every=0",
+             "train.ema_decay=0.5")
+    logged = val_records(run)
+    for weights, step in ((run, 4), (run / "checkpoints" / "step00000002", 2)):
+        result = evaluate_pretrain_val(weights, tmp_path / f"val{step}")
+        assert (result["step"], result["validated_weights"], result["precision"]) == (step, "ema", "bf16")
+        assert result["val"]["val_psnr"] == pytest.approx(logged[step]["val_psnr"], abs=5e-4)
+        assert result["val"]["val_ssim"] == pytest.approx(logged[step]["val_ssim"], abs=5e-5)
+    assert logged[2]["val_psnr"] != pytest.approx(logged[4]["val_psnr"], abs=5e-3)   # the steps are told apart
+
+
 def test_export_refuses_an_incomplete_or_damaged_checkpoint_and_another_suffix(parity_runs, tmp_path):
     import shutil
 

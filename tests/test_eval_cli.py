@@ -361,3 +361,31 @@ def test_each_sets_value_is_the_mean_of_its_images_and_the_average_the_mean_of_t
     summary = summarize(records, ["a", "b"], ["psnr_rgb"], ["a", "b"])
     assert summary["sets"]["b"] == {"count": 3, "psnr_rgb": pytest.approx(30.0)}
     assert summary["average"]["psnr_rgb"] == pytest.approx(20.0)
+
+
+def test_pretrain_val_refuses_the_benchmark_options_and_benchmarks_need_a_dataset(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--weights", "runs/x", "--pretrain-val", "--dataset", "cdd11", "--precision", "bf16",
+                             "--out", str(tmp_path)])
+    assert "--pretrain-val scores the run's own validation set, with its precision and network: --dataset, " \
+           "--precision do not apply" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--weights", "model.safetensors", "--root", str(tmp_path), "--out", str(tmp_path)])
+    assert "--dataset and --root are required (or --pretrain-val" in capsys.readouterr().err
+
+
+def test_pretrain_val_refuses_exported_weights_and_finetuning_checkpoints(tmp_path, tiny_weights):
+    from m2r.eval.pretrain_validation import pretraining_checkpoint
+
+    with pytest.raises(FileNotFoundError, match="exported weights carry no run config"):
+        pretraining_checkpoint(str(tiny_weights))
+    with pytest.raises(ConfigError, match="the EMA weights are read from a checkpoint directory, not a file"):
+        load_inference_model(str(tiny_weights), torch.device("cpu"), use_ema=True)
+    tag = tmp_path / "run" / "checkpoints" / "step00000010"
+    tag.mkdir(parents=True)
+    (tag / "meta.json").write_text(json.dumps({"step": 10, "kind": "finetune"}))
+    (tag / "config.yaml").write_text("init: {weights: runs/m2restore/checkpoints}\n")
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"deepspeed's")
+    with pytest.raises(ConfigError, match=f"{tag} is a finetune checkpoint; --pretrain-val recomputes a "
+                                          "pretraining run's validation"):
+        pretraining_checkpoint(str(tmp_path / "run"))

@@ -9,12 +9,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from m2r.atomic import json_text
-from m2r.engine.checkpoint import (ABANDONED_DIR, LATEST_FILE, CheckpointManager, CheckpointRef, complete_tags,
-                                   is_complete, remove_tag, set_aside_tags_after, tag_for, tags_in)
+from m2r.engine.checkpoint import (ABANDONED_DIR, FINETUNE_KIND, LATEST_FILE, CheckpointManager, CheckpointRef,
+                                   complete_tags, is_complete, remove_tag, set_aside_tags_after, tag_for, tags_in)
 from m2r.export import export
 from m2r.models.convert import CheckpointMismatch
 
-FINETUNE_KIND = "finetune"
 
 
 def best_checkpoints(run_dir: Path, name: str) -> CheckpointManager:

@@ -34,6 +34,8 @@ DENSE_FILE = "mp_rank_00_model_states.pt"
 META_FILE = "meta.json"
 LATEST_FILE = "latest"        # names the tag a resume takes
 CONFIG_FILE = "config.yaml"
+RUN_CHECKPOINTS_DIR = "checkpoints"   # a run's checkpoint directory, under run.dir beside metrics.jsonl
+PRETRAIN_KIND, FINETUNE_KIND = "pretrain", "finetune"   # which run saved a checkpoint (meta.json's kind)
 ABANDONED_DIR = "abandoned"   # newer checkpoints set aside when a run resumes an older one
 DEEPSPEED_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")   # copied beside the tags by every ZeRO save
 
@@ -88,6 +90,12 @@ class CheckpointRef:
             return Topology(meta["world_size"], meta["ep_size"], meta["precision"], meta["zero_stage"])
         train = self.saved_config()["train"]   # saved before meta.json recorded them (2026-11-27)
         return Topology(meta["world_size"], meta["ep_size"], train["precision"], train["zero_stage"])
+
+
+def checkpoint_kind(meta: Dict[str, Any], saved_config: Dict[str, Any]) -> str:
+    """Which run saved a checkpoint, from its meta.json and config.yaml: PRETRAIN_KIND or FINETUNE_KIND.
+    meta.json names it since 2026-11-27; before, only a finetune config had `init`."""
+    return meta.get("kind") or (FINETUNE_KIND if "init" in saved_config else PRETRAIN_KIND)
 
 
 def is_complete(tag_dir: Path) -> bool:

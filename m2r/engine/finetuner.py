@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from m2r import dist, stop_signals
 from m2r.config import ConfigError, require
-from m2r.engine.bests import FINETUNE_KIND, align_best_with_resume, best_checkpoints, export_best
-from m2r.engine.checkpoint import CheckpointRef, checkpoint_at, load_weights_only
+from m2r.engine.bests import align_best_with_resume, best_checkpoints, export_best
+from m2r.engine.checkpoint import FINETUNE_KIND, CheckpointRef, checkpoint_at, load_weights_only
 from m2r.engine.config import allowed_model_changes, validate_finetune_config
 from m2r.engine.deepspeed_config import images_per_step
 from m2r.engine.experts import global_expert_names

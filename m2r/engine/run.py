@@ -22,8 +22,9 @@ from omegaconf import OmegaConf
 from m2r import dist, stop_signals
 from m2r.atomic import write_text_atomically
 from m2r.config import config_error, flatten, require, save_config
-from m2r.engine.checkpoint import (ABANDONED_DIR, CheckpointManager, CheckpointRef, Topology, agreed_resume,
-                                   complete_tags, load_ema_states, load_weights_only, set_aside_newer_tags)
+from m2r.engine.checkpoint import (ABANDONED_DIR, RUN_CHECKPOINTS_DIR, CheckpointManager, CheckpointRef, Topology,
+                                   agreed_resume, checkpoint_kind, complete_tags, load_ema_states, load_weights_only,
+                                   set_aside_newer_tags)
 from m2r.engine.config import PRECISIONS, collective_timeout
 from m2r.engine.deepspeed_config import (build_deepspeed_config, gradient_accumulation_dtype,
                                          gradient_reduction_dtype, images_per_step, precision_notes)
@@ -44,6 +45,13 @@ PER_PROCESS_KEYS = frozenset({"run.resume", "run.stop_after_steps", "run.stop_af
 STOP_FILE_VARIABLE = "M2R_STOP_FILE"   # see TrainingRun._tell_the_job_script
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 assert tuple(PRECISION_DTYPES) == PRECISIONS, "train.precision's choices and their dtypes must agree"
+
+
+def set_math_flags(train) -> None:
+    """The process-wide CUDA math settings of `train` (cuDNN autotuning, TF32 matmuls): training's, and
+    `m2r.evaluate --pretrain-val`'s, which recomputes a run's validation as the run computed it."""
+    torch.backends.cudnn.benchmark = train.cudnn_benchmark
+    torch.backends.cuda.matmul.allow_tf32 = train.tf32_matmul
 
 
 def micro_step(engine, batch: Dict[str, torch.Tensor], device: torch.device, input_dtype: torch.dtype,
@@ -129,14 +137,13 @@ class TrainingRun:
         require(cfg.train.precision != "fp16" or self.device.type == "cuda", "train.precision", "fp16",
                 "needs a CUDA GPU (DeepSpeed's loss scaling); on CPU use bf16 or fp32")
         resolve_scan_backend(cfg.model.scan_backend, self.device)   # refuses mamba_ssm where it cannot run
-        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
-        torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32_matmul
+        set_math_flags(cfg.train)
         self.topology = Topology.of_run(env.world_size, cfg)
         self._warn_if_expert_groups_span_hosts()
         self.launcher = env.launcher
         self.run_dir = Path(cfg.run.dir)
         dist.on_rank0(self._lock_run_dir)
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.run.keep_last, self.KIND)
+        self.checkpoints = CheckpointManager(self.run_dir / RUN_CHECKPOINTS_DIR, cfg.run.keep_last, self.KIND)
         dist.on_rank0(self.checkpoints.remove_leftovers)   # before anything is written: a full disk's first relief
         check_every_rank_sees(self.run_dir)
         self.input_dtype = PRECISION_DTYPES[cfg.train.precision]
@@ -176,8 +183,7 @@ class TrainingRun:
                                f"resumed an older one; to continue it, move the tags saved since to {ref.root} and "
                                f"it back to {self.checkpoints.root} (or train from its weights in a new run.dir)")
         saved = ref.saved_config()
-        # meta.json names it since 2026-11-27; before, only a finetune config had `init`
-        saved_kind = ref.meta().get("kind") or ("finetune" if "init" in saved else "pretrain")
+        saved_kind = checkpoint_kind(ref.meta(), saved)
         if saved_kind != self.KIND:
             raise config_error("run.resume", f"{ref.path} is a {saved_kind} checkpoint; a {self.KIND} "
                                "run resumes only its own kind (finetuning starts from pretraining weights with "

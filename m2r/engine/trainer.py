@@ -14,7 +14,7 @@ import torch
 
 from m2r import dist, stop_signals
 from m2r.data.presets import type_names
-from m2r.engine.checkpoint import CheckpointRef
+from m2r.engine.checkpoint import PRETRAIN_KIND, CheckpointRef
 from m2r.engine.config import validate_pretrain_config
 from m2r.engine.deepspeed_config import images_per_step
 from m2r.engine.monitor import StepTimer
@@ -29,7 +29,7 @@ MAX_DAMAGE_LINES = 8   # damaged samples named on the console per log step, over
 
 
 class Trainer(TrainingRun):
-    KIND = "pretrain"
+    KIND = PRETRAIN_KIND
     POSITION = "the data stream position"
     stream: Any                    # iterable of uint8 batches with state_dict()/load_state_dict()
     val_batches: List[Dict[str, torch.Tensor]]

@@ -93,8 +93,8 @@ def precision_name(accelerator: Accelerator) -> str:
     return names.get(accelerator.mixed_precision, accelerator.mixed_precision)
 
 
-def _stored_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[dict]]:
-    """(state dict with experts by global id, stored model config or None)."""
+def _stored_weights(path: Path, use_ema: bool = False) -> Tuple[Dict[str, torch.Tensor], Optional[dict]]:
+    """(state dict with experts by global id, stored model config or None); `use_ema`: a checkpoint's EMA."""
     from m2r.engine.checkpoint import META_FILE, checkpoint_at
     from m2r.export import export_state_dict, stored_model_config
     from m2r.models.convert import official_to_m2r, read_checkpoint
@@ -104,8 +104,10 @@ def _stored_weights(path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[dict]
     if path.is_file() and (path.parent / META_FILE).is_file():   # DeepSpeed's files hold parts of the network
         raise ConfigError(f"--weights {path} is one file of an m2r checkpoint: pass its directory, {path.parent}")
     if path.is_dir():
-        state, config = export_state_dict(checkpoint_at(str(path), "--weights"))
+        state, config = export_state_dict(checkpoint_at(str(path), "--weights"), use_ema)
         return state, config["model"]
+    if use_ema:   # an export holds one set of weights, which `m2r.export --ema` chose
+        raise ConfigError(f"--weights {path}: the EMA weights are read from a checkpoint directory, not a file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -132,13 +134,14 @@ def inference_model_config(stored: Optional[dict], model_config: Optional[str],
 
 
 def load_inference_model(weights: str, device: torch.device, model_config: Optional[str] = None,
-                         overrides: Sequence[str] = ()):
-    """M2Restore in eval mode on `device` with every expert local; strict load, mismatches named."""
+                         overrides: Sequence[str] = (), use_ema: bool = False):
+    """M2Restore in eval mode on `device` with every expert local; strict load, mismatches named.
+    `use_ema`: a checkpoint directory's EMA weights instead of its trained ones."""
     from m2r.models.convert import check_fits
     from m2r.models.m2restore import build_model
 
     path = Path(weights)
-    state, stored = _stored_weights(path)
+    state, stored = _stored_weights(path, use_ema)
     model = build_model(inference_model_config(stored, model_config, overrides, str(path)))
     check_fits(model, state, source=str(path))
     model.load_state_dict(state, strict=True)
