@@ -246,15 +246,17 @@ class ExpertDispatch(nn.Module):
         send_matrix = counts_per_expert.view(self.ep_size, num_local)
         recv_matrix = torch.empty_like(send_matrix)
         torch_dist.all_to_all_single(recv_matrix, send_matrix.contiguous(), group=self.ep_group)
-        send_counts = send_matrix.sum(1).tolist()
-        recv_counts = recv_matrix.sum(1).tolist()
+        # The row splits are host lists: both matrices come over in one copy (a host sync), not one per list.
+        send_on_host, recv_on_host = torch.stack([send_matrix, recv_matrix]).cpu()
+        send_counts = send_on_host.sum(1).tolist()
+        recv_counts = recv_on_host.sum(1).tolist()
         received = _VariableAllToAll.apply(rows, send_counts, recv_counts, self.ep_group)
 
         # Received rows come ordered (source rank, local expert); regroup them by local expert.
         local_ids = torch.arange(num_local, device=rows.device).repeat(self.ep_size)
-        row_expert = local_ids.repeat_interleave(recv_matrix.flatten())
+        row_expert = local_ids.repeat_interleave(recv_matrix.flatten(), output_size=sum(recv_counts))
         by_expert = torch.argsort(row_expert, stable=True)
-        outputs = self._run_local_experts(received[by_expert], recv_matrix.sum(0).tolist())
+        outputs = self._run_local_experts(received[by_expert], recv_on_host.sum(0).tolist())
         outputs = torch.empty_like(outputs).index_copy(0, by_expert, outputs)
         return _VariableAllToAll.apply(outputs, recv_counts, send_counts, self.ep_group)
 
@@ -276,19 +278,26 @@ def sort_assignments(routing: Routing, num_experts: int, capacity: Optional[int]
     expert_ids = routing.expert_ids.flatten()
     gates = routing.gates.flatten()
     token_ids = torch.arange(num_tokens, device=expert_ids.device).repeat_interleave(k)
-    nonzero = gates > 0
-    expert_ids, gates, token_ids = expert_ids[nonzero], gates[nonzero], token_ids[nonzero]
+    # Each selection by index, found once: a boolean mask finds them anew for every tensor it indexes, and
+    # again in the backward, a host synchronisation each time on a GPU.
+    kept = torch.nonzero(gates > 0).squeeze(1)
+    expert_ids, gates, token_ids = expert_ids[kept], gates[kept], token_ids[kept]
 
     order = torch.argsort(expert_ids, stable=True)
     expert_ids, gates, token_ids = expert_ids[order], gates[order], token_ids[order]
-    counts = torch.bincount(expert_ids, minlength=num_experts)
+    counts = _count_ids(expert_ids, num_experts)
     if capacity is not None:
         first_of_expert = torch.cumsum(counts, 0) - counts
         position = torch.arange(expert_ids.numel(), device=expert_ids.device) - first_of_expert[expert_ids]
-        kept = position < capacity
+        kept = torch.nonzero(position < capacity).squeeze(1)
         expert_ids, gates, token_ids = expert_ids[kept], gates[kept], token_ids[kept]
-        counts = torch.bincount(expert_ids, minlength=num_experts)
+        counts = counts.clamp(max=capacity)   # an expert keeps its first `capacity` assignments
     return Assignments(token_ids, gates, counts)
+
+
+def _count_ids(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """bincount(expert_ids, minlength=num_experts) (int64), without reading the largest id on the host."""
+    return expert_ids.new_zeros(num_experts).index_add_(0, expert_ids, torch.ones_like(expert_ids))
 
 
 def dropped_assignments(routing: Routing, num_experts: int, capacity: Optional[int]) -> torch.Tensor:
