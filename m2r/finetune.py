@@ -9,8 +9,9 @@ expert parallelism, ZeRO 1/2, bf16/fp16, activation checkpointing, sharded check
     torchrun --nproc_per_node 8 -m m2r.finetune --config m2r:finetune/allweather.yaml ...   # an installed m2r
 
 Starting weights (`init.weights`, used only when the run has no checkpoint of its own yet):
-a pretraining checkpoint directory of any world size / ep_size (weights only, experts by global id),
-an exported `.safetensors`, an official `.ckpt/.pth/.pt` (through m2r.models.convert), or nothing (scratch).
+a pretraining checkpoint directory of any world size / ep_size (weights only, experts by global id; its EMA
+weights with `init.use_ema=true`), an exported `.safetensors`, an official `.ckpt/.pth/.pt` (through
+m2r.models.convert), or nothing (scratch).
 Epochs: a DistributedSampler deals every rank the same number of distinct images (drop_last), crops
 are drawn from (seed, epoch, index). The learning rate warms up for `train.warmup_epochs` and follows a
 cosine to `train.min_lr` at `train.schedule_epochs` (0: `train.epochs`), stepped per optimizer step. A fresh run

@@ -228,9 +228,29 @@ def speed_settings(ema=None, device="cpu", **train):
     from m2r.engine.run import TrainingRun
 
     train = dict(dict(precision="fp32", zero_stage=1, channels_last=False, compile=False, compile_backend="inductor",
-                      ema_decay=0.0), **train)
+                      ema_decay=0.0, activation_checkpointing="none"), **train)
     stub = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(**train)), ema=ema, device=torch.device(device))
-    return "\n".join(TrainingRun._speed_settings(stub, "off"))
+    stub.checkpointing = TrainingRun._checkpointing_mode(stub)
+    return "\n".join(TrainingRun._speed_settings(stub))
+
+
+@pytest.mark.parametrize("mode, device, applied", [("auto", "cuda", "bottleneck (auto on cuda)"),
+                                                    ("auto", "cpu", "none (auto on cpu)"),
+                                                    ("full_res", "cuda", "full_res"), ("all", "cpu", "all")])
+def test_auto_activation_checkpointing_says_what_it_chose_on_which_device(mode, device, applied):
+    """auto recomputes the bottleneck on a GPU (memory bounds the batch) and nothing on a CPU; the summary says
+    which, and that auto chose it. Pretraining and finetuning resolve and print it alike (`TrainingRun`)."""
+    assert f"| activation checkpointing {applied} |" in speed_settings(device=device, activation_checkpointing=mode)
+
+
+def test_pretraining_takes_auto_activation_checkpointing_as_finetuning_does_keeping_its_default():
+    """Pretraining's default stays `none` (a resumed run's config would change under it), finetuning's `auto`."""
+    from m2r.engine.config import FinetuneConfig
+
+    assert load_config(PretrainConfig, None, ["train.activation_checkpointing=auto"]).train.activation_checkpointing \
+        == "auto"
+    assert load_config(PretrainConfig, None, []).train.activation_checkpointing == "none"
+    assert load_config(FinetuneConfig, None, []).train.activation_checkpointing == "auto"
 
 
 def test_bf16_micro_batch_sums_at_zero_1_are_printed_with_their_reason():
@@ -609,9 +629,50 @@ def test_the_pretraining_summary_shows_its_learning_rate_schedule_as_finetuning_
 
     cfg = tiny_config(repo_root, "train.steps=6", "train.warmup_steps=2")
     stub = SimpleNamespace(cfg=cfg, topology=Topology(1, 1, "fp32", 1), step=0, launcher="single",
-                           engine=SimpleNamespace(module=torch.nn.Linear(2, 2)),
-                           schedule=LRSchedule.of_steps(cfg.train), _speed_settings=lambda mode: [])
+                           schedule=LRSchedule.of_steps(cfg.train), _speed_settings=lambda: [],
+                           _network_lines=lambda: ["  experts: ..."])
     assert "| steps 0->6 | warmup 2, cosine to min_lr after step 6\n" in Trainer.startup_summary(stub)
+
+
+def test_the_experts_and_rank_parameters_lines_say_how_the_experts_are_split_and_what_it_costs(repo_root):
+    """4 experts over ep_size 2 of 4 ranks: 2 per rank, each pair of ranks holding the same ones, and the
+    all-to-all traffic that split costs; this rank's parameters. At ep_size 1 there is no all-to-all."""
+    from m2r.engine.checkpoint import Topology
+    from m2r.engine.run import TrainingRun
+
+    def network_lines(ep_size):
+        cfg = tiny_config(repo_root, f"model.moe.ep_size={ep_size}")
+        stub = SimpleNamespace(cfg=cfg, topology=Topology(4, ep_size, "fp32", 1), input_dtype=torch.float32,
+                               engine=SimpleNamespace(module=torch.nn.Linear(1000, 2)))
+        stub.all_to_all_bytes_per_step = lambda: TrainingRun.all_to_all_bytes_per_step(stub)
+        return TrainingRun._network_lines(stub)
+
+    experts, params = network_lines(2)
+    assert experts.startswith("  experts: 4 per adapter, top-2 | ep_size 2: 2 per rank, expert data parallel 2 | "
+                              "all-to-all per step ~") and experts.endswith(" MiB per rank")
+    assert params == "  rank params 2,002"
+    assert network_lines(1)[0] == "  experts: 4 per adapter, top-2 | ep_size 1: 4 per rank, expert data parallel 4"
+
+
+def test_pretraining_and_finetuning_summaries_both_show_the_experts_and_rank_parameters(repo_root):
+    """Finetuning's start-up said nothing of the experts per rank, their all-to-all or the rank's parameters;
+    both entry points print the same lines (`TrainingRun._network_lines`)."""
+    from m2r.engine.checkpoint import Topology
+    from m2r.engine.config import FinetuneConfig
+    from m2r.engine.finetuner import Finetuner
+    from m2r.engine.trainer import Trainer
+
+    lines = ["  experts: (the shared line)", "  rank params (the shared line)"]
+    common = dict(topology=Topology(1, 1, "fp32", 1), step=0, launcher="single", _speed_settings=lambda: [],
+                  _network_lines=lambda: lines)
+    pretrain_cfg = tiny_config(repo_root)
+    pretrain = SimpleNamespace(cfg=pretrain_cfg, schedule=LRSchedule.of_steps(pretrain_cfg.train), **common)
+    finetune = SimpleNamespace(cfg=load_config(FinetuneConfig, Path(repo_root) / "configs/finetune/tiny-test.yaml"),
+                               schedule=LRSchedule(1.0, 0.0, 0, 4), steps_per_epoch=2, train_set=[None] * 4,
+                               _training_folder=lambda: "train/input", _schedule_length=lambda: 4, val_names=["a"],
+                               val_counts=[1], **common)
+    for summary in (Trainer.startup_summary(pretrain), Finetuner.startup_summary(finetune)):
+        assert "\n".join(lines) in summary
 
 
 @pytest.mark.parametrize("step, last_val_step, image_every, expected", [

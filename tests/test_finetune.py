@@ -779,8 +779,7 @@ def test_every_rank_loads_init_weights_as_rank_0_sees_them(monkeypatch, tmp_path
     for name in ("_build_data", "_start_engine", "_start_ema", "_seed_rng", "_count_steps_to_the_end",
                  "_open_monitor"):
         monkeypatch.setattr(Finetuner, name, lambda self, *args: None)
-    monkeypatch.setattr(Finetuner, "_checkpointing_mode", lambda self: "none")
-    monkeypatch.setattr(Finetuner, "_build_model", lambda self, mode: "model")
+    monkeypatch.setattr(Finetuner, "_build_model", lambda self: "model")
     monkeypatch.setattr(Finetuner, "_load_init_weights", lambda self, model: calls.append("file"))
     monkeypatch.setattr(Finetuner, "_load_pretraining_checkpoint", lambda self, path: calls.append(("dir", path)))
     monkeypatch.setattr(Finetuner, "startup_summary", lambda self: "")
@@ -788,21 +787,92 @@ def test_every_rank_loads_init_weights_as_rank_0_sees_them(monkeypatch, tmp_path
     assert calls == [("dir", str(weights))]
 
 
-@pytest.mark.parametrize("ema", [True, False])
-def test_init_from_a_pretraining_checkpoint_with_an_ema_says_which_weights_it_starts_from(monkeypatch, capsys, ema):
-    """Pretraining's validation (its TensorBoard PSNR) scored the EMA; init.weights=<dir> takes the trained
-    weights: say so, and how to start from the EMA instead, not leave the user to find it in the README."""
+def load_pretraining_checkpoint(monkeypatch, has_ema: bool, use_ema: bool, loaded: list):
+    """Finetuner._load_pretraining_checkpoint of a checkpoint with or without an EMA; `loaded` gets what it loads."""
     from m2r.engine import finetuner
     from m2r.engine.checkpoint import Topology
 
     ref = SimpleNamespace(path=Path("runs/p/checkpoints/step00000006"), saved_model_config=lambda: {},
-                          topology=lambda: Topology(1, 1, "fp32", 1), meta=lambda: {"ema": ema})
+                          topology=lambda: Topology(1, 1, "fp32", 1), meta=lambda: {"ema": has_ema})
     monkeypatch.setattr(finetuner, "checkpoint_at", lambda directory, key: ref)
-    monkeypatch.setattr(finetuner, "load_weights_only", lambda engine, ref: {})
-    stub = SimpleNamespace(engine=None, _require_init_network=lambda saved, source: None)
+    monkeypatch.setattr(finetuner, "load_weights_only", lambda engine, ref: loaded.append("trained"))
+    monkeypatch.setattr(finetuner, "load_ema_states", lambda ref: {"w": "ema"})
+    monkeypatch.setattr(finetuner, "load_trainable_weights", lambda engine, state, source: loaded.append(state["w"]))
+    stub = SimpleNamespace(engine=None, cfg=SimpleNamespace(init=SimpleNamespace(use_ema=use_ema)),
+                           _require_init_network=lambda saved, source: None)
     Finetuner._load_pretraining_checkpoint(stub, "runs/p/checkpoints")
+
+
+@pytest.mark.parametrize("ema", [True, False])
+def test_init_from_a_pretraining_checkpoint_with_an_ema_says_which_weights_it_starts_from(monkeypatch, capsys, ema):
+    """Pretraining's validation (its TensorBoard PSNR) scored the EMA; init.weights=<dir> takes the trained
+    weights: say so, and how to start from the EMA instead, not leave the user to find it in the README."""
+    loaded = []
+    load_pretraining_checkpoint(monkeypatch, has_ema=ema, use_ema=False, loaded=loaded)
     out = capsys.readouterr().out
-    assert ("also holds EMA weights" in out and "--ema" in out) == ema
+    assert loaded == ["trained"]
+    assert ("also holds EMA weights" in out and "init.use_ema=true" in out) == ema
+
+
+def test_init_use_ema_starts_from_the_ema_of_a_pretraining_checkpoint(monkeypatch, capsys):
+    loaded = []
+    load_pretraining_checkpoint(monkeypatch, has_ema=True, use_ema=True, loaded=loaded)
+    assert loaded == ["trained", "ema"]   # the EMA over the trained weights (it holds no buffers)
+    assert "init: EMA weights from runs/p/checkpoints/step00000006 (init.use_ema;" in capsys.readouterr().out
+
+
+def test_init_use_ema_from_a_checkpoint_without_an_ema_stops_the_run_naming_the_key_and_the_checkpoint(monkeypatch):
+    """Not a silent start from the trained weights: the user asked for what the pretraining validation scored."""
+    loaded = []
+    with pytest.raises(ConfigError, match=r"key 'init.use_ema': runs/p/checkpoints/step00000006 \(init.weights\) "
+                                          "holds no EMA weights"):
+        load_pretraining_checkpoint(monkeypatch, has_ema=False, use_ema=True, loaded=loaded)
+    assert loaded == []
+
+
+@pytest.mark.parametrize("weights", [None, "weights.safetensors"])
+def test_init_use_ema_without_a_checkpoint_directory_to_take_it_from_is_refused(repo_root, tmp_path, weights):
+    """A file holds one set of weights (m2r.export --ema writes a checkpoint's EMA to one): nothing to choose."""
+    if weights:
+        (tmp_path / weights).write_bytes(b"")
+    start = [f"init.weights={tmp_path / weights}"] if weights else []
+    cfg = load_config(FinetuneConfig, Path(repo_root) / "configs/finetune/tiny-test.yaml",
+                      ["data.root=/data", "init.use_ema=true", *start])
+    with pytest.raises(ConfigError, match="key 'init.use_ema'.*" + ("is a file" if weights else "needs init.weights")):
+        validate_finetune_config(cfg, world_size=2)
+
+
+def test_a_finetune_from_a_checkpoints_ema_trains_as_one_from_the_ema_exported(repo_root, tmp_path):
+    """init.use_ema=true with a pretraining checkpoint directory starts where init.weights=<its m2r.export --ema>
+    does: the same validation at step 0 and the same losses after, at 2 ranks with the experts split over them
+    (the EMA's experts taken by global id, and the fp32 masters ZeRO partitions set as well as the module: else
+    the first optimizer step would bring the trained weights back)."""
+    from m2r.export import export
+
+    python = sys.executable
+    pretrain_dir = tmp_path / "pretrain"
+    run([python, "pretrain.py", "--config", "configs/pretrain/tiny-test.yaml", "train.steps=2",
+         "train.warmup_steps=0", "train.ema_decay=0.5", "run.image_every=0", f"run.dir={pretrain_dir}"], repo_root)
+    ref = resolve_resume("latest", pretrain_dir / "checkpoints")
+    ema_weights, trained_weights = export_state_dict(ref, use_ema=True)[0], export_state_dict(ref)[0]
+    assert any(not torch.equal(trained_weights[name], ema_weights[name]) for name in ema_weights)
+    exported = export(str(pretrain_dir / "checkpoints"), str(tmp_path / "ema.safetensors"), use_ema=True)
+    allweather = build_allweather(tmp_path / "allweather", size=(40, 48), train=8)
+    finetune = [python, "-m", "torch.distributed.run", "--nproc_per_node", "2", "finetune.py", "--config",
+                "configs/finetune/tiny-test.yaml", f"data.root={allweather}", "train.epochs=1", "train.warmup_epochs=0"]
+    log = run([*finetune, f"init.weights={pretrain_dir / 'checkpoints'}", "init.use_ema=true",
+               f"run.dir={tmp_path / 'from-dir'}"], repo_root)
+    assert f"init: EMA weights from {ref.path} (init.use_ema;" in log
+    run([*finetune, f"init.weights={exported}", f"run.dir={tmp_path / 'from-export'}"], repo_root)
+
+    def losses_and_validations(run_dir):
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [{key: value for key, value in record.items() if "loss" in key or key.startswith("val_")}
+                for record in records]
+
+    from_dir = losses_and_validations(tmp_path / "from-dir")
+    assert sum("loss" in record for record in from_dir) == 2 and sum("val_psnr" in record for record in from_dir) == 2
+    assert from_dir == losses_and_validations(tmp_path / "from-export")
 
 
 def test_a_resume_takes_its_load_path_from_rank_0s_read_of_the_topology(monkeypatch):
@@ -907,8 +977,8 @@ def test_the_start_of_a_run_whose_steps_per_epoch_changed_counts_its_end_and_sho
                            steps_per_epoch=2, sampler=SimpleNamespace(num_samples=8),
                            schedule=LRSchedule(1.0e-3, 1.0e-5, warmup_steps=2, steps=6),
                            topology=Topology(1, 1, "fp32", 1), launcher="single", train_set=[None] * 8,
-                           _training_folder=lambda: "train/input", _speed_settings=lambda mode: [],
-                           checkpointing="none", device=torch.device("cpu"), val_names=["a"], val_counts=[1])
+                           _training_folder=lambda: "train/input", _speed_settings=lambda: [],
+                           _network_lines=lambda: [], val_names=["a"], val_counts=[1])
     for name in ("schedule_position", "_epoch_name", "_schedule_length", "_steps_left_in_epoch"):
         setattr(stub, name, getattr(Finetuner, name).__get__(stub))
     Finetuner._count_steps_to_the_end(stub)

@@ -38,7 +38,9 @@ class TrainSettings:
     zero_stage: int = 1              # 0, 1 or 2; native DeepSpeed MoE cannot use stage 3
     loss: str = choice(*PIXEL_LOSSES)  # l1 (official) | charbonnier: m2r/engine/loss.py
     charbonnier_eps: float = 1e-3
-    activation_checkpointing: str = choice(*CHECKPOINT_MODES)  # see M2Restore.set_activation_checkpointing
+    # modes: M2Restore.set_activation_checkpointing; auto: bottleneck on a GPU, none on a CPU (_checkpointing_mode
+    # in m2r/engine/run.py)
+    activation_checkpointing: str = choice(*CHECKPOINT_MODES, "auto")
     channels_last: bool = False      # NHWC feature maps (faster bf16 convolutions on GPU)
     compile: bool = False            # torch.compile the training forward (static shapes; first steps compile)
     compile_backend: str = choice("inductor", "aot_eager", "eager")  # aot_eager/eager: to debug a failing compile
@@ -189,7 +191,7 @@ class FinetuneTrainConfig(TrainSettings):
     epochs: int = 200
     warmup_epochs: int = 15
     schedule_epochs: int = 0         # the cosine reaches min_lr here (and goes on past it); 0 = epochs
-    activation_checkpointing: str = choice("auto", *CHECKPOINT_MODES)  # auto: bottleneck on GPU, none on CPU
+    activation_checkpointing: str = choice("auto", *CHECKPOINT_MODES)   # finetuning's default: auto
 
 
 @dataclass
@@ -199,6 +201,9 @@ class InitConfig:
     # Model keys (e.g. [clip.prompts]) this run may set otherwise than the network the weights were
     # saved from; any other difference that changes what the weights compute stops the run.
     allow_model_changes: List[str] = field(default_factory=list)
+    # With a pretraining checkpoint directory as init.weights: start from its EMA weights (train.ema_decay > 0 in
+    # that run; what its validation scored) instead of its trained weights.
+    use_ema: bool = False
 
 
 @dataclass
@@ -251,6 +256,7 @@ def validate_finetune_config(cfg, world_size: int) -> None:
             "may only hold psnr and ssim")
     check_network_for_world(cfg.model, world_size)
     check_init_weights_kind(cfg.init.weights)
+    check_init_ema(cfg.init)
     check_seed("train.seed", train.seed, train.seed)
     unknown = sorted(set(allowed_model_changes(cfg.init)) - set(model_keys()))
     require(not unknown, "init.allow_model_changes", unknown, f"must be keys of the model section: {model_keys()}")
@@ -263,6 +269,16 @@ def check_init_weights_kind(weights: Optional[str]) -> None:
         require(Path(weights).suffix in (".safetensors", *OFFICIAL_SUFFIXES), "init.weights", weights,
                 f"must be a pretraining run's checkpoint directory, a .safetensors file (m2r.export) or an official "
                 f"checkpoint ({', '.join(OFFICIAL_SUFFIXES)})")
+
+
+def check_init_ema(init) -> None:
+    """init.use_ema picks the EMA of a pretraining checkpoint directory: a file holds one set of weights."""
+    if not init.use_ema:
+        return
+    require(bool(init.weights), "init.use_ema", True, "needs init.weights: a pretraining checkpoint directory")
+    require(not Path(init.weights).is_file(), "init.use_ema", True,
+            f"applies to a pretraining checkpoint directory; init.weights={init.weights} is a file, whose weights "
+            "load as they are (m2r.export --ema writes a checkpoint's EMA to a file): set init.use_ema=false")
 
 
 def allowed_model_changes(init) -> List[str]:

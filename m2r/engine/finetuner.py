@@ -17,14 +17,14 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from m2r import dist, stop_signals
-from m2r.config import ConfigError, require
+from m2r.config import ConfigError, config_error, require
 from m2r.engine.bests import align_best_with_resume, best_checkpoints, export_best
-from m2r.engine.checkpoint import FINETUNE_KIND, CheckpointRef, checkpoint_at, load_weights_only
+from m2r.engine.checkpoint import FINETUNE_KIND, CheckpointRef, checkpoint_at, load_ema_states, load_weights_only
 from m2r.engine.config import allowed_model_changes, validate_finetune_config
 from m2r.engine.deepspeed_config import images_per_step
 from m2r.engine.experts import global_expert_names
 from m2r.engine.monitor import StepTimer
-from m2r.engine.optim import LRSchedule
+from m2r.engine.optim import LRSchedule, load_trainable_weights
 from m2r.engine.rng import capture_rng_state, rank_seed
 from m2r.engine.run import StepResult, TrainingRun
 from m2r.engine.validate import validation_metrics
@@ -86,8 +86,7 @@ class Finetuner(TrainingRun):
     def __init__(self, cfg, env: dist.DistEnv, stop_request: Optional[stop_signals.StopRequest] = None):
         super().__init__(cfg, env, validate_finetune_config, stop_request)
         self._build_data(env)
-        self.checkpointing = self._checkpointing_mode()
-        model = self._build_model(self.checkpointing)
+        model = self._build_model()
         # A resumed run does not load init.weights (its pretraining checkpoints may be gone by then).
         init_kind = dist.on_rank0(lambda: init_weights_kind(cfg.init.weights)) if self.resume_ref is None else None
         if init_kind == "file":
@@ -163,12 +162,6 @@ class Finetuner(TrainingRun):
                                 "type_id": torch.full((len(chunk),), set_index, dtype=torch.int64)})
         return batches
 
-    def _checkpointing_mode(self) -> str:
-        mode = self.cfg.train.activation_checkpointing
-        if mode == "auto":
-            return "bottleneck" if self.device.type == "cuda" else "none"
-        return mode
-
     def _load_init_weights(self, model) -> None:
         """An init.weights file (.safetensors, official) into the model, before DeepSpeed wraps it (a
         pretraining checkpoint directory loads after: `_load_pretraining_checkpoint`)."""
@@ -193,14 +186,26 @@ class Finetuner(TrainingRun):
         dist.print0(f"init: weights from {path}")
 
     def _load_pretraining_checkpoint(self, directory: str) -> None:
+        """A pretraining checkpoint's weights into the engine (any topology: experts by global id), the trained ones
+        or, with init.use_ema, its EMA."""
         ref = dist.on_rank0(lambda: checkpoint_at(directory, "init.weights"))
         self._require_init_network(ref.saved_model_config(), str(ref.path))
+        has_ema = dist.on_rank0(lambda: bool(ref.meta().get("ema")))   # rank 0's read decides for every rank
+        use_ema = self.cfg.init.use_ema
+        if use_ema and not has_ema:
+            raise config_error("init.use_ema", f"{ref.path} (init.weights) holds no EMA weights: its run had "
+                               "train.ema_decay=0; set init.use_ema=false to start from its trained weights")
         load_weights_only(self.engine, ref)
-        dist.print0(f"init: weights from {ref.path} (saved with {ref.topology().describe()}; optimizer fresh)")
-        if dist.is_rank0() and ref.meta().get("ema"):   # its validation scored the EMA, not these weights
+        saved = f"saved with {ref.topology().describe()}; optimizer fresh"
+        if use_ema:
+            load_trainable_weights(self.engine, load_ema_states(ref), f"the EMA of {ref.path}")
+            dist.print0(f"init: EMA weights from {ref.path} (init.use_ema; {saved})")
+            return
+        dist.print0(f"init: weights from {ref.path} ({saved})")
+        if has_ema:   # its validation scored the EMA, not these weights
             dist.print0(f"init: note: {ref.path} also holds EMA weights (train.ema_decay), which its validation "
-                        "scored; this run starts from the trained weights. To start from the EMA: python -m "
-                        f"m2r.export {ref.path} ema.safetensors --ema, then init.weights=ema.safetensors")
+                        "scored; this run starts from the trained weights. To start from the EMA: "
+                        "init.use_ema=true")
 
     def _require_init_network(self, saved_model, source: str) -> None:
         require_same_network(saved_model, self.cfg.model, "init.weights", source,
@@ -263,14 +268,13 @@ class Finetuner(TrainingRun):
         return "\n".join([
             f"finetune: {self.cfg.run.dir} | {self.cfg.data.dataset} {self.cfg.data.root} | "
             f"{len(self.train_set)} training pairs in {self._training_folder()} | world size {world} | "
-            f"ep_size {self.topology.ep_size} | "
             f"launcher {self.launcher}",
             f"  batch: micro {train.micro_batch} x accum {train.grad_accum} x {world} ranks = global "
             f"{images_per_step(train, world)} | crop {train.crop} | "
             f"{self.steps_per_epoch} steps/epoch x {train.epochs} epochs = {self._schedule_length()} steps | "
             + self.schedule.describe(self._schedule_length()),
-            *self._speed_settings(self.checkpointing + (f" (auto on {self.device.type})"
-                                                        if self.cfg.train.activation_checkpointing == "auto" else "")),
+            *self._network_lines(),
+            *self._speed_settings(),
             f"  validation sets (images of each, at most data.val_images_per_set={self.cfg.data.val_images_per_set}): "
             f"{', '.join(f'{name} {count}' for name, count in zip(self.val_names, self.val_counts))} "
             "(type ids in that order)",

@@ -152,6 +152,27 @@ class EMA:
         return {name: full[name] for name in self._params}
 
 
+@torch.no_grad()
+def load_trainable_weights(engine, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Full weights keyed by global name (an EMA's: `load_ema_states`) into the engine's trainable weights: the
+    module's, in their dtype, and the fp32 masters the optimizer updates, which DeepSpeed keeps apart from the
+    module. Those are refreshed from the module, as DeepSpeed's own weights-only load does, then set to the exact
+    values where ZeRO or bf16 links this rank's fragment of them. Call it on every rank."""
+    names = global_expert_names(engine.module)
+    params = {names[name]: param for name, param in engine.module.named_parameters() if param.requires_grad}
+    missing = sorted(set(params) - set(state))
+    if missing:
+        raise KeyError(f"{source} lacks {len(missing)} trainable weights, e.g. {missing[:3]}")
+    for name, param in params.items():
+        param.copy_(state[name].view_as(param))
+    if hasattr(engine.optimizer, "refresh_fp32_params"):   # its fp32 masters, e.g. fp16 at ZeRO 0's
+        engine.optimizer.refresh_fp32_params()
+    for name, param in params.items():
+        if _is_partitioned(param):
+            start, numel = _fragment_of(param)
+            _master_of(param).copy_(state[name].reshape(-1)[start:start + numel])
+
+
 def _is_partitioned(param: torch.Tensor) -> bool:
     """DeepSpeed links each parameter of a ZeRO 1/2 or bf16 optimizer to its fp32 master fragment."""
     return hasattr(param, "_hp_mapping")

@@ -138,6 +138,7 @@ class TrainingRun:
     _skipped_steps_logged: int     # DeepSpeed's count of skipped steps at the last log step (from `_open_monitor`)
     ema: Optional[EMA]             # (from `_start_ema`)
     launcher: str                  # what started the ranks (m2r.dist.DistEnv.launcher)
+    checkpointing: str             # train.activation_checkpointing as applied, auto resolved (from `_build_model`)
     _run_lock: Optional[IO]        # rank 0 only: the run.dir lock file, open for the whole run (None: no locks)
 
     def __init__(self, cfg, env: dist.DistEnv, validate_config: Callable[[Any, int], None],
@@ -213,13 +214,15 @@ class TrainingRun:
             dist.print0(f"resume: settings changed since {ref.tag}: {'; '.join(changed)}")
 
     # ----------------------------------------------------------------------------- model and engine
-    def _build_model(self, activation_checkpointing: str):
-        """This rank's M2Restore (experts need the expert-parallel rank, hence after the process group)."""
+    def _build_model(self):
+        """This rank's M2Restore (experts need the expert-parallel rank, hence after the process group), with the
+        activation checkpointing `_checkpointing_mode` resolves (kept as `checkpointing` for the summary)."""
         from m2r.models.m2restore import build_model
 
         train = self.cfg.train
         model = build_model(self.cfg.model)
-        model.set_activation_checkpointing(activation_checkpointing)
+        self.checkpointing = self._checkpointing_mode()
+        model.set_activation_checkpointing(self.checkpointing)
         if train.channels_last:
             model.use_channels_last()
         if train.compile:
@@ -227,6 +230,14 @@ class TrainingRun:
                 stop_signals.start_compile_workers()
             model.compile_training_forward(train.compile_backend)
         return model
+
+    def _checkpointing_mode(self) -> str:
+        """train.activation_checkpointing as applied: `auto` recomputes the bottleneck blocks on a GPU (memory is
+        what limits the batch there) and nothing on a CPU (where time is short and memory is not)."""
+        mode = self.cfg.train.activation_checkpointing
+        if mode == "auto":
+            return "bottleneck" if self.device.type == "cuda" else "none"
+        return mode
 
     def _start_engine(self, model) -> None:
         """Wrap the model and its AdamW (MoE parameter groups) in a DeepSpeed engine on our process group."""
@@ -408,15 +419,47 @@ class TrainingRun:
         return None
 
     # ----------------------------------------------------------------------------- reporting
-    def _speed_settings(self, activation_checkpointing: str) -> List[str]:
+    def _network_lines(self) -> List[str]:
+        """Start-up summary lines: the experts over the ranks (and, split over several, their all-to-all traffic)
+        and the parameters this rank holds."""
+        moe, world = self.cfg.model.moe, self.topology.world_size
+        ep = moe.ep_size
+        traffic = (f" | all-to-all per step ~{self.all_to_all_bytes_per_step() / 2**20:.1f} MiB per rank"
+                   if ep > 1 else "")
+        params = sum(p.numel() for p in self.engine.module.parameters())
+        return [f"  experts: {moe.num_experts} per adapter, top-{moe.top_k} | ep_size {ep}: {moe.num_experts // ep} "
+                f"per rank, expert data parallel {world // ep}{traffic}",
+                f"  rank params {params:,}"]
+
+    def all_to_all_bytes_per_step(self) -> int:
+        """Bytes this rank sends through expert all-to-all per optimizer step (forward + backward, 3 levels).
+
+        Each pixel token goes to top_k experts; a share (ep-1)/ep of them lives on other ranks, and
+        the rows travel out and back in the forward and again in the backward. Level l has
+        dim * 2**(l-1) channels at crop / 2**(l-1) resolution.
+        """
+        train, model, moe = self.cfg.train, self.cfg.model, self.cfg.model.moe
+        if moe.ep_size == 1:
+            return 0
+        element_bytes = torch.finfo(self.input_dtype).bits // 8
+        total = 0
+        for level in range(3):
+            tokens = train.micro_batch * (train.crop // 2 ** level) ** 2
+            channels = model.dim * 2 ** level
+            total += tokens * moe.top_k * channels * element_bytes
+        remote_share = (moe.ep_size - 1) / moe.ep_size
+        return int(total * remote_share * 4 * train.grad_accum)
+
+    def _speed_settings(self) -> List[str]:
         """Start-up summary lines: precision and speed settings, the backend flags as applied."""
         train = self.cfg.train
         sums = f"gradients summed over micro-batches in {gradient_accumulation_dtype(train)}, over ranks in " \
                f"{gradient_reduction_dtype(train)}"
         compiled = f"True ({train.compile_backend})" if train.compile else "False"
         ema = f"{train.ema_decay}, following {self.ema.follows()}" if self.ema is not None else "off"
+        auto = f" (auto on {self.device.type})" if train.activation_checkpointing == "auto" else ""
         return [f"  precision {train.precision} ({sums}) | ZeRO {train.zero_stage} | activation checkpointing "
-                f"{activation_checkpointing} | channels_last {train.channels_last} | compile {compiled}",
+                f"{self.checkpointing}{auto} | channels_last {train.channels_last} | compile {compiled}",
                 f"  {cuda_flags(self.device)}EMA {ema}",
                 *(f"  note: {note}" for note in precision_notes(train))]
 

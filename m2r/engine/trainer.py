@@ -48,7 +48,7 @@ class Trainer(TrainingRun):
         self.stream = build_train_stream(cfg.data, seed=train.seed, rank=env.rank, world_size=env.world_size,
                                          micro_batch=train.micro_batch, crop=train.crop)
         self.val_batches = build_val_set(cfg.data, train.crop)
-        self._start_engine(self._build_model(train.activation_checkpointing))
+        self._start_engine(self._build_model())
         self._start_ema()
         self.first_val_psnr, self.last_val, self.last_val_step = None, {}, None
         saved_rng = self._resume(self.resume_ref) if self.resume_ref is not None else None
@@ -59,40 +59,16 @@ class Trainer(TrainingRun):
 
     # ----------------------------------------------------------------------------- setup helpers
     def startup_summary(self) -> str:
-        cfg, train, moe = self.cfg, self.cfg.train, self.cfg.model.moe
-        world, ep = self.topology.world_size, moe.ep_size
-        params = sum(p.numel() for p in self.engine.module.parameters())
+        cfg, train = self.cfg, self.cfg.train
+        world = self.topology.world_size
         global_batch = images_per_step(train, world)
         return "\n".join([
-            f"pretrain: {cfg.run.dir} | world size {world} | ep_size {ep} | expert data parallel {world // ep}"
-            f" | launcher {self.launcher}",
+            f"pretrain: {cfg.run.dir} | world size {world} | launcher {self.launcher}",
             f"  batch: micro {train.micro_batch} x accum {train.grad_accum} x {world} ranks = global {global_batch}"
             f" | crop {train.crop} | steps {self.step}->{train.steps} | {self.schedule.describe(train.steps)}",
-            f"  experts: {moe.num_experts} per adapter, {moe.num_experts // ep} per rank, top-{moe.top_k}"
-            + (f" | all-to-all per step ~{self.all_to_all_bytes_per_step() / 2**20:.1f} MiB per rank"
-               if ep > 1 else ""),
-            *self._speed_settings(train.activation_checkpointing),
-            f"  rank params {params:,}",
+            *self._network_lines(),
+            *self._speed_settings(),
         ])
-
-    def all_to_all_bytes_per_step(self) -> int:
-        """Bytes this rank sends through expert all-to-all per optimizer step (forward + backward, 3 levels).
-
-        Each pixel token goes to top_k experts; a share (ep-1)/ep of them lives on other ranks, and
-        the rows travel out and back in the forward and again in the backward. Level l has
-        dim * 2**(l-1) channels at crop / 2**(l-1) resolution.
-        """
-        train, model, moe = self.cfg.train, self.cfg.model, self.cfg.model.moe
-        if moe.ep_size == 1:
-            return 0
-        element_bytes = torch.finfo(self.input_dtype).bits // 8
-        total = 0
-        for level in range(3):
-            tokens = train.micro_batch * (train.crop // 2 ** level) ** 2
-            channels = model.dim * 2 ** level
-            total += tokens * moe.top_k * channels * element_bytes
-        remote_share = (moe.ep_size - 1) / moe.ep_size
-        return int(total * remote_share * 4 * train.grad_accum)
 
     # ----------------------------------------------------------------------------- resume
     def _resume(self, ref: CheckpointRef) -> Optional[Dict[str, Any]]:
