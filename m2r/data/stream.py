@@ -250,12 +250,15 @@ class _WorkerStream(IterableDataset):
 class TrainStream:
     """Iterable of dict(lq, gt uint8 (B,3,H,W), type_id int64 (B,)), endless, resumable."""
 
-    def __init__(self, plan: StreamPlan, loader_processes: int):
+    def __init__(self, plan: StreamPlan, loader_processes: int, pin_memory: bool = False):
         self.plan = plan
         self._run_seed = plan.seed
         self._fresh_from: Optional[int] = None
         # DataLoader processes (0: batches made in this one); plan.workers are the logical streams they serve
         self.loader_processes = loader_processes
+        # page-locked batches: their copy to the GPU is asynchronous (a pageable one blocks the host until the GPU
+        # has run everything queued before it, so the next micro-batch's kernels are not queued meanwhile)
+        self.pin_memory = pin_memory
         self.names = type_names(plan.preset)
         self._batches = 0
         self._cursors: List[Tuple[int, int]] = [(0, 0)] * plan.workers
@@ -267,7 +270,7 @@ class TrainStream:
         dataset = _WorkerStream(self.plan, self._batches, tuple(self._cursors))
         loader = DataLoader(dataset, batch_size=None, num_workers=self.loader_processes,
                             prefetch_factor=4 if self.loader_processes else None, generator=self._loader_generator(),
-                            worker_init_fn=ignore_stop_signals)
+                            worker_init_fn=ignore_stop_signals, pin_memory=self.pin_memory)
         batches = iter(loader)
         try:
             for batch in batches:
@@ -438,9 +441,11 @@ def _checked_shards(cfg) -> Tuple[Tuple[str, ...], Dict[str, int]]:
     return shards, recorded
 
 
-def build_train_stream(cfg, *, seed: int, rank: int, world_size: int, micro_batch: int, crop: int) -> TrainStream:
+def build_train_stream(cfg, *, seed: int, rank: int, world_size: int, micro_batch: int, crop: int,
+                       pin_memory: bool = False) -> TrainStream:
     """The training stream of this rank (see the module docstring). Every rank calls it: rank 0 lists the
-    shards for all (ranks listing a shared folder themselves could draw from different corpora)."""
+    shards for all (ranks listing a shared folder themselves could draw from different corpora). `pin_memory`:
+    batches in page-locked memory, for a CUDA device."""
     check_data_settings(cfg)
     workers = max(1, int(cfg.workers))
     shards: Tuple[str, ...] = ()
@@ -458,7 +463,7 @@ def build_train_stream(cfg, *, seed: int, rank: int, world_size: int, micro_batc
         "batches made in the training process: data.workers=0"
     print0(f"data: {where}, preset {cfg.preset}, {world_size} ranks x {workers} logical stream{'s' * (workers > 1)} "
            f"({makers}), micro batch {micro_batch}, crop {crop}")
-    return TrainStream(plan, loader_processes=loaders)
+    return TrainStream(plan, loader_processes=loaders, pin_memory=pin_memory)
 
 
 def _val_images(cfg, count: int) -> List[Tuple[np.ndarray, Optional[np.ndarray], dict]]:

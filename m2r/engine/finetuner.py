@@ -123,6 +123,7 @@ class Finetuner(TrainingRun):
         # base seed from the global torch RNG, and a resumed run would draw it after restoring that RNG.
         self.loader = DataLoader(self.train_set, batch_size=train.micro_batch, sampler=self.sampler,
                                  num_workers=data.workers, drop_last=True, persistent_workers=False,
+                                 pin_memory=self.device.type == "cuda",   # asynchronous copies to the GPU
                                  generator=torch.Generator(), worker_init_fn=stop_signals.ignore_stop_signals)
         self.steps_per_epoch = optimizer_steps_in(self.sampler, train)
         if self.steps_per_epoch == 0:

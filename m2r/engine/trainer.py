@@ -46,7 +46,8 @@ class Trainer(TrainingRun):
         self.schedule = LRSchedule.of_steps(train)
         # Data first, as finetuning does: a wrong shard path stops the start before the network and engine are built.
         self.stream = build_train_stream(cfg.data, seed=train.seed, rank=env.rank, world_size=env.world_size,
-                                         micro_batch=train.micro_batch, crop=train.crop)
+                                         micro_batch=train.micro_batch, crop=train.crop,
+                                         pin_memory=self.device.type == "cuda")
         self.val_batches = build_val_set(cfg.data, train.crop)
         self._start_engine(self._build_model())
         self._start_ema()
