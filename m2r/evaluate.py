@@ -24,8 +24,8 @@ Images of any size: reflect-padded to a multiple of 8 and cropped back, or tiled
 metrics.jsonl) from a checkpoint: a run directory (its newest checkpoint), a checkpoint directory or
 one tag directory. The run's config.yaml rebuilds its validation set (the same images, crops and
 degradation seeds), and the run's weights choice and precision apply (EMA when train.ema_decay > 0,
-cast to train.precision): see m2r/eval/pretrain_validation.py. It prints the metrics beside the run's
-record of that step and writes <out>/results.json.
+cast to train.precision as the DeepSpeed engine held them): see m2r/eval/pretrain_validation.py. It
+prints the metrics beside the run's record of that step and writes <out>/results.json.
 """
 from __future__ import annotations
 

@@ -174,9 +174,11 @@ def test_evaluate_pretrain_val_gives_the_validation_an_fp32_run_logged(parity_ru
 
 
 def test_evaluate_pretrain_val_recomputes_each_checkpoints_step_with_a_bf16_runs_ema(tmp_path):
-    """A run directory names its newest checkpoint, a tag directory an older one; each gives its step's record.
-    bf16 kernels round differently outside the engine (about 1e-4 dB here), while scoring the EMA in fp32 would
-    be 2e-3 dB away and the trained weights in bf16 1e-2 dB."""
+    """A run directory names its newest checkpoint, a tag directory an older one; each gives its step's record,
+    every number of it, though two ranks split the experts and the batches in training and one process holds
+    them all here. Casting the frozen CLIP prior to bf16 with the network (`model.to`, where the engine leaves it
+    fp32) would be 1e-4 dB away (1e-3 dB on a type), scoring the EMA in fp32 2e-3 dB and the trained weights
+    in bf16 1e-2 dB."""
     run = tmp_path / "run"
     pretrain(run, "train.precision=bf16", "train.zero_stage=1", "model.moe.ep_size=2", "train.steps=4",
              "train.warmup_steps=1", "run.val_every=2", "run.save_every=2", "run.image_every=0",
@@ -185,8 +187,9 @@ def test_evaluate_pretrain_val_recomputes_each_checkpoints_step_with_a_bf16_runs
     for weights, step in ((run, 4), (run / "checkpoints" / "step00000002", 2)):
         result = evaluate_pretrain_val(weights, tmp_path / f"val{step}")
         assert (result["step"], result["validated_weights"], result["precision"]) == (step, "ema", "bf16")
-        assert result["val"]["val_psnr"] == pytest.approx(logged[step]["val_psnr"], abs=5e-4)
-        assert result["val"]["val_ssim"] == pytest.approx(logged[step]["val_ssim"], abs=5e-5)
+        assert result["val"].keys() == logged[step].keys() - {"step", "time"}
+        for name, value in result["val"].items():   # float64 sums over the ranks add in another order
+            assert value == pytest.approx(logged[step][name], abs=1e-9), (step, name)
     assert logged[2]["val_psnr"] != pytest.approx(logged[4]["val_psnr"], abs=5e-3)   # the steps are told apart
 
 

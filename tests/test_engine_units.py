@@ -213,6 +213,37 @@ for group in (groups._get_expert_parallel_group("ep_size_1"), groups._get_expert
     assert result.stdout.split() == ["0:03:00"] * 3
 
 
+@pytest.mark.parametrize("casts_whole_module", [False, True])
+def test_a_bf16_engine_runs_the_clip_prior_in_fp32_whatever_deepspeed_casts(repo_root, tmp_path, casts_whole_module):
+    """DeepSpeed 0.19.8 casts the module's parameters, which leaves the prior (outside them) in fp32; earlier
+    releases cast the whole module, which M2Restore._apply extends to the prior (simulated here): training's
+    routing, and what `m2r.evaluate --pretrain-val` recomputes, must not depend on the release."""
+    import subprocess
+    import sys
+
+    code = f"""
+import deepspeed, torch
+from m2r import dist
+from m2r.config import load_config
+from m2r.engine.config import PretrainConfig
+from m2r.engine.trainer import Trainer
+if {casts_whole_module}:
+    initialize = deepspeed.initialize
+    deepspeed.initialize = lambda model, **kwargs: initialize(model=model.bfloat16(), **kwargs)
+trainer = Trainer(load_config(PretrainConfig, "configs/pretrain/tiny-test.yaml",
+                              ["train.precision=bf16", "train.zero_stage=1", "run.dir={tmp_path / 'run'}"]),
+                  dist.discover_dist_env())
+module = trainer.engine.module
+print(module.output.weight.dtype, {{p.dtype for p in module.clip_prior.parameters()}})
+dist.destroy_process_group()
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    result = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True,
+                            timeout=300, env=dict(env, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1] == "torch.bfloat16 {torch.float32}"
+
+
 # ----------------------------------------------------------------------------------- schedule
 
 

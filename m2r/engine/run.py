@@ -248,6 +248,11 @@ class TrainingRun:
             model=model, optimizer=build_optimizer(model, train),
             config=build_deepspeed_config(train, self.topology.world_size), dist_init_required=False)
         skip_the_redundant_overflow_scan(self.engine.optimizer)
+        # The frozen CLIP prior runs in fp32 at every precision (its share of the work is small, and its scores
+        # steer the gates): DeepSpeed 0.19.8 casts the module's parameters alone, which leaves the prior out,
+        # earlier releases cast the whole module, which M2Restore._apply extends to the prior.
+        if model.clip_prior is not None:
+            model.clip_prior.float()
 
     # ----------------------------------------------------------------------------- EMA
     def _start_ema(self) -> None:
