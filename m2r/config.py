@@ -3,7 +3,8 @@
 A config file is YAML checked against an OmegaConf structured schema (dataclasses). A file may
 start from other files with `_base_: [other.yaml, ../model/tiny.yaml@model]`: paths are relative
 to the file, `@section` mounts a file under that key, and later entries override earlier ones (a file
-that several bases start from is merged once, at its first place). A path
+that several bases start from is merged once, at its first place; one a `_base_` list names again after an
+entry that started from it is merged again there, as the list orders it). A path
 that starts with `m2r:` names a config shipped with the package (`m2r:model/m2restore.yaml`, the
 repository's `configs/model/m2restore.yaml`), so a config of your own, anywhere, can start from them;
 `--config m2r:pretrain/demo.yaml` works too.
@@ -90,7 +91,9 @@ def _packaged_hint(path: Path) -> str:
 def _read_yaml(path: Path) -> DictConfig:
     """`path` merged over its `_base_` files. A file that several bases start from (tiny.yaml and
     m2restore-plus.yaml both start from m2restore.yaml) is merged once, at its first place: merged again,
-    it would undo what the files between them set (tiny's sizes, or the plus switches)."""
+    it would undo what the files between them set (tiny's sizes, or the plus switches). A file that a
+    `_base_` list itself names after an entry that started from it (`[m2r:pretrain/demo.yaml,
+    m2r:model/m2restore.yaml@model]`: the demo's settings, the full network) is merged again there."""
     merged = OmegaConf.create({})
     for layer in _layers(path, (), "", (), set()):
         merged = OmegaConf.merge(merged, layer)
@@ -104,12 +107,16 @@ def _layers(path: Path, seen: tuple, named_by: str, section: tuple, merged_once:
     if (path.resolve(), section) in merged_once:
         return []
     merged_once.add((path.resolve(), section))
-    layers = []
+    layers, merged_by_earlier_entries = [], set()
     for entry in bases:
         file_part, _, mount = str(entry).partition("@")
-        layers += _layers(config_path(file_part, path.parent), seen + (path.resolve(),),
-                          f"{BASE_KEY} entry '{file_part}' of {path}", section + ((mount,) if mount else ()),
-                          merged_once)
+        base, base_section = config_path(file_part, path.parent), section + ((mount,) if mount else ())
+        # Named again after an entry of this list that merged it: the list's order says it comes after that one.
+        merged_before = set(merged_once)
+        relisted = (base.resolve(), base_section) in merged_by_earlier_entries
+        layers += _layers(base, seen + (path.resolve(),), f"{BASE_KEY} entry '{file_part}' of {path}", base_section,
+                          set() if relisted else merged_once)
+        merged_by_earlier_entries |= merged_once - merged_before
     for key in reversed(section):
         node = OmegaConf.create({key: node})
     return layers + [node]

@@ -2,6 +2,7 @@
 from dataclasses import dataclass, field
 
 import pytest
+from omegaconf import OmegaConf
 
 from m2r.config import ConfigError, load_config, save_config
 from m2r.models.config import ModelConfig
@@ -174,6 +175,30 @@ def test_a_file_two_bases_start_from_is_merged_once_so_neither_base_is_undone(tm
     model = cfg.model
     assert (model.dim, model.clip.kind, model.moe.num_experts) == (8, "tiny", 8)
     assert (model.input_range, model.moe.combine, model.mamba.scan) == ("zero_one", "linear", "bidirectional")
+
+
+def test_a_base_a_list_names_again_after_an_entry_that_started_from_it_is_merged_again_there(tmp_path):
+    """The demo's settings with the full network: m2restore.yaml comes after the demo (whose tiny.yaml starts from
+    it), so it undoes tiny's sizes, as the list orders it; likewise a file listed twice on purpose."""
+    from m2r.config import read_merged_yaml
+    from m2r.engine.config import PretrainConfig
+
+    cfg = load_config(PretrainConfig, write(tmp_path / "demo-full.yaml",
+                                            "_base_: [m2r:pretrain/demo.yaml, m2r:model/m2restore.yaml@model]\n"))
+    assert (cfg.model.dim, cfg.model.clip.kind, cfg.data.preset) == (48, "daclip", "five-task")
+    write(tmp_path / "a.yaml", "train: {lr: 1.0}\n")
+    write(tmp_path / "b.yaml", "train: {lr: 2.0}\n")
+    assert read_merged_yaml(write(tmp_path / "aba.yaml", "_base_: [a.yaml, b.yaml, a.yaml]\n")).train.lr == 1.0
+
+
+def test_a_file_mounted_at_two_sections_fills_both_and_nested_mounts_nest_in_order(tmp_path):
+    from m2r.config import read_merged_yaml
+
+    write(tmp_path / "inner.yaml", "value: 1\n")
+    write(tmp_path / "common.yaml", "_base_: [inner.yaml@deep]\nown: 2\n")
+    merged = read_merged_yaml(write(tmp_path / "top.yaml", "_base_: [common.yaml@x, common.yaml@y]\n"))
+    assert OmegaConf.to_container(merged) == {"x": {"deep": {"value": 1}, "own": 2},
+                                              "y": {"deep": {"value": 1}, "own": 2}}
 
 
 def test_the_last_of_repeated_overrides_wins():

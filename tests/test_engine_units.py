@@ -725,3 +725,33 @@ def test_a_resumed_pretraining_redoes_the_validation_and_grid_a_stop_signal_skip
     stub._validation_due = lambda: Trainer._validation_due(stub)
     assert Trainer._start_of_run_work(stub) == (step > 0 and "validate" in expected)
     assert done == expected
+
+
+def test_trainable_weights_load_whole_or_not_at_all_naming_what_the_source_lacks():
+    """A state missing a trainable weight stops before any weight is set (not a bare KeyError half-way);
+    frozen weights need not be in it (an EMA holds none)."""
+    from m2r.engine.optim import load_trainable_weights
+
+    module = torch.nn.Linear(3, 2)
+    module.bias.requires_grad_(False)
+    engine = SimpleNamespace(module=module, optimizer=SimpleNamespace())
+    with pytest.raises(KeyError, match=r"the EMA of ckpt lacks 1 trainable weights, e\.g\. \['weight'\]"):
+        load_trainable_weights(engine, {"bias": torch.zeros(2)}, "the EMA of ckpt")
+    bias = module.bias.detach().clone()
+    load_trainable_weights(engine, {"weight": torch.ones(2, 3)}, "the EMA of ckpt")
+    assert torch.equal(module.weight, torch.ones(2, 3)) and torch.equal(module.bias, bias)
+
+
+def test_a_resumed_fp16_run_reports_only_the_steps_skipped_since_it_started(repo_root, tmp_path):
+    """An exact resume brings back DeepSpeed's count of skipped steps (5 here): the first log step after it
+    reports the 1 skipped since, not 6."""
+    from m2r.engine.checkpoint import Topology
+    from m2r.engine.run import TrainingRun
+
+    cfg = tiny_config(repo_root, f"run.dir={tmp_path}", "run.tensorboard=false", "train.precision=fp16")
+    engine = SimpleNamespace(skipped_steps=5, optimizer=SimpleNamespace(loss_scale=2.0**15))
+    stub = SimpleNamespace(cfg=cfg, run_dir=tmp_path, step=6, topology=Topology(1, 1, "fp16", 1), engine=engine)
+    TrainingRun._open_monitor(stub, total_steps=10)
+    stub.monitor.close()
+    engine.skipped_steps = 6
+    assert TrainingRun._loss_scaling(stub) == {"loss_scale": 2.0**15, "skipped_steps": 1}

@@ -389,3 +389,22 @@ def test_pretrain_val_refuses_exported_weights_and_finetuning_checkpoints(tmp_pa
     with pytest.raises(ConfigError, match=f"{tag} is a finetune checkpoint; --pretrain-val recomputes a "
                                           "pretraining run's validation"):
         pretraining_checkpoint(str(tmp_path / "run"))
+
+
+def test_pretrain_val_compares_with_the_validation_record_of_the_checkpoints_step(tmp_path):
+    """The step's val_* record, not the step's other records (loss, expert load); none when the step has no
+    validation, or when the checkpoint directory is not a run's `checkpoints/` (its metrics.jsonl is not beside it)."""
+    import json
+
+    from m2r.engine.checkpoint import CheckpointRef
+    from m2r.eval.pretrain_validation import logged_validation
+
+    records = [{"step": 4, "loss": 0.5}, {"step": 4, "val_psnr": 20.0, "val_ssim": 0.5},
+               {"step": 4, "moe/level1/max_load": 0.5}, {"step": 6, "loss": 0.4}]
+    for run in ("run", "elsewhere"):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    checkpoints = CheckpointRef(tmp_path / "run" / "checkpoints", "step00000004")
+    assert logged_validation(checkpoints, 4) == {"val_psnr": 20.0, "val_ssim": 0.5}
+    assert logged_validation(checkpoints, 6) is None
+    assert logged_validation(CheckpointRef(tmp_path / "elsewhere" / "ckpts", "step00000004"), 4) is None

@@ -258,11 +258,11 @@ def test_training_inputs_shorter_than_the_crop_are_counted_in_a_warning(tmp_path
     train on blurred copies without a word."""
     from m2r.eval.datasets import train_pairs
 
-    for name, size in (("a", 64), ("b", 32), ("c", 48)):
-        _png(tmp_path / f"input/{name}.png", 0, (size, size))
-        _png(tmp_path / f"gt/{name}.png", 1, (size, size))
+    for name, (height, width) in (("a", (64, 64)), ("b", (32, 32)), ("c", (48, 48)), ("d", (40, 96))):
+        _png(tmp_path / f"input/{name}.png", 0, (height, width))   # d: only its height is short of 48
+        _png(tmp_path / f"gt/{name}.png", 1, (height, width))
     train_pairs("folder", str(tmp_path), crop=48)
-    assert "WARNING: 1 of 3 training inputs have a side shorter than train.crop=48 (first: " \
+    assert "WARNING: 2 of 4 training inputs have a side shorter than train.crop=48 (first: " \
            f"{tmp_path / 'input/b.png'}, 32x32)" in capsys.readouterr().out
     train_pairs("folder", str(tmp_path), crop=32)
     assert "WARNING" not in capsys.readouterr().out

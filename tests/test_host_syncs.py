@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -65,32 +67,6 @@ def test_bf16_steps_leave_deepspeeds_gradient_scan_to_its_grad_norm_check(repo_r
     assert any("is_invalid_grad_norm" in site for site in sites)   # the check that skips a non-finite step
 
 
-def test_a_bf16_step_with_a_non_finite_gradient_is_still_skipped(repo_root, tmp_path):
-    code = f"""
-import torch
-from m2r import dist
-from m2r.config import load_config
-from m2r.engine.config import PretrainConfig
-from m2r.engine.monitor import StepTimer
-from m2r.engine.trainer import Trainer
-trainer = Trainer(load_config(PretrainConfig, "configs/pretrain/tiny-test.yaml",
-                              ["train.precision=bf16", "train.zero_stage=1", "run.dir={tmp_path / 'run'}"]),
-                  dist.discover_dist_env())
-module = trainer.engine.module
-module.output.weight.register_hook(lambda grad: grad * float("nan"))
-before = {{name: p.detach().clone() for name, p in module.named_parameters()}}
-trainer.train_step(StepTimer())
-unchanged = all(torch.equal(before[name], p) for name, p in module.named_parameters())
-print("skipped", unchanged, trainer.engine.skipped_steps, trainer.engine.get_global_grad_norm())
-dist.destroy_process_group()
-"""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
-    result = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True,
-                            timeout=300, env=dict(env, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "skipped True 1 inf" in result.stdout
-
-
 @pytest.mark.parametrize("call", [lambda t: t.sum().item(), lambda t: bool(t.max() > 0), lambda t: t[t > 0],
                                   lambda t: t.tolist(), lambda t: torch.nonzero(t)])
 def test_the_counter_sees_what_would_wait_for_a_gpu(repo_root, call):
@@ -120,3 +96,91 @@ def test_a_sparse_adapter_waits_for_the_host_only_to_split_its_rows(repo_root, c
         (y.square().mean() + balance_loss).backward()
         counter.counting = False
     assert (forward, sum(counter.syncs.values()) - forward) == (forward_syncs, 0), counter.syncs
+
+
+# Run on each rank by torchrun: one step whose gradients are poisoned on rank 1 only (expert weights, which no
+# all-reduce shares with rank 0 at ep_size 2 of 2 ranks), then a clean step; prints what each rank saw.
+NON_FINITE_STEP = """
+import json, sys
+import torch
+from m2r import dist
+from m2r.config import load_config
+from m2r.engine.config import PretrainConfig
+from m2r.engine.experts import EXPERT_INFIX
+from m2r.engine.monitor import StepTimer
+from m2r.engine.trainer import Trainer
+
+poison = float(sys.argv[1])
+cfg = load_config(PretrainConfig, "configs/pretrain/tiny-test.yaml", sys.argv[2:])
+trainer = Trainer(cfg, dist.discover_dist_env())
+engine = trainer.engine
+params = dict(engine.module.named_parameters())
+hooks = [param.register_hook(lambda grad: torch.full_like(grad, poison))
+         for name, param in params.items() if EXPERT_INFIX in name and dist.rank() == 1]
+
+def snapshot():
+    masters = [p._hp_mapping.hp_fragment.detach().clone() for p in params.values() if getattr(p, "_hp_mapping", None)]
+    return [p.detach().clone() for p in params.values()] + masters
+
+before = snapshot()
+trainer.train_step(StepTimer())
+after_poisoned = snapshot()
+for hook in hooks:
+    hook.remove()
+skipped, grad_norm = engine.skipped_steps, engine.get_global_grad_norm()
+trainer.train_step(StepTimer())
+after_clean = snapshot()
+print("RESULT " + json.dumps({
+    "rank": dist.rank(), "scan_skipped": "check_overflow" in vars(engine.optimizer), "hooks": len(hooks),
+    "poisoned_step_unchanged": all(torch.equal(a, b) for a, b in zip(before, after_poisoned)),
+    "skipped": skipped, "grad_norm": float(grad_norm),
+    "clean_step_applied": not all(torch.equal(a, b) for a, b in zip(after_poisoned, after_clean)),
+    "skipped_after_clean": engine.skipped_steps}), flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("zero_stage, poison, grad_clip", [(1, "nan", 1.0), (2, "inf", 0.0)])
+def test_a_bf16_step_with_a_non_finite_gradient_on_one_rank_is_skipped_on_every_rank(tmp_path, zero_stage, poison,
+                                                                                     grad_clip):
+    """Without DeepSpeed's gradient scan, the grad-norm check alone must skip the step, on both ranks alike (an
+    expert gradient of rank 1 reaches rank 0 only through the norm's all-reduce), at ZeRO 1 and 2, with and without
+    clipping, for inf and NaN; the next, finite step is applied."""
+    from test_engine_dist import REPO, run_launch, torchrun_command
+
+    script = tmp_path / "non_finite_step.py"
+    script.write_text(NON_FINITE_STEP)
+    out = run_launch(torchrun_command(2, str(script), poison, "train.precision=bf16", f"train.zero_stage={zero_stage}",
+                                      f"train.grad_clip={grad_clip}", "model.moe.ep_size=2", "run.tensorboard=false",
+                                      f"run.dir={tmp_path / 'run'}"))
+    results = sorted((json.loads(line.split("RESULT ", 1)[1]) for line in out.splitlines() if "RESULT " in line),
+                     key=lambda result: result["rank"])
+    assert [result["rank"] for result in results] == [0, 1], out[-2000:]
+    assert results[1]["hooks"] > 0
+    for result in results:
+        assert result["scan_skipped"], result   # the path under test: DeepSpeed's own scan is off
+        assert result["poisoned_step_unchanged"] and result["skipped"] == 1 and result["grad_norm"] == float("inf")
+        assert result["clean_step_applied"] and result["skipped_after_clean"] == 1, result
+
+
+BF16_ZERO_OPTIMIZER = dict(dtype=torch.bfloat16, check_grad_overflow=True, compute_grad_norm=True, cpu_offload=False)
+
+
+@pytest.mark.parametrize("settings, version, skipped", [
+    ({}, "0.19.8", True),
+    ({}, "0.19.7", False),   # not seen to skip a step on an invalid grad norm: the scan is its only guard
+    ({"dtype": torch.float16}, "0.19.8", False), ({"cpu_offload": True}, "0.19.8", False),
+    ({"check_grad_overflow": False}, "0.19.8", False), ({"compute_grad_norm": False}, "0.19.8", False)])
+def test_only_a_bf16_zero_step_whose_grad_norm_check_skips_a_non_finite_step_loses_the_scan(monkeypatch, settings,
+                                                                                               version, skipped):
+    import deepspeed
+
+    from m2r.engine.run import skip_the_redundant_overflow_scan
+
+    monkeypatch.setattr(deepspeed, "__version__", version)
+    def scan(partition_gradients=True):   # DeepSpeed's check_overflow, as the optimizer holds it
+        return None
+
+    optimizer = SimpleNamespace(**{**BF16_ZERO_OPTIMIZER, **settings}, check_overflow=scan)
+    assert skip_the_redundant_overflow_scan(optimizer) == skipped
+    assert (optimizer.check_overflow is not scan) == skipped

@@ -5,7 +5,7 @@ from typing import Dict, List, Optional
 from m2r.config import choice, require
 
 SOURCES = ("builtin", "shards")
-PRESET_NAMES = ("cdd11", "allweather", "five-task")   # the keys of m2r.data.presets.PRESETS (a test checks)
+PRESET_NAMES = ("cdd11", "allweather", "five-task")   # the keys of m2r.data.presets.PRESETS (checked at its import)
 
 
 @dataclass

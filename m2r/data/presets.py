@@ -51,7 +51,7 @@ PRESETS: Dict[str, Tuple[DegradationType, ...]] = {
 
 if tuple(PRESETS) != PRESET_NAMES:   # the shard builder takes any of PRESETS, training only the config's choices
     raise ImportError(f"m2r/data/config.py's PRESET_NAMES {PRESET_NAMES} (data.preset's choices) must list the "
-                      f"presets of m2r/data/presets.py: {tuple(PRESETS)}")
+                      f"presets of m2r/data/presets.py, in their order (the first is the default): {tuple(PRESETS)}")
 
 
 def preset_types(preset: str) -> Tuple[DegradationType, ...]:

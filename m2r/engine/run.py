@@ -105,15 +105,25 @@ def cuda_flags(device: torch.device) -> str:
     return f"cudnn_benchmark {backends.cudnn.benchmark} | tf32_matmul {backends.cuda.matmul.allow_tf32} | "
 
 
+# The DeepSpeed release whose bf16 ZeRO step was read to skip a step on an invalid grad norm (0.19.8); older 0.19
+# ones may clip with the norm's -1 sentinel and step on NaN gradients instead.
+NORM_CHECKED_SINCE = "0.19.8"
+
+
 def skip_the_redundant_overflow_scan(zero_optimizer) -> bool:
     """Under bf16, DeepSpeed's ZeRO 1/2 optimizer scans every gradient for inf/NaN before each step (13 small
     kernels per parameter tensor, about 11,000 for M2Restore's 845, an all-reduce, then a host sync), and then
     checks the global grad norm, which is invalid whenever a gradient is (its -1 sentinel for inf/NaN): the scan
     only costs time. Without it a step with a non-finite gradient is still skipped, by that norm check, which
-    `check_grad_overflow` keeps on (tests/test_host_syncs.py). Returns whether the scan is skipped."""
+    `check_grad_overflow` keeps on (tests/test_host_syncs.py), in the DeepSpeed releases seen to have that check
+    (`NORM_CHECKED_SINCE`; pyproject.toml lets an older 0.19 in). Returns whether the scan is skipped."""
+    import deepspeed
+    from packaging.version import Version
+
     settings = ("dtype", "check_grad_overflow", "compute_grad_norm", "cpu_offload", "check_overflow")
     dtype, check, norm, offload, scan = (getattr(zero_optimizer, name, None) for name in settings)
-    redundant = dtype == torch.bfloat16 and check is True and norm is True and offload is False and callable(scan)
+    redundant = dtype == torch.bfloat16 and check is True and norm is True and offload is False and callable(scan) \
+        and Version(deepspeed.__version__) >= Version(NORM_CHECKED_SINCE)
     if redundant:   # step() sets `overflow = False` before it calls check_overflow
         zero_optimizer.check_overflow = lambda partition_gradients=True: None
     return redundant
