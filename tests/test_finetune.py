@@ -776,19 +776,26 @@ def test_every_rank_loads_init_weights_as_rank_0_sees_them(monkeypatch, tmp_path
         self.cfg, self.resume_ref, self.total_steps = cfg, None, 1
     monkeypatch.setattr(run.TrainingRun, "__init__", start)
     monkeypatch.setattr(finetuner.dist, "on_rank0", lambda work: "dir")   # rank 0's answer, broadcast
-    for name in ("_build_data", "_start_engine", "_start_ema", "_seed_rng", "_count_steps_to_the_end",
-                 "_open_monitor"):
+    for name in ("_build_data", "_start_ema", "_seed_rng", "_count_steps_to_the_end", "_open_monitor"):
         monkeypatch.setattr(Finetuner, name, lambda self, *args: None)
     monkeypatch.setattr(Finetuner, "_build_model", lambda self: "model")
     monkeypatch.setattr(Finetuner, "_load_init_weights", lambda self, model: calls.append("file"))
-    monkeypatch.setattr(Finetuner, "_load_pretraining_checkpoint", lambda self, path: calls.append(("dir", path)))
+
+    def check(self, path):
+        calls.append(("checked", path))
+        return "ref", True
+
+    monkeypatch.setattr(Finetuner, "_checked_init_checkpoint", check)
+    monkeypatch.setattr(Finetuner, "_start_engine", lambda self, model: calls.append("engine"))
+    monkeypatch.setattr(Finetuner, "_load_pretraining_checkpoint", lambda self, *ref: calls.append(("dir", ref)))
     monkeypatch.setattr(Finetuner, "startup_summary", lambda self: "")
     Finetuner(SimpleNamespace(init=SimpleNamespace(weights=str(weights))), env=None)
-    assert calls == [("dir", str(weights))]
+    # checked (network, EMA) before the engine is built, loaded into it after
+    assert calls == [("checked", str(weights)), "engine", ("dir", ("ref", True))]
 
 
 def load_pretraining_checkpoint(monkeypatch, has_ema: bool, use_ema: bool, loaded: list):
-    """Finetuner._load_pretraining_checkpoint of a checkpoint with or without an EMA; `loaded` gets what it loads."""
+    """Finetuner's check and load of a pretraining checkpoint with or without an EMA; `loaded` gets what it loads."""
     from m2r.engine import finetuner
     from m2r.engine.checkpoint import Topology
 
@@ -800,7 +807,7 @@ def load_pretraining_checkpoint(monkeypatch, has_ema: bool, use_ema: bool, loade
     monkeypatch.setattr(finetuner, "load_trainable_weights", lambda engine, state, source: loaded.append(state["w"]))
     stub = SimpleNamespace(engine=None, cfg=SimpleNamespace(init=SimpleNamespace(use_ema=use_ema)),
                            _require_init_network=lambda saved, source: None)
-    Finetuner._load_pretraining_checkpoint(stub, "runs/p/checkpoints")
+    Finetuner._load_pretraining_checkpoint(stub, *Finetuner._checked_init_checkpoint(stub, "runs/p/checkpoints"))
 
 
 @pytest.mark.parametrize("ema", [True, False])

@@ -146,7 +146,7 @@ def test_a_bf16_step_with_a_non_finite_gradient_on_one_rank_is_skipped_on_every_
     """Without DeepSpeed's gradient scan, the grad-norm check alone must skip the step, on both ranks alike (an
     expert gradient of rank 1 reaches rank 0 only through the norm's all-reduce), at ZeRO 1 and 2, with and without
     clipping, for inf and NaN; the next, finite step is applied."""
-    from test_engine_dist import REPO, run_launch, torchrun_command
+    from test_engine_dist import run_launch, torchrun_command
 
     script = tmp_path / "non_finite_step.py"
     script.write_text(NON_FINITE_STEP)

@@ -11,7 +11,7 @@ import itertools
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
@@ -93,10 +93,12 @@ class Finetuner(TrainingRun):
             self._load_init_weights(model)
         elif init_kind is None and self.resume_ref is None:
             dist.print0("init: no init.weights: the network starts from random weights")
+        # checked before the engine is built: a refusal then costs no minutes of engine start at 64 GPUs
+        init_checkpoint = self._checked_init_checkpoint(cfg.init.weights) if init_kind == "dir" else None
         self._start_engine(model)
         self.epoch, self.samples_into_epoch, self.best, self.steps_this_run = 0, 0, {}, 0
-        if init_kind == "dir":
-            self._load_pretraining_checkpoint(cfg.init.weights)
+        if init_checkpoint is not None:
+            self._load_pretraining_checkpoint(*init_checkpoint)
         self._start_ema()   # from the initial weights; a resume replaces it with the saved one
         saved_rng = self._resume(self.resume_ref) if self.resume_ref is not None else None
         self._seed_rng(saved_rng)
@@ -186,16 +188,21 @@ class Finetuner(TrainingRun):
             dist.print0(f"init: official checkpoint {path} converted ({len(dropped)} DA-CLIP/buffer keys dropped)")
         dist.print0(f"init: weights from {path}")
 
-    def _load_pretraining_checkpoint(self, directory: str) -> None:
-        """A pretraining checkpoint's weights into the engine (any topology: experts by global id), the trained ones
-        or, with init.use_ema, its EMA."""
+    def _checked_init_checkpoint(self, directory: str) -> Tuple[CheckpointRef, bool]:
+        """(the pretraining checkpoint init.weights names, whether it holds an EMA), its network checked against
+        this one's and, with init.use_ema, its EMA required; rank 0's reads decide for every rank."""
         ref = dist.on_rank0(lambda: checkpoint_at(directory, "init.weights"))
         self._require_init_network(ref.saved_model_config(), str(ref.path))
-        has_ema = dist.on_rank0(lambda: bool(ref.meta().get("ema")))   # rank 0's read decides for every rank
-        use_ema = self.cfg.init.use_ema
-        if use_ema and not has_ema:
+        has_ema = dist.on_rank0(lambda: bool(ref.meta().get("ema")))
+        if self.cfg.init.use_ema and not has_ema:
             raise config_error("init.use_ema", f"{ref.path} (init.weights) holds no EMA weights: its run had "
                                "train.ema_decay=0; set init.use_ema=false to start from its trained weights")
+        return ref, has_ema
+
+    def _load_pretraining_checkpoint(self, ref: CheckpointRef, has_ema: bool) -> None:
+        """A pretraining checkpoint's weights into the engine (any topology: experts by global id), the trained ones
+        or, with init.use_ema, its EMA."""
+        use_ema = self.cfg.init.use_ema
         load_weights_only(self.engine, ref)
         saved = f"saved with {ref.topology().describe()}; optimizer fresh"
         if use_ema:
