@@ -25,7 +25,8 @@ metrics.jsonl) from a checkpoint: a run directory (its newest checkpoint), a che
 one tag directory. The run's config.yaml rebuilds its validation set (the same images, crops and
 degradation seeds), and the run's weights choice and precision apply (EMA when train.ema_decay > 0,
 cast to train.precision as the DeepSpeed engine held them): see m2r/eval/pretrain_validation.py. It
-prints the metrics beside the run's record of that step and writes <out>/results.json.
+prints the metrics beside the run's record of that step and writes <out>/results.json. Its `--set` takes
+the network's keys and the run's `data.` keys (data.val_shards=<where they are now>).
 """
 from __future__ import annotations
 

@@ -408,3 +408,28 @@ def test_pretrain_val_compares_with_the_validation_record_of_the_checkpoints_ste
     assert logged_validation(checkpoints, 4) == {"val_psnr": 20.0, "val_ssim": 0.5}
     assert logged_validation(checkpoints, 6) is None
     assert logged_validation(CheckpointRef(tmp_path / "elsewhere" / "ckpts", "step00000004"), 4) is None
+
+
+def test_pretrain_val_takes_data_keys_for_the_runs_config_and_the_others_for_the_network(monkeypatch, tmp_path):
+    """A run copied to another cluster: `--set data.val_shards=<where they are now>` moves its validation set,
+    `--set clip.weights=...` the network's CLIP file (the network's config has no data section)."""
+    from m2r.engine.checkpoint import CheckpointRef
+    from m2r.eval import loading, pretrain_validation
+
+    tag = tmp_path / "run" / "checkpoints" / "step00000004"
+    tag.mkdir(parents=True)
+    (tag / "config.yaml").write_text("data: {val_shards: /old/cluster/val}\ntrain: {precision: fp32}\n")
+    seen = {}
+
+    def load_model(weights, device, overrides, use_ema):
+        seen["network"] = overrides
+        raise RuntimeError("stop after the loads")
+
+    monkeypatch.setattr(loading, "load_inference_model", load_model)
+    monkeypatch.setattr(pretrain_validation, "load_config", lambda schema, path, overrides: seen.setdefault(
+        "config", load_config(schema, path, overrides)))
+    with pytest.raises(RuntimeError, match="stop after the loads"):
+        pretrain_validation.recompute_validation(CheckpointRef(tag.parent, tag.name), torch.device("cpu"),
+                                                 ["data.val_shards=/new/val", "clip.weights=/new/daclip.pt"])
+    assert seen["config"].data.val_shards == "/new/val"
+    assert seen["network"] == ["clip.weights=/new/daclip.pt"]
