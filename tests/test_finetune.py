@@ -595,7 +595,7 @@ def test_the_finetune_cosine_ends_at_schedule_epochs_and_warms_up_over_warmup_ep
     root = build_allweather(tmp_path / "aw", size=(40, 48), train=8)
     cfg = load_config(FinetuneConfig, REPO / "configs/finetune/tiny-test.yaml",
                       [f"data.root={root}", "train.epochs=4", "train.schedule_epochs=2", "train.warmup_epochs=1"])
-    stub = SimpleNamespace(cfg=cfg)
+    stub = SimpleNamespace(cfg=cfg, device=torch.device("cpu"))
     stub._val_batches = lambda sets: []
     Finetuner._build_data(stub, dist.DistEnv(0, 1, 0, "none"))
     assert stub.steps_per_epoch == 4 and stub.total_steps == 16
