@@ -5,6 +5,8 @@
 #   bash bench/gpu_checks.sh bench   # train_speed: every variant, the loss trajectory, the profile (<= 7.5 min; compiles)
 #   bash bench/gpu_checks.sh tests   # every GPU-marked test, then train_speed's scan, evaluation and largest crop
 #                                    # parts (<= 5 min: give it what device time is left)
+#   bash bench/gpu_checks.sh engine  # engine_speed: the pretraining step through m2r's engine (DeepSpeed ZeRO,
+#                                    # data stream, EMA, report) for the official recipe and the fast rows (<= 3 min)
 #   bash bench/gpu_checks.sh extra   # block and activation-memory benchmarks (<= 3 min), if time is left
 # Results under $OUT (default /tmp/m2r-gpu), at most 8 files per part. Every benchmark writes its JSON
 # after each measurement, so a timeout keeps what was measured. bench/scan_speed.py alone also gives
@@ -13,7 +15,10 @@
 set -u
 cd "$(dirname "$0")/.."   # .gpu_wheels and bench/ are relative to the repository root
 PART=${1:-bench}
-case "$PART" in bench|tests|extra) ;; *) echo "usage: bash bench/gpu_checks.sh bench|tests|extra" >&2; exit 2 ;; esac
+case "$PART" in
+  bench|tests|engine|extra) ;;
+  *) echo "usage: bash bench/gpu_checks.sh bench|tests|engine|extra" >&2; exit 2 ;;
+esac
 OUT=${OUT:-/tmp/m2r-gpu}
 mkdir -p "$OUT"
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -61,6 +66,21 @@ tests)
   timeout -k 10 "${REST_TIMEOUT:-75}" python3 bench/train_speed.py --only scan,eval,crop \
       --json "$OUT/train_speed_rest.json" > "$OUT/train_speed_rest.txt" 2>&1
   echo "train_speed exit $?" >> "$OUT/train_speed_rest.txt"
+  ;;
+engine)
+  # One process per row, most wanted first: the official recipe through the engine, bf16 ZeRO 2 + channels_last
+  # eagerly (each estimated under 40 s: start-up, then 5 steps of 4 images at the 2026-11-26 step times), then
+  # the same compiled, whose compile may need more than is left; a timeout keeps the rows done.
+  # Rows are compared with train_speed's figures for the same variant where this call's $OUT holds them (else
+  # with the official 8.54 img/s; `engine_speed.py --table engine_speed.json --reference ...` compares later).
+  references=()
+  for json in "$OUT"/train_speed.json "$OUT"/train_speed_more.json; do
+    [ -f "$json" ] && references+=(--reference "$json")
+  done
+  timeout -k 10 "${ENGINE_TIMEOUT:-130}" python3 bench/engine_speed.py \
+      --variants fp32-eager,bf16-eager,bf16-compiled --steps 4 --warmup 1 ${references[@]+"${references[@]}"} \
+      --json "$OUT/engine_speed.json" > "$OUT/engine_speed.txt" 2>&1
+  echo "engine_speed exit $?" >> "$OUT/engine_speed.txt"
   ;;
 extra)
   timeout -k 10 120 python3 bench/block_speed.py --json "$OUT/block_speed.json" > "$OUT/block_speed.txt" 2>&1

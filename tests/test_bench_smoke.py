@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 
 def strict_json(path):
     """JSON as strict readers (jq, browsers) take it: NaN and Infinity are not JSON."""
@@ -195,3 +197,72 @@ def test_largest_crop_answers_for_an_80_gb_gpu_on_a_larger_one(repo_root, monkey
     assert abs(result["predicted_by_memory"] - math.sqrt((result["budget_gb"] - 4) / 80e-6)) < 8
     assert result["predicted_by_memory"] < 1024
     assert tried == [224, 320, 768, result["predicted_by_memory"]]
+
+
+def _engine_speed(repo_root, monkeypatch):
+    monkeypatch.syspath_prepend(f"{repo_root}/bench")   # it imports train_speed from beside it
+    spec = importlib.util.spec_from_file_location("engine_speed", f"{repo_root}/bench/engine_speed.py")
+    engine_speed = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "engine_speed", engine_speed)
+    spec.loader.exec_module(engine_speed)
+    return engine_speed
+
+
+def test_engine_speed_smoke_times_the_pretraining_step_per_row(tmp_path, repo_root):
+    """Each row trains through the Trainer (ZeRO 1 fp32; ZeRO 2 bf16 channels_last compiled) and is compared with
+    its variant's plain-torch figure when the reference has it, else with the official recipe's."""
+    out, reference = tmp_path / "engine.json", tmp_path / "train_speed.json"
+    reference.write_text(json.dumps({"train/tiny fp32": {"img_per_s": 4.0},
+                                     "train/tiny bf16 + channels_last + compile(eager)": {"error": "failed"}}))
+    result = subprocess.run([sys.executable, "bench/engine_speed.py", "--smoke", "--json", str(out), "--reference",
+                             str(reference)], cwd=repo_root, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = strict_json(out)["rows"]
+    fp32, bf16 = rows["tiny-fp32"], rows["tiny-bf16-compiled"]
+    assert (fp32["precision"], fp32["zero_stage"], bf16["precision"], bf16["zero_stage"]) == ("fp32", 1, "bf16", 2)
+    for row in (fp32, bf16):
+        assert row["ms_per_step"] > 0 and 0 <= row["data_wait_share"] < 1 and row["peak_gb"] is None
+        assert row["img_per_s"] == pytest.approx(row["images_per_step"] / (row["ms_per_step"] / 1e3))
+        assert row["scan_path"] == "torch" and row["x_vs"] == pytest.approx(row["img_per_s"] / row["vs_img_per_s"])
+    assert "train.compile=true" in bf16["overrides"] and "train.channels_last=true" in bf16["overrides"]
+    assert fp32["vs_img_per_s"] == 4.0 and fp32["vs"].startswith("plain PyTorch")
+    assert bf16["vs_img_per_s"] == 8.54 and bf16["vs"].startswith("official")   # its reference row failed
+    assert "| tiny fp32 | fp32, 1 |" in result.stdout
+
+
+def test_engine_speed_tables_earlier_rows_against_a_later_reference(tmp_path, repo_root, monkeypatch, capsys):
+    """The GPU machine's $OUT is per call: rows measured in one call compare with train_speed's from another."""
+    es = _engine_speed(repo_root, monkeypatch)
+    row = {"variant": "faithful fp32 eager (official recipe)", "precision": "fp32", "zero_stage": 1,
+           "images_per_step": 16, "ms_per_step": 2000.0, "img_per_s": 8.0, "peak_gb": 40.0, "data_wait_share": 0.01}
+    measured, reference = tmp_path / "engine.json", tmp_path / "train_speed.json"
+    measured.write_text(json.dumps({"rows": {"fp32-eager": row, "bf16-compiled": {"error": "timeout"}}}))
+    reference.write_text(json.dumps({"train/faithful fp32 eager (official recipe)": {"img_per_s": 6.4}}))
+    es.main(["--table", str(measured), "--reference", str(reference)])
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| faithful")]
+    assert "| 8.00 | 40.00 | 1.0 | 1.25 | plain PyTorch" in line
+
+
+def test_engine_speed_refuses_to_run_on_a_cpu(tmp_path, repo_root):
+    result = subprocess.run([sys.executable, "bench/engine_speed.py", "--variants", "fp32-eager", "--json",
+                             str(tmp_path / "out.json")], cwd=repo_root, capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"))
+    assert result.returncode != 0 and "no CUDA device" in result.stderr
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_every_engine_row_is_a_pretraining_config_m2r_accepts(repo_root, monkeypatch, tmp_path):
+    """The GPU rows' settings, checked here: on the GPU a misspelt key would cost a row of the device window."""
+    from m2r.config import load_config
+    from m2r.engine.config import PretrainConfig, validate_pretrain_config
+
+    es = _engine_speed(repo_root, monkeypatch)
+    for key in es.GPU_ROWS:
+        variant = es.train_speed.variant_named(key, es.train_speed.GPU_VARIANTS)
+        overrides = [*es.BENCH_DATA, f"run.dir={tmp_path}", *es.engine_overrides(variant)]
+        cfg = load_config(PretrainConfig, f"{repo_root}/{es.PRETRAIN_CONFIGS[variant.config]}", overrides)
+        validate_pretrain_config(cfg, 1)
+        assert (cfg.train.precision, cfg.train.zero_stage) == (("bf16", 2) if variant.bf16 else ("fp32", 1))
+        assert cfg.train.compile == bool(variant.compile) and cfg.train.channels_last == variant.channels_last
+        assert cfg.train.activation_checkpointing == variant.checkpointing

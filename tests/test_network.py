@@ -249,6 +249,16 @@ def test_mamba_may_follow_bf16_autocast_with_finite_gradients():
         assert block.ssm(x, clip_embed).dtype == torch.float32
 
 
+def test_mamba_following_autocast_trains_with_deepspeeds_bf16_weights():
+    """The engine's bf16 is bf16 weights without autocast, and the CLIP prompt comes in fp32: a Mamba layer set to
+    follow autocast then computes what the official setting computes (model.mamba.autocast changes nothing there)."""
+    block = MB(16, 8, 2.66, False, d_state=4, follow_autocast=True).to(torch.bfloat16)
+    x, clip_embed = images(2, 16, 8, 8).to(torch.bfloat16), images(2, 8)
+    following = block(x, clip_embed)
+    block.ssm.follow_autocast = False
+    assert following.dtype == torch.bfloat16 and torch.equal(following, block(x, clip_embed))
+
+
 def test_channels_last_gives_the_same_result_with_channels_last_features():
     model = build_model(model_config("tiny")).double().eval()
     lq = images(2, 3, 32, 40).double()

@@ -70,7 +70,8 @@ class MambaLayer(nn.Module):
 
     def forward(self, x, clip_embed):
         if self.follow_autocast:
-            return self.fuse_branches(x, clip_embed)
+            # Outside autocast (DeepSpeed's bf16 weights in training) the fp32 CLIP prompt meets bf16 layers: cast it.
+            return self.fuse_branches(x, clip_embed.to(self.norm.weight.dtype))
         with torch.autocast(device_type=x.device.type, enabled=False):
             dtype = self.norm.weight.dtype
             return self.fuse_branches(x.to(dtype), clip_embed.to(dtype))
