@@ -70,8 +70,8 @@ def parse_args(argv):
     parser.add_argument("--metrics", default=DEFAULT_METRICS, help="comma-separated: rgb, y, official")
     parser.add_argument("--out", required=True, help="directory for results.json, results.md and images/")
     parser.add_argument("--sets", default="",
-                        help="AllWeather test sets or CDD-11 types "
-                             "(default: AllWeather's sets found, CDD-11's 11 types)")
+                        help="AllWeather test sets, CDD-11 types or a folder's set subfolders (default: AllWeather's "
+                             "sets found, CDD-11's 11 types, every set of the folder)")
     parser.add_argument("--limit", type=non_negative_int, default=0, help="first N images per set (0 = all)")
     parser.add_argument("--save-images", action="store_true", help="write restored PNGs to <out>/images/<set>/")
     parser.add_argument("--official-sizes", action="store_true",
@@ -188,9 +188,6 @@ def write_results(records: Sequence[dict], sets: Sequence[str], protocols: Seque
 def listed_sets(args) -> Dict[str, List[Pair]]:
     """The pairs of each set to evaluate (the first --limit of each), their headers checked; --out checked."""
     require_output_folder(args.out)
-    if args.dataset == "folder" and args.sets:
-        raise ConfigError(f"--sets {args.sets}: AllWeather test sets or CDD-11 types; --dataset folder evaluates the "
-                          "one folder --root holds")
     sets = evaluation_sets(args.dataset, args.root, [s for s in args.sets.split(",") if s] or None)
     absent = paper_sets_left_out(args.dataset, list(sets))
     if absent and not args.sets:   # the average would silently leave out a column of the paper's table

@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from conftest import REPO_ROOT
-from finetune_layouts import build_allweather, build_cdd11, export_tiny_model, write_image
+from finetune_layouts import build_allweather, build_cdd11, export_tiny_model, write_image, write_pair
 from m2r import evaluate, restore
 from m2r.config import ConfigError, load_config
-from m2r.eval.datasets import CDD11_TYPES
+from m2r.eval.datasets import CDD11_TYPES, DatasetLayoutError
 from m2r.eval.loading import load_inference_model
 from m2r.models.config import ModelConfig
 from m2r.models.convert import m2r_to_official
@@ -99,9 +99,32 @@ def test_saved_images_of_inputs_sharing_a_stem_keep_both(tmp_path, tiny_weights)
                    "--out", str(out), "--metrics", "rgb", "--save-images"])
     assert json.loads((out / "results.json").read_text())["sets"]["folder"]["count"] == 3
     assert sorted(p.name for p in (out / "images/folder").iterdir()) == ["a.jpg.png", "a.png.png", "b.png"]
-    with pytest.raises(ConfigError, match="--sets outdoor_rain: .*--dataset folder evaluates the one folder"):
+    with pytest.raises(DatasetLayoutError, match=r"sets \['outdoor_rain'\] asked for, but .*pairs is itself one "
+                                                 "folder set"):
         evaluate.main(["--weights", str(tiny_weights), "--dataset", "folder", "--root", str(tmp_path / "pairs"),
                        "--out", str(out), "--sets", "outdoor_rain"])
+
+
+def test_a_folder_of_set_subfolders_is_one_results_column_each_and_sets_chooses_among_them(tmp_path, tiny_weights):
+    """A lab's own test sets (one per camera) in one table; the Average is the mean of the sets' means."""
+    root, out = tmp_path / "cameras", tmp_path / "out"
+    for camera, count in (("cam_b", 1), ("cam_a", 2)):
+        for i in range(count):
+            write_pair(root / camera / "input" / f"{i}.png", root / camera / "gt" / f"{i}.png", (16, 24), i)
+    command = ["--weights", str(tiny_weights), "--dataset", "folder", "--root", str(root), "--out", str(out),
+               "--metrics", "rgb"]
+    evaluate.main(command)
+    results = json.loads((out / "results.json").read_text())
+    assert {name: s["count"] for name, s in results["sets"].items()} == {"cam_a": 2, "cam_b": 1}
+    assert results["average_over"] == ["cam_a", "cam_b"]
+    assert results["average"]["psnr_rgb"] == pytest.approx(
+        (results["sets"]["cam_a"]["psnr_rgb"] + results["sets"]["cam_b"]["psnr_rgb"]) / 2)
+    assert "| Protocol | cam_a | cam_b | Average |" in (out / "results.md").read_text()
+    evaluate.main([*command, "--sets", "cam_b"])
+    assert list(json.loads((out / "results.json").read_text())["sets"]) == ["cam_b"]
+    with pytest.raises(DatasetLayoutError, match=r"folder sets \['cam_c'\] are not under .*cameras: its sets .* are "
+                                                 r"\['cam_a', 'cam_b'\]"):
+        evaluate.main([*command, "--sets", "cam_b,cam_c"])
 
 
 def test_official_sizes_resize_raindrop_and_the_table_says_so(tmp_path, tiny_weights, capsys):

@@ -218,6 +218,59 @@ def test_a_folder_with_its_own_folder_names_is_told_the_names_taken_and_how_to_g
         folder_pairs(tmp_path)
 
 
+def test_a_folder_of_set_subfolders_holds_one_set_per_subfolder_named_after_it(tmp_path):
+    """Per-camera test sets under one root: <root>/<set>/{input,gt}; a subfolder holding neither is no set, a set
+    named like an input folder (data/) is a set all the same, and names choose among the sets in their order."""
+    from m2r.eval.datasets import evaluation_sets, folder_pairs
+
+    for folder in ("night", "day", "data"):
+        _png(tmp_path / folder / "input/a.png", 0)
+        _png(tmp_path / folder / "gt/a.png", 1)
+    _png(tmp_path / "notes/plot.png", 2)
+    sets = folder_pairs(tmp_path)
+    assert list(sets) == ["data", "day", "night"]
+    assert [(p.lq, p.group) for p in sets["night"]] == [(tmp_path / "night/input/a.png", "night")]
+    assert list(evaluation_sets("folder", str(tmp_path), ["night", "day"])) == ["night", "day"]
+    with pytest.raises(DatasetLayoutError, match=r"folder sets \['fog'\] are not under .*: its sets \(subfolders "
+                                                 r"holding an input or target folder, input/.*\) are "
+                                                 r"\['data', 'day', 'night'\]"):
+        folder_pairs(tmp_path, ["fog", "day"])
+
+
+def test_a_folder_that_is_itself_a_layout_stays_the_one_set_folder_and_refuses_set_names(tmp_path):
+    from m2r.eval.datasets import folder_pairs
+
+    _png(tmp_path / "input/a.png", 0)
+    _png(tmp_path / "gt/a.png", 1)
+    _png(tmp_path / "night/input/a.png", 0)   # beside a layout of its own: not a set
+    assert list(folder_pairs(tmp_path)) == ["folder"]
+    with pytest.raises(DatasetLayoutError, match=rf"sets \['night'\] asked for, but {tmp_path} is itself one folder "
+                                                 r"set \(it holds \['input', 'gt'\]\), named 'folder'"):
+        folder_pairs(tmp_path, ["night"])
+
+
+def test_a_half_made_set_subfolder_is_refused_not_skipped(tmp_path):
+    """A set whose inputs are missing would drop out of the table and of the validation without a word."""
+    from m2r.eval.datasets import folder_pairs
+
+    _png(tmp_path / "day/input/a.png", 0)
+    _png(tmp_path / "day/gt/a.png", 1)
+    _png(tmp_path / "night/gt/a.png", 1)
+    with pytest.raises(DatasetLayoutError, match=r"night has none of the folders \['input', .*\(it holds \['gt'\]\)"):
+        folder_pairs(tmp_path)
+
+
+def test_a_folder_with_neither_a_layout_nor_set_subfolders_names_both_and_what_it_holds(tmp_path):
+    from m2r.eval.datasets import folder_pairs
+
+    _png(tmp_path / "day/noisy/a.png", 0)
+    with pytest.raises(DatasetLayoutError, match=r"has none of the folders \['input', .*\] \(it holds \['day'\]\) "
+                                                 r"and no subfolder holding one \(<root>/<set>/input, one set each\)"):
+        folder_pairs(tmp_path)
+    with pytest.raises(DatasetLayoutError, match=f"missing folder {tmp_path / 'nowhere'}"):
+        folder_pairs(tmp_path / "nowhere")
+
+
 def test_cdd11_inputs_sharing_a_stem_never_take_each_others_target(tmp_path):
     from m2r.eval.datasets import cdd11_pairs
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune_layouts import build_allweather, build_cdd11
+from finetune_layouts import build_allweather, build_cdd11, write_pair
 from m2r.config import ConfigError, load_config
 from m2r.engine.checkpoint import CheckpointRef, complete_tags, resolve_resume, tag_for
 from m2r.engine.config import FinetuneConfig, check_init_weights_kind, validate_finetune_config
@@ -46,9 +46,6 @@ def test_configs_hold_the_paper_recipe(repo_root, name, dataset):
                                             (["train.lr=0"], "train.lr"),
                                             (["run.log_every=0"], "run.log_every"),
                                             (["run.keep_last=1"], "run.keep_last"),
-                                            # a folder is one set: the names would be ignored
-                                            (["data.dataset=folder", "data.val_sets=[outdoor_rain]"],
-                                             "data.val_sets"),
                                             # the cosine would climb back over halfway to train.lr
                                             (["train.epochs=200", "train.schedule_epochs=100",
                                               "train.warmup_epochs=0"], "train.epochs")])
@@ -485,6 +482,25 @@ def test_ranks_train_on_rank_0s_listing_of_the_dataset(repo_root, tmp_path):
     assert "init: no init.weights: the network starts from random weights" in log   # not a silent default
     assert re.search(r"validation sets \(images of each, at most data.val_images_per_set=\d+\): "
                      r"outdoor_rain \d+, ", log)
+
+
+def test_a_folder_finetune_validates_each_set_subfolder_of_val_root_data_val_sets_chooses(repo_root, tmp_path):
+    """A lab's own test sets, one subfolder each (<val_root>/<set>/{input,gt}): val_psnr_<set> per set chosen,
+    in data.val_sets' order, and val_psnr, which picks the best, over every validation image."""
+    for i in range(4):
+        write_pair(tmp_path / f"train/input/{i}.png", tmp_path / f"train/gt/{i}.png", (40, 48), i)
+    for j, name in enumerate(("day", "night", "fog")):
+        write_pair(tmp_path / f"val/{name}/input/0.png", tmp_path / f"val/{name}/gt/0.png", (40, 48), 10 + j)
+    run_dir = tmp_path / "run"
+    log = run([sys.executable, "finetune.py", "--config", "configs/finetune/tiny-test.yaml", "data.dataset=folder",
+               f"data.root={tmp_path / 'train'}", f"data.val_root={tmp_path / 'val'}", "data.val_sets=[night,day]",
+               "model.moe.ep_size=1", "train.epochs=1", "train.warmup_epochs=0", f"run.dir={run_dir}"], repo_root)
+    assert "validation sets (images of each, at most data.val_images_per_set=1): night 1, day 1" in log
+    records = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "val_psnr" in r]
+    assert [r["step"] for r in records] == [0, 2]
+    for record in records:
+        assert {k for k in record if k.startswith("val_psnr_")} == {"val_psnr_night", "val_psnr_day"}
+        assert record["val_psnr"] == pytest.approx((record["val_psnr_night"] + record["val_psnr_day"]) / 2)
 
 
 def test_a_finetune_stopped_mid_epoch_and_at_an_epoch_end_continues_exactly(repo_root, tmp_path):

@@ -178,7 +178,8 @@ class FinetuneDataConfig:
     # any (a folder's is never looked for): m2r/eval/datasets.py
     list_file: Optional[str] = None
     val_root: Optional[str] = None   # root of the validation sets; None = root
-    val_sets: List[str] = field(default_factory=list)  # AllWeather test sets / CDD-11 types; empty = all
+    # AllWeather test sets / CDD-11 types / a folder's set subfolders (m2r/eval/datasets.py); empty = all
+    val_sets: List[str] = field(default_factory=list)
     val_images_per_set: int = 4      # first N images of each validation set
     val_crop: int = 256              # validation centre crop (multiple of 8, at least 16; same shape on every rank)
     val_batch_size: int = 4
@@ -245,9 +246,6 @@ def validate_finetune_config(cfg, world_size: int) -> None:
     check_optimizer_settings(train)
     check_loader_settings(data)
     require(data.val_images_per_set > 0, "data.val_images_per_set", data.val_images_per_set, "must be positive")
-    require(not (data.dataset == "folder" and data.val_sets), "data.val_sets", list(data.val_sets),
-            "names AllWeather test sets or CDD-11 types; with data.dataset=folder the validation set is the one folder "
-            "data.val_root (or data.root) holds: set data.val_sets=[]")
     require(not (data.dataset == "cdd11" and data.list_file is not None), "data.list_file", data.list_file,
             "selects AllWeather or folder training images; CDD-11 trains on every image of train/<type>: "
             "unset it (data.list_file=null)")

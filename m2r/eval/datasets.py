@@ -19,6 +19,9 @@ CDD-11 (OneRestore): <root>/<train|test>/<type>/<name> (or the download's CDD-11
     by string replacement in the path (the official code turns train/rain into tclear).
 folder: <root>/input/ (or another of INPUT_DIRS) and <root>/gt/ (or target/), matched by name; for training, an
     optional list file (data.list_file, never looked for) selects the inputs, in the list's format above.
+    For evaluation and validation such a root is the one set `folder`; a root without an input or target folder
+    of its own whose subfolders are such layouts (<root>/<set>/{input,gt}) holds one set per subfolder, named
+    after it (subfolders holding neither are not sets), and set names choose among them.
 
 Every problem (missing folder, image without target, empty set) raises DatasetLayoutError naming the path.
 The training pairs (and the pairs `m2r.evaluate` will read) are checked up front from the image headers:
@@ -220,19 +223,52 @@ def cdd11_pairs(root: Path, split: str, types: Sequence[str] = CDD11_TYPES) -> D
     return sets
 
 
-def folder_pairs(root: Path) -> Dict[str, List[Pair]]:
-    return {"folder": paired_folder(Path(root), "folder")}
+def _pair_folders(folder: Path) -> List[Path]:
+    return [folder / name for name in INPUT_DIRS + TARGET_DIRS if (folder / name).is_dir()]
+
+
+def _is_folder_layout(folder: Path) -> bool:
+    """Whether `folder` holds an input or target folder of its own; a set named like one (data/ holding
+    input/ and gt/) is a set, not the inputs of its parent."""
+    return any(not _pair_folders(child) for child in _pair_folders(folder))
+
+
+def folder_pairs(root: Path, names: Optional[Sequence[str]] = None) -> Dict[str, List[Pair]]:
+    """A folder layout at `root` is the one set `folder`; else each subfolder that is one is a set named after
+    it (all of them, or those `names` chooses). Which it is, and the sets found, are named in every error."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetLayoutError(f"missing folder {root}")
+    if _is_folder_layout(root):
+        if names:
+            raise DatasetLayoutError(
+                f"sets {list(names)} asked for, but {root} is itself one folder set (it holds "
+                f"{[p.name for p in _pair_folders(root)]}), named 'folder': ask for no sets, or make each set a "
+                f"subfolder <root>/<set>/{{input,gt}}")
+        return {"folder": paired_folder(root, "folder")}
+    found = sorted(child.name for child in root.iterdir() if child.is_dir() and _is_folder_layout(child))
+    if not found:
+        present = sorted(child.name for child in root.iterdir() if child.is_dir())
+        raise DatasetLayoutError(
+            f"{root} has none of the folders {list(INPUT_DIRS)} (it holds {present}) and no subfolder holding one "
+            f"(<root>/<set>/input, one set each); the names are fixed: rename yours, or link one, e.g. "
+            f"ln -s <yours> {root / INPUT_DIRS[0]}")
+    unknown = [name for name in names or () if name not in found]
+    if unknown:
+        raise DatasetLayoutError(f"folder sets {unknown} are not under {root}: its sets (subfolders holding an input "
+                                 f"or target folder, {'/'.join(INPUT_DIRS + TARGET_DIRS)}) are {found}")
+    return {name: paired_folder(root / name, name) for name in names or found}
 
 
 def evaluation_sets(dataset: str, root: str, names: Optional[Sequence[str]] = None) -> Dict[str, List[Pair]]:
-    """The evaluation sets of a dataset: AllWeather test sets, CDD-11 test types, or one folder. Not
-    checked here: callers read a few of them (`check_pairs` what will be read)."""
+    """The evaluation sets of a dataset (all, or those `names` chooses): AllWeather test sets, CDD-11 test types,
+    or a folder's (`folder_pairs`). Not checked here: callers read a few of them (`check_pairs` what will be read)."""
     if dataset == "allweather":
         return allweather_test_sets(Path(root), names)
     if dataset == "cdd11":
         return cdd11_pairs(Path(root), "test", names or CDD11_TYPES)
     if dataset == "folder":
-        return folder_pairs(Path(root))
+        return folder_pairs(Path(root), names)
     raise ValueError(f"dataset {dataset!r} is not one of {DATASETS}")
 
 
