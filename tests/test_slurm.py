@@ -172,7 +172,8 @@ def test_finetune_sbatch_continues_the_pretraining_job_and_exports_the_best_weig
     assert_completed(job, job.wait_until_final(timeout=120))
 
     log = job.restart_log(0)
-    assert "world size 2 | ep_size 2" in log and "saved with world size 2, ep_size 1" in log
+    assert "world size 2 | launcher" in log and "| ep_size 2: 2 per rank" in log
+    assert "saved with world size 2, ep_size 1" in log
     assert "2 steps/epoch x 2 epochs = 4 steps" in log
     assert sorted(job.losses()) == [1, 2, 3, 4]
     meta = json.loads((job.run_dir / "checkpoints/step00000004/meta.json").read_text())
