@@ -156,6 +156,7 @@ def test_a_bf16_step_with_a_non_finite_gradient_on_one_rank_is_skipped_on_every_
     results = sorted((json.loads(line.split("RESULT ", 1)[1]) for line in out.splitlines() if "RESULT " in line),
                      key=lambda result: result["rank"])
     assert [result["rank"] for result in results] == [0, 1], out[-2000:]
+    assert "bf16: DeepSpeed's per-gradient inf/NaN scan skipped" in out   # the decision, said once at start-up
     assert results[1]["hooks"] > 0
     for result in results:
         assert result["scan_skipped"], result   # the path under test: DeepSpeed's own scan is off

@@ -257,7 +257,8 @@ class TrainingRun:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=build_optimizer(model, train),
             config=build_deepspeed_config(train, self.topology.world_size), dist_init_required=False)
-        skip_the_redundant_overflow_scan(self.engine.optimizer)
+        if skip_the_redundant_overflow_scan(self.engine.optimizer):
+            dist.print0("bf16: DeepSpeed's per-gradient inf/NaN scan skipped (its grad-norm check skips the same steps)")
         # The frozen CLIP prior runs in fp32 at every precision (its share of the work is small, and its scores
         # steer the gates): DeepSpeed 0.19.8 casts the module's parameters alone, which leaves the prior out,
         # earlier releases cast the whole module, which M2Restore._apply extends to the prior.
