@@ -174,7 +174,9 @@ def run_row_in_child(variant: train_speed.Variant, args, overrides: List[str], s
     out = scratch / f"{variant.key}.json"
     command = [sys.executable, __file__, "--child", variant.key, "--child-json", str(out), "--steps", str(args.steps),
                "--warmup", str(args.warmup), *(["--smoke"] if args.smoke else []), *overrides]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=args.row_timeout)
+    # --smoke rows are CPU rows on a GPU machine too (no peak memory, the torch scan: what its test checks)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="") if args.smoke else None
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=args.row_timeout, env=env)
     sys.stdout.write(result.stdout[-2000:])
     if result.returncode != 0 or not out.exists():
         raise RuntimeError(f"row process exit {result.returncode}: {(result.stdout + result.stderr)[-1500:]}")
@@ -267,6 +269,7 @@ def measured_row(variant: train_speed.Variant, args, overrides: List[str], scrat
           f"{train_speed.gb_text(row['peak_gb'])} GB, data wait {100 * row['data_wait_share']:.1f}%, "
           f"{row['x_vs']:.2f}x {row['vs']}", flush=True)
     return row
+
 
 if __name__ == "__main__":
     main()

@@ -26,7 +26,8 @@ one tag directory. The run's config.yaml rebuilds its validation set (the same i
 degradation seeds), and the run's weights choice and precision apply (EMA when train.ema_decay > 0,
 cast to train.precision as the DeepSpeed engine held them): see m2r/eval/pretrain_validation.py. It
 prints the metrics beside the run's record of that step and writes <out>/results.json. Its `--set` takes
-the network's keys and the run's `data.` keys (data.val_shards=<where they are now>).
+the network's keys (clip.weights=..., or model.clip.weights as the run's config.yaml names it) and the run's
+`data.` keys (data.val_shards=<where they are now>).
 """
 from __future__ import annotations
 

@@ -214,9 +214,10 @@ def test_engine_speed_smoke_times_the_pretraining_step_per_row(tmp_path, repo_ro
     out, reference = tmp_path / "engine.json", tmp_path / "train_speed.json"
     reference.write_text(json.dumps({"train/tiny fp32": {"img_per_s": 4.0},
                                      "train/tiny bf16 + channels_last + compile(eager)": {"error": "failed"}}))
+    # each row's process ends within --row-timeout: a hung row is not left running after this test's timeout
     result = subprocess.run([sys.executable, "bench/engine_speed.py", "--smoke", "--json", str(out), "--reference",
-                             str(reference)], cwd=repo_root, capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+                             str(reference), "--row-timeout", "140"], cwd=repo_root, capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     rows = strict_json(out)["rows"]
     fp32, bf16 = rows["tiny-fp32"], rows["tiny-bf16-compiled"]
@@ -242,6 +243,22 @@ def test_engine_speed_tables_earlier_rows_against_a_later_reference(tmp_path, re
     es.main(["--table", str(measured), "--reference", str(reference)])
     (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| faithful")]
     assert "| 8.00 | 40.00 | 1.0 | 1.25 | plain PyTorch" in line
+
+
+def test_engine_speed_smoke_rows_run_on_the_cpu_of_a_gpu_machine(repo_root, monkeypatch, tmp_path):
+    es = _engine_speed(repo_root, monkeypatch)
+    seen = {}
+
+    def child(command, env=None, **kwargs):
+        seen["env"] = env
+        return subprocess.CompletedProcess(command, 1, "", "stopped here")
+
+    monkeypatch.setattr(es.subprocess, "run", child)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    args = es.parse_args(["--smoke"])[0]
+    with pytest.raises(RuntimeError, match="row process exit 1: stopped here"):
+        es.run_row_in_child(es.SMOKE_VARIANTS[0], args, [], tmp_path)
+    assert seen["env"]["CUDA_VISIBLE_DEVICES"] == ""
 
 
 def test_engine_speed_refuses_to_run_on_a_cpu(tmp_path, repo_root):

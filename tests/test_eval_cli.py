@@ -433,9 +433,12 @@ def test_pretrain_val_compares_with_the_validation_record_of_the_checkpoints_ste
     assert logged_validation(CheckpointRef(tmp_path / "elsewhere" / "ckpts", "step00000004"), 4) is None
 
 
-def test_pretrain_val_takes_data_keys_for_the_runs_config_and_the_others_for_the_network(monkeypatch, tmp_path):
+@pytest.mark.parametrize("clip_key", ["clip.weights", "model.clip.weights"])
+def test_pretrain_val_takes_data_keys_for_the_runs_config_and_the_others_for_the_network(monkeypatch, tmp_path,
+                                                                                         clip_key):
     """A run copied to another cluster: `--set data.val_shards=<where they are now>` moves its validation set,
-    `--set clip.weights=...` the network's CLIP file (the network's config has no data section)."""
+    `--set clip.weights=...` the network's CLIP file (the network's config has no data section), also named as the
+    run's config.yaml names it, model.clip.weights."""
     from m2r.engine.checkpoint import CheckpointRef
     from m2r.eval import loading, pretrain_validation
 
@@ -453,6 +456,6 @@ def test_pretrain_val_takes_data_keys_for_the_runs_config_and_the_others_for_the
         "config", load_config(schema, path, overrides)))
     with pytest.raises(RuntimeError, match="stop after the loads"):
         pretrain_validation.recompute_validation(CheckpointRef(tag.parent, tag.name), torch.device("cpu"),
-                                                 ["data.val_shards=/new/val", "clip.weights=/new/daclip.pt"])
+                                                 ["data.val_shards=/new/val", f"{clip_key}=/new/daclip.pt"])
     assert seen["config"].data.val_shards == "/new/val"
     assert seen["network"] == ["clip.weights=/new/daclip.pt"]

@@ -260,6 +260,39 @@ def test_a_half_made_set_subfolder_is_refused_not_skipped(tmp_path):
         folder_pairs(tmp_path)
 
 
+def test_a_set_subfolder_named_otherwise_is_left_out_in_a_warning_naming_it(tmp_path, capsys):
+    """A set whose folders are not named input/gt (night/{noisy,clean}), or a sibling run's folder beside the sets,
+    is no set: the warning says so, where it would otherwise drop out of the table without a word."""
+    from m2r.eval.datasets import folder_pairs
+
+    _png(tmp_path / "day/input/a.png", 0)
+    _png(tmp_path / "day/gt/a.png", 1)
+    _png(tmp_path / "night/noisy/a.png", 0)
+    _png(tmp_path / ".cache/a.png", 0)   # hidden: never a set, never named
+    assert list(folder_pairs(tmp_path)) == ["day"]
+    assert f"WARNING: {tmp_path}: subfolders ['night'] hold no input or target folder" in capsys.readouterr().out
+
+
+def test_a_set_linked_to_a_missing_folder_is_refused_not_left_out(tmp_path):
+    """A set on a file system not mounted on this node would drop out of the validation of a 64-GPU run."""
+    from m2r.eval.datasets import folder_pairs
+
+    _png(tmp_path / "day/input/a.png", 0)
+    _png(tmp_path / "day/gt/a.png", 1)
+    (tmp_path / "cam_nfs").symlink_to(tmp_path / "unmounted/cam_nfs")
+    with pytest.raises(DatasetLayoutError, match=r"\['cam_nfs'\] link to missing folders"):
+        folder_pairs(tmp_path)
+
+
+def test_a_root_that_is_a_sets_input_folder_says_to_name_its_parent(tmp_path):
+    from m2r.eval.datasets import folder_pairs
+
+    _png(tmp_path / "day/input/a.png", 0)
+    _png(tmp_path / "day/gt/a.png", 1)
+    with pytest.raises(DatasetLayoutError, match=rf"holds images itself .*input folder: {tmp_path / 'day'}\)"):
+        folder_pairs(tmp_path / "day/input")
+
+
 def test_a_folder_with_neither_a_layout_nor_set_subfolders_names_both_and_what_it_holds(tmp_path):
     from m2r.eval.datasets import folder_pairs
 

@@ -599,6 +599,7 @@ def test_an_exact_finetune_resume_restores_the_best_metrics_so_far(capsys):
     stub._align_bests_with_resume = lambda: None
     stub._epoch_name = lambda: Finetuner._epoch_name(stub)
     stub._check_training_set = lambda client, ref: None
+    stub._check_validation_sets = lambda client, ref: None
     stub._position_kept_elsewhere = lambda client: False
     Finetuner._resume(stub, SimpleNamespace(path="ckpt"))
     assert (stub.epoch, stub.samples_into_epoch, stub.best) == (2, 4, best)
@@ -613,9 +614,24 @@ def test_the_finetune_cosine_ends_at_schedule_epochs_and_warms_up_over_warmup_ep
                       [f"data.root={root}", "train.epochs=4", "train.schedule_epochs=2", "train.warmup_epochs=1"])
     stub = SimpleNamespace(cfg=cfg, device=torch.device("cpu"))
     stub._val_batches = lambda sets: []
+    stub._validation_sets = lambda: Finetuner._validation_sets(stub)
     Finetuner._build_data(stub, dist.DistEnv(0, 1, 0, "none"))
     assert stub.steps_per_epoch == 4 and stub.total_steps == 16
     assert (stub.schedule.warmup_steps, stub.schedule.steps) == (4, 8)
+
+
+@pytest.mark.parametrize("device, pinned", [("cuda", True), ("cpu", False)])
+def test_the_finetune_loader_pins_its_batches_for_a_gpu_only(tmp_path, device, pinned):
+    """Page-locked batches let their copies to the GPU run without blocking the host (built here, never iterated:
+    no GPU needed)."""
+    from m2r import dist
+
+    root = build_allweather(tmp_path / "aw", size=(40, 48), train=8)
+    cfg = load_config(FinetuneConfig, REPO / "configs/finetune/tiny-test.yaml", [f"data.root={root}"])
+    stub = SimpleNamespace(cfg=cfg, device=torch.device(device), _val_batches=lambda sets: [],
+                           _validation_sets=lambda: {})
+    Finetuner._build_data(stub, dist.DistEnv(0, 1, 0, "none"))
+    assert stub.loader.pin_memory is pinned
 
 
 def _finetuner_stub(epoch, epochs, signal=None, stop_after_epochs=0, stopped_in_epoch=None):
@@ -1047,6 +1063,34 @@ def test_a_resume_after_images_were_removed_mid_epoch_starts_the_epoch_again(rep
     assert [step for step, _ in lrs] == list(range(1, 15))
     assert [lr for _, lr in lrs[6:]] == pytest.approx([learning_rate(s, LRSchedule(1.0e-3, 1.0e-5, 4, 8))
                                                        for s in range(8)])
+
+
+def test_validation_set_names_for_a_training_folder_name_the_keys_that_chose_it(tmp_path):
+    """data.val_sets without data.val_root asks the training folder (a layout, the one set 'folder') for sets."""
+    from m2r.eval.datasets import DatasetLayoutError
+
+    write_pair(tmp_path / "train/input/0.png", tmp_path / "train/gt/0.png", (40, 48), 0)
+    data = SimpleNamespace(dataset="folder", root=str(tmp_path / "train"), val_root=None, val_sets=["night"])
+    with pytest.raises(DatasetLayoutError, match=r"validation sets \(data.root=.*train \(data.val_root unset\), "
+                                                 r"data.val_sets=\['night'\]\): sets \['night'\] asked for"):
+        Finetuner._validation_sets(SimpleNamespace(cfg=SimpleNamespace(data=data)))
+
+
+@pytest.mark.parametrize("saved, warns", [({"day": 4, "night": 4}, False),
+                                          ({"day": 4}, True),                  # a set subfolder added since
+                                          ({"day": 4, "night": 2}, True),      # images added to a set
+                                          (None, False)])                      # an older checkpoint: trusted
+def test_validation_sets_that_changed_since_the_checkpoint_are_named_with_the_bests_scored_on_them(capsys, saved,
+                                                                                                  warns):
+    """A folder's set subfolders are found anew at resume, with the same config: val_psnr then averages other
+    images than the recorded bests, which a new best must beat."""
+    stub = SimpleNamespace(val_names=["day", "night"], val_counts=[4, 4], best={"psnr": {"value": 30.0}})
+    stub._validation_set_sizes = lambda: Finetuner._validation_set_sizes(stub)
+    Finetuner._check_validation_sets(stub, {"val_sets": saved} if saved else {}, SimpleNamespace(tag="step00000005"))
+    out = capsys.readouterr().out
+    assert (f"WARNING: the validation sets changed since step00000005: {saved} -> {{'day': 4, 'night': 4}} (images "
+            "per set): its bests (psnr 30.0000) were scored on the others" in out) is warns
+    assert bool(out) is warns
 
 
 @pytest.mark.parametrize("saved, into, restarts", [

@@ -109,7 +109,7 @@ class Finetuner(TrainingRun):
 
     # ----------------------------------------------------------------------------- setup
     def _build_data(self, env: dist.DistEnv) -> None:
-        from m2r.eval.datasets import PairedImages, evaluation_sets, train_pairs
+        from m2r.eval.datasets import PairedImages, train_pairs
 
         data, train = self.cfg.data, self.cfg.train
         # Rank 0 lists (and checks) the pairs for everybody: ranks listing a shared folder themselves could
@@ -135,12 +135,24 @@ class Finetuner(TrainingRun):
         self.total_steps = train.epochs * self.steps_per_epoch
         self.schedule = LRSchedule(train.lr, train.min_lr, warmup_steps=train.warmup_epochs * self.steps_per_epoch,
                                    steps=(train.schedule_epochs or train.epochs) * self.steps_per_epoch)
-        val_sets = dist.on_rank0(lambda: evaluation_sets(data.dataset, data.val_root or data.root,
-                                                         list(data.val_sets) or None))
+        val_sets = dist.on_rank0(self._validation_sets)
         self.val_names = list(val_sets)
         # a set smaller than data.val_images_per_set validates on all it has: the summary says how many
         self.val_counts = [min(len(pairs), data.val_images_per_set) for pairs in val_sets.values()]
         self.val_batches = self._val_batches(val_sets)
+
+    def _validation_sets(self):
+        """The validation sets data.val_sets names (all by default) under data.val_root, else data.root; a
+        layout error names the keys, since the one the user left unset (data.val_root) decides the folder."""
+        from m2r.eval.datasets import DatasetLayoutError, evaluation_sets
+
+        data = self.cfg.data
+        try:
+            return evaluation_sets(data.dataset, data.val_root or data.root, list(data.val_sets) or None)
+        except DatasetLayoutError as error:
+            root = f"data.val_root={data.val_root}" if data.val_root else f"data.root={data.root} (data.val_root unset)"
+            raise DatasetLayoutError(f"validation sets ({root}, data.val_sets={list(data.val_sets)}): {error}") \
+                from None
 
     def _val_batches(self, val_sets) -> List[Dict[str, torch.Tensor]]:
         """Centre crops of the first images of each set, batched per set; type_id = set index. An image
@@ -232,6 +244,7 @@ class Finetuner(TrainingRun):
         elif saved_rng is not None:  # the epoch continues where it stopped
             self.samples_into_epoch = client["samples_into_epoch"]
             self._check_training_set(client, ref)
+        self._check_validation_sets(client, ref)
         self._restore_ema(ref)
         epochs = self.cfg.train.epochs
         where = self._epoch_name() if self.epoch < epochs else f"after epoch {self.epoch}"
@@ -240,6 +253,19 @@ class Finetuner(TrainingRun):
             dist.print0(f"train.epochs={epochs} is reached already (the checkpoint is after epoch {self.epoch})")
         dist.on_rank0(self._align_bests_with_resume)
         return saved_rng
+
+    def _validation_set_sizes(self) -> Dict[str, int]:
+        return dict(zip(self.val_names, self.val_counts))
+
+    def _check_validation_sets(self, client: Dict[str, Any], ref: CheckpointRef) -> None:
+        """The validation sets found (a folder's set subfolders, AllWeather's sets present) may differ from the
+        saved run's with the same config: the bests it recorded were scored on the others."""
+        saved = client.get("val_sets")   # absent from checkpoints saved before 2026-11-28
+        if saved is None or saved == self._validation_set_sizes():
+            return
+        bests = ", ".join(f"{name} {best['value']:.4f}" for name, best in self.best.items()) or "none yet"
+        dist.print0(f"WARNING: the validation sets changed since {ref.tag}: {saved} -> {self._validation_set_sizes()} "
+                    f"(images per set): its bests ({bests}) were scored on the others, and a new best must beat them")
 
     def _position_kept_elsewhere(self, client: Dict[str, Any]) -> bool:
         """An epoch whose last step was trained (`_epoch_trained_now`) is validated next at any topology
@@ -369,6 +395,7 @@ class Finetuner(TrainingRun):
     def _client_state(self) -> Dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "samples_into_epoch": self.samples_into_epoch,
                 "epoch_trained": self._epoch_trained_now(), "train_set": self.train_set_id, "best": self.best,
+                "val_sets": self._validation_set_sizes(),
                 "rng_states": dist.all_gather_object(capture_rng_state())}
 
     def _epoch_trained_now(self) -> bool:

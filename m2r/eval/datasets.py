@@ -21,7 +21,8 @@ folder: <root>/input/ (or another of INPUT_DIRS) and <root>/gt/ (or target/), ma
     optional list file (data.list_file, never looked for) selects the inputs, in the list's format above.
     For evaluation and validation such a root is the one set `folder`; a root without an input or target folder
     of its own whose subfolders are such layouts (<root>/<set>/{input,gt}) holds one set per subfolder, named
-    after it (subfolders holding neither are not sets), and set names choose among them.
+    after it (subfolders holding neither are left out, named in a warning; a link to a missing folder is refused),
+    and set names choose among them.
 
 Every problem (missing folder, image without target, empty set) raises DatasetLayoutError naming the path.
 The training pairs (and the pairs `m2r.evaluate` will read) are checked up front from the image headers:
@@ -246,18 +247,42 @@ def folder_pairs(root: Path, names: Optional[Sequence[str]] = None) -> Dict[str,
                 f"{[p.name for p in _pair_folders(root)]}), named 'folder': ask for no sets, or make each set a "
                 f"subfolder <root>/<set>/{{input,gt}}")
         return {"folder": paired_folder(root, "folder")}
-    found = sorted(child.name for child in root.iterdir() if child.is_dir() and _is_folder_layout(child))
-    if not found:
-        present = sorted(child.name for child in root.iterdir() if child.is_dir())
-        raise DatasetLayoutError(
-            f"{root} has none of the folders {list(INPUT_DIRS)} (it holds {present}) and no subfolder holding one "
-            f"(<root>/<set>/input, one set each); the names are fixed: rename yours, or link one, e.g. "
-            f"ln -s <yours> {root / INPUT_DIRS[0]}")
+    found = _set_subfolders(root)
     unknown = [name for name in names or () if name not in found]
     if unknown:
         raise DatasetLayoutError(f"folder sets {unknown} are not under {root}: its sets (subfolders holding an input "
                                  f"or target folder, {'/'.join(INPUT_DIRS + TARGET_DIRS)}) are {found}")
     return {name: paired_folder(root / name, name) for name in names or found}
+
+
+def _set_subfolders(root: Path) -> List[str]:
+    """The names of `root`'s set subfolders, sorted. The others are named in a warning, and a link to a missing
+    folder is refused: a set whose folders are named otherwise, or whose file system is not mounted, would drop
+    out of the table and the validation without a word."""
+    children = sorted(root.iterdir())
+    broken = [child.name for child in children if child.is_symlink() and not child.exists()]
+    if broken:
+        raise DatasetLayoutError(f"{root}: {broken} link to missing folders (a file system not mounted?): mount "
+                                 "it, or remove the link")
+    folders = [child for child in children if child.is_dir()]
+    found = [child.name for child in folders if _is_folder_layout(child)]
+    if not found:
+        _refuse_a_root_without_sets(root, folders)
+    left_out = [child.name for child in folders if child.name not in found and not child.name.startswith(".")]
+    if left_out:
+        dist.print0(f"WARNING: {root}: subfolders {left_out} hold no input or target folder "
+                    f"({'/'.join(INPUT_DIRS + TARGET_DIRS)}): no sets, left out")
+    return found
+
+
+def _refuse_a_root_without_sets(root: Path, folders: Sequence[Path]) -> None:
+    if list_image_files(root):   # e.g. --root <root>/<set>/input
+        raise DatasetLayoutError(f"{root} holds images itself and no input or target folder: name the folder "
+                                 f"holding input/ and gt/ (if this is an input folder: {root.parent})")
+    raise DatasetLayoutError(
+        f"{root} has none of the folders {list(INPUT_DIRS)} (it holds {[f.name for f in folders]}) and no "
+        f"subfolder holding one (<root>/<set>/input, one set each); the names are fixed: rename yours, or link "
+        f"one, e.g. ln -s <yours> {root / INPUT_DIRS[0]}")
 
 
 def evaluation_sets(dataset: str, root: str, names: Optional[Sequence[str]] = None) -> Dict[str, List[Pair]]:

@@ -23,6 +23,7 @@ from m2r.engine.checkpoint import (CONFIG_FILE, DENSE_FILE, LATEST_FILE, PRETRAI
 
 METRICS_FILE = "metrics.jsonl"
 DATA_PREFIX = "data."   # a --set key of the run's data section, not of the network's config
+MODEL_PREFIX = "model."   # the network's keys as the run's config.yaml writes them (model.clip.weights)
 
 
 def pretraining_checkpoint(location: str) -> CheckpointRef:
@@ -72,9 +73,10 @@ def recompute_validation(ref: CheckpointRef, device: torch.device, overrides=())
     from m2r.engine.validate import validation_metrics
     from m2r.eval.loading import load_inference_model
 
-    # data.* overrides move the validation set (data.val_shards copied elsewhere), the others the network's config
+    # data.* overrides move the validation set (data.val_shards copied elsewhere), the others (model.* as the run's
+    # config.yaml names them, or bare as an export's) the network's config
     data_overrides = [override for override in overrides if override.startswith(DATA_PREFIX)]
-    overrides = [override for override in overrides if not override.startswith(DATA_PREFIX)]
+    overrides = [override.removeprefix(MODEL_PREFIX) for override in overrides if not override.startswith(DATA_PREFIX)]
     cfg = load_config(PretrainConfig, ref.path / CONFIG_FILE, data_overrides)
     precision, use_ema = cfg.train.precision, cfg.train.ema_decay > 0   # TrainingRun._validation_weights
     if precision == "fp16" and device.type != "cuda":

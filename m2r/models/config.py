@@ -76,8 +76,9 @@ class ClipConfig:
     prompts: List[str] = field(default_factory=lambda: list(OFFICIAL_PROMPTS))
     normalize: bool = False          # apply CLIP mean/std (official: no)
     cache_text_features: bool = False  # encode prompts once (official: every forward)
-    # on CUDA under fp16 autocast, as the official code (configs/model/m2restore.yaml); false: the network's
-    # precision (the default, which configs written before this key ran)
+    # on CUDA under fp16 autocast, as the official code (configs/model/m2restore.yaml); false (the default, which
+    # configs written before this key ran): fp32 in training (the engine keeps the prior's weights fp32), the
+    # caller's autocast in inference
     fp16_autocast: bool = False
     image_size: int = 224            # CLIP input resolution
 
