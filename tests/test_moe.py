@@ -185,15 +185,17 @@ def test_balance_loss_is_zero_for_perfectly_balanced_routing():
 
 
 def test_log_and_linear_combine_on_a_hand_example():
-    outputs = torch.tensor([[0.0], [1.0], [2.0]])       # expert outputs of three assignments
-    gates = torch.tensor([0.25, 0.75, 1.0])
-    token_ids = torch.tensor([0, 0, 1])                  # token 0 uses two experts, token 1 one, token 2 none
-    log_mixed = combine_expert_outputs(outputs, gates, token_ids, num_tokens=3, mode="log")
-    expected_log = [torch.log(torch.tensor(0.25 + 0.75 * torch.e)).item(), 2.0,
+    """Token 3's exp underflows to an exact 0, which the official log combine replaces by eps; token 2, every
+    choice dropped by a capacity, gets nothing from its experts in either mode (only its residual is left)."""
+    outputs = torch.tensor([[0.0], [1.0], [2.0], [-200.0]])   # expert outputs of four assignments
+    gates = torch.tensor([0.25, 0.75, 1.0, 1.0])
+    token_ids = torch.tensor([0, 0, 1, 3])               # token 0 uses two experts, tokens 1 and 3 one, token 2 none
+    log_mixed = combine_expert_outputs(outputs, gates, token_ids, num_tokens=4, mode="log")
+    expected_log = [torch.log(torch.tensor(0.25 + 0.75 * torch.e)).item(), 2.0, 0.0,
                     torch.log(torch.tensor(2.0 ** -52)).item()]
     torch.testing.assert_close(log_mixed[:, 0], torch.tensor(expected_log))
-    linear_mixed = combine_expert_outputs(outputs, gates, token_ids, num_tokens=3, mode="linear")
-    torch.testing.assert_close(linear_mixed[:, 0], torch.tensor([0.75, 2.0, 0.0]))
+    linear_mixed = combine_expert_outputs(outputs, gates, token_ids, num_tokens=4, mode="linear")
+    torch.testing.assert_close(linear_mixed[:, 0], torch.tensor([0.75, 2.0, 0.0, -200.0]))
 
 
 def expert_weights(expert):
@@ -262,10 +264,13 @@ def test_an_adapter_reports_the_fraction_of_its_assignments_the_capacity_dropped
         assert (dropped.item() > 0) == (factor > 0)
 
 
+@pytest.mark.parametrize("combine", ["log", "linear"])
 @pytest.mark.parametrize("dispatch", ["sparse", "dense"])
-def test_capacity_keeps_exactly_the_first_assignments_per_expert(dispatch):
-    uncapped = make_dder(combine="linear", dispatch=dispatch).eval()
-    capped = make_dder(combine="linear", eval_capacity_factor=0.4, dispatch=dispatch).eval()   # 5 per expert kept
+def test_capacity_keeps_exactly_the_first_assignments_per_expert(dispatch, combine):
+    """A token whose every choice is dropped keeps only its residual in either combine (log mode's log(eps)
+    would shift it by -36)."""
+    uncapped = make_dder(combine=combine, dispatch=dispatch).eval()
+    capped = make_dder(combine=combine, eval_capacity_factor=0.4, dispatch=dispatch).eval()   # 5 per expert kept
     x, prompt, probs = make_inputs()
     tokens = x.permute(0, 2, 3, 1).reshape(-1, DIM)
     routing = capped.router(tokens, capped.prompt_proj(prompt), probs, tokens_per_image=16)

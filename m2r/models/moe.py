@@ -314,24 +314,30 @@ def dropped_assignments(routing: Routing, num_experts: int, capacity: Optional[i
     return (chosen - capacity).clamp(min=0).sum()
 
 
-def _finish_combine(total: torch.Tensor, mode: str) -> torch.Tensor:
-    """The gated sum as is ("linear"), or its log with exact zeros replaced by eps ("log", official)."""
+def _finish_combine(total: torch.Tensor, mode: str, routed: torch.Tensor) -> torch.Tensor:
+    """The gated sum as is ("linear"), or its log with exact zeros replaced by eps ("log", official).
+
+    `routed` (num_tokens,) marks the tokens with a kept assignment; the others (all their choices dropped by
+    the capacity) get 0 in both modes, so only their residual is left: log mode's log(eps) = -36 there would
+    shift a quarter of the tokens by -36 at capacity 1, and their gradients overflow a few layers on."""
     if mode == "linear":
         return total
-    return torch.where(total == 0, torch.full_like(total, LOG_COMBINE_EPS), total).log()
+    logged = torch.where(total == 0, torch.full_like(total, LOG_COMBINE_EPS), total).log()
+    return torch.where(routed.unsqueeze(1), logged, torch.zeros_like(logged))
 
 
 def combine_expert_outputs(outputs, gates, token_ids, num_tokens: int, mode: str) -> torch.Tensor:
     """Mix each token's expert outputs by its gates, in fp32 or better -> (num_tokens, C).
 
     "log" (official): log(sum_i g_i * exp(E_i(x))), with exact zeros replaced by eps before the log.
-    "linear": sum_i g_i * E_i(x). Tokens with no kept assignment get log(eps) or 0 respectively.
+    "linear": sum_i g_i * E_i(x). Tokens with no kept assignment get 0 in both modes (only the residual is left).
     """
     outputs = _at_least_fp32(outputs)
     terms = outputs.exp() if mode == "log" else outputs
     weighted = gates.unsqueeze(1) * terms
     total = weighted.new_zeros(num_tokens, outputs.shape[1]).index_add(0, token_ids, weighted)
-    return _finish_combine(total, mode)
+    routed = torch.zeros(num_tokens, dtype=torch.bool, device=total.device).index_fill(0, token_ids, True)
+    return _finish_combine(total, mode, routed)
 
 
 def dense_gate_matrix(routing: Routing, num_experts: int, capacity: Optional[int]) -> torch.Tensor:
@@ -374,7 +380,7 @@ def combine_dense_outputs(outputs, gates, mode: str) -> torch.Tensor:
     if mode == "log":
         terms = terms.exp()
     total = (gates.unsqueeze(2) * terms).sum(1)
-    return _finish_combine(total, mode)
+    return _finish_combine(total, mode, used.any(1).squeeze(1))
 
 
 def capacity_per_expert(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> Optional[int]:
