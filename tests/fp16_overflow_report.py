@@ -34,6 +34,8 @@ def report_steps(stage: int, run_dir: Path) -> None:
                                       config=build_deepspeed_config(cfg.train, 1), dist_init_required=False)
     run = SimpleNamespace(cfg=cfg, engine=engine, step=0, run_dir=run_dir, topology=SimpleNamespace(world_size=1))
     run._loss_scaling = lambda: TrainingRun._loss_scaling(run)
+    run._stop_if_weights_took_a_non_finite_step = lambda loss: TrainingRun._stop_if_weights_took_a_non_finite_step(
+        run, loss)
     TrainingRun._open_monitor(run, total_steps=3)
     timer = StepTimer()
     for run.step, input_scale in enumerate([1e4, 1e4, 1e-2], start=1):

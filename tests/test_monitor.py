@@ -215,19 +215,35 @@ def test_fp16_log_steps_report_the_loss_scale_and_the_steps_skipped_since_the_la
     assert [e.value for e in events.Scalars("train/loss_scale")] == [32768.0, 32768.0]
 
 
-def _train_step_report(precision, engine, log_step=True):
+def _train_step_report(precision, engine, log_step=True, loss=1.0, zero_stage=1):
     """What `TrainingRun._log_train_step` hands the monitor, for an engine stub at `precision`."""
     from m2r.engine.monitor import StepTimer
     from m2r.engine.run import TrainingRun
 
     logged = []
-    stub = SimpleNamespace(step=4, engine=engine, cfg=SimpleNamespace(train=SimpleNamespace(precision=precision)),
+    train = SimpleNamespace(precision=precision, zero_stage=zero_stage)
+    stub = SimpleNamespace(step=4, engine=engine, cfg=SimpleNamespace(train=train),
                            _skipped_steps_logged=1, monitor=SimpleNamespace(
                                log_train=lambda step, scalars, log_step: logged.append(scalars),
                                advance=lambda step: None))
     stub._loss_scaling = lambda: TrainingRun._loss_scaling(stub)
-    TrainingRun._log_train_step(stub, torch.tensor([1.0, 1.0, 0.0]), 1e-3, StepTimer(), log_step)
+    stub._stop_if_weights_took_a_non_finite_step = lambda loss: \
+        TrainingRun._stop_if_weights_took_a_non_finite_step(stub, loss)
+    TrainingRun._log_train_step(stub, torch.tensor([loss, loss, 0.0]), 1e-3, StepTimer(), log_step)
     return logged[0]
+
+
+def test_fp32_at_zero_0_stops_at_a_non_finite_loss_after_logging_it_other_settings_go_on():
+    """Its DeepSpeed optimizer applies inf/NaN gradients (the others skip the step): the run would save NaN weights
+    and exit 0. The step's record is written first."""
+    engine = SimpleNamespace(get_global_grad_norm=lambda: None, skipped_steps=0,
+                             optimizer=SimpleNamespace(loss_scale=1.0))
+    with pytest.raises(FloatingPointError, match="step 4: the loss is nan and at train.zero_stage=0 in fp32"):
+        _train_step_report("fp32", engine, log_step=False, loss=float("nan"), zero_stage=0)
+    assert _train_step_report("fp32", engine, log_step=False, loss=1.0, zero_stage=0)["loss"] == 1.0
+    for precision, zero_stage in (("fp32", 1), ("bf16", 2), ("fp16", 0)):
+        report = _train_step_report(precision, engine, log_step=False, loss=float("inf"), zero_stage=zero_stage)
+        assert report["loss"] == float("inf")
 
 
 def test_only_fp16_log_steps_read_the_loss_scaling():

@@ -10,6 +10,7 @@ agrees on the stop signals.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 import warnings
@@ -569,6 +570,19 @@ class TrainingRun:
                 scalars.update(self._loss_scaling())
         self.monitor.log_train(self.step, scalars, log_step)
         self.monitor.advance(self.step)
+        self._stop_if_weights_took_a_non_finite_step(scalars["loss"])
+
+    def _stop_if_weights_took_a_non_finite_step(self, loss: float) -> None:
+        """fp32 at ZeRO 0 is the one setting whose DeepSpeed optimizer applies inf/NaN gradients (ZeRO 1/2 and
+        the loss scalers skip such steps): the weights are then no longer finite, and the run would go on to
+        save them and end with exit 0. Stop it here instead (the loss is the ranks' mean: every rank agrees)."""
+        train = self.cfg.train
+        if math.isfinite(loss) or (train.precision, train.zero_stage) != ("fp32", 0):
+            return
+        raise FloatingPointError(
+            f"step {self.step}: the loss is {loss} and at train.zero_stage=0 in fp32 DeepSpeed applies non-finite "
+            "gradients, so the weights are no longer finite: the run stops before it saves them. Resume an earlier "
+            "checkpoint (run.resume=<its tag directory>); train.zero_stage=1 or 2 skip such steps instead")
 
     def _loss_scaling(self) -> Dict[str, float]:
         """fp16's dynamic loss scale now, and the optimizer steps DeepSpeed skipped since the last log step
