@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Dict, Iterator, Mapping, Tuple
+from typing import Any, Dict, Iterator, Mapping, Tuple
 
 import torch
 from torch import nn
@@ -84,8 +84,7 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        names = global_expert_names(model)
-        self._params = {names[name]: param for name, param in model.named_parameters() if param.requires_grad}
+        self._params = _trainable_by_global_name(model)
         self.shadow = {name: _master_of(param).clone() for name, param in self._params.items()}
 
     def follows(self) -> str:
@@ -125,9 +124,7 @@ class EMA:
                 if (experts if EXPERT_INFIX in name else dense)}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        missing = sorted(set(self.shadow) - set(state))
-        if missing:
-            raise KeyError(f"EMA state lacks {len(missing)} weights, e.g. {missing[:3]}")
+        _require_every_weight(self.shadow, state, "EMA state", "weights")
         for name, param in self._params.items():
             start, numel = _fragment_of(param)
             self.shadow[name].copy_(state[name].reshape(-1)[start:start + numel].view_as(self.shadow[name]))
@@ -158,11 +155,8 @@ def load_trainable_weights(engine, state: Mapping[str, torch.Tensor], source: st
     module's, in their dtype, and the fp32 masters the optimizer updates, which DeepSpeed keeps apart from the
     module. Those are refreshed from the module, as DeepSpeed's own weights-only load does, then set to the exact
     values where ZeRO or bf16 links this rank's fragment of them. Call it on every rank."""
-    names = global_expert_names(engine.module)
-    params = {names[name]: param for name, param in engine.module.named_parameters() if param.requires_grad}
-    missing = sorted(set(params) - set(state))
-    if missing:
-        raise KeyError(f"{source} lacks {len(missing)} trainable weights, e.g. {missing[:3]}")
+    params = _trainable_by_global_name(engine.module)
+    _require_every_weight(params, state, source, "trainable weights")
     for name, param in params.items():
         param.copy_(state[name].view_as(param))
     if hasattr(engine.optimizer, "refresh_fp32_params"):   # its fp32 masters, e.g. fp16 at ZeRO 0's
@@ -171,6 +165,20 @@ def load_trainable_weights(engine, state: Mapping[str, torch.Tensor], source: st
         if _is_partitioned(param):
             start, numel = _fragment_of(param)
             _master_of(param).copy_(state[name].reshape(-1)[start:start + numel])
+
+
+def _trainable_by_global_name(model: nn.Module) -> Dict[str, nn.Parameter]:
+    """The trainable weights keyed as checkpoints and EMAs key them (experts by global id)."""
+    names = global_expert_names(model)
+    return {names[name]: param for name, param in model.named_parameters() if param.requires_grad}
+
+
+def _require_every_weight(needed: Mapping[str, Any], state: Mapping[str, torch.Tensor], source: str, what: str
+                          ) -> None:
+    """A KeyError naming how many of `needed`'s keys `state` lacks, and a few of them, before any is copied."""
+    missing = sorted(set(needed) - set(state))
+    if missing:
+        raise KeyError(f"{source} lacks {len(missing)} {what}, e.g. {missing[:3]}")
 
 
 def _is_partitioned(param: torch.Tensor) -> bool:
