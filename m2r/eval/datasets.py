@@ -96,9 +96,14 @@ def _first_dir(parent: Path, names: Sequence[str]) -> Path:
     for name in names:
         if (parent / name).is_dir():
             return parent / name
-    present = sorted(child.name for child in parent.iterdir() if child.is_dir())
-    raise DatasetLayoutError(f"{parent} has none of the folders {list(names)} (it holds {present}); the names are "
-                             f"fixed: rename yours, or link one, e.g. ln -s <yours> {parent / names[0]}")
+    raise _none_of_the_folders(parent, names, sorted(child.name for child in parent.iterdir() if child.is_dir()))
+
+
+def _none_of_the_folders(parent: Path, names: Sequence[str], present: Sequence[str], also: str = ""
+                         ) -> DatasetLayoutError:
+    """`parent` lacks every folder of `names` (the fixed names of a layout): what it holds, and how to give yours."""
+    return DatasetLayoutError(f"{parent} has none of the folders {list(names)} (it holds {list(present)}){also}; the "
+                              f"names are fixed: rename yours, or link one, e.g. ln -s <yours> {parent / names[0]}")
 
 
 def _target_for(lq: Path, gt_dir: Path, stem_shared: bool = False) -> Path:
@@ -279,10 +284,8 @@ def _refuse_a_root_without_sets(root: Path, folders: Sequence[Path]) -> None:
     if list_image_files(root):   # e.g. --root <root>/<set>/input
         raise DatasetLayoutError(f"{root} holds images itself and no input or target folder: name the folder "
                                  f"holding input/ and gt/ (if this is an input folder: {root.parent})")
-    raise DatasetLayoutError(
-        f"{root} has none of the folders {list(INPUT_DIRS)} (it holds {[f.name for f in folders]}) and no "
-        f"subfolder holding one (<root>/<set>/input, one set each); the names are fixed: rename yours, or link "
-        f"one, e.g. ln -s <yours> {root / INPUT_DIRS[0]}")
+    raise _none_of_the_folders(root, INPUT_DIRS, [folder.name for folder in folders],
+                               also=" and no subfolder holding one (<root>/<set>/input, one set each)")
 
 
 def evaluation_sets(dataset: str, root: str, names: Optional[Sequence[str]] = None) -> Dict[str, List[Pair]]:
