@@ -549,6 +549,51 @@ def test_a_run_dir_that_is_not_one_directory_for_every_rank_is_refused_on_every_
     assert not list((tmp_path / "node0").glob(".every-rank-sees-*"))   # rank 0 removes its file
 
 
+# Run on each rank by torchrun: a good checkpoint, then one expert weight of rank 1 made NaN (as fp32 at ZeRO 0
+# leaves a non-finite gradient with a finite loss), then another save; writes what each rank saw to argv[1].
+SAVE_NON_FINITE = """
+import json, sys
+from pathlib import Path
+import torch
+from m2r import dist
+from m2r.config import load_config
+from m2r.engine.config import PretrainConfig
+from m2r.engine.experts import EXPERT_INFIX
+from m2r.engine.trainer import Trainer
+
+trainer = Trainer(load_config(PretrainConfig, "configs/pretrain/tiny-test.yaml", sys.argv[2:]), dist.discover_dist_env())
+trainer.save_checkpoint()
+trainer.step += 1
+if dist.rank() == 1:
+    with torch.no_grad():
+        next(p for name, p in trainer.engine.module.named_parameters() if EXPERT_INFIX in name).view(-1)[0] = float("nan")
+try:
+    trainer.save_checkpoint()
+    error = None
+except FloatingPointError as caught:
+    error = str(caught)
+Path(sys.argv[1], f"rank{dist.rank()}.json").write_text(json.dumps(
+    {"error": error, "tags": sorted(p.name for p in trainer.checkpoints.root.iterdir())}))
+"""
+
+
+def test_weights_no_longer_finite_on_any_rank_are_not_saved_and_every_rank_stops_naming_the_last_good_one(tmp_path):
+    """A checkpoint of NaN weights would be the one a resume takes and would push a good one out: every rank refuses
+    to save (the NaN expert is on rank 1 only), the error names the newest good checkpoint, and nothing is written."""
+    script = tmp_path / "save_non_finite.py"
+    script.write_text(SAVE_NON_FINITE)
+    run_launch(torchrun_command(2, str(script), tmp_path, "train.zero_stage=0", "model.moe.ep_size=2",
+                                "run.tensorboard=false", f"run.dir={tmp_path / 'run'}"))
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    newest = tmp_path / "run" / "checkpoints" / "step00000000"
+    for result in results:
+        assert result["error"].startswith("step 1: 1 weight tensors are no longer finite"), result
+        assert f"no checkpoint is saved; resume the newest with run.resume={newest} (train.zero_stage=1 or 2 " \
+               "skip non-finite steps)" in result["error"]
+        assert result["tags"] == ["latest", "step00000000"]
+    assert "(on rank 1: " in results[1]["error"] and "on rank" not in results[0]["error"]
+
+
 # ----------------------------------------------------------------------------------- preemption
 def _worker_pids(launcher_pid):
     children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()

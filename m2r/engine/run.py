@@ -303,11 +303,31 @@ class TrainingRun:
                          ) -> CheckpointRef:
         """Save (every rank) and say how long it took: after a stop signal, SLURM waits only so long.
         `before_publish`: see CheckpointManager.save."""
+        self._refuse_non_finite_weights()
         started = time.perf_counter()
         ref = self.checkpoints.save(self.engine, self.step, self.topology, client_state, self.cfg,
                                     self._ema_state(), before_publish)
         self.monitor.print(f"saved checkpoint {ref.path} in {time.perf_counter() - started:.1f} s")
         return ref
+
+    def _refuse_non_finite_weights(self) -> None:
+        """Stop instead of saving inf/NaN weights: such a checkpoint would become the one a resume takes and push
+        an older, good one out (run.keep_last). fp32 at ZeRO 0 applies a non-finite gradient whose loss was still
+        finite (`_stop_if_weights_took_a_non_finite_step` sees it one step later). Every rank checks its own
+        trainable weights (experts differ per rank): one pass over them and one all-reduce per checkpoint."""
+        named = [(name, weight) for name, weight in self.engine.module.named_parameters() if weight.requires_grad]
+        finite = torch.stack([torch.isfinite(weight).all() for _, weight in named])
+        not_finite = int(dist.all_reduce_sum((~finite).sum().double().view(1)).item())
+        if not_finite == 0:
+            return
+        here = [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
+        newest = complete_tags(self.checkpoints.root)
+        resume = f"resume the newest with run.resume={self.checkpoints.root / newest[-1]}" if newest else \
+            "this run has no earlier checkpoint"
+        where = f" (on rank {dist.rank()}: {', '.join(here[:3])})" if here else ""
+        skips = " (train.zero_stage=1 or 2 skip non-finite steps)" if self.cfg.train.zero_stage == 0 else ""
+        raise FloatingPointError(f"step {self.step}: {not_finite} weight tensors are no longer finite{where}; "
+                                 f"no checkpoint is saved; {resume}{skips}")
 
     # ----------------------------------------------------------------------------- resume
     def _load_checkpoint(self, ref: CheckpointRef) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:
