@@ -14,7 +14,8 @@ the optimizer) and no autocast, where train_speed's bf16 rows autocast fp32 weig
 plain-torch figure holds that difference as well as the engine's own costs. One optimizer step per batch of
 4, as train_speed and the official figure count it (train.grad_accum=1; the pretraining recipe's 4, given as
 an extra argument, spreads the optimizer's share over 16 images). What differs from a real run: the data are the
-built-in photos (no shards on the GPU machine; no zstd decode), DA-CLIP has random weights (as in
+built-in photos (no shards on the GPU machine; no zstd decode; synthetic shards where scikit-image, whose photos
+they are, does not import), DA-CLIP has random weights (as in
 bench/train_speed.py), and validation and checkpoints are left out (the loop excludes them from its
 throughput too).
 
@@ -29,6 +30,7 @@ arguments override every row's config after the row's own settings. The JSON is 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -67,6 +69,38 @@ RANDOM_CLIP = Path("/tmp/m2r-bench/daclip_random.pt")
 # Where no shards exist (the GPU machine); one validation crop per type keeps the start short.
 BENCH_DATA = ("data.source=builtin", "data.val_samples_per_type=1", "run.tensorboard=false", "run.progress_bar=false",
               "train.grad_accum=1")
+SYNTHETIC_PHOTOS, SYNTHETIC_SIDE = 12, 320   # larger than the recipes' 224 crop
+
+
+def bench_data(scratch: Path) -> List[str]:
+    """Every row's data settings: the built-in photos, which are scikit-image's; where it does not import (the GPU
+    machine's image may lack it: every row would fail at its start), shards of synthetic photos built in `scratch`."""
+    try:
+        importlib.import_module("skimage.data")
+    except ImportError as error:
+        shards = write_synthetic_shards(scratch / "synthetic")
+        print(f"engine_speed: no scikit-image ({error}): rows train on synthetic shards, {shards}", flush=True)
+        kept = [override for override in BENCH_DATA if not override.startswith("data.source=")]
+        return [*kept, "data.source=shards", f"data.shards={shards}", f"data.val_shards={shards}"]
+    return list(BENCH_DATA)
+
+
+def write_synthetic_shards(folder: Path) -> Path:
+    """Shards of smooth random colour photos (training and validation alike); returns their directory."""
+    from PIL import Image
+
+    from m2r.shards.build import BuildOptions, build
+
+    photos = folder / "photos"
+    photos.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    for index in range(SYNTHETIC_PHOTOS):
+        coarse = torch.rand(1, 3, 8, 8, generator=generator)
+        image = torch.nn.functional.interpolate(coarse, size=(SYNTHETIC_SIDE, SYNTHETIC_SIDE), mode="bicubic",
+                                                align_corners=False)[0].clamp(0, 1)
+        Image.fromarray((image * 255).byte().permute(1, 2, 0).numpy()).save(photos / f"photo{index:02d}.png")
+    build(BuildOptions(src=[str(photos)], out=str(folder / "shards"), samples_per_shard=4), progress=False)
+    return folder / "shards"
 
 
 def known_variants(smoke: bool) -> list:
@@ -242,8 +276,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     print(f"engine_speed on {results['device']}, torch {results['torch']}", flush=True)
     scratch = Path(tempfile.mkdtemp(prefix="m2r-engine-speed-"))
     try:
+        data = bench_data(scratch)
         for variant in variants:
-            overrides = [*BENCH_DATA, f"run.dir={scratch / variant.key}", *clip, *engine_overrides(variant), *extra]
+            overrides = [*data, f"run.dir={scratch / variant.key}", *clip, *engine_overrides(variant), *extra]
             results["rows"][variant.key] = measured_row(variant, args, overrides, scratch, references)
             if args.json:
                 args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -500,13 +500,16 @@ def main() -> None:
             write_json_atomically(args.json, results)
 
     def record(key, measure):
-        """Run one measurement; keep going on failure, and save after each so a timeout loses little."""
+        """Run one measurement; keep going on failure, and save after each so a timeout loses little. A failed
+        measurement keeps what it reported before it failed, beside the error (the crop search saves each try: an
+        error after them, e.g. a sticky CUDA error raised again by a later CUDA call, must not erase them)."""
         try:
             results[key] = measure()
         except Exception as exc:  # a failed variant is reported, not fatal to the others
             if args.smoke:
                 raise
-            results[key] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            partial = results.get(key) if isinstance(results.get(key), dict) else {}
+            results[key] = {**partial, "error": f"{type(exc).__name__}: {exc}"[:500]}
         print(f"{key}: {results[key]}", flush=True)
         save()
 

@@ -68,6 +68,19 @@ def test_every_variant_key_gpu_checks_names_is_one_train_speed_knows(repo_root, 
         train_speed.variant_named(key, train_speed.GPU_VARIANTS)   # SystemExit on an unknown key
 
 
+def test_the_gpu_engine_tests_that_launch_pretraining_come_last_the_compiled_one_last_of_all(repo_root):
+    """gpu_checks.sh gives tests/test_engine_gpu.py what is left of its time budget, and pytest runs a file in order:
+    the quick in-process tests first, so that a timeout in the slow pretraining launches (the inductor one slowest)
+    costs only those."""
+    import ast
+
+    tree = ast.parse(open(f"{repo_root}/tests/test_engine_gpu.py").read())
+    tests = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")]
+    launches = ["_pretrain_on_one_gpu" in {n.id for n in ast.walk(test) if isinstance(n, ast.Name)} for test in tests]
+    assert launches == sorted(launches), [test.name for test in tests]
+    assert tests[-1].name == "test_pretrain_entry_point_with_every_speed_switch_on_gpu"
+
+
 def _train_speed(repo_root, monkeypatch):
     spec = importlib.util.spec_from_file_location("train_speed", f"{repo_root}/bench/train_speed.py")
     train_speed = importlib.util.module_from_spec(spec)
@@ -199,6 +212,29 @@ def test_largest_crop_answers_for_an_80_gb_gpu_on_a_larger_one(repo_root, monkey
     assert tried == [224, 320, 768, result["predicted_by_memory"]]
 
 
+def test_a_crop_search_failing_after_its_tries_keeps_them_in_the_json(repo_root, monkeypatch, tmp_path):
+    """An error after some tries (a CUDA error is sticky: the next CUDA call raises it again) must leave what the
+    search saved after each try in the JSON, beside the error, not replace it."""
+    import torch
+
+    ts = _train_speed(repo_root, monkeypatch)
+    out = tmp_path / "rest.json"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
+    monkeypatch.setattr(ts, "write_random_clip", lambda path: None)
+
+    def search(variant, args, device, clip_weights, report):
+        report({"largest_crop": 768, "failed": {"crop": 920, "error": "CUBLAS_STATUS_EXECUTION_FAILED"}})
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(ts, "largest_crop", search)
+    monkeypatch.setattr(sys, "argv", ["train_speed.py", "--only", "crop", "--json", str(out)])
+    ts.main()
+    saved = strict_json(out)["largest_crop"]
+    assert saved["largest_crop"] == 768 and saved["failed"]["crop"] == 920
+    assert saved["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
+
+
 def _engine_speed(repo_root, monkeypatch):
     monkeypatch.syspath_prepend(f"{repo_root}/bench")   # it imports train_speed from beside it
     spec = importlib.util.spec_from_file_location("engine_speed", f"{repo_root}/bench/engine_speed.py")
@@ -259,6 +295,25 @@ def test_engine_speed_smoke_rows_run_on_the_cpu_of_a_gpu_machine(repo_root, monk
     with pytest.raises(RuntimeError, match="row process exit 1: stopped here"):
         es.run_row_in_child(es.SMOKE_VARIANTS[0], args, [], tmp_path)
     assert seen["env"]["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_engine_speed_rows_train_on_synthetic_shards_where_scikit_image_is_missing(repo_root, monkeypatch, tmp_path):
+    """The built-in photos are scikit-image's, which the GPU machine's image may lack: every engine row would fail at
+    its start there. The rows then train and validate on synthetic shards, at the recipe's crop."""
+    from m2r.config import load_config
+    from m2r.data import build_train_stream, build_val_set
+    from m2r.engine.config import PretrainConfig
+
+    es = _engine_speed(repo_root, monkeypatch)
+    monkeypatch.setitem(sys.modules, "skimage", None)   # `import skimage` raises ImportError
+    overrides = [*es.bench_data(tmp_path), f"run.dir={tmp_path / 'run'}", "data.workers=0"]
+    cfg = load_config(PretrainConfig, f"{repo_root}/configs/pretrain/m2restore.yaml", overrides)
+    assert cfg.data.source == "shards" and cfg.data.val_shards == cfg.data.shards
+    stream = iter(build_train_stream(cfg.data, seed=0, rank=0, world_size=1, micro_batch=2, crop=cfg.train.crop))
+    batch = next(stream)
+    stream.close()
+    assert batch["lq"].shape == batch["gt"].shape == (2, 3, cfg.train.crop, cfg.train.crop)
+    assert len(build_val_set(cfg.data, cfg.train.crop)) > 0
 
 
 def test_engine_speed_refuses_to_run_on_a_cpu(tmp_path, repo_root):

@@ -112,6 +112,19 @@ def _pretrain_on_one_gpu(repo_root, run_dir, shards, *overrides, timeout: int) -
     return stdout
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_training_batches_come_page_locked_so_their_copies_to_the_gpu_do_not_block(tmp_path, device, workers):
+    """A pageable batch's copy waits for every kernel queued before it; a page-locked one is asynchronous.
+    (Synthetic shards: the built-in photos are scikit-image's.)"""
+    from m2r.data import DataConfig, build_train_stream
+
+    cfg = DataConfig(source="shards", shards=synthetic_shards(tmp_path), preset="cdd11", workers=workers)
+    batches = iter(build_train_stream(cfg, seed=1, rank=0, world_size=1, micro_batch=2, crop=64, pin_memory=True))
+    batch = next(batches)
+    batches.close()
+    assert batch["lq"].is_pinned() and batch["gt"].is_pinned()
+
+
 def test_fp16_trains_and_continues_its_loss_scale_at_another_zero_stage(tmp_path, repo_root):
     """fp16 (DeepSpeed's dynamic loss scaling) trains and saves; resumed at ZeRO 2 from a ZeRO 1 checkpoint
     (a topology change), the loss scaler's progress comes with the optimizer: its iteration count goes on
@@ -149,15 +162,3 @@ def test_pretrain_entry_point_with_every_speed_switch_on_gpu(tmp_path, repo_root
     assert any("val_psnr" in r for r in records)
     assert (run_dir / "checkpoints" / "latest").exists()
     assert "compile True" in out and "cudnn_benchmark True" in out
-
-
-@pytest.mark.parametrize("workers", [0, 1])
-def test_training_batches_come_page_locked_so_their_copies_to_the_gpu_do_not_block(device, workers):
-    """A pageable batch's copy waits for every kernel queued before it; a page-locked one is asynchronous."""
-    from m2r.data import DataConfig, build_train_stream
-
-    cfg = DataConfig(source="builtin", preset="cdd11", workers=workers)
-    batches = iter(build_train_stream(cfg, seed=1, rank=0, world_size=1, micro_batch=2, crop=64, pin_memory=True))
-    batch = next(batches)
-    batches.close()
-    assert batch["lq"].is_pinned() and batch["gt"].is_pinned()
