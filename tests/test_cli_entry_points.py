@@ -140,6 +140,25 @@ def test_a_wrong_shard_path_stops_pretraining_before_the_network_is_built(tmp_pa
     assert "MoE dispatch" not in result.stdout   # printed as the network is built
 
 
+@pytest.mark.parametrize("entry, overrides, message", [
+    # each found once rank 0 has created and locked run.dir: as the data is built, as the resume is resolved
+    ("pretrain", ["data.source=shards", "data.shards={tmp}/typo"], "data.shards={tmp}/typo is neither"),
+    ("pretrain", ["run.resume={tmp}/typo"], "error: run.resume='{tmp}/typo': no such file or directory"),
+    ("finetune", ["model.moe.ep_size=1", "data.root={tmp}/typo"], "error: {tmp}/typo: none of"),
+], ids=["pretrain-data", "pretrain-resume", "finetune-data"])
+def test_a_refused_start_leaves_behind_no_run_dir_it_created(tmp_path, entry, overrides, message):
+    """Not even one holding only its lock file, nor the parents it created for it (tmp_path, there before,
+    stays): the start wrote nothing."""
+    def fill(text):
+        return text.format(tmp=tmp_path)
+
+    result = run_python([f"{entry}.py", "--config", f"configs/{entry}/tiny-test.yaml", *map(fill, overrides),
+                         f"run.dir={tmp_path / 'new' / 'run'}"], REPO_ROOT)
+    assert result.returncode == 2, result.stderr
+    assert fill(message) in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("holder, job, restart, replace", [
     ("pid 7 on n1, SLURM job 111 restart 0", "111", "1", True),    # this job's earlier run: stale
     ("pid 7 on n1, SLURM job 111 restart 0", "222", "1", False),   # another job's run: never taken over

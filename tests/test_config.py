@@ -361,6 +361,22 @@ def test_finetuning_refuses_a_list_file_for_cdd11_which_would_not_read_it():
         validate_finetune_config(cfg, world_size=1)
 
 
+@pytest.mark.parametrize("kind, required", [("pretrain", "data.shards=/data"), ("finetune", "data.root=/data")])
+def test_a_compile_backend_set_without_compile_is_refused_naming_both_keys(kind, required):
+    """train.compile_backend changes nothing in an eager run: set alone (to debug a compile), it would be ignored
+    without a word. Its default alone, or with train.compile=true, passes."""
+    from m2r.engine import config
+
+    schema, validate = {"pretrain": (config.PretrainConfig, config.validate_pretrain_config),
+                        "finetune": (config.FinetuneConfig, config.validate_finetune_config)}[kind]
+    cfg = load_config(schema, None, [required, "train.compile_backend=aot_eager"])
+    with pytest.raises(ConfigError, match="key 'train.compile_backend': value 'aot_eager' is used only by "
+                                          r"train.compile=true \(here false\)"):
+        validate(cfg, world_size=1)
+    for passing in (["train.compile_backend=aot_eager", "train.compile=true"], ["train.compile=false"]):
+        validate(load_config(schema, None, [required, *passing]), world_size=1)
+
+
 def test_the_data_seed_is_judged_as_the_sum_it_is():
     """data.seed_offset is added to train.seed: judged alone, a negative offset would be refused for nothing and an
     offset pushing the sum past 2**32 let through."""

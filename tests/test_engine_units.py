@@ -495,6 +495,28 @@ def test_a_lock_file_replaced_right_after_it_was_locked_is_locked_again(tmp_path
         assert "pid " in (tmp_path / ".lock").read_text()
 
 
+def test_a_refused_start_removes_only_directories_it_created_that_hold_nothing_but_its_lock(tmp_path):
+    """What this process made for run.dir goes, parents too; a run.dir that was there before, or one (or a parent)
+    that something else was written to, stays (`TrainingRun._lock_run_dir` and its subclasses' start-up)."""
+    from m2r.engine.run_lock import hold_run_dir_lock, make_missing_dirs, remove_unused_run_dir
+
+    def refused_start(run_dir, before_refusal=lambda: None):
+        created = make_missing_dirs(run_dir)
+        with hold_run_dir_lock(run_dir):
+            before_refusal()
+            remove_unused_run_dir(created)
+        return created
+
+    assert refused_start(tmp_path / "a" / "b" / "run") == [tmp_path / "a", tmp_path / "a/b", tmp_path / "a/b/run"]
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "old").mkdir()
+    assert refused_start(tmp_path / "old") == [] and (tmp_path / "old").is_dir()
+    refused_start(tmp_path / "c" / "run", lambda: (tmp_path / "c/run/config.yaml").write_text(""))
+    assert sorted(path.name for path in (tmp_path / "c/run").iterdir()) == [".lock", "config.yaml"]
+    refused_start(tmp_path / "d" / "run", lambda: (tmp_path / "d/notes.txt").write_text(""))
+    assert [path.name for path in (tmp_path / "d").iterdir()] == ["notes.txt"]
+
+
 # ----------------------------------------------------------------------------------- stop signals
 
 

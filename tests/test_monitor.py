@@ -257,6 +257,48 @@ def test_only_fp16_log_steps_read_the_loss_scaling():
         assert not {"loss_scale", "skipped_steps"} & set(_train_step_report(precision, engine))
 
 
+def _stopped_run_reports(run_dir, precision, skipped_now, skipped_at_the_last_log):
+    """What `TrainingRun._finish` writes for a run stopped at step 7 (its checkpoint saved), log steps every 5, with
+    DeepSpeed's count of skipped steps at `skipped_now`: metrics.jsonl's records and the console's lines."""
+    from m2r.engine.run import TrainingRun
+
+    engine = SimpleNamespace(skipped_steps=skipped_now, optimizer=SimpleNamespace(loss_scale=2.0**14))
+    stub = SimpleNamespace(step=7, engine=engine, cfg=SimpleNamespace(train=SimpleNamespace(precision=precision)),
+                           _skipped_steps_logged=skipped_at_the_last_log, _tell_the_job_script=lambda finished: None,
+                           monitor=build_monitor(True, run_dir, total_steps=10, start_step=0, world_size=1,
+                                                 progress_bar=False))
+    stub._loss_scaling = lambda: TrainingRun._loss_scaling(stub)
+    stub._report_steps_skipped_since_the_last_log = lambda: TrainingRun._report_steps_skipped_since_the_last_log(stub)
+    TrainingRun._finish(stub, "run.stop_after_steps=7 reached", finished=False)
+    return read_records(run_dir / "metrics.jsonl"), stub
+
+
+def test_an_fp16_run_stopped_between_log_steps_reports_the_steps_skipped_since_the_last_one(tmp_path, capsys):
+    """A stop signal or a run.stop_after_* limit between log steps: the steps DeepSpeed skipped since the last one
+    (2 of the 3 here) are in no step line; the run's last step reports them, in a metrics.jsonl record, TensorBoard
+    and a console line of their own, and none twice. The count is DeepSpeed's, the same on every rank."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    records, stub = _stopped_run_reports(tmp_path, "fp16", skipped_now=3, skipped_at_the_last_log=1)
+    assert records == [{"step": 7, "loss_scale": 2.0**14, "skipped_steps": 2}]
+    assert capsys.readouterr().out.splitlines() == [
+        "step 7: skipped 2 since the last log step (fp16 overflow, scale 16384)",
+        "stopping at step 7: run.stop_after_steps=7 reached"]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/skipped_steps")] == [(7, 2.0)]
+    assert stub._skipped_steps_logged == 3
+
+
+@pytest.mark.parametrize("precision, skipped_now", [("fp16", 1), ("bf16", 1), ("fp32", 0)])
+def test_a_run_with_no_skipped_steps_left_to_report_ends_as_before(tmp_path, capsys, precision, skipped_now):
+    """None since the last log step (stopped at a log step, whose line had them), or not fp16 (bf16's optimizer has
+    a loss_scale of 1, never reported): no record and no line."""
+    records, _ = _stopped_run_reports(tmp_path, precision, skipped_now, skipped_at_the_last_log=1)
+    assert records == []
+    assert capsys.readouterr().out.splitlines() == ["stopping at step 7: run.stop_after_steps=7 reached"]
+
+
 def test_fp16_runs_report_deepspeeds_skipped_steps_and_lowered_loss_scale_at_every_zero_stage(tmp_path, repo_root):
     """A real fp16 engine per ZeRO stage (tests/fp16_overflow_report.py): two overflowing steps, then a clean
     one. ZeRO 0 wraps AdamW in DeepSpeed's unfused optimizer, which halves the scale at every overflow; ZeRO

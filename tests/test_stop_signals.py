@@ -178,7 +178,8 @@ def test_a_rank_that_received_another_signal_than_the_agreed_one_says_it_came_fr
 
 def _finishing_run(printed):
     stub = SimpleNamespace(step=7, stop_request=SimpleNamespace(agreed_signal="SIGUSR1"),
-                           monitor=SimpleNamespace(print=printed.append, close=lambda: printed.append("<closed>")))
+                           monitor=SimpleNamespace(print=printed.append, close=lambda: printed.append("<closed>")),
+                           _report_steps_skipped_since_the_last_log=lambda: None)   # tests/test_monitor.py
     stub._tell_the_job_script = lambda finished: TrainingRun._tell_the_job_script(stub, finished)
     return stub
 

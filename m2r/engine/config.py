@@ -19,6 +19,7 @@ from m2r.models.config import (CHECKPOINT_MODES, OFFICIAL_SUFFIXES, ModelConfig,
 SEED_LIMIT = 2 ** 32   # train.seed, and with data.seed_offset the data's: see check_seed
 PIXEL_LOSSES = ("l1", "charbonnier")   # train.loss; m2r/engine/loss.py computes each
 PRECISIONS = ("fp32", "bf16", "fp16")  # train.precision; m2r/engine/run.py has their dtypes
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")   # train.compile_backend, the default first
 FINETUNE_DATASETS = ("allweather", "cdd11", "folder")   # data.dataset; m2r/eval/datasets.py reads each
 
 
@@ -43,7 +44,7 @@ class TrainSettings:
     activation_checkpointing: str = choice(*CHECKPOINT_MODES, "auto")
     channels_last: bool = False      # NHWC feature maps (faster bf16 convolutions on GPU)
     compile: bool = False            # torch.compile the training forward (static shapes; first steps compile)
-    compile_backend: str = choice("inductor", "aot_eager", "eager")  # aot_eager/eager: to debug a failing compile
+    compile_backend: str = choice(*COMPILE_BACKENDS)  # aot_eager/eager: to debug a failing compile
     # cuDNN times its convolution algorithms once per input shape and keeps the fastest: the training
     # crop is fixed, validation adds one more shape. Off: cuDNN's heuristic choice (torch's default).
     cudnn_benchmark: bool = True
@@ -158,6 +159,10 @@ def check_optimizer_settings(train) -> None:
     require(0.0 <= train.ema_decay < 1.0, "train.ema_decay", train.ema_decay, "must be in [0, 1)")
     # sqrt(d^2 + eps^2) has no gradient where d = 0 when eps is 0
     require(train.charbonnier_eps > 0, "train.charbonnier_eps", train.charbonnier_eps, "must be positive")
+    # the backend only applies to a compiled forward: set alone, the eager run would look like the debugged one
+    require(train.compile or train.compile_backend == COMPILE_BACKENDS[0], "train.compile_backend",
+            train.compile_backend, f"is used only by train.compile=true (here false): set train.compile=true to "
+            f"compile with it, or leave train.compile_backend at its default ({COMPILE_BACKENDS[0]})")
 
 
 def check_network_for_world(model, world_size: int) -> None:

@@ -26,7 +26,7 @@ from m2r.engine.experts import global_expert_names
 from m2r.engine.monitor import StepTimer
 from m2r.engine.optim import LRSchedule, load_trainable_weights
 from m2r.engine.rng import capture_rng_state, rank_seed
-from m2r.engine.run import StepResult, TrainingRun
+from m2r.engine.run import StepResult, TrainingRun, leaves_no_new_run_dir_if_refused
 from m2r.engine.validate import validation_metrics
 from m2r.export import config_path_for, stored_model_config
 from m2r.models.config import require_same_network
@@ -83,6 +83,7 @@ class Finetuner(TrainingRun):
     KIND = FINETUNE_KIND
     POSITION = "the position in the epoch"
 
+    @leaves_no_new_run_dir_if_refused
     def __init__(self, cfg, env: dist.DistEnv, stop_request: Optional[stop_signals.StopRequest] = None):
         super().__init__(cfg, env, validate_finetune_config, stop_request)
         self._build_data(env)
@@ -261,11 +262,12 @@ class Finetuner(TrainingRun):
         """The validation sets found (a folder's set subfolders, AllWeather's sets present) may differ from the
         saved run's with the same config: the bests it recorded were scored on the others."""
         saved = client.get("val_sets")   # absent from checkpoints saved before 2026-11-28
-        if saved is None or saved == self._validation_set_sizes():
+        now = self._validation_set_sizes()
+        if saved is None or saved == now:
             return
         bests = ", ".join(f"{name} {best['value']:.4f}" for name, best in self.best.items()) or "none yet"
-        dist.print0(f"WARNING: the validation sets changed since {ref.tag}: {saved} -> {self._validation_set_sizes()} "
-                    f"(images per set): its bests ({bests}) were scored on the others, and a new best must beat them")
+        dist.print0(f"WARNING: the validation sets changed since {ref.tag}: {saved} -> {now} (images per set): its "
+                    f"bests ({bests}) were scored on the others, and a new best must beat them")
 
     def _position_kept_elsewhere(self, client: Dict[str, Any]) -> bool:
         """An epoch whose last step was trained (`_epoch_trained_now`) is validated next at any topology

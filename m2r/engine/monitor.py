@@ -6,9 +6,10 @@ balance; data_wait_share of the rank that waited most; grad_norm before clipping
 train/{loss,loss_avg,pixel_loss,balance_loss,lr,grad_norm,img_per_s,img_per_s_per_gpu,data_wait_share,
 gpu_mem_gib (CUDA only), loss_scale and skipped_steps (fp16 only: DeepSpeed's dynamic loss scale, and the optimizer
 steps it skipped for inf/NaN gradients since the last log step; the console's log line says `skipped N (fp16
-overflow, scale S)` when there were some)}, moe/level<L>/expert<E> (load fractions: the share of the step's top-k token
-assignments, summed over ranks, that chose expert E of MoE adapter level L, before any capacity drop),
-moe/level<L>/max_load (the largest of them: 1/num_experts is perfect balance, 1 all on one expert),
+overflow, scale S)` when there were some; a run that stops between log steps reports those skipped since the last
+one at its last step, in a record and a console line of their own)}, moe/level<L>/expert<E> (load fractions: the
+share of the step's top-k token assignments, summed over ranks, that chose expert E of MoE adapter level L, before
+any capacity drop), moe/level<L>/max_load (the largest of them: 1/num_experts is perfect balance, 1 all on one expert),
 moe/level<L>/dropped (only with model.moe.capacity_factor > 0, absent without: the share of the step's
 assignments, over all ranks, that the expert capacity dropped; the console's log line shows them as
 `drop a/b/c%`, level 1 first), data/samples_<type> and data/corrupt_samples (pretraining: samples seen per
@@ -72,6 +73,7 @@ class NullMonitor:
     def log_train(self, step: int, scalars: Dict[str, float], log_step: bool) -> None: ...
     def log_expert_load(self, step: int, loads: List[torch.Tensor], dropped: Optional[torch.Tensor] = None) -> None: ...
     def log_data_stats(self, step: int, counts: Dict[str, int], corrupt_samples: int) -> None: ...
+    def log_loss_scaling(self, step: int, scaling: Dict[str, float]) -> None: ...
     def log_val(self, step: int, metrics: Dict[str, float]) -> None: ...
     def log_images(self, step: int, grid: torch.Tensor) -> None: ...
     def advance(self, step: int) -> None: ...
@@ -243,6 +245,15 @@ class Monitor(NullMonitor):
         for tag, value in summary.items():
             self.writer.add_scalar(tag, value, step)
         self._write({"step": step, **summary})
+
+    def log_loss_scaling(self, step: int, scaling: Dict[str, float]) -> None:
+        """fp16's `loss_scale` and `skipped_steps` at a run's last step when it was no log step (whose line and
+        record would have them): TensorBoard, a metrics.jsonl record of their own and a console line."""
+        for name, value in scaling.items():
+            self.writer.add_scalar(f"train/{name}", value, step)
+        self._write({"step": step, **scaling})
+        self.print(f"step {step}: skipped {scaling['skipped_steps']} since the last log step (fp16 overflow, scale "
+                   f"{scaling['loss_scale']:.0f})")
 
     def log_data_stats(self, step: int, counts: Dict[str, int], corrupt_samples: int) -> None:
         """Training samples served per degradation type, and damaged samples skipped, summed over ranks, since

@@ -3,13 +3,14 @@
 `TrainingRun.__init__` starts the process group, checks the config and agrees on the checkpoint to
 resume. A subclass then builds, in its own order, its data and `_build_model` -> `_start_engine` ->
 `_start_ema` -> its resume through `_load_checkpoint` (and `_restore_ema`) -> `_seed_rng` ->
-`_open_monitor`; its loop's `train_step` runs `_optimizer_step` (forward and backward of each
-micro-batch, the optimizer step, the EMA) and reports each step through `_report_step`, which also
-agrees on the stop signals.
+`_open_monitor` (a start refused before that leaves no new run.dir behind: `leaves_no_new_run_dir_if_refused`);
+its loop's `train_step` runs `_optimizer_step` (forward and backward of each micro-batch, the optimizer step, the
+EMA) and reports each step through `_report_step`, which also agrees on the stop signals.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import time
@@ -34,7 +35,7 @@ from m2r.engine.monitor import NullMonitor, StepTimer, build_monitor
 from m2r.engine.optim import (EMA, LRSchedule, apply_optimizer_settings, build_optimizer, learning_rate,
                               set_learning_rate)
 from m2r.engine.rng import reseed, restore_rng_state
-from m2r.engine.run_lock import check_every_rank_sees, hold_run_dir_lock
+from m2r.engine.run_lock import check_every_rank_sees, hold_run_dir_lock, make_missing_dirs, remove_unused_run_dir
 from m2r.engine.zero_state import load_resharded_optimizer_state, why_not_carried
 from m2r.eval.image_io import to_unit_float
 from m2r.models.config import model_defaults, require_same_network
@@ -130,6 +131,19 @@ def skip_the_redundant_overflow_scan(zero_optimizer) -> bool:
     return redundant
 
 
+def leaves_no_new_run_dir_if_refused(init: Callable[..., None]) -> Callable[..., None]:
+    """For the `__init__` of a `TrainingRun` subclass: a start it refuses (raises) before anything is written leaves
+    behind no directory rank 0 created for run.dir (`_lock_run_dir`), only one that was there before."""
+    @functools.wraps(init)
+    def start(self, *args, **kwargs) -> None:
+        try:
+            init(self, *args, **kwargs)
+        except BaseException:
+            remove_unused_run_dir(self._new_dirs)
+            raise
+    return start
+
+
 class TrainingRun:
     KIND: str                      # "pretrain" | "finetune": which checkpoints it may resume
     POSITION: str                  # the run's place in its data, as the topology warning names it
@@ -151,6 +165,7 @@ class TrainingRun:
     launcher: str                  # what started the ranks (m2r.dist.DistEnv.launcher)
     checkpointing: str             # train.activation_checkpointing as applied, auto resolved (from `_build_model`)
     _run_lock: Optional[IO]        # rank 0 only: the run.dir lock file, open for the whole run (None: no locks)
+    _new_dirs: Sequence[Path] = ()  # rank 0, holding the lock: the directories it made for run.dir (`_lock_run_dir`)
 
     def __init__(self, cfg, env: dist.DistEnv, validate_config: Callable[[Any, int], None],
                  stop_request: Optional[stop_signals.StopRequest] = None):
@@ -194,7 +209,10 @@ class TrainingRun:
 
     def _lock_run_dir(self) -> None:
         """Rank 0 holds the run.dir lock for the whole run (m2r/engine/run_lock.py)."""
+        created = make_missing_dirs(self.run_dir)
         self._run_lock = hold_run_dir_lock(self.run_dir)
+        if self._run_lock is not None:   # without it, another run may be using what this one created
+            self._new_dirs = created
 
     def _set_aside_newer_checkpoints(self, ref: CheckpointRef) -> None:
         moved = dist.on_rank0(lambda: set_aside_newer_tags(ref, self.checkpoints.root))
@@ -431,11 +449,23 @@ class TrainingRun:
     # ----------------------------------------------------------------------------- stopping
     def _finish(self, reason: str, finished: bool, closing_lines: Sequence[str] = ()) -> None:
         """The end of `fit`, once the last step is saved: the job script told of a signal (unless the run
-        `finished`), "stopping at step N: <reason>" and `closing_lines` printed, the monitor closed."""
+        `finished`), fp16's steps skipped since the last log step reported, "stopping at step N: <reason>" and
+        `closing_lines` printed, the monitor closed."""
         self._tell_the_job_script(finished)
+        self._report_steps_skipped_since_the_last_log()
         for line in (f"stopping at step {self.step}: {reason}", *closing_lines):
             self.monitor.print(line)
         self.monitor.close()
+
+    def _report_steps_skipped_since_the_last_log(self) -> None:
+        """fp16, at the end of the run's last step (its checkpoint saved): the steps DeepSpeed skipped since the last
+        log step, which a run stopped between log steps (a signal, a run.stop_after_* limit) has reported in no step
+        line. Every rank reads the same count (DeepSpeed agrees on overflows over the ranks): no collective."""
+        if self.cfg.train.precision != "fp16":
+            return
+        scaling = self._loss_scaling()
+        if scaling["skipped_steps"]:   # none after a log step: its line reported them
+            self.monitor.log_loss_scaling(self.step, scaling)
 
     def _tell_the_job_script(self, finished: bool) -> None:
         """Under launch/train_job.sh (which sets M2R_STOP_FILE), rank 0 writes the signal that stopped an

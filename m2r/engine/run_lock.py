@@ -8,6 +8,9 @@ nothing else opens it); NFS's lock manager sees it (unless the mount says nolock
 requeued SLURM job replaces a lock its earlier run left (that run has ended, but NFS keeps a crashed
 client's locks for a while).
 
+A start refused before it wrote anything (a config or data error, a bad run.resume, found once run.dir was
+locked) removes the directories it created for the run again (`make_missing_dirs`, `remove_unused_run_dir`).
+
 Every rank must also see run.dir as rank 0 does (`check_every_rank_sees`): each rank writes its part of
 every checkpoint there.
 """
@@ -21,7 +24,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import IO, Optional
+from typing import IO, List, Optional, Sequence
 
 from m2r import dist
 from m2r.config import config_error
@@ -61,6 +64,36 @@ def hold_run_dir_lock(run_dir: Path) -> Optional[IO]:
         handle.close()
     raise config_error("run.dir", f"{lock_path} was replaced {ATTEMPTS} times while this run "
                        "tried to lock it: is another run of this job starting?")
+
+
+def make_missing_dirs(run_dir: Path) -> List[Path]:
+    """run_dir and the parents it lacks, created; returns those this call created, outermost first (one another
+    process made meanwhile is not among them): all that `remove_unused_run_dir` may remove."""
+    created = []
+    for path in [path for path in (run_dir, *run_dir.parents) if not path.exists()][::-1]:
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        created.append(path)
+    return created
+
+
+def remove_unused_run_dir(created: Sequence[Path]) -> None:
+    """After a refused start, by the process holding the lock: the directories `make_missing_dirs` created (the
+    last one is run.dir), innermost first, removed while they hold nothing, run.dir nothing but its lock file.
+    A run.dir with anything else in it stays, and so do the directories above it. Never raises: it runs while
+    the refusal's own error is on its way to the user."""
+    if not created:
+        return
+    try:
+        if any(path.name != RUN_LOCK_FILE for path in created[-1].iterdir()):
+            return
+        (created[-1] / RUN_LOCK_FILE).unlink(missing_ok=True)
+        for path in reversed(created):
+            path.rmdir()
+    except OSError:   # not empty (or gone): another process's doing meanwhile, left as it is
+        return
 
 
 def _read(handle: IO) -> str:

@@ -20,7 +20,7 @@ from m2r.engine.deepspeed_config import images_per_step
 from m2r.engine.monitor import StepTimer
 from m2r.engine.optim import LRSchedule
 from m2r.engine.rng import capture_rng_state
-from m2r.engine.run import StepResult, TrainingRun
+from m2r.engine.run import StepResult, TrainingRun, leaves_no_new_run_dir_if_refused
 from m2r.engine.validate import image_grid, validation_metrics
 from m2r.eval.image_io import to_unit_float
 from m2r.eval.metrics import batch_psnr
@@ -38,6 +38,7 @@ class Trainer(TrainingRun):
     last_val_step: Optional[int]   # and its step
     schedule: LRSchedule           # the learning rate per step, from the train section
 
+    @leaves_no_new_run_dir_if_refused
     def __init__(self, cfg, env: dist.DistEnv, stop_request: Optional[stop_signals.StopRequest] = None):
         from m2r.data import build_train_stream, build_val_set
 
