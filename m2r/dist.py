@@ -285,6 +285,21 @@ def all_gather_object(obj: Any) -> List[Any]:
     return gathered
 
 
+def problem_of_any_rank(problem: Optional[str]) -> Optional[str]:
+    """The first rank's `problem` (a short message; None: none), the same on every rank, naming that rank when
+    several run: a check whose outcome differs per rank (each holds its own experts) then fails on all of them,
+    not on some while the others go on into the next collective. Call it on every rank."""
+    problems = all_gather_object(problem)
+    found = [(rank_index, text) for rank_index, text in enumerate(problems) if text is not None]
+    if not found:
+        return None
+    first_rank, first = found[0]
+    if len(problems) == 1:
+        return first
+    others = f" and {len(found) - 1} more of the {len(problems)} ranks" if len(found) > 1 else ""
+    return f"{first} (on rank {first_rank}{others})"
+
+
 def groups_spanning_hosts(group_size: int) -> List[Tuple[int, List[str]]]:
     """(first rank, hosts) of each group of `group_size` consecutive ranks (how DeepSpeed forms its
     expert-parallel groups) whose ranks are on more than one host. Call it on every rank."""

@@ -11,6 +11,8 @@ hang:  rank 1 hangs (a stuck read); rank 0's barrier times out after TIMEOUT_SEC
 group: rank 1 raises; the others wait in the store, setting up a new process group (as NCCL's first collective
        on a group waits for its unique id): the process's store client is busy, the watch must not need it.
 late:  no failure; rank 1 ends 8 s after rank 0 (a slower teardown), longer than the watch's look.
+accelerate: as user, in the process world Accelerate starts for m2r.evaluate and m2r.restore (a full disk
+       under one process's --save-images), launched without an agent that would end the others.
 """
 import datetime
 import sys
@@ -23,7 +25,12 @@ from m2r.cli import run_main
 
 def main(argv=None) -> int:
     mode, timeout = sys.argv[1], datetime.timedelta(seconds=float(sys.argv[2]))
-    dist.init_distributed(dist.discover_dist_env(), timeout)
+    if mode == "accelerate":
+        from m2r.eval.loading import make_accelerator
+
+        make_accelerator(None, cpu=True)
+    else:
+        dist.init_distributed(dist.discover_dist_env(), timeout)
     me = dist.rank()
     if me == 2:   # a third rank's watch looks 2.5 s after rank 0's (in a long run their phases drift apart)
         time.sleep(2.5)
@@ -34,11 +41,11 @@ def main(argv=None) -> int:
     if me == 1 and mode != "late":
         if mode in ("raise", "collective", "group"):
             raise OSError("No space left on device: rank 1's checkpoint shard")
-        if mode == "user":
+        if mode in ("user", "accelerate"):
             raise StorageError("No space left on device: rank 1's checkpoint shard")
         while True:
             time.sleep(1)
-    if mode in ("raise", "user"):
+    if mode in ("raise", "user", "accelerate"):
         time.sleep(600)
     if mode == "group":
         import torch.distributed

@@ -726,3 +726,46 @@ def test_demo_command_prints_the_psnr_line(tmp_path):
     again = run_launch(torchrun_command(2, *command[command.index("pretrain.py"):]))
     assert line in again.splitlines()
     assert [r["step"] for r in metric_records(tmp_path / "demo") if "val_psnr" in r] == [0, 40]
+
+
+# ----------------------------------------------------------------------------------- ranks kept in step
+def launched_script_results(script, tmp_path):
+    """tests/<script> on two torchrun ranks (gloo): what rank 0 wrote to its RESULT_JSON."""
+    result_path = tmp_path / "result.json"
+    run_launch(torchrun_command(2, f"tests/{script}", str(result_path)), timeout=120)
+    return json.loads(result_path.read_text())
+
+
+def test_validation_over_batches_the_ranks_cannot_share_evenly_ends_on_every_rank_as_with_every_expert_local(
+        tmp_path):
+    """Sets of 3 and 1 images in batches of 2 (2, 1 and 1 images: the ranks send different token counts through
+    the all-to-all, then one runs a padding forward), and a single image for two ranks: at ep_size 2 every rank
+    runs as many forwards as the other, and the metrics are those of the network with every expert local."""
+    results = launched_script_results("uneven_validation.py", tmp_path)
+    assert {case: result["batches"] for case, result in results.items()} == {"3_and_1_in_batches_of_2": 3,
+                                                                              "one_image": 1}
+    for case, result in results.items():
+        assert result["ep2"].keys() == result["ep1"].keys(), case
+        for name, value in result["ep2"].items():
+            assert value == pytest.approx(result["ep1"][name], abs=1e-5), (case, name)
+
+
+def test_weights_missing_for_one_ranks_experts_stop_every_rank_with_the_same_error(tmp_path):
+    """An EMA (init.use_ema, or a resume) or an init.weights file lacking the experts of rank 1 alone: every rank
+    raises, naming the weights and the rank, instead of rank 1 alone while rank 0 goes on into its next
+    collective (claiming to have loaded them)."""
+    results = launched_script_results("rank_dependent_checks.py", tmp_path)
+    expected = {"init_use_ema": "KeyError: \"the EMA of ckpt lacks 24 trainable weights",
+                "resumed_ema": "KeyError: \"EMA state lacks 24 weights",
+                "init_weights_file": "ConfigError: init.weights lacks 24 weights of this model"}
+    for check, (rank0, rank1) in results.items():
+        assert rank0 == rank1, check
+        assert rank0.startswith(expected[check]) and "deepspeed_experts.2.fc1.bias" in rank0, rank0
+        assert rank0.rstrip('"').endswith("(on rank 1)"), rank0
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_that_step_in_fp32_at_zero_0(tmp_path):
+    """The loss the stop is judged by is the ranks' mean (one all-reduce with the dropped fractions and the stop
+    signals): rank 0, whose own loss is finite, stops at rank 1's first NaN step too, after the same reports."""
+    results = launched_script_results("rank_step_reports.py", tmp_path)
+    assert results == [{"reported": [1, 2, 3], "outcome": "step 3"}] * 2

@@ -777,3 +777,18 @@ def test_a_resumed_fp16_run_reports_only_the_steps_skipped_since_it_started(repo
     stub.monitor.close()
     engine.skipped_steps = 6
     assert TrainingRun._loss_scaling(stub) == {"loss_scale": 2.0**15, "skipped_steps": 1}
+
+
+def test_a_resume_restores_the_ema_as_rank_0s_read_of_the_checkpoint_says(monkeypatch):
+    """Loading a saved EMA is a collective (every rank agrees whether any lacks weights): a rank whose own read of
+    meta.json fails or is stale must take the path rank 0's read decides, as the others do."""
+    from m2r.engine import run
+
+    def stale_read():
+        raise FileNotFoundError("meta.json: stale NFS handle")
+    loaded = []
+    monkeypatch.setattr(run.dist, "on_rank0", lambda work: True)   # rank 0's read: the checkpoint holds an EMA
+    monkeypatch.setattr(run, "load_ema_states", lambda ref: {"weight": torch.ones(1)})
+    stub = SimpleNamespace(ema=SimpleNamespace(load_state_dict=loaded.append))
+    run.TrainingRun._restore_ema(stub, SimpleNamespace(meta=stale_read, path="ckpt/step00000005"))
+    assert loaded == [{"weight": torch.ones(1)}]

@@ -197,3 +197,12 @@ def test_a_watch_that_cannot_clone_the_store_says_so_once_with_the_error(monkeyp
     assert "RuntimeError: clone refused" in out and "run.collective_timeout_minutes" in out
     cloneable = FakeStore()   # (its clone is itself)
     assert failure_watch._own_client(cloneable) is cloneable and capsys.readouterr().out == ""
+
+
+def test_a_tool_process_that_fails_ends_the_processes_of_its_accelerate_world():
+    """m2r.evaluate and m2r.restore run in the process world Accelerate starts (not m2r.dist.init_distributed):
+    a process failing there ends the others too, which would otherwise wait for it in their next gather
+    (on NCCL, until its timeout) where no launcher's agent ends them."""
+    (code0, out0), (code1, out1) = launch_ranks("accelerate")[0]
+    assert code1 == 2 and "rank 1: error: No space left on device" in out1
+    assert code0 == 1 and "rank 0: stopping because rank 1 failed: StorageError: No space left" in out0, out0

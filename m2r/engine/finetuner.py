@@ -71,11 +71,14 @@ def init_weights_kind(weights: Optional[str]) -> Optional[str]:
 
 
 def local_state_from_global(model, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """A full state dict (experts by global id) -> this rank's keys (its local experts)."""
+    """A full state dict (experts by global id) -> this rank's keys (its local experts); refused on every rank when
+    any rank's weights are missing from it: call it on every rank."""
     names = global_expert_names(model)
     missing = sorted(g for g in names.values() if g not in state)
-    if missing:
-        raise ConfigError(f"init.weights lacks {len(missing)} weights of this model, e.g. {missing[:3]}")
+    problem = dist.problem_of_any_rank(f"init.weights lacks {len(missing)} weights of this model, e.g. {missing[:3]}"
+                                       if missing else None)
+    if problem:
+        raise ConfigError(problem)
     return {local: state[global_name] for local, global_name in names.items()}
 
 

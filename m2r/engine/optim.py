@@ -124,6 +124,7 @@ class EMA:
                 if (experts if EXPERT_INFIX in name else dense)}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """`state` (every weight by global name, e.g. `load_ema_states`) as the average. Call it on every rank."""
         _require_every_weight(self.shadow, state, "EMA state", "weights")
         for name, param in self._params.items():
             start, numel = _fragment_of(param)
@@ -175,10 +176,12 @@ def _trainable_by_global_name(model: nn.Module) -> Dict[str, nn.Parameter]:
 
 def _require_every_weight(needed: Mapping[str, Any], state: Mapping[str, torch.Tensor], source: str, what: str
                           ) -> None:
-    """A KeyError naming how many of `needed`'s keys `state` lacks, and a few of them, before any is copied."""
+    """A KeyError naming how many of `needed`'s keys `state` lacks, and a few of them, before any is copied; on
+    every rank when any rank lacks some (each needs its own experts): call it on every rank."""
     missing = sorted(set(needed) - set(state))
-    if missing:
-        raise KeyError(f"{source} lacks {len(missing)} {what}, e.g. {missing[:3]}")
+    problem = dist.problem_of_any_rank(f"{source} lacks {len(missing)} {what}, e.g. {missing[:3]}" if missing else None)
+    if problem:
+        raise KeyError(problem)
 
 
 def _is_partitioned(param: torch.Tensor) -> bool:

@@ -291,10 +291,11 @@ class TrainingRun:
         self.ema = EMA(self.engine.module, decay) if decay > 0 else None
 
     def _restore_ema(self, ref: CheckpointRef) -> None:
-        """The EMA saved in `ref` (experts by global id, so at any topology), else one from the loaded weights."""
+        """The EMA saved in `ref` (experts by global id, so at any topology), else one from the loaded weights; rank 0's
+        read of its meta.json decides for every rank (loading it is a collective: `EMA.load_state_dict`)."""
         if self.ema is None:
             return
-        if ref.meta().get("ema"):
+        if dist.on_rank0(lambda: bool(ref.meta().get("ema"))):
             self.ema.load_state_dict(load_ema_states(ref))
         else:
             dist.print0(f"WARNING: {ref.path} holds no EMA weights; EMA restarts from the loaded weights")

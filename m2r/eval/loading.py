@@ -19,6 +19,7 @@ import torch
 from accelerate import Accelerator
 from omegaconf import DictConfig
 
+from m2r import dist, failure_watch
 from m2r.config import ConfigError, load_config
 from m2r.models.config import MIN_SIZE, OFFICIAL_SUFFIXES, SIZE_MULTIPLE
 
@@ -79,12 +80,17 @@ def parse_inference_arguments(parser: argparse.ArgumentParser, argv) -> argparse
 
 def make_accelerator(precision: Optional[str], cpu: bool = False) -> Accelerator:
     """This process's place in an `accelerate launch` world (a plain run is a world of one). Without CUDA
-    the processes are CPU ones: Accelerate forms a multi-process CPU world (gloo) only when told cpu=True."""
+    the processes are CPU ones: Accelerate forms a multi-process CPU world (gloo) only when told cpu=True.
+    In a world of several, a process that fails ends the others (m2r.failure_watch, as in training): they
+    would wait for it in their next gather, on NCCL until its timeout, where no launcher's agent ends them."""
     on_cpu = cpu or not torch.cuda.is_available()
     if precision == "fp16" and on_cpu:   # Accelerate would compute in fp32 and call it fp16
         raise ConfigError("--precision fp16 needs a CUDA GPU; on CPU use bf16 or fp32")
-    return Accelerator(cpu=on_cpu,
-                       mixed_precision=None if precision is None else ACCELERATE_PRECISIONS[precision])
+    accelerator = Accelerator(cpu=on_cpu,
+                              mixed_precision=None if precision is None else ACCELERATE_PRECISIONS[precision])
+    if dist.is_multi_rank():
+        failure_watch.start()
+    return accelerator
 
 
 def precision_name(accelerator: Accelerator) -> str:
