@@ -8,6 +8,8 @@
 #   bash bench/gpu_checks.sh engine  # engine_speed: the pretraining step through m2r's engine (DeepSpeed ZeRO,
 #                                    # data stream, EMA, report) for the official recipe and the fast rows (<= 3 min)
 #   bash bench/gpu_checks.sh extra   # block and activation-memory benchmarks (<= 3 min), if time is left
+# The machine stays warm about 30 s after a call: two calls, `bench` then `engine; tests` (their $OUT is
+# emptied per call: engine rows then compare with the official figure; `engine_speed.py --table` later).
 # Results under $OUT (default /tmp/m2r-gpu), at most 8 files per part. Every benchmark writes its JSON
 # after each measurement, so a timeout keeps what was measured. bench/scan_speed.py alone also gives
 # the scan kernels' memory.
