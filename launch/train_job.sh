@@ -54,7 +54,8 @@ requeue() {
 restart=${SLURM_RESTART_COUNT:-0}
 [[ -n ${SLURM_JOB_ID:-} ]] || die "not inside a SLURM job: submit with sbatch (see README, 'SLURM clusters')"
 [[ -f $ENTRY ]] || die "entry point '$ENTRY' not found in $PWD: submit from the repository root or set M2R_ROOT"
-[[ $CONFIG == m2r:* || -f $CONFIG ]] || die "CONFIG='$CONFIG' not found in $PWD (a shipped one: m2r:pretrain/<x>.yaml)"
+[[ $CONFIG == m2r:* || -f $CONFIG ]] ||
+    die "CONFIG='$CONFIG' not found in $PWD (a shipped one: m2r:${ENTRY%.py}/<x>.yaml)"
 [[ $LAUNCHER == srun || $LAUNCHER == deepspeed ]] || die "LAUNCHER='$LAUNCHER' must be 'srun' or 'deepspeed'"
 read -r -a overrides <<< "$OVERRIDES"   # expanded as ${overrides[@]+...}: bash < 4.4 calls an empty one unset
 

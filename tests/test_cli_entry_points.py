@@ -222,6 +222,16 @@ def test_an_sbatch_script_run_outside_the_repository_says_where_to_submit_from(s
         in result.stderr
 
 
+@pytest.mark.parametrize("script, kind", [("launch/pretrain.sbatch", "pretrain"),
+                                          ("launch/finetune.sbatch", "finetune")])
+def test_an_sbatch_script_given_a_missing_config_names_a_shipped_one_of_its_own_kind(script, kind):
+    """The hint names the entry point's own configs: m2r:pretrain/... given to finetuning would fail again."""
+    result = subprocess.run(["bash", os.path.join(REPO_ROOT, script)], capture_output=True, text=True, timeout=30,
+                            env=dict(os.environ, M2R_ROOT=str(REPO_ROOT), SLURM_JOB_ID="1", CONFIG="no-such.yaml"))
+    assert result.returncode == 2
+    assert f"CONFIG='no-such.yaml' not found in {REPO_ROOT} (a shipped one: m2r:{kind}/<x>.yaml)" in result.stderr
+
+
 @pytest.mark.parametrize("argv", [
     ["train.lr=1", "--config", "c.yaml", "train.steps=2"],
     ["--config", "c.yaml", "train.lr=1", "--local_rank=0", "train.steps=2"],   # the deepspeed launcher's argument

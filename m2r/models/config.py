@@ -62,7 +62,7 @@ class MambaConfig:
     d_conv: int = 4
     expand: int = 2
     scan: str = choice(*SCAN_MODES)  # "raster" (official) | "bidirectional" | "four_way"
-    # Only matters under torch.autocast (benchmarks, evaluation with --bf16; the training engine's bf16
+    # Only matters under torch.autocast (benchmarks, evaluation with --precision bf16; the training engine's bf16
     # is DeepSpeed's bf16 weights, which every layer follows). False (official recipe): the Mamba layers
     # run in fp32 even under autocast. True: they follow it; the scan's state stays fp32 either way.
     autocast: bool = False

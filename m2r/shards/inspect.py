@@ -1,4 +1,4 @@
-"""Verify a shard directory against its manifest: checksums, sample counts, counts per type."""
+"""Verify a shard directory against its manifest (checksums, sample counts) and count its samples per type."""
 from __future__ import annotations
 
 import json
