@@ -85,7 +85,7 @@ def parse_args(argv):
         not_applying = _benchmark_options_given(args)
         if not_applying:
             parser.error(f"--pretrain-val scores the run's own validation set, with its precision and network: "
-                         f"{', '.join(not_applying)} do not apply")
+                         f"{', '.join(not_applying)} {'does' if len(not_applying) == 1 else 'do'} not apply")
     elif args.dataset is None or args.root is None:
         parser.error("--dataset and --root are required (or --pretrain-val, for a pretraining run's validation)")
     return args

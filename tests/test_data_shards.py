@@ -207,6 +207,7 @@ def test_a_mode_on_the_command_line_replaces_the_recipes(tmp_path, recipe, flag,
     ("samples_per_shard: 0", [], "recipe {recipe}: samples_per_shard 0: expected an integer >= 1"),
     ("samples_per_shard: 0", ["--samples-per-shard", "-1"], "--samples-per-shard -1: expected an integer >= 1"),
     ("encoding: jpeg", [], "recipe {recipe}: encoding 'jpeg': choose one of zstd, png"),
+    ("", ["--max-side", "20000"], "--max-side 20000: the shard format holds at most 16384 px per side; choose 16384"),
     ("clean_only: true\ndegradations: cdd11", [], "recipe {recipe}: clean_only and recipe {recipe}: degradations"),
 ])
 def test_bad_values_name_the_option_or_the_recipe_that_gave_them(tmp_path, recipe, flags, message):

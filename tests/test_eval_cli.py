@@ -393,6 +393,9 @@ def test_pretrain_val_refuses_the_benchmark_options_and_benchmarks_need_a_datase
     assert "--pretrain-val scores the run's own validation set, with its precision and network: --dataset, " \
            "--precision do not apply" in capsys.readouterr().err
     with pytest.raises(SystemExit):
+        evaluate.parse_args(["--weights", "runs/x", "--pretrain-val", "--dataset", "cdd11", "--out", str(tmp_path)])
+    assert ": --dataset does not apply" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         evaluate.parse_args(["--weights", "model.safetensors", "--root", str(tmp_path), "--out", str(tmp_path)])
     assert "--dataset and --root are required (or --pretrain-val" in capsys.readouterr().err
 

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from m2r.cli import run_main
 from m2r.config import ConfigError
 from m2r.data.presets import PRESETS
-from m2r.data.shard_format import IMAGE_EXTENSIONS
+from m2r.data.shard_format import IMAGE_EXTENSIONS, MAX_SIDE
 from m2r.shards.build import DEFAULT_SAMPLES_PER_SHARD, BuildOptions, build
 from m2r.shards.inspect import inspect_shards, print_report
 
@@ -104,6 +104,9 @@ def _check_values(merged: dict, origin: Callable[[str], str]) -> None:
         value = merged[key]
         if type(value) is not int or value < least:
             raise ConfigError(f"{origin(key)} {value!r}: expected an integer >= {least}")
+    if merged["max_side"] > MAX_SIDE:   # every image it would leave larger would be skipped
+        raise ConfigError(f"{origin('max_side')} {merged['max_side']}: the shard format holds at most {MAX_SIDE} px "
+                          f"per side; choose {MAX_SIDE} or less (0 keeps every image at its size)")
     for src in merged["src"]:
         if not Path(src).is_dir():
             raise ConfigError(f"{origin('src')} {src}: not a directory")
