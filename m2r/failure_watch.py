@@ -5,8 +5,9 @@ peer's death) and wait there for the collective timeout (run.collective_timeout_
 launcher kills them: torchrun and the deepspeed launcher do, srun only with --kill-on-bad-exit. And the
 failing rank's own interpreter shutdown can hang (NCCL's communicator abort while peers still use it).
 So a failing rank writes its error into the process group's key-value store and exits at once
-(`end_every_rank`); every rank's watch thread (`start`, from m2r.dist.init_distributed) reads the store
-every POLL_SECONDS and then exits (status 1), naming the rank that failed and where it was itself.
+(`end_every_rank`); every rank's watch thread (`start`, from m2r.dist.init_distributed, and for m2r.evaluate and
+m2r.restore from m2r.eval.loading.make_accelerator) reads the store every POLL_SECONDS and then exits (status 1),
+naming the rank that failed and where it was itself.
 
 Not covered: on NCCL a collective timeout aborts the process from torch's watchdog thread, with no Python
 error to announce, so a rank that hangs (a stuck read) is ended by its launcher alone

@@ -79,6 +79,20 @@ def test_expert_groups_of_consecutive_ranks_that_span_hosts_are_named(monkeypatc
     assert dist.groups_spanning_hosts(2) == dist.groups_spanning_hosts(4) == []
 
 
+def test_the_problem_of_any_rank_is_the_lowest_ranks_naming_it_and_how_many_more_have_one(monkeypatch):
+    """Every rank gets the same text: the first rank's problem, that rank, and how many others have one; a world of one
+    (no process group) gets its own problem as it is, and no rank's problem means none."""
+    monkeypatch.setattr(dist, "all_gather_object", lambda problem: [None, "lacks 2", None, "lacks 4", "lacks 1"])
+    assert dist.problem_of_any_rank(None) == "lacks 2 (on rank 1 and 2 more of the 5 ranks)"
+    monkeypatch.setattr(dist, "all_gather_object", lambda problem: [None, None, "lacks 4"])
+    assert dist.problem_of_any_rank(None) == "lacks 4 (on rank 2)"
+    monkeypatch.setattr(dist, "all_gather_object", lambda problem: [None, None])
+    assert dist.problem_of_any_rank(None) is None
+    monkeypatch.undo()
+    assert not dist.is_initialized()
+    assert dist.problem_of_any_rank("lacks 3") == "lacks 3" and dist.problem_of_any_rank(None) is None
+
+
 def test_a_run_warns_when_its_expert_groups_span_hosts(monkeypatch, capsys):
     from m2r.engine.run import TrainingRun
 
@@ -517,6 +531,43 @@ def test_a_refused_start_removes_only_directories_it_created_that_hold_nothing_b
     assert [path.name for path in (tmp_path / "d").iterdir()] == ["notes.txt"]
 
 
+def test_a_directory_another_process_made_meanwhile_is_never_removed_by_a_refused_start(tmp_path, monkeypatch):
+    """A parent that another run's start made between this one's look and its mkdir is that run's: not among the
+    directories this start created, so its refusal removes run.dir alone."""
+    from m2r.engine.run_lock import make_missing_dirs, remove_unused_run_dir
+
+    made_meanwhile, mkdir = tmp_path / "shared", Path.mkdir
+
+    def racing_mkdir(path, *args, **kwargs):
+        if path == made_meanwhile:
+            mkdir(path)   # the other process's
+            raise FileExistsError(path)
+        return mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", racing_mkdir)
+    created = make_missing_dirs(made_meanwhile / "run")
+    assert created == [made_meanwhile / "run"]
+    remove_unused_run_dir(created)
+    assert made_meanwhile.is_dir() and not (made_meanwhile / "run").exists()
+
+
+def test_a_start_that_could_not_lock_run_dir_keeps_the_directories_it_made(tmp_path, monkeypatch):
+    """On a filesystem without locks nothing keeps a second run out of run.dir, which may be using what this start
+    created: a refusal leaves them. With the lock, they are the start's to remove."""
+    from m2r.engine import run
+
+    started = run.TrainingRun.__new__(run.TrainingRun)
+    started.run_dir = tmp_path / "locked" / "run"
+    run.TrainingRun._lock_run_dir(started)
+    assert started._new_dirs == [tmp_path / "locked", tmp_path / "locked" / "run"]
+    started._run_lock.close()
+    monkeypatch.setattr(run, "hold_run_dir_lock", lambda run_dir: None)
+    unlocked = run.TrainingRun.__new__(run.TrainingRun)
+    unlocked.run_dir = tmp_path / "unlocked" / "run"
+    run.TrainingRun._lock_run_dir(unlocked)
+    assert unlocked._new_dirs == () and unlocked.run_dir.is_dir()
+
+
 # ----------------------------------------------------------------------------------- stop signals
 
 
@@ -777,6 +828,46 @@ def test_a_resumed_fp16_run_reports_only_the_steps_skipped_since_it_started(repo
     stub.monitor.close()
     engine.skipped_steps = 6
     assert TrainingRun._loss_scaling(stub) == {"loss_scale": 2.0**15, "skipped_steps": 1}
+
+
+def test_weights_no_longer_finite_stop_a_save_naming_a_few_of_them_and_the_newest_good_checkpoint(tmp_path):
+    """One process: the trainable tensors that hold inf/NaN, counted and named (a frozen one is not the run's to
+    mend), and the newest complete checkpoint to resume (not an older one, nor one cut short)."""
+    from m2r.engine.run import TrainingRun
+
+    network = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    with torch.no_grad():
+        network[0].weight.requires_grad_(False).fill_(float("nan"))
+        network[1].bias[0] = float("inf")
+        network[2].weight[0, 0] = float("nan")
+    for tag, complete in (("step00000010", True), ("step00000020", True), ("step00000030", False)):
+        (tmp_path / tag).mkdir()
+        if complete:
+            (tmp_path / tag / "meta.json").write_text("{}")
+    stub = SimpleNamespace(engine=SimpleNamespace(module=network), step=31, checkpoints=SimpleNamespace(root=tmp_path),
+                           cfg=SimpleNamespace(train=SimpleNamespace(precision="fp16", zero_stage=0)))
+    with pytest.raises(FloatingPointError) as refused:
+        TrainingRun._refuse_non_finite_weights(stub)
+    # no ZeRO 1/2 hint: fp16's loss scaler skips non-finite steps at ZeRO 0 too
+    assert str(refused.value) == (f"step 31: 2 weight tensors are no longer finite (1.bias, 2.weight); no checkpoint "
+                                  f"is saved; resume the newest with run.resume={tmp_path / 'step00000020'}")
+    stub.cfg.train.precision = "fp32"
+    with pytest.raises(FloatingPointError, match=r"step00000020 \(train.zero_stage=1 or 2 skip non-finite steps\)$"):
+        TrainingRun._refuse_non_finite_weights(stub)
+    with torch.no_grad():
+        network[1].bias[0] = network[2].weight[0, 0] = 0.0
+    TrainingRun._refuse_non_finite_weights(stub)   # only the frozen weight is not finite: saved
+
+
+def test_the_ranks_whose_weights_are_no_longer_finite_are_counted_each_once():
+    """Dense weights are on every rank: a NaN one on 4 ranks is 1 tensor 4 times, not 4 tensors."""
+    from m2r.engine.run import describe_non_finite_weights
+
+    assert describe_non_finite_weights([5, 5, 5, 6], ["a", "b", "c", "d", "e"]) == (
+        "weight tensors are no longer finite on 4 of the 4 ranks (5 on rank 0, 5 on rank 1, 5 on rank 2, ...); "
+        "this rank's: a, b, c, ...")
+    assert describe_non_finite_weights([0, 1], []) == ("weight tensors are no longer finite on 1 of the 2 ranks (1 on "
+                                                       "rank 1)")
 
 
 def test_a_resume_restores_the_ema_as_rank_0s_read_of_the_checkpoint_says(monkeypatch):

@@ -30,6 +30,7 @@ from m2r.engine.checkpoint import (ABANDONED_DIR, RUN_CHECKPOINTS_DIR, Checkpoin
 from m2r.engine.config import PRECISIONS, collective_timeout
 from m2r.engine.deepspeed_config import (build_deepspeed_config, gradient_accumulation_dtype,
                                          gradient_reduction_dtype, images_per_step, precision_notes)
+from m2r.engine.experts import global_expert_names
 from m2r.engine.loss import LossTerms, restoration_loss
 from m2r.engine.monitor import NullMonitor, StepTimer, build_monitor
 from m2r.engine.optim import (EMA, LRSchedule, apply_optimizer_settings, build_optimizer, learning_rate,
@@ -142,6 +143,18 @@ def leaves_no_new_run_dir_if_refused(init: Callable[..., None]) -> Callable[...,
             remove_unused_run_dir(self._new_dirs)
             raise
     return start
+
+
+def describe_non_finite_weights(per_rank: Sequence[int], here: Sequence[str]) -> str:
+    """What `TrainingRun._refuse_non_finite_weights` found: how many weight tensors each rank holds that are no longer
+    finite (`per_rank`, by rank) and a few of this rank's (`here`, by global name)."""
+    names = ", ".join(here[:3]) + (", ..." if len(here) > 3 else "")
+    if len(per_rank) == 1:
+        return f"{per_rank[0]} weight tensors are no longer finite ({names})"
+    ranks = [index for index, count in enumerate(per_rank) if count]
+    tally = ", ".join(f"{per_rank[index]} on rank {index}" for index in ranks[:3]) + (", ..." if len(ranks) > 3 else "")
+    mine = f"; this rank's: {names}" if here else ""
+    return f"weight tensors are no longer finite on {len(ranks)} of the {len(per_rank)} ranks ({tally}){mine}"
 
 
 class TrainingRun:
@@ -333,20 +346,24 @@ class TrainingRun:
         """Stop instead of saving inf/NaN weights: such a checkpoint would become the one a resume takes and push
         an older, good one out (run.keep_last). fp32 at ZeRO 0 applies a non-finite gradient whose loss was still
         finite (`_stop_if_weights_took_a_non_finite_step` sees it one step later). Every rank checks its own
-        trainable weights (experts differ per rank): one pass over them and one all-reduce per checkpoint."""
+        trainable weights (experts differ per rank) and counts them in its own slot (dense weights are on every
+        rank: a sum would count each once per rank): one pass over them and one all-reduce per checkpoint."""
         named = [(name, weight) for name, weight in self.engine.module.named_parameters() if weight.requires_grad]
         finite = torch.stack([torch.isfinite(weight).all() for _, weight in named])
-        not_finite = int(dist.all_reduce_sum((~finite).sum().double().view(1)).item())
-        if not_finite == 0:
+        per_rank = torch.zeros(dist.world_size(), dtype=torch.float64, device=finite.device)
+        per_rank[dist.rank()] = (~finite).sum()
+        per_rank = dist.all_reduce_sum(per_rank)
+        if not per_rank.any():
             return
-        here = [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
+        global_names = global_expert_names(self.engine.module)   # a local expert id says little on another rank
+        here = [global_names.get(name, name) for (name, _), ok in zip(named, finite.tolist()) if not ok]
         newest = complete_tags(self.checkpoints.root)
         resume = f"resume the newest with run.resume={self.checkpoints.root / newest[-1]}" if newest else \
             "this run has no earlier checkpoint"
-        where = f" (on rank {dist.rank()}: {', '.join(here[:3])})" if here else ""
-        skips = " (train.zero_stage=1 or 2 skip non-finite steps)" if self.cfg.train.zero_stage == 0 else ""
-        raise FloatingPointError(f"step {self.step}: {not_finite} weight tensors are no longer finite{where}; "
-                                 f"no checkpoint is saved; {resume}{skips}")
+        applies_them = (self.cfg.train.precision, self.cfg.train.zero_stage) == ("fp32", 0)   # fp16's scaler skips
+        skips = " (train.zero_stage=1 or 2 skip non-finite steps)" if applies_them else ""
+        found = describe_non_finite_weights(per_rank.long().tolist(), here)
+        raise FloatingPointError(f"step {self.step}: {found}; no checkpoint is saved; {resume}{skips}")
 
     # ----------------------------------------------------------------------------- resume
     def _load_checkpoint(self, ref: CheckpointRef) -> Tuple[Dict[str, Any], Optional[Dict[str, Any]]]:

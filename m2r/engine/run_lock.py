@@ -81,9 +81,9 @@ def make_missing_dirs(run_dir: Path) -> List[Path]:
 
 def remove_unused_run_dir(created: Sequence[Path]) -> None:
     """After a refused start, by the process holding the lock: the directories `make_missing_dirs` created (the
-    last one is run.dir), innermost first, removed while they hold nothing, run.dir nothing but its lock file.
-    A run.dir with anything else in it stays, and so do the directories above it. Never raises: it runs while
-    the refusal's own error is on its way to the user."""
+    last one is run.dir, unless another process made run.dir itself meanwhile), innermost first, removed while they
+    hold nothing, the last one nothing but its lock file. One with anything else in it stays, and so do the
+    directories above it. Never raises: it runs while the refusal's own error is on its way to the user."""
     if not created:
         return
     try:
