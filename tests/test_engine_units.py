@@ -880,6 +880,6 @@ def test_a_resume_restores_the_ema_as_rank_0s_read_of_the_checkpoint_says(monkey
     loaded = []
     monkeypatch.setattr(run.dist, "on_rank0", lambda work: True)   # rank 0's read: the checkpoint holds an EMA
     monkeypatch.setattr(run, "load_ema_states", lambda ref: {"weight": torch.ones(1)})
-    stub = SimpleNamespace(ema=SimpleNamespace(load_state_dict=loaded.append))
+    stub = SimpleNamespace(ema=SimpleNamespace(load_state_dict=lambda state, source: loaded.append((state, source))))
     run.TrainingRun._restore_ema(stub, SimpleNamespace(meta=stale_read, path="ckpt/step00000005"))
-    assert loaded == [{"weight": torch.ones(1)}]
+    assert loaded == [({"weight": torch.ones(1)}, "the EMA of ckpt/step00000005")]   # named in a "lacks" error

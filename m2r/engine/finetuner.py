@@ -208,7 +208,7 @@ class Finetuner(TrainingRun):
         """(the pretraining checkpoint init.weights names, whether it holds an EMA), its network checked against
         this one's and, with init.use_ema, its EMA required; rank 0's reads decide for every rank."""
         ref = dist.on_rank0(lambda: checkpoint_at(directory, "init.weights"))
-        self._require_init_network(ref.saved_model_config(), str(ref.path))
+        self._require_init_network(dist.on_rank0(ref.saved_model_config), str(ref.path))
         has_ema = dist.on_rank0(lambda: bool(ref.meta().get("ema")))
         if self.cfg.init.use_ema and not has_ema:
             raise config_error("init.use_ema", f"{ref.path} (init.weights) holds no EMA weights: its run had "

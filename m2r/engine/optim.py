@@ -123,9 +123,10 @@ class EMA:
         return {name: tensor.clone() for name, tensor in self._full_weights().items()
                 if (experts if EXPERT_INFIX in name else dense)}
 
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """`state` (every weight by global name, e.g. `load_ema_states`) as the average. Call it on every rank."""
-        _require_every_weight(self.shadow, state, "EMA state", "weights")
+    def load_state_dict(self, state: Mapping[str, torch.Tensor], source: str = "EMA state") -> None:
+        """`state` (every weight by global name, e.g. `load_ema_states`) as the average; `source` names it in the
+        error when it lacks weights. Call it on every rank."""
+        _require_every_weight(self.shadow, state, source, "weights")
         for name, param in self._params.items():
             start, numel = _fragment_of(param)
             self.shadow[name].copy_(state[name].reshape(-1)[start:start + numel].view_as(self.shadow[name]))

@@ -309,7 +309,7 @@ class TrainingRun:
         if self.ema is None:
             return
         if dist.on_rank0(lambda: bool(ref.meta().get("ema"))):
-            self.ema.load_state_dict(load_ema_states(ref))
+            self.ema.load_state_dict(load_ema_states(ref), f"the EMA of {ref.path}")
         else:
             dist.print0(f"WARNING: {ref.path} holds no EMA weights; EMA restarts from the loaded weights")
             self._start_ema()
