@@ -446,6 +446,24 @@ def test_val_set_reads_the_val_shards_whatever_the_training_shards(shard_dir):
     assert not same_batches(build_val_set(with_training, CROP), build_val_set(first, CROP))
 
 
+def test_a_validation_set_that_differs_on_another_rank_is_refused_naming_its_rank_and_host(shard_dir, monkeypatch):
+    """Each rank scores its share of the batches from its own copy: a node whose validation images differ (other
+    files, other library versions) is refused at start-up, on every rank, rather than mixed into the metrics."""
+    from m2r.data import stream
+
+    cfg = DataConfig(preset="five-task", val_samples_per_type=1)   # the built-in photos
+    alone = build_val_set(cfg, CROP)
+    elsewhere = build_val_set(DataConfig(val_shards=f"{shard_dir}/shard-000000.tar", preset="five-task",
+                                         val_samples_per_type=1), CROP)
+    monkeypatch.setattr(stream.dist, "is_multi_rank", lambda: True)
+    monkeypatch.setattr(stream.dist, "all_gather_object", lambda mine: [mine, (stream._digest(elsewhere), "node7")])
+    with pytest.raises(ConfigError, match=re.escape("the built-in validation photos: the validation set built by "
+                                                    "rank 1 on host node7 differs from rank 0's: every node must")):
+        build_val_set(cfg, CROP)
+    monkeypatch.setattr(stream.dist, "all_gather_object", lambda mine: [mine, mine])
+    assert same_batches(build_val_set(cfg, CROP), alone)
+
+
 def copy_shards(shard_dir, to, manifest=True):
     to.mkdir(exist_ok=True)
     for path in shard_dir.iterdir():
