@@ -305,7 +305,8 @@ def test_engine_speed_rows_train_on_synthetic_shards_where_scikit_image_is_missi
     from m2r.engine.config import PretrainConfig
 
     es = _engine_speed(repo_root, monkeypatch)
-    monkeypatch.setitem(sys.modules, "skimage", None)   # `import skimage` raises ImportError
+    for module in ("skimage", "skimage.data"):   # importing either raises ImportError, even once imported before
+        monkeypatch.setitem(sys.modules, module, None)
     overrides = [*es.bench_data(tmp_path), f"run.dir={tmp_path / 'run'}", "data.workers=0"]
     cfg = load_config(PretrainConfig, f"{repo_root}/configs/pretrain/m2restore.yaml", overrides)
     assert cfg.data.source == "shards" and cfg.data.val_shards == cfg.data.shards
