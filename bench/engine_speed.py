@@ -176,7 +176,7 @@ def measure_row(variant: train_speed.Variant, args, overrides: List[str]) -> dic
     row = {"variant": variant.name, "key": variant.key, "config": config, "overrides": overrides,
            "precision": cfg.train.precision, "zero_stage": cfg.train.zero_stage, "images_per_step": images,
            "grad_accum": cfg.train.grad_accum, "crop": cfg.train.crop, "ema": cfg.train.ema_decay > 0,
-           "activation_checkpointing": run.checkpointing, **timed,
+           "activation_checkpointing": run.activation_checkpointing, **timed,
            "img_per_s": images / (timed["ms_per_step"] / 1e3),
            "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if run.device.type == "cuda" else None,
            "scan_path": train_speed.scan_path(run.engine.module, run.device), "variant_settings": asdict(variant)}

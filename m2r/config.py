@@ -180,7 +180,7 @@ def load_config(schema: Type, path: str | os.PathLike | None = None,
     if base is not None:
         cfg = _merge_checked(cfg, base, "the stored config")
     if path is not None:
-        cfg = _merge_checked(cfg, _read_yaml(config_path(path)), str(path))
+        cfg = _merge_checked(cfg, read_merged_yaml(path), str(path))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value")

@@ -275,7 +275,7 @@ def speed_settings(ema=None, device="cpu", **train):
     train = dict(dict(precision="fp32", zero_stage=1, channels_last=False, compile=False, compile_backend="inductor",
                       ema_decay=0.0, activation_checkpointing="none"), **train)
     stub = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(**train)), ema=ema, device=torch.device(device))
-    stub.checkpointing = TrainingRun._checkpointing_mode(stub)
+    stub.activation_checkpointing = TrainingRun._checkpointing_mode(stub)
     return "\n".join(TrainingRun._speed_settings(stub))
 
 

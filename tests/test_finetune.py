@@ -616,7 +616,7 @@ def test_the_finetune_cosine_ends_at_schedule_epochs_and_warms_up_over_warmup_ep
     stub._val_batches = lambda sets: []
     stub._validation_sets = lambda: Finetuner._validation_sets(stub)
     Finetuner._build_data(stub, dist.DistEnv(0, 1, 0, "none"))
-    assert stub.steps_per_epoch == 4 and stub.total_steps == 16
+    assert stub.steps_per_epoch == 4 and Finetuner._schedule_length(stub) == 16
     assert (stub.schedule.warmup_steps, stub.schedule.steps) == (4, 8)
 
 

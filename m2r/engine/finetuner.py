@@ -1,6 +1,7 @@
 """Finetuning on paired datasets (AllWeather, CDD-11, a folder) on the pretraining engine.
 
-The `finetune.py` entry point runs `Finetuner(cfg, env).fit()`; see its docstring for the commands.
+The `finetune.py` entry point (m2r/finetune.py, whose docstring lists the commands) runs
+`Finetuner(cfg, env, stop_request).fit()` through m2r/engine/entry.py.
 The resumable distributed sampler and the epoch loop live here; the config schema (`FinetuneConfig`)
 in m2r/engine/config.py.
 """
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from m2r import dist, stop_signals
 from m2r.config import ConfigError, config_error, require
+from m2r.data.augment import center_crop
 from m2r.engine.bests import align_best_with_resume, best_checkpoints, export_best
 from m2r.engine.checkpoint import FINETUNE_KIND, CheckpointRef, checkpoint_at, load_ema_states, load_weights_only
 from m2r.engine.config import allowed_model_changes, validate_finetune_config
@@ -28,8 +30,11 @@ from m2r.engine.optim import LRSchedule, load_trainable_weights
 from m2r.engine.rng import capture_rng_state, rank_seed
 from m2r.engine.run import StepResult, TrainingRun, leaves_no_new_run_dir_if_refused
 from m2r.engine.validate import validation_metrics
+from m2r.eval.datasets import (DatasetLayoutError, PairedImages, evaluation_sets, read_pair, to_chw_uint8,
+                               train_pairs, training_list_file)
 from m2r.export import config_path_for, stored_model_config
 from m2r.models.config import require_same_network
+from m2r.models.convert import check_fits, load_official_checkpoint, read_checkpoint
 
 
 class ResumableSampler(DistributedSampler):
@@ -45,10 +50,15 @@ class ResumableSampler(DistributedSampler):
         return max(0, super().__len__() - self.skip)
 
 
+def samples_per_step(train) -> int:
+    """The samples one rank trains on per optimizer step: the micro-batches of one accumulation."""
+    return train.micro_batch * train.grad_accum
+
+
 def optimizer_steps_in(sampler: ResumableSampler, train) -> int:
     """Optimizer steps in what `sampler` deals this rank (an epoch, or its rest after `skip`): whole
     micro-batches (the loader drops the last partial one), whole accumulations of them."""
-    return len(sampler) // train.micro_batch // train.grad_accum
+    return len(sampler) // samples_per_step(train)
 
 
 def training_set_id(pairs, root: str) -> Dict[str, Any]:
@@ -113,8 +123,6 @@ class Finetuner(TrainingRun):
 
     # ----------------------------------------------------------------------------- setup
     def _build_data(self, env: dist.DistEnv) -> None:
-        from m2r.eval.datasets import PairedImages, train_pairs
-
         data, train = self.cfg.data, self.cfg.train
         # Rank 0 lists (and checks) the pairs for everybody: ranks listing a shared folder themselves could
         # disagree (a stale NFS listing, a copy in progress) on the steps per epoch, and the one that runs
@@ -136,7 +144,6 @@ class Finetuner(TrainingRun):
             raise ConfigError(f"data.root={data.root}: {len(pairs)} training images give no optimizer step per "
                               f"epoch at {env.world_size} ranks x micro_batch {train.micro_batch} x grad_accum "
                               f"{train.grad_accum}")
-        self.total_steps = train.epochs * self.steps_per_epoch
         self.schedule = LRSchedule(train.lr, train.min_lr, warmup_steps=train.warmup_epochs * self.steps_per_epoch,
                                    steps=(train.schedule_epochs or train.epochs) * self.steps_per_epoch)
         val_sets = dist.on_rank0(self._validation_sets)
@@ -148,8 +155,6 @@ class Finetuner(TrainingRun):
     def _validation_sets(self):
         """The validation sets data.val_sets names (all by default) under data.val_root, else data.root; a
         layout error names the keys, since the one the user left unset (data.val_root) decides the folder."""
-        from m2r.eval.datasets import DatasetLayoutError, evaluation_sets
-
         data = self.cfg.data
         try:
             return evaluation_sets(data.dataset, data.val_root or data.root, list(data.val_sets) or None)
@@ -161,9 +166,6 @@ class Finetuner(TrainingRun):
     def _val_batches(self, val_sets) -> List[Dict[str, torch.Tensor]]:
         """Centre crops of the first images of each set, batched per set; type_id = set index. An image
         smaller than the crop is refused: validation would score an upscaled copy of it."""
-        from m2r.data.augment import center_crop
-        from m2r.eval.datasets import read_pair, to_chw_uint8
-
         data = self.cfg.data
         batches = []
         for set_index, pairs in enumerate(val_sets.values()):
@@ -184,8 +186,6 @@ class Finetuner(TrainingRun):
     def _load_init_weights(self, model) -> None:
         """An init.weights file (.safetensors, official) into the model, before DeepSpeed wraps it (a
         pretraining checkpoint directory loads after: `_load_pretraining_checkpoint`)."""
-        from m2r.models.convert import check_fits, load_official_checkpoint, read_checkpoint
-
         path = Path(self.cfg.init.weights)
         if path.suffix == ".safetensors":
             saved_model = stored_model_config(path)
@@ -323,8 +323,6 @@ class Finetuner(TrainingRun):
         """Where the training inputs are (the folder of every one of them): which of a layout's candidate
         folders was taken, e.g. a test set's when data.root points at one by mistake; and the list file
         that chose them, when one did (a stale one trains on fewer images than the folder holds)."""
-        from m2r.eval.datasets import training_list_file
-
         folder = os.path.commonpath([str(pair.lq.parent) for pair in self.train_set.pairs])
         data = self.cfg.data
         listed = training_list_file(data.dataset, data.root, data.list_file)
@@ -340,8 +338,7 @@ class Finetuner(TrainingRun):
         epochs done and the steps into this one. The step count is not it once the steps per epoch change
         (a resume at another world size, micro batch or accumulation): the schedule would go back into its
         warmup, or be cut short, with the run's last epoch far from train.min_lr."""
-        train = self.cfg.train
-        return self.epoch * self.steps_per_epoch + self.samples_into_epoch // (train.micro_batch * train.grad_accum)
+        return self.epoch * self.steps_per_epoch + self.samples_into_epoch // samples_per_step(self.cfg.train)
 
     def _count_steps_to_the_end(self) -> None:
         """`total_steps`: the step the last epoch ends at, for the console's step N/total, its ETA and the last
@@ -375,7 +372,7 @@ class Finetuner(TrainingRun):
             steps = optimizer_steps_in(self.sampler, train)
             for index in range(steps):
                 result = self.train_step(batches, timer)
-                self.samples_into_epoch += train.micro_batch * train.grad_accum
+                self.samples_into_epoch += samples_per_step(train)
                 signalled = self._report_step(result, timer)
                 self.steps_this_run += 1
                 # run.stop_after_steps at the epoch's last step stops after its validation (`_train_epochs`), as
@@ -409,8 +406,7 @@ class Finetuner(TrainingRun):
 
     def _steps_left_in_epoch(self) -> int:
         """Optimizer steps in the rest of the epoch under way (`optimizer_steps_in` its sampler from there)."""
-        train = self.cfg.train
-        return max(0, self.sampler.num_samples - self.samples_into_epoch) // train.micro_batch // train.grad_accum
+        return max(0, self.sampler.num_samples - self.samples_into_epoch) // samples_per_step(self.cfg.train)
 
     def save_checkpoint(self, before_publish: Optional[Callable[[Path, Dict[str, Any]], None]] = None
                         ) -> CheckpointRef:

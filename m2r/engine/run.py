@@ -40,6 +40,7 @@ from m2r.engine.run_lock import check_every_rank_sees, hold_run_dir_lock, make_m
 from m2r.engine.zero_state import load_resharded_optimizer_state, why_not_carried
 from m2r.eval.image_io import to_unit_float
 from m2r.models.config import model_defaults, require_same_network
+from m2r.models.moe import is_first_expert_replica
 from m2r.models.scan import resolve_scan_backend
 
 # Settings of one process, expected to differ between the runs that continue one another.
@@ -176,7 +177,7 @@ class TrainingRun:
     _skipped_steps_logged: int     # DeepSpeed's count of skipped steps at the last log step (from `_open_monitor`)
     ema: Optional[EMA]             # (from `_start_ema`)
     launcher: str                  # what started the ranks (m2r.dist.DistEnv.launcher)
-    checkpointing: str             # train.activation_checkpointing as applied, auto resolved (from `_build_model`)
+    activation_checkpointing: str  # train.activation_checkpointing as applied, auto resolved (from `_build_model`)
     _run_lock: Optional[IO]        # rank 0 only: the run.dir lock file, open for the whole run (None: no locks)
     _new_dirs: Sequence[Path] = ()  # rank 0, holding the lock: the directories it made for run.dir (`_lock_run_dir`)
 
@@ -258,13 +259,13 @@ class TrainingRun:
     # ----------------------------------------------------------------------------- model and engine
     def _build_model(self):
         """This rank's M2Restore (experts need the expert-parallel rank, hence after the process group), with the
-        activation checkpointing `_checkpointing_mode` resolves (kept as `checkpointing` for the summary)."""
+        activation checkpointing `_checkpointing_mode` resolves (kept as `activation_checkpointing` for the summary)."""
         from m2r.models.m2restore import build_model
 
         train = self.cfg.train
         model = build_model(self.cfg.model)
-        self.checkpointing = self._checkpointing_mode()
-        model.set_activation_checkpointing(self.checkpointing)
+        self.activation_checkpointing = self._checkpointing_mode()
+        model.set_activation_checkpointing(self.activation_checkpointing)
         if train.channels_last:
             model.use_channels_last()
         if train.compile:
@@ -290,7 +291,8 @@ class TrainingRun:
             model=model, optimizer=build_optimizer(model, train),
             config=build_deepspeed_config(train, self.topology.world_size), dist_init_required=False)
         if skip_the_redundant_overflow_scan(self.engine.optimizer):
-            dist.print0("bf16: DeepSpeed's per-gradient inf/NaN scan skipped (its grad-norm check skips the same steps)")
+            dist.print0("bf16: DeepSpeed's per-gradient inf/NaN scan skipped (its grad-norm check skips the same "
+                        "steps)")
         # The frozen CLIP prior runs in fp32 at every precision (its share of the work is small, and its scores
         # steer the gates): DeepSpeed 0.19.8 casts the module's parameters alone, which leaves the prior out,
         # earlier releases cast the whole module, which M2Restore._apply extends to the prior.
@@ -320,8 +322,6 @@ class TrainingRun:
         weight once whatever the world size; other ranks save none (an empty dict)."""
         if self.ema is None:
             return None
-        from m2r.models.moe import is_first_expert_replica
-
         return self.ema.state_dict(dense=dist.is_rank0(),
                                    experts=is_first_expert_replica(dist.rank(), self.topology.ep_size))
 
@@ -544,7 +544,7 @@ class TrainingRun:
         ema = f"{train.ema_decay}, following {self.ema.follows()}" if self.ema is not None else "off"
         auto = f" (auto on {self.device.type})" if train.activation_checkpointing == "auto" else ""
         return [f"  precision {train.precision} ({sums}) | ZeRO {train.zero_stage} | activation checkpointing "
-                f"{self.checkpointing}{auto} | channels_last {train.channels_last} | compile {compiled}",
+                f"{self.activation_checkpointing}{auto} | channels_last {train.channels_last} | compile {compiled}",
                 f"  {cuda_flags(self.device)}EMA {ema}",
                 *(f"  note: {note}" for note in precision_notes(train))]
 

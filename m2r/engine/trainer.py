@@ -1,9 +1,10 @@
 """The pretraining loop on DeepSpeed: build, resume, train, validate, checkpoint, report.
 
-Order of construction (each step needs the previous one): process group and the checkpoint to resume
-(`TrainingRun`) -> model (experts need the expert-parallel rank) -> activation checkpointing -> AdamW
-with MoE groups -> DeepSpeed engine -> data stream -> EMA -> resume. Every rank runs every
-collective: the stop decision, checkpoint saves, validation and image forwards.
+Order of construction: process group and the checkpoint to resume (`TrainingRun`) -> data stream and
+validation set (first, so that a wrong shard path stops the start before the network is built) -> model
+(experts need the expert-parallel rank) with its activation checkpointing -> AdamW with MoE groups in the
+DeepSpeed engine -> EMA -> resume. Every rank runs every collective: the stop decision, checkpoint saves,
+validation and image forwards.
 """
 from __future__ import annotations
 

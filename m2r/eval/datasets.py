@@ -163,13 +163,19 @@ def _allweather_train_folder(root: Path) -> Path:
                              f"({' or '.join(INPUT_DIRS)})")
 
 
+def _given_list_file(list_file: str) -> Path:
+    """data.list_file, which must exist."""
+    if not Path(list_file).is_file():
+        raise DatasetLayoutError(f"list file {list_file} not found")
+    return Path(list_file)
+
+
 def allweather_list_file(root: Path, list_file: Optional[str] = None) -> Optional[Path]:
     """The list file that selects the AllWeather training images: `list_file`, else the first of
     ALLWEATHER_LIST_FILES under `root`, else None (every image of the training folder)."""
-    if list_file is not None and not Path(list_file).is_file():
-        raise DatasetLayoutError(f"list file {list_file} not found")
-    found = [Path(root) / name for name in ALLWEATHER_LIST_FILES if (Path(root) / name).is_file()]
-    return Path(list_file) if list_file is not None else (found[0] if found else None)
+    if list_file is not None:
+        return _given_list_file(list_file)
+    return next((Path(root) / name for name in ALLWEATHER_LIST_FILES if (Path(root) / name).is_file()), None)
 
 
 def training_list_file(dataset: str, root: str, list_file: Optional[str] = None) -> Optional[Path]:
@@ -178,9 +184,7 @@ def training_list_file(dataset: str, root: str, list_file: Optional[str] = None)
     if dataset == "allweather":
         return allweather_list_file(Path(root), list_file)
     if dataset == "folder" and list_file is not None:
-        if not Path(list_file).is_file():
-            raise DatasetLayoutError(f"list file {list_file} not found")
-        return Path(list_file)
+        return _given_list_file(list_file)
     return None
 
 
