@@ -481,3 +481,86 @@ def test_a_tag_pruned_part_way_never_counts_as_complete(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         manager.save(FakeEngine(), 30, Topology(1, 1, "fp32", 1), {"step": 30}, config)
     assert complete_tags(tmp_path) == [tag_for(20), tag_for(30)]
+
+
+def test_a_step_saved_again_never_leaves_a_complete_tag_without_its_weights(tmp_path, monkeypatch):
+    """The old tag of a step saved again leaves its name in one rename before any of it is deleted: a kill
+    during that deletion (rmtree goes in directory order) must not leave `step<N>` holding meta.json alone."""
+    import m2r.engine.checkpoint as checkpoint
+    from m2r.engine.checkpoint import complete_tags
+
+    config, manager = load_config(PretrainConfig), CheckpointManager(tmp_path, keep_last=2)
+    for step, epoch in ((10, 0), (20, 0)):
+        manager.save(FakeEngine(), step, Topology(1, 1, "fp32", 1), {"step": step, "epoch": epoch}, config)
+
+    def killed_part_way(path, ignore_errors=False):   # every file before meta.json, then the kill
+        if not Path(path).is_dir():
+            return
+        for entry in sorted(Path(path).iterdir()):
+            if entry.name != "meta.json":
+                entry.unlink()
+        raise KeyboardInterrupt("killed")
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_part_way)
+    with pytest.raises(KeyboardInterrupt):
+        manager.save(FakeEngine(), 20, Topology(1, 1, "fp32", 1), {"step": 20, "epoch": 1}, config)
+    assert complete_tags(tmp_path) == [tag_for(10), tag_for(20)]
+    assert torch.load(resolve_resume("latest", tmp_path).path / "mp_rank_00_model_states.pt")["epoch"] == 1
+
+
+def test_tags_set_aside_are_gone_from_the_checkpoint_directory_durably(tmp_path, monkeypatch):
+    """After a power loss the abandoned branch must not come back beside `latest`: the moves out of the checkpoint
+    directory are followed by a sync of that directory."""
+    import m2r.engine.checkpoint as checkpoint
+
+    manager, config = CheckpointManager(tmp_path, keep_last=3), load_config(PretrainConfig)
+    for step in (20, 40, 60):
+        manager.save(FakeEngine(), step, Topology(1, 1, "fp32", 1), {"step": step}, config)
+    events = []
+    real_replace, real_sync = os.replace, checkpoint.fsync_directory
+    monkeypatch.setattr(checkpoint.os, "replace", lambda src, dst: events.append(("move", Path(src).name))
+                        or real_replace(src, dst))
+    monkeypatch.setattr(checkpoint, "fsync_directory", lambda path: events.append(("sync", Path(path)))
+                        or real_sync(path))
+    assert set_aside_newer_tags(CheckpointRef(tmp_path, tag_for(20)), tmp_path) == [tag_for(40), tag_for(60)]
+    assert events[:2] == [("move", tag_for(40)), ("move", tag_for(60))] and ("sync", tmp_path) in events[2:]
+
+
+def test_a_kept_copy_has_its_directory_entries_on_disk_before_its_meta_json(tmp_path, monkeypatch):
+    """`keep_copy` links the staged files into a new folder: the folder's entries are synced before meta.json makes
+    the copy complete, or a power loss could leave a complete best copy without its weights."""
+    import m2r.atomic
+
+    config = load_config(PretrainConfig)
+    source = CheckpointManager(tmp_path / "checkpoints", keep_last=2, kind="finetune")
+    best = CheckpointManager(tmp_path / "best_psnr", keep_last=2, kind="finetune")
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(m2r.atomic.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+                        or real_fsync(fd))
+    source.save(FakeEngine(), 10, Topology(1, 1, "fp32", 1), {"step": 10}, config,
+                before_publish=lambda staged, meta: best.keep_copy(staged, meta["step"], meta))
+    staged = str(tmp_path / "best_psnr" / (tag_for(10) + ".partial"))
+    assert synced.index(staged) < synced.index(f"{staged}/meta.json.tmp")
+
+
+def test_a_tag_directory_named_as_run_resume_is_that_checkpoint(tmp_path):
+    """Not merely a reference with its name: its root is the checkpoint directory, so its files are read."""
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    for step in (7, 8):
+        manager.save(FakeEngine(), step, Topology(1, 1, "fp32", 1), {"step": step}, load_config(PretrainConfig))
+    ref = resolve_resume(str(tmp_path / tag_for(7)), Path("elsewhere"))
+    assert (ref.root, ref.path) == (tmp_path, tmp_path / tag_for(7)) and ref.meta()["step"] == 7
+
+
+@pytest.mark.parametrize("name", ["final", "zz-final"])
+def test_a_resumed_tag_directory_of_any_name_sets_aside_the_tags_newer_than_its_step(tmp_path, name):
+    """run.resume may name a tag directory copied under any name: what is newer is decided by its saved step (its
+    meta.json), not by comparing names, or this run's step 30 would stay and a restart would resume it."""
+    other, mine = tmp_path / "other", tmp_path / "mine" / "checkpoints"
+    save(CheckpointManager(other, keep_last=2), 10)
+    os.replace(other / tag_for(10), other / name)
+    manager = CheckpointManager(mine, keep_last=3)
+    for step in (5, 20, 30):
+        save(manager, step)
+    ref = resolve_resume(str(other / name), mine)
+    assert set_aside_newer_tags(ref, mine) == [tag_for(20), tag_for(30)] and manager.tags() == [tag_for(5)]

@@ -645,3 +645,34 @@ def test_keep_notes_never_adds_to_a_full_list():
     empty = []
     keep_notes(empty, [f"new {i}" for i in range(5)])
     assert empty == [f"new {i}" for i in range(MAX_DAMAGE_NOTES)]
+
+
+def test_a_stream_started_afresh_counts_its_samples_from_zero():
+    """`start_fresh` begins a new stream, its counters too: the samples per type it reports (and saves) are its own."""
+    stream = build_train_stream(DataConfig(source="builtin", preset="cdd11", workers=0), seed=1, rank=0, world_size=1,
+                                micro_batch=2, crop=CROP)
+    take(stream, 2)
+    stream.start_fresh(step=100)
+    state = stream.state_dict()
+    assert (state["batches"], sum(state["type_counts"]), state["corrupt"]) == (0, 0, 0)
+    take(stream, 1)
+    assert sum(stream.stats()["samples_by_type"].values()) == 2
+
+
+def test_a_stream_started_afresh_resumes_exactly_twice_in_a_row():
+    """A resumed stream keeps saying where it was started afresh: the next resume (preempted again) finds its
+    stream, instead of a mismatch that would draw a third one."""
+    def make():
+        return build_train_stream(DataConfig(source="builtin", preset="cdd11", workers=0), seed=1, rank=0,
+                                  world_size=1, micro_batch=2, crop=CROP)
+    first = make()
+    first.start_fresh(step=400)
+    take(first, 1)
+    second = make()
+    second.load_state_dict(first.state_dict())
+    take(second, 1)
+    third = make()
+    third.load_state_dict(second.state_dict())
+    reference = make()
+    reference.start_fresh(step=400)
+    assert same_batches(take(third, 2), take(reference, 4)[2:])

@@ -883,3 +883,40 @@ def test_a_resume_restores_the_ema_as_rank_0s_read_of_the_checkpoint_says(monkey
     stub = SimpleNamespace(ema=SimpleNamespace(load_state_dict=lambda state, source: loaded.append((state, source))))
     run.TrainingRun._restore_ema(stub, SimpleNamespace(meta=stale_read, path="ckpt/step00000005"))
     assert loaded == [({"weight": torch.ones(1)}, "the EMA of ckpt/step00000005")]   # named in a "lacks" error
+
+
+def test_a_saved_cuda_rng_state_is_restored_where_cuda_is(monkeypatch):
+    """Gate noise and dropout on the GPU draw from the CUDA generator: an exact resume restores it too."""
+    from m2r.engine.rng import capture_rng_state, restore_rng_state
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.tensor([7, 8, 9], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", restored.append)
+    state = capture_rng_state()
+    restore_rng_state(state)
+    assert len(restored) == 1 and restored[0].tolist() == [7, 8, 9]
+
+
+def test_rank_seeds_are_distinct_for_every_rank_of_a_64_gpu_job_and_every_step_of_a_long_run():
+    """A reseed at step s on one rank must not replay the noise another rank drew from another step."""
+    from m2r.engine.rng import rank_seed
+
+    ranks, steps = 64, 20000
+    assert len({rank_seed(7, rank, step) for rank in range(ranks) for step in range(steps)}) == ranks * steps
+
+
+def test_an_exact_resume_gives_each_rank_its_own_saved_rng_state(monkeypatch):
+    """Rank 1 continues from rank 1's generators: another rank's would repeat that rank's gate noise on both."""
+    from m2r.engine import run
+    from m2r.engine.checkpoint import Topology
+
+    client = {"step": 30, "rng_states": [{"saved by": 0}, {"saved by": 1}]}
+    topology = Topology(2, 1, "fp32", 1)
+    stub = SimpleNamespace(topology=topology, cfg=SimpleNamespace(train=None), optimizer=None,
+                           engine=SimpleNamespace(load_checkpoint=lambda root, tag: (None, client)),
+                           _global_batch_change=lambda ref, saved: "")
+    ref = SimpleNamespace(root="/ck", tag="step00000030", topology=lambda: topology)
+    monkeypatch.setattr(run, "apply_optimizer_settings", lambda optimizer, train: None)
+    monkeypatch.setattr(run.dist, "rank", lambda: 1)
+    assert run.TrainingRun._load_checkpoint(stub, ref) == (client, {"saved by": 1}) and stub.step == 30

@@ -348,3 +348,39 @@ def test_only_a_finetune_checkpoint_at_an_epochs_last_step_keeps_its_place_at_an
     assert Finetuner._position_kept_elsewhere(None, {"epoch_trained": False}) is False
     assert Finetuner._position_kept_elsewhere(None, {}) is False   # saved before 2026-11-28
     assert TrainingRun._position_kept_elsewhere(None, {"epoch_trained": True}) is False
+
+
+def test_a_re_partitioned_resume_gives_the_module_the_saved_fp32_masters_not_the_weights_it_loaded(monkeypatch):
+    """After `load_weights_only` the module holds the checkpoint's module weights (bf16-rounded when saved in bf16):
+    the re-partitioning overwrites them with the fp32 masters, so module and optimizer agree, as after a step."""
+    from m2r.engine import zero_state
+
+    zero, flat, _ = _partition_holding(tail_of_a=4, head_of_b=3)
+    module = torch.nn.Module()
+    module.a, module.b = zero.bit16_groups[0]
+    masters = {"a": torch.tensor([1.0 + 2 ** -12, 2.0, 3.0, 4.0]), "b": torch.tensor([5.0, 6.0, 7.0 + 2 ** -12])}
+    with torch.no_grad():   # the module weights as loaded: the masters rounded to bf16
+        module.a.copy_(masters["a"].bfloat16()), module.b.copy_(masters["b"].bfloat16())
+    monkeypatch.setattr(zero_state, "stitched_zero_state", lambda *args, **kwargs: {
+        name: {"fp32": master.clone()} for name, master in masters.items()})
+    ref = SimpleNamespace(saved_config=lambda: {"model": {"moe": {"num_experts": 1}}},
+                          topology=lambda: Topology(2, 1, "bf16", 1))
+    assert zero_state._load_resharded(SimpleNamespace(optimizer=zero, module=module), ref) == (False, False)
+    assert torch.equal(module.a, masters["a"]) and torch.equal(module.b, masters["b"])
+    assert torch.equal(flat[:7], torch.cat([masters["a"], masters["b"]]))
+
+
+def test_the_fragments_of_a_64_rank_job_are_joined_in_numeric_rank_order(tmp_path):
+    """Ranks 10 to 63 sort after rank 9, not between 1 and 2 as their names would: a 64-GPU checkpoint re-partitioned
+    elsewhere gets each weight in its own order."""
+    from m2r.engine.zero_state import stitched_zero_state
+
+    tag = tmp_path / "step00000001"
+    tag.mkdir()
+    for rank in range(64):   # each rank holds one value of the dense weight: its rank
+        torch.save({"optimizer_state_dict": {"single_partition_of_fp32_groups": [torch.tensor([float(rank)])],
+                                             "param_slice_mappings": [{"dense.weight": SimpleNamespace(start=0,
+                                                                                                      numel=1)}]}},
+                   tag / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+    stitched = stitched_zero_state(CheckpointRef(tmp_path, tag.name), ep_size=1, num_experts=4)
+    assert stitched["dense.weight"]["fp32"].tolist() == list(range(64))

@@ -183,8 +183,9 @@ def set_aside_newer_tags(ref: CheckpointRef, run_checkpoints: Path) -> List[str]
     """A run resumed from a checkpoint older than its own newest (one of its own, or another run's) abandons its
     newer ones: they move to `<checkpoints>/abandoned/` (kept for the user, out of pruning's and the `latest`
     fallback's sight, which would otherwise take the newest tag of the abandoned branch). Another run's directory
-    is left as it is. Returns the tags moved."""
-    return set_aside_tags_after(Path(run_checkpoints), ref.tag)
+    is left as it is. Returns the tags moved. Newer by the step `ref` saved: a tag directory given as run.resume may
+    bear any name."""
+    return set_aside_tags_after(Path(run_checkpoints), tag_for(ref.meta()["step"]))
 
 
 def set_aside_tags_after(root: Path, tag: str) -> List[str]:
@@ -199,6 +200,7 @@ def set_aside_tags_after(root: Path, tag: str) -> List[str]:
         os.replace(root / newer_tag, target)
     if newer:
         fsync_directory(root)
+        fsync_directory(abandoned)   # the moved tags' entries too: kept for the user
     return newer
 
 
