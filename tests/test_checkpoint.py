@@ -460,6 +460,16 @@ def test_a_resume_names_a_model_key_added_since_the_checkpoint_that_this_run_set
         capsys.readouterr().out
 
 
+def rmtree_killed_before_meta_json(path, ignore_errors=False):
+    """shutil.rmtree killed part way: every file of a directory but its meta.json deleted, then the kill."""
+    if not Path(path).is_dir():
+        return
+    for entry in sorted(Path(path).iterdir()):
+        if entry.name != "meta.json":
+            entry.unlink()
+    raise KeyboardInterrupt("killed")
+
+
 def test_a_tag_pruned_part_way_never_counts_as_complete(tmp_path, monkeypatch):
     """rmtree removes a tag's files in directory order, meta.json among them: a kill part way must not leave an
     older tag that counts as complete (meta.json) but lacks its weights, which a resume or export would take."""
@@ -470,14 +480,7 @@ def test_a_tag_pruned_part_way_never_counts_as_complete(tmp_path, monkeypatch):
     for step in (10, 20):
         manager.save(FakeEngine(), step, Topology(1, 1, "fp32", 1), {"step": step}, config)
 
-    def killed_part_way(path, ignore_errors=False):   # the files before meta.json in directory order, then the kill
-        if not Path(path).is_dir():
-            return
-        for entry in sorted(Path(path).iterdir()):
-            if entry.name != "meta.json":
-                entry.unlink()
-        raise KeyboardInterrupt("killed")
-    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_part_way)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", rmtree_killed_before_meta_json)
     with pytest.raises(KeyboardInterrupt):
         manager.save(FakeEngine(), 30, Topology(1, 1, "fp32", 1), {"step": 30}, config)
     assert complete_tags(tmp_path) == [tag_for(20), tag_for(30)]
@@ -493,14 +496,7 @@ def test_a_step_saved_again_never_leaves_a_complete_tag_without_its_weights(tmp_
     for step, epoch in ((10, 0), (20, 0)):
         manager.save(FakeEngine(), step, Topology(1, 1, "fp32", 1), {"step": step, "epoch": epoch}, config)
 
-    def killed_part_way(path, ignore_errors=False):   # every file before meta.json, then the kill
-        if not Path(path).is_dir():
-            return
-        for entry in sorted(Path(path).iterdir()):
-            if entry.name != "meta.json":
-                entry.unlink()
-        raise KeyboardInterrupt("killed")
-    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_part_way)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", rmtree_killed_before_meta_json)
     with pytest.raises(KeyboardInterrupt):
         manager.save(FakeEngine(), 20, Topology(1, 1, "fp32", 1), {"step": 20, "epoch": 1}, config)
     assert complete_tags(tmp_path) == [tag_for(10), tag_for(20)]
