@@ -84,7 +84,7 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        self._params = _trainable_by_global_name(model)
+        self._params = trainable_by_global_name(model)
         self.shadow = {name: _master_of(param).clone() for name, param in self._params.items()}
 
     def follows(self) -> str:
@@ -157,7 +157,7 @@ def load_trainable_weights(engine, state: Mapping[str, torch.Tensor], source: st
     module's, in their dtype, and the fp32 masters the optimizer updates, which DeepSpeed keeps apart from the
     module. Those are refreshed from the module, as DeepSpeed's own weights-only load does, then set to the exact
     values where ZeRO or bf16 links this rank's fragment of them. Call it on every rank."""
-    params = _trainable_by_global_name(engine.module)
+    params = trainable_by_global_name(engine.module)
     _require_every_weight(params, state, source, "trainable weights")
     for name, param in params.items():
         param.copy_(state[name].view_as(param))
@@ -169,7 +169,7 @@ def load_trainable_weights(engine, state: Mapping[str, torch.Tensor], source: st
             _master_of(param).copy_(state[name].reshape(-1)[start:start + numel])
 
 
-def _trainable_by_global_name(model: nn.Module) -> Dict[str, nn.Parameter]:
+def trainable_by_global_name(model: nn.Module) -> Dict[str, nn.Parameter]:
     """The trainable weights keyed as checkpoints and EMAs key them (experts by global id)."""
     names = global_expert_names(model)
     return {names[name]: param for name, param in model.named_parameters() if param.requires_grad}

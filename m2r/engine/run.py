@@ -30,11 +30,10 @@ from m2r.engine.checkpoint import (ABANDONED_DIR, RUN_CHECKPOINTS_DIR, Checkpoin
 from m2r.engine.config import PRECISIONS, collective_timeout
 from m2r.engine.deepspeed_config import (build_deepspeed_config, gradient_accumulation_dtype,
                                          gradient_reduction_dtype, images_per_step, precision_notes)
-from m2r.engine.experts import global_expert_names
 from m2r.engine.loss import LossTerms, restoration_loss
 from m2r.engine.monitor import NullMonitor, StepTimer, build_monitor
 from m2r.engine.optim import (EMA, LRSchedule, apply_optimizer_settings, build_optimizer, learning_rate,
-                              set_learning_rate)
+                              set_learning_rate, trainable_by_global_name)
 from m2r.engine.rng import reseed, restore_rng_state
 from m2r.engine.run_lock import check_every_rank_sees, hold_run_dir_lock, make_missing_dirs, remove_unused_run_dir
 from m2r.engine.zero_state import load_resharded_optimizer_state, why_not_carried
@@ -131,6 +130,12 @@ def skip_the_redundant_overflow_scan(zero_optimizer) -> bool:
     if redundant:   # step() sets `overflow = False` before it calls check_overflow
         zero_optimizer.check_overflow = lambda partition_gradients=True: None
     return redundant
+
+
+def applies_non_finite_steps(train) -> bool:
+    """Whether DeepSpeed's optimizer applies a step whose gradients are inf/NaN: fp32 at ZeRO 0 alone (ZeRO 1/2 and
+    fp16's loss scaler skip such steps)."""
+    return (train.precision, train.zero_stage) == ("fp32", 0)
 
 
 def leaves_no_new_run_dir_if_refused(init: Callable[..., None]) -> Callable[..., None]:
@@ -348,20 +353,18 @@ class TrainingRun:
         finite (`_stop_if_weights_took_a_non_finite_step` sees it one step later). Every rank checks its own
         trainable weights (experts differ per rank) and counts them in its own slot (dense weights are on every
         rank: a sum would count each once per rank): one pass over them and one all-reduce per checkpoint."""
-        named = [(name, weight) for name, weight in self.engine.module.named_parameters() if weight.requires_grad]
-        finite = torch.stack([torch.isfinite(weight).all() for _, weight in named])
+        named = trainable_by_global_name(self.engine.module)   # a local expert id says little on another rank
+        finite = torch.stack([torch.isfinite(weight).all() for weight in named.values()])
         per_rank = torch.zeros(dist.world_size(), dtype=torch.float64, device=finite.device)
         per_rank[dist.rank()] = (~finite).sum()
         per_rank = dist.all_reduce_sum(per_rank)
         if not per_rank.any():
             return
-        global_names = global_expert_names(self.engine.module)   # a local expert id says little on another rank
-        here = [global_names.get(name, name) for (name, _), ok in zip(named, finite.tolist()) if not ok]
+        here = [name for name, ok in zip(named, finite.tolist()) if not ok]
         newest = complete_tags(self.checkpoints.root)
         resume = f"resume the newest with run.resume={self.checkpoints.root / newest[-1]}" if newest else \
             "this run has no earlier checkpoint"
-        applies_them = (self.cfg.train.precision, self.cfg.train.zero_stage) == ("fp32", 0)   # fp16's scaler skips
-        skips = " (train.zero_stage=1 or 2 skip non-finite steps)" if applies_them else ""
+        skips = " (train.zero_stage=1 or 2 skip non-finite steps)" if applies_non_finite_steps(self.cfg.train) else ""
         found = describe_non_finite_weights(per_rank.long().tolist(), here)
         raise FloatingPointError(f"step {self.step}: {found}; no checkpoint is saved; {resume}{skips}")
 
@@ -641,11 +644,10 @@ class TrainingRun:
         self._stop_if_weights_took_a_non_finite_step(scalars["loss"])
 
     def _stop_if_weights_took_a_non_finite_step(self, loss: float) -> None:
-        """fp32 at ZeRO 0 is the one setting whose DeepSpeed optimizer applies inf/NaN gradients (ZeRO 1/2 and
-        the loss scalers skip such steps): the weights are then no longer finite, and the run would go on to
-        save them and end with exit 0. Stop it here instead (the loss is the ranks' mean: every rank agrees)."""
-        train = self.cfg.train
-        if math.isfinite(loss) or (train.precision, train.zero_stage) != ("fp32", 0):
+        """Where DeepSpeed applies inf/NaN gradients (`applies_non_finite_steps`) the weights are then no longer
+        finite, and the run would go on to save them and end with exit 0. Stop it here instead (the loss is the
+        ranks' mean: every rank agrees)."""
+        if math.isfinite(loss) or not applies_non_finite_steps(self.cfg.train):
             return
         raise FloatingPointError(
             f"step {self.step}: the loss is {loss} and at train.zero_stage=0 in fp32 DeepSpeed applies non-finite "
