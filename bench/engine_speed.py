@@ -85,8 +85,9 @@ def bench_data(scratch: Path) -> List[str]:
     return list(BENCH_DATA)
 
 
-def write_synthetic_shards(folder: Path) -> Path:
-    """Shards of smooth random colour photos (training and validation alike); returns their directory."""
+def write_synthetic_shards(folder: Path, side: int = SYNTHETIC_SIDE) -> Path:
+    """Shards of smooth random colour photos of `side` px (training and validation alike) under `folder`; returns
+    their directory. tests/test_engine_gpu.py trains on them too."""
     from PIL import Image
 
     from m2r.shards.build import BuildOptions, build
@@ -96,7 +97,7 @@ def write_synthetic_shards(folder: Path) -> Path:
     generator = torch.Generator().manual_seed(0)
     for index in range(SYNTHETIC_PHOTOS):
         coarse = torch.rand(1, 3, 8, 8, generator=generator)
-        image = torch.nn.functional.interpolate(coarse, size=(SYNTHETIC_SIDE, SYNTHETIC_SIDE), mode="bicubic",
+        image = torch.nn.functional.interpolate(coarse, size=(side, side), mode="bicubic",
                                                 align_corners=False)[0].clamp(0, 1)
         Image.fromarray((image * 255).byte().permute(1, 2, 0).numpy()).save(photos / f"photo{index:02d}.png")
     build(BuildOptions(src=[str(photos)], out=str(folder / "shards"), samples_per_shard=4), progress=False)
@@ -135,23 +136,18 @@ class WindowTimer(StepTimer):
         self.window_data_seconds += seconds
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_engine_steps(run, warmup: int, steps: int) -> Dict[str, float]:
     """`warmup` then `steps` steps of the loop (train_step and _report_step, as Trainer._train takes them)."""
     run.engine.train()
     timer = WindowTimer()
     for _ in range(warmup):
         run._report_step(run.train_step(timer), timer)
-    sync(run.device)
+    train_speed.sync(run.device)
     timer = WindowTimer()
     start = time.perf_counter()
     for _ in range(steps):
         run._report_step(run.train_step(timer), timer)
-    sync(run.device)
+    train_speed.sync(run.device)
     seconds = (time.perf_counter() - start) / steps
     return {"ms_per_step": 1e3 * seconds, "data_wait_share": timer.window_data_seconds / (seconds * steps)}
 

@@ -1,12 +1,14 @@
 """The DeepSpeed engine on a GPU: nccl, bf16 with ZeRO 1 and 2, MoE parameter groups, mamba_ssm kernels,
 the AFLB FFT under bf16, a checkpoint round trip, the pretraining entry point with every speed switch,
 and fp16 with its loss scale across a resume. One rank; skipped without CUDA."""
+import importlib.util
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from m2r.engine.loss import restoration_loss
 from m2r.engine.optim import build_optimizer
 from m2r.models.m2restore import build_model
 
+REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -71,21 +74,12 @@ def test_bf16_zero_moe_training_and_checkpoint_round_trip_on_gpu(tmp_path, repo_
 
 
 def synthetic_shards(tmp_path) -> str:
-    """Shards of smooth random colour images (the GPU machine has no scikit-image for the built-in photos)."""
-    from PIL import Image
-
-    from m2r.shards.build import BuildOptions, build
-
-    photos, shards = tmp_path / "photos", tmp_path / "shards"
-    photos.mkdir()
-    generator = torch.Generator().manual_seed(0)
-    for index in range(12):
-        coarse = torch.rand(1, 3, 6, 6, generator=generator)
-        image = torch.nn.functional.interpolate(coarse, size=(96, 96), mode="bicubic", align_corners=False)
-        pixels = (image[0].clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
-        Image.fromarray(pixels).save(photos / f"photo{index:02d}.png")
-    build(BuildOptions(src=[str(photos)], out=str(shards), samples_per_shard=4), progress=False)
-    return str(shards)
+    """Shards of smooth random colour images (the GPU machine may lack scikit-image for the built-in photos), as
+    bench/engine_speed.py writes them, at a side the tests' crops fit."""
+    spec = importlib.util.spec_from_file_location("engine_speed", f"{REPO}/bench/engine_speed.py")
+    engine_speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(engine_speed)   # it puts bench/ on sys.path for its train_speed
+    return str(engine_speed.write_synthetic_shards(tmp_path, side=96))
 
 
 def _pretrain_on_one_gpu(repo_root, run_dir, shards, *overrides, timeout: int) -> str:
