@@ -99,9 +99,11 @@ def test_a_sparse_adapter_waits_for_the_host_only_to_split_its_rows(repo_root, c
 
 
 # Run on each rank by torchrun: one step whose gradients are poisoned on rank 1 only (expert weights, which no
-# all-reduce shares with rank 0 at ep_size 2 of 2 ranks), then a clean step; prints what each rank saw.
+# all-reduce shares with rank 0 at ep_size 2 of 2 ranks), then a clean step; each rank writes what it saw to
+# rank<N>.json in the folder given (printed lines of two ranks can interleave).
 NON_FINITE_STEP = """
 import json, sys
+from pathlib import Path
 import torch
 from m2r import dist
 from m2r.config import load_config
@@ -110,8 +112,8 @@ from m2r.engine.experts import EXPERT_INFIX
 from m2r.engine.monitor import StepTimer
 from m2r.engine.trainer import Trainer
 
-poison = float(sys.argv[1])
-cfg = load_config(PretrainConfig, "configs/pretrain/tiny-test.yaml", sys.argv[2:])
+poison, results_dir = float(sys.argv[1]), Path(sys.argv[2])
+cfg = load_config(PretrainConfig, "configs/pretrain/tiny-test.yaml", sys.argv[3:])
 trainer = Trainer(cfg, dist.discover_dist_env())
 engine = trainer.engine
 params = dict(engine.module.named_parameters())
@@ -130,12 +132,12 @@ for hook in hooks:
 skipped, grad_norm = engine.skipped_steps, engine.get_global_grad_norm()
 trainer.train_step(StepTimer())
 after_clean = snapshot()
-print("RESULT " + json.dumps({
+(results_dir / f"rank{dist.rank()}.json").write_text(json.dumps({
     "rank": dist.rank(), "scan_skipped": "check_overflow" in vars(engine.optimizer), "hooks": len(hooks),
     "poisoned_step_unchanged": all(torch.equal(a, b) for a, b in zip(before, after_poisoned)),
     "skipped": skipped, "grad_norm": float(grad_norm),
     "clean_step_applied": not all(torch.equal(a, b) for a, b in zip(after_poisoned, after_clean)),
-    "skipped_after_clean": engine.skipped_steps}), flush=True)
+    "skipped_after_clean": engine.skipped_steps}))
 dist.destroy_process_group()
 """
 
@@ -150,12 +152,11 @@ def test_a_bf16_step_with_a_non_finite_gradient_on_one_rank_is_skipped_on_every_
 
     script = tmp_path / "non_finite_step.py"
     script.write_text(NON_FINITE_STEP)
-    out = run_launch(torchrun_command(2, str(script), poison, "train.precision=bf16", f"train.zero_stage={zero_stage}",
-                                      f"train.grad_clip={grad_clip}", "model.moe.ep_size=2", "run.tensorboard=false",
-                                      f"run.dir={tmp_path / 'run'}"))
-    results = sorted((json.loads(line.split("RESULT ", 1)[1]) for line in out.splitlines() if "RESULT " in line),
-                     key=lambda result: result["rank"])
-    assert [result["rank"] for result in results] == [0, 1], out[-2000:]
+    out = run_launch(torchrun_command(2, str(script), poison, str(tmp_path), "train.precision=bf16",
+                                      f"train.zero_stage={zero_stage}", f"train.grad_clip={grad_clip}",
+                                      "model.moe.ep_size=2", "run.tensorboard=false", f"run.dir={tmp_path / 'run'}"))
+    assert all((tmp_path / f"rank{rank}.json").exists() for rank in (0, 1)), out[-2000:]
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert "bf16: DeepSpeed's per-gradient inf/NaN scan skipped" in out   # the decision, said once at start-up
     assert results[1]["hooks"] > 0
     for result in results:
