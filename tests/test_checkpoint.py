@@ -560,3 +560,73 @@ def test_a_resumed_tag_directory_of_any_name_sets_aside_the_tags_newer_than_its_
         save(manager, step)
     ref = resolve_resume(str(other / name), mine)
     assert set_aside_newer_tags(ref, mine) == [tag_for(20), tag_for(30)] and manager.tags() == [tag_for(5)]
+
+
+@pytest.mark.parametrize("name", ["final", "zz-final"])
+def test_a_failed_load_of_a_tag_directory_of_any_name_suggests_the_tag_saved_before_its_step(tmp_path, name):
+    """The hint after a failed load names the newest complete tag beside it saved at an earlier step (its meta.json
+    step, not its name): "final" sorts before every step<N> and "zz-final" after, yet both are step 10 here."""
+    from m2r.engine.run import TrainingRun
+
+    root = tmp_path / "other"
+    manager = CheckpointManager(root, keep_last=3)
+    for step in (5, 10, 20):
+        save(manager, step)
+    os.replace(root / tag_for(10), root / name)
+
+    def damaged(*args, **kwargs):
+        raise EOFError("truncated")
+
+    run = SimpleNamespace(topology=Topology(1, 1, "fp32", 1), engine=SimpleNamespace(load_checkpoint=damaged))
+    with pytest.raises(RuntimeError, match=f"resume an older one with run.resume={root / tag_for(5)}$"):
+        TrainingRun._load_checkpoint(run, CheckpointRef(root, name))
+
+
+def test_a_runs_saved_configs_name_its_paths_absolute_so_any_directory_reads_the_same_files(tmp_path, monkeypatch):
+    """config.yaml in run.dir and beside each checkpoint: m2r.evaluate --pretrain-val (data.val_shards), m2r.export's
+    network config (model.clip.weights) and a finetuning's init.weights read it from wherever they are started; a
+    path given relative to the run's directory would name another file there. Keys without a path stay as given."""
+    from m2r.engine.monitor import NullMonitor
+    from m2r.engine.run import TrainingRun
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    cfg = load_config(PretrainConfig, None, ["data.val_shards=shards/val", "model.clip.weights=../weights/clip.pt",
+                                             "run.dir=runs/a", "run.resume=latest"])
+    run_dir = Path(cfg.run.dir)
+    run = SimpleNamespace(cfg=cfg, run_dir=run_dir, step=1, topology=Topology(1, 1, "fp32", 1), engine=FakeEngine(),
+                          checkpoints=CheckpointManager(run_dir / "checkpoints", keep_last=2, kind="pretrain"),
+                          monitor=NullMonitor(), _refuse_non_finite_weights=lambda: None, _ema_state=lambda: None)
+    ref = TrainingRun._save_checkpoint(run, {"step": 1})
+    run.engine.skipped_steps = 0
+    TrainingRun._open_monitor(run, total_steps=1)
+    run.monitor.close()
+    monkeypatch.chdir(tmp_path)
+    for saved in (work / "runs/a/config.yaml", work / "runs/a/checkpoints" / ref.tag / "config.yaml"):
+        again = load_config(PretrainConfig, saved)
+        assert (again.data.val_shards, again.model.clip.weights, again.run.dir) == (
+            str(work / "shards/val"), str(tmp_path / "weights/clip.pt"), str(work / "runs/a")), saved
+        assert (again.data.shards, again.run.resume) == (None, "latest")
+
+
+def test_a_resume_names_no_path_as_changed_whether_its_checkpoint_saved_it_relative_or_absolute(tmp_path, monkeypatch,
+                                                                                                capsys):
+    """Checkpoints saved before paths were saved absolute hold them as given: read from the resuming run's directory,
+    as that run reads its own. A path that now names another file is named."""
+    from m2r.engine.run import TrainingRun
+
+    monkeypatch.chdir(tmp_path)
+    relative = ["data.val_shards=shards/val", "run.dir=runs/a"]
+    manager = CheckpointManager(tmp_path / "runs/a/checkpoints", keep_last=3, kind="pretrain")
+    old = manager.save(FakeEngine(), 1, Topology(1, 1, "fp32", 1), {"step": 1}, load_config(PretrainConfig, None,
+                                                                                            relative))
+    new = manager.save(FakeEngine(), 2, Topology(1, 1, "fp32", 1), {"step": 2}, load_config(PretrainConfig, None, [
+        f"data.val_shards={tmp_path / 'shards/val'}", f"run.dir={tmp_path / 'runs/a'}"]))
+    for cfg, said in ((load_config(PretrainConfig, None, relative), ""),
+                      (load_config(PretrainConfig, None, ["data.val_shards=other/val", "run.dir=runs/a"]),
+                       f"data.val_shards '{tmp_path / 'shards/val'}' -> '{tmp_path / 'other/val'}'")):
+        for ref in (old, new):
+            TrainingRun._check_resumable(SimpleNamespace(cfg=cfg, checkpoints=manager, KIND="pretrain"), ref)
+            out = capsys.readouterr().out
+            assert (said in out) if said else out == "", (ref.tag, out)

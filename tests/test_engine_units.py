@@ -509,6 +509,15 @@ def test_a_lock_file_replaced_right_after_it_was_locked_is_locked_again(tmp_path
         assert "pid " in (tmp_path / ".lock").read_text()
 
 
+def test_the_lock_creates_no_directory_so_make_missing_dirs_knows_every_one_made_for_the_run(tmp_path):
+    """A directory the lock made would be in no `make_missing_dirs` list, and a refused start would leave it."""
+    from m2r.engine.run_lock import hold_run_dir_lock
+
+    with pytest.raises(FileNotFoundError):
+        hold_run_dir_lock(tmp_path / "missing" / "run")
+    assert not (tmp_path / "missing").exists()
+
+
 def test_a_refused_start_removes_only_directories_it_created_that_hold_nothing_but_its_lock(tmp_path):
     """What this process made for run.dir goes, parents too; a run.dir that was there before, or one (or a parent)
     that something else was written to, stays (`TrainingRun._lock_run_dir` and its subclasses' start-up)."""

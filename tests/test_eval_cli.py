@@ -436,6 +436,27 @@ def test_pretrain_val_compares_with_the_validation_record_of_the_checkpoints_ste
     assert logged_validation(CheckpointRef(tmp_path / "elsewhere" / "ckpts", "step00000004"), 4) is None
 
 
+def test_pretrain_val_reads_a_non_finite_logged_validation_as_a_float(tmp_path):
+    """metrics.jsonl writes a diverged validation's NaN as the string "NaN" (standard JSON); the comparison
+    reads it back as the float the run logged, which the report prints."""
+    import math
+
+    from m2r.engine.checkpoint import CheckpointRef
+    from m2r.engine.monitor import Monitor
+    from m2r.eval.pretrain_validation import logged_validation, report_lines
+
+    (tmp_path / "run").mkdir()
+    monitor = Monitor(tmp_path / "run", total_steps=4, start_step=0, world_size=1, progress_bar=False,
+                      tensorboard=False)
+    monitor.log_val(4, {"psnr": float("nan"), "ssim": 0.5})
+    monitor.close()
+    logged = logged_validation(CheckpointRef(tmp_path / "run" / "checkpoints", "step00000004"), 4)
+    assert math.isnan(logged["val_psnr"]) and logged["val_ssim"] == 0.5
+    report = report_lines({"checkpoint": "c", "step": 4, "validated_weights": "ema", "precision": "fp32",
+                           "val": {"val_psnr": 20.0}, "logged": logged})
+    assert "run logged nan" in report
+
+
 @pytest.mark.parametrize("clip_key", ["clip.weights", "model.clip.weights"])
 def test_pretrain_val_takes_data_keys_for_the_runs_config_and_the_others_for_the_network(monkeypatch, tmp_path,
                                                                                          clip_key):

@@ -463,3 +463,37 @@ def test_a_validation_redone_at_the_resume_step_and_logged_by_an_earlier_run_is_
     events.Reload()
     assert [e.step for e in events.Scalars("val/psnr")] == [4]
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
+
+
+def test_non_finite_values_are_written_as_standard_json_and_read_back_at_a_resume(tmp_path):
+    """A diverged loss or validation is "NaN"/"Infinity"/"-Infinity" in metrics.jsonl, which a strict parser
+    (one that refuses Python's bare NaN tokens) reads; the resumed run's running average takes them back as
+    floats, so it goes on as the uninterrupted run's would (Infinity, not NaN)."""
+    def strict(text):
+        return json.loads(text, parse_constant=lambda token: pytest.fail(f"non-standard JSON token {token}"))
+
+    monitor = build_monitor(True, tmp_path, total_steps=3, start_step=0, world_size=1, progress_bar=False,
+                            tensorboard=False)
+    monitor.log_train(1, dict(SCALARS, loss=float("inf"), pixel_loss=float("nan"), balance_loss=float("-inf")),
+                      log_step=False)
+    monitor.log_val(1, {"psnr": float("nan"), "ssim": 0.5})
+    monitor.close()
+    records = [strict(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert (records[0]["loss"], records[0]["pixel_loss"], records[0]["balance_loss"]) == ("Infinity", "NaN",
+                                                                                         "-Infinity")
+    assert records[1]["val_psnr"] == "NaN" and records[1]["val_ssim"] == 0.5
+    resumed = build_monitor(True, tmp_path, total_steps=3, start_step=1, world_size=1, progress_bar=False,
+                            tensorboard=False)
+    resumed.log_train(2, dict(SCALARS, loss=1.0), log_step=False)
+    resumed.close()
+    assert strict((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["loss_avg"] == "Infinity"
+
+
+def test_the_skipped_steps_are_worded_once_for_the_log_step_line_and_the_last_steps_line():
+    """`skipped N (fp16 overflow, scale S)` (README), with the last step's 'since the last log step' after N."""
+    from m2r.engine.monitor import skipped_steps_text
+
+    scaling = {"loss_scale": 16384.0, "skipped_steps": 2}
+    assert skipped_steps_text(scaling) == "skipped 2 (fp16 overflow, scale 16384)"
+    assert skipped_steps_text(scaling, " since the last log step") == ("skipped 2 since the last log step (fp16 "
+                                                                       "overflow, scale 16384)")

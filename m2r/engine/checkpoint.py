@@ -188,6 +188,12 @@ def set_aside_newer_tags(ref: CheckpointRef, run_checkpoints: Path) -> List[str]
     return set_aside_tags_after(Path(run_checkpoints), tag_for(ref.meta()["step"]))
 
 
+def complete_tags_before(ref: CheckpointRef) -> List[str]:
+    """The complete tags beside `ref` saved at an earlier step, oldest first: older by the step `ref` saved, as in
+    `set_aside_newer_tags` (a tag directory given as run.resume may bear any name)."""
+    return [tag for tag in complete_tags(ref.root) if tag < tag_for(ref.meta()["step"])]
+
+
 def set_aside_tags_after(root: Path, tag: str) -> List[str]:
     """The tags of `root` newer than `tag` moved to `<root>/abandoned/`; returns the tags moved."""
     newer = [newer_tag for newer_tag in tags_in(root) if newer_tag > tag]

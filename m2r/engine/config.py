@@ -5,9 +5,12 @@ finetuning's `init`) and the checks that need several keys.
 file with `_base_: [../model/tiny.yaml@model]`); `key=value` arguments override the file.
 """
 import datetime
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
+
+from omegaconf import OmegaConf
 
 from m2r.config import choice, require
 from m2r.data.config import DataConfig, check_data_settings
@@ -16,6 +19,9 @@ from m2r.models.config import (CHECKPOINT_MODES, OFFICIAL_SUFFIXES, ModelConfig,
                                require_input_side)
 
 
+# The keys holding a path, in either run's config (run.resume is one process's, never read back from a saved config).
+PATH_KEYS = ("data.shards", "data.val_shards", "data.root", "data.val_root", "data.list_file", "model.clip.weights",
+             "init.weights", "run.dir")
 SEED_LIMIT = 2 ** 32   # train.seed, and with data.seed_offset the data's: see check_seed
 PIXEL_LOSSES = ("l1", "charbonnier")   # train.loss; m2r/engine/loss.py computes each
 PRECISIONS = ("fp32", "bf16", "fp16")  # train.precision; m2r/engine/run.py has their dtypes
@@ -286,3 +292,16 @@ def check_init_ema(init) -> None:
 
 def allowed_model_changes(init) -> List[str]:
     return [key.removeprefix("model.") for key in init.allow_model_changes]
+
+
+def with_absolute_paths(cfg):
+    """`cfg` (a config or the plain mapping of one) resolved, as a DictConfig, its PATH_KEYS that are relative made
+    absolute against this process's working directory, as a run saves its config.yaml: `m2r.evaluate`, `m2r.export`
+    and finetuning's init.weights read a checkpoint's config.yaml from any directory, where a relative
+    data.val_shards or model.clip.weights would name another file."""
+    absolute = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg)
+    for key in PATH_KEYS:
+        value = OmegaConf.select(absolute, key)
+        if isinstance(value, str) and value:
+            OmegaConf.update(absolute, key, os.path.abspath(value))
+    return absolute

@@ -16,12 +16,14 @@ assignments, over all ranks, that the expert capacity dropped; the console's log
 degradation type, damaged samples skipped), val/{psnr,ssim,psnr_<type>} (finetuning: psnr_<set name>),
 images/val (pretraining: degraded | restored | clean). The moe/ tags come every run.log_every steps; max_load
 and dropped are also in metrics.jsonl, in a record of their own at that step (keys as the tags). Every
-metrics.jsonl record starts with its step and `time`, the wall clock (Unix seconds) when it was written.
+metrics.jsonl record starts with its step and `time`, the wall clock (Unix seconds) when it was written; a
+non-finite value is the string "NaN", "Infinity" or "-Infinity" (`standard_json`, read back by `metric_value`).
 """
 from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import re
 import sys
@@ -113,6 +115,22 @@ LOSS_KEY = re.compile(rb'"loss": ?')
 VAL_KEY = re.compile(rb'"val_psnr": ?')   # how `log_val` writes a validation record
 
 
+def standard_json(value):
+    """`value` with its non-finite floats as the strings "NaN", "Infinity" and "-Infinity": standard JSON has no
+    such numbers, and Python's json would write the bare tokens, which jq and strict parsers refuse. Strings, not
+    null, keep which one it was (a diverged loss: NaN or an overflow's Infinity); `float` reads them back."""
+    if isinstance(value, dict):
+        return {key: standard_json(item) for key, item in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return value
+
+
+def metric_value(value):
+    """A number of a metrics.jsonl record as it was logged: the strings `standard_json` wrote back to floats."""
+    return float(value) if isinstance(value, str) else value
+
+
 def cut_metrics(metrics_path: Path, step: int) -> Tuple[List[float], Optional[int]]:
     """Cut metrics.jsonl before its first record of `step` or later, or a line a crash cut off, and return
     the losses of the last LOSS_WINDOW records kept: a run stopped after its last checkpoint logged steps
@@ -136,7 +154,7 @@ def cut_metrics(metrics_path: Path, step: int) -> Tuple[List[float], Optional[in
             kept_bytes += len(line)
     if kept_bytes < metrics_path.stat().st_size:
         os.truncate(metrics_path, kept_bytes)
-    return [json.loads(line)["loss"] for line in loss_lines], last_val_step
+    return [metric_value(json.loads(line)["loss"]) for line in loss_lines], last_val_step
 
 
 def _record_step(line: bytes) -> Optional[int]:
@@ -182,7 +200,7 @@ class Monitor(NullMonitor):
         """One metrics.jsonl line: the step first (`RECORD_STEP`), then the time, for plots against time
         that show pauses and preemptions."""
         record = {"step": record["step"], "time": round(time.time(), 3), **record}
-        self.metrics_file.write(json.dumps(record) + "\n")
+        self.metrics_file.write(json.dumps(standard_json(record), allow_nan=False) + "\n")
         self.metrics_file.flush()
 
     def advance(self, step: int) -> None:
@@ -224,8 +242,7 @@ class Monitor(NullMonitor):
             f"| data {100 * scalars['data_wait_share']:.0f}% "
             + (f"| mem {scalars['gpu_mem_gib']:.2f} GiB " if "gpu_mem_gib" in scalars else "")
             + (f"| {self._dropped_line[1]} " if self._dropped_line[0] == step else "")
-            + (f"| skipped {scalars['skipped_steps']} (fp16 overflow, scale {scalars['loss_scale']:.0f}) "
-               if scalars.get("skipped_steps") else "")
+            + (f"| {skipped_steps_text(scalars)} " if scalars.get("skipped_steps") else "")
             + f"| eta {self._eta(step)}")
 
     def log_expert_load(self, step: int, loads: List[torch.Tensor], dropped: Optional[torch.Tensor] = None) -> None:
@@ -252,8 +269,7 @@ class Monitor(NullMonitor):
         for name, value in scaling.items():
             self.writer.add_scalar(f"train/{name}", value, step)
         self._write({"step": step, **scaling})
-        self.print(f"step {step}: skipped {scaling['skipped_steps']} since the last log step (fp16 overflow, scale "
-                   f"{scaling['loss_scale']:.0f})")
+        self.print(f"step {step}: {skipped_steps_text(scaling, ' since the last log step')}")
 
     def log_data_stats(self, step: int, counts: Dict[str, int], corrupt_samples: int) -> None:
         """Training samples served per degradation type, and damaged samples skipped, summed over ranks, since
@@ -286,6 +302,12 @@ class Monitor(NullMonitor):
             self.bar.close()
         self.writer.close()
         self.metrics_file.close()
+
+
+def skipped_steps_text(scaling: Dict[str, float], since: str = "") -> str:
+    """fp16's optimizer steps skipped for inf/NaN gradients, as both console lines say it (`Monitor.log_train`'s log
+    step, `Monitor.log_loss_scaling`'s last step): `skipped N (fp16 overflow, scale S)`, with `since` after N."""
+    return f"skipped {scaling['skipped_steps']}{since} (fp16 overflow, scale {scaling['loss_scale']:.0f})"
 
 
 def _percent(fraction: float) -> str:

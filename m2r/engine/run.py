@@ -25,9 +25,9 @@ from m2r import dist, stop_signals
 from m2r.atomic import write_text_atomically
 from m2r.config import config_error, flatten, require, save_config
 from m2r.engine.checkpoint import (ABANDONED_DIR, RUN_CHECKPOINTS_DIR, CheckpointManager, CheckpointRef, Topology,
-                                   agreed_resume, checkpoint_kind, complete_tags, load_ema_states, load_weights_only,
-                                   set_aside_newer_tags)
-from m2r.engine.config import PRECISIONS, collective_timeout
+                                   agreed_resume, checkpoint_kind, complete_tags, complete_tags_before, load_ema_states,
+                                   load_weights_only, set_aside_newer_tags)
+from m2r.engine.config import PRECISIONS, collective_timeout, with_absolute_paths
 from m2r.engine.deepspeed_config import (build_deepspeed_config, gradient_accumulation_dtype,
                                          gradient_reduction_dtype, images_per_step, precision_notes)
 from m2r.engine.loss import LossTerms, restoration_loss
@@ -253,8 +253,9 @@ class TrainingRun:
                                "init.weights=<checkpoint dir>)")
         require_same_network(saved["model"], self.cfg.model, "run.resume", str(ref.path),
                              "Resume with the checkpoint's values (its config.yaml), or start a new run.dir.")
-        current = flatten(OmegaConf.to_container(self.cfg, resolve=True))
-        saved_flat = flatten(saved)
+        # paths compared absolute: saved so since 2026-11-28, relative before (then read from this directory, as then)
+        current = flatten(OmegaConf.to_container(with_absolute_paths(self.cfg)))
+        saved_flat = flatten(OmegaConf.to_container(with_absolute_paths(saved)))
         changed = [f"{key} {value!r} -> {current[key]!r}" for key, value in saved_flat.items()
                    if key in current and value != current[key] and key not in PER_PROCESS_KEYS]
         changed += model_keys_added_since(saved_flat, current, ref.tag)
@@ -342,8 +343,8 @@ class TrainingRun:
         `before_publish`: see CheckpointManager.save."""
         self._refuse_non_finite_weights()
         started = time.perf_counter()
-        ref = self.checkpoints.save(self.engine, self.step, self.topology, client_state, self.cfg,
-                                    self._ema_state(), before_publish)
+        ref = self.checkpoints.save(self.engine, self.step, self.topology, client_state,
+                                    with_absolute_paths(self.cfg), self._ema_state(), before_publish)
         self.monitor.print(f"saved checkpoint {ref.path} in {time.perf_counter() - started:.1f} s")
         return ref
 
@@ -388,7 +389,7 @@ class TrainingRun:
             else:
                 _, client = self.engine.load_checkpoint(str(ref.root), tag=ref.tag)
         except Exception as error:
-            older = [tag for tag in complete_tags(ref.root) if tag < ref.tag]
+            older = complete_tags_before(ref)
             advice = f"resume an older one with run.resume={ref.root / older[-1]}" if older else "no older one is kept"
             raise RuntimeError(f"loading {ref.path} failed ({type(error).__name__}: {error}); if its files are "
                                f"damaged, {advice}") from error
@@ -556,7 +557,7 @@ class TrainingRun:
         self.total_steps = total_steps
         if dist.is_rank0():
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, self.run_dir / "config.yaml")
+            save_config(with_absolute_paths(self.cfg), self.run_dir / "config.yaml")
         self.monitor = build_monitor(dist.is_rank0(), self.run_dir, total_steps, self.step,
                                      self.topology.world_size, self.cfg.run.progress_bar, self.cfg.run.tensorboard)
         # Read after any resume: an exact one brings back DeepSpeed's saved count, skips this run did not see.

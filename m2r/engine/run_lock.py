@@ -34,10 +34,9 @@ ATTEMPTS = 3   # a stale lock replaced, and perhaps replaced again by another re
 
 
 def hold_run_dir_lock(run_dir: Path) -> Optional[IO]:
-    """Lock run_dir (created if missing) for this process; returns the open lock file, to keep open for
-    the run, or None (with a warning) on a filesystem without locks. Raises ConfigError, naming the
-    holder, when another run holds it."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Lock run_dir for this process; returns the open lock file, to keep open for the run, or None (with a
+    warning) on a filesystem without locks. Raises ConfigError, naming the holder, when another run holds it.
+    run_dir must exist: `make_missing_dirs` alone creates it, so that it knows what a refused start may remove."""
     lock_path = run_dir / RUN_LOCK_FILE
     for _ in range(ATTEMPTS):
         handle = open(lock_path, "a+")

@@ -20,6 +20,7 @@ import torch
 from m2r.config import ConfigError, load_config
 from m2r.engine.checkpoint import (CONFIG_FILE, DENSE_FILE, LATEST_FILE, PRETRAIN_KIND, RUN_CHECKPOINTS_DIR,
                                    CheckpointRef, checkpoint_at, checkpoint_kind, tags_in)
+from m2r.engine.monitor import metric_value
 
 METRICS_FILE = "metrics.jsonl"
 DATA_PREFIX = "data."   # a --set key of the run's data section, not of the network's config
@@ -58,7 +59,7 @@ def logged_validation(ref: CheckpointRef, step: int) -> Optional[Dict[str, float
             except ValueError:   # a line a crash cut off
                 continue
             if isinstance(record, dict) and record.get("step") == step and "val_psnr" in record:
-                found = {name: value for name, value in record.items() if name.startswith("val_")}
+                found = {name: metric_value(value) for name, value in record.items() if name.startswith("val_")}
     return found
 
 
