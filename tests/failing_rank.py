@@ -6,7 +6,9 @@ raise: rank 1 raises; rank 0 sleeps, standing in for an NCCL collective, which d
        has exited (gloo's would fail at once).
 user:  the same with a user error (a full disk: one line, exit 2, no traceback).
 collective: rank 1 raises; the others wait in a gloo barrier, which fails at once when rank 1 exits (as NCCL's
-       does where it detects a peer's exit): their own error is a consequence, the cause is rank 1's.
+       does where it detects a peer's exit): their own error is a consequence, the cause is rank 1's. Every
+       watch is stopped first: one looking between rank 1's announcement and that failure (about 0.1 s of
+       its 5 s period) would end the rank before the rank's own error is reported.
 hang:  rank 1 hangs (a stuck read); rank 0's barrier times out after TIMEOUT_SECONDS and raises.
 group: rank 1 raises; the others wait in the store, setting up a new process group (as NCCL's first collective
        on a group waits for its unique id): the process's store client is busy, the watch must not need it.
@@ -36,6 +38,8 @@ def main(argv=None) -> int:
         time.sleep(2.5)
         failure_watch.stop()
         failure_watch.start()
+    if mode == "collective":
+        failure_watch.stop()
     dist.barrier()
     print(f"rank {me}: started", flush=True)
     if me == 1 and mode != "late":

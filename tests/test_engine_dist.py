@@ -576,6 +576,7 @@ except FloatingPointError as caught:
     error = str(caught)
 Path(sys.argv[1], f"rank{dist.rank()}.json").write_text(json.dumps(
     {"error": error, "tags": sorted(p.name for p in trainer.checkpoints.root.iterdir())}))
+dist.destroy_process_group()   # as every entry point: else gloo's threads may abort the exit (SIGABRT)
 """
 
 
