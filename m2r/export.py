@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -27,12 +26,9 @@ from omegaconf import OmegaConf
 from m2r.atomic import atomic_paths, default_file_mode
 from m2r.cli import run_main
 from m2r.config import ConfigError
-from m2r.engine.checkpoint import DENSE_FILE, CheckpointRef, checkpoint_at, load_ema_states
+from m2r.engine.checkpoint import DENSE_FILE, EXPERT_FILE, CheckpointRef, checkpoint_at, lacks_experts, load_ema_states
 from m2r.engine.zero_state import MASTER, stitched_zero_state
 from m2r.models.convert import CheckpointMismatch, read_checkpoint
-
-EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
-
 
 def _load(path: Path):
     # DeepSpeed pickles its config objects beside the tensors: weights_only=True cannot read them.
@@ -58,8 +54,7 @@ def _require_every_expert(ref: CheckpointRef, expert_files: Dict[Tuple[int, int]
     missing = [f"layer {layer} expert {expert}" for layer, count in enumerate(experts_per_layer)
                for expert in range(count) if (layer, expert) not in expert_files]
     if missing:
-        raise CheckpointMismatch(f"{ref.path} lacks the files of {len(missing)} experts ({', '.join(missing[:4])}): "
-                                 "the checkpoint is incomplete; export an older one")
+        raise CheckpointMismatch(f"{lacks_experts(ref, missing)}; export an older one")
 
 
 def fp32_master_weights(ref: CheckpointRef, ep_size: int, num_experts: int) -> Dict[str, torch.Tensor]:

@@ -577,7 +577,8 @@ def test_a_failed_load_of_a_tag_directory_of_any_name_suggests_the_tag_saved_bef
     def damaged(*args, **kwargs):
         raise EOFError("truncated")
 
-    run = SimpleNamespace(topology=Topology(1, 1, "fp32", 1), engine=SimpleNamespace(load_checkpoint=damaged))
+    run = SimpleNamespace(topology=Topology(1, 1, "fp32", 1),
+                          engine=SimpleNamespace(load_checkpoint=damaged, module=torch.nn.Module()))   # no experts
     with pytest.raises(RuntimeError, match=f"resume an older one with run.resume={root / tag_for(5)}$"):
         TrainingRun._load_checkpoint(run, CheckpointRef(root, name))
 

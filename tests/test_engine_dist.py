@@ -309,6 +309,32 @@ def test_a_refusal_decided_on_rank_0_reaches_every_rank_as_one_line(resume_runs)
     assert not half_written.exists()   # removed first, before anything could fail: a full disk's relief
 
 
+@pytest.mark.parametrize("lost, overrides, expected", [
+    ("layer_1_expert_3_mp_rank_00_model_states.pt", ("train.zero_stage=1",),   # a topology change: weights only
+     "{tag} lacks the files of 1 experts (layer 1 expert 3): the checkpoint is incomplete (on rank 1); resume an "
+     "older one with run.resume={older}"),
+    ("ema_rank00001.pt", (), "the EMA of {tag} lacks 24 weights, e.g. ["),
+], ids=["expert_file_at_a_topology_change", "ema_file"])
+def test_a_resume_from_a_checkpoint_lacking_one_ranks_files_stops_every_rank_with_one_line(resume_runs, tmp_path,
+                                                                                           lost, overrides, expected):
+    """Rank 1's expert file (each rank reads its own experts' files) or its EMA file is lost: every rank prints the
+    same error naming the checkpoint, what it lacks and the rank, and exits with the user-error status at once,
+    instead of rank 1 alone while rank 0 goes on into its next collective (ended there by gloo or the failure
+    watch, with a traceback that names no lost file)."""
+    run_dir = tmp_path / "copy"
+    shutil.copytree(resume_runs["split"], run_dir)
+    tag = run_dir / "checkpoints" / "step00000006"
+    (tag / lost).unlink()
+    command = torchrun_command(2, "pretrain.py", "--config", TINY, f"run.dir={run_dir}", *RESUME, *overrides)
+    result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert "m2r/engine" not in result.stderr, result.stderr[-4000:]   # no traceback through our code
+    message = expected.format(tag=tag, older=tag.with_name("step00000003"))
+    for rank in (0, 1):
+        assert f"rank {rank}: error: {message}" in result.stderr, result.stderr[-4000:]
+        assert f"rank {rank}: exiting after CheckpointMismatch (status 2)" in result.stderr
+    assert result.stderr.count("(on rank 1)") == 2
+
+
 def test_old_checkpoints_are_pruned_to_the_last_two(resume_runs):
     checkpoints = resume_runs["split"] / "checkpoints"
     assert (checkpoints / "latest").read_text() == "step00000006"
@@ -761,13 +787,25 @@ def test_weights_missing_for_one_ranks_experts_stop_every_rank_with_the_same_err
     raises, naming the weights and the rank, instead of rank 1 alone while rank 0 goes on into its next
     collective (claiming to have loaded them)."""
     results = launched_script_results("rank_dependent_checks.py", tmp_path)
-    expected = {"init_use_ema": "KeyError: \"the EMA of ckpt lacks 24 trainable weights",
-                "resumed_ema": "KeyError: \"EMA state lacks 24 weights",
+    expected = {"init_use_ema": "CheckpointMismatch: the EMA of ckpt lacks 24 trainable weights",
+                "resumed_ema": "CheckpointMismatch: EMA state lacks 24 weights",
                 "init_weights_file": "ConfigError: init.weights lacks 24 weights of this model"}
     for check, (rank0, rank1) in results.items():
         assert rank0 == rank1, check
         assert rank0.startswith(expected[check]) and "deepspeed_experts.2.fc1.bias" in rank0, rank0
-        assert rank0.rstrip('"').endswith("(on rank 1)"), rank0
+        assert rank0.endswith("(on rank 1)"), rank0
+
+
+def test_what_rank_0_alone_does_at_start_up_and_as_a_save_starts_fails_on_every_rank_with_its_error(tmp_path):
+    """Writing config.yaml and opening the reports at start-up, and removing what earlier saves left as a save starts,
+    are rank 0's: when they fail, every rank raises rank 0's error there (one broadcast each, at start-up and per
+    save), instead of going on into its next collective and ending there by a broken connection or the failure
+    watch."""
+    results = launched_script_results("rank0_only_failures.py", tmp_path)
+    for check, (rank0, rank1) in results.items():
+        assert rank0.startswith("IsADirectoryError: "), (check, rank0)
+        assert rank1 == rank0, check
+    assert "config.yaml" in results["reports_opened"][0] and "latest.tmp" in results["save_started"][0]
 
 
 def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_that_step_in_fp32_at_zero_0(tmp_path):

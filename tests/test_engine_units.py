@@ -810,14 +810,16 @@ def test_a_resumed_pretraining_redoes_the_validation_and_grid_a_stop_signal_skip
 
 
 def test_trainable_weights_load_whole_or_not_at_all_naming_what_the_source_lacks():
-    """A state missing a trainable weight stops before any weight is set (not a bare KeyError half-way);
-    frozen weights need not be in it (an EMA holds none)."""
+    """A state missing a trainable weight stops before any weight is set (not a bare KeyError half-way), with an
+    error the entry points print as one line (a user's: another checkpoint is needed); frozen weights need not
+    be in it (an EMA holds none)."""
     from m2r.engine.optim import load_trainable_weights
+    from m2r.models.convert import CheckpointMismatch
 
     module = torch.nn.Linear(3, 2)
     module.bias.requires_grad_(False)
     engine = SimpleNamespace(module=module, optimizer=SimpleNamespace())
-    with pytest.raises(KeyError, match=r"the EMA of ckpt lacks 1 trainable weights, e\.g\. \['weight'\]"):
+    with pytest.raises(CheckpointMismatch, match=r"the EMA of ckpt lacks 1 trainable weights, e\.g\. \['weight'\]"):
         load_trainable_weights(engine, {"bias": torch.zeros(2)}, "the EMA of ckpt")
     bias = module.bias.detach().clone()
     load_trainable_weights(engine, {"weight": torch.ones(2, 3)}, "the EMA of ckpt")
@@ -923,7 +925,8 @@ def test_an_exact_resume_gives_each_rank_its_own_saved_rng_state(monkeypatch):
     client = {"step": 30, "rng_states": [{"saved by": 0}, {"saved by": 1}]}
     topology = Topology(2, 1, "fp32", 1)
     stub = SimpleNamespace(topology=topology, cfg=SimpleNamespace(train=None), optimizer=None,
-                           engine=SimpleNamespace(load_checkpoint=lambda root, tag: (None, client)),
+                           engine=SimpleNamespace(load_checkpoint=lambda root, tag: (None, client),
+                                                  module=torch.nn.Module()),   # no experts
                            _global_batch_change=lambda ref, saved: "")
     ref = SimpleNamespace(root="/ck", tag="step00000030", topology=lambda: topology)
     monkeypatch.setattr(run, "apply_optimizer_settings", lambda optimizer, train: None)

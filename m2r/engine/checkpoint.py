@@ -31,6 +31,7 @@ TAG_PATTERN = re.compile(r"^step(\d{8})$")
 PARTIAL_SUFFIX = ".partial"     # a tag being written
 REPLACED_SUFFIX = ".replaced"   # a tag being replaced by a new save of the same step
 DENSE_FILE = "mp_rank_00_model_states.pt"
+EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")   # DeepSpeed's, one per expert
 META_FILE = "meta.json"
 LATEST_FILE = "latest"        # names the tag a resume takes
 CONFIG_FILE = "config.yaml"
@@ -210,6 +211,30 @@ def set_aside_tags_after(root: Path, tag: str) -> List[str]:
     return newer
 
 
+def expert_file(layer: int, expert: int) -> str:
+    """DeepSpeed's file of one expert (global id) of the MoE layer numbered `layer` in module order (`EXPERT_FILE`)."""
+    return f"layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"
+
+
+def lacks_experts(ref: CheckpointRef, missing: List[str]) -> str:
+    """The problem of a checkpoint missing the files of the experts named in `missing` ("layer L expert E")."""
+    return (f"{ref.path} lacks the files of {len(missing)} experts ({', '.join(missing[:4])}): "
+            "the checkpoint is incomplete")
+
+
+def expert_files_lacking(engine, ref: CheckpointRef) -> Optional[str]:
+    """Which files of the experts a rank loads from `ref` it lacks, and on which rank, the same on every rank (None:
+    none): each rank reads its own experts' files, and DeepSpeed's FileNotFoundError would stop that rank alone,
+    the others going on into their next collective. Call it on every rank before loading `ref`."""
+    from m2r.models.moe import DDER
+
+    layers = [layer for layer in engine.module.modules() if isinstance(layer, DDER)]   # DeepSpeed numbers them so
+    missing = [f"layer {index} expert {layer.first_global_expert_id + local}"
+               for index, layer in enumerate(layers) for local in range(layer.num_local_experts)
+               if not (ref.path / expert_file(index, layer.first_global_expert_id + local)).is_file()]
+    return dist.problem_of_any_rank(lacks_experts(ref, missing) if missing else None)
+
+
 def load_weights_only(engine, ref: CheckpointRef) -> Dict[str, Any]:
     """Model weights (experts by global id, any topology) without optimizer or scheduler; returns the client state."""
     _, client = engine.load_checkpoint(str(ref.root), tag=ref.tag, load_module_only=True,
@@ -237,9 +262,8 @@ class CheckpointManager:
         the previous tag the latest, also for `remove_leftovers`, which publishes a complete `.partial`."""
         ref = CheckpointRef(self.root, tag_for(step))
         staging = CheckpointRef(self.root, ref.tag + PARTIAL_SUFFIX)
-        if dist.is_rank0():
-            self.remove_leftovers()
-        dist.barrier()
+        # one broadcast, where a barrier would do, so that what fails here on rank 0 is raised on every rank
+        dist.on_rank0(self.remove_leftovers)
         with storage_failures_named([staging.path], who=f"rank {dist.rank()}: ", judge_by_space_left=True):
             engine.save_checkpoint(str(self.root), tag=staging.tag, client_state=client_state, save_latest=False)
             if ema_state:   # the ranks holding a part of the EMA (see TrainingRun._ema_state)

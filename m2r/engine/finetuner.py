@@ -21,7 +21,8 @@ from m2r import dist, stop_signals
 from m2r.config import ConfigError, config_error, require
 from m2r.data.augment import center_crop
 from m2r.engine.bests import align_best_with_resume, best_checkpoints, export_best
-from m2r.engine.checkpoint import FINETUNE_KIND, CheckpointRef, checkpoint_at, load_ema_states, load_weights_only
+from m2r.engine.checkpoint import (FINETUNE_KIND, CheckpointRef, checkpoint_at, expert_files_lacking, load_ema_states,
+                                   load_weights_only)
 from m2r.engine.config import allowed_model_changes, validate_finetune_config
 from m2r.engine.deepspeed_config import images_per_step
 from m2r.engine.experts import global_expert_names
@@ -34,7 +35,7 @@ from m2r.eval.datasets import (DatasetLayoutError, PairedImages, evaluation_sets
                                train_pairs, training_list_file)
 from m2r.export import config_path_for, stored_model_config
 from m2r.models.config import require_same_network
-from m2r.models.convert import check_fits, load_official_checkpoint, read_checkpoint
+from m2r.models.convert import CheckpointMismatch, check_fits, load_official_checkpoint, read_checkpoint
 
 
 class ResumableSampler(DistributedSampler):
@@ -219,6 +220,9 @@ class Finetuner(TrainingRun):
         """A pretraining checkpoint's weights into the engine (any topology: experts by global id), the trained ones
         or, with init.use_ema, its EMA."""
         use_ema = self.cfg.init.use_ema
+        lacking = expert_files_lacking(self.engine, ref)
+        if lacking:
+            raise CheckpointMismatch(f"init.weights: {lacking}; give it a complete pretraining checkpoint")
         load_weights_only(self.engine, ref)
         saved = f"saved with {ref.topology().describe()}; optimizer fresh"
         if use_ema:

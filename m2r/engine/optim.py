@@ -11,6 +11,7 @@ from torch import nn
 
 from m2r import dist
 from m2r.engine.experts import EXPERT_INFIX, global_expert_names
+from m2r.models.convert import CheckpointMismatch
 
 
 def build_optimizer(model: nn.Module, train) -> torch.optim.Optimizer:
@@ -177,12 +178,13 @@ def trainable_by_global_name(model: nn.Module) -> Dict[str, nn.Parameter]:
 
 def _require_every_weight(needed: Mapping[str, Any], state: Mapping[str, torch.Tensor], source: str, what: str
                           ) -> None:
-    """A KeyError naming how many of `needed`'s keys `state` lacks, and a few of them, before any is copied; on
-    every rank when any rank lacks some (each needs its own experts): call it on every rank."""
+    """A CheckpointMismatch (a user's error: one line per rank, no traceback) naming how many of `needed`'s keys
+    `state` lacks, and a few of them, before any is copied; on every rank when any rank lacks some (each needs its
+    own experts): call it on every rank."""
     missing = sorted(set(needed) - set(state))
     problem = dist.problem_of_any_rank(f"{source} lacks {len(missing)} {what}, e.g. {missing[:3]}" if missing else None)
     if problem:
-        raise KeyError(problem)
+        raise CheckpointMismatch(problem)
 
 
 def _is_partitioned(param: torch.Tensor) -> bool:

@@ -26,7 +26,7 @@ from m2r.atomic import write_text_atomically
 from m2r.config import config_error, flatten, require, save_config
 from m2r.engine.checkpoint import (ABANDONED_DIR, RUN_CHECKPOINTS_DIR, CheckpointManager, CheckpointRef, Topology,
                                    agreed_resume, checkpoint_kind, complete_tags, complete_tags_before, load_ema_states,
-                                   load_weights_only, set_aside_newer_tags)
+                                   expert_files_lacking, load_weights_only, set_aside_newer_tags)
 from m2r.engine.config import PRECISIONS, collective_timeout, with_absolute_paths
 from m2r.engine.deepspeed_config import (build_deepspeed_config, gradient_accumulation_dtype,
                                          gradient_reduction_dtype, images_per_step, precision_notes)
@@ -39,6 +39,7 @@ from m2r.engine.run_lock import check_every_rank_sees, hold_run_dir_lock, make_m
 from m2r.engine.zero_state import load_resharded_optimizer_state, why_not_carried
 from m2r.eval.image_io import to_unit_float
 from m2r.models.config import model_defaults, require_same_network
+from m2r.models.convert import CheckpointMismatch
 from m2r.models.moe import is_first_expert_replica
 from m2r.models.scan import resolve_scan_backend
 
@@ -130,6 +131,12 @@ def skip_the_redundant_overflow_scan(zero_optimizer) -> bool:
     if redundant:   # step() sets `overflow = False` before it calls check_overflow
         zero_optimizer.check_overflow = lambda partition_gradients=True: None
     return redundant
+
+
+def older_checkpoint_advice(ref: CheckpointRef) -> str:
+    """What to resume instead of `ref`, whose files are damaged or missing: the newest complete tag before it."""
+    older = complete_tags_before(ref)
+    return f"resume an older one with run.resume={ref.root / older[-1]}" if older else "no older one is kept"
 
 
 def applies_non_finite_steps(train) -> bool:
@@ -382,6 +389,9 @@ class TrainingRun:
         saved = dist.on_rank0(ref.topology)   # one read decides for all which of two collectives' paths they take
         same_ranks = (saved.world_size, saved.ep_size) == (self.topology.world_size, self.topology.ep_size)
         carry = None
+        lacking = expert_files_lacking(self.engine, ref)
+        if lacking:
+            raise CheckpointMismatch(f"{lacking}; {older_checkpoint_advice(ref)}")
         try:
             if saved != self.topology:
                 client = load_weights_only(self.engine, ref)
@@ -389,10 +399,8 @@ class TrainingRun:
             else:
                 _, client = self.engine.load_checkpoint(str(ref.root), tag=ref.tag)
         except Exception as error:
-            older = complete_tags_before(ref)
-            advice = f"resume an older one with run.resume={ref.root / older[-1]}" if older else "no older one is kept"
             raise RuntimeError(f"loading {ref.path} failed ({type(error).__name__}: {error}); if its files are "
-                               f"damaged, {advice}") from error
+                               f"damaged, {older_checkpoint_advice(ref)}") from error
         apply_optimizer_settings(self.optimizer, self.cfg.train)
         self.step = client["step"]
         if carry is not None:
@@ -553,13 +561,20 @@ class TrainingRun:
                 *(f"  note: {note}" for note in precision_notes(train))]
 
     def _open_monitor(self, total_steps: int) -> None:
-        """Rank 0 writes the resolved config.yaml into the run directory and reports; other ranks stay silent."""
+        """Rank 0 writes the resolved config.yaml into the run directory and reports; other ranks stay silent. What
+        fails on rank 0 here (a full disk, metrics.jsonl or the TensorBoard folder it cannot open) is raised on every
+        rank, by the one broadcast of `dist.on_rank0`: the others would otherwise go on into the first step's
+        collectives and end there, by a broken connection or the failure watch."""
         self.total_steps = total_steps
-        if dist.is_rank0():
+
+        def start_reporting() -> None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(with_absolute_paths(self.cfg), self.run_dir / "config.yaml")
-        self.monitor = build_monitor(dist.is_rank0(), self.run_dir, total_steps, self.step,
-                                     self.topology.world_size, self.cfg.run.progress_bar, self.cfg.run.tensorboard)
+            self.monitor = build_monitor(True, self.run_dir, total_steps, self.step, self.topology.world_size,
+                                         self.cfg.run.progress_bar, self.cfg.run.tensorboard)
+
+        self.monitor = NullMonitor()
+        dist.on_rank0(start_reporting)
         # Read after any resume: an exact one brings back DeepSpeed's saved count, skips this run did not see.
         self._skipped_steps_logged = self.engine.skipped_steps
 
