@@ -562,10 +562,11 @@ def test_a_resumed_tag_directory_of_any_name_sets_aside_the_tags_newer_than_its_
     assert set_aside_newer_tags(ref, mine) == [tag_for(20), tag_for(30)] and manager.tags() == [tag_for(5)]
 
 
-@pytest.mark.parametrize("name", ["final", "zz-final"])
+@pytest.mark.parametrize("name", ["final", "zz-final", tag_for(10)])
 def test_a_failed_load_of_a_tag_directory_of_any_name_suggests_the_tag_saved_before_its_step(tmp_path, name):
     """The hint after a failed load names the newest complete tag beside it saved at an earlier step (its meta.json
-    step, not its name): "final" sorts before every step<N> and "zz-final" after, yet both are step 10 here."""
+    step, not its name): "final" sorts before every step<N> and "zz-final" after, yet both are step 10 here; a tag
+    keeping its own name is not older than itself."""
     from m2r.engine.run import TrainingRun
 
     root = tmp_path / "other"

@@ -405,3 +405,39 @@ def test_a_list_where_the_mixture_weights_go_is_a_config_error(override):
 
     with pytest.raises(ConfigError, match="data.weights"):
         check_data_settings(load_config(PretrainConfig, None, [override]).data)
+
+
+def test_a_saved_finetuning_config_names_every_path_absolute_and_leaves_unset_ones_as_given(tmp_path, monkeypatch):
+    """`with_absolute_paths` (config.yaml of a run and its checkpoints): finetuning's data.root, data.list_file,
+    data.val_root, init.weights and run.dir, relative as given, name the same files from any directory; an empty
+    init.weights (scratch) stays empty, not this directory; interpolations are resolved, a path's before it is made
+    absolute, any other key's too (a resume compares the values with those saved)."""
+    from m2r.engine.config import FinetuneConfig, with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(FinetuneConfig, None, ["data.root=data/allweather", "data.list_file=lists/train.txt",
+                                             "data.val_root=${data.root}/test", "run.dir=runs/ft",
+                                             "init.weights=../pre/checkpoints", "train.min_lr=${train.lr}"])
+    saved = with_absolute_paths(cfg)
+    assert (saved.data.root, saved.data.list_file, saved.data.val_root, saved.run.dir, saved.init.weights) == (
+        str(tmp_path / "data/allweather"), str(tmp_path / "lists/train.txt"), str(tmp_path / "data/allweather/test"),
+        str(tmp_path / "runs/ft"), str(tmp_path.parent / "pre/checkpoints"))
+    assert OmegaConf.to_container(saved)["train"]["min_lr"] == cfg.train.lr
+    assert with_absolute_paths(load_config(FinetuneConfig, None, ["init.weights=''"])).init.weights == ""
+
+
+def test_a_saved_shard_pattern_names_the_same_shards_from_any_directory(tmp_path, monkeypatch):
+    """data.shards and data.val_shards may be brace patterns (m2r/data/shard_list.py): a relative one is prefixed
+    with the run's directory, one whose alternatives are absolute stays as given (a prefix would move them under
+    it), and a `..` after a brace is kept, not folded into one path."""
+    from m2r.data.shard_list import expand_braces
+    from m2r.engine.config import PretrainConfig, with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    for given, shards in (("shards/train-{000..001}.tar", [tmp_path / "shards/train-000.tar",
+                                                            tmp_path / "shards/train-001.tar"]),
+                          ('"{/disk1/a.tar,/disk2/b.tar}"', ["/disk1/a.tar", "/disk2/b.tar"]),
+                          ("shards/{a,b}/../c.tar", [tmp_path / "shards/a/../c.tar", tmp_path / "shards/b/../c.tar"])):
+        for key in ("data.shards", "data.val_shards"):
+            saved = with_absolute_paths(load_config(PretrainConfig, None, [f"{key}={given}"]))
+            assert expand_braces(OmegaConf.select(saved, key)) == [str(path) for path in shards], (key, given)

@@ -497,3 +497,11 @@ def test_the_skipped_steps_are_worded_once_for_the_log_step_line_and_the_last_st
     assert skipped_steps_text(scaling) == "skipped 2 (fp16 overflow, scale 16384)"
     assert skipped_steps_text(scaling, " since the last log step") == ("skipped 2 since the last log step (fp16 "
                                                                        "overflow, scale 16384)")
+
+
+def test_standard_json_reaches_the_non_finite_values_inside_a_records_lists():
+    from m2r.engine.monitor import standard_json
+
+    record = {"step": 1, "per_expert": [1.0, float("nan"), (float("-inf"), 2)]}
+    assert json.dumps(standard_json(record), allow_nan=False) == (
+        '{"step": 1, "per_expert": [1.0, "NaN", ["-Infinity", 2]]}')

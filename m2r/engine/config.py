@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from m2r.config import choice, require
 from m2r.data.config import DataConfig, check_data_settings
+from m2r.data.shard_list import expand_braces
 from m2r.engine.deepspeed_config import build_deepspeed_config
 from m2r.models.config import (CHECKPOINT_MODES, OFFICIAL_SUFFIXES, ModelConfig, check_model_settings, model_keys,
                                require_input_side)
@@ -22,6 +23,7 @@ from m2r.models.config import (CHECKPOINT_MODES, OFFICIAL_SUFFIXES, ModelConfig,
 # The keys holding a path, in either run's config (run.resume is one process's, never read back from a saved config).
 PATH_KEYS = ("data.shards", "data.val_shards", "data.root", "data.val_root", "data.list_file", "model.clip.weights",
              "init.weights", "run.dir")
+SHARD_KEYS = ("data.shards", "data.val_shards")   # of PATH_KEYS, those that may be brace patterns (shard_list.py)
 SEED_LIMIT = 2 ** 32   # train.seed, and with data.seed_offset the data's: see check_seed
 PIXEL_LOSSES = ("l1", "charbonnier")   # train.loss; m2r/engine/loss.py computes each
 PRECISIONS = ("fp32", "bf16", "fp16")  # train.precision; m2r/engine/run.py has their dtypes
@@ -303,5 +305,18 @@ def with_absolute_paths(cfg):
     for key in PATH_KEYS:
         value = OmegaConf.select(absolute, key)
         if isinstance(value, str) and value:
-            OmegaConf.update(absolute, key, os.path.abspath(value))
+            OmegaConf.update(absolute, key, absolute_pattern(value) if key in SHARD_KEYS else os.path.abspath(value))
     return absolute
+
+
+def absolute_pattern(pattern: str) -> str:
+    """A shard directory, .tar file or brace pattern made absolute, naming the same files. A pattern whose
+    alternatives are absolute already (`{/disk1/a.tar,/disk2/b.tar}`) stays as given: a prefix would move them under
+    this process's working directory. Of a relative pattern, only the folders before its first brace are normalized:
+    `{a,b}/../c.tar` would fold into one path."""
+    if any(os.path.isabs(path) for path in expand_braces(pattern)):
+        return pattern
+    if "{" not in pattern:
+        return os.path.abspath(pattern)
+    head, slash, _ = pattern[:pattern.index("{")].rpartition("/")
+    return os.path.join(os.path.abspath(head or "."), pattern[len(head + slash):])

@@ -121,6 +121,8 @@ def standard_json(value):
     null, keep which one it was (a diverged loss: NaN or an overflow's Infinity); `float` reads them back."""
     if isinstance(value, dict):
         return {key: standard_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):   # a record's lists too: json.dumps(allow_nan=False) raises on any NaN left
+        return [standard_json(item) for item in value]
     if isinstance(value, float) and not math.isfinite(value):
         return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
     return value
