@@ -90,6 +90,29 @@ def test_validation_crops_larger_than_an_image_are_refused_not_upscaled(repo_roo
     assert val_batches(40)[0]["lq"].shape == (1, 3, 40, 40)
 
 
+def test_a_validation_set_read_otherwise_on_another_rank_is_refused_naming_the_folder_and_the_rank(repo_root,
+                                                                                                   tmp_path,
+                                                                                                   monkeypatch):
+    """Each rank reads the validation images itself (rank 0 lists them): a node whose copy of data.root holds other
+    images is refused at start-up, on every rank, rather than mixed into the metrics, as pretraining's set is."""
+    from m2r.data import stream
+
+    root = build_allweather(tmp_path / "aw", size=(40, 48))
+    cfg = load_config(FinetuneConfig, Path(repo_root) / "configs/finetune/tiny-test.yaml",
+                      [f"data.root={root}", "data.val_crop=32"])
+    stub = SimpleNamespace(cfg=cfg)
+    mine = Finetuner._val_batches(stub, evaluation_sets("allweather", root, ["raindrop_a"]))
+    other_node = stream._digest(Finetuner._val_batches(stub, evaluation_sets("allweather", root, ["snow100k_s"])))
+    monkeypatch.setattr(stream.dist, "is_multi_rank", lambda: True)
+    monkeypatch.setattr(stream.dist, "all_gather_object", lambda digest: [digest, (other_node, "node7")])
+    with pytest.raises(ConfigError, match=re.escape(f"data.root={root} (data.val_root unset): the validation set "
+                                                    "built by rank 1 on host node7 differs from rank 0's")):
+        Finetuner._val_batches(stub, evaluation_sets("allweather", root, ["raindrop_a"]))
+    monkeypatch.setattr(stream.dist, "all_gather_object", lambda digest: [digest, digest])
+    again = Finetuner._val_batches(stub, evaluation_sets("allweather", root, ["raindrop_a"]))
+    assert all(torch.equal(a["lq"], b["lq"]) for a, b in zip(again, mine))
+
+
 def run(command, cwd, timeout=300, expect_failure=False):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -501,7 +501,8 @@ def build_val_set(cfg, crop: int) -> List[Dict[str, torch.Tensor]]:
         lq.append(degraded), gt.append(target), type_ids.append(type_id)
     size = int(cfg.val_batch_size)
     batches = [collate(lq[i:i + size], gt[i:i + size], type_ids[i:i + size]) for i in range(0, count, size)]
-    _require_the_same_set_on_every_rank(cfg, batches)
+    require_the_same_set_on_every_rank(batches, f"data.val_shards={cfg.val_shards}" if cfg.val_shards
+                                       else "the built-in validation photos")
     return batches
 
 
@@ -513,17 +514,17 @@ def _digest(batches: Sequence[Dict[str, torch.Tensor]]) -> str:
     return digest.hexdigest()
 
 
-def _require_the_same_set_on_every_rank(cfg, batches: Sequence[Dict[str, torch.Tensor]]) -> None:
-    """Each rank scores its share of the batches from its own copy of the set: a node whose validation shards
-    differ (a node-local copy of other files) or whose libraries degrade otherwise would mix other images into
-    the metrics without a word. One digest per rank, compared with rank 0's (a collective: every rank calls it)."""
+def require_the_same_set_on_every_rank(batches: Sequence[Dict[str, torch.Tensor]], source: str) -> None:
+    """Each rank scores its share of the validation batches (pretraining's, a finetuning's) from its own copy of the
+    set, read from `source`: a node whose files differ (a node-local copy of others) or whose libraries decode or
+    degrade otherwise would mix other images into the metrics without a word. One digest per rank, compared with
+    rank 0's (a collective: every rank calls it)."""
     if not dist.is_multi_rank():
         return
     digests = dist.all_gather_object((_digest(batches), socket.gethostname()))
     differing = [(rank, host) for rank, (digest, host) in enumerate(digests) if digest != digests[0][0]]
     if differing:
         (rank, host), more = differing[0], len(differing) - 1
-        source = f"data.val_shards={cfg.val_shards}" if cfg.val_shards else "the built-in validation photos"
         raise ConfigError(f"{source}: the validation set built by rank {rank} on host {host}"
                           f"{f' (and {more} more rank(s))' if more else ''} differs from rank 0's: every node must "
                           "read the same validation files with the same library versions (numpy, Pillow, scikit-image)")

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from m2r import dist, stop_signals
 from m2r.config import ConfigError, config_error, require
 from m2r.data.augment import center_crop
+from m2r.data.stream import require_the_same_set_on_every_rank
 from m2r.engine.bests import align_best_with_resume, best_checkpoints, export_best
 from m2r.engine.checkpoint import (FINETUNE_KIND, CheckpointRef, checkpoint_at, expert_files_lacking, load_ema_states,
                                    load_weights_only)
@@ -165,8 +166,9 @@ class Finetuner(TrainingRun):
                 from None
 
     def _val_batches(self, val_sets) -> List[Dict[str, torch.Tensor]]:
-        """Centre crops of the first images of each set, batched per set; type_id = set index. An image
-        smaller than the crop is refused: validation would score an upscaled copy of it."""
+        """Centre crops of the first images of each set, batched per set; type_id = set index, the same on every
+        rank (each reads the images itself). An image smaller than the crop is refused: validation would score an
+        upscaled copy of it."""
         data = self.cfg.data
         batches = []
         for set_index, pairs in enumerate(val_sets.values()):
@@ -182,6 +184,8 @@ class Finetuner(TrainingRun):
                 chunk = crops[start:start + data.val_batch_size]
                 batches.append({"lq": torch.stack([c[0] for c in chunk]), "gt": torch.stack([c[1] for c in chunk]),
                                 "type_id": torch.full((len(chunk),), set_index, dtype=torch.int64)})
+        require_the_same_set_on_every_rank(batches, f"data.val_root={data.val_root}" if data.val_root
+                                           else f"data.root={data.root} (data.val_root unset)")
         return batches
 
     def _load_init_weights(self, model) -> None:
