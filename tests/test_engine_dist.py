@@ -313,8 +313,11 @@ def test_a_refusal_decided_on_rank_0_reaches_every_rank_as_one_line(resume_runs)
     ("layer_1_expert_3_mp_rank_00_model_states.pt", ("train.zero_stage=1",),   # a topology change: weights only
      "{tag} lacks the files of 1 experts (layer 1 expert 3): the checkpoint is incomplete (on rank 1); resume an "
      "older one with run.resume={older}"),
+    ("layer_0_expert_2_mp_rank_00_model_states.pt", (),   # an exact resume: DeepSpeed's own load
+     "{tag} lacks the files of 1 experts (layer 0 expert 2): the checkpoint is incomplete (on rank 1); resume an "
+     "older one with run.resume={older}"),
     ("ema_rank00001.pt", (), "the EMA of {tag} lacks 24 weights, e.g. ["),
-], ids=["expert_file_at_a_topology_change", "ema_file"])
+], ids=["expert_file_at_a_topology_change", "expert_file_at_the_same_topology", "ema_file"])
 def test_a_resume_from_a_checkpoint_lacking_one_ranks_files_stops_every_rank_with_one_line(resume_runs, tmp_path,
                                                                                            lost, overrides, expected):
     """Rank 1's expert file (each rank reads its own experts' files) or its EMA file is lost: every rank prints the

@@ -884,6 +884,36 @@ def test_init_use_ema_starts_from_the_ema_of_a_pretraining_checkpoint(monkeypatc
     assert "init: EMA weights from runs/p/checkpoints/step00000006 (init.use_ema;" in capsys.readouterr().out
 
 
+def test_init_from_a_pretraining_checkpoint_lacking_an_expert_file_is_refused_before_any_load(monkeypatch, tmp_path):
+    """init.weights=<dir> whose tag lacks one expert's file (DeepSpeed's layer_<L>_expert_<E>_... , layers numbered
+    in module order) stops with a CheckpointMismatch naming it, before DeepSpeed reads any file (its
+    FileNotFoundError would stop the ranks missing it alone); a complete tag passes the check."""
+    from m2r.engine import finetuner
+    from m2r.engine.checkpoint import Topology, expert_file
+    from m2r.models.config import ModelConfig
+    from m2r.models.m2restore import build_model
+
+    model = build_model(load_config(ModelConfig, "configs/model/tiny.yaml"), with_clip_prior=False)
+    ref = CheckpointRef(tmp_path, tag_for(6))
+    ref.path.mkdir()
+    for layer in range(3):   # the tiny model's DDER 1 to 3, 4 experts each
+        for expert in range(4):
+            (ref.path / expert_file(layer, expert)).touch()
+    loaded = []
+    monkeypatch.setattr(finetuner, "load_weights_only", lambda engine, ref: loaded.append(ref))
+    monkeypatch.setattr(CheckpointRef, "topology", lambda self: Topology(1, 1, "fp32", 1))
+    stub = SimpleNamespace(engine=SimpleNamespace(module=model),
+                           cfg=SimpleNamespace(init=SimpleNamespace(use_ema=False)))
+    Finetuner._load_pretraining_checkpoint(stub, ref, False)
+    assert loaded == [ref]
+    (ref.path / expert_file(2, 1)).unlink()
+    with pytest.raises(finetuner.CheckpointMismatch, match=re.escape(
+            f"init.weights: {ref.path} lacks the files of 1 experts (layer 2 expert 1): the checkpoint is incomplete; "
+            "give it a complete pretraining checkpoint")):
+        Finetuner._load_pretraining_checkpoint(stub, ref, False)
+    assert loaded == [ref]
+
+
 def test_init_use_ema_from_a_checkpoint_without_an_ema_stops_the_run_naming_the_key_and_the_checkpoint(monkeypatch):
     """Not a silent start from the trained weights: the user asked for what the pretraining validation scored."""
     loaded = []
