@@ -26,9 +26,11 @@ from omegaconf import OmegaConf
 from m2r.atomic import atomic_paths, default_file_mode
 from m2r.cli import run_main
 from m2r.config import ConfigError
-from m2r.engine.checkpoint import DENSE_FILE, EXPERT_FILE, CheckpointRef, checkpoint_at, lacks_experts, load_ema_states
+from m2r.engine.checkpoint import (DENSE_FILE, EXPERT_FILE, CheckpointRef, checkpoint_at, load_ema_states,
+                                   missing_experts_problem)
 from m2r.engine.zero_state import MASTER, stitched_zero_state
 from m2r.models.convert import CheckpointMismatch, read_checkpoint
+
 
 def _load(path: Path):
     # DeepSpeed pickles its config objects beside the tensors: weights_only=True cannot read them.
@@ -54,7 +56,7 @@ def _require_every_expert(ref: CheckpointRef, expert_files: Dict[Tuple[int, int]
     missing = [f"layer {layer} expert {expert}" for layer, count in enumerate(experts_per_layer)
                for expert in range(count) if (layer, expert) not in expert_files]
     if missing:
-        raise CheckpointMismatch(f"{lacks_experts(ref, missing)}; export an older one")
+        raise CheckpointMismatch(f"{missing_experts_problem(ref, missing)}; export an older one")
 
 
 def fp32_master_weights(ref: CheckpointRef, ep_size: int, num_experts: int) -> Dict[str, torch.Tensor]:

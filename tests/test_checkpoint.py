@@ -578,10 +578,39 @@ def test_a_failed_load_of_a_tag_directory_of_any_name_suggests_the_tag_saved_bef
     def damaged(*args, **kwargs):
         raise EOFError("truncated")
 
-    run = SimpleNamespace(topology=Topology(1, 1, "fp32", 1),
-                          engine=SimpleNamespace(load_checkpoint=damaged, module=torch.nn.Module()))   # no experts
+    run = SimpleNamespace(topology=Topology(1, 1, "fp32", 1),   # an engine without experts or ZeRO
+                          engine=SimpleNamespace(load_checkpoint=damaged, module=torch.nn.Module(),
+                                                 zero_optimization=lambda: False))
     with pytest.raises(RuntimeError, match=f"resume an older one with run.resume={root / tag_for(5)}$"):
         TrainingRun._load_checkpoint(run, CheckpointRef(root, name))
+
+
+def test_an_exact_resume_checks_the_optimizer_file_each_rank_reads_alone_before_deepspeed_loads_it(repo_root,
+                                                                                                        tmp_path):
+    """At ZeRO 0 DeepSpeed keeps an MoE run's optimizer state per expert-parallel rank (`expp_rank_<R>_...`), under
+    ZeRO per partition; an exact load reads this rank's alone, so a lost one is named, as a lost expert file is,
+    before any load (on every rank: `TrainingRun._load_checkpoint`). A weights-only load reads no optimizer file."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from m2r.engine.checkpoint import expert_file, own_files_lacking
+    from m2r.models.config import ModelConfig
+    from m2r.models.m2restore import build_model
+
+    ref = CheckpointRef(tmp_path, tag_for(6))
+    ref.path.mkdir()
+    for layer in range(3):   # the tiny model's DDER 1 to 3, 4 experts each, all on this rank (ep_size 1)
+        for expert in range(4):
+            (ref.path / expert_file(layer, expert)).touch()
+    engine = SimpleNamespace(module=build_model(load_config(ModelConfig, Path(repo_root) / "configs/model/tiny.yaml"),
+                                                with_clip_prior=False),
+                             zero_optimization=lambda: False, optimizer=object(), checkpoint_mp_rank=0)
+    engine._get_optimizer_ckpt_name = lambda *args: DeepSpeedEngine._get_optimizer_ckpt_name(engine, *args)
+    assert own_files_lacking(engine, ref, exact=True) == (
+        f"{ref.path} lacks expp_rank_0_mp_rank_00_optim_states.pt, this rank's part of the optimizer state: the "
+        "checkpoint is incomplete")
+    assert own_files_lacking(engine, ref, exact=False) is None
+    (ref.path / "expp_rank_0_mp_rank_00_optim_states.pt").touch()
+    assert own_files_lacking(engine, ref, exact=True) is None
 
 
 def test_a_runs_saved_configs_name_its_paths_absolute_so_any_directory_reads_the_same_files(tmp_path, monkeypatch):

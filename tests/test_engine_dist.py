@@ -316,14 +316,17 @@ def test_a_refusal_decided_on_rank_0_reaches_every_rank_as_one_line(resume_runs)
     ("layer_0_expert_2_mp_rank_00_model_states.pt", (),   # an exact resume: DeepSpeed's own load
      "{tag} lacks the files of 1 experts (layer 0 expert 2): the checkpoint is incomplete (on rank 1); resume an "
      "older one with run.resume={older}"),
+    ("bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", (),   # read by rank 1 alone at an exact resume
+     "{tag} lacks bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt, this rank's part of the optimizer state: the "
+     "checkpoint is incomplete (on rank 1); resume an older one with run.resume={older}"),
     ("ema_rank00001.pt", (), "the EMA of {tag} lacks 24 weights, e.g. ["),
-], ids=["expert_file_at_a_topology_change", "expert_file_at_the_same_topology", "ema_file"])
+], ids=["expert_file_at_a_topology_change", "expert_file_at_the_same_topology", "optimizer_partition", "ema_file"])
 def test_a_resume_from_a_checkpoint_lacking_one_ranks_files_stops_every_rank_with_one_line(resume_runs, tmp_path,
                                                                                            lost, overrides, expected):
-    """Rank 1's expert file (each rank reads its own experts' files) or its EMA file is lost: every rank prints the
-    same error naming the checkpoint, what it lacks and the rank, and exits with the user-error status at once,
-    instead of rank 1 alone while rank 0 goes on into its next collective (ended there by gloo or the failure
-    watch, with a traceback that names no lost file)."""
+    """Rank 1's expert file (each rank reads its own experts' files), its ZeRO partition of the optimizer state or
+    its EMA file is lost: every rank prints the same error naming the checkpoint, what it lacks and the rank, and
+    exits with the user-error status at once, instead of rank 1 alone while rank 0 goes on into its next collective
+    (ended there by gloo or the failure watch, with a traceback that names no lost file)."""
     run_dir = tmp_path / "copy"
     shutil.copytree(resume_runs["split"], run_dir)
     tag = run_dir / "checkpoints" / "step00000006"

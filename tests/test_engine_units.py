@@ -926,7 +926,8 @@ def test_an_exact_resume_gives_each_rank_its_own_saved_rng_state(monkeypatch):
     topology = Topology(2, 1, "fp32", 1)
     stub = SimpleNamespace(topology=topology, cfg=SimpleNamespace(train=None), optimizer=None,
                            engine=SimpleNamespace(load_checkpoint=lambda root, tag: (None, client),
-                                                  module=torch.nn.Module()),   # no experts
+                                                  module=torch.nn.Module(),   # no experts, no ZeRO
+                                                  zero_optimization=lambda: False),
                            _global_batch_change=lambda ref, saved: "")
     ref = SimpleNamespace(root="/ck", tag="step00000030", topology=lambda: topology)
     monkeypatch.setattr(run, "apply_optimizer_settings", lambda optimizer, train: None)

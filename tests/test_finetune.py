@@ -858,7 +858,7 @@ def load_pretraining_checkpoint(monkeypatch, has_ema: bool, use_ema: bool, loade
                           topology=lambda: Topology(1, 1, "fp32", 1), meta=lambda: {"ema": has_ema})
     monkeypatch.setattr(finetuner, "checkpoint_at", lambda directory, key: ref)
     monkeypatch.setattr(finetuner, "load_weights_only", lambda engine, ref: loaded.append("trained"))
-    monkeypatch.setattr(finetuner, "expert_files_lacking", lambda engine, ref: None)
+    monkeypatch.setattr(finetuner, "own_files_lacking", lambda engine, ref, exact: None)
     monkeypatch.setattr(finetuner, "load_ema_states", lambda ref: {"w": "ema"})
     monkeypatch.setattr(finetuner, "load_trainable_weights", lambda engine, state, source: loaded.append(state["w"]))
     stub = SimpleNamespace(engine=None, cfg=SimpleNamespace(init=SimpleNamespace(use_ema=use_ema)),
@@ -983,7 +983,7 @@ def test_a_resume_takes_its_load_path_from_rank_0s_read_of_the_topology(monkeypa
     monkeypatch.setattr(run.dist, "on_rank0", lambda work: here)   # rank 0's read, broadcast
     monkeypatch.setattr(run, "apply_optimizer_settings", lambda optimizer, train: None)
     engine = SimpleNamespace(load_checkpoint=lambda root, tag: loaded.append(tag) or (None, client),
-                             module=torch.nn.Module())   # no experts
+                             module=torch.nn.Module(), zero_optimization=lambda: False)   # no experts, no ZeRO
     stub = SimpleNamespace(topology=here, optimizer=None, cfg=SimpleNamespace(train=None), step=0, engine=engine)
     ref = SimpleNamespace(topology=stale_read, root="ckpt", tag="step00000005", path="ckpt/step00000005")
     assert run.TrainingRun._load_checkpoint(stub, ref) == (client, "rng of rank 0")

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from m2r.engine.monitor import Monitor, NullMonitor, build_monitor
+from m2r.engine.monitor import Monitor, NullMonitor
 
 
 def read_records(path):
@@ -25,8 +25,7 @@ def test_other_ranks_null_monitor_takes_the_same_calls_as_rank_0s():
 
 @pytest.mark.parametrize("tensorboard", [True, False])
 def test_metrics_file_always_and_tensorboard_only_when_asked(tmp_path, tensorboard):
-    monitor = build_monitor(True, tmp_path, total_steps=2, start_step=0, world_size=1, progress_bar=False,
-                            tensorboard=tensorboard)
+    monitor = Monitor(tmp_path, total_steps=2, start_step=0, world_size=1, progress_bar=False, tensorboard=tensorboard)
     monitor.log_train(1, {"loss": 0.5, "pixel_loss": 0.4, "balance_loss": 1.0, "lr": 1e-3}, log_step=False)
     monitor.log_val(1, {"psnr": 20.0, "ssim": 0.5})
     monitor.log_images(1, torch.zeros(3, 8, 8))
@@ -45,8 +44,7 @@ def test_a_resumed_runs_metrics_file_reads_as_an_uninterrupted_runs(tmp_path):
             {"step": 2, "val_psnr": 20.0}, {"step": 3, "loss": 3.0}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept)
                                             + '{"step": 4, "loss": 9.0}\n{"step": 5, "lo')
-    monitor = build_monitor(True, tmp_path, total_steps=6, start_step=3, world_size=1, progress_bar=False,
-                            tensorboard=False)
+    monitor = Monitor(tmp_path, total_steps=6, start_step=3, world_size=1, progress_bar=False, tensorboard=False)
     monitor.log_train(4, {"loss": 4.0, "pixel_loss": 4.0, "balance_loss": 0.0, "lr": 1e-3}, log_step=False)
     monitor.close()
     records = read_records(tmp_path / "metrics.jsonl")
@@ -59,8 +57,7 @@ def test_tensorboard_forgets_the_steps_a_resumed_run_logs_again(tmp_path):
 
     scalars = {"pixel_loss": 0.0, "balance_loss": 0.0, "lr": 1e-3, "img_per_s": 1.0, "data_wait_share": 0.0}
     for start_step, losses in [(0, {1: 1.0, 2: 2.0, 3: 3.0}), (2, {3: 30.0})]:   # resumed at step 2
-        monitor = build_monitor(True, tmp_path, total_steps=3, start_step=start_step, world_size=1,
-                                progress_bar=False)
+        monitor = Monitor(tmp_path, total_steps=3, start_step=start_step, world_size=1, progress_bar=False)
         for step, loss in losses.items():
             monitor.log_train(step, dict(scalars, loss=loss), log_step=True)
         monitor.close()
@@ -71,8 +68,7 @@ def test_tensorboard_forgets_the_steps_a_resumed_run_logs_again(tmp_path):
 
 def test_a_fresh_start_drops_what_a_run_killed_before_its_first_checkpoint_logged(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 0, "val_psnr": 9.0}\n{"step": 1, "loss": 1.0}\n')
-    build_monitor(True, tmp_path, total_steps=6, start_step=0, world_size=1, progress_bar=False,
-                  tensorboard=False).close()
+    Monitor(tmp_path, total_steps=6, start_step=0, world_size=1, progress_bar=False, tensorboard=False).close()
     assert (tmp_path / "metrics.jsonl").read_text() == ""
 
 
@@ -123,8 +119,7 @@ SCALARS = {"pixel_loss": 0.0, "balance_loss": 0.0, "lr": 1e-3, "img_per_s": 8.0,
 
 
 def test_the_loss_average_runs_over_the_last_100_steps(tmp_path):
-    monitor = build_monitor(True, tmp_path, total_steps=150, start_step=0, world_size=1, progress_bar=False,
-                            tensorboard=False)
+    monitor = Monitor(tmp_path, total_steps=150, start_step=0, world_size=1, progress_bar=False, tensorboard=False)
     for step in range(1, 151):
         monitor.log_train(step, dict(SCALARS, loss=float(step)), log_step=False)
     monitor.close()
@@ -135,7 +130,7 @@ def test_the_loss_average_runs_over_the_last_100_steps(tmp_path):
 def test_tensorboard_gets_per_gpu_throughput_and_expert_loads_by_level_from_1(tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    monitor = build_monitor(True, tmp_path, total_steps=2, start_step=0, world_size=4, progress_bar=False)
+    monitor = Monitor(tmp_path, total_steps=2, start_step=0, world_size=4, progress_bar=False)
     monitor.log_train(1, dict(SCALARS, loss=1.0), log_step=True)
     monitor.log_expert_load(1, [torch.tensor([0.25, 0.75]), torch.tensor([1.0, 0.0])])
     monitor.close()
@@ -152,7 +147,7 @@ def test_each_level_reports_its_largest_expert_load_and_with_a_capacity_its_drop
     TensorBoard and a metrics.jsonl record at the log step; the dropped shares join that step's console line."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    monitor = build_monitor(True, tmp_path, total_steps=4, start_step=0, world_size=4, progress_bar=False)
+    monitor = Monitor(tmp_path, total_steps=4, start_step=0, world_size=4, progress_bar=False)
     loads = [torch.tensor([0.25, 0.75]), torch.tensor([0.5, 0.5]), torch.tensor([1.0, 0.0])]
     monitor.log_expert_load(1, loads)     # no capacity: no dropped share anywhere
     monitor.log_train(1, dict(SCALARS, loss=1.0), log_step=True)
@@ -179,8 +174,7 @@ def test_every_record_starts_with_its_step_and_the_time(tmp_path):
     from m2r.engine.monitor import RECORD_STEP
 
     before = time.time()
-    monitor = build_monitor(True, tmp_path, total_steps=2, start_step=0, world_size=1, progress_bar=False,
-                            tensorboard=False)
+    monitor = Monitor(tmp_path, total_steps=2, start_step=0, world_size=1, progress_bar=False, tensorboard=False)
     monitor.log_val(0, {"psnr": 20.0, "ssim": 0.5})
     monitor.log_expert_load(1, [torch.tensor([0.25, 0.75])])
     monitor.log_data_stats(1, {"rain": 3}, corrupt_samples=0)
@@ -198,7 +192,7 @@ def test_fp16_log_steps_report_the_loss_scale_and_the_steps_skipped_since_the_la
     there were some. Runs without them (bf16, fp32) log as before."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    monitor = build_monitor(True, tmp_path, total_steps=3, start_step=0, world_size=1, progress_bar=False)
+    monitor = Monitor(tmp_path, total_steps=3, start_step=0, world_size=1, progress_bar=False)
     monitor.log_train(1, dict(SCALARS, loss=1.0, loss_scale=32768.0, skipped_steps=2), log_step=True)
     monitor.log_train(2, dict(SCALARS, loss=1.0, loss_scale=32768.0, skipped_steps=0), log_step=True)
     monitor.log_train(3, dict(SCALARS, loss=1.0), log_step=True)
@@ -265,8 +259,8 @@ def _stopped_run_reports(run_dir, precision, skipped_now, skipped_at_the_last_lo
     engine = SimpleNamespace(skipped_steps=skipped_now, optimizer=SimpleNamespace(loss_scale=2.0**14))
     stub = SimpleNamespace(step=7, engine=engine, cfg=SimpleNamespace(train=SimpleNamespace(precision=precision)),
                            _skipped_steps_logged=skipped_at_the_last_log, _tell_the_job_script=lambda finished: None,
-                           monitor=build_monitor(True, run_dir, total_steps=10, start_step=0, world_size=1,
-                                                 progress_bar=False))
+                           monitor=Monitor(run_dir, total_steps=10, start_step=0, world_size=1,
+                                           progress_bar=False))
     stub._loss_scaling = lambda: TrainingRun._loss_scaling(stub)
     stub._report_steps_skipped_since_the_last_log = lambda: TrainingRun._report_steps_skipped_since_the_last_log(stub)
     TrainingRun._finish(stub, "run.stop_after_steps=7 reached", finished=False)
@@ -324,8 +318,7 @@ def test_a_line_cut_off_by_a_crash_goes_before_the_resumed_run_appends(tmp_path)
     """Only the cut line is extra (the crash came right after the checkpoint's step was logged): the
     file is still rewritten, or the next record would be glued to the cut line."""
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo')
-    monitor = build_monitor(True, tmp_path, total_steps=3, start_step=1, world_size=1, progress_bar=False,
-                            tensorboard=False)
+    monitor = Monitor(tmp_path, total_steps=3, start_step=1, world_size=1, progress_bar=False, tensorboard=False)
     monitor.log_train(2, dict(SCALARS, loss=2.0), log_step=False)
     monitor.close()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -367,8 +360,7 @@ def test_a_resume_cuts_the_metrics_file_in_place_and_the_loss_average_continues_
                ([{"step": step, "loss": float(step)}] + ([{"step": step, "val_psnr": 20.0}] if step % 10 == 0 else []))]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     inode = path.stat().st_ino
-    monitor = build_monitor(True, tmp_path, total_steps=300, start_step=250, world_size=1, progress_bar=False,
-                            tensorboard=False)
+    monitor = Monitor(tmp_path, total_steps=300, start_step=250, world_size=1, progress_bar=False, tensorboard=False)
     monitor.log_train(251, dict(SCALARS, loss=251.0), log_step=False)
     monitor.close()
     written = [json.loads(line) for line in path.read_text().splitlines()]
@@ -446,12 +438,12 @@ def test_a_validation_redone_at_the_resume_step_and_logged_by_an_earlier_run_is_
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     train = {"pixel_loss": 0.0, "balance_loss": 0.0, "lr": 1e-3, "img_per_s": 1.0, "data_wait_share": 0.0}
-    monitor = build_monitor(True, tmp_path, total_steps=8, start_step=0, world_size=1, progress_bar=False)
+    monitor = Monitor(tmp_path, total_steps=8, start_step=0, world_size=1, progress_bar=False)
     for step in range(1, 5):
         monitor.log_train(step, dict(train, loss=float(step)), log_step=True)
     monitor.close()
     for killed in (True, False):   # the run killed at step 5, then the one that finishes
-        monitor = build_monitor(True, tmp_path, total_steps=8, start_step=4, world_size=1, progress_bar=False)
+        monitor = Monitor(tmp_path, total_steps=8, start_step=4, world_size=1, progress_bar=False)
         monitor.log_val(4, {"psnr": 20.0, "ssim": 0.5})
         for step in range(5, 6 if killed else 9):
             monitor.log_train(step, dict(train, loss=float(step)), log_step=True)
@@ -472,8 +464,7 @@ def test_non_finite_values_are_written_as_standard_json_and_read_back_at_a_resum
     def strict(text):
         return json.loads(text, parse_constant=lambda token: pytest.fail(f"non-standard JSON token {token}"))
 
-    monitor = build_monitor(True, tmp_path, total_steps=3, start_step=0, world_size=1, progress_bar=False,
-                            tensorboard=False)
+    monitor = Monitor(tmp_path, total_steps=3, start_step=0, world_size=1, progress_bar=False, tensorboard=False)
     monitor.log_train(1, dict(SCALARS, loss=float("inf"), pixel_loss=float("nan"), balance_loss=float("-inf")),
                       log_step=False)
     monitor.log_val(1, {"psnr": float("nan"), "ssim": 0.5})
@@ -482,8 +473,7 @@ def test_non_finite_values_are_written_as_standard_json_and_read_back_at_a_resum
     assert (records[0]["loss"], records[0]["pixel_loss"], records[0]["balance_loss"]) == ("Infinity", "NaN",
                                                                                          "-Infinity")
     assert records[1]["val_psnr"] == "NaN" and records[1]["val_ssim"] == 0.5
-    resumed = build_monitor(True, tmp_path, total_steps=3, start_step=1, world_size=1, progress_bar=False,
-                            tensorboard=False)
+    resumed = Monitor(tmp_path, total_steps=3, start_step=1, world_size=1, progress_bar=False, tensorboard=False)
     resumed.log_train(2, dict(SCALARS, loss=1.0), log_step=False)
     resumed.close()
     assert strict((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["loss_avg"] == "Infinity"

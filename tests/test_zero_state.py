@@ -315,7 +315,7 @@ def test_a_resume_at_the_same_topology_with_another_global_batch_says_the_lr_is_
         ref.topology, ref.root, ref.tag = (lambda: topology), Path("/ck"), "step3"
         stub.optimizer = None
         stub.engine = SimpleNamespace(load_checkpoint=lambda root, tag: (None, {"step": 3, "rng_states": [{}, {}]}),
-                                      module=torch.nn.Module())   # no experts
+                                      module=torch.nn.Module(), zero_optimization=lambda: False)   # no experts, ZeRO
         client, saved_rng = run.TrainingRun._load_checkpoint(stub, ref)
         assert client["step"] == 3 and saved_rng == {}
         out = capsys.readouterr().out

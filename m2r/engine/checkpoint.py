@@ -1,8 +1,9 @@
 """Sharded DeepSpeed checkpoints: `step{N:08d}` tags, an atomic `latest`, keep-last-k, exact resume.
 
 A tag directory holds DeepSpeed's files (dense `mp_rank_00_model_states.pt` with our client_state,
-`layer_<L>_expert_<E>_...` per global expert, ZeRO optimizer shards), our `meta.json` (step and
-topology, readable without torch) and, with EMA on, `ema_rank<R>.pt` files keyed by global expert id
+`layer_<L>_expert_<E>_...` per global expert, the optimizer state: ZeRO's shards, or at ZeRO 0 one
+`expp_rank_<R>_...` per expert-parallel rank), our `meta.json` (step and topology, readable without torch)
+and, with EMA on, `ema_rank<R>.pt` files keyed by global expert id
 (rank 0's holds the dense weights, each expert shard's first replica its experts). Every rank writes
 into `<tag>.partial`; once all have finished and every node has flushed its files to disk, rank 0
 adds meta.json, renames the directory to `<tag>` and only then points `latest` at it and deletes old
@@ -216,23 +217,40 @@ def expert_file(layer: int, expert: int) -> str:
     return f"layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"
 
 
-def lacks_experts(ref: CheckpointRef, missing: List[str]) -> str:
+def missing_experts_problem(ref: CheckpointRef, missing: List[str]) -> str:
     """The problem of a checkpoint missing the files of the experts named in `missing` ("layer L expert E")."""
     return (f"{ref.path} lacks the files of {len(missing)} experts ({', '.join(missing[:4])}): "
             "the checkpoint is incomplete")
 
 
-def expert_files_lacking(engine, ref: CheckpointRef) -> Optional[str]:
-    """Which files of the experts a rank loads from `ref` it lacks, and on which rank, the same on every rank (None:
-    none): each rank reads its own experts' files, and DeepSpeed's FileNotFoundError would stop that rank alone,
-    the others going on into their next collective. Call it on every rank before loading `ref`."""
+def own_files_lacking(engine, ref: CheckpointRef, exact: bool) -> Optional[str]:
+    """Which of the files a rank alone reads from `ref` it lacks, and on which rank, the same on every rank (None:
+    none): its experts' and, at an `exact` load (DeepSpeed's own, optimizer included), its part of the optimizer
+    state. DeepSpeed's FileNotFoundError would stop that rank alone, the others going on into their next
+    collective. Call it on every rank before loading `ref`."""
     from m2r.models.moe import DDER
 
     layers = [layer for layer in engine.module.modules() if isinstance(layer, DDER)]   # DeepSpeed numbers them so
     missing = [f"layer {index} expert {layer.first_global_expert_id + local}"
                for index, layer in enumerate(layers) for local in range(layer.num_local_experts)
                if not (ref.path / expert_file(index, layer.first_global_expert_id + local)).is_file()]
-    return dist.problem_of_any_rank(lacks_experts(ref, missing) if missing else None)
+    problem = missing_experts_problem(ref, missing) if missing else None
+    optimizer_file = own_optimizer_file(engine, ref, layers) if exact else None
+    if problem is None and optimizer_file is not None and not optimizer_file.is_file():
+        problem = (f"{ref.path} lacks {optimizer_file.name}, this rank's part of the optimizer state: the "
+                   "checkpoint is incomplete")
+    return dist.problem_of_any_rank(problem)
+
+
+def own_optimizer_file(engine, ref: CheckpointRef, layers: List[torch.nn.Module]) -> Optional[Path]:
+    """The optimizer file DeepSpeed's exact load of `ref` reads on this rank alone, named by DeepSpeed: under ZeRO
+    its partition's, else, with MoE `layers`, its expert-parallel rank's (None: the optimizer is in the dense
+    file every rank reads)."""
+    if engine.zero_optimization():
+        return Path(engine._get_zero_ckpt_name(str(ref.root), ref.tag))
+    if layers and engine.optimizer is not None:
+        return Path(engine._get_optimizer_ckpt_name(str(ref.root), ref.tag, layers[0].ep_rank))
+    return None
 
 
 def load_weights_only(engine, ref: CheckpointRef) -> Dict[str, Any]:

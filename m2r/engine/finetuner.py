@@ -22,8 +22,8 @@ from m2r.config import ConfigError, config_error, require
 from m2r.data.augment import center_crop
 from m2r.data.stream import require_the_same_set_on_every_rank
 from m2r.engine.bests import align_best_with_resume, best_checkpoints, export_best
-from m2r.engine.checkpoint import (FINETUNE_KIND, CheckpointRef, checkpoint_at, expert_files_lacking, load_ema_states,
-                                   load_weights_only)
+from m2r.engine.checkpoint import (FINETUNE_KIND, CheckpointRef, checkpoint_at, load_ema_states, load_weights_only,
+                                   own_files_lacking)
 from m2r.engine.config import allowed_model_changes, validate_finetune_config
 from m2r.engine.deepspeed_config import images_per_step
 from m2r.engine.experts import global_expert_names
@@ -80,6 +80,12 @@ def init_weights_kind(weights: Optional[str]) -> Optional[str]:
     if not path.exists():
         raise FileNotFoundError(f"init.weights={weights}: no such file or directory")
     return "dir" if path.is_dir() else "file"
+
+
+def validation_folder(data) -> str:
+    """The key naming the folder the validation sets are read from, as errors name it: data.val_root, else
+    data.root (the key the user left unset decides which)."""
+    return f"data.val_root={data.val_root}" if data.val_root else f"data.root={data.root} (data.val_root unset)"
 
 
 def local_state_from_global(model, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -161,9 +167,8 @@ class Finetuner(TrainingRun):
         try:
             return evaluation_sets(data.dataset, data.val_root or data.root, list(data.val_sets) or None)
         except DatasetLayoutError as error:
-            root = f"data.val_root={data.val_root}" if data.val_root else f"data.root={data.root} (data.val_root unset)"
-            raise DatasetLayoutError(f"validation sets ({root}, data.val_sets={list(data.val_sets)}): {error}") \
-                from None
+            sets = f"data.val_sets={list(data.val_sets)}"
+            raise DatasetLayoutError(f"validation sets ({validation_folder(data)}, {sets}): {error}") from None
 
     def _val_batches(self, val_sets) -> List[Dict[str, torch.Tensor]]:
         """Centre crops of the first images of each set, batched per set; type_id = set index, the same on every
@@ -184,8 +189,7 @@ class Finetuner(TrainingRun):
                 chunk = crops[start:start + data.val_batch_size]
                 batches.append({"lq": torch.stack([c[0] for c in chunk]), "gt": torch.stack([c[1] for c in chunk]),
                                 "type_id": torch.full((len(chunk),), set_index, dtype=torch.int64)})
-        require_the_same_set_on_every_rank(batches, f"data.val_root={data.val_root}" if data.val_root
-                                           else f"data.root={data.root} (data.val_root unset)")
+        require_the_same_set_on_every_rank(batches, validation_folder(data))
         return batches
 
     def _load_init_weights(self, model) -> None:
@@ -224,7 +228,7 @@ class Finetuner(TrainingRun):
         """A pretraining checkpoint's weights into the engine (any topology: experts by global id), the trained ones
         or, with init.use_ema, its EMA."""
         use_ema = self.cfg.init.use_ema
-        lacking = expert_files_lacking(self.engine, ref)
+        lacking = own_files_lacking(self.engine, ref, exact=False)
         if lacking:
             raise CheckpointMismatch(f"init.weights: {lacking}; give it a complete pretraining checkpoint")
         load_weights_only(self.engine, ref)

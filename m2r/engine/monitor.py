@@ -316,10 +316,3 @@ def _percent(fraction: float) -> str:
     """A share as a short percentage: 1 decimal, 2 significant digits below 1% (so that 0.04% is not 0.0)."""
     percent = 100 * fraction
     return f"{percent:.1f}" if percent == 0 or percent >= 1 else f"{percent:.2g}"
-
-
-def build_monitor(is_rank0: bool, run_dir: Path, total_steps: int, start_step: int, world_size: int,
-                  progress_bar: bool, tensorboard: bool = True) -> NullMonitor:
-    if not is_rank0:
-        return NullMonitor()
-    return Monitor(run_dir, total_steps, start_step, world_size, progress_bar, tensorboard)

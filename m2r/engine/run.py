@@ -25,13 +25,13 @@ from m2r import dist, stop_signals
 from m2r.atomic import write_text_atomically
 from m2r.config import config_error, flatten, require, save_config
 from m2r.engine.checkpoint import (ABANDONED_DIR, RUN_CHECKPOINTS_DIR, CheckpointManager, CheckpointRef, Topology,
-                                   agreed_resume, checkpoint_kind, complete_tags, complete_tags_before, load_ema_states,
-                                   expert_files_lacking, load_weights_only, set_aside_newer_tags)
+                                   agreed_resume, checkpoint_kind, complete_tags, complete_tags_before,
+                                   load_ema_states, load_weights_only, own_files_lacking, set_aside_newer_tags)
 from m2r.engine.config import PRECISIONS, collective_timeout, with_absolute_paths
 from m2r.engine.deepspeed_config import (build_deepspeed_config, gradient_accumulation_dtype,
                                          gradient_reduction_dtype, images_per_step, precision_notes)
 from m2r.engine.loss import LossTerms, restoration_loss
-from m2r.engine.monitor import NullMonitor, StepTimer, build_monitor
+from m2r.engine.monitor import Monitor, NullMonitor, StepTimer
 from m2r.engine.optim import (EMA, LRSchedule, apply_optimizer_settings, build_optimizer, learning_rate,
                               set_learning_rate, trainable_by_global_name)
 from m2r.engine.rng import reseed, restore_rng_state
@@ -389,15 +389,16 @@ class TrainingRun:
         saved = dist.on_rank0(ref.topology)   # one read decides for all which of two collectives' paths they take
         same_ranks = (saved.world_size, saved.ep_size) == (self.topology.world_size, self.topology.ep_size)
         carry = None
-        lacking = expert_files_lacking(self.engine, ref)
+        exact = saved == self.topology   # DeepSpeed's own load, the optimizer's files included
+        lacking = own_files_lacking(self.engine, ref, exact)
         if lacking:
             raise CheckpointMismatch(f"{lacking}; {older_checkpoint_advice(ref)}")
         try:
-            if saved != self.topology:
+            if exact:
+                _, client = self.engine.load_checkpoint(str(ref.root), tag=ref.tag)
+            else:
                 client = load_weights_only(self.engine, ref)
                 carry = self._carry_optimizer(ref, saved)
-            else:
-                _, client = self.engine.load_checkpoint(str(ref.root), tag=ref.tag)
         except Exception as error:
             raise RuntimeError(f"loading {ref.path} failed ({type(error).__name__}: {error}); if its files are "
                                f"damaged, {older_checkpoint_advice(ref)}") from error
@@ -570,8 +571,8 @@ class TrainingRun:
         def start_reporting() -> None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(with_absolute_paths(self.cfg), self.run_dir / "config.yaml")
-            self.monitor = build_monitor(True, self.run_dir, total_steps, self.step, self.topology.world_size,
-                                         self.cfg.run.progress_bar, self.cfg.run.tensorboard)
+            self.monitor = Monitor(self.run_dir, total_steps, self.step, self.topology.world_size,
+                                   self.cfg.run.progress_bar, self.cfg.run.tensorboard)
 
         self.monitor = NullMonitor()
         dist.on_rank0(start_reporting)
