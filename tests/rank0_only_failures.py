@@ -9,7 +9,6 @@ config, metrics.jsonl, TensorBoard), and a checkpoint directory whose `latest.tm
 collective, paired with rank 0's next one; the gloo timeout (10 s) ends such a wait.
 """
 import datetime
-import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,14 +21,7 @@ from m2r.engine.checkpoint import CheckpointManager, Topology  # noqa: E402
 from m2r.engine.config import PretrainConfig  # noqa: E402
 from m2r.engine.run import TrainingRun  # noqa: E402
 from fake_engine import FakeEngine  # noqa: E402
-
-
-def outcome(work) -> str:
-    try:
-        work()
-    except Exception as error:
-        return f"{type(error).__name__}: {error}"
-    return "done"
+from rank_dependent_checks import write_outcomes  # noqa: E402
 
 
 def main() -> None:
@@ -46,9 +38,7 @@ def main() -> None:
     checkpoints = CheckpointManager(run_dir / "checkpoints", keep_last=2)
     checks = {"reports_opened": lambda: TrainingRun._open_monitor(run, total_steps=6),
               "save_started": lambda: checkpoints.save(FakeEngine(), 1, topology, {"step": 1}, cfg)}
-    results = {name: dist.all_gather_object(outcome(check)) for name, check in checks.items()}
-    if dist.is_rank0():
-        Path(sys.argv[1]).write_text(json.dumps(results))
+    write_outcomes(checks, sys.argv[1])
     dist.destroy_process_group()
 
 

@@ -6,7 +6,7 @@ The tiny network with its experts split over two ranks (ep_size 2) is given weig
 rank 1's experts (global ids 2 and 3), as from a checkpoint missing the EMA file of rank 1's expert shard: an
 EMA loaded at init.use_ema (`load_trainable_weights`), one resumed (`EMA.load_state_dict`) and an init.weights
 file (`local_state_from_global`). Rank 0 writes what each rank got from each ({check: [rank 0's, rank 1's]}):
-"loaded", or the error's type and message. A rank that raised alone would leave the other in its next
+"done", or the error's type and message. A rank that raised alone would leave the other in its next
 collective; the gloo timeout (30 s) ends such a wait.
 """
 import datetime
@@ -30,12 +30,19 @@ from m2r.models.m2restore import build_model  # noqa: E402
 RANK_1_EXPERTS = (".deepspeed_experts.2.", ".deepspeed_experts.3.")
 
 
-def outcome(load) -> str:
+def outcome(check) -> str:
     try:
-        load()
+        check()
     except Exception as error:
         return f"{type(error).__name__}: {error}"
-    return "loaded"
+    return "done"
+
+
+def write_outcomes(checks, result_json: str) -> None:
+    """Every check run on every rank; rank 0 writes {check: [rank 0's outcome, rank 1's]} to `result_json`."""
+    results = {name: dist.all_gather_object(outcome(check)) for name, check in checks.items()}
+    if dist.is_rank0():
+        Path(result_json).write_text(json.dumps(results))
 
 
 def main() -> None:
@@ -49,9 +56,7 @@ def main() -> None:
     checks = {"init_use_ema": lambda: load_trainable_weights(engine, state, "the EMA of ckpt"),
               "resumed_ema": lambda: EMA(model, 0.5).load_state_dict(state),
               "init_weights_file": lambda: local_state_from_global(model, state)}
-    results = {name: dist.all_gather_object(outcome(check)) for name, check in checks.items()}
-    if dist.is_rank0():
-        Path(sys.argv[1]).write_text(json.dumps(results))
+    write_outcomes(checks, sys.argv[1])
     dist.destroy_process_group()
 
 
