@@ -327,16 +327,46 @@ def on_rank0(work: Callable[[], Any]) -> Any:
     return outcome
 
 
-class _Raised:
-    """An exception of rank 0's, to be raised on the other ranks: itself when it survives pickling
-    (broadcast_object pickles), else a RuntimeError that says what it was."""
+def failing_together(work: Callable[[], Any]) -> Any:
+    """`work()` on every rank, holding no collective of its own (a read of each node's copy of some files): what it
+    raises on any rank is raised on every rank, as the first failing rank's error naming that rank (a failing
+    rank's own error is its cause), where the others would go on into their next collective and end there (a
+    broken connection, the failure watch). One collective: call it on every rank."""
+    outcome, own_error = None, None
+    try:
+        outcome = work()
+    except Exception as error:
+        own_error = error
+    if not is_initialized():   # one process
+        if own_error is not None:
+            raise own_error
+        return outcome
+    raised = all_gather_object(None if own_error is None else _Raised(own_error, rank()))
+    failed = next((index for index, item in enumerate(raised) if item is not None), None)
+    if failed is None:
+        return outcome
+    error = _naming_rank(own_error if failed == rank() else raised[failed].error, failed)
+    raise error from (own_error if own_error is not error else None)
 
-    def __init__(self, error: Exception):
+
+def _naming_rank(error: Exception, rank_index: int) -> Exception:
+    """`error` of another rank, its message ending with that rank, as the same type (a user's error stays one)."""
+    try:
+        return type(error)(f"{error} (on rank {rank_index})")
+    except Exception:   # a type that takes other arguments: as it was
+        return error
+
+
+class _Raised:
+    """An exception of one rank's, to be raised on the other ranks: itself when it survives pickling
+    (broadcast_object and all_gather_object pickle), else a RuntimeError that says what it was."""
+
+    def __init__(self, error: Exception, rank_index: int = 0):
         try:
             pickle.loads(pickle.dumps(error))
             self.error = error
         except Exception:
-            self.error = RuntimeError(f"on rank 0: {type(error).__name__}: {error}")
+            self.error = RuntimeError(f"on rank {rank_index}: {type(error).__name__}: {error}")
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -802,16 +802,19 @@ def test_weights_missing_for_one_ranks_experts_stop_every_rank_with_the_same_err
         assert rank0.endswith("(on rank 1)"), rank0
 
 
-def test_what_rank_0_alone_does_at_start_up_and_as_a_save_starts_fails_on_every_rank_with_its_error(tmp_path):
+def test_what_one_rank_alone_does_or_reads_at_start_up_and_as_a_save_starts_fails_on_every_rank_with_its_error(
+        tmp_path):
     """Writing config.yaml and opening the reports at start-up, and removing what earlier saves left as a save starts,
-    are rank 0's: when they fail, every rank raises rank 0's error there (one broadcast each, at start-up and per
-    save), instead of going on into its next collective and ending there by a broken connection or the failure
-    watch."""
+    are rank 0's; a finetuning's validation images each rank reads from its node's copy: when they fail, every rank
+    raises the failing rank's error there (one collective each, at start-up and per save), naming a rank other than
+    0, instead of going on into its next collective and ending there by a broken connection or the failure watch."""
     results = launched_script_results("rank0_only_failures.py", tmp_path)
+    read = results.pop("validation_read")
     for check, (rank0, rank1) in results.items():
         assert rank0.startswith("IsADirectoryError: "), (check, rank0)
         assert rank1 == rank0, check
     assert "config.yaml" in results["reports_opened"][0] and "latest.tmp" in results["save_started"][0]
+    assert read[0] == read[1] and "lost.png" in read[0] and read[0].endswith("(on rank 1)"), read
 
 
 def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_that_step_in_fp32_at_zero_0(tmp_path):

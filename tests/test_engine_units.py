@@ -93,6 +93,41 @@ def test_the_problem_of_any_rank_is_the_lowest_ranks_naming_it_and_how_many_more
     assert dist.problem_of_any_rank("lacks 3") == "lacks 3" and dist.problem_of_any_rank(None) is None
 
 
+def test_what_fails_on_any_rank_in_work_done_together_is_the_first_failing_ranks_error_on_every_rank(monkeypatch):
+    """Rank 0 is told of rank 1's error as the same type (a user's error stays one), naming rank 1; a failing rank
+    raises the first failing rank's error too, its own as the cause; an error that cannot cross the wire arrives as
+    a RuntimeError saying what it was; no failure gives the work's result, and one process its own error as is."""
+    from m2r.eval.datasets import DatasetLayoutError
+
+    class Unpicklable(Exception):
+        def __reduce__(self):
+            raise TypeError("not picklable")
+
+    def fail(error):
+        raise error
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "rank", lambda: 0)
+    for rank1_error, expected in ((DatasetLayoutError("lost.png"), DatasetLayoutError("lost.png (on rank 1)")),
+                                  (Unpicklable("disk"), RuntimeError("on rank 1: Unpicklable: disk (on rank 1)"))):
+        monkeypatch.setattr(dist, "all_gather_object", lambda mine: [mine, dist._Raised(rank1_error, 1), None])
+        with pytest.raises(type(expected)) as raised:
+            dist.failing_together(lambda: "read")
+        assert str(raised.value) == str(expected)
+    own = ValueError("mine")
+    monkeypatch.setattr(dist, "rank", lambda: 2)
+    monkeypatch.setattr(dist, "all_gather_object", lambda mine: [None, dist._Raised(KeyError("k"), 1), mine])
+    with pytest.raises(KeyError, match=r"k'? \(on rank 1\)") as raised:
+        dist.failing_together(lambda: fail(own))
+    assert raised.value.__cause__ is own
+    monkeypatch.setattr(dist, "all_gather_object", lambda mine: [None, None, mine])
+    assert dist.failing_together(lambda: "read") == "read"
+    monkeypatch.undo()
+    with pytest.raises(ValueError) as raised:
+        dist.failing_together(lambda: fail(own))
+    assert raised.value is own
+
+
 def test_a_run_warns_when_its_expert_groups_span_hosts(monkeypatch, capsys):
     from m2r.engine.run import TrainingRun
 

@@ -467,13 +467,11 @@ def build_train_stream(cfg, *, seed: int, rank: int, world_size: int, micro_batc
     return TrainStream(plan, loader_processes=loaders, pin_memory=pin_memory)
 
 
-def _val_images(cfg, count: int) -> List[Tuple[np.ndarray, Optional[np.ndarray], dict]]:
+def _val_images(cfg, shards: List[str], count: int) -> List[Tuple[np.ndarray, Optional[np.ndarray], dict]]:
     if not cfg.val_shards:
         return [(load_photo(VAL_PHOTOS[i % len(VAL_PHOTOS)]), None, {}) for i in range(count)]
     images = []
-    # listed by rank 0 for all, as the training shards are: a rank whose listing lagged would otherwise
-    # fail (or read other samples) alone, and the others would wait for it in the next collective
-    for path in on_rank0(lambda: resolve_shards(cfg.val_shards, "data.val_shards")):
+    for path in shards:
         for record in read_shard(path):
             images.append(_decode_shard_sample(path, record, cfg.preset))
             if len(images) == count:
@@ -485,12 +483,23 @@ def _val_images(cfg, count: int) -> List[Tuple[np.ndarray, Optional[np.ndarray],
 
 def build_val_set(cfg, crop: int) -> List[Dict[str, torch.Tensor]]:
     """Fixed held-out batches, identical on every rank: `val_samples_per_type` crops per type of
-    the preset, each degraded with its type by a generator seeded from (VAL_TAG, index)."""
+    the preset, each degraded with its type by a generator seeded from (VAL_TAG, index). Each rank reads its own
+    copy of the shards: a read failing on one node fails on every rank, and a set read otherwise is refused."""
     check_data_settings(cfg)
+    # listed by rank 0 for all, as the training shards are: a rank whose listing lagged would otherwise
+    # fail (or read other samples) alone, and the others would wait for it in the next collective
+    shards = on_rank0(lambda: resolve_shards(cfg.val_shards, "data.val_shards")) if cfg.val_shards else []
+    batches = dist.failing_together(lambda: _degraded_val_batches(cfg, shards, crop))
+    require_the_same_set_on_every_rank(batches, f"data.val_shards={cfg.val_shards}" if cfg.val_shards
+                                       else "the built-in validation photos")
+    return batches
+
+
+def _degraded_val_batches(cfg, shards: List[str], crop: int) -> List[Dict[str, torch.Tensor]]:
     degrader = Degrader(cfg.preset, dict(cfg.weights))
     count = int(cfg.val_samples_per_type) * len(degrader.types)
     lq, gt, type_ids = [], [], []
-    for index, (clean, lq_in, meta) in enumerate(_val_images(cfg, count)):
+    for index, (clean, lq_in, meta) in enumerate(_val_images(cfg, shards, count)):
         rng = np.random.default_rng((VAL_TAG, index))
         if lq_in is None:
             (target,) = random_crop([clean], crop, rng)
@@ -500,10 +509,7 @@ def build_val_set(cfg, crop: int) -> List[Dict[str, torch.Tensor]]:
             degraded, target, type_id = make_pair(clean, lq_in, meta, rng, degrader, crop)
         lq.append(degraded), gt.append(target), type_ids.append(type_id)
     size = int(cfg.val_batch_size)
-    batches = [collate(lq[i:i + size], gt[i:i + size], type_ids[i:i + size]) for i in range(0, count, size)]
-    require_the_same_set_on_every_rank(batches, f"data.val_shards={cfg.val_shards}" if cfg.val_shards
-                                       else "the built-in validation photos")
-    return batches
+    return [collate(lq[i:i + size], gt[i:i + size], type_ids[i:i + size]) for i in range(0, count, size)]
 
 
 def _digest(batches: Sequence[Dict[str, torch.Tensor]]) -> str:

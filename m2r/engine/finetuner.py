@@ -88,6 +88,26 @@ def validation_folder(data) -> str:
     return f"data.val_root={data.val_root}" if data.val_root else f"data.root={data.root} (data.val_root unset)"
 
 
+def validation_batches(data, val_sets) -> List[Dict[str, torch.Tensor]]:
+    """Centre crops of the first images of each set, batched per set; type_id = set index. An image smaller than
+    the crop is refused: validation would score an upscaled copy of it."""
+    batches = []
+    for set_index, pairs in enumerate(val_sets.values()):
+        crops = []
+        for pair in pairs[: data.val_images_per_set]:
+            images = read_pair(pair)
+            height, width = images[0].shape[:2]
+            require(min(height, width) >= data.val_crop, "data.val_crop", data.val_crop,
+                    f"is larger than the validation image {pair.lq} ({width}x{height}); use at most "
+                    f"{min(height, width) // 8 * 8}")
+            crops.append(tuple(to_chw_uint8(center_crop(image, data.val_crop)) for image in images))
+        for start in range(0, len(crops), data.val_batch_size):
+            chunk = crops[start:start + data.val_batch_size]
+            batches.append({"lq": torch.stack([c[0] for c in chunk]), "gt": torch.stack([c[1] for c in chunk]),
+                            "type_id": torch.full((len(chunk),), set_index, dtype=torch.int64)})
+    return batches
+
+
 def local_state_from_global(model, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """A full state dict (experts by global id) -> this rank's keys (its local experts); refused on every rank when
     any rank's weights are missing from it: call it on every rank."""
@@ -171,25 +191,10 @@ class Finetuner(TrainingRun):
             raise DatasetLayoutError(f"validation sets ({validation_folder(data)}, {sets}): {error}") from None
 
     def _val_batches(self, val_sets) -> List[Dict[str, torch.Tensor]]:
-        """Centre crops of the first images of each set, batched per set; type_id = set index, the same on every
-        rank (each reads the images itself). An image smaller than the crop is refused: validation would score an
-        upscaled copy of it."""
-        data = self.cfg.data
-        batches = []
-        for set_index, pairs in enumerate(val_sets.values()):
-            crops = []
-            for pair in pairs[: data.val_images_per_set]:
-                images = read_pair(pair)
-                height, width = images[0].shape[:2]
-                require(min(height, width) >= data.val_crop, "data.val_crop", data.val_crop,
-                        f"is larger than the validation image {pair.lq} ({width}x{height}); use at most "
-                        f"{min(height, width) // 8 * 8}")
-                crops.append(tuple(to_chw_uint8(center_crop(image, data.val_crop)) for image in images))
-            for start in range(0, len(crops), data.val_batch_size):
-                chunk = crops[start:start + data.val_batch_size]
-                batches.append({"lq": torch.stack([c[0] for c in chunk]), "gt": torch.stack([c[1] for c in chunk]),
-                                "type_id": torch.full((len(chunk),), set_index, dtype=torch.int64)})
-        require_the_same_set_on_every_rank(batches, validation_folder(data))
+        """`validation_batches`, read by each rank from its own copy of the folder: a read failing on one node
+        fails on every rank, and a set read otherwise on one is refused."""
+        batches = dist.failing_together(lambda: validation_batches(self.cfg.data, val_sets))
+        require_the_same_set_on_every_rank(batches, validation_folder(self.cfg.data))
         return batches
 
     def _load_init_weights(self, model) -> None:
