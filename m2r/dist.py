@@ -337,7 +337,7 @@ def failing_together(work: Callable[[], Any]) -> Any:
         outcome = work()
     except Exception as error:
         own_error = error
-    if not is_initialized():   # one process
+    if not is_multi_rank():   # one process, in a process group of its own or none: no other rank to name
         if own_error is not None:
             raise own_error
         return outcome

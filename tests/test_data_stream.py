@@ -456,7 +456,9 @@ def test_a_validation_set_that_differs_on_another_rank_is_refused_naming_its_ran
     elsewhere = build_val_set(DataConfig(val_shards=f"{shard_dir}/shard-000000.tar", preset="five-task",
                                          val_samples_per_type=1), CROP)
     monkeypatch.setattr(stream.dist, "is_multi_rank", lambda: True)
-    monkeypatch.setattr(stream.dist, "all_gather_object", lambda mine: [mine, (stream._digest(elsewhere), "node7")])
+    # two gathers: each rank's failure to read (None: none, `dist.failing_together`), then each rank's digest
+    monkeypatch.setattr(stream.dist, "all_gather_object",
+                        lambda mine: [mine, mine and (stream._digest(elsewhere), "node7")])
     with pytest.raises(ConfigError, match=re.escape("the built-in validation photos: the validation set built by "
                                                     "rank 1 on host node7 differs from rank 0's: every node must")):
         build_val_set(cfg, CROP)

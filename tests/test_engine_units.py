@@ -107,6 +107,7 @@ def test_what_fails_on_any_rank_in_work_done_together_is_the_first_failing_ranks
         raise error
 
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "world_size", lambda: 3)
     monkeypatch.setattr(dist, "rank", lambda: 0)
     for rank1_error, expected in ((DatasetLayoutError("lost.png"), DatasetLayoutError("lost.png (on rank 1)")),
                                   (Unpicklable("disk"), RuntimeError("on rank 1: Unpicklable: disk (on rank 1)"))):
@@ -126,6 +127,23 @@ def test_what_fails_on_any_rank_in_work_done_together_is_the_first_failing_ranks
     with pytest.raises(ValueError) as raised:
         dist.failing_together(lambda: fail(own))
     assert raised.value is own
+
+
+def test_work_done_together_in_a_world_of_one_raises_its_own_error_naming_no_rank(monkeypatch):
+    """A bare `python pretrain.py` (or finetune.py) starts a process group of one: a validation image it cannot read
+    is its own error, as is, not a copy naming rank 0 (the entry points name a rank only when several run)."""
+    own = FileNotFoundError("lost.png")
+
+    def fail():
+        raise own
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "world_size", lambda: 1)
+    monkeypatch.setattr(dist, "rank", lambda: 0)
+    monkeypatch.setattr(dist, "all_gather_object", lambda mine: [mine])
+    with pytest.raises(FileNotFoundError) as raised:
+        dist.failing_together(fail)
+    assert raised.value is own and str(raised.value) == "lost.png"
 
 
 def test_a_run_warns_when_its_expert_groups_span_hosts(monkeypatch, capsys):

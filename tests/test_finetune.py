@@ -104,7 +104,8 @@ def test_a_validation_set_read_otherwise_on_another_rank_is_refused_naming_the_f
     mine = Finetuner._val_batches(stub, evaluation_sets("allweather", root, ["raindrop_a"]))
     other_node = stream._digest(Finetuner._val_batches(stub, evaluation_sets("allweather", root, ["snow100k_s"])))
     monkeypatch.setattr(stream.dist, "is_multi_rank", lambda: True)
-    monkeypatch.setattr(stream.dist, "all_gather_object", lambda digest: [digest, (other_node, "node7")])
+    # two gathers: each rank's failure to read (None: none, `dist.failing_together`), then each rank's digest
+    monkeypatch.setattr(stream.dist, "all_gather_object", lambda mine: [mine, mine and (other_node, "node7")])
     with pytest.raises(ConfigError, match=re.escape(f"data.root={root} (data.val_root unset): the validation set "
                                                     "built by rank 1 on host node7 differs from rank 0's")):
         Finetuner._val_batches(stub, evaluation_sets("allweather", root, ["raindrop_a"]))
