@@ -32,7 +32,7 @@ TAG_PATTERN = re.compile(r"^step(\d{8})$")
 PARTIAL_SUFFIX = ".partial"     # a tag being written
 REPLACED_SUFFIX = ".replaced"   # a tag being replaced by a new save of the same step
 DENSE_FILE = "mp_rank_00_model_states.pt"
-EXPERT_FILE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")   # DeepSpeed's, one per expert
+EXPERT_FILE = re.compile(rf"^layer_(\d+)_expert_(\d+)_{re.escape(DENSE_FILE)}$")   # DeepSpeed's, one per expert
 META_FILE = "meta.json"
 LATEST_FILE = "latest"        # names the tag a resume takes
 CONFIG_FILE = "config.yaml"
@@ -78,6 +78,11 @@ class CheckpointRef:
         if not meta_path.is_file():
             raise FileNotFoundError(f"{meta_path} is missing: {self.path} is not a complete m2r checkpoint")
         return json.loads(meta_path.read_text())
+
+    def step_tag(self) -> str:
+        """The tag of the step this checkpoint saved, to order it among a run's tags: its own name may be any (a
+        tag directory given as run.resume)."""
+        return tag_for(self.meta()["step"])
 
     def saved_config(self) -> Dict[str, Any]:
         """The resolved run config saved beside this tag."""
@@ -185,15 +190,13 @@ def set_aside_newer_tags(ref: CheckpointRef, run_checkpoints: Path) -> List[str]
     """A run resumed from a checkpoint older than its own newest (one of its own, or another run's) abandons its
     newer ones: they move to `<checkpoints>/abandoned/` (kept for the user, out of pruning's and the `latest`
     fallback's sight, which would otherwise take the newest tag of the abandoned branch). Another run's directory
-    is left as it is. Returns the tags moved. Newer by the step `ref` saved: a tag directory given as run.resume may
-    bear any name."""
-    return set_aside_tags_after(Path(run_checkpoints), tag_for(ref.meta()["step"]))
+    is left as it is. Returns the tags moved, newer than the step `ref` saved."""
+    return set_aside_tags_after(Path(run_checkpoints), ref.step_tag())
 
 
 def complete_tags_before(ref: CheckpointRef) -> List[str]:
-    """The complete tags beside `ref` saved at an earlier step, oldest first: older by the step `ref` saved, as in
-    `set_aside_newer_tags` (a tag directory given as run.resume may bear any name)."""
-    return [tag for tag in complete_tags(ref.root) if tag < tag_for(ref.meta()["step"])]
+    """The complete tags beside `ref` saved at an earlier step than `ref`, oldest first."""
+    return [tag for tag in complete_tags(ref.root) if tag < ref.step_tag()]
 
 
 def set_aside_tags_after(root: Path, tag: str) -> List[str]:
@@ -214,7 +217,7 @@ def set_aside_tags_after(root: Path, tag: str) -> List[str]:
 
 def expert_file(layer: int, expert: int) -> str:
     """DeepSpeed's file of one expert (global id) of the MoE layer numbered `layer` in module order (`EXPERT_FILE`)."""
-    return f"layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"
+    return f"layer_{layer}_expert_{expert}_{DENSE_FILE}"
 
 
 def missing_experts_problem(ref: CheckpointRef, missing: List[str]) -> str:
